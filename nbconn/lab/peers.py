@@ -1,0 +1,342 @@
+"""Local peers that behave, or misbehave on purpose, for connects to land on.
+
+On loopback a TCP handshake completes inside the ``connect()`` call (~20 µs
+here): nothing ever waits, so nothing about timeouts can be seen.  These peers
+make each interesting answer happen on demand, with nothing but the kernel's
+own behaviour:
+
+============  ======================================================  ===================
+peer          how it is made                                          a connect sees
+============  ======================================================  ===================
+listening     listen() plus a thread that accepts and closes          connected
+refused       a port that is bound but not listening                  ECONNREFUSED (RST)
+blackhole     listen(0), its accept queue filled once, never drained  SYNs dropped: timer
+reset         accepts, then closes with SO_LINGER {1, 0}              connected, then RST
+slow_accept   small backlog, accepts one connection every few ms      a burst overflows
+unix_listening  AF_UNIX listen() plus an accepting thread             connected (0 at once)
+unix_full     AF_UNIX listen(0), backlog filled, never accepted       EAGAIN at once
+unix_missing  a path in a fresh directory that nobody created         ENOENT at once
+============  ======================================================  ===================
+
+Each is a context manager yielding a :class:`Peer`: a ``str`` -- the target to
+connect to -- with a few counters attached.  Everything it opened (listeners,
+filler sockets, threads, temporary directories) is closed on exit, also on
+exceptions and KeyboardInterrupt.  Addresses are loopback (127.0.0.1, ::1) or
+AF_UNIX paths in a private temporary directory; nothing else is contacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+
+LINGER_RESET = struct.pack("ii", 1, 0)
+_POLL_S = 0.05  # how often accept threads look at their stop flag
+
+
+class Peer(str):
+    """A target string ("127.0.0.1:40123", "unix:/tmp/..") with counters.
+
+    ``scenario``: the peer's kind; ``accepted``: connections accepted so far;
+    ``port``: the TCP port (None for AF_UNIX); ``path``: the AF_UNIX path.
+    """
+
+    scenario: str
+    accepted: int
+    port: int | None
+    path: str | None
+
+    def __new__(cls, target: str, scenario: str, *, port: int | None = None, path: str | None = None) -> "Peer":
+        peer = super().__new__(cls, target)
+        peer.scenario = scenario
+        peer.accepted = 0
+        peer.port = port
+        peer.path = path
+        return peer
+
+    @property
+    def target(self) -> str:
+        return str(self)
+
+
+def _target_for(sock: socket.socket) -> tuple[str, int | None]:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}", None
+    host, port = sock.getsockname()[:2]
+    return (f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"), port
+
+
+def _family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _check_loopback(host: str) -> None:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"peer host {host!r} must be a loopback IP literal (127.x.x.x or ::1)") from None
+    if not ip.is_loopback:
+        raise ValueError(f"peer host {host!r} is not loopback: lab peers listen on 127.0.0.0/8 or ::1 only")
+
+
+class _Acceptor:
+    """A daemon thread that accepts from a listener until stopped.
+
+    ``handle(conn)`` decides what happens to each accepted connection;
+    ``interval_s`` spaces accepts out (the slow acceptor).
+    """
+
+    def __init__(self, listener: socket.socket, peer: Peer, handle, interval_s: float = 0.0) -> None:
+        self.listener = listener
+        self.peer = peer
+        self.handle = handle
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"nbconn-{peer.scenario}", daemon=True)
+
+    def _run(self) -> None:
+        listener, stop = self.listener, self._stop
+        with select.epoll() as ep:
+            ep.register(listener.fileno(), select.EPOLLIN)
+            while not stop.is_set():
+                if not ep.poll(_POLL_S):
+                    continue
+                while not stop.is_set():
+                    try:
+                        conn, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # listener closed under us, or EMFILE: stop quietly
+                        return
+                    self.peer.accepted += 1
+                    self.handle(conn)
+                    if self.interval_s:
+                        stop.wait(self.interval_s)
+
+    def __enter__(self) -> "_Acceptor":
+        self.listener.setblocking(False)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _close(conn: socket.socket) -> None:
+    conn.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    conn.close()
+
+
+_HTTP_OK = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+
+
+def _http(conn: socket.socket) -> None:
+    """Answer one HTTP request minimally (enough for nginx as a reverse proxy), then close."""
+    try:
+        conn.settimeout(2.0)
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        if data:
+            conn.sendall(_HTTP_OK)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _listener(host: str, backlog: int) -> socket.socket:
+    _check_loopback(host)
+    sock = socket.socket(_family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def listening(host: str = "127.0.0.1", *, backlog: int = 4096, http: bool = False, hold: bool = False):
+    """A peer that accepts every connection: closes it at once, answers HTTP (``http=True``),
+    or keeps it open until exit (``hold=True``)."""
+    held: list[socket.socket] = []
+    handle = _http if http else (held.append if hold else _close)
+    with _listener(host, backlog) as sock:
+        target, port = _target_for(sock)
+        peer = Peer(target, "listening", port=port)
+        try:
+            with _Acceptor(sock, peer, handle):
+                yield peer
+        finally:
+            for conn in held:
+                conn.close()
+
+
+@contextlib.contextmanager
+def refused(host: str = "127.0.0.1"):
+    """A port nobody listens on.  It stays bound (without listen()) so no other program takes it
+    while the peer lives; a SYN to it is answered with RST."""
+    _check_loopback(host)
+    with socket.socket(_family_of(host), socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        target, port = _target_for(sock)
+        yield Peer(target, "refused", port=port)
+
+
+def _connect_filler(address, family: int, timeout_s: float = 2.0) -> socket.socket:
+    """A plain client connection used to fill an accept queue; waits until it is established."""
+    filler = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        filler.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        filler.settimeout(timeout_s)
+        filler.connect(address)
+    except BaseException:
+        filler.close()
+        raise
+    return filler
+
+
+@contextlib.contextmanager
+def blackhole(host: str = "127.0.0.1"):
+    """A listener whose accept queue is full and never drained.
+
+    ``listen(0)`` still queues one connection (the kernel's test is "queue length >
+    backlog"); one filler connection fills it.  From then on the kernel drops every
+    SYN for this port without an answer, exactly like a host that has gone away:
+    connects stay in SYN-SENT, the kernel retransmits the SYN on its schedule, and only
+    a timer (or TCP_SYNCNT/TCP_USER_TIMEOUT) ends them.
+    """
+    with _listener(host, 0) as sock:
+        target, port = _target_for(sock)
+        filler = _connect_filler(sock.getsockname(), sock.family)
+        try:
+            yield Peer(target, "blackhole", port=port)
+        finally:
+            filler.close()
+
+
+@contextlib.contextmanager
+def reset(host: str = "127.0.0.1"):
+    """A peer that accepts and at once closes with SO_LINGER {1, 0}: the kernel sends RST.
+
+    The handshake itself completes (the kernel finishes it before accept()), so a
+    connect usually ends "connected" and the reset shows up on the first read or
+    write (ECONNRESET); when the RST is faster than the client's SO_ERROR check the
+    connect itself ends "reset".
+    """
+    with _listener(host, 4096) as sock:
+        target, port = _target_for(sock)
+        peer = Peer(target, "reset", port=port)
+        with _Acceptor(sock, peer, _reset):
+            yield peer
+
+
+@contextlib.contextmanager
+def slow_accept(host: str = "127.0.0.1", *, backlog: int = 8, interval_s: float = 0.005):
+    """A listener with a small accept queue and an acceptor that takes one connection
+    every ``interval_s``.  A burst larger than the queue overflows it: the kernel drops the
+    extra SYNs and the clients retransmit after ~1 s -- the latency tail of an overloaded upstream."""
+    if not 0 <= backlog <= 4096:
+        raise ValueError(f"backlog={backlog} is outside 0..4096")
+    if not 0 < interval_s <= 1:
+        raise ValueError(f"interval_s={interval_s} is outside (0, 1]")
+    with _listener(host, backlog) as sock:
+        target, port = _target_for(sock)
+        peer = Peer(target, "slow_accept", port=port)
+        with _Acceptor(sock, peer, _close, interval_s=interval_s):
+            yield peer
+
+
+@contextlib.contextmanager
+def _unix_dir():
+    path = tempfile.mkdtemp(prefix="nbconn-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unix_listening(*, backlog: int = 4096):
+    """An AF_UNIX listener in a private temporary directory, with an accepting thread."""
+    with _unix_dir() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        path = os.path.join(tmp, "peer.sock")
+        sock.bind(path)
+        sock.listen(backlog)
+        peer = Peer(f"unix:{path}", "unix_listening", path=path)
+        with _Acceptor(sock, peer, _close):
+            yield peer
+
+
+@contextlib.contextmanager
+def unix_full(*, backlog: int = 0, max_fillers: int = 64):
+    """An AF_UNIX listener whose backlog is full: a non-blocking connect fails at once with
+    EAGAIN (Linux), which nginx treats like ECONNREFUSED (ngx_event_connect_peer)."""
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(_unix_dir())
+        sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        path = os.path.join(tmp, "full.sock")
+        sock.bind(path)
+        sock.listen(backlog)
+        for _ in range(max_fillers):
+            filler = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            filler.setblocking(False)
+            err = filler.connect_ex(path)
+            if err == errno.EAGAIN:
+                break
+            if err != 0:
+                raise OSError(err, f"filling the AF_UNIX backlog of {path}: {os.strerror(err)}")
+        else:
+            raise RuntimeError(f"AF_UNIX backlog of {path} did not fill after {max_fillers} connections")
+        yield Peer(f"unix:{path}", "unix_full", path=path)
+
+
+@contextlib.contextmanager
+def unix_missing():
+    """An AF_UNIX path in a fresh private directory that nothing ever creates: ENOENT."""
+    with _unix_dir() as tmp:
+        path = os.path.join(tmp, "nobody-here.sock")
+        yield Peer(f"unix:{path}", "unix_missing", path=path)
+
+
+#: scenario name (as the CLI spells it) -> context manager factory
+SCENARIOS = {
+    "listening": listening,
+    "refused": refused,
+    "blackhole": blackhole,
+    "reset": reset,
+    "slow-accept": slow_accept,
+    "unix-listening": unix_listening,
+    "unix-full": unix_full,
+    "unix-missing": unix_missing,
+}
+
+
+def wait_until(predicate, timeout_s: float = 2.0, interval_s: float = 0.005) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout_s`` passes (bounded helper for tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

@@ -1,0 +1,188 @@
+"""Seed step 2: the socket options a connect can set, checked up front and read back after.
+
+nginx sets a few options on an upstream socket right after ``socket()`` in
+``ngx_event_connect_peer`` (``src/event/ngx_event_connect.c``): SO_RCVBUF and
+SO_SNDBUF (``proxy_bind``'s siblings ``proxy_socket_keepalive`` and the
+``rcvbuf``/``sndbuf`` of the stream module), SO_KEEPALIVE, and, when a local
+address is configured (``proxy_bind``), IP_BIND_ADDRESS_NO_PORT before
+``bind()``.  A failing setsockopt is logged "failed, ignored" and the connect
+goes on; nbconn records the errno in the trace and goes on too.
+
+The kernel does not always keep what you ask for: SO_RCVBUF/SO_SNDBUF are
+doubled (socket(7): "the kernel doubles this value ... to allow space for
+bookkeeping overhead") and capped by ``net.core.rmem_max``/``wmem_max``.  That
+is why every option is *read back* with getsockopt and both values are kept.
+
+Each option is described once in :data:`OPTIONS` (name, level, optname, value
+kind, range).  :func:`plan_options` validates a user's keyword arguments
+against that table -- a ValueError/TypeError naming the bad value, before any
+socket exists -- and returns the ordered list the flow applies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+# Constants Python's socket module does not export on every version.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+TCP_SYNCNT = getattr(socket, "TCP_SYNCNT", 7)
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+
+_INT_MAX = 2**31 - 1
+_INET = (socket.AF_INET, socket.AF_INET6)
+_ALL = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One socket option: how to validate it, set it and read it back."""
+
+    name: str  # the keyword users pass: rcvbuf=65536
+    level: int
+    optname: int
+    level_name: str  # as strace prints it
+    opt_name: str
+    kind: str  # "bool", "int" or "linger"
+    low: int = 0
+    high: int = _INT_MAX
+    families: tuple = _ALL
+    doc: str = ""
+
+    def validate(self, value: object) -> object:
+        """Return the normalised value or raise ValueError/TypeError naming it."""
+        if self.kind == "bool":
+            if not isinstance(value, bool) and value not in (0, 1):
+                raise TypeError(f"option {self.name} must be True or False, got {value!r}")
+            return bool(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"option {self.name} must be an int, got {value!r}")
+        if not self.low <= value <= self.high:
+            raise ValueError(f"option {self.name}={value} is outside {self.low}..{self.high}")
+        return value
+
+    def encode(self, value: object) -> int | bytes:
+        if self.kind == "linger":
+            return struct.pack("ii", 1, value)
+        return int(value)
+
+    def read(self, sock: socket.socket) -> object:
+        """getsockopt: the value the kernel actually holds."""
+        if self.kind == "linger":
+            onoff, secs = struct.unpack("ii", sock.getsockopt(self.level, self.optname, 8))
+            return secs if onoff else None
+        raw = sock.getsockopt(self.level, self.optname)
+        return bool(raw) if self.kind == "bool" else raw
+
+    def show(self, value: object) -> str:
+        """The value as strace shows the option argument."""
+        if self.kind == "linger":
+            return "{l_onoff=0, l_linger=0}" if value is None else f"{{l_onoff=1, l_linger={value}}}"
+        return f"[{int(value)}]"
+
+    @property
+    def size(self) -> int:
+        return 8 if self.kind == "linger" else 4
+
+
+_S, _T, _IP = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IP
+
+#: Every option nbconn knows, in the order the flow applies them (nginx's order first).
+OPTIONS: dict[str, OptionSpec] = {
+    spec.name: spec
+    for spec in (
+        OptionSpec("rcvbuf", _S, socket.SO_RCVBUF, "SOL_SOCKET", "SO_RCVBUF", "int", 1,
+                   doc="receive buffer bytes; the kernel doubles it, capped by net.core.rmem_max"),
+        OptionSpec("sndbuf", _S, socket.SO_SNDBUF, "SOL_SOCKET", "SO_SNDBUF", "int", 1,
+                   doc="send buffer bytes; the kernel doubles it, capped by net.core.wmem_max"),
+        OptionSpec("keepalive", _S, socket.SO_KEEPALIVE, "SOL_SOCKET", "SO_KEEPALIVE", "bool",
+                   doc="TCP keepalive probes on an idle connection (nginx: proxy_socket_keepalive)"),
+        OptionSpec("reuseaddr", _S, socket.SO_REUSEADDR, "SOL_SOCKET", "SO_REUSEADDR", "bool",
+                   doc="allow bind() to a local address in TIME_WAIT"),
+        OptionSpec("linger", _S, socket.SO_LINGER, "SOL_SOCKET", "SO_LINGER", "linger", 0, 3600,
+                   doc="seconds close() waits for unsent data; 0 = close() sends RST, no TIME_WAIT"),
+        OptionSpec("nodelay", _T, socket.TCP_NODELAY, "SOL_TCP", "TCP_NODELAY", "bool", families=_INET,
+                   doc="disable Nagle's algorithm"),
+        OptionSpec("syncnt", _T, TCP_SYNCNT, "SOL_TCP", "TCP_SYNCNT", "int", 1, 127, families=_INET,
+                   doc="SYN retransmissions before connect fails with ETIMEDOUT"),
+        OptionSpec("user_timeout", _T, TCP_USER_TIMEOUT, "SOL_TCP", "TCP_USER_TIMEOUT", "int", 0, _INT_MAX,
+                   families=_INET, doc="ms unacknowledged data (or SYNs) may wait before ETIMEDOUT; 0 = off"),
+        OptionSpec("bind_address_no_port", _IP, IP_BIND_ADDRESS_NO_PORT, "SOL_IP", "IP_BIND_ADDRESS_NO_PORT",
+                   "bool", families=_INET,
+                   doc="bind() picks no port; connect() picks it (nginx sets it before bind when proxy_bind has no port)"),
+    )
+}
+
+#: Keyword arguments of the flow that are not setsockopt calls.
+FLOW_SETTINGS = ("bind",)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A local address to bind() before connect() (nginx: proxy_bind)."""
+
+    family: int
+    address: object
+    text: str
+
+
+def parse_bind(value: object, family: int) -> Bind:
+    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"`` or ``(host, port)`` -> Bind for ``family``."""
+    if isinstance(value, tuple) and len(value) == 2:
+        host, port = value
+    elif isinstance(value, str):
+        if value.startswith("["):
+            host, _, rest = value[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "0"
+        elif value.count(":") == 1:
+            host, port = value.split(":")
+        else:
+            host, port = value, "0"
+    else:
+        raise TypeError(f"option bind must be 'HOST', 'HOST:PORT' or (host, port), got {value!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except (ValueError, TypeError):
+        raise ValueError(f"option bind={value!r}: {host!r} is not an IP address") from None
+    if isinstance(port, str):
+        if not (port.isascii() and port.isdigit()):
+            raise ValueError(f"option bind={value!r}: port {port!r} is not a number")
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"option bind={value!r}: port {port!r} is outside 0..65535")
+    want = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    if family != want:
+        raise ValueError(f"option bind={value!r} is {want.name} but the target is {socket.AddressFamily(family).name}")
+    if ip.version == 4:
+        return Bind(want, (str(ip), port), f"{ip}:{port}")
+    return Bind(want, (str(ip), port, 0, 0), f"[{ip}]:{port}")
+
+
+def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:
+    """Validate keyword options for a target of ``family``.
+
+    Returns the (spec, value) pairs in application order and the parsed bind
+    address.  With ``family=None`` only the family-independent checks run.  ``None`` means "leave the kernel's default": nothing is set, just
+    as nginx skips an option it was not configured with.  ``False`` sets 0.
+    """
+    unknown = [name for name in options if name not in OPTIONS and name not in FLOW_SETTINGS]
+    if unknown:
+        known = ", ".join([*OPTIONS, *FLOW_SETTINGS])
+        raise TypeError(f"unknown socket option {unknown[0]!r} (known: {known})")
+    planned = []
+    for name, spec in OPTIONS.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        value = spec.validate(value)
+        if family is not None and family not in spec.families:
+            raise ValueError(f"option {name} does not apply to a {socket.AddressFamily(family).name} target")
+        planned.append((spec, value))
+    bind = options.get("bind")
+    if bind is not None and family is not None:
+        if family == socket.AF_UNIX:
+            raise ValueError(f"option bind={bind!r} does not apply to an AF_UNIX target")
+        bind = parse_bind(bind, family)
+    return planned, bind

@@ -1,0 +1,139 @@
+"""Where to connect: parse and resolve a target before any socket exists.
+
+nginx resolves upstream addresses when it reads its configuration
+(``ngx_parse_url`` in ``src/core/ngx_inet.c``), so ``ngx_event_connect_peer``
+only ever sees a ready ``sockaddr``.  nbconn does the same: :func:`parse_target`
+turns what a user typed into a :class:`Target` holding the address family and
+the exact address tuple Python's ``socket.connect`` wants.  Every mistake is
+reported here as a ``ValueError``/``TypeError`` naming the bad value, so the flow
+itself never has to clean up after bad input.
+
+Accepted forms::
+
+    "127.0.0.1:8080"        IPv4 literal and port
+    "[::1]:8080"            IPv6 literal in brackets and port
+    "localhost:8080"        a name, resolved with getaddrinfo (first answer)
+    "unix:/run/app.sock"    an AF_UNIX path ("unix:@name" = Linux abstract socket)
+    ("127.0.0.1", 8080)     a (host, port) tuple
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+_UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
+
+# A host name as RFC 1123 allows it (labels of letters, digits and hyphens; "_" is
+# tolerated as resolvers do).  Checked before getaddrinfo so that garbage never
+# becomes a DNS query.
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+
+
+def is_hostname(text: str) -> bool:
+    """True when ``text`` is spelled like a DNS name (it may still not resolve)."""
+    return _HOSTNAME.fullmatch(text) is not None and not text.replace(".", "").isdigit()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved connect target: family, the sockaddr for connect(), and how to show it."""
+
+    family: int
+    address: object  # (host, port) for IPv4, (host, port, 0, 0) for IPv6, str/bytes for AF_UNIX
+    text: str  # as nginx would name the peer: 127.0.0.1:80, [::1]:80, unix:/path
+
+    @property
+    def family_name(self) -> str:
+        return socket.AddressFamily(self.family).name
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _check_port(port: object, original: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, (int, str)):
+        raise TypeError(f"port must be an int, got {port!r} in target {original!r}")
+    if isinstance(port, str):
+        if not port.isdigit() or not port.isascii():
+            raise ValueError(f"port {port!r} is not a number in target {original!r}")
+        port = int(port)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1..65535 in target {original!r}")
+    return port
+
+
+def _resolve(host: str, port: int, original: object) -> Target:
+    if not host:
+        raise ValueError(f"empty host in target {original!r}")
+    if "\x00" in host:
+        raise ValueError(f"host contains a NUL byte in target {original!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.version == 4:
+            return Target(socket.AF_INET, (str(ip), port), f"{ip}:{port}")
+        if ip.scope_id:
+            raise ValueError(f"scoped IPv6 address {host!r} is not supported in target {original!r}")
+        return Target(socket.AF_INET6, (str(ip), port, 0, 0), f"[{ip}]:{port}")
+    if not is_hostname(host):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name in target {original!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve host {host!r} in target {original!r}: {exc}") from None
+    if not infos:
+        raise ValueError(f"host {host!r} has no address in target {original!r}")
+    return _resolve(infos[0][4][0], port, original)  # getaddrinfo's first answer, an IP literal
+
+
+def _unix(path: str, original: object) -> Target:
+    if not path:
+        raise ValueError(f"empty AF_UNIX path in target {original!r}")
+    if "\x00" in path:
+        raise ValueError(f"AF_UNIX path contains a NUL byte in target {original!r}")
+    if path.startswith("@"):  # Linux abstract namespace, as `ss` prints it
+        address: object = b"\x00" + path[1:].encode()
+    else:
+        address = path
+    if len(path.encode()) > _UNIX_PATH_MAX:
+        raise ValueError(f"AF_UNIX path is longer than {_UNIX_PATH_MAX} bytes in target {original!r}")
+    return Target(socket.AF_UNIX, address, f"unix:{path}")
+
+
+def parse_target(target: object) -> Target:
+    """Parse and resolve ``target``; raise ValueError/TypeError naming what is wrong."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, tuple):
+        if len(target) != 2:
+            raise ValueError(f"target tuple must be (host, port), got {target!r}")
+        host, port = target
+        if not isinstance(host, str):
+            raise TypeError(f"host must be a str, got {host!r} in target {target!r}")
+        return _resolve(host.strip("[]"), _check_port(port, target), target)
+    if not isinstance(target, str):
+        raise TypeError(f"target must be 'HOST:PORT', '[V6]:PORT', 'unix:/path' or (host, port), got {target!r}")
+    if target.startswith("unix:"):
+        return _unix(target[5:], target)
+    if target.startswith("["):
+        host, sep, rest = target[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"malformed target {target!r}: expected '[V6ADDR]:PORT'")
+        port = _check_port(rest[1:], target)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address in target {target!r}") from None
+        return _resolve(host, port, target)
+    host, sep, port_text = target.rpartition(":")
+    if not sep:
+        raise ValueError(f"malformed target {target!r}: expected 'HOST:PORT', '[V6ADDR]:PORT' or 'unix:/path'")
+    if ":" in host:
+        raise ValueError(f"malformed target {target!r}: put an IPv6 address in brackets, '[{host}]:{port_text}'")
+    return _resolve(host, _check_port(port_text, target), target)

@@ -1,0 +1,49 @@
+"""Shared test helpers: descriptor counting and "this test needs tool X".
+
+No test mocks the kernel: every socket is real and every peer listens on
+loopback, an AF_UNIX path or inside a network namespace the test made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def open_fds() -> set[int]:
+    """The descriptors this process holds right now."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def require_tool(name: str) -> str:
+    """Path of a system tool; skip (or, in CI, fail) when it is missing."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        message = f"{name} is not installed (apt-get install {name})"
+        if os.environ.get("NBCONN_REQUIRE_TOOLS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def require_root(reason: str) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("NBCONN_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"needs root: {reason}")
+        pytest.skip(f"needs root: {reason}")
+
+
+@pytest.fixture
+def no_fd_leak():
+    """Fails the test if it leaves descriptors open that it did not have before."""
+    before = open_fds()
+    yield
+    import gc
+
+    gc.collect()
+    leaked = open_fds() - before
+    # /proc listing itself may briefly show its own directory fd: re-check once.
+    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"descriptors leaked: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"

@@ -1,0 +1,135 @@
+"""The CLI: exit codes, one-line errors, JSON, and the syscall order under strace."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nbconn.lab import blackhole, listening, refused
+
+from .conftest import require_tool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "nbconn", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_connected_exit_0_and_trace():
+    with listening() as target:
+        proc = run("connect", target, "--rcvbuf", "4096", "--nodelay")
+    assert proc.returncode == 0, proc.stderr
+    assert "setsockopt(" in proc.stdout and "SO_RCVBUF, [4096]" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("-> connected")
+
+
+def test_refused_exit_1_with_nginx_log_line():
+    with refused() as target:
+        proc = run("connect", target)
+    assert proc.returncode == 1
+    assert "nginx would log [error]: connect() failed (111: Connection refused)" in proc.stdout
+
+
+def test_timeout_exit_1_and_json():
+    with blackhole() as target:
+        proc = run("connect", target, "--timeout", "0.2", "--json")
+    assert proc.returncode == 1
+    data = json.loads(proc.stdout)
+    assert data["outcome"] == "timed_out" and data["timer_fired"] is True
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["connect", "127.0.0.1:70000"], "70000"),
+        (["connect", "127.0.0.1:80", "--timeout", "-3"], "timeout=-3.0"),
+        (["connect", "127.0.0.1:80", "--timeout", "soon"], "'soon'"),
+        (["connect", "127.0.0.1:80", "--rcvbuf", "lots"], "'lots'"),
+        (["connect", "127.0.0.1:80", "--syncnt", "500"], "syncnt=500"),
+        (["connect", "127.0.0.1:80", "--nonblocking", "magic"], "'magic'"),
+        (["connect", "bad target"], "bad target"),
+        (["connect", "unix:/x", "--nodelay"], "nodelay"),
+        (["connect"], "target"),
+        (["frobnicate"], "frobnicate"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, words):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_unresolvable_name_in_an_empty_network_namespace():
+    """A name that does not resolve: asked inside a fresh netns with no route, so no DNS query leaves the host."""
+    unshare = require_tool("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for unshare -n")
+    proc = subprocess.run([unshare, "-n", sys.executable, "-m", "nbconn", "connect", "no-such-host.invalid:80"],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "cannot resolve host 'no-such-host.invalid'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _strace(target, *extra):
+    strace = require_tool("strace")
+    proc = subprocess.run(
+        [strace, "-f", "-qq", "-e", "trace=socket,setsockopt,getsockopt,ioctl,fcntl,epoll_ctl,connect,epoll_wait,close",
+         sys.executable, "-m", "nbconn", "connect", target, *extra],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return proc
+
+
+def _calls_on_connect_socket(stderr):
+    """The strace lines from the connect socket's socket() call onwards, for that fd and the epoll_wait calls."""
+    lines = stderr.splitlines()
+    start = max(i for i, line in enumerate(lines) if re.search(r"socket\(AF_INET, SOCK_STREAM", line))
+    fd = re.search(r"= (\d+)$", lines[start]).group(1)
+    picked = [re.sub(r"\s+= ", " = ", lines[start])]
+    for line in lines[start + 1:]:
+        line = re.sub(r"\s+= ", " = ", re.sub(r"^\[pid\s+\d+\] ", "", line))
+        if line.startswith("epoll_wait(") or re.match(rf"\w+\({fd}[,)]", line) or re.match(rf"epoll_ctl\(\d+, \w+, {fd},", line):
+            picked.append(line)
+    return picked, fd
+
+
+def test_strace_syscall_order_matches_nginx():
+    with listening(hold=True) as target:  # hold: no FIN from the peer can join the event mask
+        proc = _strace(target, "--rcvbuf", "65536")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls, fd = _calls_on_connect_socket(proc.stderr)
+    expected = [
+        r"socket\(AF_INET, SOCK_STREAM\|SOCK_CLOEXEC, IPPROTO_IP\) = \d+",
+        rf"setsockopt\({fd}, SOL_SOCKET, SO_RCVBUF, \[65536\], 4\) = 0",
+        rf"getsockopt\({fd}, SOL_SOCKET, SO_RCVBUF, \[131072\], \[4\]\) = 0",
+        rf"ioctl\({fd}, FIONBIO, \[1\]\) = 0",
+        rf"epoll_ctl\(\d+, EPOLL_CTL_ADD, {fd}, \{{events=EPOLLIN\|EPOLLOUT\|EPOLLRDHUP\|EPOLLET, ",
+        rf"connect\({fd}, .* = -1 EINPROGRESS",
+        r"epoll_wait\(\d+, \[\{events=EPOLLOUT, data=\{u32=" + fd + r", .*\}\], \d+, \d+\) = 1",
+        rf"getsockopt\({fd}, SOL_SOCKET, SO_ERROR, \[0\], \[4\]\) = 0",
+    ]
+    assert len(calls) >= len(expected), "\n".join(calls)
+    for pattern, line in zip(expected, calls):
+        assert re.match(pattern, line), f"expected {pattern!r}\n got {line!r}\nall:\n" + "\n".join(calls)
+    tail = calls[len(expected):]
+    assert any(line.startswith(f"epoll_ctl(") and "EPOLL_CTL_DEL" in line for line in tail)
+    assert tail[-1].startswith(f"close({fd})")
+
+
+def test_strace_timeout_closes_without_so_error():
+    with blackhole() as target:
+        proc = _strace(target, "--timeout", "0.2")
+    assert proc.returncode == 1
+    calls, fd = _calls_on_connect_socket(proc.stderr)
+    text = "\n".join(calls)
+    assert "EINPROGRESS" in text and "SO_ERROR" not in text
+    waits = [c for c in calls if c.startswith("epoll_wait(")]
+    # the timer's remaining ms (epoll rounds to whole ms), then nothing ready
+    assert waits and re.search(r", (19\d|200)\) = 0$", waits[0]), waits
+    assert calls[-1].startswith(f"close({fd})")

@@ -1,0 +1,89 @@
+"""Seed step 2: each option is applied with setsockopt and read back with getsockopt."""
+
+import errno
+import socket
+
+import pytest
+
+import nbconn
+from nbconn.lab import listening
+from nbconn.options import OPTIONS, plan_options
+
+
+def _rmem_max() -> int:
+    with open("/proc/sys/net/core/rmem_max") as f:
+        return int(f.read())
+
+
+def test_every_option_applied_and_read_back(no_fd_leak):
+    with listening() as target:
+        res = nbconn.connect(target, rcvbuf=65536, sndbuf=32768, keepalive=True, nodelay=True, reuseaddr=True,
+                             linger=0, syncnt=3, user_timeout=2500, bind_address_no_port=True, bind="127.0.0.2",
+                             timeout=2)
+        with res:
+            assert res.outcome == "connected", res.trace()
+            eff = res.effective
+            # socket(7): the kernel doubles SO_RCVBUF/SO_SNDBUF (capped by rmem_max/wmem_max)
+            assert eff["rcvbuf"] == min(2 * 65536, 2 * _rmem_max())
+            assert eff["sndbuf"] >= 32768
+            assert eff["keepalive"] is True and eff["nodelay"] is True and eff["reuseaddr"] is True
+            assert eff["linger"] == 0 and eff["syncnt"] == 3 and eff["user_timeout"] == 2500
+            assert eff["bind_address_no_port"] is True
+            assert res.sock.getsockname()[0] == "127.0.0.2"
+    names = [s.name for s in res.steps]
+    assert names.count("setsockopt") == 9 and names.count("getsockopt") == 9
+    assert names.index("bind") > names.index("nonblocking")  # nginx: ngx_nonblocking, then bind()
+
+
+def test_rcvbuf_above_rmem_max_is_capped():
+    with listening() as target:
+        res = nbconn.connect(target, rcvbuf=2**30, keep=False)
+    assert res.effective["rcvbuf"] == 2 * _rmem_max()
+
+
+def test_false_sets_zero_and_none_leaves_default():
+    with listening() as target:
+        res = nbconn.connect(target, keepalive=False, nodelay=None, keep=False)
+    assert res.effective == {"keepalive": False}
+    assert res.requested == {"keepalive": False}
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        ({"rcvbuf": 0}, "rcvbuf=0"),
+        ({"rcvbuf": "big"}, "rcvbuf must be an int"),
+        ({"syncnt": 128}, "syncnt=128"),
+        ({"keepalive": "yes"}, "keepalive must be True or False"),
+        ({"linger": -1}, "linger=-1"),
+        ({"nosuch": 1}, "unknown socket option 'nosuch'"),
+        ({"bind": "::1"}, "AF_INET6 but the target is AF_INET"),
+        ({"bind": "127.0.0.1:99999"}, "99999"),
+        ({"bind": "nope"}, "'nope' is not an IP address"),
+    ],
+)
+def test_bad_options_are_named(opts, words, no_fd_leak):
+    with pytest.raises((ValueError, TypeError)) as info:
+        nbconn.connect("127.0.0.1:9", **opts)
+    assert words in str(info.value)
+
+
+def test_tcp_options_rejected_for_unix():
+    with pytest.raises(ValueError, match="nodelay does not apply to a AF_UNIX"):
+        nbconn.connect("unix:/nonexistent", nodelay=True)
+
+
+def test_plan_order_is_table_order():
+    planned, _ = plan_options({"syncnt": 2, "rcvbuf": 1024}, socket.AF_INET)
+    assert [s.name for s, _ in planned] == ["rcvbuf", "syncnt"]
+    assert list(OPTIONS)[:3] == ["rcvbuf", "sndbuf", "keepalive"]  # nginx's order in ngx_event_connect_peer
+
+
+def test_bind_failure_is_ngx_error_and_closes(no_fd_leak):
+    with listening() as target, socket.socket() as holder:
+        holder.bind(("127.0.0.3", 0))
+        port = holder.getsockname()[1]
+        res = nbconn.connect(target, bind=f"127.0.0.3:{port}")
+    assert (res.outcome, res.errno, res.ngx_connect) == ("error", "EADDRINUSE", "NGX_ERROR")
+    assert errno.errorcode[res.errno_number] == "EADDRINUSE"
+    assert res.steps[-1].name == "close"
