@@ -167,8 +167,9 @@ class Attempt:
         except OSError as exc:
             self._step("socket", "socket({}, SOCK_STREAM|SOCK_CLOEXEC, 0)", (fam,), errno_name(exc.errno))
             return self._fail_before_connect(exc.errno, "socket")
-        self.sock, self.fd = sock, fd = sock, sock.fileno()
-        result.fd = fd
+        fd = sock.fileno()
+        self.sock = sock
+        self.fd = result.fd = fd
         self._step("socket", "socket({}, SOCK_STREAM|SOCK_CLOEXEC, 0)", (fam,), fd)
 
         stage = "setsockopt"
@@ -307,7 +308,7 @@ class Attempt:
         self.state = DONE
         sock, fd = self.sock, self.fd
         if sock is not None:
-            if self.loop._handlers.get(fd) is self:
+            if self.loop.handler_of(fd) is self:
                 self.loop.unregister(fd)
                 self._step("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (self.loop.epoll.fileno(), fd), 0)
             if keep:

@@ -91,6 +91,10 @@ class Loop:
         self.epoll.register(fd, mask)
         self._handlers[fd] = handler
 
+    def handler_of(self, fd: int):
+        """The handler registered for ``fd``, or None."""
+        return self._handlers.get(fd)
+
     def unregister(self, fd: int) -> None:
         """epoll_ctl(EPOLL_CTL_DEL).  nginx lets close() do this; nbconn does it explicitly."""
         self._handlers.pop(fd, None)
