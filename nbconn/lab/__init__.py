@@ -6,6 +6,8 @@ unix_listening, unix_full, unix_missing (context managers yielding a target).
 real delay, jitter and loss between two network namespaces (needs root).
 """
 
+import importlib
+
 from .peers import (
     SCENARIOS,
     Peer,
@@ -22,9 +24,9 @@ from .peers import (
 
 def __getattr__(name: str):
     # The wire pulls in ctypes and namespace helpers: load it only when asked for.
+    # (importlib, not "from . import wire": that form would call this hook again.)
     if name in ("impaired", "wire_unavailable_reason", "wire"):
-        from . import wire
-
+        wire = importlib.import_module(".wire", __name__)
         return wire if name == "wire" else getattr(wire, name)
     raise AttributeError(f"module 'nbconn.lab' has no attribute {name!r}")
 
