@@ -1,0 +1,271 @@
+"""Run many connects and turn their Results into a table and a summary.
+
+A single handshake time says little: on loopback it is ~20 µs one time and
+300 µs the next (a cold cache, a timer interrupt, the scheduler).  What
+readers need is the *distribution*: the median, the tail (p99, p99.9) and
+the outcome counts.  :func:`run` connects N times -- one after another, or
+with C in flight through :func:`nbconn.connect_many` -- against a target or a
+named lab scenario, and returns a :class:`Measurement`: a few plain columns
+(lists, one entry per connect) plus :meth:`Measurement.summary`.
+
+No pandas: the columns are lists, and :meth:`Measurement.array` hands out a
+numpy array when a plot or a percentile needs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from .api import connect_many
+from .cli import EXIT_OK, EXIT_USAGE, add_socket_options, socket_options
+from .errors import OUTCOMES
+from .flow import check_settings
+
+#: scenarios :func:`run` understands by name (besides any target)
+SCENARIOS = ("listening", "refused", "blackhole", "reset", "slow-accept", "unix-listening", "unix-full",
+             "unix-missing", "impaired")
+MAX_COUNT = 1_000_000
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+@dataclass
+class Measurement:
+    """One column per field, one row per connect (in the order they were started)."""
+
+    label: str
+    scenario: str
+    timeout_s: float
+    concurrency: int
+    outcome: list = field(default_factory=list)
+    errno: list = field(default_factory=list)
+    connect_returned: list = field(default_factory=list)
+    handshake_ms: list = field(default_factory=list)  # connect() call -> decision
+    tcpi_rtt_ms: list = field(default_factory=list)  # None unless connected over TCP
+    tcpi_total_retrans: list = field(default_factory=list)
+    start_ms: list = field(default_factory=list)  # socket() time, relative to the first connect
+    end_ms: list = field(default_factory=list)  # decision time, relative to the first connect
+    settings: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # provenance when loaded from data/
+
+    @classmethod
+    def from_results(cls, results, *, label: str, scenario: str, timeout_s: float, concurrency: int,
+                     settings: dict | None = None) -> "Measurement":
+        m = cls(label=label, scenario=scenario, timeout_s=timeout_s, concurrency=concurrency,
+                settings=dict(settings or {}))
+        t0 = min((r.started_ns for r in results if r.started_ns), default=0)
+        for r in results:
+            m.outcome.append(r.outcome)
+            m.errno.append(r.errno)
+            m.connect_returned.append(r.connect_returned)
+            m.handshake_ms.append(None if r.handshake_ns is None else r.handshake_ns / 1e6)
+            info = r.tcp_info
+            m.tcpi_rtt_ms.append(info["rtt_us"] / 1e3 if info else None)
+            m.tcpi_total_retrans.append(info["total_retrans"] if info else None)
+            m.start_ms.append((r.started_ns - t0) / 1e6 if r.started_ns else None)
+            m.end_ms.append((r.finished_ns - t0) / 1e6 if r.finished_ns else None)
+        return m
+
+    def __len__(self) -> int:
+        return len(self.outcome)
+
+    # -- columns ---------------------------------------------------------------
+    def array(self, column: str, *, outcome: str | None = None):
+        """A numpy float array of ``column`` (None -> dropped), optionally only rows with ``outcome``."""
+        import numpy as np
+
+        values = getattr(self, column)
+        rows = [v for v, o in zip(values, self.outcome) if v is not None and (outcome is None or o == outcome)]
+        return np.asarray(rows, dtype=float)
+
+    def outcome_counts(self) -> dict:
+        counts = {name: 0 for name in OUTCOMES}
+        for o in self.outcome:
+            counts[o] = counts.get(o, 0) + 1
+        return {k: v for k, v in counts.items() if v}
+
+    def connect_returned_counts(self) -> dict:
+        counts: dict = {}
+        for value in self.connect_returned:
+            key = "0" if value == 0 else str(value)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # -- summary ---------------------------------------------------------------
+    def summary(self) -> dict:
+        """count, outcome counts, and percentiles (ms) of handshake time and of TCP_INFO's rtt."""
+        return {
+            "label": self.label,
+            "scenario": self.scenario,
+            "count": len(self),
+            "outcomes": self.outcome_counts(),
+            "connect_returned": self.connect_returned_counts(),
+            "handshake_ms": percentiles(self.handshake_ms),
+            "tcpi_rtt_ms": percentiles(self.tcpi_rtt_ms),
+        }
+
+    def describe(self) -> str:
+        """A short human-readable table of the summary (what the CLI prints)."""
+        s = self.summary()
+        lines = [f"{self.label}: {s['count']} connects, timeout {self.timeout_s:g} s, concurrency {self.concurrency}",
+                 "outcomes:  " + ", ".join(f"{k} {v}" for k, v in s["outcomes"].items()),
+                 "connect(): " + ", ".join(f"{k} {v}" for k, v in s["connect_returned"].items())]
+        for name in ("handshake_ms", "tcpi_rtt_ms"):
+            p = s[name]
+            if p:
+                cols = "  ".join(f"{k} {v:.3f}" for k, v in p.items())
+                lines.append(f"{name:<12} {cols}")
+        return "\n".join(lines)
+
+    # -- JSON --------------------------------------------------------------------
+    _COLUMNS = ("outcome", "errno", "connect_returned", "handshake_ms", "tcpi_rtt_ms", "tcpi_total_retrans",
+                "start_ms", "end_ms")
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "scenario": self.scenario, "timeout_s": self.timeout_s,
+                "concurrency": self.concurrency, "settings": self.settings, "meta": self.meta,
+                "columns": {c: getattr(self, c) for c in self._COLUMNS}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Measurement":
+        m = cls(label=data["label"], scenario=data["scenario"], timeout_s=data["timeout_s"],
+                concurrency=data["concurrency"], settings=data.get("settings", {}), meta=data.get("meta", {}))
+        for c in cls._COLUMNS:
+            setattr(m, c, list(data["columns"].get(c, [None] * len(data["columns"]["outcome"]))))
+        return m
+
+
+def percentiles(values, points=PERCENTILES) -> dict:
+    """{"p50": .., "p90": .., "p99": .., "p99.9": .., "max": ..} of the non-None values (empty -> {})."""
+    data = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not data:
+        return {}
+    out = {}
+    for p in points:
+        # nearest-rank on the sorted data: the smallest value with at least p% of the data at or below it
+        rank = max(1, math.ceil(p / 100 * len(data)))
+        out[f"p{p:g}"] = data[rank - 1]
+    out["max"] = data[-1]
+    return out
+
+
+# -- running -------------------------------------------------------------------
+
+def _check_count(name: str, value: object, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 1 <= value <= high:
+        raise ValueError(f"{name}={value} is outside 1..{high}")
+    return value
+
+
+@contextlib.contextmanager
+def _scenario_target(scenario: str, wire: dict):
+    """Start a lab peer (or the impairment wire) and yield (target, context for the client side)."""
+    from . import lab
+
+    if scenario == "impaired":
+        reason = lab.wire_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"the impaired link cannot run here: {reason}")
+        with lab.impaired(**wire) as link:
+            port = link.serve_listener(backlog=4096)
+            yield f"{link.server_addr}:{port}", link.client
+        return
+    with lab.SCENARIOS[scenario]() as peer:
+        yield peer, contextlib.nullcontext
+
+
+def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: float = 1.0,
+        progress: bool = False, label: str | None = None, delay_ms=None, jitter_ms=None, loss=None, seed=None,
+        nonblocking: str = "ioctl", trigger: str = "edge", **options) -> Measurement:
+    """Connect ``count`` times and return the :class:`Measurement`.
+
+    ``target_or_scenario``: a target ("127.0.0.1:8080", a lab Peer, ...) or a
+    scenario name from :data:`SCENARIOS` (the peer is started and stopped
+    around the run; "impaired" builds the wire with ``delay_ms``,
+    ``jitter_ms``, ``loss``, ``seed``).  ``concurrency=1`` connects one after
+    another; more runs them through :func:`nbconn.connect_many`.
+    ``progress=True`` shows a tqdm bar (a widget in notebooks).
+    """
+    count = _check_count("count", count, MAX_COUNT)
+    concurrency = _check_count("concurrency", concurrency, 100_000)
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
+    wire = {k: v for k, v in (("delay_ms", delay_ms), ("jitter_ms", jitter_ms), ("loss", loss), ("seed", seed))
+            if v is not None}
+    is_scenario = isinstance(target_or_scenario, str) and target_or_scenario in SCENARIOS
+    if wire and not (is_scenario and target_or_scenario == "impaired"):
+        raise ValueError(f"{', '.join(wire)} only apply to the 'impaired' scenario, not {target_or_scenario!r}")
+    if not is_scenario:
+        from .targets import parse_target
+
+        try:
+            parse_target(target_or_scenario)  # named errors before anything starts
+        except ValueError as exc:
+            raise ValueError(f"{target_or_scenario!r} is neither a scenario ({', '.join(SCENARIOS)}) "
+                             f"nor a target: {exc}") from None
+    scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")
+    label = label or (scenario if is_scenario else str(target_or_scenario))
+    settings = {"timeout": timeout, "nonblocking": nonblocking, "trigger": trigger, **options, **wire}
+
+    with contextlib.ExitStack() as stack:
+        if is_scenario:
+            target, client_side = stack.enter_context(_scenario_target(target_or_scenario, wire))
+        else:
+            target, client_side = target_or_scenario, contextlib.nullcontext
+        bar = _progress_bar(count, label) if progress else None
+        if bar is not None:
+            stack.callback(bar.close)
+        on_result = (lambda i, r: bar.update(1)) if bar is not None else None
+        with client_side():
+            results = connect_many([target] * count, concurrency=concurrency, timeout=timeout,
+                                   nonblocking=nonblocking, trigger=trigger, on_result=on_result, **options)
+    return Measurement.from_results(results, label=label, scenario=scenario, timeout_s=float(timeout),
+                                    concurrency=concurrency, settings=settings)
+
+
+def _progress_bar(total: int, label: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="connect", leave=False)
+
+
+# -- CLI -------------------------------------------------------------------------
+
+def add_subcommand(subparsers) -> None:
+    from .cli import _float_arg, _int_arg
+
+    p = subparsers.add_parser("measure", help="connect N times and summarise handshake times and outcomes",
+                              description="Run N connects against a lab scenario or a target and summarise them.")
+    p.add_argument("target", metavar="SCENARIO_OR_TARGET",
+                   help=f"one of {', '.join(SCENARIOS)}, or HOST:PORT / [V6]:PORT / unix:/path")
+    p.add_argument("--count", type=_int_arg("--count"), default=100, metavar="N")
+    p.add_argument("--concurrency", type=_int_arg("--concurrency"), default=1, metavar="C")
+    p.add_argument("--delay-ms", type=_float_arg("--delay-ms"), default=None, metavar="D")
+    p.add_argument("--jitter-ms", type=_float_arg("--jitter-ms"), default=None, metavar="J")
+    p.add_argument("--loss", type=_float_arg("--loss"), default=None, metavar="P")
+    p.add_argument("--seed", type=_int_arg("--seed"), default=None)
+    add_socket_options(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_measure, timeout=1.0)
+
+
+def run_measure(args) -> int:
+    try:
+        m = run(args.target, count=args.count, concurrency=args.concurrency, timeout=args.timeout,
+                nonblocking=args.nonblocking, trigger=args.trigger, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
+                loss=args.loss, seed=args.seed, **socket_options(args))
+    except RuntimeError as exc:  # the wire cannot run here: say why in one line
+        print(f"nbconn: {exc}", file=__import__("sys").stderr)
+        return EXIT_USAGE
+    if args.json:
+        s = m.summary()
+        keep = ("p50", "p90", "p99", "max")
+        print(json.dumps({"scenario": m.scenario, "count": s["count"], "outcomes": s["outcomes"],
+                          "handshake_ms": {k: v for k, v in s["handshake_ms"].items() if k in keep},
+                          "tcpi_rtt_ms": {k: v for k, v in s["tcpi_rtt_ms"].items() if k in keep}}, indent=2))
+    else:
+        print(m.describe())
+    return EXIT_OK

@@ -1,0 +1,212 @@
+"""Plots of connects: distributions, one connect's timeline, a batch as a Gantt chart.
+
+Every function builds a fresh ``matplotlib.figure.Figure`` with the object API
+(no pyplot state: a notebook cell shows the returned figure exactly once, and
+nothing leaks between cells), puts units on its axes, and returns the Figure.
+matplotlib is imported here only, so ``import nbconn`` stays light.
+
+Inputs are :class:`nbconn.measure.Measurement` objects (one, or a list to
+overlay), :class:`nbconn.result.Result` objects (the timeline, the Gantt
+chart), or the SYN-retransmission records of :mod:`nbconn.synretry`.
+"""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+#: one colour per outcome, the same in every plot
+OUTCOME_COLOURS = {
+    "connected": "#2a9d8f",
+    "refused": "#e76f51",
+    "timed_out": "#6c757d",
+    "reset": "#f4a261",
+    "unreachable": "#9b5de5",
+    "error": "#d62828",
+}
+#: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
+SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
+SIZE = (7.0, 3.6)
+WIDE = (10.0, 3.6)
+
+
+def _runs(m_or_list) -> list:
+    return list(m_or_list) if isinstance(m_or_list, (list, tuple)) else [m_or_list]
+
+
+def _figure(size=SIZE, ncols: int = 1):
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def histogram(m_or_list, *, column: str = "handshake_ms", log_x: bool = False, bins: int = 40,
+              title: str | None = None) -> Figure:
+    """Histogram of handshake times (ms), several runs overlaid as outlines."""
+    import numpy as np
+
+    runs = _runs(m_or_list)
+    fig, ax = _figure()
+    values = [m.array(column) for m in runs]
+    everything = np.concatenate([v for v in values if v.size] or [np.zeros(1)])
+    lo, hi = float(everything.min()), float(everything.max())
+    if log_x:
+        lo = max(lo, 1e-4)
+        edges = np.geomspace(lo, max(hi, lo * 1.01), bins + 1)
+        ax.set_xscale("log")
+    else:
+        edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, bins + 1)
+    for m, v in zip(runs, values):
+        ax.hist(v, bins=edges, histtype="bar" if len(runs) == 1 else "step", linewidth=1.5,
+                alpha=0.8 if len(runs) == 1 else 1.0, label=f"{m.label} (n={v.size})")
+    ax.set_xlabel(_axis_label(column))
+    ax.set_ylabel("connects")
+    ax.set_title(title or "handshake-time distribution")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _axis_label(column: str) -> str:
+    return {"handshake_ms": "handshake time: connect() to decision (ms)",
+            "tcpi_rtt_ms": "TCP_INFO tcpi_rtt (ms)"}.get(column, column)
+
+
+def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), log_x: bool = False,
+         title: str | None = None, ax=None) -> Figure:
+    """Empirical CDF: the share of connects decided within x ms, with percentile markers."""
+    import numpy as np
+
+    runs = _runs(m_or_list)
+    fig, ax = (ax.figure, ax) if ax is not None else _figure()
+    for m in runs:
+        v = np.sort(m.array(column))
+        if not v.size:
+            continue
+        y = np.arange(1, v.size + 1) / v.size
+        (line,) = ax.step(v, y, where="post", label=f"{m.label} (n={v.size})")
+        for p in percentiles:
+            x = v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]
+            ax.plot([x], [p / 100], marker="o", color=line.get_color(), markersize=4)
+            ax.annotate(f"p{p:g}", (x, p / 100), textcoords="offset points", xytext=(4, -10), fontsize="x-small",
+                        color=line.get_color())
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(_axis_label(column))
+    ax.set_ylabel("share of connects")
+    ax.set_title(title or "ECDF of handshake times")
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def compare(runs, *, column: str = "handshake_ms", log_x: bool = False, title: str | None = None) -> Figure:
+    """Several runs side by side: overlaid histograms (left) and ECDFs (right)."""
+    import numpy as np
+
+    runs = _runs(runs)
+    fig, (left, right) = _figure(WIDE, ncols=2)
+    everything = np.concatenate([m.array(column) for m in runs] or [np.zeros(1)])
+    lo, hi = (float(everything.min()), float(everything.max())) if everything.size else (0.0, 1.0)
+    edges = np.geomspace(max(lo, 1e-4), max(hi, 2e-4), 41) if log_x else np.linspace(lo, max(hi, lo + 1e-3), 41)
+    for m in runs:
+        left.hist(m.array(column), bins=edges, histtype="step", linewidth=1.5, label=m.label)
+    if log_x:
+        left.set_xscale("log")
+    left.set_xlabel(_axis_label(column))
+    left.set_ylabel("connects")
+    left.legend(fontsize="small")
+    ecdf(runs, column=column, log_x=log_x, ax=right, title="ECDF")
+    fig.suptitle(title or "comparison")
+    return fig
+
+
+def timeline(result, *, title: str | None = None) -> Figure:
+    """One connect, step by step: each recorded syscall at its time (µs since socket())."""
+    fig, ax = _figure(WIDE)
+    steps = result.steps
+    t0 = result.started_ns
+    xs = [(s.t_ns - t0) / 1e3 for s in steps]
+    for i, (s, x) in enumerate(zip(steps, xs)):
+        colour = SEED_STEP_COLOURS.get(s.seed_step, SEED_STEP_COLOURS[None])
+        ax.plot([x], [0], marker="o", color=colour, markersize=7, zorder=3)
+        label = s.name if s.seed_step is None else f"{s.seed_step}. {s.name}"
+        ax.annotate(label, (x, 0), textcoords="offset points", xytext=(0, 12 + 14 * (i % 4)), rotation=0,
+                    ha="center", fontsize="x-small", color=colour,
+                    arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.5})
+    connect = next((s for s in steps if s.name == "connect"), None)
+    if connect is not None and result.handshake_ns is not None:
+        start = (connect.t_ns - t0) / 1e3
+        ax.axvspan(start, start + result.handshake_ns / 1e3, color=OUTCOME_COLOURS.get(result.outcome, "grey"),
+                   alpha=0.15, label=f"handshake: {result.outcome}")
+        ax.legend(fontsize="small", loc="lower right")
+    ax.set_yticks([])
+    ax.set_ylim(-0.5, 4)
+    ax.set_xlabel("time since socket() (µs)")
+    ax.set_title(title or f"one connect to {result.target}: {result.outcome}" +
+                 (f" ({result.errno})" if result.errno else ""))
+    return fig
+
+
+def gantt(results, *, title: str | None = None, max_rows: int = 200) -> Figure:
+    """A concurrent batch: one bar per connect from socket() to its decision, coloured by outcome."""
+    results = [r for r in results if r.started_ns][:max_rows]
+    fig, ax = _figure((10.0, 4.5))
+    if results:
+        t0 = min(r.started_ns for r in results)
+        seen = set()
+        for row, r in enumerate(results):
+            start = (r.started_ns - t0) / 1e6
+            width = max((r.finished_ns - r.started_ns) / 1e6, 1e-3)
+            label = r.outcome if r.outcome not in seen else None
+            seen.add(r.outcome)
+            ax.barh(row, width, left=start, height=0.8, color=OUTCOME_COLOURS.get(r.outcome, "grey"), label=label)
+        ax.invert_yaxis()
+        ax.legend(fontsize="small", loc="lower right")
+    ax.set_xlabel("time since the first socket() (ms)")
+    ax.set_ylabel("connect #")
+    ax.set_title(title or f"{len(results)} connects on one loop")
+    return fig
+
+
+def outcomes(m_or_list, *, title: str | None = None) -> Figure:
+    """How each run ended: counts per outcome, runs side by side."""
+    runs = _runs(m_or_list)
+    fig, ax = _figure()
+    names = [o for o in OUTCOME_COLOURS if any(o in m.outcome_counts() for m in runs)]
+    width = 0.8 / max(len(runs), 1)
+    for i, m in enumerate(runs):
+        counts = m.outcome_counts()
+        xs = [j + i * width for j in range(len(names))]
+        bars = ax.bar(xs, [counts.get(n, 0) for n in names], width=width, label=m.label,
+                      color=[OUTCOME_COLOURS[n] for n in names] if len(runs) == 1 else None)
+        ax.bar_label(bars, fontsize="x-small")
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names)
+    ax.set_ylabel("connects")
+    ax.set_title(title or "outcomes")
+    if len(runs) > 1:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def syn_timeline(runs, *, title: str | None = None) -> Figure:
+    """SYN (re)transmissions of connects that get no answer: measured (dots) vs predicted (ticks).
+
+    ``runs``: dicts with "label", "sent_s" (measured SYN send times, s after
+    connect()), optionally "predicted_s" and "failed_s" (when the kernel gave up
+    with ETIMEDOUT).
+    """
+    fig, ax = _figure(WIDE)
+    for row, run in enumerate(runs):
+        sent = run.get("sent_s", [])
+        ax.plot(sent, [row] * len(sent), "o", color="#264653", label="SYN sent (measured)" if row == 0 else None)
+        predicted = run.get("predicted_s") or []
+        ax.plot(predicted, [row + 0.25] * len(predicted), "|", color="#e76f51", markersize=12,
+                label="predicted from sysctls" if row == 0 else None)
+        failed = run.get("failed_s")
+        if failed is not None:
+            ax.plot([failed], [row], "X", color="#d62828", markersize=9,
+                    label="ETIMEDOUT (kernel gave up)" if row == 0 else None)
+    ax.set_yticks(range(len(runs)), [r["label"] for r in runs])
+    ax.set_xlabel("time since connect() (s)")
+    ax.set_title(title or "SYN retransmissions against a host that never answers")
+    ax.legend(fontsize="small", loc="lower right")
+    return fig

@@ -1,0 +1,110 @@
+"""measure: summaries on small N against real peers; plots: the data drawn is the data measured."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import nbconn
+from nbconn import lab, measure, plots
+from nbconn.measure import Measurement, percentiles
+
+
+def test_percentiles_nearest_rank():
+    p = percentiles(list(range(1, 101)))
+    assert (p["p50"], p["p90"], p["p99"], p["p99.9"], p["max"]) == (50, 90, 99, 100, 100)
+    assert percentiles([None, float("nan")]) == {}
+
+
+def test_listening_summary():
+    m = measure.run("listening", count=50)
+    s = m.summary()
+    assert s["count"] == 50 and s["outcomes"] == {"connected": 50}
+    assert s["connect_returned"] == {"EINPROGRESS": 50}
+    assert 0 < s["handshake_ms"]["p50"] <= s["handshake_ms"]["p99"] <= s["handshake_ms"]["max"] < 1000
+    assert s["tcpi_rtt_ms"]["p50"] > 0
+
+
+def test_blackhole_ecdf_ends_at_the_timeout():
+    m = measure.run("blackhole", count=8, concurrency=8, timeout=0.15)
+    assert m.outcome_counts() == {"timed_out": 8}
+    fig = plots.ecdf(m)
+    xs, ys = fig.axes[0].lines[0].get_data()
+    assert ys[-1] == 1.0
+    assert 150 <= xs[-1] <= 200  # the last connect was decided by the 150 ms timer, within 50 ms
+
+
+def test_histogram_counts_sum_to_n_and_units_on_axes():
+    m = measure.run("refused", count=40, concurrency=4)
+    fig = plots.histogram(m)
+    ax = fig.axes[0]
+    assert sum(p.get_height() for p in ax.patches) == 40  # one bar per bin, every connect in one bin
+    assert "(ms)" in ax.get_xlabel() and ax.get_ylabel() == "connects"
+
+
+def test_outcome_bars_match_counts():
+    with lab.listening() as up, lab.refused() as down:
+        results = nbconn.connect_many([up, down, down], timeout=1)
+    m = Measurement.from_results(results, label="mixed", scenario="target", timeout_s=1, concurrency=64)
+    fig = plots.outcomes(m)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert sorted(heights) == [1, 2]
+
+
+def test_timeline_has_one_marker_per_step_and_gantt_one_bar_per_connect():
+    with lab.refused() as target:
+        res = nbconn.connect(target)
+    fig = plots.timeline(res)
+    markers = [line for line in fig.axes[0].lines if line.get_marker() == "o"]
+    assert len(markers) == len(res.steps)
+    with lab.listening() as up, lab.blackhole() as hole:
+        batch = nbconn.connect_many([up, hole] * 5, concurrency=4, timeout=0.05)
+    g = plots.gantt(batch)
+    assert len(g.axes[0].patches) == 10
+
+
+def test_compare_and_syn_timeline_return_figures():
+    a = measure.run("listening", count=10, label="a")
+    b = measure.run("refused", count=10, label="b")
+    fig = plots.compare([a, b], log_x=True)
+    assert len(fig.axes) == 2
+    s = plots.syn_timeline([{"label": "x", "sent_s": [0, 1], "predicted_s": [0, 1], "failed_s": 3.0}])
+    assert s.axes[0].get_xlabel() == "time since connect() (s)"
+
+
+def test_measurement_json_round_trip():
+    m = measure.run("listening", count=5, label="rt")
+    back = Measurement.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back.summary() == m.summary()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"count": 0}, "count=0"),
+    ({"count": 1.5}, "count must be an int"),
+    ({"concurrency": 0}, "concurrency=0"),
+    ({"timeout": -1}, "timeout=-1"),
+    ({"delay_ms": 5}, "only apply to the 'impaired' scenario"),
+    ({"bogus": 1}, "unknown socket option 'bogus'"),
+])
+def test_bad_measure_input_named(kwargs, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        measure.run("listening", **kwargs)
+    assert words in str(info.value)
+
+
+def test_unknown_scenario_named():
+    with pytest.raises(ValueError, match="'nothing' is neither a scenario"):
+        measure.run("nothing")
+
+
+def test_measure_cli_json_shape_and_exit_codes():
+    out = subprocess.run([sys.executable, "-m", "nbconn", "measure", "refused", "--count", "5", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) == {"scenario", "count", "outcomes", "handshake_ms", "tcpi_rtt_ms"}
+    assert data["outcomes"] == {"refused": 5} and set(data["handshake_ms"]) == {"p50", "p90", "p99", "max"}
+    bad = subprocess.run([sys.executable, "-m", "nbconn", "measure", "listening", "--count", "-2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "count=-2" in bad.stderr
