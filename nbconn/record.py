@@ -1,0 +1,99 @@
+"""Record the datasets in data/: ``python -m nbconn record NAME [--out DIR]``.
+
+Some things a notebook should show take too long to run live (the kernel's
+default SYN schedule: over two minutes) or need root (the impairment wire).
+Those are recorded once, with their provenance -- machine, kernel, date,
+nbconn version and the exact command -- and shipped in ``data/``;
+:mod:`nbconn.data` loads them, and the notebooks say when they show recorded
+rather than live numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+from . import __version__
+from .cli import EXIT_OK
+
+#: name -> (what it is, how to make it)
+RECIPES = {
+    "loopback-idle": "1000 sequential connects to a listening loopback peer",
+    "loopback-burst": "a burst of 200 concurrent connects against a slow acceptor with an accept queue of 8",
+    "impaired-jitter": "300 connects over the impairment wire: 10 ms each way (20 ms RTT), jitter +-2 ms",
+    "impaired-loss": "500 connects over the impairment wire: 10 ms each way, 2% loss each way",
+    "blackhole-syncnt": "SYN retransmissions and ETIMEDOUT against the black hole for TCP_SYNCNT 1, 2, 3",
+    "syn-default": "the kernel's default SYN schedule (no TCP_SYNCNT, no app timer) until ETIMEDOUT",
+}
+
+
+def _make(name: str):
+    from . import measure, synretry
+
+    if name == "loopback-idle":
+        return measure.run("listening", count=1000, timeout=1.0, label="loopback idle").to_dict()
+    if name == "loopback-burst":
+        from .lab import slow_accept
+
+        with slow_accept(backlog=8, interval_s=0.005) as peer:
+            m = measure.run(peer, count=200, concurrency=200, timeout=5.0, label="burst of 200, backlog 8")
+        return m.to_dict()
+    if name == "impaired-jitter":
+        return measure.run("impaired", count=300, concurrency=20, timeout=2.0, delay_ms=10.0, jitter_ms=2.0,
+                           seed=1, label="20 ms RTT, jitter +-2 ms").to_dict()
+    if name == "impaired-loss":
+        return measure.run("impaired", count=500, concurrency=50, timeout=5.0, delay_ms=10.0, loss=0.02,
+                           seed=1, label="20 ms RTT, 2% loss").to_dict()
+    if name == "blackhole-syncnt":
+        return {"sysctls": synretry.read_sysctls(), "runs": synretry.measure(syncnts=(1, 2, 3), max_wait_s=40)}
+    if name == "syn-default":
+        return {"sysctls": synretry.read_sysctls(),
+                "runs": synretry.measure(syncnts=(), default=True, max_wait_s=180)}
+    raise ValueError(f"unknown dataset {name!r} (known: {', '.join(RECIPES)})")
+
+
+def provenance(name: str, argv: list[str]) -> dict:
+    uname = platform.uname()
+    return {
+        "dataset": name,
+        "description": RECIPES[name],
+        "recorded": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": f"{uname.system} {uname.node} {uname.release} {uname.version} {uname.machine}",
+        "kernel": uname.release,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "nbconn": __version__,
+        "command": " ".join(["python -m nbconn", *argv]),
+    }
+
+
+def record(name: str, out_dir: str, argv: list[str]) -> str:
+    if name not in RECIPES:
+        raise ValueError(f"unknown dataset {name!r} (known: {', '.join(RECIPES)})")
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"output directory {out_dir!r} does not exist")
+    payload = {"provenance": provenance(name, argv), "data": _make(name)}
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("record", help="record a dataset for data/ (with its provenance)",
+                              description="Record one of the datasets shipped in data/: " + "; ".join(
+                                  f"{k}: {v}" for k, v in RECIPES.items()))
+    p.add_argument("name", choices=list(RECIPES), metavar="NAME", help=", ".join(RECIPES))
+    p.add_argument("--out", default="data", help="directory to write NAME.json into (default: data)")
+    p.set_defaults(func=run_record)
+
+
+def run_record(args) -> int:
+    argv = ["record", args.name] + (["--out", args.out] if args.out != "data" else [])
+    print(record(args.name, args.out, argv))
+    return EXIT_OK
