@@ -71,6 +71,18 @@ class Measurement:
     def __len__(self) -> int:
         return len(self.outcome)
 
+    @property
+    def wall_s(self) -> float:
+        """From the first socket() to the last decision, in seconds."""
+        starts = [v for v in self.start_ms if v is not None]
+        ends = [v for v in self.end_ms if v is not None]
+        return (max(ends) - min(starts)) / 1e3 if starts and ends else 0.0
+
+    @property
+    def rate_per_s(self) -> float:
+        """Connects decided per second of wall time."""
+        return len(self) / self.wall_s if self.wall_s > 0 else float("nan")
+
     # -- columns ---------------------------------------------------------------
     def array(self, column: str, *, outcome: str | None = None):
         """A numpy float array of ``column`` (None -> dropped), optionally only rows with ``outcome``."""
@@ -112,11 +124,11 @@ class Measurement:
         lines = [f"{self.label}: {s['count']} connects, timeout {self.timeout_s:g} s, concurrency {self.concurrency}",
                  "outcomes:  " + ", ".join(f"{k} {v}" for k, v in s["outcomes"].items()),
                  "connect(): " + ", ".join(f"{k} {v}" for k, v in s["connect_returned"].items())]
-        for name in ("handshake_ms", "tcpi_rtt_ms"):
+        for name, title in (("handshake_ms", "handshake"), ("tcpi_rtt_ms", "tcpi_rtt")):
             p = s[name]
             if p:
-                cols = "  ".join(f"{k} {v:.3f}" for k, v in p.items())
-                lines.append(f"{name:<12} {cols}")
+                cols = "  ".join(f"{k} {v:.3f} ms" for k, v in p.items())
+                lines.append(f"{title:<10} {cols}")
         return "\n".join(lines)
 
     # -- JSON --------------------------------------------------------------------
@@ -224,6 +236,20 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
                                    nonblocking=nonblocking, trigger=trigger, on_result=on_result, **options)
     return Measurement.from_results(results, label=label, scenario=scenario, timeout_s=float(timeout),
                                     concurrency=concurrency, settings=settings)
+
+
+def scaling(target_or_scenario, concurrencies, *, count: int = 1000, timeout: float = 2.0, **kwargs) -> list[dict]:
+    """Throughput and latency against concurrency: one :func:`run` per concurrency.
+
+    Returns rows {"label", "concurrency", "count", "connects_per_s", "p50_ms", "p99_ms", "wall_s"}.
+    """
+    rows = []
+    for c in concurrencies:
+        m = run(target_or_scenario, count=count, concurrency=c, timeout=timeout, **kwargs)
+        p = percentiles(m.handshake_ms)
+        rows.append({"label": m.label, "concurrency": c, "count": len(m), "connects_per_s": m.rate_per_s,
+                     "p50_ms": p.get("p50"), "p99_ms": p.get("p99"), "wall_s": m.wall_s})
+    return rows
 
 
 def _progress_bar(total: int, label: str):

@@ -201,6 +201,9 @@ def syn_timeline(runs, *, title: str | None = None) -> Figure:
         predicted = run.get("predicted_s") or []
         ax.plot(predicted, [row + 0.25] * len(predicted), "|", color="#e76f51", markersize=12,
                 label="predicted from sysctls" if row == 0 else None)
+        if run.get("predicted_failed_s") is not None:
+            ax.plot([run["predicted_failed_s"]], [row + 0.25], "x", color="#e76f51", markersize=8,
+                    label="predicted ETIMEDOUT" if row == 0 else None)
         failed = run.get("failed_s")
         if failed is not None:
             ax.plot([failed], [row], "X", color="#d62828", markersize=9,
@@ -208,5 +211,59 @@ def syn_timeline(runs, *, title: str | None = None) -> Figure:
     ax.set_yticks(range(len(runs)), [r["label"] for r in runs])
     ax.set_xlabel("time since connect() (s)")
     ax.set_title(title or "SYN retransmissions against a host that never answers")
-    ax.legend(fontsize="small", loc="lower right")
+    ax.set_ylim(-0.5, len(runs) - 0.2)
+    ax.legend(fontsize="small", loc="upper right")
+    return fig
+
+
+def scaling(rows, *, title: str | None = None) -> Figure:
+    """Throughput (left) and handshake p50/p99 (right) against concurrency, one line per label.
+
+    ``rows`` as returned by :func:`nbconn.measure.scaling` (several runs may be concatenated).
+    """
+    fig, (left, right) = _figure(WIDE, ncols=2)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    for label in labels:
+        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["concurrency"])
+        cs = [r["concurrency"] for r in mine]
+        (line,) = left.plot(cs, [r["connects_per_s"] for r in mine], marker="o", label=label)
+        right.plot(cs, [r["p50_ms"] for r in mine], marker="o", color=line.get_color(), label=f"{label} p50")
+        right.plot(cs, [r["p99_ms"] for r in mine], marker="^", linestyle="--", color=line.get_color(),
+                   label=f"{label} p99")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("connects in flight (concurrency)")
+        ax.legend(fontsize="x-small")
+    left.set_yscale("log")
+    left.set_ylabel("connects per second")
+    right.set_yscale("log")
+    right.set_ylabel("handshake time (ms)")
+    fig.suptitle(title or "what concurrency buys")
+    return fig
+
+
+def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
+    """The kernel's own estimate (TCP_INFO tcpi_rtt) against the handshake time nbconn measured.
+
+    Only connects without a retransmission are drawn: after a resent SYN the
+    kernel's estimate no longer describes one round trip.
+    """
+    import numpy as np
+
+    runs = _runs(m_or_list)
+    fig, ax = _figure()
+    top = 0.0
+    for m in runs:
+        pairs = [(h, r) for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans)
+                 if h is not None and r is not None and not t]
+        if not pairs:
+            continue
+        h, r = np.asarray(pairs).T
+        ax.scatter(r, h, s=8, alpha=0.6, label=f"{m.label} (n={len(pairs)})")
+        top = max(top, float(h.max()), float(r.max()))
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle=":", label="y = x")
+    ax.set_xlabel("TCP_INFO tcpi_rtt (ms)")
+    ax.set_ylabel("measured handshake time (ms)")
+    ax.set_title(title or "the kernel's RTT estimate vs the handshake nbconn measured")
+    ax.legend(fontsize="small")
     return fig

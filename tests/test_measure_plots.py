@@ -108,3 +108,20 @@ def test_measure_cli_json_shape_and_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "nbconn", "measure", "listening", "--count", "-2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "count=-2" in bad.stderr
+
+
+def test_scaling_rows_and_plot():
+    rows = measure.scaling("listening", [1, 4], count=50, label="lo")
+    assert [r["concurrency"] for r in rows] == [1, 4] and all(r["connects_per_s"] > 0 for r in rows)
+    fig = plots.scaling(rows)
+    left = fig.axes[0]
+    assert list(left.lines[0].get_xdata()) == [1, 4]
+    assert left.get_ylabel() == "connects per second"
+
+
+def test_rtt_vs_handshake_draws_only_unretransmitted_connects():
+    m = measure.run("listening", count=20)
+    m.tcpi_total_retrans[0] = 1  # pretend the first one needed a retransmission
+    fig = plots.rtt_vs_handshake(m)
+    offsets = fig.axes[0].collections[0].get_offsets()
+    assert len(offsets) == 19
