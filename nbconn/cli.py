@@ -112,6 +112,11 @@ def run_connect(args: argparse.Namespace) -> int:
 
 # -- entry point ----------------------------------------------------------------
 
+def one_line(text: str) -> str:
+    """Escape control characters (a newline or CR typed into an argument) so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m nbconn",
                      description="nginx's non-blocking TCP connect flow, run for real and measured.")
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (UsageError, ValueError, TypeError) as exc:
-        print(f"nbconn: error: {exc}", file=sys.stderr)
+        print(f"nbconn: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("nbconn: interrupted", file=sys.stderr)

@@ -109,8 +109,8 @@ def ngx_log_level(connect_err: int) -> str:
 
 
 def errno_name(err: int | None) -> str | None:
-    """``111`` -> ``"ECONNREFUSED"``; None stays None; unknown numbers -> ``"E<n>"``."""
-    if err is None:
+    """``111`` -> ``"ECONNREFUSED"``; 0 and None -> None (no error); unknown numbers -> ``"E<n>"``."""
+    if not err:
         return None
     return _errno.errorcode.get(err, f"E{err}")
 
