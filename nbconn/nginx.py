@@ -1,0 +1,331 @@
+"""A real nginx next to nbconn: same peers, same settings, compare what both do.
+
+nbconn claims to do what nginx does.  The honest check is to run nginx itself
+-- Debian's package, the binary readers run in production -- against the same
+lab peers and read what it did from its own logs:
+
+* the access log, with a log format of ``$status``, ``$upstream_addr`` (every
+  peer tried, "A, B"), ``$upstream_connect_time`` ("-" for a failed try) and
+  ``$upstream_status``;
+* the error log: "connect() failed (111: Connection refused) while connecting to
+  upstream", "upstream timed out (110: Connection timed out) while connecting to
+  upstream", "upstream server temporarily disabled", "no live upstreams";
+* optionally ``strace`` of the worker: the syscalls of one upstream connect.
+
+:class:`Nginx` runs a private instance from a temporary prefix: its own
+configuration, pid file, logs and temp directories, ``daemon off``, listening on
+a free 127.0.0.1 port.  It never touches the system service.  It is stopped
+(SIGQUIT, then SIGKILL) and its prefix removed on every exit path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .upstream import Peer
+
+NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+LOG_FORMAT = "$status|$upstream_addr|$upstream_connect_time|$upstream_status"
+
+
+def find_nginx() -> str | None:
+    """The nginx binary, or None."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return next((p for p in NGINX_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def unavailable_reason() -> str | None:
+    """None when a real nginx can run here, else one line saying why not."""
+    if find_nginx() is None:
+        return "nginx is not installed (Debian: apt-get install nginx)"
+    return None
+
+
+def version() -> str:
+    out = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True, timeout=10)
+    return out.stderr.strip().split("/")[-1]
+
+
+@dataclass
+class AccessEntry:
+    """One access-log line: what nginx did for one request."""
+
+    status: str
+    upstream_addr: list  # peers tried, in order ("backend" alone when there was no live upstream)
+    connect_time: list  # seconds per try, None where the connect failed ("-")
+    upstream_status: list
+
+
+@dataclass
+class ErrorEntry:
+    level: str
+    message: str  # e.g. "connect() failed (111: Connection refused) while connecting to upstream"
+    upstream: str | None  # the peer, e.g. "127.0.0.1:40123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _duration(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+class Nginx:
+    """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Peer objects).
+
+    ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds
+    for proxy_next_upstream ("error", "timeout"; empty = off); ``tries`` and
+    ``next_upstream_timeout``: proxy_next_upstream_tries / _timeout (0 = unlimited);
+    ``strace``: run nginx under ``strace -f`` and keep the trace.
+    """
+
+    def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
+                 next_upstream_timeout: float = 0.0, strace: bool = False) -> None:
+        reason = unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
+        self.peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
+        if not 0 < connect_timeout <= 75:  # nginx caps proxy_connect_timeout at 75 s on most systems
+            raise ValueError(f"connect_timeout={connect_timeout!r} must be in (0, 75] s")
+        for kind in next_upstream:
+            if kind not in ("error", "timeout"):
+                raise ValueError(f"next_upstream {kind!r} is not 'error' or 'timeout'")
+        self.connect_timeout = connect_timeout
+        self.next_upstream = tuple(next_upstream)
+        self.tries = tries
+        self.next_upstream_timeout = next_upstream_timeout
+        self.strace = strace
+        self.prefix = ""
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    # -- configuration -------------------------------------------------------------
+    def config(self) -> str:
+        servers = []
+        for p in self.peers:
+            line = f"server {p.address} weight={p.weight} max_fails={p.max_fails} fail_timeout={int(p.fail_timeout)}s"
+            line += " backup" if p.backup else ""
+            line += " down" if p.down else ""
+            servers.append(f"        {line};")
+        nu = " ".join(self.next_upstream) or "off"
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        pre = self.prefix
+        return f"""# written by nbconn.nginx: a private instance, not the system service
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {pre}/nginx.pid;
+error_log {pre}/error.log info;
+events {{ worker_connections 64; use epoll; }}
+http {{
+    log_format nbconn '{LOG_FORMAT}';
+    access_log {pre}/access.log nbconn;
+    client_body_temp_path {pre}/tmp/body;
+    proxy_temp_path {pre}/tmp/proxy;
+    fastcgi_temp_path {pre}/tmp/fastcgi;
+    uwsgi_temp_path {pre}/tmp/uwsgi;
+    scgi_temp_path {pre}/tmp/scgi;
+    upstream backend {{
+{chr(10).join(servers)}
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_connect_timeout {_duration(self.connect_timeout)};
+            proxy_next_upstream {nu};
+            proxy_next_upstream_tries {self.tries};
+            proxy_next_upstream_timeout {_duration(self.next_upstream_timeout) if self.next_upstream_timeout else 0};
+            proxy_read_timeout 5s;
+        }}
+    }}
+}}
+"""
+
+    # -- lifetime -----------------------------------------------------------------
+    def start(self) -> "Nginx":
+        self.prefix = tempfile.mkdtemp(prefix="nbconn-nginx-")
+        os.makedirs(os.path.join(self.prefix, "tmp"))
+        try:
+            for _ in range(3):  # the free port may be taken between the probe and nginx's bind: retry
+                self.port = _free_port()
+                conf = os.path.join(self.prefix, "nginx.conf")
+                with open(conf, "w") as f:
+                    f.write(self.config())
+                argv = [find_nginx(), "-p", self.prefix, "-c", conf, "-e", os.path.join(self.prefix, "startup.log")]
+                if self.strace:
+                    argv = [shutil.which("strace") or "strace", "-f", "-qq", "-tt", "-o",
+                            os.path.join(self.prefix, "strace.log"),
+                            "-e", "trace=socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close", *argv]
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE)
+                if self._wait_ready(5.0):
+                    return self
+                self._kill()
+            raise RuntimeError(f"nginx did not start: {self._startup_errors()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    pass
+                # the probe connection itself is logged as a 400; start the logs clean
+                time.sleep(0.05)
+                for name in ("access.log", "error.log"):
+                    open(os.path.join(self.prefix, name), "w").close()
+                os.kill(self.proc.pid if not self.strace else self._master_pid(), signal.SIGUSR1)  # reopen logs
+                time.sleep(0.05)
+                return True
+            except OSError:
+                time.sleep(0.02)
+        return False
+
+    def _master_pid(self) -> int:
+        with open(os.path.join(self.prefix, "nginx.pid")) as f:
+            return int(f.read())
+
+    def _startup_errors(self) -> str:
+        for name in ("startup.log", "error.log"):
+            path = os.path.join(self.prefix, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    lines = [line.strip() for line in f if "[emerg]" in line or "[alert]" in line]
+                if lines:
+                    return lines[-1]
+        return "no error logged"
+
+    def _kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                pid = self._master_pid() if self.strace else proc.pid
+                os.kill(pid, signal.SIGQUIT)
+            except (OSError, ValueError):
+                proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if proc.stderr:
+            proc.stderr.close()
+
+    def stop(self) -> None:
+        self._kill()
+        if self.prefix:
+            shutil.rmtree(self.prefix, ignore_errors=True)
+            self.prefix = ""
+
+    def __enter__(self) -> "Nginx":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- talking to it ----------------------------------------------------------------
+    def request(self, path: str = "/", *, timeout_s: float = 10.0) -> str:
+        """One HTTP/1.0 GET through nginx; returns the status code as a string."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: nbconn\r\n\r\n".encode())
+            data = b""
+            while len(data) < 1 << 20:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "?"
+
+    def access_log(self) -> list[AccessEntry]:
+        entries = []
+        with open(os.path.join(self.prefix, "access.log")) as f:
+            for line in f:
+                status, addr, ctime, ustatus = line.rstrip("\n").split("|")
+                entries.append(AccessEntry(
+                    status=status,
+                    upstream_addr=[a.strip() for a in addr.split(",")],
+                    connect_time=[None if t.strip() == "-" else float(t) for t in ctime.split(",")],
+                    upstream_status=[s.strip() for s in ustatus.split(",")]))
+        return entries
+
+    def error_log(self) -> list[ErrorEntry]:
+        pattern = re.compile(r"^\S+ \S+ \[(\w+)\] \d+#\d+: (?:\*\d+ )?(.*?)(?:, client: .*?)?$")
+        upstream = re.compile(r'upstream: "\w+://([^/"]+)')
+        entries = []
+        with open(os.path.join(self.prefix, "error.log")) as f:
+            for line in f:
+                m = pattern.match(line.rstrip("\n"))
+                if not m or m.group(1) in ("notice", "info") and "upstream" not in m.group(2):
+                    continue
+                u = upstream.search(line)
+                entries.append(ErrorEntry(m.group(1), m.group(2), u.group(1) if u else None))
+        return entries
+
+    def strace_lines(self) -> list[str]:
+        path = os.path.join(self.prefix, "strace.log")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [line.rstrip("\n") for line in f]
+
+
+def upstream_connect_syscalls(lines: list[str], port: int) -> list[str]:
+    """From an ``strace -f -tt`` of nginx: the worker's syscalls for its first connect to ``port``.
+
+    Finds the ``connect()`` to the peer's port, then takes that process's lines
+    from the ``socket()`` that created the descriptor up to its ``close()``: calls on
+    that fd, and the ``epoll_wait`` calls in between.
+    """
+    parsed = []
+    for raw in lines:
+        m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
+        if m:
+            parsed.append((m.group(1), re.sub(r"\s+= ", " = ", m.group(2))))
+    at = next((i for i, (_, line) in enumerate(parsed)
+               if line.startswith("connect(") and f"htons({port})" in line), None)
+    if at is None:
+        return []
+    pid, line = parsed[at]
+    fd = re.match(r"connect\((\d+),", line).group(1)
+    start = max(i for i, (p, line) in enumerate(parsed[:at])
+                if p == pid and re.match(rf"socket\(.*\) = {fd}$", line))
+    picked = []
+    for p, line in parsed[start:]:
+        if p != pid:
+            continue
+        if re.match(rf"\w+\({fd}[,)]", line) or re.match(rf"epoll_ctl\(\d+, \w+, {fd},", line) \
+                or line.startswith("socket(") and line.endswith(f"= {fd}") or line.startswith("epoll_wait("):
+            picked.append(line)
+        if line.startswith(f"close({fd})"):
+            break
+    return picked
+
+
+def compare_sequences(nginx_entries: list[AccessEntry], nbconn_requests) -> list[dict]:
+    """Per request: the peers nginx tried and the peers nbconn.upstream tried, and whether they match."""
+    rows = []
+    for i, (entry, req) in enumerate(zip(nginx_entries, nbconn_requests), 1):
+        ours = [a.peer for a in req.attempts] or ["backend"]
+        rows.append({"request": i, "nginx": entry.upstream_addr, "nbconn": ours, "nginx_status": entry.status,
+                     "nbconn_result": req.result, "same": entry.upstream_addr == ours and entry.status == req.result})
+    return rows
