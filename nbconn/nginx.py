@@ -329,3 +329,13 @@ def compare_sequences(nginx_entries: list[AccessEntry], nbconn_requests) -> list
         rows.append({"request": i, "nginx": entry.upstream_addr, "nbconn": ours, "nginx_status": entry.status,
                      "nbconn_result": req.result, "same": entry.upstream_addr == ours and entry.status == req.result})
     return rows
+
+
+def shorten(call: str) -> str:
+    """A syscall line with the bulky parts elided: sockaddrs and epoll data become {...}; what an
+    epoll_wait returned (it may also report the client's socket) becomes [...]."""
+    if call.startswith("epoll_wait("):
+        return re.sub(r"^epoll_wait\((\d+), .*, (\d+), (-?\d+)\) = .*$", r"epoll_wait(\1, [...], \2, \3)", call)
+    call = re.sub(r"\{sa_family=[^}]*\}", "{...}", call)
+    call = re.sub(r"data=\{[^}]*\}", "data={...}", call)
+    return call.replace(" (Operation now in progress)", "")
