@@ -239,8 +239,9 @@ class LabPanel:
             with self._target() as (target, client_side), client_side():
                 results = connect_many([target] * count, concurrency=concurrency, timeout=timeout,
                                        on_result=self._tick, stop=self._stop.is_set, **opts)
-            label = f"{self.scenario.value}, timeout {timeout:g} s" + (
-                f", {len(self.runs) + 1}" if any(m.label.startswith(self.scenario.value) for m in self.runs) else "")
+            label = f"{self.scenario.value}, timeout {timeout:g} s"
+            if any(m.label == label for m in self.runs):  # same settings again: number the repeat
+                label += f" (#{sum(m.label.startswith(label) for m in self.runs) + 1})"
             m = Measurement.from_results(results, label=label, scenario=self._scenario_name(), timeout_s=timeout,
                                          concurrency=concurrency, settings=opts)
             with self._lock:
