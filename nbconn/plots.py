@@ -94,7 +94,8 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
     ax.set_xlabel(_axis_label(column))
     ax.set_ylabel("share of connects")
     ax.set_title(title or "ECDF of handshake times")
-    ax.legend(fontsize="small", loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # a run with no decided connect (all stopped) draws nothing
+        ax.legend(fontsize="small", loc="lower right")
     return fig
 
 
