@@ -174,8 +174,9 @@ def _check_count(name: str, value: object, high: int) -> int:
 
 
 @contextlib.contextmanager
-def _scenario_target(scenario: str, wire: dict):
-    """Start a lab peer (or the impairment wire) and yield (target, context for the client side)."""
+def scenario_target(scenario: str, **wire):
+    """Start a lab peer (or the impairment wire, with ``wire`` = delay_ms, jitter_ms, loss, seed) and yield
+    (target, context manager for the client side: entering the client namespace, or nothing)."""
     from . import lab
 
     if scenario == "impaired":
@@ -224,7 +225,7 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
 
     with contextlib.ExitStack() as stack:
         if is_scenario:
-            target, client_side = stack.enter_context(_scenario_target(target_or_scenario, wire))
+            target, client_side = stack.enter_context(scenario_target(target_or_scenario, **wire))
         else:
             target, client_side = target_or_scenario, contextlib.nullcontext
         bar = _progress_bar(count, label) if progress else None

@@ -17,7 +17,6 @@ ipywidgets and matplotlib are imported here only, so ``import nbconn`` stays lig
 
 from __future__ import annotations
 
-import contextlib
 import html
 import io
 import threading
@@ -26,7 +25,7 @@ import ipywidgets as w
 
 from . import lab
 from .api import connect, connect_many
-from .measure import Measurement
+from .measure import Measurement, scenario_target
 
 SCENARIOS = {
     "listening peer": "listening",
@@ -158,20 +157,16 @@ class LabPanel:
     def _scenario_name(self) -> str:
         return SCENARIOS[self.scenario.value]
 
-    @contextlib.contextmanager
     def _target(self):
-        """Start the chosen peer; yield (target, context manager for the client side)."""
+        """Start the chosen peer; a context manager yielding (target, context manager for the client side)."""
         name = self._scenario_name()
+        if name == "impaired" and self.wire_reason:
+            raise RuntimeError(f"the impaired link cannot run here: {self.wire_reason}")
+        wire = {}
         if name == "impaired":
-            if self.wire_reason:
-                raise RuntimeError(f"the impaired link cannot run here: {self.wire_reason}")
-            with lab.impaired(delay_ms=self.delay_ms.value, jitter_ms=min(self.jitter_ms.value, self.delay_ms.value),
-                              loss=self.loss.value) as link:
-                port = link.serve_listener(backlog=4096)
-                yield f"{link.server_addr}:{port}", link.client
-            return
-        with lab.SCENARIOS[name]() as peer:
-            yield peer, contextlib.nullcontext
+            wire = {"delay_ms": self.delay_ms.value, "jitter_ms": min(self.jitter_ms.value, self.delay_ms.value),
+                    "loss": self.loss.value}
+        return scenario_target(name, **wire)
 
     def _say(self, message: str, *, error: bool = False) -> None:
         colour = "#d62828" if error else "#333"
