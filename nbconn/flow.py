@@ -44,12 +44,26 @@ The attempt is a small state machine -- INIT -> CONNECTING -> DONE -- whose
 transitions (:meth:`Attempt.start`, :meth:`Attempt.on_ready`,
 :meth:`Attempt.on_timer`) do the syscalls.  The loop (:mod:`nbconn.loop`) only
 says "ready" or "deadline passed", so tests can drive each transition directly.
+
+What it costs to watch
+----------------------
+Each step is recorded as it happens (:meth:`Attempt._step`), and the handshake
+time is the clock read before ``connect()`` and again right after
+``getsockopt(SO_ERROR)`` returns -- the moment the decision is known, as in
+the C client of ``benchmarks/connect_storm.c``.  Everything this module does
+between those two reads lands in the number it reports, so the path from
+``connect()`` to the decision does as little as it can: values that only
+depend on the Plan (family name, event mask text) are computed once per Plan,
+a step is a plain tuple, and with ``trace=False`` nothing is recorded and no
+clock is read for it.  ``benchmarks/`` measures the result against the same
+flow in C.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import fcntl
+import functools
 import math
 import os
 import socket
@@ -62,7 +76,7 @@ from . import errors
 from .errors import errno_name
 from .loop import EPOLLET, NGINX_MASK, event_names
 from .options import Bind, OptionSpec, plan_options
-from .result import Result, Step, sockaddr_len, sockaddr_text
+from .result import Result, sockaddr_len, sockaddr_text
 from .targets import Target
 from .tcpinfo import read_tcp_info
 
@@ -74,6 +88,21 @@ _FIONBIO_ON = struct.pack("i", 1)
 _monotonic_ns = time.monotonic_ns
 
 INIT, CONNECTING, DONE = "INIT", "CONNECTING", "DONE"
+
+_EINPROGRESS = _errno.EINPROGRESS
+_SOL_SOCKET, _SO_ERROR, _SOCK_STREAM, _AF_UNIX = socket.SOL_SOCKET, socket.SO_ERROR, socket.SOCK_STREAM, socket.AF_UNIX
+
+
+@functools.lru_cache(maxsize=None)  # a handful of errnos ever occur
+def _connect_answer(err: int) -> tuple[object, str]:
+    """What connect() returned as the trace shows it (0 or the errno name), and nginx's code for it."""
+    return (0 if err == 0 else errno_name(err)), errors.ngx_connect_code(err)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sockaddr_shown(family: int, address: object) -> tuple[str, int]:
+    """A target's sockaddr as strace shows it, and its length (connect_many repeats targets)."""
+    return sockaddr_text(family, address), sockaddr_len(family, address)
 
 
 @dataclass(frozen=True)
@@ -90,6 +119,10 @@ class Plan:
     trace: bool
     tcp_info: bool
     requested: dict
+    family_name: str = ""  # "AF_INET": what socket() shows in the trace
+    mask_names: str = ""  # the epoll mask as strace prints it
+    setsockopt_args: tuple = ()  # per option: (spec, bytes or int for setsockopt, value as strace shows it, size)
+    timeout_ms: int = 0  # timeout_ns in whole ms, as the trace shows it
 
 
 def check_timeout(timeout: object) -> float:
@@ -119,7 +152,10 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
     planned, bind = plan_options(options, family)
     mask = NGINX_MASK if trigger == "edge" else NGINX_MASK & ~EPOLLET
     return Plan(family, tuple(planned), bind, nonblocking, mask, int(timeout * 1e9), bool(keep), bool(trace),
-                bool(tcp_info), {k: v for k, v in options.items() if v is not None})
+                bool(tcp_info), {k: v for k, v in options.items() if v is not None},
+                socket.AddressFamily(family).name, event_names(mask),
+                tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
+                int(timeout * 1e9) // 1_000_000)
 
 
 class Attempt:
@@ -132,7 +168,7 @@ class Attempt:
     """
 
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
-                 "_t_connect", "_rec")
+                 "_t_connect", "_trace")
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
@@ -144,26 +180,30 @@ class Attempt:
         self.fd = -1
         self.timer = None
         self._t_connect = 0
-        self.result = Result(target=target.text, family=target.family_name, requested=plan.requested)
-        self._rec = self.result._steps.append if plan.trace else None
+        self.result = Result(target=target.text, family=plan.family_name, requested=plan.requested)
+        self._trace = self.result._steps if plan.trace else None
 
     # -- recording -----------------------------------------------------------
-    def _step(self, name: str, fmt: str, args: tuple, ret: object) -> int:
-        now = _monotonic_ns()
-        if self._rec is not None:
-            self._rec(Step(name, fmt, args, ret, now))
-        return now
+    def _step(self, name: str, fmt: str, args: tuple, ret: object, t_ns: int = 0) -> None:
+        """Record one step as a flat tuple, ``(name, fmt, ret, t_ns, *args)`` (a Step when read).
+
+        ``t_ns`` is when the call returned; 0 means now.  With tracing off this
+        does nothing (like nginx's ngx_log_debug when debug logging is off).
+        """
+        trace = self._trace
+        if trace is not None:
+            trace.append((name, fmt, ret, t_ns or _monotonic_ns()) + args)  # see nbconn.result.Step.from_record
 
     # -- INIT -> CONNECTING or DONE -------------------------------------------
     def start(self) -> None:
         """Seed steps 1 to 5, up to and including connect()."""
         plan, target, result = self.plan, self.target, self.result
-        fam = target.family_name
+        fam = plan.family_name
         result.started_ns = _monotonic_ns()
 
         # Step 1: socket().
         try:
-            sock = socket.socket(target.family, socket.SOCK_STREAM)
+            sock = socket.socket(target.family, _SOCK_STREAM)
         except OSError as exc:
             self._step("socket", "socket({}, SOCK_STREAM|SOCK_CLOEXEC, 0)", (fam,), errno_name(exc.errno))
             return self._fail_before_connect(exc.errno, "socket")
@@ -176,7 +216,7 @@ class Attempt:
         try:
             # Step 2: options, then read back what the kernel kept.
             if plan.options:
-                self._set_options(sock, plan.options)
+                self._set_options(sock, plan.setsockopt_args)
 
             # Step 3: non-blocking (and bind, which nginx does right after).
             stage = "nonblocking"
@@ -192,48 +232,55 @@ class Attempt:
             stage = "epoll_ctl"
             self.loop.register(fd, plan.mask, self)
             self._step("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})",
-                       (self.loop.epoll.fileno(), fd, event_names(plan.mask), fd), 0)
+                       (self.loop.epoll_fd, fd, plan.mask_names, fd), 0)
         except OSError as exc:
             # nginx: "goto failed" -> ngx_close_connection -> NGX_ERROR.
             self._step(stage, "{} failed", (stage,), errno_name(exc.errno))
             return self._fail_before_connect(exc.errno, stage)
 
-        # Step 5: connect().
+        # Step 5: connect().  Everything from here to the clock read after SO_ERROR is part of
+        # the handshake time nbconn reports, so the two steps of this stretch are appended
+        # directly -- the tuple _step would build -- instead of through a method call.
+        trace = self._trace
         self._t_connect = _monotonic_ns()
         err = sock.connect_ex(target.address)
-        result.connect_returned = 0 if err == 0 else errno_name(err)
-        result.ngx_connect = errors.ngx_connect_code(err)
-        self._step("connect", "connect({}, {}, {})",
-                   (fd, sockaddr_text(target.family, target.address), sockaddr_len(target.family, target.address)),
-                   0 if err == 0 else errno_name(err))
+        t_returned = _monotonic_ns()
+        result.connect_returned, result.ngx_connect = _connect_answer(err)
+        if trace is not None:
+            trace.append(("connect", "connect({}, {}, {})", result.connect_returned, t_returned, fd)
+                         + _sockaddr_shown(target.family, target.address))
 
         if err == 0:
-            return self._decide(0, decision=errors.NGX_OK)
-        if err != _errno.EINPROGRESS:
+            return self._decide(0, errors.NGX_OK, t_returned)
+        if err != _EINPROGRESS:
             result.ngx_log = errors.ngx_error_log_line(stage="connect", err=err, peer=target.text)
             result.ngx_level = errors.ngx_log_level(err)
-            return self._decide(err, decision=errors.NGX_DECLINED)
+            return self._decide(err, errors.NGX_DECLINED, t_returned)
 
         # EINPROGRESS: arm the connect timer (ngx_add_timer(c->write, connect_timeout)) and wait.
         self.state = CONNECTING
         self.timer = self.loop.call_at(self._t_connect + plan.timeout_ns, self)
-        self._step("timer", "timer armed: {} ms (proxy_connect_timeout)", (plan.timeout_ns // 1_000_000,), 0)
+        if trace is not None:
+            trace.append(("timer", "timer armed: {} ms (proxy_connect_timeout)", 0, _monotonic_ns(), plan.timeout_ms))
 
     def _set_options(self, sock: socket.socket, options: tuple) -> None:
-        fd, result = self.fd, self.result
-        for spec, value in options:
+        """``options``: the Plan's ``setsockopt_args`` (encoded and shown once per Plan)."""
+        fd, result, tracing = self.fd, self.result, self._trace is not None
+        for spec, encoded, shown, size in options:
             try:
-                sock.setsockopt(spec.level, spec.optname, spec.encode(value))
+                sock.setsockopt(spec.level, spec.optname, encoded)
                 ret: object = 0
             except OSError as exc:  # nginx: "setsockopt(...) failed, ignored"
                 ret = errno_name(exc.errno)
-            self._step("setsockopt", "setsockopt({}, {}, {}, {}, {})",
-                       (fd, spec.level_name, spec.opt_name, spec.show(value), spec.size), ret)
-        for spec, _ in options:
+            if tracing:
+                self._step("setsockopt", "setsockopt({}, {}, {}, {}, {})",
+                           (fd, spec.level_name, spec.opt_name, shown, size), ret)
+        for spec, _, _, size in options:
             effective = spec.read(sock)
             result.effective[spec.name] = effective
-            self._step("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
-                       (fd, spec.level_name, spec.opt_name, spec.show(effective), spec.size), 0)
+            if tracing:
+                self._step("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
+                           (fd, spec.level_name, spec.opt_name, spec.show(effective), size), 0)
 
     def _make_nonblocking(self, sock: socket.socket) -> None:
         fd, method = self.fd, self.plan.nonblocking
@@ -254,39 +301,42 @@ class Attempt:
         """epoll reported the descriptor: ask SO_ERROR (ngx_http_upstream_test_connect)."""
         if self.state is not CONNECTING:
             return
-        self.result.events = event_names(events)
+        # SO_ERROR first, bookkeeping after: whatever runs before the clock is read lands in handshake_ns.
+        err = self.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        decided = _monotonic_ns()
+        loop, fd, result = self.loop, self.fd, self.result
+        result.events = event_names(events)
         self._step("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
-                   (self.loop.epoll.fileno(), self.result.events, self.fd, self.loop.max_events,
-                    self.loop.last_wait_ms), 1)
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._step("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", (self.fd, err), 0)
-        self.loop.cancel(self.timer)
+                   (loop.epoll_fd, result.events, fd, loop.max_events, loop.last_wait_ms), 1,
+                   loop.last_wait_returned_ns)
+        self._step("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", (fd, err), 0, decided)
+        loop.cancel(self.timer)
         if err:
-            self.result.ngx_log = errors.ngx_error_log_line(stage="so_error", err=err)
-            self.result.ngx_level = "error"
-            return self._decide(err, decision=errors.NGX_ERROR)
-        self._decide(0, decision=errors.NGX_OK)
+            result.ngx_log = errors.ngx_error_log_line(stage="so_error", err=err)
+            result.ngx_level = "error"
+            return self._decide(err, errors.NGX_ERROR, decided)
+        self._decide(0, errors.NGX_OK, decided)
 
     def on_timer(self) -> None:
         """The connect timer fired first: nginx closes without reading SO_ERROR ("upstream timed out")."""
         if self.state is not CONNECTING:
             return
-        self._step("timeout", "timer expired after {} ms: close without SO_ERROR", (self.plan.timeout_ns // 1_000_000,),
-                   0)
+        decided = _monotonic_ns()
+        self._step("timeout", "timer expired after {} ms: close without SO_ERROR", (self.plan.timeout_ms,), 0, decided)
         self.result.timer_fired = True
         self.result.ngx_log = errors.ngx_error_log_line(stage="timer", err=_errno.ETIMEDOUT)
         self.result.ngx_level = "error"
-        self._decide(_errno.ETIMEDOUT, decision="TIMEDOUT")
+        self._decide(_errno.ETIMEDOUT, "TIMEDOUT", decided)
 
     # -- DONE ----------------------------------------------------------------
-    def _decide(self, err: int, *, decision: str) -> None:
-        now = _monotonic_ns()
+    def _decide(self, err: int, decision: str, decided_ns: int) -> None:
+        """Record the verdict; ``decided_ns`` is when it became known (connect() or SO_ERROR returned)."""
         result = self.result
-        result.handshake_ns = now - self._t_connect
+        result.handshake_ns = decided_ns - self._t_connect
         result.outcome = errors.outcome_for(err)
         result.errno = errno_name(err) if err else None
         result.ngx_decision = decision
-        if err == 0 and self.plan.tcp_info and self.target.family != socket.AF_UNIX:
+        if err == 0 and self.plan.tcp_info and self.target.family != _AF_UNIX:
             result.tcp_info = read_tcp_info(self.sock)
             self._step("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
                        (self.fd, result.tcp_info["rtt_us"]), 0)
@@ -306,11 +356,12 @@ class Attempt:
     def _release(self, *, keep: bool) -> None:
         """Unregister from epoll, then close (or hand the socket over). Runs exactly once."""
         self.state = DONE
-        sock, fd = self.sock, self.fd
+        self.timer = None  # the timer refers to this attempt: drop the cycle so memory frees at once
+        sock, fd, loop = self.sock, self.fd, self.loop
         if sock is not None:
-            if self.loop.handler_of(fd) is self:
-                self.loop.unregister(fd)
-                self._step("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (self.loop.epoll.fileno(), fd), 0)
+            if loop.handler_of(fd) is self:
+                loop.unregister(fd)
+                self._step("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (loop.epoll_fd, fd), 0)
             if keep:
                 self.result.sock = sock
             else:
@@ -322,12 +373,16 @@ class Attempt:
             self.on_done(self)
 
     def abort(self) -> None:
-        """Tear down an attempt that will never be decided (KeyboardInterrupt, loop shutdown)."""
-        if self.state is DONE:
+        """Tear down an attempt that will never be decided (KeyboardInterrupt, loop shutdown).
+
+        Also finishes a _release that an interrupt cut short (state DONE, socket still here).
+        """
+        if self.state is DONE and self.sock is None:
             return
         if self.timer is not None:
             self.loop.cancel(self.timer)
-        self.result.outcome = errors.ERROR
-        self.result.errno = "ECANCELED"
+        if self.state is not DONE:
+            self.result.outcome = errors.ERROR
+            self.result.errno = "ECANCELED"
         self.on_done = None
         self._release(keep=False)

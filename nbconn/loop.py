@@ -14,6 +14,13 @@ cancelled timer is only marked dead and skipped when it surfaces, and the heap
 is rebuilt when dead entries outnumber live ones (CPython's asyncio does the
 same in ``base_events.py``).  That keeps memory flat in a long run.
 
+A timer is a plain list, ``[deadline_ns, seq, handler]``: its own heap entry
+and its own handle.  ``heapq`` compares lists in C, deadline first, and the
+sequence number breaks ties, so handlers are never compared; ``cancel()``
+sets the handler to None, which both marks the timer dead and lets go of the
+handler at once.  (A Timer class with a Python ``__lt__`` cost a few hundred
+nanoseconds per connect, and the connect timer is armed on every connect.)
+
 The loop knows file descriptors and deadlines.  What "ready" or "expired" means
 for a connect is the business of :mod:`nbconn.flow`: handlers are objects with
 ``on_ready(events)`` and ``on_timer()`` methods.
@@ -28,6 +35,8 @@ import heapq
 import select
 import time
 from itertools import count
+
+_monotonic_ns = time.monotonic_ns
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -50,25 +59,22 @@ _EVENT_NAMES = (
 )
 
 
+_EVENT_TEXT: dict[int, str] = {}  # mask -> text; only a handful of masks ever occur
+
+
 def event_names(mask: int) -> str:
     """``EPOLLIN|EPOLLOUT|EPOLLET`` for a mask, as strace prints it."""
-    names = [name for bit, name in _EVENT_NAMES if mask & bit]
-    return "|".join(names) if names else "0"
+    text = _EVENT_TEXT.get(mask)
+    if text is None:
+        names = [name for bit, name in _EVENT_NAMES if mask & bit]
+        text = "|".join(names) if names else "0"
+        if len(_EVENT_TEXT) < 4096:
+            _EVENT_TEXT[mask] = text
+    return text
 
 
-class Timer:
-    """A heap entry: a deadline and what to call; ``cancel()`` marks it dead."""
-
-    __slots__ = ("deadline_ns", "seq", "handler", "alive")
-
-    def __init__(self, deadline_ns: int, seq: int, handler) -> None:
-        self.deadline_ns = deadline_ns
-        self.seq = seq
-        self.handler = handler
-        self.alive = True
-
-    def __lt__(self, other: "Timer") -> bool:
-        return (self.deadline_ns, self.seq) < (other.deadline_ns, other.seq)
+#: What :meth:`Loop.call_at` returns: ``[deadline_ns, seq, handler]``, handler None once dead.
+Timer = list
 
 
 class Loop:
@@ -77,13 +83,15 @@ class Loop:
     def __init__(self, *, max_events: int = 512) -> None:
         # 512 is nginx's default `worker_connections`-bound event list size.
         self.epoll = select.epoll()
+        self.epoll_fd = self.epoll.fileno()
         self.max_events = max_events
         self._handlers: dict[int, object] = {}
-        self._timers: list[Timer] = []
+        self._timers: list[Timer] = []  # a heap of [deadline_ns, seq, handler]
         self._dead_timers = 0
         self._seq = count()
-        #: (timeout_ms, n_events) of the last epoll_wait, for the trace
+        #: the timeout (ms) of the last epoll_wait and when it returned, for the trace
         self.last_wait_ms = -1
+        self.last_wait_returned_ns = 0
 
     # -- descriptors ---------------------------------------------------------
     def register(self, fd: int, mask: int, handler) -> None:
@@ -103,25 +111,31 @@ class Loop:
     # -- timers --------------------------------------------------------------
     def call_at(self, deadline_ns: int, handler) -> Timer:
         """Arm a timer: ``handler.on_timer()`` runs once the monotonic clock passes ``deadline_ns``."""
-        timer = Timer(deadline_ns, next(self._seq), handler)
+        timer = [deadline_ns, next(self._seq), handler]
         heapq.heappush(self._timers, timer)
         return timer
 
     def cancel(self, timer: Timer) -> None:
-        if timer.alive:
-            timer.alive = False
+        """ngx_del_timer.  Unless it is the nearest one, the timer stays in the heap, dead, until it
+        surfaces or the heap is rebuilt."""
+        if timer[2] is not None:
+            timer[2] = None
+            timers = self._timers
+            if timers and timers[0] is timer:  # the nearest one (always, with one connect at a time): just drop it
+                heapq.heappop(timers)
+                return
             self._dead_timers += 1
-            if self._dead_timers > 64 and self._dead_timers * 2 > len(self._timers):
-                self._timers = [t for t in self._timers if t.alive]
+            if self._dead_timers > 64 and self._dead_timers * 2 > len(timers):
+                self._timers = [t for t in self._timers if t[2] is not None]
                 heapq.heapify(self._timers)
                 self._dead_timers = 0
 
     def next_deadline_ns(self) -> int | None:
         timers = self._timers
-        while timers and not timers[0].alive:
+        while timers and timers[0][2] is None:
             heapq.heappop(timers)
             self._dead_timers -= 1
-        return timers[0].deadline_ns if timers else None
+        return timers[0][0] if timers else None
 
     @property
     def pending(self) -> int:
@@ -136,17 +150,24 @@ class Loop:
         until the nearest timer, or forever when there is none -- callers always
         have a timer armed, so the loop never blocks without bound).
         """
-        deadline = self.next_deadline_ns()
-        now = time.monotonic_ns()
+        timers = self._timers
+        # the nearest deadline: the heap's top, unless it is dead (next_deadline_ns skips those)
+        deadline = timers[0][0] if timers and timers[0][2] is not None else self.next_deadline_ns()
         if deadline is None:
             wait_ns = max_wait_ns
         else:
-            wait_ns = max(0, deadline - now)
-            if max_wait_ns is not None:
-                wait_ns = min(wait_ns, max_wait_ns)
-        timeout = -1 if wait_ns is None else wait_ns / 1e9
-        self.last_wait_ms = -1 if wait_ns is None else -(-wait_ns // 1_000_000)
+            wait_ns = deadline - _monotonic_ns()
+            if wait_ns < 0:
+                wait_ns = 0
+            if max_wait_ns is not None and max_wait_ns < wait_ns:
+                wait_ns = max_wait_ns
+        if wait_ns is None:
+            timeout = self.last_wait_ms = -1
+        else:
+            timeout = wait_ns / 1e9
+            self.last_wait_ms = -(-wait_ns // 1_000_000)
         events = self.epoll.poll(timeout, self.max_events)
+        self.last_wait_returned_ns = _monotonic_ns()
         handlers = self._handlers
         ran = 0
         for fd, mask in events:
@@ -161,24 +182,27 @@ class Loop:
         timers = self._timers
         if not timers:
             return 0
-        now = time.monotonic_ns()
+        now = _monotonic_ns()
         ran = 0
-        while timers and timers[0].deadline_ns <= now:
+        while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)
-            if not timer.alive:
+            handler = timer[2]
+            if handler is None:
                 self._dead_timers -= 1
                 continue
-            timer.alive = False
-            timer.handler.on_timer()
+            timer[2] = None
+            handler.on_timer()
             ran += 1
         return ran
 
     # -- lifetime ------------------------------------------------------------
     def close(self) -> None:
-        self._handlers.clear()
-        self._timers.clear()
-        self._dead_timers = 0
-        self.epoll.close()
+        try:
+            self.epoll.close()  # first, so that an interrupt in here cannot leave it open
+        finally:
+            self._handlers.clear()
+            self._timers.clear()
+            self._dead_timers = 0
 
     def __enter__(self) -> "Loop":
         return self
