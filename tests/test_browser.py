@@ -93,10 +93,11 @@ def test_notebook_09_panel_in_chromium(jupyterlab):
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             dropdown = page.locator(".widget-dropdown select").first
             dropdown.wait_for(timeout=90_000)
-            # wait for the tour cells to finish before taking over the panel
-            page.wait_for_function("document.querySelectorAll('.jp-InputArea-prompt').length > 0 && "
-                                   "![...document.querySelectorAll('.jp-InputArea-prompt')]"
-                                   ".some(e => e.textContent.includes('*'))", timeout=90_000)
+            # wait until every code cell has run (its prompt shows a number), so the tour cells that drive the
+            # panel from Python are done before the browser takes over
+            page.wait_for_function("(() => { const p = [...document.querySelectorAll('.jp-CodeCell "
+                                   ".jp-InputArea-prompt')]; return p.length > 0 && "
+                                   "p.every(e => /\\[\\d+\\]/.test(e.textContent)); })()", timeout=90_000)
             page.locator(".lm-TabBar-tabLabel", has_text="scenario").first.click()
             dropdown.select_option(label="refused (closed port)")
             page.locator("button.jupyter-button", has_text="Connect").first.click()
