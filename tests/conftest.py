@@ -35,6 +35,20 @@ def require_root(reason: str) -> None:
         pytest.skip(f"needs root: {reason}")
 
 
+def would_query_dns(target) -> bool:
+    """True when nbconn would resolve ``target`` through DNS (this machine's resolver is not on loopback),
+    so generated inputs can steer clear of it; "localhost" comes from /etc/hosts."""
+    from nbconn.targets import is_hostname
+
+    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str):
+        host = target[0]
+    elif isinstance(target, str) and not target.startswith(("unix:", "[")):
+        host = target.rpartition(":")[0]
+    else:
+        return False
+    return is_hostname(host) and host != "localhost"
+
+
 @pytest.fixture
 def no_fd_leak():
     """Fails the test if it leaves descriptors open that it did not have before."""

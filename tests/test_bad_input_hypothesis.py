@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import nbconn
-from nbconn.targets import is_hostname
 
-from .conftest import open_fds
+from .conftest import open_fds, would_query_dns
 
 _LISTENER = socket.socket()
 _LISTENER.bind(("127.0.0.1", 0))
@@ -22,14 +21,6 @@ _LISTENER.listen(4096)
 OPEN_PORT = _LISTENER.getsockname()[1]
 
 
-def _would_query_dns(target) -> bool:
-    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str):
-        host = target[0]
-    elif isinstance(target, str) and not target.startswith(("unix:", "[")):
-        host = target.rpartition(":")[0]
-    else:
-        return False
-    return is_hostname(host) and host != "localhost"
 
 
 targets = st.one_of(
@@ -54,7 +45,7 @@ options = st.dictionaries(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(target=targets, timeout=timeouts, opts=options)
 def test_any_input_gives_result_or_named_error(target, timeout, opts):
-    assume(not _would_query_dns(target))
+    assume(not would_query_dns(target))
     before = open_fds()
     try:
         res = nbconn.connect(target, timeout=timeout, keep=False, **opts)
@@ -74,7 +65,7 @@ def test_any_input_gives_result_or_named_error(target, timeout, opts):
 def test_cli_never_tracebacks(argv, capsys):
     from nbconn.cli import main
 
-    assume(not any(_would_query_dns(a) for a in argv if ":" in a))
+    assume(not any(would_query_dns(a) for a in argv if ":" in a))
     assume(not any(a.startswith("-") and a.lstrip("-") in ("h", "help") for a in argv))
     before = open_fds()
     code = main(argv)

@@ -44,9 +44,8 @@ from hypothesis import strategies as st
 
 import nbconn
 from nbconn.lab import blackhole, listening, refused, reset
-from nbconn.targets import is_hostname
 
-from .conftest import open_fds, require_root, require_tool
+from .conftest import open_fds, require_root, require_tool, would_query_dns
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTCOMES = {"connected", "refused", "timed_out", "reset", "unreachable", "error"}
@@ -324,14 +323,6 @@ _LISTENER.listen(4096)
 OPEN_TARGET = f"127.0.0.1:{_LISTENER.getsockname()[1]}"
 
 
-def _would_query_dns(target) -> bool:
-    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str):
-        host = target[0]
-    elif isinstance(target, str) and not target.startswith(("unix:", "[")):
-        host = target.rpartition(":")[0]
-    else:
-        return False
-    return is_hostname(host) and host != "localhost"
 
 
 good_targets = st.sampled_from([OPEN_TARGET, "127.0.0.1:1", "[::1]:1", "unix:/nonexistent/nbconn", ("127.0.0.1", 1),
@@ -395,7 +386,7 @@ def _bounded(settings_: dict) -> dict:
 @given(targets=st.one_of(st.lists(good_targets, max_size=4), st.lists(target_values, max_size=4)), call=call_settings,
        opts=call_options)
 def test_connect_many_any_input_gives_results_or_a_named_error(targets, call, opts):
-    assume(not any(_would_query_dns(t) for t in targets))
+    assume(not any(would_query_dns(t) for t in targets))
     call = _bounded(call)
     before = open_fds()
     try:
@@ -417,7 +408,7 @@ def test_connect_many_any_input_gives_results_or_a_named_error(targets, call, op
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(target=st.one_of(good_targets, target_values), call=call_settings, opts=call_options)
 def test_connect_any_input_gives_a_result_or_a_named_error(target, call, opts):
-    assume(not _would_query_dns(target))
+    assume(not would_query_dns(target))
     call.pop("concurrency", None)
     call = _bounded(call)
     before = open_fds()
@@ -450,7 +441,7 @@ def test_cli_connect_never_tracebacks_or_leaks(rest, capsys):
     from nbconn.cli import main
 
     argv = ["connect", *rest]
-    assume(not any(_would_query_dns(a) for a in argv if ":" in a))
+    assume(not any(would_query_dns(a) for a in argv if ":" in a))
     assume(not any(a.startswith("-") and a.lstrip("-") in ("h", "help") for a in argv))
     before = open_fds()
     code = main(list(argv))
