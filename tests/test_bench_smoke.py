@@ -34,13 +34,18 @@ def smoke_run(tmp_path_factory):
     return json.loads(result.read_text()), (out / "latest.md").read_text(), proc
 
 
-def test_every_available_variant_runs_and_connects_k_times(smoke_run):
-    data, _, _ = smoke_run
+def _bench_module(name: str):
+    """Import a module of benchmarks/ (not a package) without leaving it on sys.path."""
     sys.path.insert(0, str(BENCH))
     try:
-        import variants
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_every_available_variant_runs_and_connects_k_times(smoke_run):
+    data, _, _ = smoke_run
+    variants = _bench_module("variants")
     expected = set(variants.VARIANTS) - set(data["unavailable"])
     for c in (1, 8):
         rows = {r["variant"]: r for r in data["storm"] if r["c"] == c}
@@ -80,11 +85,7 @@ def test_markdown_table_ratios_and_extras(smoke_run):
 
 def test_plots_draw_from_the_result(smoke_run):
     data, _, _ = smoke_run
-    sys.path.insert(0, str(BENCH))
-    try:
-        import plot
-    finally:
-        sys.path.remove(str(BENCH))
+    plot = _bench_module("plot")
     for make in (plot.storm_figure, plot.idle_figure, plot.wire_figure):
         fig = make(data)
         assert fig.axes, make.__name__

@@ -36,7 +36,6 @@ import socket
 import struct
 import tempfile
 import threading
-import time
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 _POLL_S = 0.05  # how often accept threads look at their stop flag
@@ -330,13 +329,3 @@ SCENARIOS = {
     "unix-full": unix_full,
     "unix-missing": unix_missing,
 }
-
-
-def wait_until(predicate, timeout_s: float = 2.0, interval_s: float = 0.005) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` passes (bounded helper for tests)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
