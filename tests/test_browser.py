@@ -44,6 +44,7 @@ def jupyterlab():
     argv = [jupyter, "lab", *keep, f"--ServerApp.root_dir={tmp}/notebooks",
             f"--LabApp.workspaces_dir={tmp}/workspaces", f"--ServerApp.runtime_dir={tmp}/runtime",
             f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--no-browser",
+            "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: run commands without clicking menus
             f"--IdentityProvider.token={token}"]
     env = dict(os.environ, JUPYTER_CONFIG_DIR=f"{tmp}/config", JUPYTER_DATA_DIR=f"{tmp}/data", HOME=tmp)
     env["JUPYTER_PATH"] = os.path.join(sys.prefix, "share", "jupyter")
@@ -89,10 +90,23 @@ def test_notebook_09_panel_in_chromium(jupyterlab):
             page.goto(f"{base}/lab/tree/09_interactive_lab.ipynb?token={token}", timeout=60_000)
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            # "Run All Cells" through JupyterLab's command registry; a click can land before the notebook is
+            # ready for it, so ask again (bounded) until the panel's first widget appears
+            page.wait_for_function(  # the notebook's kernel connected and idle: cells sent now will run
+                "(() => { const app = window.jupyterapp; const w = app && app.shell.currentWidget;"
+                " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
+                " return !!k && k.connectionStatus === 'connected' && k.status === 'idle'"
+                " && app.commands.isEnabled('notebook:run-all-cells'); })()", timeout=60_000)
             dropdown = page.locator(".widget-dropdown select").first
-            dropdown.wait_for(timeout=90_000)
+            for attempt in range(3):
+                page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+                try:
+                    dropdown.wait_for(timeout=40_000)
+                    break
+                except sync_api.TimeoutError:
+                    page.screenshot(path=os.path.join(ARTIFACTS, f"lab09-no-widget-{attempt}.png"))
+            else:
+                pytest.fail("the panel never rendered after three 'run all cells' (screenshots in tests/artifacts)")
             # wait until every code cell has run (its prompt shows a number), so the tour cells that drive the
             # panel from Python are done before the browser takes over
             page.wait_for_function("(() => { const p = [...document.querySelectorAll('.jp-CodeCell "
