@@ -19,10 +19,13 @@ Accepted forms::
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+
+from .strace import sockaddr_len, sockaddr_text
 
 _UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
 
@@ -49,6 +52,11 @@ class Target:
     @property
     def family_name(self) -> str:
         return socket.AddressFamily(self.family).name
+
+    @functools.cached_property
+    def sockaddr(self) -> tuple[str, int]:
+        """The sockaddr as strace prints it and its length: computed once per Target, shown by every connect."""
+        return sockaddr_text(self.family, self.address), sockaddr_len(self.family, self.address)
 
     def __str__(self) -> str:
         return self.text

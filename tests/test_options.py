@@ -19,7 +19,7 @@ def test_every_option_applied_and_read_back(no_fd_leak):
     with listening() as target:
         res = nbconn.connect(target, rcvbuf=65536, sndbuf=32768, keepalive=True, nodelay=True, reuseaddr=True,
                              linger=0, syncnt=3, user_timeout=2500, bind_address_no_port=True, bind="127.0.0.2",
-                             timeout=2)
+                             timeout=2, keep=True)
         with res:
             assert res.outcome == "connected", res.trace()
             eff = res.effective
