@@ -92,6 +92,9 @@ def add_subcommand(subparsers) -> None:
                                           "and print the trace.")
     p.add_argument("target", help="HOST:PORT, [V6ADDR]:PORT or unix:/path")
     add_socket_options(p)
+    p.add_argument("--nginx-exact", action="store_true",
+                   help="exactly nginx's syscalls: no SOCK_CLOEXEC, no option read-back, no TCP_INFO, "
+                        "no EPOLL_CTL_DEL before close")
     p.add_argument("--json", action="store_true", help="print Result.to_dict() as JSON")
     p.set_defaults(func=run_connect)
 
@@ -100,7 +103,7 @@ def run_connect(args: argparse.Namespace) -> int:
     from .api import connect
 
     result = connect(args.target, timeout=args.timeout, nonblocking=args.nonblocking, trigger=args.trigger,
-                     keep=False, **socket_options(args))
+                     keep=False, nginx_exact=args.nginx_exact, **socket_options(args))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

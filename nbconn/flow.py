@@ -74,7 +74,7 @@ from .loop import EPOLLET, NGINX_MASK, event_names
 from .options import Bind, plan_options
 from .result import Result
 from .strace import sockaddr_len, sockaddr_text
-from .targets import Target
+from .targets import Target, sockaddr_bytes
 from .tcpinfo import read_tcp_info
 
 # Re-exported for callers that took the choices from here; their home is nbconn.validate.
@@ -149,6 +149,8 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
     timeout_ns = int(check_timeout(timeout) * 1e9)
     planned, bind = plan_options(options, family)
     mask = NGINX_MASK if trigger == "edge" else NGINX_MASK & ~EPOLLET
+    if nginx_exact:
+        _load_libc()
     return Plan(family, tuple(planned), bind, nonblocking, mask, timeout_ns, keep, trace,
                 tcp_info and not nginx_exact, {k: v for k, v in options.items() if v is not None},
                 nginx_exact, socket.AddressFamily(family).name, event_names(mask),
@@ -156,28 +158,82 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
                 timeout_ns // 1_000_000)
 
 
-_libc_socket = None
+_libc = None
 
 
-def _socket_without_cloexec(family: int) -> socket.socket:
-    """socket(family, SOCK_STREAM, 0) exactly as nginx calls it: Python's socket.socket always adds SOCK_CLOEXEC.
-
-    The C library's socket() is called through ctypes (loaded on first use, so plain
-    ``import nbconn`` stays light); Python then wraps the descriptor without a syscall
-    of its own, because family, type and protocol are all given.
-    """
-    global _libc_socket
-    if _libc_socket is None:
+def _load_libc():
+    """The C library through ctypes, for nginx-exact mode; loaded by make_plan, so ``import nbconn`` stays light
+    and the first traced socket() does not include loading it."""
+    global _libc
+    if _libc is None:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        _libc_socket = (libc.socket, ctypes.get_errno)
-    call, get_errno = _libc_socket
-    fd = call(family, _SOCK_STREAM, 0)
-    if fd < 0:
-        err = get_errno()
+        _libc = ctypes.CDLL(None, use_errno=True), ctypes
+    return _libc
+
+
+class _CSocket:
+    """A socket made and used through the C library's calls: nginx-exact mode's socket.
+
+    Python's ``socket.socket`` always asks for SOCK_CLOEXEC, and wrapping a descriptor
+    made elsewhere (``socket.socket(fileno=fd)``) costs a getsockname() of its own
+    (measured with strace on CPython 3.11).  nginx makes neither call, so in this mode
+    socket(), setsockopt(), bind(), connect() and getsockopt(SO_ERROR) are the C
+    library's own; ioctl and epoll_ctl take the descriptor number as they are.
+    """
+
+    __slots__ = ("_fd", "family")
+
+    def __init__(self, family: int) -> None:
+        libc, _ = _libc or _load_libc()
+        self._fd = -1
+        self.family = family
+        fd = libc.socket(family, _SOCK_STREAM, 0)
+        if fd < 0:
+            self._raise()
+        self._fd = fd
+
+    @staticmethod
+    def _raise():
+        err = _libc[1].get_errno()
         raise OSError(err, os.strerror(err))
-    return socket.socket(family, _SOCK_STREAM, 0, fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def setsockopt(self, level: int, optname: int, value) -> None:
+        if isinstance(value, int):
+            value = struct.pack("i", value)
+        if _libc[0].setsockopt(self._fd, level, optname, value, len(value)):
+            self._raise()
+
+    def bind(self, address) -> None:
+        raw = sockaddr_bytes(self.family, address)
+        if _libc[0].bind(self._fd, raw, len(raw)):
+            self._raise()
+
+    def connect_ex(self, c_sockaddr: bytes) -> int:
+        return _libc[1].get_errno() if _libc[0].connect(self._fd, c_sockaddr, len(c_sockaddr)) else 0
+
+    def so_error(self) -> int:
+        libc, ctypes = _libc
+        value, size = ctypes.c_int(), ctypes.c_uint(4)
+        if libc.getsockopt(self._fd, _SOL_SOCKET, _SO_ERROR, ctypes.byref(value), ctypes.byref(size)):
+            return ctypes.get_errno()
+        return value.value
+
+    def detach_to_socket(self) -> socket.socket:
+        """A Python socket for a kept connection (this wrapping costs one getsockname, after the decision)."""
+        fd, self._fd = self._fd, -1
+        return socket.socket(self.family, _SOCK_STREAM, 0, fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:  # never leave a descriptor behind, even on a path that forgot it
+        self.close()
 
 
 class Attempt:
@@ -213,23 +269,24 @@ class Attempt:
         if self.state is not INIT:
             raise RuntimeError(f"Attempt.start() runs once, from INIT; this attempt is {self.state.name}")
         plan, target, result, record, clock = self.plan, self.target, self.result, self._record, self._clock
-        fam = plan.family_name
+        # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
+        fam = (plan.family_name, "0" if target.family == _AF_UNIX else "IPPROTO_IP")
 
         # Step 1: socket().
         source = socketsource.current()
         if source is not None:
-            fmt = "socket({}, SOCK_STREAM, IPPROTO_IP /* {} */)"
-            args: tuple = (fam, source.where)
+            fmt = "socket({}, SOCK_STREAM, {} /* {} */)"
+            args: tuple = (*fam, source.where)
         elif plan.nginx_exact:
-            fmt, args = "socket({}, SOCK_STREAM, IPPROTO_IP)", (fam,)
+            fmt, args = "socket({}, SOCK_STREAM, {})", fam
         else:
-            fmt, args = "socket({}, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP)", (fam,)
+            fmt, args = "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})", fam
         t = result.started_ns = _monotonic_ns()
         try:
             if source is not None:
                 sock = source.socket(target.family, _SOCK_STREAM)
             elif plan.nginx_exact:
-                sock = _socket_without_cloexec(target.family)
+                sock = _CSocket(target.family)
             else:
                 sock = socket.socket(target.family, _SOCK_STREAM)
         except OSError as exc:
@@ -304,8 +361,9 @@ class Attempt:
             return self._fail_before_connect("epoll_ctl", err, fd)
 
         # Step 5: connect().  From the clock read before it to the decision is the handshake time.
+        address = target.c_sockaddr if type(sock) is _CSocket else target.address
         t_connect = self._t_connect = _monotonic_ns()
-        err = sock.connect_ex(target.address)
+        err = sock.connect_ex(address)
         t_returned = _monotonic_ns()
         answer = verdict("connect", err, detail=target.text)
         result.connect_returned = errno_name(err) or 0
@@ -351,8 +409,9 @@ class Attempt:
         if self.state is not CONNECTING:
             return  # a late event for an attempt already decided (e.g. by its timer in the same turn)
         # SO_ERROR first, bookkeeping after: whatever runs before the clock is read lands in handshake_ns.
+        sock = self.sock
         t = self._clock()
-        err = self.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        err = sock.so_error() if type(sock) is _CSocket else sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
         decided = _monotonic_ns()
         loop, fd, result, record = self.loop, self.fd, self.result, self._record
         result.events = event_names(events)
@@ -428,7 +487,7 @@ class Attempt:
                         record("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (loop.epoll_fd, fd), 0, t,
                                self._clock())
             if keep:
-                self.result.sock = sock
+                self.result.sock = sock.detach_to_socket() if type(sock) is _CSocket else sock
             else:
                 t = self._clock()
                 sock.close()

@@ -23,6 +23,7 @@ import functools
 import ipaddress
 import re
 import socket
+import struct
 from dataclasses import dataclass
 
 from .strace import sockaddr_len, sockaddr_text
@@ -54,12 +55,33 @@ class Target:
         return socket.AddressFamily(self.family).name
 
     @functools.cached_property
+    def c_sockaddr(self) -> bytes:
+        """The struct sockaddr connect() is given, as bytes (nginx-exact mode calls the C library's connect())."""
+        return sockaddr_bytes(self.family, self.address)
+
+    @functools.cached_property
     def sockaddr(self) -> tuple[str, int]:
         """The sockaddr as strace prints it and its length: computed once per Target, shown by every connect."""
         return sockaddr_text(self.family, self.address), sockaddr_len(self.family, self.address)
 
     def __str__(self) -> str:
         return self.text
+
+
+def sockaddr_bytes(family: int, address: object) -> bytes:
+    """struct sockaddr_in / sockaddr_in6 / sockaddr_un for ``address`` as Python's socket module takes it.
+
+    sa_family is in host byte order, the port (and IPv6 flow info) in network byte order (ip(7), ipv6(7));
+    an AF_UNIX path ends with a NUL, an abstract name (leading NUL) does not (unix(7)).
+    """
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + struct.pack("!H", address[1]) + socket.inet_pton(family, address[0]) \
+            + bytes(8)
+    if family == socket.AF_INET6:
+        return (struct.pack("=H", family) + struct.pack("!HI", address[1], address[2] if len(address) > 2 else 0)
+                + socket.inet_pton(family, address[0]) + struct.pack("=I", address[3] if len(address) > 3 else 0))
+    raw = address if isinstance(address, bytes) else address.encode()
+    return struct.pack("=H", family) + raw + (b"" if raw.startswith(b"\x00") else b"\x00")
 
 
 def _check_port(port: object, original: object) -> int:

@@ -25,6 +25,7 @@ import ipywidgets as w
 
 from . import lab
 from .api import connect, connect_many
+from .errors import OUTCOME_COLOURS
 from .measure import Measurement, scenario_target
 
 SCENARIOS = {
@@ -36,8 +37,6 @@ SCENARIOS = {
     "AF_UNIX backlog full": "unix-full",
     "impaired link (delay/jitter/loss)": "impaired",
 }
-OUTCOME_COLOURS = {"connected": "#2a9d8f", "refused": "#e76f51", "timed_out": "#6c757d", "reset": "#f4a261",
-                   "unreachable": "#9b5de5", "error": "#d62828"}
 MAX_RUN = 5000
 
 
@@ -284,7 +283,7 @@ class LabPanel:
 def _trace_html(res) -> str:
     t0 = res.started_ns
     rows = "".join(
-        f"<tr><td>{'' if s.seed_step is None else s.seed_step}</td><td>{(s.t_ns - t0) / 1e3:.1f}</td>"
+        f"<tr><td>{s.ngx_step.number if s.ngx_step else ''}</td><td>{(s.t_ns - t0) / 1e3:.1f}</td>"
         f"<td><code>{html.escape(s.call)}</code></td></tr>" for s in res.steps)
     return ("<table class='nbconn-trace'><thead><tr><th>seed step</th><th>µs since socket()</th><th>syscall</th>"
             f"</tr></thead><tbody>{rows}</tbody></table>")

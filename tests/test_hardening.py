@@ -173,7 +173,7 @@ def test_emfile_in_a_child_ends_those_attempts_as_ngx_error_and_the_loop_goes_on
     # ngx_event_connect_peer: socket() failed -> ngx_log_error(NGX_LOG_ALERT, ...) -> return NGX_ERROR
     assert (e["ngx_connect"], e["ngx_decision"], e["ngx_level"]) == ("NGX_ERROR", "NGX_ERROR", "alert")
     assert e["ngx_log"].startswith("socket() failed (24: Too many open files)")
-    assert e["steps"] == ["socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, 0) = -1 EMFILE"] and e["fd"] is None
+    assert e["steps"] == ["socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = -1 EMFILE"] and e["fd"] is None
     assert out["left_open"] == []
 
 
