@@ -17,7 +17,6 @@ import platform
 import sys
 
 from . import __version__
-from .cli import EXIT_OK
 
 #: name -> (what it is, how to make it)
 RECIPES = {
@@ -82,18 +81,3 @@ def record(name: str, out_dir: str, argv: list[str]) -> str:
         f.write("\n")
     os.replace(path + ".tmp", path)
     return path
-
-
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("record", help="record a dataset for data/ (with its provenance)",
-                              description="Record one of the datasets shipped in data/: " + "; ".join(
-                                  f"{k}: {v}" for k, v in RECIPES.items()))
-    p.add_argument("name", choices=list(RECIPES), metavar="NAME", help=", ".join(RECIPES))
-    p.add_argument("--out", default="data", help="directory to write NAME.json into (default: data)")
-    p.set_defaults(func=run_record)
-
-
-def run_record(args) -> int:
-    argv = ["record", args.name] + (["--out", args.out] if args.out != "data" else [])
-    print(record(args.name, args.out, argv))
-    return EXIT_OK

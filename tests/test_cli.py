@@ -56,6 +56,20 @@ def test_timeout_exit_1_and_json():
         (["connect", "unix:/x", "--nodelay"], "nodelay"),
         (["connect"], "target"),
         (["frobnicate"], "frobnicate"),
+        (["connect", "127.0.0.1:80", "--timeout", "1", "--timeout", "2"], "--timeout given twice"),
+        (["connect", "127.0.0.1:80", "--nodelay", "--nodelay"], "--nodelay given twice"),
+        (["connect", "127.0.0.1:80", "--rcvbuf", "\u0663"], "--rcvbuf '\u0663'"),  # non-ASCII digit
+        (["connect", "127.0.0.1:80", "--timeout", "inf"], "--timeout 'inf'"),
+        (["connect", "127.0.0.1:80", "--time", "1"], "--time"),  # no abbreviations
+        (["measure", "refused", "--count", "\u0663"], "--count '\u0663'"),
+        (["measure", "refused", "--count", "5", "--count", "6"], "--count given twice"),
+        (["upstream", "--peer", "127.0.0.1:1", "--next-upstream", ""], "--next-upstream ''"),
+        (["upstream", "--peer", "127.0.0.1:1", "--next-upstream", "error,"], "--next-upstream 'error,'"),
+        (["upstream", "--peer", "127.0.0.1:1", "--next-upstream", "error,off"], "'off'"),
+        (["upstream", "--peer", "127.0.0.1:1,max_fails=\u0663"], "max_fails='\u0663'"),
+        (["upstream", "--peer", "127.0.0.1:1", "--requests", "2", "--requests", "3"], "--requests given twice"),
+        (["upstream", "--peer", "127.0.0.1:1", "--timeout", "0"], "timeout=0"),
+        (["record", "no-such-dataset"], "no-such-dataset"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, words):
@@ -64,6 +78,50 @@ def test_bad_input_one_line_exit_2(args, words):
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bad_input_makes_no_socket_and_no_process():
+    """Rejected before anything exists: strace sees no socket(), no clone/fork, no unshare."""
+    strace = require_tool("strace")
+    for args in (["connect", "127.0.0.1:80", "--timeout", "1", "--timeout", "2"],
+                 ["upstream", "--peer", "127.0.0.1:1", "--next-upstream", ""],
+                 ["measure", "impaired", "--delay-ms", "x"]):
+        proc = subprocess.run([strace, "-f", "-qq", "-e", "trace=socket,clone,clone3,fork,vfork,unshare,setns",
+                               sys.executable, "-m", "nbconn", *args], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+        calls = [line for line in proc.stderr.splitlines() if re.match(r"(\[pid +\d+\] )?\w+\(", line)]
+        assert proc.returncode == 2 and calls == [], (args, calls)
+        assert proc.stderr.strip().splitlines()[-1].startswith("nbconn: error: ")
+
+
+def test_no_library_module_imports_the_cli():
+    """nbconn.cli imports the library; never the other way (no cycles, `import nbconn.measure` stays CLI-free)."""
+    import ast
+    import pathlib
+
+    offenders = []
+    for path in pathlib.Path(ROOT, "nbconn").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("nbconn/cli/") or rel == "nbconn/__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "") + "." + a.name for a in node.names]
+                names.append(node.module or "")
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.split(".")[-1] == "cli" or ".cli." in n or n.startswith("nbconn.cli") for n in names):
+                offenders.append(rel)
+    assert offenders == []
+
+
+def test_console_script_and_python_m_agree():
+    from nbconn.cli import main
+
+    assert main(["connect", "127.0.0.1:1", "--trigger", "edge", "--trigger", "edge"]) == 2
+    proc = run("--help")
+    assert proc.returncode == 0 and all(word in proc.stdout for word in ("connect", "measure", "upstream", "record"))
 
 
 def test_unresolvable_name_in_an_empty_network_namespace():
