@@ -191,3 +191,89 @@ def test_strace_timeout_closes_without_so_error():
     # the timer's remaining ms (epoll rounds to whole ms), then nothing ready
     assert waits and re.search(r", (19\d|200)\) = 0$", waits[0]), waits
     assert calls[-1].startswith(f"close({fd})")
+
+
+# -- no tracebacks: a read-only --out, too few descriptors, Ctrl-C during start-up ------------------------
+
+def test_record_into_a_read_only_directory_fails_at_once(tmp_path):
+    """syn-default records for minutes; a read-only --out must be refused before it starts (exit 2, one line)."""
+    out = tmp_path / "ro"
+    out.mkdir()
+    if os.geteuid() == 0:  # root writes through mode bits: make the directory a read-only mount instead
+        unshare = require_tool("unshare")
+        script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -m nbconn record syn-default ' \
+                 '--out "$1"'
+        argv = [unshare, "-m", "sh", "-c", script, "sh", str(out), sys.executable]
+    else:
+        out.chmod(0o555)
+        argv = [sys.executable, "-m", "nbconn", "record", "syn-default", "--out", str(out)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        out.chmod(0o755)
+    if "mount" in proc.stderr and "nbconn" not in proc.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {proc.stderr.strip()[:100]}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write into output directory" in lines[0] and str(out) in lines[0], lines
+    assert os.listdir(out) == []  # no temporary file left behind
+
+
+def test_record_writes_atomically_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from nbconn import record
+
+    monkeypatch.setattr(record, "_make", lambda name: {"rows": [1, 2, 3]})
+    path = record.record("loopback-idle", str(tmp_path), ["record", "loopback-idle"])
+    assert json.load(open(path))["data"] == {"rows": [1, 2, 3]}
+    assert os.listdir(tmp_path) == ["loopback-idle.json"] and oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+    def boom(name):
+        raise RuntimeError("recording failed half-way")
+
+    monkeypatch.setattr(record, "_make", boom)
+    with pytest.raises(RuntimeError):
+        record.record("loopback-idle", str(tmp_path), ["record", "loopback-idle"])
+    assert os.listdir(tmp_path) == ["loopback-idle.json"]  # the old file is intact, no .tmp left
+
+
+def test_too_few_descriptors_is_one_line_exit_1():
+    """Under `prlimit --nofile=N` some step of the run gets EMFILE; it ends in one line and exit 1, never a
+    traceback.  Python itself needs about 5 descriptors to start, so N runs from 5 up."""
+    prlimit = require_tool("prlimit")
+    codes = []
+    for n in range(5, 13):
+        proc = subprocess.run([prlimit, f"--nofile={n}", sys.executable, "-m", "nbconn", "measure", "unix-full",
+                               "--count", "3", "--timeout", "0.05"], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+        assert "Traceback" not in proc.stderr, (n, proc.stderr[-1500:])
+        assert proc.returncode in (0, 1), (n, proc.returncode, proc.stderr)
+        if proc.returncode == 1:
+            assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "EMFILE" in proc.stderr, proc.stderr
+        codes.append(proc.returncode)
+    assert 1 in codes, f"no limit from 5 to 12 made the run fail: {codes}"
+
+
+def test_ctrl_c_during_startup_is_one_line():
+    """SIGINT 30..150 ms after start lands while Python imports nbconn, or parses, or runs: one line
+    "nbconn: interrupted", exit 130 (or killed by SIGINT: a shell shows 130 for both), no traceback.
+    Earlier than Python's own site import finishing (~20 ms here) no nbconn code has run yet: Python reports
+    "init_import_site" itself; such runs are counted apart, not judged."""
+    import signal
+    import time
+
+    judged, too_early = 0, 0
+    for delay in (0.03, 0.04, 0.05, 0.05, 0.06, 0.08, 0.1, 0.15):
+        proc = subprocess.Popen([sys.executable, "-m", "nbconn", "measure", "blackhole", "--count", "2",
+                                 "--timeout", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        if "init_import_site" in err:
+            too_early += 1
+            continue
+        judged += 1
+        assert "Traceback" not in err, (delay, err[-1500:])
+        assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
+        assert err.strip() in ("nbconn: interrupted", ""), (delay, err)
+    assert judged >= 4, f"only {judged} runs got past Python's own start-up ({too_early} too early)"

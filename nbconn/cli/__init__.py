@@ -169,4 +169,8 @@ def _os_error_text(exc: OSError) -> str:
         return str(exc) or type(exc).__name__
     name = errno_names.errorcode.get(exc.errno, str(exc.errno))
     where = f": {exc.filename!r}" if exc.filename is not None else ""
+    if exc.errno == errno_names.EMFILE:
+        import resource
+
+        where += f" (the open-file limit, ulimit -n, is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
     return f"{name} ({exc.strerror}){where}"
