@@ -47,7 +47,7 @@ import variants  # noqa: E402  (benchmarks/variants.py, next to this file)
 
 C_SOURCE = HERE / "connect_storm.c"
 C_BINARY = HERE / "build" / "connect_storm"
-DEFAULT_VARIANTS = ["c", "nbconn", "nbconn-notrace", "python-epoll", "python-epoll+3", "asyncio-sock_connect",
+DEFAULT_VARIANTS = ["c", "nbconn", "nbconn-notrace", "nbconn-exact", "python-epoll", "python-epoll+3", "asyncio-sock_connect",
                     "asyncio-open_connection", "uvloop-sock_connect", "uvloop-open_connection", "trio", "threads"]
 BASELINE_C = "c"
 BASELINE_ASYNCIO = "asyncio-sock_connect"

@@ -73,12 +73,12 @@ def _outcome(err: int) -> str:
 
 # -- nbconn ------------------------------------------------------------------------------------
 
-def storm_nbconn(host: str, port: int, k: int, c: int, *, trace: bool = True) -> dict:
+def storm_nbconn(host: str, port: int, k: int, c: int, *, trace: bool = True, nginx_exact: bool = False) -> dict:
     import nbconn
 
     targets = [f"{host}:{port}"] * k
     clock = Clock()
-    results = nbconn.connect_many(targets, concurrency=c, linger=0, trace=trace)
+    results = nbconn.connect_many(targets, concurrency=c, linger=0, trace=trace, nginx_exact=nginx_exact)
     timing = clock.stop()
     outcomes = Counter(r.outcome if r.outcome in ("connected", "refused") else "other" for r in results)
     return {**timing, "outcomes": outcomes, "handshakes": [r.handshake_ns or 0 for r in results]}
@@ -86,6 +86,10 @@ def storm_nbconn(host: str, port: int, k: int, c: int, *, trace: bool = True) ->
 
 def storm_nbconn_notrace(host: str, port: int, k: int, c: int) -> dict:
     return storm_nbconn(host, port, k, c, trace=False)
+
+
+def storm_nbconn_exact(host: str, port: int, k: int, c: int) -> dict:
+    return storm_nbconn(host, port, k, c, nginx_exact=True)
 
 
 # -- a bare Python epoll loop: the floor for any pure-Python client ------------------------------
@@ -313,6 +317,8 @@ VARIANTS = {
     "c": ("C epoll client, benchmarks/connect_storm.c (the kernel's yardstick)", None, None),
     "nbconn": ("nbconn.connect_many, trace on (the default), linger=0", storm_nbconn, None),
     "nbconn-notrace": ("nbconn.connect_many(trace=False), linger=0", storm_nbconn_notrace, None),
+    "nbconn-exact": ("nbconn.connect_many(nginx_exact=True), trace on, linger=0: exactly nginx's syscalls "
+                     "(compare with python-epoll)", storm_nbconn_exact, None),
     "python-epoll": ("a bare pure-Python epoll loop doing the same flow (the floor for Python)",
                      storm_python_epoll, None),
     "python-epoll+3": ("the bare loop plus nbconn's three extra syscalls (read-back, TCP_INFO, EPOLL_CTL_DEL): "

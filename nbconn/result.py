@@ -156,8 +156,18 @@ class Result:
     _steps: list = field(default_factory=list, repr=False)
 
     def record(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_end_ns: int) -> None:
-        """Append one step: the one way a step enters the trace (the flow calls it only when tracing)."""
+        """Append one step (for callers outside the hot path; the flow uses :meth:`recorder`)."""
         self._steps.append((name, fmt, args, ret, t_start_ns, t_end_ns))
+
+    def recorder(self):
+        """The one append path of the trace: a callable taking one record, the tuple
+        ``(name, fmt, args, ret, t_start_ns, t_end_ns)`` that :class:`Step` reads.
+
+        It is the list's own ``append`` (a C call): the flow records about a dozen
+        steps per connect on the path whose time it reports, and a Python-level
+        method per step measured ~1 µs per connect on this machine.
+        """
+        return self._steps.append
 
     @property
     def steps(self) -> list[Step]:
