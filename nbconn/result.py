@@ -15,18 +15,15 @@ how long each call took (like ``strace -T``) and where it started relative to
 from __future__ import annotations
 
 import socket
+from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from .errors import errno_name, errno_number
 from .strace import call_text, format_ns, sockaddr_len, sockaddr_text
 
 
-class NgxStep(NamedTuple):
-    """Which step of nginx's ngx_event_connect_peer (then ngx_http_upstream_test_connect) a call belongs to."""
-
-    number: int
-    name: str
+#: Which step of nginx's ngx_event_connect_peer (then ngx_http_upstream_test_connect) a call belongs to.
+NgxStep = namedtuple("NgxStep", ["number", "name"])
 
 
 #: recorded name -> the step of nginx's flow it belongs to (None: nbconn's own extras, e.g. TCP_INFO).
