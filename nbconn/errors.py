@@ -251,6 +251,8 @@ _TAIL = " while connecting to upstream"
 _CONNECTED = Verdict(CONNECTED, NGX_OK, None, None, None)
 _IN_PROGRESS = Verdict(None, NGX_AGAIN, None, None, None)
 _GO_ON = Verdict(None, None, None, None, None)
+# The answers every connect asks for, looked up before anything else (verdict() runs inside the handshake time).
+_FAST = {("connect", 0): _CONNECTED, ("connect", _errno.EINPROGRESS): _IN_PROGRESS, ("so_error", 0): _CONNECTED}
 
 
 def setsockopt_rule(option: str, opt_name: str = "") -> Rule:
@@ -271,6 +273,9 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
     "epoll_ctl", the call for "nonblocking" (``ioctl(FIONBIO)``).  For "timer",
     ``err`` is ignored: the timer firing is the failure (ETIMEDOUT in the log).
     """
+    fast = _FAST.get((stage, err))
+    if fast is not None:
+        return fast
     if stage == "timer":
         rule = VERDICT_TABLE["timer"]
         err = _errno.ETIMEDOUT

@@ -250,7 +250,7 @@ class Attempt:
     """
 
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
-                 "_t_connect", "_record", "_clock")
+                 "_t_connect", "_t_returned", "_record", "_clock")
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
@@ -261,7 +261,7 @@ class Attempt:
         self.sock: socket.socket | None = None
         self.fd = -1
         self.timer = None
-        self._t_connect = 0
+        self._t_connect = self._t_returned = 0
         self.result = Result(target=target.text, family=plan.family_name, requested=plan.requested)
         # Tracing off: nothing recorded, and the per-step clock reads cost a call to int() (which returns 0).
         self._record = self.result.recorder() if plan.trace else None
@@ -367,21 +367,29 @@ class Attempt:
         t_connect = self._t_connect = _monotonic_ns()
         err = sock.connect_ex(address)
         t_returned = _monotonic_ns()
+        self._t_returned = t_returned
         answer = verdict("connect", err, detail=target.text)
         result.connect_returned = err and errno_name(err)
         result.ngx_connect = answer.ngx_code
-        if record:
-            record(("connect", "connect({}, {}, {})", (fd, *target.sockaddr), result.connect_returned,
-                   t_connect, t_returned))
         if answer.outcome is not None:  # connected at once (0), or failed at once (NGX_DECLINED)
+            if record:
+                self._record_connect()
             return self._decide(answer, err, t_returned)
 
         # EINPROGRESS: arm the connect timer (ngx_add_timer(c->write, connect_timeout)) and wait.
+        # The connect() and timer steps are recorded when the wait ends (_record_connect): on loopback the
+        # handshake is already complete here, and whatever runs now lands in the handshake time reported.
         self.state = CONNECTING
         self.timer = loop.call_at(t_connect + plan.timeout_ns, self)
-        if record:
-            t = clock()
-            record(("timer", "timer armed: {} ms (proxy_connect_timeout)", (plan.timeout_ms,), 0, t, t))
+
+    def _record_connect(self) -> None:
+        """Record step 5's connect() (and the timer armed right after it), from the times start() kept."""
+        record, t_returned = self._record, self._t_returned
+        record(("connect", "connect({}, {}, {})", (self.fd, *self.target.sockaddr), self.result.connect_returned,
+                self._t_connect, t_returned))
+        if self.state is CONNECTING:
+            record(("timer", "timer armed: {} ms (proxy_connect_timeout)", (self.plan.timeout_ms,), 0, t_returned,
+                    t_returned))
 
     def _make_nonblocking(self, sock: socket.socket, fd: int, t: int) -> None:
         """The alternatives to ioctl(FIONBIO) that nbconn lets you compare (start() does the ioctl itself)."""
@@ -414,6 +422,7 @@ class Attempt:
         loop, fd, result, record = self.loop, self.fd, self.result, self._record
         result.events = event_names(events)
         if record:
+            self._record_connect()
             record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
                    (loop.epoll_fd, result.events, fd, loop.max_events, loop.last_wait_ms), 1,
                    loop.last_wait_started_ns, loop.last_wait_returned_ns))
@@ -426,6 +435,7 @@ class Attempt:
             return
         decided = _monotonic_ns()
         if self._record:
+            self._record_connect()
             self._record(("timeout", "timer expired after {} ms: close without SO_ERROR", (self.plan.timeout_ms,),
                          0, decided, decided))
         self.result.timer_fired = True
@@ -506,6 +516,8 @@ class Attempt:
         if self.timer is not None:
             self.loop.cancel(self.timer)
             self.timer = None
+        if self.state is CONNECTING and self._record:
+            self._record_connect()
         if self.state is not DONE:
             self.state = DONE
             self.result.outcome = ERROR
