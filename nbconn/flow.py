@@ -288,12 +288,12 @@ class Attempt:
                 sock = socket.socket(target.family, _SOCK_STREAM)
         except OSError as exc:
             if record:
-                record(("socket", fmt, args, errno_name(exc.errno), t, clock()))
+                record(("socket", fmt, errno_name(exc.errno), t, clock(), *args))
             return self._fail_before_connect("socket", exc.errno)
         fd = self.fd = result.fd = sock.fileno()
         self.sock = sock
         if record:
-            record(("socket", fmt, args, fd, t, clock()))
+            record(("socket", fmt, fd, t, clock(), *args))
 
         # Step 2: options (nginx: SO_RCVBUF fails the connect, SO_KEEPALIVE is ignored), then read back.
         for spec, encoded, shown, size in plan.setsockopt_args:
@@ -304,8 +304,8 @@ class Attempt:
             except OSError as exc:
                 err = exc.errno
             if record:
-                record(("setsockopt", "setsockopt({}, {}, {}, {}, {})", (fd, spec.level_name, spec.opt_name, shown,
-                                                                     size), err and errno_name(err), t, clock()))
+                record(("setsockopt", "setsockopt({}, {}, {}, {}, {})",
+                        err and errno_name(err), t, clock(), fd, spec.level_name, spec.opt_name, shown, size))
             if err:
                 answer = verdict("setsockopt", err, detail=spec.name)
                 if answer.ngx_code is not None:
@@ -318,7 +318,7 @@ class Attempt:
                 effective = result.effective[spec.name] = spec.read(sock)
                 if record:
                     record(("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
-                           (fd, spec.level_name, spec.opt_name, spec.show(effective), size), 0, t, clock()))
+                            0, t, clock(), fd, spec.level_name, spec.opt_name, spec.show(effective), size))
 
         # Step 3: non-blocking, then bind() if a local address is configured (nginx: proxy_bind).
         t = clock()
@@ -326,12 +326,13 @@ class Attempt:
             if plan.nonblocking == "ioctl":  # ngx_nonblocking on Linux
                 fcntl.ioctl(fd, _FIONBIO, _FIONBIO_ON)
                 if record:
-                    record(("nonblocking", "ioctl({}, FIONBIO, [1])", (fd,), 0, t, clock()))
+                    record(("nonblocking", "ioctl({}, FIONBIO, [1])", 0, t, clock(), fd))
             else:
                 self._make_nonblocking(sock, fd, t)
         except OSError as exc:
             if record:
-                record(("nonblocking", "{}", (_NONBLOCKING_CALL[plan.nonblocking],), errno_name(exc.errno), t, clock()))
+                record(("nonblocking", "{}",
+                        errno_name(exc.errno), t, clock(), _NONBLOCKING_CALL[plan.nonblocking]))
             return self._fail_before_connect("nonblocking", exc.errno, _NONBLOCKING_CALL[plan.nonblocking])
         if plan.bind is not None:
             bind = plan.bind
@@ -343,8 +344,8 @@ class Attempt:
                 err = exc.errno
             if record:
                 record(("bind", "bind({}, {}, {})",
-                       (fd, sockaddr_text(bind.family, bind.address), sockaddr_len(bind.family, bind.address)),
-                       err and errno_name(err), t, clock()))
+                        err and errno_name(err), t, clock(), fd, sockaddr_text(bind.family, bind.address),
+                        sockaddr_len(bind.family, bind.address)))
             if err:
                 return self._fail_before_connect("bind", err, bind.text)
 
@@ -358,7 +359,7 @@ class Attempt:
             err = exc.errno
         if record:
             record(("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})",
-                   (loop.epoll_fd, fd, plan.mask_names, fd), err and errno_name(err), t, clock()))
+                    err and errno_name(err), t, clock(), loop.epoll_fd, fd, plan.mask_names, fd))
         if err:
             return self._fail_before_connect("epoll_ctl", err, fd)
 
@@ -385,11 +386,11 @@ class Attempt:
     def _record_connect(self) -> None:
         """Record step 5's connect() (and the timer armed right after it), from the times start() kept."""
         record, t_returned = self._record, self._t_returned
-        record(("connect", "connect({}, {}, {})", (self.fd, *self.target.sockaddr), self.result.connect_returned,
-                self._t_connect, t_returned))
+        record(("connect", "connect({}, {}, {})",
+                self.result.connect_returned, self._t_connect, t_returned, self.fd, *self.target.sockaddr))
         if self.state is CONNECTING:
-            record(("timer", "timer armed: {} ms (proxy_connect_timeout)", (self.plan.timeout_ms,), 0, t_returned,
-                    t_returned))
+            record(("timer", "timer armed: {} ms (proxy_connect_timeout)",
+                    0, t_returned, t_returned, self.plan.timeout_ms))
 
     def _make_nonblocking(self, sock: socket.socket, fd: int, t: int) -> None:
         """The alternatives to ioctl(FIONBIO) that nbconn lets you compare (start() does the ioctl itself)."""
@@ -398,16 +399,16 @@ class Attempt:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             if record:
                 t2 = self._clock()
-                record(("nonblocking", "fcntl({}, F_GETFL)", (fd,), f"{flags:#x}", t, t2))
+                record(("nonblocking", "fcntl({}, F_GETFL)", f"{flags:#x}", t, t2, fd))
                 t = t2
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
             if record:
-                record(("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", (fd, flags), 0, t, self._clock()))
+                record(("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", 0, t, self._clock(), fd, flags))
         else:  # CPython's sock.setblocking(False) is ioctl(FIONBIO) on Linux (socketmodule.c, internal_setblocking)
             sock.setblocking(False)
             if record:
-                record(("nonblocking", "sock.setblocking(False) -> ioctl({}, FIONBIO, [1])", (fd,), 0, t,
-                       self._clock()))
+                record(("nonblocking", "sock.setblocking(False) -> ioctl({}, FIONBIO, [1])",
+                        0, t, self._clock(), fd))
 
     # -- CONNECTING -> DONE ----------------------------------------------------
     def on_ready(self, events: int) -> None:
@@ -424,9 +425,9 @@ class Attempt:
         if record:
             self._record_connect()
             record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
-                   (loop.epoll_fd, result.events, fd, loop.max_events, loop.last_wait_ms), 1,
-                   loop.last_wait_started_ns, loop.last_wait_returned_ns))
-            record(("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", (fd, err), 0, t, decided))
+                    1, loop.last_wait_started_ns, loop.last_wait_returned_ns, loop.epoll_fd, result.events, fd,
+                    loop.max_events, loop.last_wait_ms))
+            record(("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", 0, t, decided, fd, err))
         self._decide(verdict("so_error", err), err, decided)
 
     def on_timer(self) -> None:
@@ -436,8 +437,8 @@ class Attempt:
         decided = _monotonic_ns()
         if self._record:
             self._record_connect()
-            self._record(("timeout", "timer expired after {} ms: close without SO_ERROR", (self.plan.timeout_ms,),
-                         0, decided, decided))
+            self._record(("timeout", "timer expired after {} ms: close without SO_ERROR",
+                          0, decided, decided, self.plan.timeout_ms))
         self.result.timer_fired = True
         self._decide(verdict("timer", None), _errno.ETIMEDOUT, decided)
 
@@ -462,7 +463,7 @@ class Attempt:
             result.tcp_info = read_tcp_info(self.sock)
             if self._record:
                 self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
-                             (self.fd, result.tcp_info["rtt_us"]), 0, t, self._clock()))
+                              0, t, self._clock(), self.fd, result.tcp_info["rtt_us"]))
         self._release(keep=err == 0 and plan.keep)
 
     def _fail_before_connect(self, stage: str, err: int, detail: object = "") -> None:
@@ -492,15 +493,15 @@ class Attempt:
                     t = self._clock()
                     loop.unregister(fd)
                     if record:
-                        record(("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (loop.epoll_fd, fd), 0, t,
-                               self._clock()))
+                        record(("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)",
+                                0, t, self._clock(), loop.epoll_fd, fd))
             if keep:
                 self.result.sock = sock.detach_to_socket() if type(sock) is _CSocket else sock
             else:
                 t = self._clock()
                 sock.close()
                 if record:
-                    record(("close", "close({})", (fd,), 0, t, self._clock()))
+                    record(("close", "close({})", 0, t, self._clock(), fd))
             self.sock = None
         self.result.finished_ns = _monotonic_ns()
         if self.on_done is not None:
