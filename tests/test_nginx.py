@@ -8,7 +8,7 @@ import time
 import pytest
 
 from nbconn import lab, nginx
-from nbconn.upstream import Upstream, run_requests
+from nbconn.upstream import Upstream, run_request, run_requests
 
 from .conftest import require_tool
 
@@ -77,7 +77,7 @@ def test_all_down_no_live_upstreams():
     assert statuses == ["502", "502"]
     assert access[1].upstream_addr == ["backend"]
     assert any(e.message.startswith("no live upstreams") for e in errors)
-    assert ours[1].log == ["no live upstreams while connecting to upstream"]
+    assert ours[1].log == ["[error] no live upstreams while connecting to upstream"]
     assert_same(access, ours)
 
 
@@ -151,3 +151,82 @@ def test_nginx_cleans_up_and_bad_settings_named():
     import os
 
     assert not os.path.exists(prefix)
+
+
+# -- parity details (issue 10 item 11), each checked against the real nginx -----------------------------
+
+def _nginx_lines(errors):
+    """nginx's error log as the model writes it: "[level] message" for error and warn lines."""
+    return [f"[{e.level}] {e.message}" for e in errors if e.level in ("error", "warn")]
+
+
+def test_timeout_that_disables_logs_warn_first_like_nginx():
+    with peers("hole", "up") as (hole, up):
+        statuses, access, errors, ours = side_by_side([str(hole), str(up)], 1)
+    theirs = _nginx_lines(errors)
+    assert theirs == [
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[error] upstream timed out (110: Connection timed out) while connecting to upstream"], theirs
+    assert ours[0].log == theirs
+
+
+def test_refused_that_disables_logs_error_first_like_nginx():
+    with peers("refused", "up") as (down, up):
+        statuses, access, errors, ours = side_by_side([str(down), str(up)], 1)
+    assert _nginx_lines(errors) == ours[0].log == [
+        "[error] connect() failed (111: Connection refused) while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream"]
+
+
+def test_accept_then_reset_fails_in_both_with_a_line_nginx_writes():
+    """nginx sends the request and reads the header before it decides; so does the model with http=True.
+    Whether the RST beats the SO_ERROR check is a race in both, so the lines are compared as sets."""
+    n = 12
+    with peers("up") as (up,), lab.reset() as rst:
+        specs = [str(rst)]
+        with nginx.Nginx(specs, connect_timeout=0.5) as ng:
+            statuses = [ng.request() for _ in range(n)]
+            time.sleep(0.05)
+            theirs = {line for line in _nginx_lines(ng.error_log())}
+        ours = run_requests(Upstream(specs), n, timeout=0.5, http=True)
+    assert statuses == ["502"] * n and [r.result for r in ours] == ["502"] * n
+    possible = {"[error] connect() failed (104: Connection reset by peer) while connecting to upstream",
+                "[error] recv() failed (104: Connection reset by peer) while reading response header from upstream",
+                "[error] writev() failed (104: Connection reset by peer) while sending request to upstream",
+                "[error] writev() failed (32: Broken pipe) while sending request to upstream"}
+    mine = {line for r in ours for line in r.log}
+    assert theirs <= possible and mine <= possible, (theirs, mine)
+
+
+def _at_fraction(fraction: float) -> None:
+    """Sleep until the wall clock's fractional second is ``fraction`` (bounded: at most one second)."""
+    now = time.time()
+    time.sleep((fraction - now % 1) % 1)
+
+
+def test_fail_timeout_on_ngx_time_agrees_on_one_real_time_schedule():
+    """Both on ngx_time() (whole wall-clock seconds).  Two refused peers, fail_timeout=1s, both fail at wall
+    second S + a.  At S+1+p both are still out (1 is not > 1): "no live upstreams"; at S+2+p they get their
+    chance again (2 > 1).  A model on int(time.monotonic()) -- the old clock -- runs beside it: when the two
+    clocks' fractional seconds are far enough apart, a and p are chosen so that it still counts one second
+    at the last probe and keeps the peers out, where nginx tries them."""
+    offset = (time.time() - time.monotonic()) % 1
+    discriminating = 0.15 <= offset <= 0.85  # room for 0.1 s margins on both clocks' second boundaries
+    a, p = (offset + 0.1, offset - 0.1) if discriminating else (0.8, 0.3)
+    with peers("refused", "refused") as (d1, d2):
+        specs = [f"{d1},fail_timeout=1", f"{d2},fail_timeout=1"]
+        model = Upstream(specs)
+        old = Upstream(specs, clock=time.monotonic, msec_clock=time.monotonic)
+        with nginx.Nginx(specs, connect_timeout=0.5) as ng:
+            ours, theirs_old = [], []
+            for fraction in (a, p, p):  # second S, S+1, S+2
+                _at_fraction(fraction)
+                ng.request()
+                ours.append([x.peer for x in run_request(model, timeout=0.5).attempts] or ["backend"])
+                theirs_old.append([x.peer for x in run_request(old, timeout=0.5).attempts] or ["backend"])
+            time.sleep(0.05)
+            theirs = [e.upstream_addr for e in ng.access_log()]
+    assert theirs == ours, (theirs, ours)
+    assert ours[1] == ["backend"] and len(ours[2]) == 2, ours
+    if discriminating:
+        assert theirs_old[2] == ["backend"] and theirs_old != theirs, (offset, theirs_old)

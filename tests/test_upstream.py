@@ -71,7 +71,50 @@ def test_all_down_gives_no_live_upstreams():
     assert first.result == "502" and len(first.attempts) == 2
     second = up.request()
     assert second.next_peer() is None and second.result == "502"
-    assert second.log == ["no live upstreams while connecting to upstream"]
+    assert second.log == ["[error] no live upstreams while connecting to upstream"]
+
+
+def test_timeout_that_disables_logs_warn_before_error_refused_error_before_warn():
+    """ngx_http_upstream_next (1.22.1): peer.free -- which logs the [warn] -- runs before the function logs
+    "upstream timed out"; a refused connect was logged earlier, where it happened."""
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock())
+    req = up.request()
+    req.next_peer()
+    req.report("timed_out", nginx_log="upstream timed out (110: Connection timed out) while connecting to upstream")
+    req.next_peer()
+    req.report("refused", nginx_log="connect() failed (111: Connection refused) while connecting to upstream")
+    assert req.log == [
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[error] upstream timed out (110: Connection timed out) while connecting to upstream",
+        "[error] connect() failed (111: Connection refused) while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+    ]
+    assert req.to_dict()["log"] == req.log and [a["disabled"] for a in req.to_dict()["attempts"]] == [True, True]
+
+
+def test_fail_timeout_counts_whole_wall_clock_seconds():
+    """ngx_time(): a failure at wall time 1000.9 is 'second 1000'; with fail_timeout=1 the peer is back once
+    now - checked > 1, i.e. from second 1002 (1001.0 real seconds later would be too early by the monotonic
+    reading of another clock)."""
+    clock = Clock()
+    clock.t = 1000.9
+    a, b = Peer("127.0.0.1:1", fail_timeout=1), Peer("127.0.0.1:2", fail_timeout=1)
+    up = Upstream([a, b], clock=clock)
+    req = up.request()
+    req.next_peer()
+    req.report("refused")
+    assert a.checked == 1000
+    clock.t = 1001.99  # second 1001: 1001 - 1000 = 1 <= fail_timeout: still out
+    assert not a.eligible(up.now())
+    clock.t = 1002.0  # second 1002: back
+    assert a.eligible(up.now())
+
+
+def test_default_clock_is_wall_clock_seconds():
+    import time
+
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2"])
+    assert abs(up.now() - int(time.time())) <= 1
 
 
 def test_backup_only_when_primaries_are_out_and_timeout_gives_504():
@@ -140,7 +183,25 @@ def test_cli_json_shape():
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     first = data["requests"][0]
-    assert set(first) == {"attempts", "result"} and set(first["attempts"][0]) == {"peer", "outcome", "connect_ms"}
+    assert set(first) == {"attempts", "result", "log"}
+    assert set(first["attempts"][0]) == {"peer", "outcome", "connect_ms", "stage", "disabled", "reused"}
+    assert first["log"] == [] and data["requests"][1]["log"] == ["[error] connect() failed (111: Connection refused) while connecting to upstream",
+                            "[warn] upstream server temporarily disabled while connecting to upstream"]
     bad = subprocess.run([sys.executable, "-m", "nbconn", "upstream", "--peer", "127.0.0.1:1,weight=-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "weight" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reset_after_accept_is_a_failure_nginx_would_log():
+    """A peer that accepts and then resets: with http=True the model sends the request and reads the response
+    header, as nginx does, so it never calls this peer a success; the line is one of those nginx writes."""
+    allowed = {"connect() failed (104: Connection reset by peer) while connecting to upstream",
+               "writev() failed (104: Connection reset by peer) while sending request to upstream",
+               "writev() failed (32: Broken pipe) while sending request to upstream",
+               "recv() failed (104: Connection reset by peer) while reading response header from upstream",
+               "upstream prematurely closed connection while reading response header from upstream"}
+    with lab.reset() as rst:
+        reqs = run_requests(Upstream([str(rst)]), 20, timeout=0.5, http=True)
+    seen = {r.attempts[0].nginx_log for r in reqs}
+    assert all(r.result == "502" for r in reqs)
+    assert seen <= allowed, seen
