@@ -205,3 +205,34 @@ def test_reset_after_accept_is_a_failure_nginx_would_log():
     seen = {r.attempts[0].nginx_log for r in reqs}
     assert all(r.result == "502" for r in reqs)
     assert seen <= allowed, seen
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "nbconn", "upstream", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_json_log_disabled_and_no_live_upstreams():
+    with lab.refused() as d1, lab.blackhole() as hole:
+        out = _cli("--peer", str(d1), "--peer", f"{hole},fail_timeout=1m", "--requests", "2", "--timeout", "0.2",
+                   "--json")
+    assert out.returncode == 0, out.stderr
+    first, second = json.loads(out.stdout)["requests"]
+    assert [a["disabled"] for a in first["attempts"]] == [True, True] and first["result"] == "504"
+    assert first["log"] == [
+        "[error] connect() failed (111: Connection refused) while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[error] upstream timed out (110: Connection timed out) while connecting to upstream"]
+    assert second == {"attempts": [], "result": "502",
+                      "log": ["[error] no live upstreams while connecting to upstream"]}
+
+
+def test_cli_help_lists_down_and_http_mode_sees_the_reset():
+    assert ",down" in _cli("--help").stdout
+    with lab.reset() as rst, lab.listening(http=True) as up:
+        out = _cli("--peer", str(rst), "--peer", str(up), "--http", "--json")
+    assert out.returncode == 0, out.stderr
+    (req,) = json.loads(out.stdout)["requests"]
+    assert req["result"] == "200" and [a["outcome"] for a in req["attempts"]][-1] == "ok"
+    assert req["attempts"][0]["outcome"] in ("reset", "closed") and req["attempts"][0]["disabled"]
