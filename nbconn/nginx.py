@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from . import validate
 from .upstream import Peer
 
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
@@ -83,6 +84,45 @@ def _duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
+# -- what may go into the configuration file -----------------------------------------------------------
+# nginx's configuration parser (ngx_conf_read_token, src/core/ngx_conf_file.c) splits on whitespace and ends a
+# directive at ";" or opens/closes a block at "{" / "}"; quotes, "\\" and "$" change how a token is read.
+# A value written unquoted that holds any of them becomes *more configuration*: an 89-byte unix: path can add
+# a `server { ... autoindex on; root /; }` block.  Rather than quote (and trust every later edit to quote
+# too), every value config() writes must match this plain alphabet, or config() refuses it by name.
+_PLAIN = re.compile(r"[A-Za-z0-9._:/\[\]+=@%-]+")
+_PLAIN_ADDRESS = re.compile(r"(?:unix:/[A-Za-z0-9._/+-]+|[0-9.]+:[0-9]+|\[[0-9A-Fa-f:.]+\]:[0-9]+|"
+                            r"[A-Za-z0-9.-]+:[0-9]+)")
+
+
+def config_value(name: str, value: str, pattern: re.Pattern = _PLAIN) -> str:
+    """``value`` if it can be written into nginx.conf unquoted without changing its structure, else ValueError."""
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        bad = sorted({c for c in str(value) if not (c.isascii() and (c.isalnum() or c in "._:/[]+=@%-"))})
+        shown_bad = ", ".join(repr(c) for c in bad[:5]) or "its form"
+        raise ValueError(f"{name} {validate.shown(value)} cannot go into an nginx configuration ({shown_bad} "
+                         f"would change or break its structure)")
+    return value
+
+
+def _worker_user() -> str | None:
+    """As root: the unprivileged user and group the worker runs as (nobody + its group); else None."""
+    if os.geteuid() != 0:
+        return None  # nginx can only switch users when started by root; the worker runs as the caller
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        raise RuntimeError("running nginx as root needs an unprivileged user 'nobody' for its worker") from None
+    try:
+        group = grp.getgrgid(user.pw_gid).gr_name
+    except KeyError:
+        group = str(user.pw_gid)
+    return f"{user.pw_name} {group}"
+
+
 class Nginx:
     """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Peer objects).
 
@@ -98,6 +138,8 @@ class Nginx:
         if reason:
             raise RuntimeError(reason)
         self.peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
+        for p in self.peers:  # named here, before any file or process exists
+            config_value("peer address", p.address, _PLAIN_ADDRESS)
         if not 0 < connect_timeout <= 75:  # nginx caps proxy_connect_timeout at 75 s on most systems
             raise ValueError(f"connect_timeout={connect_timeout!r} must be in (0, 75] s")
         for kind in next_upstream:
@@ -114,15 +156,19 @@ class Nginx:
 
     # -- configuration -------------------------------------------------------------
     def config(self) -> str:
+        """The nginx.conf text.  Every value in it is checked by :func:`config_value` (or is a number)."""
         servers = []
         for p in self.peers:
-            line = f"server {p.address} weight={p.weight} max_fails={p.max_fails} fail_timeout={int(p.fail_timeout)}s"
+            address = config_value("peer address", p.address, _PLAIN_ADDRESS)
+            line = (f"server {address} weight={int(p.weight)} max_fails={int(p.max_fails)} "
+                    f"fail_timeout={int(p.fail_timeout)}s")
             line += " backup" if p.backup else ""
             line += " down" if p.down else ""
             servers.append(f"        {line};")
         nu = " ".join(self.next_upstream) or "off"
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        pre = self.prefix
+        worker = _worker_user()
+        user = f"user {worker};\n" if worker else ""
+        pre = config_value("nginx prefix (from TMPDIR)", self.prefix) if self.prefix else ""
         return f"""# written by nbconn.nginx: a private instance, not the system service
 {user}daemon off;
 master_process on;
@@ -158,8 +204,13 @@ http {{
     # -- lifetime -----------------------------------------------------------------
     def start(self) -> "Nginx":
         self.prefix = tempfile.mkdtemp(prefix="nbconn-nginx-")
-        os.makedirs(os.path.join(self.prefix, "tmp"))
         try:
+            config_value("nginx prefix (from TMPDIR)", self.prefix)
+            os.makedirs(os.path.join(self.prefix, "tmp"))
+            if _worker_user():
+                # The unprivileged worker must reach its temp paths (nginx's master creates and chowns them)
+                # and reopen its logs; it needs to pass through the 0700 prefix, not list or write it.
+                os.chmod(self.prefix, 0o711)
             for _ in range(3):  # the free port may be taken between the probe and nginx's bind: retry
                 self.port = _free_port()
                 conf = os.path.join(self.prefix, "nginx.conf")

@@ -230,3 +230,55 @@ def test_fail_timeout_on_ngx_time_agrees_on_one_real_time_schedule():
     assert ours[1] == ["backend"] and len(ours[2]) == 2, ours
     if discriminating:
         assert theirs_old[2] == ["backend"] and theirs_old != theirs, (offset, theirs_old)
+
+
+# -- the configuration cannot be rewritten through a value; the worker is not root --------------------------
+
+INJECTION = "unix:/tmp/a;}server{listen 127.0.0.1:9;autoindex on;root /;}upstream x{server unix:/tmp/b"
+
+
+@pytest.mark.parametrize("address", [
+    INJECTION,                                   # issue 13's kind of path (85 bytes): a whole server block
+    "unix:/tmp/a b",                             # whitespace splits a token
+    "unix:/tmp/a\nserver",                       # a newline too
+    'unix:/tmp/"a"',                             # quotes change how nginx reads a token
+    "unix:/tmp/a{",
+    "unix:/tmp/$host",                           # a variable
+])
+def test_config_refuses_values_that_change_its_structure(address):
+    import os
+    import subprocess
+
+    before = subprocess.run(["pgrep", "-c", "-x", "nginx"], capture_output=True, text=True).stdout.strip()
+    tmp_before = set(os.listdir("/tmp"))
+    with pytest.raises(ValueError, match="cannot go into an nginx configuration") as info:
+        nginx.Nginx([address])
+    assert "peer address" in str(info.value)
+    assert subprocess.run(["pgrep", "-c", "-x", "nginx"], capture_output=True, text=True).stdout.strip() == before
+    assert not {n for n in set(os.listdir("/tmp")) - tmp_before if n.startswith("nbconn-nginx-")}
+
+
+def test_config_checks_again_when_written():
+    """A peer changed after construction is caught by config() itself, before nginx.conf is written."""
+    ng = nginx.Nginx(["127.0.0.1:1"])
+    ng.peers[0].address = INJECTION
+    with pytest.raises(ValueError, match="peer address"):
+        ng.config()
+
+
+def test_worker_runs_unprivileged_as_root():
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("as a normal user nginx's worker runs as that user already (nginx cannot switch users)")
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)]) as ng:
+            assert "\nuser nobody " in "\n" + ng.config()
+            assert ng.request() == "200"  # the worker can still proxy, write its logs and use its temp paths
+            ps = subprocess.run(["ps", "-o", "user=,args=", "--ppid", str(ng.proc.pid)], capture_output=True,
+                                text=True).stdout
+            time.sleep(0.05)
+            assert len(ng.access_log()) == 1
+    workers = [line for line in ps.splitlines() if "worker process" in line]
+    assert workers and all(line.split()[0] == "nobody" for line in workers), ps
