@@ -133,7 +133,7 @@ class Nginx:
     """
 
     def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
-                 next_upstream_timeout: float = 0.0, strace: bool = False) -> None:
+                 next_upstream_timeout: float = 0.0, strace: bool = False, keepalive: int = 0) -> None:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
@@ -150,6 +150,9 @@ class Nginx:
         self.tries = tries
         self.next_upstream_timeout = next_upstream_timeout
         self.strace = strace
+        # `keepalive N` in the upstream block, with the two lines it needs to work at all: HTTP/1.1 to the
+        # upstream and no "Connection: close" header (nginx's proxy sends HTTP/1.0 + close by default)
+        self.keepalive = validate.integer("keepalive", keepalive, 0, 10_000)
         self.prefix = ""
         self.port = 0
         self.proc: subprocess.Popen | None = None
@@ -169,6 +172,9 @@ class Nginx:
         worker = _worker_user()
         user = f"user {worker};\n" if worker else ""
         pre = config_value("nginx prefix (from TMPDIR)", self.prefix) if self.prefix else ""
+        keepalive = f"\n        keepalive {int(self.keepalive)};" if self.keepalive else ""
+        proxy_keepalive = ('\n            proxy_http_version 1.1;\n            proxy_set_header Connection "";'
+                           if self.keepalive else "")
         return f"""# written by nbconn.nginx: a private instance, not the system service
 {user}daemon off;
 master_process on;
@@ -185,7 +191,7 @@ http {{
     uwsgi_temp_path {pre}/tmp/uwsgi;
     scgi_temp_path {pre}/tmp/scgi;
     upstream backend {{
-{chr(10).join(servers)}
+{chr(10).join(servers)}{keepalive}
     }}
     server {{
         listen 127.0.0.1:{self.port};
@@ -195,7 +201,7 @@ http {{
             proxy_next_upstream {nu};
             proxy_next_upstream_tries {self.tries};
             proxy_next_upstream_timeout {_duration(self.next_upstream_timeout) if self.next_upstream_timeout else 0};
-            proxy_read_timeout 5s;
+            proxy_read_timeout 5s;{proxy_keepalive}
         }}
     }}
 }}

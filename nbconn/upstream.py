@@ -168,7 +168,18 @@ class Upstream:
     (a test stepping time by hand) and to ``time.monotonic`` otherwise.
     """
 
-    def __init__(self, peers, *, clock=None, msec_clock=None) -> None:
+    def __init__(self, peers, *, clock=None, msec_clock=None, keepalive: int = 0, keepalive_requests: int = 1000,
+                 keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0) -> None:
+        # keepalive: `keepalive N` in the upstream block -- at most N idle connections cached per worker, for
+        # all peers together (ngx_http_upstream_keepalive_module); the other three are its directives, with
+        # nginx 1.22.1's defaults (keepalive_module.c, lines 160-162).
+        self.keepalive = validate.integer("keepalive", keepalive, 0, 10_000)
+        self.keepalive_requests = validate.integer("keepalive_requests", keepalive_requests, 1, MAX_FAILS)
+        self.keepalive_timeout = validate.number("keepalive_timeout", keepalive_timeout, 0, validate.MAX_TIMEOUT_S,
+                                                 low_open=True)
+        self.keepalive_time = validate.number("keepalive_time", keepalive_time, 0, validate.MAX_TIMEOUT_S,
+                                              low_open=True)
+        self.cache: list = []  # KeptConnection, most recently saved first (nginx's kp->conf->cache queue)
         peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
         self.primary = [p for p in peers if not p.backup]
         self.backup = [p for p in peers if p.backup]
@@ -231,6 +242,82 @@ class Upstream:
         if peer.accessed < peer.checked:
             peer.fails = 0
         return False
+
+    # -- ngx_http_upstream_keepalive_module (1.22.1) ---------------------------------------------------
+    def keepalive_get(self, address: str) -> "KeptConnection | None":
+        """ngx_http_upstream_get_keepalive_peer (lines 236-301): after the round robin picked the peer, the
+        most recently saved idle connection to the same address, taken out of the cache -- the connect
+        step then returns NGX_DONE: no socket(), no connect().  None: connect as usual."""
+        self._forget_closed()
+        for i, kept in enumerate(self.cache):
+            if kept.address == address:
+                del self.cache[i]
+                kept.requests += 1
+                return kept
+        return None
+
+    def keepalive_free(self, kept: "KeptConnection") -> "KeptConnection | None":
+        """ngx_http_upstream_free_keepalive_peer (lines 305-410) for a request that went well and left the
+        connection reusable: save it at the head of the cache.  Returns the connection to close: this one
+        when it has served keepalive_requests or lived keepalive_time, or the least recently saved one
+        when the cache already holds N (nginx closes the queue's last entry)."""
+        now = self.msec_clock()
+        if not self.keepalive or kept.requests >= self.keepalive_requests or now - kept.started > self.keepalive_time:
+            return kept
+        evicted = self.cache.pop() if len(self.cache) >= self.keepalive else None
+        kept.idle_since = now
+        self.cache.insert(0, kept)
+        return evicted
+
+    def _forget_closed(self) -> None:
+        """What ngx_http_upstream_keepalive_close_handler does whenever an idle connection becomes readable
+        (the upstream closed it, or sent something unasked) or its keepalive_timeout timer fires: close it
+        and drop it from the cache.  nginx's event loop does this as it happens; the model, which has no
+        loop between requests, looks before each pick."""
+        import select
+
+        now = self.msec_clock()
+        keep = []
+        for kept in self.cache:
+            stale = now - kept.idle_since > self.keepalive_timeout
+            if not stale and kept.sock is not None:
+                try:
+                    stale = bool(select.select([kept.sock], [], [], 0)[0])
+                except (OSError, ValueError):
+                    stale = True
+            if stale:
+                kept.close()
+            else:
+                keep.append(kept)
+        self.cache[:] = keep
+
+    def close(self) -> None:
+        """Close every cached connection (nginx: the worker exits)."""
+        for kept in self.cache:
+            kept.close()
+        self.cache.clear()
+
+    def __enter__(self) -> "Upstream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class KeptConnection:
+    """A connection in (or on its way to) the keepalive cache: ngx_http_upstream_keepalive_cache_t."""
+
+    address: str
+    sock: object = None  # a socket, or None when the model runs without I/O
+    requests: int = 1  # requests it has carried (c->requests)
+    started: float = 0.0  # msec clock when it was connected (c->start_time)
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 #: nginx's log->action for each stage of an upstream attempt (ngx_http_upstream.c, 1.22.1: lines 1518,
@@ -338,6 +425,10 @@ class Request:
             self.remaining = 0  # free_round_robin_peer: pc->tries = 0 for a single peer (line 625)
         elif self.remaining:
             self.remaining -= 1
+        if reused and attempt.failure == "error":
+            # ngx_http_upstream_next (ngx_http_upstream.c 1.22.1, lines 4310-4313): "if (u->peer.cached && ft_type ==
+            # NGX_HTTP_UPSTREAM_FT_ERROR) u->peer.tries++" -- a cached connection that failed gives its try back
+            self.remaining += 1
         status = "504" if attempt.failure == "timeout" else "502"
         out_of_time = self.timeout_s and up.msec_clock() - self.started >= self.timeout_s
         if self.remaining == 0 or attempt.failure not in self.next_upstream or out_of_time:
@@ -351,39 +442,71 @@ class Request:
 
 # -- driving the model with real connects ---------------------------------------------------------------
 
-#: What nginx's proxy sends by default (proxy_http_version 1.0, the Host from proxy_pass's upstream name).
+#: What nginx's proxy sends by default (proxy_http_version 1.0, the Host from proxy_pass's upstream name) ...
 HTTP_REQUEST = b"GET / HTTP/1.0\r\nHost: backend\r\nConnection: close\r\n\r\n"
+#: ... and with keepalive's companions `proxy_http_version 1.1; proxy_set_header Connection "";`
+HTTP11_REQUEST = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n"
 MAX_HEADER = 65536
 
 
-def _exchange(sock, read_timeout: float) -> tuple:
+def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     """Send the request and read the response header on a connected socket, as nginx's upstream does next
     (ngx_http_upstream_send_request, then ngx_http_upstream_process_header).  Returns
-    (outcome, stage, level, nginx_log); outcome "ok" when a response header arrived."""
+    (outcome, stage, level, nginx_log, reusable); outcome "ok" when a response header arrived; reusable
+    when the connection may go back to the keepalive cache (u->keepalive in nginx's proxy module: an
+    HTTP/1.1 status line, no "Connection: close", and the whole body read)."""
     import os
     import socket
 
     sock.settimeout(read_timeout)
     try:
-        sock.sendall(HTTP_REQUEST)
+        sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
     except socket.timeout:
-        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}"
+        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", False
     except OSError as exc:  # ngx_writev_chain.c 1.22.1, line 210: ngx_connection_error(c, err, "writev() failed")
         return _errno_outcome(exc.errno), SENDING, "error", \
-            f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}"
+            f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False
     data = b""
     while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
         try:
             chunk = sock.recv(4096)
         except socket.timeout:  # process_header: c->read->timedout -> next(FT_TIMEOUT), logged there
-            return "timed_out", READING, "error", f"upstream timed out (110: Connection timed out) while {READING}"
+            return "timed_out", READING, "error", \
+                f"upstream timed out (110: Connection timed out) while {READING}", False
         except OSError as exc:  # ngx_recv.c 1.22.1, line 188: ngx_connection_error(c, err, "recv() failed")
             return _errno_outcome(exc.errno), READING, "error", \
-                f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}"
+                f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
-            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}"
+            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False
         data += chunk
-    return "ok", READING, None, None
+    return "ok", READING, None, None, keepalive and _read_body(sock, data)
+
+
+def _read_body(sock, data: bytes) -> bool:
+    """Read the rest of a response with Content-Length; True when the connection may be kept."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 "):
+        return False  # ngx_http_proxy_process_status: below HTTP/1.1 -> connection_close = 1
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"connection" and value == b"close":
+            return False
+        if name == b"content-length" and value.isdigit() and len(value) < 12:
+            length = int(value)
+    if length is None or length > 1 << 20:
+        return False  # the model reads only bodies of a known, small length
+    try:
+        while len(body) < length:
+            chunk = sock.recv(min(65536, length - len(body)))
+            if not chunk:
+                return False
+            body += chunk
+    except OSError:
+        return False
+    return len(body) == length
 
 
 def _errno_outcome(number: int | None) -> str:
@@ -400,26 +523,44 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     ``http=False`` stops at the connect: a connected peer is a success.  ``http=True`` goes on as nginx
     does: send the request, read the response header, and only then decide -- a peer that accepts and
     then resets fails with "recv() failed (104: ...)" or "writev() failed", as nginx would log it.
+    With ``Upstream(keepalive=N)`` the request is HTTP/1.1 and a connection from the keepalive cache is
+    used when there is one for the picked peer (the attempt says ``reused``; no connect was made).
     """
     from .api import connect
 
     validate.flag("http", http)
     read_timeout = validate.number("read_timeout", read_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
+    keepalive = bool(upstream.keepalive)
+    http = http or keepalive  # keepalive needs the exchange: it decides whether the connection is kept
     req = upstream.request(next_upstream=next_upstream, tries=tries, timeout_s=next_upstream_timeout)
-    limit = len(upstream.primary) + len(upstream.backup) + 1  # bound: each peer at most once per request
+    limit = 2 * (len(upstream.primary) + len(upstream.backup)) + 1  # each peer at most twice (a cached try)
     for _ in range(limit):
         peer = req.next_peer()
         if peer is None:
             break
-        res = connect(peer.address, timeout=timeout, keep=http, **options)
-        if not (http and res.connected):
-            req.report(res.outcome, res.handshake_ms, nginx_log=res.ngx_log, level=res.ngx_level)
+        kept = upstream.keepalive_get(peer.address) if keepalive else None
+        if kept is None:
+            res = connect(peer.address, timeout=timeout, keep=http, **options)
+            if not (http and res.connected):
+                req.report(res.outcome, res.handshake_ms, nginx_log=res.ngx_log, level=res.ngx_level)
+                if req.result is not None:
+                    break
+                continue
+            kept = KeptConnection(peer.address, res.sock, started=upstream.msec_clock())
+            res.sock = None  # the KeptConnection owns it now
+            connect_ms = res.handshake_ms
         else:
-            try:
-                outcome, stage, level, line = _exchange(res.sock, read_timeout)
-            finally:
-                res.close()
-            req.report(outcome, res.handshake_ms, nginx_log=line, level=level, stage=stage)
+            connect_ms = 0.0  # $upstream_connect_time of a cached connection
+        reused = kept.requests > 1
+        try:
+            outcome, stage, level, line, reusable = _exchange(kept.sock, read_timeout, keepalive=keepalive)
+        except BaseException:
+            kept.close()
+            raise
+        to_close = upstream.keepalive_free(kept) if reusable else kept
+        if to_close is not None:
+            to_close.close()
+        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused)
         if req.result is not None:
             break
     return req

@@ -282,3 +282,40 @@ def test_worker_runs_unprivileged_as_root():
             assert len(ng.access_log()) == 1
     workers = [line for line in ps.splitlines() if "worker process" in line]
     assert workers and all(line.split()[0] == "nobody" for line in workers), ps
+
+
+# -- keepalive (issue 14 part 3): the model predicts which requests reuse a connection -------------------
+
+@pytest.mark.parametrize("weights, keepalive", [((1, 1), 1), ((1, 1), 2), ((3, 1), 1), ((1,), 1)])
+def test_keepalive_model_predicts_which_requests_nginx_reuses(weights, keepalive):
+    """The upstream's own record (which connection each request came on) for nginx and for the model."""
+    from nbconn.httpd import HttpPeer
+
+    journal = []
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(HttpPeer(journal=journal)) for _ in weights]
+        specs = [f"{s},weight={w}" for s, w in zip(servers, weights)]
+        with nginx.Nginx(specs, keepalive=keepalive) as ng:
+            assert [ng.request() for _ in range(8)] == ["200"] * 8
+        theirs = [(s.peer, s.reused) for s in journal]
+        journal.clear()
+        with Upstream(specs, keepalive=keepalive) as up:
+            ours = [(r.attempts[0].peer, r.attempts[0].reused) for r in run_requests(up, 8)]
+        seen_by_peer = [(s.peer, s.reused) for s in journal]
+    assert ours == theirs and seen_by_peer == ours, (theirs, ours)
+
+
+def test_keepalive_nginx_makes_one_connect_for_many_requests():
+    require_tool("strace")
+    from nbconn.httpd import HttpPeer
+
+    counts = {}
+    with HttpPeer() as peer:
+        for keepalive in (0, 4):
+            with nginx.Nginx([str(peer)], keepalive=keepalive, strace=True) as ng:
+                for _ in range(5):
+                    ng.request()
+                time.sleep(0.2)
+                counts[keepalive] = sum(1 for line in ng.strace_lines()
+                                        if "connect(" in line and f"htons({peer.port})" in line)
+    assert counts == {0: 5, 4: 1}, counts

@@ -236,3 +236,66 @@ def test_cli_help_lists_down_and_http_mode_sees_the_reset():
     (req,) = json.loads(out.stdout)["requests"]
     assert req["result"] == "200" and [a["outcome"] for a in req["attempts"]][-1] == "ok"
     assert req["attempts"][0]["outcome"] in ("reset", "closed") and req["attempts"][0]["disabled"]
+
+
+# -- keepalive: ngx_http_upstream_keepalive_module ------------------------------------------------------
+
+def test_keepalive_cache_is_lru_over_all_peers_without_io():
+    from nbconn.upstream import KeptConnection
+
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], clock=Clock(), keepalive=2)
+    assert up.keepalive_get("127.0.0.1:1") is None
+    assert up.keepalive_free(KeptConnection("127.0.0.1:1")) is None
+    assert up.keepalive_free(KeptConnection("127.0.0.1:2")) is None
+    evicted = up.keepalive_free(KeptConnection("127.0.0.1:3"))  # full: the least recently saved goes
+    assert evicted.address == "127.0.0.1:1" and [k.address for k in up.cache] == ["127.0.0.1:3", "127.0.0.1:2"]
+    kept = up.keepalive_get("127.0.0.1:2")
+    assert kept.requests == 2 and [k.address for k in up.cache] == ["127.0.0.1:3"]
+    kept.requests = 1000  # keepalive_requests reached: not saved again
+    assert up.keepalive_free(kept) is kept
+
+
+def test_reused_connection_that_fails_gives_its_try_back():
+    """ngx_http_upstream_next: u->peer.cached && FT_ERROR -> tries++; so a single peer gets a second try."""
+    up = Upstream(["127.0.0.1:1"], clock=Clock(), keepalive=1)
+    req = up.request()
+    req.next_peer()
+    req.report("closed", 0.0, nginx_log="upstream prematurely closed connection while reading response header "
+               "from upstream", stage="reading response header from upstream", reused=True)
+    assert req.result is None and req.next_peer() is not None
+    req.report("ok", 0.1, stage="reading response header from upstream")
+    assert req.result == "200" and [a.reused for a in req.attempts] == [True, False]
+
+
+def test_cli_keepalive_reused_attempts_make_no_connect():
+    from nbconn.httpd import HttpPeer
+
+    from .conftest import require_tool
+
+    strace = require_tool("strace")
+    with HttpPeer() as peer:
+        out = subprocess.run([strace, "-f", "-qq", "-e", "trace=connect", sys.executable, "-m", "nbconn", "upstream",
+                              "--peer", str(peer), "--requests", "4", "--keepalive", "2", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        served = list(peer.served)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reqs = json.loads(out.stdout)["requests"]
+    assert [[a["reused"] for a in r["attempts"]] for r in reqs] == [[False], [True], [True], [True]]
+    assert [a["connect_ms"] for r in reqs[1:] for a in r["attempts"]] == [0.0, 0.0, 0.0]
+    connects = [line for line in out.stderr.splitlines() if f"htons({peer.port})" in line]
+    assert len(connects) == 1, connects  # one connect() for four requests
+    assert [s.nth for s in served] == [1, 2, 3, 4]  # the peer saw them all on one connection
+
+
+def test_http_peer_leaves_no_thread_or_socket():
+    import threading
+
+    from nbconn.httpd import HttpPeer
+
+    before = threading.active_count()
+    with HttpPeer() as peer:
+        with Upstream([str(peer)], keepalive=1) as up:
+            run_requests(up, 3)
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match="loopback"):
+        HttpPeer("192.0.2.1")
