@@ -129,11 +129,14 @@ class Nginx:
     ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds
     for proxy_next_upstream ("error", "timeout"; empty = off); ``tries`` and
     ``next_upstream_timeout``: proxy_next_upstream_tries / _timeout (0 = unlimited);
-    ``strace``: run nginx under ``strace -f`` and keep the trace.
+    ``strace``: run nginx under ``strace -f`` and keep the trace (of ``strace_syscalls``);
+    ``keepalive``: ``keepalive N`` in the upstream block, with ``proxy_http_version 1.1`` and an empty
+    ``Connection`` header (without those two nginx closes every upstream connection anyway).
     """
 
     def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
-                 next_upstream_timeout: float = 0.0, strace: bool = False, keepalive: int = 0) -> None:
+                 next_upstream_timeout: float = 0.0, strace: bool = False, keepalive: int = 0,
+                 strace_syscalls: str = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close") -> None:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
@@ -150,6 +153,9 @@ class Nginx:
         self.tries = tries
         self.next_upstream_timeout = next_upstream_timeout
         self.strace = strace
+        if not isinstance(strace_syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", strace_syscalls) is None:
+            raise ValueError(f"strace_syscalls={validate.shown(strace_syscalls)} must be syscall names, comma-separated")
+        self.strace_syscalls = strace_syscalls
         # `keepalive N` in the upstream block, with the two lines it needs to work at all: HTTP/1.1 to the
         # upstream and no "Connection: close" header (nginx's proxy sends HTTP/1.0 + close by default)
         self.keepalive = validate.integer("keepalive", keepalive, 0, 10_000)
@@ -226,7 +232,7 @@ http {{
                 if self.strace:
                     argv = [shutil.which("strace") or "strace", "-f", "-qq", "-tt", "-o",
                             os.path.join(self.prefix, "strace.log"),
-                            "-e", "trace=socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close", *argv]
+                            "-e", f"trace={self.strace_syscalls}", "-s", "40", *argv]
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE)
                 if self._wait_ready(5.0):
@@ -396,3 +402,30 @@ def shorten(call: str) -> str:
     call = re.sub(r"\{sa_family=[^}]*\}", "{...}", call)
     call = re.sub(r"data=\{[^}]*\}", "data={...}", call)
     return call.replace(" (Operation now in progress)", "")
+
+
+def client_requests_syscalls(lines: list[str]) -> list[list[str]]:
+    """From an ``strace -f -tt`` of nginx: the calls made for each client request, in order.
+
+    A request runs from the worker's ``accept4()`` of the client's connection to the ``close()`` of that
+    descriptor; every call the worker made in between is kept (the upstream's socket(), connect(), writev(),
+    recvfrom() among them).  The readiness probe that start() makes (closed without a request) is left out.
+    """
+    requests, current, fd, pid = [], None, None, None
+    for raw in lines:
+        m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
+        if not m:
+            continue
+        who, call = m.group(1), re.sub(r"\s+= ", " = ", m.group(2))
+        accepted = re.match(r"accept4?\(.*\) = (\d+)$", call)
+        if accepted and current is None:
+            current, fd, pid = [call], accepted.group(1), who
+            continue
+        if current is None or who != pid:
+            continue
+        current.append(call)
+        if call.startswith(f"close({fd})"):
+            if not any(re.match(rf"recvfrom\({fd}, \"\", .*= 0$", c) for c in current):
+                requests.append(current)
+            current = None
+    return requests
