@@ -458,6 +458,11 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     import os
     import socket
 
+    # nginx reads SO_ERROR once, at the writable event, in ngx_http_upstream_send_request just before it writes
+    # (ngx_http_upstream_test_connect, ngx_http_upstream.c 1.22.1, line 2076); nbconn.connect read it at the
+    # same event.  Between that read and the write, nbconn spends longer than nginx (it returns a Result
+    # first), so an RST landing in that gap shows up here as "writev() failed" a little more often than in
+    # nginx; which of connect()/writev()/recv() sees a reset is a race in both.
     sock.settimeout(read_timeout)
     try:
         sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
