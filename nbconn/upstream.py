@@ -101,7 +101,7 @@ class Peer:
     address: str  # as nginx names it: 127.0.0.1:8080
     weight: int = 1
     max_fails: int = 1
-    fail_timeout: float = 10.0
+    fail_timeout: int = 10  # whole seconds, as nginx keeps it
     backup: bool = False
     down: bool = False
     # run-time state, as in ngx_http_upstream_rr_peer_t
