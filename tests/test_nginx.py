@@ -319,3 +319,16 @@ def test_keepalive_nginx_makes_one_connect_for_many_requests():
                 counts[keepalive] = sum(1 for line in ng.strace_lines()
                                         if "connect(" in line and f"htons({peer.port})" in line)
     assert counts == {0: 5, 4: 1}, counts
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"tries": "1; autoindex on"}, "tries"),
+    ({"next_upstream_timeout": "1s; root /"}, "next_upstream_timeout"),
+    ({"connect_timeout": 10**400}, "connect_timeout"),
+    ({"next_upstream": "error"}, "next_upstream"),
+    ({"keepalive": "8; root /"}, "keepalive"),
+    ({"strace_syscalls": "connect -o /etc/x"}, "strace_syscalls"),
+])
+def test_every_setting_is_checked_before_it_reaches_the_config(kwargs, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        nginx.Nginx(["127.0.0.1:1"], **kwargs)
