@@ -211,7 +211,7 @@ def test_fail_timeout_on_ngx_time_agrees_on_one_real_time_schedule():
     clocks' fractional seconds are far enough apart, a and p are chosen so that it still counts one second
     at the last probe and keeps the peers out, where nginx tries them."""
     offset = (time.time() - time.monotonic()) % 1
-    discriminating = 0.15 <= offset <= 0.85  # room for 0.1 s margins on both clocks' second boundaries
+    discriminating = 0.2 <= offset <= 0.8  # 0.1 s or more from every second boundary of both clocks
     a, p = (offset + 0.1, offset - 0.1) if discriminating else (0.8, 0.3)
     with peers("refused", "refused") as (d1, d2):
         specs = [f"{d1},fail_timeout=1", f"{d2},fail_timeout=1"]
