@@ -31,6 +31,7 @@ _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 _START_S = 10.0  # the helper's interpreter start and namespace setup, on a loaded machine
 _REPLY_S = 10.0
 _STOP_S = 5.0
+MAX_BATCH = 64  # descriptors per SCM_RIGHTS message
 
 
 def ip_binary() -> str | None:
@@ -98,18 +99,20 @@ class LabProcess:
         self.setup_s = time.perf_counter() - started
 
     def _receive(self, timeout: float, want_fd: bool = False):
-        """One message (dict) and, with ``want_fd``, the descriptor it carries; None on timeout or EOF."""
+        """One message (dict) and, with ``want_fd``, the descriptors it carries; None on timeout or EOF."""
         if not select.select([self._control], [], [], timeout)[0]:
             return None
         if want_fd:
-            data, fds, flags, _ = socket.recv_fds(self._control, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(self._control, 1 << 16, MAX_BATCH, socket.MSG_CMSG_CLOEXEC)
         else:
             data, fds, flags = self._control.recv(1 << 16), [], 0
         if not data:
+            for fd in fds:
+                os.close(fd)
             return None
         message = json.loads(data)
         if fds:
-            message["_fd"] = fds[0]
+            message["_fd"] = fds
         elif flags & socket.MSG_CTRUNC:
             message["_truncated"] = True  # the kernel could not install the descriptor here (EMFILE)
         return message
@@ -126,21 +129,20 @@ class LabProcess:
                 reply = self._receive(max(0.0, deadline - time.monotonic()), want_fd=True)
                 if reply is None:
                     raise OSError(errno.EPIPE, "the lab helper did not answer (it has exited?)")
-                fd = reply.pop("_fd", None)
+                fds = reply.pop("_fd", [])
                 if reply.get("id") == ident:
                     break
-                if fd is not None:
+                for fd in fds:
                     os.close(fd)  # the answer to a request someone stopped waiting for
-        if "errno" in reply:
-            if fd is not None:
+        if "errno" in reply or not want_fd:
+            for fd in fds:
                 os.close(fd)
-            raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
-        if want_fd:
-            if fd is None:
-                raise OSError(errno.EMFILE, "no descriptor arrived over SCM_RIGHTS (this process is out of fds?)")
-            reply["fd"] = fd
-        elif fd is not None:
-            os.close(fd)
+            if "errno" in reply:
+                raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
+            return reply
+        if not fds:
+            raise OSError(errno.EMFILE, "no descriptor arrived over SCM_RIGHTS (this process is out of fds?)")
+        reply["fds"] = fds
         return reply
 
     @property

@@ -180,6 +180,7 @@ class Link:
         if self._closed:
             return
         steps = [self._peers.close, self._close_forwarder_control]
+        steps += [ns.close for ns in (self.client_ns, self.server_ns) if ns is not None]
         if self.process is not None:
             steps.append(self.process.stop)
         first_error: BaseException | None = None
