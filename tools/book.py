@@ -184,7 +184,7 @@ def build(out: str = OUT, clean: bool = False) -> str:
     argv = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", "-c", CONF,
             "-d", os.path.join(BUILD, "book-doctrees"), SRC, out]
     if subprocess.run(argv, env=env, cwd=ROOT).returncode != 0:
-        sys.exit("book build failed: see the warnings above (warnings are errors)")
+        sys.exit("book build failed: see the warnings above (warnings are errors; build/book-src/X is a copy of X)")
     remote = offline_violations(out)
     if remote:
         sys.exit("the book would load things from the network:\n  " + "\n  ".join(remote[:20]))
