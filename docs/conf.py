@@ -48,7 +48,8 @@ suppress_warnings = []
 # --- HTML -------------------------------------------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
 html_title = "nbconn: nginx's non-blocking connect, run for real"
-html_static_path = []             # nbconn_book adds Mermaid's bundle
+html_static_path = ["_static"]    # the book's CSS; nbconn_book adds Mermaid's bundle
+html_css_files = ["nbconn-book.css"]
 html_theme_options = {
     "home_page_in_toc": True,
     "show_navbar_depth": 1,
