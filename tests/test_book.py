@@ -160,6 +160,8 @@ def test_every_page_in_headless_chromium(book_dir, tmp_path_factory):
         os.makedirs(check_dir, exist_ok=True)
     except OSError:  # e.g. an unprivileged leg of CI in root's checkout: keep them elsewhere, and say where
         check_dir = str(tmp_path_factory.mktemp("book-check"))
+    for old in glob.glob(os.path.join(check_dir, "**", "*.png"), recursive=True):
+        os.remove(old)  # screenshots of this run only (a page removed from the book leaves none behind)
     print(f"screenshots: {check_dir}")
     found: dict[str, list[str]] = {}
     with sync_playwright() as pw:
