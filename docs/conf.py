@@ -39,6 +39,7 @@ autosummary_generate = True
 # nbconn.connect), so a type like `Target` in a signature has one target, not two.
 autodoc_default_options = {"members": True, "show-inheritance": True, "ignore-module-all": True}
 autodoc_member_order = "bysource"
+autodoc_mock_imports = ["trio", "uvloop"]  # optional extras (test/bench) that ./dev book does not install
 autodoc_typehints = "description"
 autodoc_preserve_defaults = True  # show `timeout=5.0`, not the evaluated object
 default_role = "code"             # `x` in a docstring reads as code, as in the markdown pages

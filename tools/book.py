@@ -191,10 +191,11 @@ def build(out: str = OUT, clean: bool = False) -> str:
     return os.path.join(out, "index.html")
 
 
-# <script src>, <link href>, <img src>, <iframe src>, <source src>, CSS url(): anything a browser fetches on its own.
+# <script src>, <link href>, <img src>, <iframe src>, <source src>, CSS url() and @import: what a browser fetches unasked.
 _FETCHED = re.compile(r"""<(?:script|img|iframe|source|audio|video|embed)\b[^>]*?\bsrc\s*=\s*["']?([^"'\s>]+)"""
                       r"""|<link\b[^>]*?\bhref\s*=\s*["']?([^"'\s>]+)"""
-                      r"""|url\(\s*["']?([^"')\s]+)""", re.I)
+                      r"""|url\(\s*["']?([^"')\s]+)"""
+                      r"""|@import\s+["']([^"']+)""", re.I)
 
 
 def offline_violations(out: str) -> list[str]:
