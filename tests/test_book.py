@@ -5,8 +5,9 @@ Each page must load with no console error and no uncaught exception, every <img>
 file:// (or 127.0.0.1): requests elsewhere are recorded and aborted, so the check itself never leaves the machine.
 A full-page screenshot of every page is kept in build/book-check/ (NBCONN_BOOK_CHECK_DIR overrides) for a human.
 
-The book under test is $NBCONN_BOOK_DIR when set (.ci/run builds it once with ./dev book); otherwise this test builds
-a fresh one when the book toolchain is installed (./dev book installs it), and skips (fails in CI) when it is not.
+The book under test is $NBCONN_BOOK_DIR when set (.ci/run builds it once with ./dev book); otherwise this test
+(re)builds build/book/ as ./dev book does when the book toolchain is installed (./dev book installs it), and skips
+(fails in CI) when it is not.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _book_tool():
 
 
 @pytest.fixture(scope="module")
-def book_dir(tmp_path_factory):
+def book_dir():
     given = os.environ.get("NBCONN_BOOK_DIR")
     if given:
         index = os.path.join(given, "index.html")
@@ -58,9 +59,8 @@ def book_dir(tmp_path_factory):
         return given
     if not all(importlib.util.find_spec(m) for m in ("sphinx", "myst_nb", "sphinx_book_theme")):
         _missing("the book toolchain is not installed (./dev book installs the `book` extra)")
-    out = str(tmp_path_factory.mktemp("book"))
-    _book_tool().build(out=out)
-    return out
+    # what ./dev book does (incremental: seconds when little changed), so the book checked is this checkout's
+    return os.path.dirname(_book_tool().build())
 
 
 def _pages(book_dir: str) -> list[str]:
