@@ -49,7 +49,9 @@ suppress_warnings = []
 # --- HTML -------------------------------------------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
 html_title = "nbconn: nginx's non-blocking connect, run for real"
-html_static_path = ["_static"]    # the book's CSS; nbconn_book adds Mermaid's bundle
+# the book's CSS, and Mermaid's browser bundle that tools/book.py took from the npm registry (see nbconn_book.py)
+html_static_path = ["_static"] + ([os.path.dirname(os.environ["NBCONN_BOOK_MERMAID"])]
+                                  if os.environ.get("NBCONN_BOOK_MERMAID") else [])
 html_css_files = ["nbconn-book.css"]
 html_theme_options = {
     "home_page_in_toc": True,

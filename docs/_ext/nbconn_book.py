@@ -46,7 +46,8 @@ def _use_local_mermaid(app: Sphinx) -> None:
     bundle = os.environ.get("NBCONN_BOOK_MERMAID")
     if not bundle or not os.path.isfile(bundle):
         raise RuntimeError("NBCONN_BOOK_MERMAID must name Mermaid's bundle: build the book with ./dev book")
-    app.config.html_static_path.append(os.path.dirname(bundle))  # -> _static/mermaid.min.js
+    if os.path.dirname(bundle) not in app.config.html_static_path:  # conf.py puts it there: _static/mermaid.min.js
+        raise RuntimeError("html_static_path must hold the directory of NBCONN_BOOK_MERMAID")
     from sphinxcontrib import mermaid as sphinx_mermaid
 
     # Drop sphinxcontrib-mermaid's page hook (the one that adds the CDN module import); keep its directive.
