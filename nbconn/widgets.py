@@ -113,7 +113,8 @@ SCENARIO_NOTES = {
     "reset": "The peer accepts, then closes with SO_LINGER {1, 0}, which sends RST.  The handshake completed "
              "first, so the connect itself ends <b>connected</b>: the RST arrives <i>after</i> it, and the "
              "client only learns on its first read.  The panel reads once after connecting and shows what "
-             "recv() returned (ECONNRESET: the RST).",
+             "recv() returned (ECONNRESET: the RST).  Sometimes the RST is faster than the client's SO_ERROR "
+             "check (the acceptor runs on another core): then the connect itself ends <b>reset</b>.",
     "slow-accept": "An accept queue of 8 and an acceptor that takes one connection every 5 ms.  One Connect "
                    "looks normal (one SYN fits in the queue); a burst shows it: <b>Run N</b> with repeat count "
                    "100 and concurrency 100 overflows the queue, the kernel drops SYNs, and part of the burst "
@@ -338,7 +339,12 @@ class LabPanel:
     @property
     def status_text(self) -> str:
         """The status line as plain text (what a person reads in it)."""
-        return html.unescape(re.sub(r"<[^>]+>", "", self.status.value)).replace("\u231b ", "").strip()
+        return _plain(self.status.value).replace("\u231b ", "")
+
+    @property
+    def result_header_text(self) -> str:
+        """The line above the result as plain text: "last Connect: ..." or "previous run (...): why"."""
+        return _plain(self.result_header.value)
 
     def _busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -608,6 +614,10 @@ def describe_counts(counts: dict, outcomes: dict) -> str:
     if counts["not started"]:
         text += f", {counts['not started']} not started"
     return text
+
+
+def _plain(markup: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", markup)).strip()
 
 
 def _read_once(res) -> str:
