@@ -192,7 +192,7 @@ class LabPanel:
         self.options_view = w.HTML()
         # Images stay hidden until they hold a picture (an empty Image renders as a broken-image icon).
         self.timeline = w.Image(format="png", layout={"display": "none", "width": "100%", "max_width": "1000px"})
-        self.progress = w.IntProgress(value=0, min=0, max=1, description="run", layout={"visibility": "hidden"})
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="run", layout={"display": "none"})
         self.distribution = w.Image(format="png", layout={"display": "none", "width": "100%",
                                                           "max_width": "1000px"})
 
@@ -263,7 +263,8 @@ class LabPanel:
         usable = impaired and self.wire_reason is None
         for slider in (self.delay_ms, self.jitter_ms, self.loss):
             slider.disabled = not usable
-        self.scenario_note.value = f"<div style='color:#444'>{SCENARIO_NOTES[name]}</div>"
+            slider.layout.display = None if impaired else "none"  # the link's knobs, shown with the link only
+        self.scenario_note.value = f"<div style='color:#444;{TEXT}'>{SCENARIO_NOTES[name]}</div>"
         self.use_burst_button.layout.display = None if name == "slow-accept" and not self.compact else "none"
         if impaired and self.wire_reason:
             from . import data
@@ -271,7 +272,7 @@ class LabPanel:
             recorded = [n for n in data.available() if n.startswith("impaired")]
             loads = ", ".join(f"<code>nbconn.data.load({n!r})</code>" for n in recorded)
             self.wire_note.value = (
-                "<div style='color:#9a3412'>The impaired link cannot run here: "
+                f"<div style='color:#9a3412;{TEXT}'>The impaired link cannot run here: "
                 f"{html.escape(self.wire_reason)}<br>That line (<code>nbconn.lab.wire_unavailable_reason()</code>) "
                 "names what to change; until then, runs recorded on such a link ship with nbconn"
                 + (f": {loads} (plotted in notebook 08)." if loads else " (nbconn.data).") + "</div>")
@@ -333,13 +334,13 @@ class LabPanel:
 
     def _say(self, message: str, *, error: bool = False, busy: bool = False) -> None:
         colour = "#d62828" if error else "#333"
-        icon = "&#8987; " if busy else ""
-        self.status.value = f"<span style='color:{colour}'>{icon}{html.escape(message)}</span>"
+        weight = "font-weight:600;" if busy else ""  # a job is running: the line that changes stands out
+        self.status.value = f"<span style='color:{colour};{weight}'>{html.escape(message)}</span>"
 
     @property
     def status_text(self) -> str:
         """The status line as plain text (what a person reads in it)."""
-        return _plain(self.status.value).replace("\u231b ", "")
+        return _plain(self.status.value)
 
     @property
     def result_header_text(self) -> str:
@@ -375,7 +376,7 @@ class LabPanel:
     def _show_result(self, header: str, outcome: str, trace: str, options_html: str, png: bytes) -> None:
         self._fresh = {"header": header, "outcome": outcome, "trace": trace, "options": options_html}
         self._stale = False
-        self.result_header.value = f"<b>last Connect</b>: {html.escape(header)}"
+        self.result_header.value = f"<div style='{TEXT}'><b>last Connect</b>: {html.escape(header)}</div>"
         self.outcome.value, self.trace.value, self.options_view.value = outcome, trace, options_html
         self.timeline.value = png
         self.timeline.layout.display = None if png else "none"
@@ -386,8 +387,8 @@ class LabPanel:
             return
         self._stale = True
         dim = "<div style='opacity:0.45'>{}</div>"
-        self.result_header.value = (f"<b style='color:#9a3412'>previous run</b> ({html.escape(self._fresh['header'])})"
-                                    f": {html.escape(why)}")
+        self.result_header.value = (f"<div style='{TEXT}'><b style='color:#9a3412'>previous run</b> "
+                                    f"({html.escape(self._fresh['header'])}): {html.escape(why)}</div>")
         self.outcome.value = dim.format(self._fresh["outcome"])
         self.trace.value = dim.format(self._fresh["trace"])
         self.options_view.value = dim.format(self._fresh["options"])
@@ -477,8 +478,10 @@ class LabPanel:
             f"{res.ngx_decision}</code>" + (f"<br>nginx would log: <code>{html.escape(res.ngx_log)}</code>"
                                            if res.ngx_log else ""))
         if first_read is not None:
-            outcome += (f"<br>then the first read: <code>{html.escape(first_read)}</code> -- the peer's RST "
-                        "arrived after the handshake had completed, so connect() could not see it")
+            why = (" -- the peer's RST arrived after the handshake had completed, so connect() could not see it"
+                   if "ECONNRESET" in first_read else "")
+            outcome += f"<br>then the first read: <code>{html.escape(first_read)}</code>{why}"
+        outcome = f"<div style='{TEXT}'>{outcome}</div>"
         png = _png(lambda: _plots().timeline(res))
         with self._lock:
             done.set()
@@ -516,7 +519,7 @@ class LabPanel:
         self._stop.clear()
         self.ignored_clicks = 0
         self.progress.max, self.progress.value = count, 0
-        self.progress.layout.visibility = "visible"
+        self.progress.layout.display = None
         self.run_button.disabled = self.connect_button.disabled = True
         self.stop_button.disabled = False
         self._say(f"running 0/{count}", busy=True)  # replaces whatever the last run said, red or not
@@ -565,12 +568,12 @@ class LabPanel:
             self.progress.value = finished[0]
             self.run_button.disabled = self.connect_button.disabled = False
             self.stop_button.disabled = True
-            self.progress.layout.visibility = "hidden"
+            self.progress.layout.display = "none"
 
     def _draw_runs(self) -> None:
         with self._lock:
             runs = list(self.runs)
-        png = _png(lambda: _plots().compare(runs, log_x=True, title="handshake times")) if runs else b""
+        png = _png(lambda: _distribution(runs), tidy=_tidy_distribution) if runs else b""
         self.distribution.value = png
         self.distribution.layout.display = None if png else "none"
 
@@ -616,6 +619,14 @@ def describe_counts(counts: dict, outcomes: dict) -> str:
     return text
 
 
+# Inline styles for the HTML widgets: ipywidgets gives an HTML widget the line height of a one-line control
+# (28 px), which spreads wrapped text and table rows far apart; times must not wrap inside their cell.
+TEXT = "line-height:1.45"
+_TABLE = "style='border-collapse:collapse;line-height:1.3;margin-top:4px'"
+_NUM = "style='white-space:nowrap;text-align:right;padding:1px 10px 1px 2px;vertical-align:top'"
+_CELL = "style='text-align:left;padding:1px 4px;vertical-align:top'"
+
+
 def _plain(markup: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", markup)).strip()
 
@@ -650,11 +661,42 @@ def _plots():
     return plots
 
 
-def _png(make) -> bytes:
+def _distribution(runs):
+    """plots.compare of the runs, labelled by what differs between them (the scenario goes in the title)."""
+    import dataclasses
+
+    scenarios = {m.label.split(", timeout ")[0] for m in runs}
+    if len(scenarios) == 1:
+        title = f"handshake times: {scenarios.pop()}"
+        runs = [dataclasses.replace(m, label=m.label.split(", ", 1)[-1]) for m in runs]
+    else:
+        title = "handshake times"
+    return _plots().compare(runs, log_x=True, title=title)
+
+
+def _tidy_distribution(fig) -> None:
+    """Room for the panel's long run labels: a taller figure, one legend (the ECDF's), plain tick labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig.set_size_inches(10, 4.8)
+    left, right = fig.axes[:2]
+    if right.get_legend() is not None and left.get_legend() is not None:
+        left.get_legend().remove()
+    for ax in (left, right):
+        if ax.get_xscale() == "log":  # 200, 500, 1000 instead of crowded 2x10^2 3x10^2 4x10^2
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
+
+
+def _png(make, tidy=None) -> bytes:
     """Draw a figure with fonts a person can read at the size the panel shows it."""
     from matplotlib.text import Text
 
     fig = make()
+    if tidy is not None:
+        tidy(fig)
     # Scale this figure's texts (not rcParams: that is global state, shared with the notebook's own plots
     # while a background job draws).
     for text in fig.findobj(Text):
@@ -675,14 +717,14 @@ def _trace_html(res) -> str:
     t0 = previous = res.started_ns
     rows = []
     for s in res.steps:
-        rows.append(f"<tr><td>{'' if s.seed_step is None else s.seed_step}</td>"
-                    f"<td style='text-align:right'>{format_ns(s.t_ns - t0)}</td>"
-                    f"<td style='text-align:right'>{format_ns(max(0, s.t_ns - previous))}</td>"
-                    f"<td><code>{html.escape(s.call)}</code></td></tr>")
+        rows.append(f"<tr><td {_NUM}>{'' if s.seed_step is None else s.seed_step}</td>"
+                    f"<td {_NUM}>{format_ns(s.t_ns - t0)}</td>"
+                    f"<td {_NUM}>{format_ns(max(0, s.t_ns - previous))}</td>"
+                    f"<td {_CELL}><code>{html.escape(s.call)}</code></td></tr>")
         previous = s.t_ns
-    return ("<table class='nbconn-trace'><thead><tr><th>seed step</th><th>returned at</th><th>took</th>"
-            f"<th>syscall</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-            "<div style='color:#666;font-size:90%'>times from just before socket(); <i>took</i> is the time since "
+    return (f"<table class='nbconn-trace' {_TABLE}><thead><tr><th {_NUM}>seed step</th><th {_NUM}>returned at</th>"
+            f"<th {_NUM}>took</th><th {_CELL}>syscall</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<div style='color:#666;font-size:90%;{TEXT}'>times from just before socket(); <i>took</i> is the time since "
             "the previous step returned (for a timer or epoll_wait step: the wait)</div>")
 
 
@@ -695,8 +737,9 @@ def _options_html(res) -> str:
         changed = value != asked
         style = " style='background:#fff3cd'" if changed else ""
         note = " (changed by the kernel)" if changed else ""
-        rows.append(f"<tr{style}><td>{name}</td><td>{asked!r}</td><td>{value!r}{note}</td></tr>")
-    return ("<table class='nbconn-options'><thead><tr><th>option</th><th>requested</th><th>effective</th></tr>"
+        rows.append(f"<tr{style}><td {_CELL}>{name}</td><td {_NUM}>{asked!r}</td><td {_CELL}>{value!r}{note}</td></tr>")
+    return (f"<table class='nbconn-options' {_TABLE}><thead><tr><th {_CELL}>option</th><th {_NUM}>requested</th>"
+            f"<th {_CELL}>effective</th></tr>"
             f"</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
