@@ -395,11 +395,13 @@ class LabPanel:
         self.timeline.layout.display = "none"
 
     def _inputs_changed(self) -> None:
-        if self._busy():
-            return  # the job in flight already took its inputs; its result will say which
-        if self._fresh and self._shown_inputs is not None and self._snapshot() != self._shown_inputs:
+        busy = self._busy()
+        connecting = busy and self._thread.name == "nbconn-lab-connect"
+        # (a Connect in flight already labelled the area; its result is checked against the inputs when it lands)
+        if not connecting and self._fresh and self._shown_inputs is not None \
+                and self._snapshot() != self._shown_inputs:
             self._mark_stale("the settings have changed since; press Connect to see them")
-        if "color:#d62828" in self.status.value:  # an error about values that are no longer there
+        if not busy and "color:#d62828" in self.status.value:  # an error about values that are no longer there
             self._say("settings changed: press Connect or Run N")
 
     def _refused(self, what: str, exc: Exception) -> None:

@@ -310,3 +310,14 @@ def test_slices_for_other_notebooks():
     assert t.result.outcome == "timed_out"
     s = widgets.scenario_picker_panel()
     assert len(s.scenario.options) == len(widgets.SCENARIOS)
+
+
+def test_a_control_changed_during_a_run_labels_the_connect_result(panel):
+    panel.scenario.value = "listening peer"
+    panel.count.value, panel.concurrency.value = 20, 2
+    panel.connect()
+    assert panel.result_header_text.startswith("last Connect:")
+    panel.run_button.click()
+    panel.nodelay.value = True  # while Run N goes: the Connect result above no longer matches the controls
+    assert panel.wait(15)
+    assert "previous run" in panel.result_header_text and "settings have changed" in panel.result_header_text
