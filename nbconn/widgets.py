@@ -208,6 +208,7 @@ class LabPanel:
         self._fresh: dict = {}  # the result area's HTML as drawn, to re-draw it dimmed when it goes stale
         self._stale = False
         self._syncing_timeout = False
+        self._peer_ready_at: float | None = None
 
         self.connect_button.on_click(lambda _: self.connect(background=True))
         self.run_button.on_click(lambda _: self.run(background=True))
@@ -430,12 +431,19 @@ class LabPanel:
         timeout = opts["timeout"]
         done = threading.Event()
         started = time.monotonic()
+        self._peer_ready_at = None  # set by the job once the peer runs: the connect's own clock starts there
 
         def tick() -> None:  # the status line's clock: elapsed and the most it can take
             while not done.wait(TICK_S):
                 with self._lock:
-                    if not done.is_set():
-                        self._say(f"connecting to {self.scenario.value}... {time.monotonic() - started:.1f} s "
+                    if done.is_set():
+                        break
+                    ready = self._peer_ready_at
+                    if ready is None:  # the peer (an impaired link: two namespaces) is still being set up
+                        self._say(f"starting {self.scenario.value}... {time.monotonic() - started:.1f} s"
+                                  f"{self._ignored_note()}", busy=True)
+                    else:
+                        self._say(f"connecting to {self.scenario.value}... {time.monotonic() - ready:.1f} s "
                                   f"(up to {_seconds(timeout)}){self._ignored_note()}", busy=True)
 
         def job() -> None:
@@ -464,6 +472,7 @@ class LabPanel:
         scenario = self._scenario_name()
         try:
             with self._target() as (target, client_side), client_side():
+                self._peer_ready_at = time.monotonic()
                 res = connect(target, keep=scenario == "reset", **opts)
                 first_read = _read_once(res) if scenario == "reset" else None
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
