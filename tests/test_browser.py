@@ -194,6 +194,21 @@ def test_notebook_09_panel_in_chromium(jupyterlab):
                 path=os.path.join(ARTIFACTS, "lab09-5-compact.png"))  # the unused compact slice: no broken image
             panel.locator(".jupyter-widget-Collapse-header", has_text="one connect").first.click()
 
+            # 7. scenarios that need a word: the reset's first read, the slow acceptor's burst, the impaired link
+            scenario_tab = panel.locator(".lm-TabBar-tabLabel", has_text="scenario").first
+            scenario_tab.click()
+            panel.locator(".widget-dropdown select").first.select_option(label="reset after accept")
+            connect.click()
+            page.wait_for_function(html_has % "'last Connect: reset after accept'", timeout=30_000)
+            shot("7-reset")
+            panel.locator(".widget-dropdown select").first.select_option(label="slow acceptor (queue of 8)")
+            panel.locator("button.jupyter-button", has_text="use 100 connects").first.click()
+            page.wait_for_function(html_has % "'press Run N'", timeout=10_000)
+            shot("7-slow-acceptor")
+            panel.locator(".widget-dropdown select").first.select_option(label="impaired link (delay/jitter/loss)")
+            page.wait_for_function(html_has % "'real link with delay'", timeout=10_000)
+            shot("7-impaired")
+
             # the trace of a refused connect, as before
             panel.locator(".lm-TabBar-tabLabel", has_text="scenario").first.click()
             panel.locator(".widget-dropdown select").first.select_option(label="refused (closed port)")
