@@ -31,7 +31,9 @@ Result (losers included: a cancelled attempt ends with errno ECANCELED after
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -239,3 +241,173 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
         race.winner = winner[0].target.text
         race.sock = winner[0].result.sock
     return race
+
+
+# -- the lab: one name, two addresses ------------------------------------------------------------
+
+#: The made-up name the lab answers for (RFC 6761 reserves .test: no real resolver knows it).
+LAB_NAME = "upstream.nbconn.test"
+
+
+class LabName:
+    """One name with two addresses and one port, answered by a resolver of our own (no DNS query).
+
+    ``targets``: the two addresses as nbconn and nginx name them, first the one whose
+    SYNs vanish, then the one that accepts; ``port``; ``first_host`` ("::1" when this
+    machine has IPv6 loopback -- the natural case, a broken IPv6 path -- else 127.0.0.2);
+    ``name`` (:data:`LAB_NAME`); ``addrinfo()``: the answer, shaped like getaddrinfo's.
+    """
+
+    def __init__(self, first_host: str, second_host: str, port: int) -> None:
+        self.first_host, self.second_host, self.port = first_host, second_host, port
+        self.name = LAB_NAME
+        self.targets = [_host_port(first_host, port), _host_port(second_host, port)]
+
+    def addrinfo(self) -> list[tuple]:
+        answer = []
+        for host in (self.first_host, self.second_host):
+            if ":" in host:
+                answer.append((socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, self.port, 0, 0)))
+            else:
+                answer.append((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, self.port)))
+        return answer
+
+    def _answer(self, host, port) -> list[tuple]:
+        host = host.decode() if isinstance(host, bytes) else host
+        if host != self.name or int(port) != self.port:
+            raise socket.gaierror(socket.EAI_NONAME, f"the lab only answers for {self.name}:{self.port}")
+        return self.addrinfo()
+
+    async def asyncio_getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0) -> list[tuple]:
+        """Stands in for ``loop.getaddrinfo`` (asyncio's open_connection resolves through it)."""
+        return self._answer(host, port)
+
+    def trio_resolver(self):
+        """An object for ``trio.socket.set_custom_hostname_resolver``."""
+        lab = self
+
+        class _Resolver:
+            async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):
+                return lab._answer(host, port)
+
+            async def getnameinfo(self, sockaddr, flags):
+                raise socket.gaierror(socket.EAI_NONAME, "the lab resolver does no reverse lookups")
+
+        return _Resolver()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def lab_name(*, http: bool = False, tries: int = 20):
+    """A :class:`LabName` whose first address black-holes SYNs and whose second accepts.
+
+    The second address is :func:`nbconn.lab.listening` on 127.0.0.1 (``http=True``: it
+    answers HTTP, for nginx).  The first is a listener on the same port at ::1 (or
+    127.0.0.2) whose accept queue is full and never drained -- the kernel drops every
+    SYN to it, as a path that has gone away does.  Both are loopback; everything is
+    closed on exit.
+    """
+    from .lab import peers
+
+    first_host = "::1" if _ipv6_loopback_works() else "127.0.0.2"
+    family = socket.AF_INET6 if first_host == "::1" else socket.AF_INET
+    for _ in range(tries):
+        with peers.listening("127.0.0.1", http=http) as up:
+            hole = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                try:
+                    hole.bind((first_host, up.port))
+                except OSError:  # that port is taken at the first address: try another one
+                    continue
+                hole.listen(0)  # listen(0) still queues one connection; the filler takes that place
+                with _filled(hole):
+                    yield LabName(first_host, "127.0.0.1", up.port)
+                    return
+            finally:
+                hole.close()
+    raise RuntimeError(f"no port free at both 127.0.0.1 and {first_host} after {tries} tries")
+
+
+@contextlib.contextmanager
+def _filled(listener: socket.socket):
+    """One established connection sitting in ``listener``'s accept queue, so the queue is full."""
+    with socket.socket(listener.family, socket.SOCK_STREAM) as filler:
+        filler.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        filler.settimeout(2.0)
+        filler.connect(listener.getsockname())
+        yield
+
+
+# -- plots (matplotlib is imported only when one is drawn) -----------------------------------------
+
+def plot_races(*races: Race, title: str | None = None):
+    """Each race's attempts as bars from start to decision, coloured by outcome: one panel per race."""
+    from matplotlib.figure import Figure
+
+    from .plots import OUTCOME_COLOURS
+
+    fig = Figure(figsize=(9.0, 1.2 + 0.9 * sum(max(len(r.attempts), 1) for r in races)), layout="constrained")
+    axes = fig.subplots(len(races), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, race in zip(axes, races):
+        for row, (result, start) in enumerate(zip(race.attempts, race.started_ns)):
+            begin = start / 1e6
+            end = (result.finished_ns - result.started_ns) / 1e6 + begin
+            label = "cancelled" if result.errno == "ECANCELED" else result.outcome
+            colour = "#adb5bd" if label == "cancelled" else OUTCOME_COLOURS.get(result.outcome, "grey")
+            ax.barh(row, end - begin, left=begin, height=0.5, color=colour, alpha=0.6)
+            # the start (socket()) and the decision as markers, so a 0.2 ms connect is visible too
+            ax.plot([begin], [row], marker="|", markersize=16, color="black")
+            ax.plot([end], [row], marker="o", markersize=8, color=colour, markeredgecolor="black")
+            ax.text(end, row, f"  {label} at {end:.0f} ms", va="center", fontsize="small")
+        ax.set_yticks(range(len(race.attempts)), [r.target for r in race.attempts], fontsize="small")
+        ax.invert_yaxis()
+        how = "nginx's sequential walk" if race.delay_s is None else f"happy eyeballs, delay {race.delay_s * 1e3:.0f} ms"
+        ax.set_title(f"{how}: {race.winner or 'nobody'} after {race.elapsed_ms:.0f} ms", fontsize="medium")
+        ax.margins(x=0.25)
+    axes[-1].set_xlabel("ms since the race started")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: str | None = None):
+    """Time to connected, one row of dots per client (``samples``: label -> list of ms), median marked.
+
+    ``marks``: label -> ms, drawn as dashed vertical lines (the delay, the connect timeout).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 1.0 + 0.7 * len(samples)), layout="constrained")
+    ax = fig.subplots()
+    for row, (label, values) in enumerate(samples.items()):
+        values = sorted(values)
+        if not values:
+            continue
+        # a small fixed spread around the row so equal values stay visible (deterministic, no RNG)
+        offsets = [((i * 7) % 11 - 5) * 0.035 for i in range(len(values))]
+        ax.scatter(values, [row + o for o in offsets], s=18, alpha=0.75, zorder=3)
+        median = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
+        ax.plot([median, median], [row - 0.3, row + 0.3], color="black", linewidth=2, zorder=4)
+        ax.text(max(values), row, f"   p50 {median:.1f} ms (n={len(values)})", va="center", fontsize="small")
+    for label, ms in (marks or {}).items():
+        ax.axvline(ms, color="grey", linestyle="--", linewidth=1)
+        ax.text(ms, -0.75, f" {label}", fontsize="x-small", color="grey", va="bottom")
+    ax.set_yticks(range(len(samples)), list(samples), fontsize="small")
+    ax.set_ylim(len(samples) - 0.4, -0.9)
+    ax.set_xlim(left=0)
+    ax.margins(x=0.2)
+    ax.set_xlabel("time to connected (ms): first address black-holed, second accepting")
+    ax.set_title(title or "one name, two addresses: time to a connected socket")
+    return fig
