@@ -406,8 +406,8 @@ def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: s
         ax.text(ms, -0.75, f" {label}", fontsize="x-small", color="grey", va="bottom")
     ax.set_yticks(range(len(samples)), list(samples), fontsize="small")
     ax.set_ylim(len(samples) - 0.4, -0.9)
-    ax.set_xlim(left=0)
-    ax.margins(x=0.2)
+    longest = max((max(v) for v in samples.values() if v), default=1.0)
+    ax.set_xlim(0, max([longest, *(marks or {}).values()]) * 1.3)  # room for the p50 labels on the right
     ax.set_xlabel("time to connected (ms): first address black-holed, second accepting")
     ax.set_title(title or "one name, two addresses: time to a connected socket")
     return fig
