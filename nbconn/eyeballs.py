@@ -118,17 +118,19 @@ class Race:
         self.close()
 
 
-def sequential(targets, *, timeout: float = 5.0, keep: bool = False, trace: bool = True, **options) -> Race:
+def sequential(targets, *, timeout: float = 5.0, keep: bool = False, trace: bool = True, nonblocking: str = "ioctl",
+               trigger: str = "edge", **options) -> Race:
     """nginx's walk: connect to each address in turn, the next only after the previous failed or timed out.
 
     Each attempt is nginx's connect with ``timeout`` as its proxy_connect_timeout, so an
     address that drops SYNs costs the whole timeout before the next one starts.
     """
-    return _race(targets, None, timeout=timeout, keep=keep, trace=trace, options=options)
+    return _race(targets, None, timeout=timeout, keep=keep, trace=trace, nonblocking=nonblocking, trigger=trigger,
+                 options=options)
 
 
 def happy_eyeballs(targets, *, delay: float = DEFAULT_DELAY, timeout: float = 5.0, keep: bool = False,
-                   trace: bool = True, **options) -> Race:
+                   trace: bool = True, nonblocking: str = "ioctl", trigger: str = "edge", **options) -> Race:
     """RFC 8305 section 5: stagger the attempts by ``delay`` seconds; the first to connect wins.
 
     The next address starts ``delay`` after the previous one started, or at once when an
@@ -136,7 +138,8 @@ def happy_eyeballs(targets, *, delay: float = DEFAULT_DELAY, timeout: float = 5.
     (``timeout``).  The losers are cancelled (unregistered and closed) as soon as one wins.
     """
     delay = validate.number("delay", delay, 0, validate.MAX_TIMEOUT_S)
-    return _race(targets, delay, timeout=timeout, keep=keep, trace=trace, options=options)
+    return _race(targets, delay, timeout=timeout, keep=keep, trace=trace, nonblocking=nonblocking, trigger=trigger,
+                 options=options)
 
 
 def _parse_targets(targets) -> list[Target]:
@@ -159,16 +162,18 @@ class _Stagger:
         self.fired = True
 
 
-def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bool, options: dict) -> Race:
+def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bool, nonblocking: str, trigger: str,
+          options: dict) -> Race:
     # Everything is checked before any socket exists.
-    check_settings(timeout=timeout, nonblocking="ioctl", trigger="edge", options=options)
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
     validate.flag("keep", keep)
     validate.flag("trace", trace)
     parsed = _parse_targets(targets)
     plans: dict[int, Plan] = {}
     for tgt in parsed:
         if tgt.family not in plans:
-            plans[tgt.family] = make_plan(tgt.family, timeout=timeout, keep=keep, trace=trace, options=options)
+            plans[tgt.family] = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger,
+                                          keep=keep, trace=trace, options=options)
 
     race = Race(SEQUENTIAL if delay is None else HAPPY_EYEBALLS, delay, [t.text for t in parsed])
     delay_ns = None if delay is None else int(delay * 1e9)

@@ -456,11 +456,10 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
         timeout = 2.5 if scenario == "blackhole" else 3.0
     timeout = validate.number("timeout", timeout, 0, 60, low_open=True)
     burst = validate.integer("burst", burst, 2, 200)
-    reason = unavailable_reason()
-    if reason is not None:
-        raise PermissionError(reason)
-
     if scenario == "impaired":
+        reason = unavailable_reason()
+        if reason is not None:
+            raise PermissionError(reason)
         from . import wire
 
         why = wire.wire_unavailable_reason()
@@ -481,17 +480,36 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
             return Shot(scenario, result, for_client_port(cap.packets, client_port), [result], cap.packets, where,
                         cap.offset_error_ns)
 
-    factory = {"listening": lambda: peers.listening(hold=True), "refused": peers.refused,
-               "blackhole": peers.blackhole,
-               "slow-accept": lambda: peers.slow_accept(backlog=4, interval_s=0.05)}[scenario]
-    with factory() as peer, Capture(peer.port, interface="lo") as cap:
-        if scenario == "slow-accept":
-            results = api.connect_many([peer] * burst, concurrency=burst, timeout=timeout, keep=True, linger=0)
+    with contextlib.ExitStack() as stack:
+        if unavailable_reason() is None:
+            ns, where = None, "host loopback (lo); packet socket made here, as root"
+            client_side = contextlib.nullcontext
         else:
-            results = [api.connect(peer, timeout=timeout, keep=True)]
+            # A normal user: everything -- peer, client socket, packet socket -- inside a lab namespace
+            # of our own, where the helper is "root"; its loopback is as private as the namespace.
+            from .namespace import namespace
+
+            ns = stack.enter_context(namespace())
+            where = f"the lab namespace's own loopback (lo); sockets {ns.where}"
+            client_side = ns.using
+        source = {"source": ns} if ns is not None else {}
+        factory = {"listening": lambda: peers.listening(hold=True, **source),
+                   "refused": lambda: peers.refused(**source),
+                   "blackhole": lambda: peers.blackhole(**source),
+                   "slow-accept": lambda: peers.slow_accept(backlog=4, interval_s=0.05, **source)}[scenario]
+        peer = stack.enter_context(factory())
+        cap = stack.enter_context(Capture(peer.port, interface="lo", source=ns))
+        made_before = ns.created if ns is not None else 0
+        with client_side():
+            if scenario == "slow-accept":
+                results = api.connect_many([peer] * burst, concurrency=burst, timeout=timeout, keep=True, linger=0)
+            else:
+                results = [api.connect(peer, timeout=timeout, keep=True)]
         ports = [_client_port(r) for r in results]
         for r in results:
             r.close()
+        if ns is not None and ns.created - made_before < len(results):
+            raise RuntimeError("this nbconn's flow did not make its sockets in the lab namespace (nbconn.socketsource)")
         _settle(cap)
     # the connect to show: the slowest one (in a burst, one whose SYN was dropped)
     index = max(range(len(results)), key=lambda i: results[i].handshake_ns or 0)
@@ -500,8 +518,7 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
         packets = for_client_port(cap.packets, ports[index])
     else:  # not connected, so no socket to ask: its segments are the ones to the peer (one connect)
         packets = list(cap.packets)
-    return Shot(scenario, result, packets, results, cap.packets, "host loopback (lo); packet socket made here, as root",
-                cap.offset_error_ns)
+    return Shot(scenario, result, packets, results, cap.packets, where, cap.offset_error_ns)
 
 
 # -- the instrument's accuracy ---------------------------------------------------------------------
