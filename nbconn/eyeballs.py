@@ -394,6 +394,8 @@ def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: s
     """
     from matplotlib.figure import Figure
 
+    from .measure import percentiles
+
     fig = Figure(figsize=(9.0, 1.0 + 0.7 * len(samples)), layout="constrained")
     ax = fig.subplots()
     for row, (label, values) in enumerate(samples.items()):
@@ -403,7 +405,7 @@ def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: s
         # a small fixed spread around the row so equal values stay visible (deterministic, no RNG)
         offsets = [((i * 7) % 11 - 5) * 0.035 for i in range(len(values))]
         ax.scatter(values, [row + o for o in offsets], s=18, alpha=0.75, zorder=3)
-        median = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1:][:2]) / 2
+        median = percentiles(values, (50,))["p50"]  # nbconn's one percentile rule (nearest rank)
         ax.plot([median, median], [row - 0.3, row + 0.3], color="black", linewidth=2, zorder=4)
         ax.text(max(values), row, f"   p50 {median:.1f} ms (n={len(values)})", va="center", fontsize="small")
     for label, ms in (marks or {}).items():
