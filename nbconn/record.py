@@ -49,9 +49,10 @@ def _make(name: str):
         return measure.run("impaired", count=500, concurrency=50, timeout=5.0, delay_ms=10.0, loss=0.02,
                            seed=1, label="20 ms RTT, 2% loss").to_dict()
     if name == "blackhole-syncnt":
-        return {"sysctls": synretry.read_sysctls(), "runs": synretry.measure(syncnts=(1, 2, 3), max_wait_s=40)}
+        return {"sysctls": synretry.read_sysctls(), "config_hz": synretry.config_hz(),
+                "runs": synretry.measure(syncnts=(1, 2, 3), max_wait_s=40)}
     if name == "syn-default":
-        return {"sysctls": synretry.read_sysctls(),
+        return {"sysctls": synretry.read_sysctls(), "config_hz": synretry.config_hz(),
                 "runs": synretry.measure(syncnts=(), default=True, max_wait_s=180)}
     raise ValueError(f"unknown dataset {name!r} (known: {', '.join(RECIPES)})")
 
