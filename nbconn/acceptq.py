@@ -187,7 +187,7 @@ def burst(ns=None, *, count: int = 100, backlog: int = 8, interval_s: float = 0.
             connected_ports = {r.sock.getsockname()[1] for r in results if r.outcome == "connected" and r.sock}
             queue_then = netstat.listener_queue(server.listener)
             between = ns.read_netstat()
-            first_byte_ms, read_errors = _request_all(results, read_timeout_s)
+            first_byte_ms, read_errors, sent_at = _request_all(results, read_timeout_s)
             time.sleep(0.02)  # let the acceptor answer what already arrived
             after = ns.read_netstat()
             accepted_all, answered = list(server.accepted), server.answered
@@ -202,8 +202,12 @@ def burst(ns=None, *, count: int = 100, backlog: int = 8, interval_s: float = 0.
         "connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s,
         "client": {
             "outcomes": [r.outcome for r in results],
+            "started_s": [r.started_ns / 1e9 - server.t0 if r.started_ns else None for r in results],
+            "decided_s": [r.finished_ns / 1e9 - server.t0 if r.finished_ns else None for r in results],
             "handshake_ms": [r.handshake_ns / 1e6 if r.handshake_ns is not None else None for r in results],
             "first_byte_ms": first_byte_ms,
+            "first_byte_s": [None if ms is None else sent - server.t0 + ms / 1e3
+                             for ms, sent in zip(first_byte_ms, sent_at)],
             "read_errors": read_errors,
         },
         "server": {
@@ -220,18 +224,20 @@ def burst(ns=None, *, count: int = 100, backlog: int = 8, interval_s: float = 0.
     }
 
 
-def _request_all(results, read_timeout_s: float) -> tuple[list, dict]:
+def _request_all(results, read_timeout_s: float) -> tuple[list, dict, list]:
     """Send the request on every connected socket, then wait (bounded) for each one's first byte.
 
     Returns, per Result, the ms from send to first byte, or None (not connected, no
     answer within ``read_timeout_s`` -- nginx would still be waiting on
-    proxy_read_timeout -- or an error instead of an answer); and the errors by name.
+    proxy_read_timeout -- or an error instead of an answer); the errors by name; and when
+    each request was sent (time.monotonic(), 0.0 where none was).
     """
     import errno as _errno
 
     first = [None] * len(results)
     errors: dict[str, int] = {}
     sent_at = {}
+    sent_times = [0.0] * len(results)
     with select.epoll() as ep:
         for i, r in enumerate(results):
             if r.outcome != "connected" or r.sock is None:
@@ -241,6 +247,7 @@ def _request_all(results, read_timeout_s: float) -> tuple[list, dict]:
             except OSError:
                 continue
             sent_at[r.sock.fileno()] = (i, time.monotonic())
+            sent_times[i] = sent_at[r.sock.fileno()][1]
             ep.register(r.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         deadline = time.monotonic() + read_timeout_s
         while sent_at and time.monotonic() < deadline:
@@ -258,4 +265,26 @@ def _request_all(results, read_timeout_s: float) -> tuple[list, dict]:
                     first[i] = (t - t_sent) * 1e3
                 else:
                     errors["EOF"] = errors.get("EOF", 0) + 1
-    return first, errors
+    return first, errors, sent_times
+
+
+def summary(b: dict) -> list[str]:
+    """The run in a few sentences; every count that varies from run to run is written "N of TOTAL" or "+N"."""
+    n = b["count"]
+    c, s, k = b["client"], b["server"], b["counters"]["during_connects"]
+    outcomes = {o: c["outcomes"].count(o) for o in ("connected", "timed_out", "reset", "refused")}
+    fast = sum(1 for o, h in zip(c["outcomes"], c["handshake_ms"]) if o == "connected" and h is not None and h < 500)
+    answered = sum(t is not None for t in c["first_byte_ms"])
+    lines = [
+        f"tcp_syncookies={b['sysctls']['tcp_syncookies']}, tcp_abort_on_overflow="
+        f"{b['sysctls']['tcp_abort_on_overflow']}: {n} connects at once to listen({b['backlog']}), "
+        f"one accept() every {b['interval_s'] * 1e3:g} ms",
+        "  client: " + ", ".join(f"{v} of {n} {o}" for o, v in outcomes.items() if v or o == "connected")
+        + f"; {fast} of {n} connected within 500 ms",
+        f"  server: accepted {s['accepted_during_connects']} of {n}; "
+        f"{s['connected_but_not_accepted']} of {n} clients are 'connected' but unknown to the server",
+        "  kernel (TcpExt, this namespace): " + ", ".join(f"{name} +{v}" for name, v in k.items()),
+        f"  then a request on each connected socket: first byte of the answer for {answered} of {n} "
+        f"within {b['read_timeout_s'] * 1e3:.0f} ms",
+    ]
+    return lines

@@ -376,3 +376,35 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
     ax.set_title(title or "what the loop adds to the kernel's round trip")
     fig.legend(fontsize="small", loc="outside lower center", ncols=2)
     return fig
+
+
+def accept_queue(b: dict, *, title: str | None = None) -> Figure:
+    """A burst against a small accept queue (:func:`nbconn.acceptq.burst`), both ends on one clock.
+
+    Three running counts over time: connects the *client* calls connected, connections
+    the *server*'s accept() returned, and requests whose answer's first byte arrived.
+    Where the first line runs ahead of the second, clients believe in connections the
+    server does not have.
+    """
+    import numpy as np
+
+    fig, ax = _figure((10.0, 4.0))
+    c, s = b["client"], b["server"]
+
+    def running(times, **style):
+        t = np.sort(np.asarray([x for x in times if x is not None], dtype=float)) * 1e3
+        if t.size:
+            ax.step(np.concatenate([[0.0], t]), np.arange(t.size + 1), where="post", linewidth=2, **style)
+
+    running([t for t, o in zip(c["decided_s"], c["outcomes"]) if o == "connected"],
+            color=OUTCOME_COLOURS["connected"], label="client: connect() decided 'connected'")
+    running(s["accepted_s"], color="#264653", linestyle="--", label="server: accept() returned a connection")
+    running(c.get("first_byte_s", []), color="#e76f51", linestyle=":",
+            label="client: first byte of the answer to its request")
+    ax.axhline(b["count"], color="grey", linewidth=0.8)
+    ax.set_xlabel("time since the burst began (ms)")
+    ax.set_ylabel("connections (running count)")
+    ax.set_ylim(0, b["count"] * 1.08)
+    ax.set_title(title or f"{b['count']} connects against listen({b['backlog']}): the client's view and the server's")
+    fig.legend(fontsize="small", loc="outside lower center", ncols=3)
+    return fig
