@@ -283,7 +283,8 @@ def summary(b: dict) -> list[str]:
         + f"; {fast} of {n} connected within 500 ms",
         f"  server: accepted {s['accepted_during_connects']} of {n}; "
         f"{s['connected_but_not_accepted']} of {n} clients are 'connected' but unknown to the server",
-        "  kernel (TcpExt, this namespace): " + ", ".join(f"{name} +{v}" for name, v in k.items()),
+        "  kernel (TcpExt, this namespace): " + ", ".join(f"{name} +{v}" for name, v in list(k.items())[:4]),
+        "                                   " + ", ".join(f"{name} +{v}" for name, v in list(k.items())[4:]),
         f"  then a request on each connected socket: first byte of the answer for {answered} of {n} "
         f"within {b['read_timeout_s'] * 1e3:.0f} ms",
     ]
