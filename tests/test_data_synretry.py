@@ -4,7 +4,8 @@ import pytest
 
 from nbconn import data, plots, synretry
 
-EXPECTED = {"loopback-idle", "loopback-burst", "impaired-jitter", "impaired-loss", "blackhole-syncnt"}
+EXPECTED = {"loopback-idle", "loopback-burst", "impaired-clean", "impaired-jitter", "impaired-loss", "impaired-scaling",
+            "blackhole-syncnt", "syn-default"}
 
 
 def test_datasets_present_and_have_provenance():
@@ -22,10 +23,23 @@ def test_connect_datasets_load_as_measurements_and_plot():
     assert len(idle) == 1000 and idle.outcome_counts() == {"connected": 1000}
     loss = data.load("impaired-loss")
     s = loss.summary()
-    assert s["handshake_ms"]["p50"] == pytest.approx(20, rel=0.1)
+    assert 20 <= s["handshake_ms"]["p50"] < 30  # one 20 ms round trip, plus what a loaded machine added
     assert s["handshake_ms"]["max"] > 900  # the SYN-retransmission tail of a lost packet
     fig = plots.compare([data.load("impaired-jitter"), loss], log_x=True)
     assert len(fig.axes) == 2
+
+
+def test_burst_dataset_has_both_views_and_the_counters():
+    b = data.load("loopback-burst")
+    assert b["sysctls"] == {"tcp_syncookies": "1", "tcp_abort_on_overflow": "0"}
+    outcomes = b["client"]["outcomes"]
+    assert len(outcomes) == b["count"] == 100 and outcomes.count("connected") == 100
+    accepted, unknown = b["server"]["accepted_during_connects"], b["server"]["connected_but_not_accepted"]
+    assert accepted + unknown == 100 and unknown > 0  # the half-open "connected" the issue is about
+    k = b["counters"]["during_connects"]
+    assert k["SyncookiesSent"] == k["SyncookiesRecv"] > 0 and k["ListenOverflows"] > k["SyncookiesSent"]
+    fig = plots.accept_queue(b)
+    assert len(fig.axes[0].lines) >= 3
 
 
 def test_syn_dataset_and_timeline_plot():
