@@ -194,10 +194,11 @@ def rcvbuf_autotuning(total_bytes: int = 16 << 20, rcvbufs=(None, 65536)) -> Tab
                 got += len(data)
             sender.join(10.0)
             after = c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        grew = "unchanged" if after == before else f"{after / before:.1f}x larger"
         rows.append(["not set (default)" if rcvbuf is None else f"setsockopt(SO_RCVBUF, {rcvbuf})",
-                     before, after, f"{after / before:.1f}x", f"{got >> 20} MiB"])
-    return Table(["SO_RCVBUF", "read back before connect()", "read back after the transfer", "grew", "received"],
-                 rows, title=f"receive-buffer autotuning (net.ipv4.tcp_moderate_rcvbuf = "
+                     before, grew, f"{got >> 20} MiB"])
+    return Table(["SO_RCVBUF", "read back before connect()", "after the transfer", "received"],
+                 rows, title=f"receive-buffer autotuning, Linux {kernel()} (net.ipv4.tcp_moderate_rcvbuf = "
                              f"{_sysctl('net.ipv4.tcp_moderate_rcvbuf')}, tcp_rmem = "
                              f"{' '.join(_sysctl('net.ipv4.tcp_rmem').split())})")
 
