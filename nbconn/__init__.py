@@ -27,10 +27,20 @@ the plots or widgets.
 from __future__ import annotations
 
 import importlib
+import sys
 
-from .api import connect, connect_many
-from .result import Result, Step
-from .targets import Target, parse_target
+try:
+    from .api import connect, connect_many
+    from .result import Result, Step
+    from .targets import Target, parse_target
+except KeyboardInterrupt:
+    # Ctrl-C while `python -m nbconn` (argv[0] is "-m" while Python locates the module) or the `nbconn`
+    # script is still importing: one line and exit 130, as nbconn.cli.main does later.  A library
+    # import (a notebook, pytest) gets its KeyboardInterrupt back untouched.
+    if sys.argv[:1] == ["-m"] or sys.argv[0].rsplit("/", 1)[-1] == "nbconn":
+        sys.stderr.write("nbconn: interrupted\n")
+        raise SystemExit(130) from None
+    raise
 
 __version__ = "0.1.0"
 

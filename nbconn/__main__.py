@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing: one line, no traceback
+    sys.stderr.write("nbconn: interrupted\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -15,12 +15,10 @@ numpy array when a plot or a percentile needs one.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass, field
 
 from .api import connect_many
-from .cli import EXIT_OK, EXIT_USAGE, add_socket_options, socket_options
 from .errors import OUTCOMES
 from .flow import check_settings
 
@@ -257,42 +255,3 @@ def _progress_bar(total: int, label: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=label, unit="connect", leave=False)
-
-
-# -- CLI -------------------------------------------------------------------------
-
-def add_subcommand(subparsers) -> None:
-    from .cli import _float_arg, _int_arg
-
-    p = subparsers.add_parser("measure", help="connect N times and summarise handshake times and outcomes",
-                              description="Run N connects against a lab scenario or a target and summarise them.")
-    p.add_argument("target", metavar="SCENARIO_OR_TARGET",
-                   help=f"one of {', '.join(SCENARIOS)}, or HOST:PORT / [V6]:PORT / unix:/path")
-    p.add_argument("--count", type=_int_arg("--count"), default=100, metavar="N")
-    p.add_argument("--concurrency", type=_int_arg("--concurrency"), default=1, metavar="C")
-    p.add_argument("--delay-ms", type=_float_arg("--delay-ms"), default=None, metavar="D")
-    p.add_argument("--jitter-ms", type=_float_arg("--jitter-ms"), default=None, metavar="J")
-    p.add_argument("--loss", type=_float_arg("--loss"), default=None, metavar="P")
-    p.add_argument("--seed", type=_int_arg("--seed"), default=None)
-    add_socket_options(p)
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=run_measure, timeout=1.0)
-
-
-def run_measure(args) -> int:
-    try:
-        m = run(args.target, count=args.count, concurrency=args.concurrency, timeout=args.timeout,
-                nonblocking=args.nonblocking, trigger=args.trigger, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
-                loss=args.loss, seed=args.seed, **socket_options(args))
-    except RuntimeError as exc:  # the wire cannot run here: say why in one line
-        print(f"nbconn: {exc}", file=__import__("sys").stderr)
-        return EXIT_USAGE
-    if args.json:
-        s = m.summary()
-        keep = ("p50", "p90", "p99", "max")
-        print(json.dumps({"scenario": m.scenario, "count": s["count"], "outcomes": s["outcomes"],
-                          "handshake_ms": {k: v for k, v in s["handshake_ms"].items() if k in keep},
-                          "tcpi_rtt_ms": {k: v for k, v in s["tcpi_rtt_ms"].items() if k in keep}}, indent=2))
-    else:
-        print(m.describe())
-    return EXIT_OK

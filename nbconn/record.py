@@ -10,14 +10,15 @@ rather than live numbers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import sys
+import tempfile
 
 from . import __version__
-from .cli import EXIT_OK
 
 #: name -> (what it is, how to make it)
 RECIPES = {
@@ -71,29 +72,32 @@ def provenance(name: str, argv: list[str]) -> dict:
 
 
 def record(name: str, out_dir: str, argv: list[str]) -> str:
+    """Record dataset ``name`` into ``out_dir/NAME.json``; return the path.
+
+    Recording can take minutes, so the output directory is proven writable first: the temporary
+    file the data will go into is created before anything is measured (a unique name, so two
+    recordings never share it).  The data is written there and moved into place with os.replace
+    (atomic on one filesystem: readers see the old file or the new one, never half of it).  Any
+    failure removes the temporary file.
+    """
     if name not in RECIPES:
         raise ValueError(f"unknown dataset {name!r} (known: {', '.join(RECIPES)})")
     if not os.path.isdir(out_dir):
         raise ValueError(f"output directory {out_dir!r} does not exist")
-    payload = {"provenance": provenance(name, argv), "data": _make(name)}
-    path = os.path.join(out_dir, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+    except OSError as exc:  # read-only, no permission, full: say so now, not after minutes of recording
+        raise ValueError(f"cannot write into output directory {out_dir!r}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; a dataset is for everyone to read
+        with os.fdopen(fd, "w") as f:
+            payload = {"provenance": provenance(name, argv), "data": _make(name)}
+            json.dump(payload, f, indent=1, default=str)
+            f.write("\n")
+        path = os.path.join(out_dir, f"{name}.json")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
-
-
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser("record", help="record a dataset for data/ (with its provenance)",
-                              description="Record one of the datasets shipped in data/: " + "; ".join(
-                                  f"{k}: {v}" for k, v in RECIPES.items()))
-    p.add_argument("name", choices=list(RECIPES), metavar="NAME", help=", ".join(RECIPES))
-    p.add_argument("--out", default="data", help="directory to write NAME.json into (default: data)")
-    p.set_defaults(func=run_record)
-
-
-def run_record(args) -> int:
-    argv = ["record", args.name] + (["--out", args.out] if args.out != "data" else [])
-    print(record(args.name, args.out, argv))
-    return EXIT_OK

@@ -34,13 +34,64 @@ nginx measures ``fail_timeout`` in whole seconds (``ngx_time()``); so does this.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
+from . import validate
 from .targets import parse_target
+from .validate import shown
 
 NEXT_UPSTREAM_KINDS = ("error", "timeout")
+MAX_WEIGHT = 1000  # not nginx's limit (any ngx_atoi number): keeps the smooth round robin's sums small
+MAX_FAILS = 1_000_000
+MAX_FAIL_TIMEOUT_S = int(validate.MAX_TIMEOUT_S)
+
+# ngx_parse_time(&s, is_sec=1) (src/core/ngx_parse.c, nginx 1.22.1): a number, optionally with a unit, units in
+# falling order (y M w d h m s), each at most once; a bare number is seconds; "ms" is an error when is_sec.
+_TIME_UNITS = {"y": 365 * 86400, "M": 30 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_time_s(text: str, *, name: str = "time") -> int:
+    """Whole seconds from nginx's time syntax as ``fail_timeout=`` reads it: ``10``, ``10s``, ``1m``, ``1h30m``.
+
+    Like nginx 1.22.1's ngx_parse_time(&s, 1): ASCII digits, units in falling order, each once; ``500ms``
+    is refused (is_sec), as is a unit without a number.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be text like '10s', got {shown(text)}")
+    total, value, digits, last_rank = 0, 0, 0, -1
+    order = list(_TIME_UNITS)
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if "0" <= c <= "9":
+            if digits >= 15:
+                raise ValueError(f"{name} {shown(text)} is too long")
+            value, digits = value * 10 + ord(c) - 48, digits + 1
+            i += 1
+            continue
+        if c == "m" and text[i + 1:i + 2] == "s":
+            raise ValueError(f"{name} {shown(text)}: milliseconds are not allowed here (nginx: whole seconds)")
+        if c not in _TIME_UNITS or order.index(c) <= last_rank or not digits:
+            raise ValueError(f"{name} {shown(text)} is not an nginx time (e.g. 10, 10s, 1m, 1h30m)")
+        last_rank = order.index(c)
+        total, value, digits = total + value * _TIME_UNITS[c], 0, 0
+        i += 1
+    if i == 0 or (digits == 0 and last_rank < 0):
+        raise ValueError(f"{name} {shown(text)} is not an nginx time (e.g. 10, 10s, 1m, 1h30m)")
+    total += value  # a trailing number without a unit is seconds
+    if total > MAX_FAIL_TIMEOUT_S:
+        raise ValueError(f"{name} {shown(text)} is more than {MAX_FAIL_TIMEOUT_S} s")
+    return total
+
+
+def with_default_port(address: object) -> object:
+    """nginx's ``server 127.0.0.1;`` means port 80 (ngx_parse_url with default_port 80); so does a Peer."""
+    if not isinstance(address, str) or address.startswith("unix:"):
+        return address
+    if address.startswith("["):
+        return address + ":80" if address.endswith("]") else address
+    return address if ":" in address else address + ":80"
 
 
 @dataclass
@@ -61,35 +112,44 @@ class Peer:
     checked: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("weight", 1), ("max_fails", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"peer {self.address}: {name}={value!r} must be an int >= {low}")
-        if isinstance(self.fail_timeout, bool) or not isinstance(self.fail_timeout, (int, float)) \
-                or not 0 <= self.fail_timeout <= 86400:
-            raise ValueError(f"peer {self.address}: fail_timeout={self.fail_timeout!r} must be 0..86400 s")
-        self.address = parse_target(self.address).text
+        where = f"peer {shown(self.address)}"
+        self.weight = validate.integer(f"{where}: weight", self.weight, 1, MAX_WEIGHT)
+        self.max_fails = validate.integer(f"{where}: max_fails", self.max_fails, 0, MAX_FAILS)
+        # nginx keeps fail_timeout as whole seconds (time_t, from ngx_parse_time(&s, 1))
+        value = validate.number(f"{where}: fail_timeout", self.fail_timeout, 0, MAX_FAIL_TIMEOUT_S)
+        if value != int(value):
+            raise ValueError(f"{where}: fail_timeout={shown(self.fail_timeout)} must be whole seconds "
+                             f"(nginx counts it in ngx_time() seconds)")
+        self.fail_timeout = int(value)
+        validate.flag(f"{where}: backup", self.backup)
+        validate.flag(f"{where}: down", self.down)
+        self.address = parse_target(with_default_port(self.address)).text
         self.effective_weight = self.weight
 
     @classmethod
     def parse(cls, spec: str) -> "Peer":
-        """``HOST:PORT[,weight=N][,max_fails=N][,fail_timeout=S][,backup][,down]`` (the CLI's --peer)."""
+        """``HOST[:PORT][,weight=N][,max_fails=N][,fail_timeout=T][,backup][,down]`` -- an nginx ``server`` line
+        with commas for spaces (the CLI's --peer).  PORT defaults to 80 as in nginx; T takes nginx's time
+        units (``10``, ``10s``, ``1m``, ``1m30s``)."""
+        if not isinstance(spec, str):
+            raise TypeError(f"peer must be a str like '127.0.0.1:8080,weight=2', got {shown(spec)}")
         address, *params = spec.split(",")
         kwargs: dict = {}
         for param in params:
             key, sep, value = param.partition("=")
+            if key in kwargs:
+                raise ValueError(f"peer {shown(spec)}: {key} given twice")
             if key in ("backup", "down") and not sep:
                 kwargs[key] = True
-            elif key in ("weight", "max_fails") and sep and value.isdigit():
+            elif key in ("weight", "max_fails") and sep:
+                if not (value.isascii() and value.isdigit() and len(value) <= 30):  # ngx_atoi: ASCII digits only
+                    raise ValueError(f"peer {shown(spec)}: {key}={shown(value)} is not a whole number")
                 kwargs[key] = int(value)
             elif key == "fail_timeout" and sep:
-                try:
-                    kwargs[key] = float(value.rstrip("s"))
-                except ValueError:
-                    raise ValueError(f"peer {spec!r}: fail_timeout={value!r} is not a number") from None
+                kwargs[key] = parse_time_s(value, name=f"peer {shown(spec)}: fail_timeout")
             else:
-                raise ValueError(f"peer {spec!r}: cannot read {param!r} (weight=N, max_fails=N, fail_timeout=S, "
-                                 f"backup, down)")
+                raise ValueError(f"peer {shown(spec)}: cannot read {shown(param)} (weight=N, max_fails=N, "
+                                 f"fail_timeout=T, backup, down)")
         return cls(address, **kwargs)
 
     def eligible(self, now: int) -> bool:
@@ -276,43 +336,3 @@ def run_requests(upstream: Upstream, count: int, **kwargs) -> list[Request]:
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
         raise ValueError(f"requests={count!r} must be an int in 1..100000")
     return [run_request(upstream, **kwargs) for _ in range(count)]
-
-
-# -- CLI ---------------------------------------------------------------------------
-
-def add_subcommand(subparsers) -> None:
-    from .cli import _float_arg, _int_arg
-
-    p = subparsers.add_parser("upstream", help="requests through an nginx-style upstream: round robin and failover",
-                              description="Send R requests through an upstream of peers the way nginx's "
-                                          "round robin and proxy_next_upstream would.")
-    p.add_argument("--peer", action="append", required=True, metavar="HOST:PORT[,weight=N][,max_fails=N]"
-                   "[,fail_timeout=S][,backup]", help="an upstream server (repeat for more)")
-    p.add_argument("--requests", type=_int_arg("--requests"), default=1, metavar="R")
-    p.add_argument("--timeout", type=_float_arg("--timeout"), default=1.0, metavar="S",
-                   help="connect timeout per attempt (proxy_connect_timeout)")
-    p.add_argument("--tries", type=_int_arg("--tries"), default=0, metavar="N",
-                   help="proxy_next_upstream_tries (0 = number of peers)")
-    p.add_argument("--next-upstream-timeout", type=_float_arg("--next-upstream-timeout"), default=0.0, metavar="S")
-    p.add_argument("--next-upstream", default="error,timeout",
-                   help="comma-separated: error, timeout, or off (proxy_next_upstream)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run_upstream_cli)
-
-
-def run_upstream_cli(args) -> int:
-    from .cli import EXIT_OK
-    from .flow import check_timeout
-
-    check_timeout(args.timeout)
-    kinds = () if args.next_upstream == "off" else tuple(k for k in args.next_upstream.split(",") if k)
-    up = Upstream([Peer.parse(spec) for spec in args.peer])
-    upstream_requests = run_requests(up, args.requests, timeout=args.timeout, next_upstream=kinds, tries=args.tries,
-                                     next_upstream_timeout=args.next_upstream_timeout)
-    if args.json:
-        print(json.dumps({"requests": [r.to_dict() for r in upstream_requests]}, indent=2))
-    else:
-        for i, r in enumerate(upstream_requests, 1):
-            tried = ", ".join(f"{a.peer} {a.outcome}" for a in r.attempts) or "-"
-            print(f"request {i}: {r.result}  tried: {tried}")
-    return EXIT_OK

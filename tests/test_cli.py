@@ -56,6 +56,20 @@ def test_timeout_exit_1_and_json():
         (["connect", "unix:/x", "--nodelay"], "nodelay"),
         (["connect"], "target"),
         (["frobnicate"], "frobnicate"),
+        (["connect", "127.0.0.1:80", "--timeout", "1", "--timeout", "2"], "--timeout given twice"),
+        (["connect", "127.0.0.1:80", "--nodelay", "--nodelay"], "--nodelay given twice"),
+        (["connect", "127.0.0.1:80", "--rcvbuf", "\u0663"], "--rcvbuf '\u0663'"),  # non-ASCII digit
+        (["connect", "127.0.0.1:80", "--timeout", "inf"], "--timeout 'inf'"),
+        (["connect", "127.0.0.1:80", "--time", "1"], "--time"),  # no abbreviations
+        (["measure", "refused", "--count", "\u0663"], "--count '\u0663'"),
+        (["measure", "refused", "--count", "5", "--count", "6"], "--count given twice"),
+        (["upstream", "--peer", "127.0.0.1:1", "--next-upstream", ""], "--next-upstream ''"),
+        (["upstream", "--peer", "127.0.0.1:1", "--next-upstream", "error,"], "--next-upstream 'error,'"),
+        (["upstream", "--peer", "127.0.0.1:1", "--next-upstream", "error,off"], "'off'"),
+        (["upstream", "--peer", "127.0.0.1:1,max_fails=\u0663"], "max_fails='\u0663'"),
+        (["upstream", "--peer", "127.0.0.1:1", "--requests", "2", "--requests", "3"], "--requests given twice"),
+        (["upstream", "--peer", "127.0.0.1:1", "--timeout", "0"], "timeout=0"),
+        (["record", "no-such-dataset"], "no-such-dataset"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, words):
@@ -64,6 +78,50 @@ def test_bad_input_one_line_exit_2(args, words):
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bad_input_makes_no_socket_and_no_process():
+    """Rejected before anything exists: strace sees no socket(), no clone/fork, no unshare."""
+    strace = require_tool("strace")
+    for args in (["connect", "127.0.0.1:80", "--timeout", "1", "--timeout", "2"],
+                 ["upstream", "--peer", "127.0.0.1:1", "--next-upstream", ""],
+                 ["measure", "impaired", "--delay-ms", "x"]):
+        proc = subprocess.run([strace, "-f", "-qq", "-e", "trace=socket,clone,clone3,fork,vfork,unshare,setns",
+                               sys.executable, "-m", "nbconn", *args], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+        calls = [line for line in proc.stderr.splitlines() if re.match(r"(\[pid +\d+\] )?\w+\(", line)]
+        assert proc.returncode == 2 and calls == [], (args, calls)
+        assert proc.stderr.strip().splitlines()[-1].startswith("nbconn: error: ")
+
+
+def test_no_library_module_imports_the_cli():
+    """nbconn.cli imports the library; never the other way (no cycles, `import nbconn.measure` stays CLI-free)."""
+    import ast
+    import pathlib
+
+    offenders = []
+    for path in pathlib.Path(ROOT, "nbconn").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("nbconn/cli/") or rel == "nbconn/__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [(node.module or "") + "." + a.name for a in node.names]
+                names.append(node.module or "")
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.split(".")[-1] == "cli" or ".cli." in n or n.startswith("nbconn.cli") for n in names):
+                offenders.append(rel)
+    assert offenders == []
+
+
+def test_console_script_and_python_m_agree():
+    from nbconn.cli import main
+
+    assert main(["connect", "127.0.0.1:1", "--trigger", "edge", "--trigger", "edge"]) == 2
+    proc = run("--help")
+    assert proc.returncode == 0 and all(word in proc.stdout for word in ("connect", "measure", "upstream", "record"))
 
 
 def test_unresolvable_name_in_an_empty_network_namespace():
@@ -133,3 +191,102 @@ def test_strace_timeout_closes_without_so_error():
     # the timer's remaining ms (epoll rounds to whole ms), then nothing ready
     assert waits and re.search(r", (19\d|200)\) = 0$", waits[0]), waits
     assert calls[-1].startswith(f"close({fd})")
+
+
+# -- no tracebacks: a read-only --out, too few descriptors, Ctrl-C during start-up ------------------------
+
+def test_record_into_a_read_only_directory_fails_at_once(tmp_path):
+    """syn-default records for minutes; a read-only --out must be refused before it starts (exit 2, one line)."""
+    out = tmp_path / "ro"
+    out.mkdir()
+    if os.geteuid() == 0:  # root writes through mode bits: make the directory a read-only mount instead
+        unshare = require_tool("unshare")
+        script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -m nbconn record syn-default ' \
+                 '--out "$1"'
+        argv = [unshare, "-m", "sh", "-c", script, "sh", str(out), sys.executable]
+    else:
+        out.chmod(0o555)
+        argv = [sys.executable, "-m", "nbconn", "record", "syn-default", "--out", str(out)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        out.chmod(0o755)
+    if "mount" in proc.stderr and "nbconn" not in proc.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {proc.stderr.strip()[:100]}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write into output directory" in lines[0] and str(out) in lines[0], lines
+    assert os.listdir(out) == []  # no temporary file left behind
+
+
+def test_record_writes_atomically_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from nbconn import record
+
+    monkeypatch.setattr(record, "_make", lambda name: {"rows": [1, 2, 3]})
+    path = record.record("loopback-idle", str(tmp_path), ["record", "loopback-idle"])
+    assert json.load(open(path))["data"] == {"rows": [1, 2, 3]}
+    assert os.listdir(tmp_path) == ["loopback-idle.json"] and oct(os.stat(path).st_mode & 0o777) == "0o644"
+
+    def boom(name):
+        raise RuntimeError("recording failed half-way")
+
+    monkeypatch.setattr(record, "_make", boom)
+    with pytest.raises(RuntimeError):
+        record.record("loopback-idle", str(tmp_path), ["record", "loopback-idle"])
+    assert os.listdir(tmp_path) == ["loopback-idle.json"]  # the old file is intact, no .tmp left
+
+
+def test_too_few_descriptors_is_one_line_exit_1():
+    """Under `prlimit --nofile=N` some step of the run gets EMFILE; it ends in one line and exit 1, never a
+    traceback.  Python itself needs about 5 descriptors to start, so N runs from 5 up."""
+    prlimit = require_tool("prlimit")
+    codes = []
+    for n in range(5, 13):
+        proc = subprocess.run([prlimit, f"--nofile={n}", sys.executable, "-m", "nbconn", "measure", "unix-full",
+                               "--count", "3", "--timeout", "0.05"], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+        assert "Traceback" not in proc.stderr, (n, proc.stderr[-1500:])
+        assert proc.returncode in (0, 1), (n, proc.returncode, proc.stderr)
+        if proc.returncode == 1:
+            assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "EMFILE" in proc.stderr, proc.stderr
+        codes.append(proc.returncode)
+    assert 1 in codes, f"no limit from 5 to 12 made the run fail: {codes}"
+
+
+def test_ctrl_c_during_startup_is_one_line():
+    """SIGINT soon after start lands while Python imports nbconn, or parses, or runs: one line
+    "nbconn: interrupted", exit 130 (or killed by SIGINT: a shell shows 130 for both), no traceback.
+
+    Before nbconn/__init__.py's first line runs, the code is Python's own (site, the .pth files, runpy and
+    importlib finding and unmarshalling nbconn): a Ctrl-C there gets Python's traceback, with no frame in
+    nbconn.  Such runs are counted apart; any traceback through an nbconn file fails the test."""
+    import signal
+    import time
+
+    # Python's own start-up here, now (it grows under load): the time `python -c pass` takes, best of 3
+    startup = min(_elapsed([sys.executable, "-c", "pass"]) for _ in range(3))
+    judged, before_nbconn = 0, 0
+    for delay in [startup + extra for extra in (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)]:
+        proc = subprocess.Popen([sys.executable, "-m", "nbconn", "measure", "blackhole", "--count", "2",
+                                 "--timeout", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        frames = re.findall(r'^  File "([^"]+)"', err, re.M)
+        if "Traceback" in err and not any("/nbconn/" in f for f in frames):
+            before_nbconn += 1
+            continue
+        judged += 1
+        assert "Traceback" not in err, (delay, err[-1500:])
+        assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
+        assert err.strip() in ("nbconn: interrupted", ""), (delay, err)
+    assert judged >= 5, f"only {judged} runs got past Python's own start-up ({before_nbconn} interrupted before)"
+
+
+def _elapsed(argv) -> float:
+    import time
+
+    t0 = time.monotonic()
+    subprocess.run(argv, capture_output=True, timeout=30)
+    return time.monotonic() - t0

@@ -98,8 +98,12 @@ def test_next_upstream_off_and_tries():
 
 @pytest.mark.parametrize("spec, words", [
     ("127.0.0.1:1,weight=0", "weight=0"),
-    ("127.0.0.1:1,weight=x", "'weight=x'"),
-    ("127.0.0.1:1,fail_timeout=soon", "fail_timeout='soon'"),
+    ("127.0.0.1:1,weight=x", "weight='x'"),
+    ("127.0.0.1:1,max_fails=\u0663", "max_fails='\u0663'"),  # Arabic-Indic three: nginx's ngx_atoi refuses it
+    ("127.0.0.1:1,fail_timeout=soon", "fail_timeout 'soon'"),
+    ("127.0.0.1:1,fail_timeout=500ms", "milliseconds"),  # ngx_parse_time(&s, 1): ms is an error
+    ("127.0.0.1:1,fail_timeout=1s1m", "'1s1m'"),  # units in falling order
+    ("127.0.0.1:1,weight=2,weight=3", "weight given twice"),
     ("127.0.0.1:0", "port 0"),
     ("127.0.0.1:1,color=red", "'color=red'"),
 ])
@@ -107,6 +111,18 @@ def test_bad_peer_specs_named(spec, words):
     with pytest.raises((ValueError, TypeError)) as info:
         Peer.parse(spec)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("text, seconds", [("10", 10), ("10s", 10), ("1m", 60), ("1m30s", 90), ("1h", 3600),
+                                           ("1d", 86400), ("0", 0), ("1m5", 65)])
+def test_fail_timeout_in_nginx_time_units(text, seconds):
+    assert Peer.parse(f"127.0.0.1:1,fail_timeout={text}").fail_timeout == seconds
+
+
+@pytest.mark.parametrize("spec, address", [("127.0.0.1", "127.0.0.1:80"), ("[::1]", "[::1]:80"),
+                                           ("127.0.0.1:81", "127.0.0.1:81"), ("127.0.0.1,weight=2", "127.0.0.1:80")])
+def test_peer_without_port_means_80(spec, address):
+    assert Peer.parse(spec).address == address
 
 
 def test_real_connects_refused_first_then_listening():

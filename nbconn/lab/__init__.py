@@ -2,8 +2,12 @@
 
 :mod:`nbconn.lab.peers` -- listening, refused, blackhole, reset, slow_accept,
 unix_listening, unix_full, unix_missing (context managers yielding a target).
+:mod:`nbconn.lab.namespace` -- ``namespace(sysctls=, routes=)``: a network namespace of
+the lab's own, as a normal user too (user + network namespace, "root" inside); its
+sockets are made inside and passed out over SCM_RIGHTS (a socket source for step 1),
+with per-namespace sysctls, its TCP counters, and peers listening inside.
 :mod:`nbconn.lab.wire` -- ``impaired(delay_ms=, jitter_ms=, loss=)``: a link with
-real delay, jitter and loss between two network namespaces (needs root).
+real delay, jitter and loss between two network namespaces.
 """
 
 import importlib
@@ -25,6 +29,9 @@ from .peers import (
 def __getattr__(name: str):
     # The wire pulls in ctypes and namespace helpers: load it only when asked for.
     # (importlib, not "from . import wire": that form would call this hook again.)
+    if name in ("namespace", "namespace_unavailable_reason"):
+        module = importlib.import_module(".namespace", __name__)
+        return module.namespace if name == "namespace" else module.unavailable_reason
     if name in ("impaired", "wire_unavailable_reason", "wire"):
         wire = importlib.import_module(".wire", __name__)
         return wire if name == "wire" else getattr(wire, name)
@@ -32,4 +39,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["SCENARIOS", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept", "unix_full",
-           "unix_listening", "unix_missing", "impaired", "wire_unavailable_reason"]
+           "unix_listening", "unix_missing", "impaired", "wire_unavailable_reason", "namespace", "namespace_unavailable_reason"]

@@ -162,9 +162,29 @@ def _http(conn: socket.socket) -> None:
         conn.close()
 
 
-def _listener(host: str, backlog: int) -> socket.socket:
-    _check_loopback(host)
-    sock = socket.socket(_family_of(host), socket.SOCK_STREAM)
+def _check_host(host: str, source) -> None:
+    """Loopback only -- unless the socket is made inside a lab namespace (``source``): every address
+    there belongs to a namespace this package created, and nothing in it reaches a real network."""
+    if source is None:
+        _check_loopback(host)
+        return
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"peer host {host!r} must be an IP literal") from None
+
+
+def _new_socket(host: str, source) -> socket.socket:
+    """Step 1 for a peer: here, or inside the lab namespace ``source`` (its descriptor passed over SCM_RIGHTS)."""
+    family = _family_of(host)
+    return socket.socket(family, socket.SOCK_STREAM) if source is None else source.socket(family, socket.SOCK_STREAM)
+
+
+def _listener(host: str, backlog: int, source=None) -> socket.socket:
+    _check_host(host, source)
+    sock = _new_socket(host, source)
     try:
         sock.bind((host, 0))
         sock.listen(backlog)
@@ -175,12 +195,14 @@ def _listener(host: str, backlog: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def listening(host: str = "127.0.0.1", *, backlog: int = 4096, http: bool = False, hold: bool = False):
+def listening(host: str = "127.0.0.1", *, backlog: int = 4096, http: bool = False, hold: bool = False,
+              source=None):
     """A peer that accepts every connection: closes it at once, answers HTTP (``http=True``),
-    or keeps it open until exit (``hold=True``)."""
+    or keeps it open until exit (``hold=True``).  ``source``: a lab namespace to listen in
+    (:mod:`nbconn.lab.namespace`); the acceptor thread runs here on the passed listener."""
     held: list[socket.socket] = []
     handle = _http if http else (held.append if hold else _close)
-    with _listener(host, backlog) as sock:
+    with _listener(host, backlog, source) as sock:
         target, port = _target_for(sock)
         peer = Peer(target, "listening", port=port)
         try:
@@ -192,19 +214,19 @@ def listening(host: str = "127.0.0.1", *, backlog: int = 4096, http: bool = Fals
 
 
 @contextlib.contextmanager
-def refused(host: str = "127.0.0.1"):
+def refused(host: str = "127.0.0.1", *, source=None):
     """A port nobody listens on.  It stays bound (without listen()) so no other program takes it
     while the peer lives; a SYN to it is answered with RST."""
-    _check_loopback(host)
-    with socket.socket(_family_of(host), socket.SOCK_STREAM) as sock:
+    _check_host(host, source)
+    with _new_socket(host, source) as sock:
         sock.bind((host, 0))
         target, port = _target_for(sock)
         yield Peer(target, "refused", port=port)
 
 
-def _connect_filler(address, family: int, timeout_s: float = 2.0) -> socket.socket:
+def _connect_filler(address, family: int, timeout_s: float = 2.0, source=None) -> socket.socket:
     """A plain client connection used to fill an accept queue; waits until it is established."""
-    filler = socket.socket(family, socket.SOCK_STREAM)
+    filler = socket.socket(family, socket.SOCK_STREAM) if source is None else source.socket(family, socket.SOCK_STREAM)
     try:
         filler.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         filler.settimeout(timeout_s)
@@ -216,7 +238,7 @@ def _connect_filler(address, family: int, timeout_s: float = 2.0) -> socket.sock
 
 
 @contextlib.contextmanager
-def blackhole(host: str = "127.0.0.1"):
+def blackhole(host: str = "127.0.0.1", *, source=None):
     """A listener whose accept queue is full and never drained.
 
     ``listen(0)`` still queues one connection (the kernel's test is "queue length >
@@ -225,9 +247,9 @@ def blackhole(host: str = "127.0.0.1"):
     connects stay in SYN-SENT, the kernel retransmits the SYN on its schedule, and only
     a timer (or TCP_SYNCNT/TCP_USER_TIMEOUT) ends them.
     """
-    with _listener(host, 0) as sock:
+    with _listener(host, 0, source) as sock:
         target, port = _target_for(sock)
-        filler = _connect_filler(sock.getsockname(), sock.family)
+        filler = _connect_filler(sock.getsockname(), sock.family, source=source)
         try:
             yield Peer(target, "blackhole", port=port)
         finally:
@@ -235,7 +257,7 @@ def blackhole(host: str = "127.0.0.1"):
 
 
 @contextlib.contextmanager
-def reset(host: str = "127.0.0.1"):
+def reset(host: str = "127.0.0.1", *, source=None):
     """A peer that accepts and at once closes with SO_LINGER {1, 0}: the kernel sends RST.
 
     The handshake itself completes (the kernel finishes it before accept()), so a
@@ -243,7 +265,7 @@ def reset(host: str = "127.0.0.1"):
     write (ECONNRESET); when the RST is faster than the client's SO_ERROR check the
     connect itself ends "reset".
     """
-    with _listener(host, 4096) as sock:
+    with _listener(host, 4096, source) as sock:
         target, port = _target_for(sock)
         peer = Peer(target, "reset", port=port)
         with _Acceptor(sock, peer, _reset):
@@ -251,7 +273,7 @@ def reset(host: str = "127.0.0.1"):
 
 
 @contextlib.contextmanager
-def slow_accept(host: str = "127.0.0.1", *, backlog: int = 8, interval_s: float = 0.005):
+def slow_accept(host: str = "127.0.0.1", *, backlog: int = 8, interval_s: float = 0.005, source=None):
     """A listener with a small accept queue and an acceptor that takes one connection
     every ``interval_s``.  A burst larger than the queue overflows it: the kernel drops the
     extra SYNs and the clients retransmit after ~1 s -- the latency tail of an overloaded upstream."""
@@ -259,7 +281,7 @@ def slow_accept(host: str = "127.0.0.1", *, backlog: int = 8, interval_s: float 
         raise ValueError(f"backlog={backlog} is outside 0..4096")
     if not 0 < interval_s <= 1:
         raise ValueError(f"interval_s={interval_s} is outside (0, 1]")
-    with _listener(host, backlog) as sock:
+    with _listener(host, backlog, source) as sock:
         target, port = _target_for(sock)
         peer = Peer(target, "slow_accept", port=port)
         with _Acceptor(sock, peer, _close, interval_s=interval_s):

@@ -1,0 +1,66 @@
+"""``python -m nbconn upstream --peer A --peer B ...``: requests through nginx's round robin (nbconn.upstream)."""
+
+from __future__ import annotations
+
+import json
+
+from .. import validate
+from . import EXIT_OK, float_arg, int_arg
+
+NAME = "upstream"
+
+
+def next_upstream_arg(text: str) -> tuple:
+    """``error,timeout`` / ``error`` / ``off`` (proxy_next_upstream): the kinds, or () for off."""
+    from argparse import ArgumentTypeError
+
+    from ..upstream import NEXT_UPSTREAM_KINDS
+
+    if text == "off":
+        return ()
+    kinds = text.split(",")
+    for kind in kinds:
+        if kind not in NEXT_UPSTREAM_KINDS:
+            raise ArgumentTypeError(f"--next-upstream {validate.shown(text)}: {validate.shown(kind)} is not one of "
+                                    f"{', '.join(NEXT_UPSTREAM_KINDS)} (or 'off' alone)")
+    if len(set(kinds)) != len(kinds):
+        raise ArgumentTypeError(f"--next-upstream {validate.shown(text)} names a kind twice")
+    return tuple(kinds)
+
+
+def add(subparsers) -> None:
+    p = subparsers.add_parser(NAME, help="requests through an nginx-style upstream: round robin and failover",
+                              description="Send R requests through an upstream of peers the way nginx's "
+                                          "round robin and proxy_next_upstream would.")
+    p.add_argument("--peer", action="append", required=True,
+                   metavar="HOST[:PORT][,weight=N][,max_fails=N][,fail_timeout=T][,backup][,down]",
+                   help="an upstream server line (repeat for more); PORT defaults to 80; T in nginx's units "
+                        "(10, 10s, 500ms, 1m)")
+    p.add_argument("--requests", type=int_arg("--requests"), default=1, metavar="R")
+    p.add_argument("--timeout", type=float_arg("--timeout"), default=1.0, metavar="S",
+                   help="connect timeout per attempt (proxy_connect_timeout)")
+    p.add_argument("--tries", type=int_arg("--tries"), default=0, metavar="N",
+                   help="proxy_next_upstream_tries (0 = number of peers)")
+    p.add_argument("--next-upstream-timeout", type=float_arg("--next-upstream-timeout"), default=0.0, metavar="S",
+                   help="proxy_next_upstream_timeout in seconds (0 = no limit)")
+    p.add_argument("--next-upstream", type=next_upstream_arg, default=("error", "timeout"), metavar="KINDS",
+                   help="comma-separated: error, timeout; or off (proxy_next_upstream); default error,timeout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..flow import check_timeout
+    from ..upstream import Peer, Upstream, run_requests
+
+    check_timeout(args.timeout)
+    up = Upstream([Peer.parse(spec) for spec in args.peer])
+    upstream_requests = run_requests(up, args.requests, timeout=args.timeout, next_upstream=args.next_upstream,
+                                     tries=args.tries, next_upstream_timeout=args.next_upstream_timeout)
+    if args.json:
+        print(json.dumps({"requests": [r.to_dict() for r in upstream_requests]}, indent=2))
+    else:
+        for i, r in enumerate(upstream_requests, 1):
+            tried = ", ".join(f"{a.peer} {a.outcome}" for a in r.attempts) or "-"
+            print(f"request {i}: {r.result}  tried: {tried}")
+    return EXIT_OK
