@@ -315,12 +315,15 @@ def one_registration(target, *, wait_s: float = 2.0) -> Table:
         rows.append(["getsockopt(SO_ERROR)", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)])
         sent = s.send(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n")
         rows.append(["send() the request", f"{sent} bytes"])
+        # The peer answers and closes: wait for both (bounded), so the row does not depend on whether the
+        # reply and the FIN arrive in one wake-up or two.
         deadline = time.monotonic() + wait_s
         seen = 0
-        while not seen & select.EPOLLIN and time.monotonic() < deadline:
+        while (seen & (select.EPOLLIN | select.EPOLLRDHUP)) != select.EPOLLIN | select.EPOLLRDHUP \
+                and time.monotonic() < deadline:
             for _, mask in ep.poll(max(0.0, deadline - time.monotonic())):
                 seen |= mask
-        rows.append(["epoll_wait", event_names(seen) if seen else "(timed out)"])
+        rows.append(["epoll_wait (until the reply and the peer's FIN)", event_names(seen) if seen else "(timed out)"])
         reply = s.recv(4096)
         rows.append(["recv()", reply.split(b"\r\n", 1)[0].decode(errors="replace")])
     return Table(["call (the only epoll_ctl is the first row)", "result"], rows,
@@ -455,9 +458,20 @@ def extras_beyond_nginx(result) -> Table:
     rows = [[what, names.count(name), why] for name, what, why in _EXTRAS]
     socket_call = next((s.call for s in result.steps if s.name == "socket"), "")
     rows.append(["SOCK_CLOEXEC on socket()", int("SOCK_CLOEXEC" in socket_call),
-                 "a flag, not a call: CPython always sets it (no syscall added)"])
+                 "a flag on the same call (CPython's socket() always asks for it); nginx does not set it"])
     return Table(["what nbconn adds", "in this trace", "why"], rows,
                  title=f"beyond nginx 1.22.1: {sum(r[1] for r in rows[:3])} extra syscalls in this trace")
+
+
+def _nginx_path(result) -> str:
+    """nginx's codes for one attempt, each once: ``NGX_AGAIN -> NGX_OK``, ``NGX_DECLINED -> next peer (FT_ERROR)``."""
+    codes = [result.ngx_connect]
+    if result.ngx_decision and result.ngx_decision != result.ngx_connect:
+        codes.append(result.ngx_decision)
+    following = getattr(result, "ngx_next", None)
+    if following:
+        codes.append(f"next peer ({following.replace('NGX_HTTP_UPSTREAM_', '')})")
+    return " -> ".join(str(c) for c in codes)
 
 
 def connect_returns(targets: dict, *, repeat: int = 20, timeout: float = 1.0) -> Table:
@@ -474,8 +488,7 @@ def connect_returns(targets: dict, *, repeat: int = 20, timeout: float = 1.0) ->
         first = results[0]
         rows.append([label, ", ".join(f"{k} {v}/{repeat}" for k, v in returned.items()),
                      first.outcome + (f" ({first.errno})" if first.errno else ""),
-                     f"{first.ngx_connect} -> {first.ngx_decision}",
-                     first.ngx_level or "-"])
+                     _nginx_path(first), first.ngx_level or "-"])
     return Table(["target", "connect() returned", "decided", "nginx", "log level"], rows,
                  title="what this kernel's connect() answers")
 
