@@ -75,7 +75,7 @@ from .options import Bind, plan_options
 from .result import Result
 from .strace import sockaddr_len, sockaddr_text
 from .targets import Target, sockaddr_bytes
-from .tcpinfo import read_tcp_info
+from .tcpinfo import read_tcp_info_raw, rtt_us
 
 # Re-exported for callers that took the choices from here; their home is nbconn.validate.
 NONBLOCKING_METHODS = validate.NONBLOCKING_METHODS
@@ -460,10 +460,10 @@ class Attempt:
         plan = self.plan
         if err == 0 and plan.tcp_info and self.target.family != _AF_UNIX:
             t = self._clock()
-            result.tcp_info = read_tcp_info(self.sock)
+            raw = result._tcp_info = read_tcp_info_raw(self.sock)  # parsed when somebody reads Result.tcp_info
             if self._record:
-                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
-                              0, t, self._clock(), self.fd, result.tcp_info["rtt_us"]))
+                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}, ...}}, [232])",
+                              0, t, self._clock(), self.fd, rtt_us(raw)))
         self._release(keep=err == 0 and plan.keep)
 
     def _fail_before_connect(self, stage: str, err: int, detail: object = "") -> None:
