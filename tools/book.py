@@ -176,14 +176,18 @@ def mermaid_bundle() -> str:
 
 def build(out: str = OUT, clean: bool = False) -> str:
     """Stage, then run Sphinx (warnings are errors); returns the path of index.html."""
+    doctrees = os.path.join(BUILD, "book-doctrees")
     if clean:
-        for d in (SRC, out):
+        for d in (SRC, out, doctrees):
             shutil.rmtree(d, ignore_errors=True)
     stage()
     env = dict(os.environ, NBCONN_BOOK_MERMAID=mermaid_bundle(), NBCONN_ROOT=ROOT)
     argv = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", "-c", CONF,
-            "-d", os.path.join(BUILD, "book-doctrees"), SRC, out]
+            "-d", doctrees, SRC, out]
     if subprocess.run(argv, env=env, cwd=ROOT).returncode != 0:
+        # Sphinx warns about a page only when it reads it: without this, the next (incremental) build would skip
+        # the pages that warned and pass.
+        shutil.rmtree(doctrees, ignore_errors=True)
         sys.exit("book build failed: see the warnings above (warnings are errors; build/book-src/X is a copy of X)")
     remote = offline_violations(out)
     if remote:
