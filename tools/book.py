@@ -53,6 +53,20 @@ def notebooks() -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def all_notebooks() -> list[str]:
+    """The series plus every other notebook committed in notebooks/: all are staged, so a committed one that is not
+    named NN_* is outside the toctree and fails the build instead of silently missing from the book.  (A reader's
+    own untracked Untitled.ipynb from ./dev lab is left alone.)"""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "notebooks/*.ipynb"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        tracked = [p for p in out.stdout.split("\0") if p and "/" not in p[len("notebooks/"):]] \
+            if out.returncode == 0 else []
+    except OSError:  # no git: the series alone
+        tracked = []
+    return sorted(set(notebooks()) | {p for p in tracked if os.path.isfile(os.path.join(ROOT, p))})
+
+
 def docs_pages() -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
@@ -119,12 +133,13 @@ def stage() -> None:
     nbs, pages = notebooks(), [p for p in docs_pages() + EXTRA_PAGES if os.path.isfile(os.path.join(ROOT, p))]
     if not nbs:
         sys.exit("no notebooks/NN_*.ipynb found")
-    wanted = {"index.md", "api/index.md"} | set(nbs) | set(pages)
-    for rel in nbs + pages + ["README.md"]:
+    sources = all_notebooks() + pages
+    wanted = {"index.md", "api/index.md"} | set(sources)
+    for rel in sources + ["README.md"]:
         for linked in _linked_files(rel):
             _copy(linked)
             wanted.add(linked)
-    for rel in nbs + pages:
+    for rel in sources:
         _copy(rel)
     # A page removed from the repository disappears from the book too.
     for dirpath, _, filenames in os.walk(SRC):
