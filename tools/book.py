@@ -141,14 +141,15 @@ def stage() -> None:
             wanted.add(linked)
     for rel in sources:
         _copy(rel)
-    # A page removed from the repository disappears from the book too.
+    modules = public_modules()
+    wanted |= {os.path.join("api", "generated", f"{m}.rst") for m in modules}
     for dirpath, _, filenames in os.walk(SRC):
         for name in filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), SRC)
-            if rel not in wanted and not rel.startswith(os.path.join("api", "generated")):
+            if rel not in wanted:  # a page or module removed from the repository disappears from the book too
                 os.remove(os.path.join(dirpath, name))
     _write_if_changed("index.md", _landing_page(pages, nbs))
-    _write_if_changed("api/index.md", _api_index(public_modules()))
+    _write_if_changed("api/index.md", _api_index(modules))
 
 
 def _write_if_changed(rel: str, text: str) -> None:
