@@ -205,10 +205,24 @@ def build(out: str = OUT, clean: bool = False) -> str:
         # the pages that warned and pass.
         shutil.rmtree(doctrees, ignore_errors=True)
         sys.exit("book build failed: see the warnings above (warnings are errors; build/book-src/X is a copy of X)")
+    _prune(out)
     remote = offline_violations(out)
     if remote:
         sys.exit("the book would load things from the network:\n  " + "\n  ".join(remote[:20]))
     return os.path.join(out, "index.html")
+
+
+def _prune(out: str) -> None:
+    """Sphinx never deletes a page whose source is gone: drop those (and their _sources copies) from the book."""
+    docs = {os.path.splitext(os.path.relpath(os.path.join(d, f), SRC))[0]
+            for d, _, files in os.walk(SRC) for f in files if f.endswith((".md", ".ipynb", ".rst"))}
+    docs |= {"genindex", "search", "py-modindex"}
+    for html in glob.glob(os.path.join(out, "**", "*.html"), recursive=True):
+        rel = os.path.relpath(html, out)
+        if not rel.startswith("_") and rel[:-len(".html")] not in docs:
+            os.remove(html)
+            for source in glob.glob(os.path.join(out, "_sources", glob.escape(rel[:-len(".html")]) + ".*")):
+                os.remove(source)
 
 
 # <script src>, <link href>, <img src>, <iframe src>, <source src>, CSS url() and @import: what a browser fetches unasked.
