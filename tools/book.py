@@ -212,6 +212,21 @@ def build(out: str = OUT, clean: bool = False) -> str:
     return os.path.join(out, "index.html")
 
 
+def unexecuted_cells() -> list[str]:
+    """Code cells committed without ever being run: the book would show them with no output at all."""
+    import json
+
+    found = []
+    for rel in notebooks():
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            cells = json.load(f).get("cells", [])
+        missing = [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and "".join(c.get("source", ""))
+                   .strip() and c.get("execution_count") is None and not c.get("outputs")]
+        if missing:
+            found.append(f"{rel}: {len(missing)} code cell(s) never executed (cells {', '.join(map(str, missing))})")
+    return found
+
+
 def _prune(out: str) -> None:
     """Sphinx never deletes a page whose source is gone: drop those (and their _sources copies) from the book."""
     docs = {os.path.splitext(os.path.relpath(os.path.join(d, f), SRC))[0]
@@ -252,6 +267,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
     index = build(clean=args.clean)
+    for line in unexecuted_cells():  # shown as committed; say so, so that whoever committed it runs ./dev execute
+        print(f"book: note: {line}: the book shows them without output (./dev execute)", file=sys.stderr)
     pages = len(glob.glob(os.path.join(OUT, "**", "*.html"), recursive=True))
     print(f"book: {pages} pages in {time.monotonic() - start:.1f} s", file=sys.stderr)
     print(index)
