@@ -106,10 +106,12 @@ def _seconds(value: float) -> str:
 # Scenario notes: what one Connect will and will not show for each peer.
 SCENARIO_NOTES = {
     "listening": "A listener on 127.0.0.1: the handshake completes in the kernel before anyone calls accept().",
-    "refused": "Nothing listens on the port: the kernel answers the SYN with RST, connect() fails with "
-               "ECONNREFUSED (on loopback usually already inside connect(), or at the SO_ERROR check).",
-    "blackhole": "SYNs are dropped (a listener whose accept queue is full): nothing ever answers, so only the "
-                 "connect timer ends the attempt -- like nginx's proxy_connect_timeout.",
+    "refused": "Nothing listens on the port: the kernel answers the SYN with RST.  connect() still returns "
+               "EINPROGRESS (even on loopback the SYN is answered after the call returns); epoll then reports "
+               "the socket and getsockopt(SO_ERROR) reads ECONNREFUSED -- nginx's ngx_http_upstream_test_connect.",
+    "blackhole": "SYNs are dropped (a listener whose accept queue is full and never drained): nothing ever "
+                 "answers, the kernel retransmits the SYN, and only the connect timer (or TCP_SYNCNT) ends the "
+                 "attempt -- like nginx's proxy_connect_timeout.",
     "reset": "The peer accepts, then closes with SO_LINGER {1, 0}, which sends RST.  The handshake completed "
              "first, so the connect itself ends <b>connected</b>: the RST arrives <i>after</i> it, and the "
              "client only learns on its first read.  The panel reads once after connecting and shows what "
@@ -428,7 +430,7 @@ class LabPanel:
         self.ignored_clicks = 0
         self._mark_stale("a new Connect is running")
         self.connect_button.disabled = self.run_button.disabled = True
-        timeout = opts["timeout"]
+        timeout, peer_name = opts["timeout"], self.scenario.value
         done = threading.Event()
         started = time.monotonic()
         self._peer_ready_at = None  # set by the job once the peer runs: the connect's own clock starts there
@@ -440,10 +442,10 @@ class LabPanel:
                         break
                     ready = self._peer_ready_at
                     if ready is None:  # the peer (an impaired link: two namespaces) is still being set up
-                        self._say(f"starting {self.scenario.value}... {time.monotonic() - started:.1f} s"
+                        self._say(f"starting {peer_name}... {time.monotonic() - started:.1f} s"
                                   f"{self._ignored_note()}", busy=True)
                     else:
-                        self._say(f"connecting to {self.scenario.value}... {time.monotonic() - ready:.1f} s "
+                        self._say(f"connecting to {peer_name}... {time.monotonic() - ready:.1f} s "
                                   f"(up to {_seconds(timeout)}){self._ignored_note()}", busy=True)
 
         def job() -> None:
