@@ -321,3 +321,14 @@ def test_a_control_changed_during_a_run_labels_the_connect_result(panel):
     panel.nodelay.value = True  # while Run N goes: the Connect result above no longer matches the controls
     assert panel.wait(15)
     assert "previous run" in panel.result_header_text and "settings have changed" in panel.result_header_text
+
+
+@pytest.mark.parametrize("scenario, connect_returned, errno, note", [
+    ("refused (closed port)", "EINPROGRESS", "ECONNREFUSED", "still returns EINPROGRESS"),
+    ("AF_UNIX backlog full", "EAGAIN", "EAGAIN", "answers EAGAIN at once"),
+])
+def test_scenario_notes_say_what_a_connect_shows(panel, scenario, connect_returned, errno, note):
+    panel.scenario.value = scenario
+    assert note in panel.scenario_note.value
+    panel.connect()
+    assert (panel.result.connect_returned, panel.result.errno) == (connect_returned, errno)
