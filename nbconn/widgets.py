@@ -42,7 +42,9 @@ import ipywidgets as w
 
 from . import lab, validate
 from .api import connect, connect_many
+from .errors import OUTCOME_COLOURS
 from .flow import check_settings
+from .strace import format_ns
 from .measure import Measurement, scenario_target
 
 #: what the dropdown shows -> the scenario name of nbconn.validate.SCENARIOS
@@ -57,8 +59,6 @@ SCENARIOS = {
 }
 assert set(SCENARIOS.values()) <= set(validate.SCENARIOS)  # one list of scenarios: validate's
 
-OUTCOME_COLOURS = {"connected": "#2a9d8f", "refused": "#e76f51", "timed_out": "#6c757d", "reset": "#f4a261",
-                   "unreachable": "#9b5de5", "error": "#d62828"}
 #: Run N's limits in the panel (tighter than the API's: a panel run should end while someone watches)
 MAX_RUN = 5000
 MAX_PANEL_CONCURRENCY = 1024
@@ -82,20 +82,6 @@ FIRST_READ_S = 1.0
 #: the panel's pictures: pixels per inch, and how much larger than matplotlib's default every text is drawn
 PLOT_DPI = 100
 PLOT_FONT_SCALE = 1.2
-
-
-def format_ns(ns: float) -> str:
-    """A duration in the unit a person reads best: ns, µs below 1 ms, ms below 10 s, else s.
-
-    (A stand-in until ``nbconn.result.format_ns`` is on main; then this goes.)
-    """
-    if ns < 1_000:
-        return f"{ns:.0f} ns"
-    if ns < 1_000_000:
-        return f"{ns / 1e3:.1f} µs"
-    if ns < 10_000_000_000:
-        return f"{ns / 1e6:.3f} ms"
-    return f"{ns / 1e9:.3f} s"
 
 
 def _seconds(value: float) -> str:
@@ -727,18 +713,18 @@ def _nearest_preset(value: float) -> float:
 
 
 def _trace_html(res) -> str:
-    t0 = previous = res.started_ns
+    t0 = res.started_ns
     rows = []
     for s in res.steps:
-        rows.append(f"<tr><td {_NUM}>{'' if s.seed_step is None else s.seed_step}</td>"
-                    f"<td {_NUM}>{format_ns(s.t_ns - t0)}</td>"
-                    f"<td {_NUM}>{format_ns(max(0, s.t_ns - previous))}</td>"
+        step = s.ngx_step
+        rows.append(f"<tr><td {_NUM}>{'' if step is None else step.number}</td>"
+                    f"<td {_NUM}>{format_ns(s.t_start_ns - t0)}</td>"
+                    f"<td {_NUM}>{format_ns(s.duration_ns)}</td>"
                     f"<td {_CELL}><code>{html.escape(s.call)}</code></td></tr>")
-        previous = s.t_ns
-    return (f"<table class='nbconn-trace' {_TABLE}><thead><tr><th {_NUM}>seed step</th><th {_NUM}>returned at</th>"
+    return (f"<table class='nbconn-trace' {_TABLE}><thead><tr><th {_NUM}>step</th><th {_NUM}>called at</th>"
             f"<th {_NUM}>took</th><th {_CELL}>syscall</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-            f"<div style='color:#666;font-size:90%;{TEXT}'>times from just before socket(); <i>took</i> is the time since "
-            "the previous step returned (for a timer or epoll_wait step: the wait)</div>")
+            f"<div style='color:#666;font-size:90%;{TEXT}'>step: which of the five steps (notebook 00); times from "
+            "just before socket(); <i>took</i>: how long the call itself ran (for a timer or epoll_wait step: the wait)</div>")
 
 
 def _options_html(res) -> str:
