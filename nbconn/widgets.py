@@ -694,14 +694,14 @@ def _tidy_timeline(fig) -> None:
 
     Only when they do: a timeline whose labels already stand apart is left as plots.timeline drew it.
     """
-    from matplotlib.text import Annotation
+    from matplotlib.text import Annotation, Text
 
     ax = fig.axes[0]
     labels = [t for t in ax.texts if isinstance(t, Annotation)]
     if len(labels) < 2:
         return
     fig.draw_without_rendering()
-    boxes = [t.get_window_extent() for t in labels]
+    boxes = [Text.get_window_extent(t) for t in labels]  # the text alone (an Annotation's box includes its leader)
     if not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
         return
     width, height = fig.get_size_inches()

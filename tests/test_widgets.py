@@ -336,7 +336,7 @@ def test_scenario_notes_say_what_a_connect_shows(panel, scenario, connect_return
 
 
 def test_timeline_step_labels_do_not_overprint(panel):
-    from matplotlib.text import Annotation
+    from matplotlib.text import Annotation, Text
 
     from nbconn import plots
 
@@ -346,7 +346,7 @@ def test_timeline_step_labels_do_not_overprint(panel):
     fig = plots.timeline(panel.result)
     widgets._tidy_timeline(fig)
     fig.draw_without_rendering()
-    boxes = [t.get_window_extent() for t in fig.axes[0].texts if isinstance(t, Annotation)]
+    boxes = [Text.get_window_extent(t) for t in fig.axes[0].texts if isinstance(t, Annotation)]  # text, no leader
     assert len(boxes) >= 6
     overlapping = [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes) if i < j and a.overlaps(b)]
     assert overlapping == []
