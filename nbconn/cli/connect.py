@@ -25,6 +25,9 @@ def add(subparsers) -> None:
     p.add_argument("target", nargs="+", help="HOST:PORT, [V6ADDR]:PORT or unix:/path; several: tried in order, "
                                              "nginx's way (one peer after another)")
     add_socket_options(p)
+    p.add_argument("--nginx-exact", action="store_true",
+                   help="exactly nginx's syscalls: no SOCK_CLOEXEC, no option read-back, no TCP_INFO, "
+                        "no EPOLL_CTL_DEL before close")
     p.add_argument("--happy-eyeballs", type=float_arg("--happy-eyeballs"), default=None, metavar="SECONDS",
                    help="race the targets RFC 8305's way: start the next one after SECONDS (0.25 is the RFC's "
                         "default) or as soon as one fails; the first to connect wins")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return run_race(args)
     from ..api import connect
 
-    result = connect(args.target[0], keep=False, **connect_kwargs(args))
+    result = connect(args.target[0], keep=False, nginx_exact=args.nginx_exact, **connect_kwargs(args))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
