@@ -457,9 +457,6 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
     timeout = validate.number("timeout", timeout, 0, 60, low_open=True)
     burst = validate.integer("burst", burst, 2, 200)
     if scenario == "impaired":
-        reason = unavailable_reason()
-        if reason is not None:
-            raise PermissionError(reason)
         from . import wire
 
         why = wire.wire_unavailable_reason()
@@ -467,16 +464,17 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
             raise RuntimeError(f"the impaired link cannot run here: {why}")
         with wire.impaired(delay_ms=delay_ms) as link:
             port = link.serve_listener(backlog=128)
-            with link.client():
-                # made while this thread is in the client namespace: it sees the client's TUN device
-                cap = Capture(port, interface=None).open()
+            # made by the link's helper in the client namespace (root there, as a normal user too), passed
+            # out over SCM_RIGHTS: unbound, it sees that namespace's interfaces, the TUN device among them
+            cap = Capture(port, interface=None, source=link.client_ns).open()
             with contextlib.closing(cap):
                 with link.client():
                     result = api.connect(f"{link.server_addr}:{port}", timeout=timeout, keep=True)
                 client_port = _client_port(result)
                 result.close()
                 _settle(cap)
-            where = f"impaired link, {delay_ms:g} ms each way; packet socket on the client side's TUN device"
+            where = (f"impaired link, {delay_ms:g} ms each way; packet socket on the client side's TUN device, "
+                     f"{link.client_ns.where}")
             return Shot(scenario, result, for_client_port(cap.packets, client_port), [result], cap.packets, where,
                         cap.offset_error_ns)
 
@@ -602,10 +600,6 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
     count = validate.integer("count", count, 1, 4000)  # at most the quiet listener's backlog
     batch = validate.integer("batch", batch, 1, 1000)
     delay_ms = validate.number("delay_ms", delay_ms, 0, 1000)
-    if impaired:
-        reason = unavailable_reason()
-        if reason is not None:
-            raise PermissionError(reason)
     rows: list = []
     skipped = 0
     with contextlib.ExitStack() as stack:
@@ -622,12 +616,10 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
             if why is not None:
                 raise RuntimeError(f"the impaired link cannot run here: {why}")
             link = stack.enter_context(wire.impaired(delay_ms=delay_ms))
-            with link.server():
-                listener = stack.enter_context(_quiet_listener(link.server_addr))
+            listener = stack.enter_context(_quiet_listener(link.server_addr, link.server_ns))
             port = listener.getsockname()[1]
             target, client_side = f"{link.server_addr}:{port}", link.client
-            with link.client():
-                cap = stack.enter_context(contextlib.closing(Capture(port, interface=None).open()))
+            cap = stack.enter_context(contextlib.closing(Capture(port, interface=None, source=link.client_ns).open()))
             label = f"impaired link, {delay_ms:g} ms each way"
         else:
             listener = stack.enter_context(_quiet_listener("127.0.0.1", ns))
@@ -689,7 +681,8 @@ def plot_shots(shots, *, title: str | None = None):
         labelled = 0
         for step in shot.result.steps:
             x = (step.t_ns - t0) / scale
-            ax.plot([x], [2], marker="o", color=SEED_STEP_COLOURS.get(step.seed_step, "grey"), markersize=6)
+            number = step.ngx_step.number if step.ngx_step else None
+            ax.plot([x], [2], marker="o", color=SEED_STEP_COLOURS.get(number, "grey"), markersize=6)
             if step.name in labels:
                 ax.annotate(labels[step.name], (x, 2), xytext=(0, 6 + 9 * (labelled % 2)),
                             textcoords="offset points", fontsize="x-small", ha="center")
