@@ -627,7 +627,7 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
             target = f"127.0.0.1:{port}"
             client_side = contextlib.nullcontext if ns is None else ns.using
             cap = stack.enter_context(Capture(port, interface="lo", source=ns))
-            label = "loopback" if ns is None else "loopback (inside a lab namespace)"
+            label = "loopback"  # where: the notebook says (root: the host's lo; else a lab namespace's)
         done = 0
         while done < count:
             n = min(batch, count - done)
