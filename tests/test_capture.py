@@ -117,6 +117,18 @@ def test_blackhole_shows_the_syn_sent_again():
     assert syns[1].t_ns - syns[0].t_ns >= 900_000_000  # the initial retransmission timeout is 1 s
 
 
+def test_syncookie_clients_connect_while_the_server_drops_their_final_ack(no_fd_leak):
+    from nbconn.lab import wire_unavailable_reason
+
+    if wire_unavailable_reason() is not None:
+        pytest.skip(wire_unavailable_reason())
+    shot = capture.shoot("syncookie", burst=10, delay_ms=5)
+    assert all(r.connected for r in shot.results)
+    assert shot.counters["SyncookiesSent"] >= 1 and shot.counters["ListenOverflows"] >= 1
+    assert [(p.dir, p.flags) for p in shot.packets][:3] == [("out", "S"), ("in", "SA"), ("out", "A")]
+    assert "dropped its final ACK" in shot.note
+
+
 def test_accuracy_compares_every_connect(no_fd_leak):
     need_some_capture()
     acc = rootless_or_skip(lambda: capture.accuracy(50, batch=20))
