@@ -150,8 +150,9 @@ def storm_python_epoll_nbconn_syscalls(host: str, port: int, k: int, c: int) -> 
 
 # -- asyncio and uvloop -------------------------------------------------------------------------
 
-async def _async_sock_connect(host: str, port: int, k: int, c: int) -> dict:
-    """C coroutines, each looping: non-blocking socket, ``await loop.sock_connect``, close."""
+async def _async_sock_connect(host: str, port: int, k: int, c: int, make_socket=None) -> dict:
+    """C coroutines, each looping: non-blocking socket, ``await loop.sock_connect``, close.
+    ``make_socket``: where step 1 happens (the lab's client namespace over the wire), default here."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -162,7 +163,7 @@ async def _async_sock_connect(host: str, port: int, k: int, c: int) -> dict:
 
     async def worker() -> None:
         for _ in todo:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = (make_socket or socket.socket)(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(_SOL, _LINGER, LINGER_RESET)
             s.setblocking(False)
             t = _now()
@@ -288,7 +289,7 @@ def storm_threads(host: str, port: int, k: int, c: int) -> dict:
         go.wait()
         mine, counts = [], Counter()
         for _ in todo:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = (make_socket or socket.socket)(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(_SOL, _LINGER, LINGER_RESET)
             t = _now()
             err = s.connect_ex(addr)
@@ -431,7 +432,7 @@ def wire_sweep(concurrencies: list[int], rounds: int, delay_ms: float, k_per_c: 
                         if name == "nbconn":
                             out = storm_nbconn(host, port, k, c)
                         else:
-                            out = asyncio.run(_async_sock_connect(host, port, k, c))
+                            out = asyncio.run(_async_sock_connect(host, port, k, c, link.client_ns.socket))
                         rows.append({"variant": name, "c": c, "k": k, "round": rnd, "elapsed_ns": out["elapsed_ns"],
                                      "connects_per_s": k / (out["elapsed_ns"] / 1e9),
                                      "outcomes": dict(out["outcomes"]),

@@ -14,15 +14,8 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-#: one colour per outcome, the same in every plot
-OUTCOME_COLOURS = {
-    "connected": "#2a9d8f",
-    "refused": "#e76f51",
-    "timed_out": "#6c757d",
-    "reset": "#f4a261",
-    "unreachable": "#9b5de5",
-    "error": "#d62828",
-}
+from .errors import OUTCOME_COLOURS  # one colour per outcome, the same in every plot and widget
+
 #: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
 SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
 SIZE = (7.0, 3.6)
@@ -187,15 +180,16 @@ def timeline(result, *, title: str | None = None) -> Figure:
     t0 = result.started_ns
     xs = [(s.t_ns - t0) / 1e3 for s in steps]
     for i, (s, x) in enumerate(zip(steps, xs)):
-        colour = SEED_STEP_COLOURS.get(s.seed_step, SEED_STEP_COLOURS[None])
+        seed_step = s.ngx_step.number if s.ngx_step else None
+        colour = SEED_STEP_COLOURS.get(seed_step, SEED_STEP_COLOURS[None])
         ax.plot([x], [0], marker="o", color=colour, markersize=7, zorder=3)
-        label = s.name if s.seed_step is None else f"{s.seed_step}. {s.name}"
+        label = s.name if seed_step is None else f"{seed_step}. {s.name}"
         ax.annotate(label, (x, 0), textcoords="offset points", xytext=(0, 12 + 14 * (i % 4)), rotation=0,
                     ha="center", fontsize="x-small", color=colour,
                     arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.5})
     connect = next((s for s in steps if s.name == "connect"), None)
     if connect is not None and result.handshake_ns is not None:
-        start = (connect.t_ns - t0) / 1e3
+        start = (connect.t_start_ns - t0) / 1e3
         ax.axvspan(start, start + result.handshake_ns / 1e3, color=OUTCOME_COLOURS.get(result.outcome, "grey"),
                    alpha=0.15, label=f"handshake: {result.outcome}")
         ax.legend(fontsize="small", loc="lower right")

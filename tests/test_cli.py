@@ -114,6 +114,10 @@ def test_no_library_module_imports_the_cli():
             if any(n.split(".")[-1] == "cli" or ".cli." in n or n.startswith("nbconn.cli") for n in names):
                 offenders.append(rel)
     assert offenders == []
+    code = ("import sys, nbconn.measure, nbconn.upstream, nbconn.record, nbconn.nginx, nbconn.httpd; "
+            "print('nbconn.cli' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT).stdout.strip() == "False"
 
 
 def test_console_script_and_python_m_agree():

@@ -42,6 +42,8 @@ def test_slow_accept_burst_overflows_the_queue_and_leaves_a_syn_retransmission_t
 def test_peers_clean_up_on_exceptions():
     before = open_fds()
     for name, factory in lab.SCENARIOS.items():
+        if name == "impaired":
+            continue  # tests/test_wire.py
         with pytest.raises(RuntimeError):
             with factory() as peer:
                 path = peer.path
@@ -75,3 +77,47 @@ def test_listening_http_answers_one_request():
         while chunk := s.recv(4096):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_one_scenarios_mapping_keyed_by_validate():
+    from nbconn import validate
+
+    assert tuple(lab.SCENARIOS) == validate.SCENARIOS
+
+
+@pytest.mark.parametrize(("name", "wire", "error", "fragment"), [
+    ("nonesuch", {}, ValueError, "nonesuch"),
+    ("listening", {"delay_ms": 5}, ValueError, "only apply to the 'impaired'"),
+    ("impaired", {"delay": 5}, TypeError, "delay"),
+    ("impaired", {"delay_ms": -1}, ValueError, "delay_ms=-1"),
+])
+def test_scenario_checks_everything_before_starting(name, wire, error, fragment):
+    before = open_fds()
+    with pytest.raises(error, match=fragment):
+        with lab.scenario(name, **wire):
+            pytest.fail("body must not run")
+    assert open_fds() == before
+
+
+def test_scenario_yields_target_and_client_side():
+    with lab.scenario("listening") as (target, client_side):
+        assert target.scenario == "listening"
+        with client_side():
+            [result] = nbconn.connect_many([target], timeout=1)
+    assert result.outcome == "connected"
+
+
+def test_impaired_scenario_connects_from_the_client_namespace():
+    from nbconn import socketsource
+    from nbconn.lab.wire import wire_unavailable_reason
+
+    reason = wire_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the impairment wire cannot run here: {reason}")
+    with lab.scenario("impaired", delay_ms=1) as (target, client_side):
+        assert target.startswith("198.18.0.2:")
+        with client_side():
+            with socketsource.current().socket() as s:
+                s.settimeout(2)
+                s.connect(("198.18.0.2", target.port))
+        assert target.link.stats()["listener_accepted"] in (0, 1)

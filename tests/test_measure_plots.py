@@ -103,7 +103,7 @@ def test_measurement_json_round_trip():
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"count": 0}, "count=0"),
-    ({"count": 1.5}, "count must be an int"),
+    ({"count": 1.5}, "count must be a whole number"),
     ({"concurrency": 0}, "concurrency=0"),
     ({"timeout": -1}, "timeout=-1"),
     ({"delay_ms": 5}, "only apply to the 'impaired' scenario"),

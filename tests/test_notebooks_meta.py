@@ -19,7 +19,7 @@ def load(path):
 
 def test_the_whole_series_is_there():
     numbers = [os.path.basename(p)[:2] for p in NOTEBOOKS]
-    assert numbers == [f"{i:02d}" for i in range(11)]
+    assert numbers == [f"{i:02d}" for i in range(len(NOTEBOOKS))]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -33,8 +33,9 @@ def test_notebook_shape(path):
     last = "".join(cells[-1]["source"])
     assert "## What you saw" in last
     number = int(os.path.basename(path)[:2])
-    following = [os.path.basename(p) for p in NOTEBOOKS if int(os.path.basename(p)[:2]) == (number + 1) % 11]
-    assert f"]({following[0]})" in last, f"{path} should end with a link to {following[0]}"
+    following = [os.path.basename(p) for p in NOTEBOOKS if int(os.path.basename(p)[:2]) == number + 1]
+    if following:  # the last one links back to the start, or on to a notebook another branch adds
+        assert f"]({following[0]})" in last, f"{path} should end with a link to {following[0]}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

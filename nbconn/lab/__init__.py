@@ -2,6 +2,8 @@
 
 :mod:`nbconn.lab.peers` -- listening, refused, blackhole, reset, slow_accept,
 unix_listening, unix_full, unix_missing (context managers yielding a target).
+:mod:`nbconn.lab.scenarios` -- ``SCENARIOS`` (one mapping, keyed by nbconn.validate.SCENARIOS) and
+``scenario(name, **wire)``: start one, yielding (target, client-side context).
 :mod:`nbconn.lab.namespace` -- ``namespace(sysctls=, routes=)``: a network namespace of
 the lab's own, as a normal user too (user + network namespace, "root" inside); its
 sockets are made inside and passed out over SCM_RIGHTS (a socket source for step 1),
@@ -13,7 +15,6 @@ real delay, jitter and loss between two network namespaces.
 import importlib
 
 from .peers import (
-    SCENARIOS,
     Peer,
     blackhole,
     listening,
@@ -24,6 +25,7 @@ from .peers import (
     unix_listening,
     unix_missing,
 )
+from .scenarios import SCENARIOS, scenario
 
 
 def __getattr__(name: str):
@@ -38,5 +40,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nbconn.lab' has no attribute {name!r}")
 
 
-__all__ = ["SCENARIOS", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept", "unix_full",
+__all__ = ["SCENARIOS", "scenario", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept", "unix_full",
            "unix_listening", "unix_missing", "impaired", "wire_unavailable_reason", "namespace", "namespace_unavailable_reason"]

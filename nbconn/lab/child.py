@@ -50,6 +50,7 @@ _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
 _PR_SET_PDEATHSIG = 1
 _FORWARDER_STOP_S = 2.0
 _IP_TIMEOUT_S = 10.0
+_MAX_BATCH = 64  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -250,16 +251,17 @@ class Helper:
                 reply, fd = {"errno": errno.EINVAL, "error": repr(exc)}, None
             reply["id"] = request.get("id") if isinstance(request, dict) else None
             data = json.dumps(reply).encode()
+            fds = [] if fd is None else fd if isinstance(fd, list) else [fd]
             try:
-                if fd is None:
-                    self.control.send(data)
+                if fds:
+                    socket.send_fds(self.control, [data], fds)
                 else:
-                    socket.send_fds(self.control, [data], [fd])
+                    self.control.send(data)
             except OSError:
                 return
             finally:
-                if fd is not None:
-                    os.close(fd)  # the parent has its own copy now (or nobody needs one)
+                for one in fds:
+                    os.close(one)  # the parent has its own copy now (or nobody needs one)
 
     def answer(self, request: dict):
         op = request["op"]
@@ -268,8 +270,15 @@ class Helper:
             raise ValueError(f"no namespace {side!r}")
         self.enter(side)
         if op == "socket":
-            sock = socket.socket(request["family"], request["type"], request.get("proto", 0))
-            return {"ok": True}, sock.detach()
+            made = []
+            for _ in range(max(1, min(int(request.get("count", 1)), _MAX_BATCH))):
+                try:
+                    made.append(socket.socket(request["family"], request["type"], request.get("proto", 0)).detach())
+                except OSError:
+                    if not made:
+                        raise
+                    break  # send what was made; the next request reports the error
+            return {"ok": True, "count": len(made)}, made
         if op == "sysctl_get":
             return {"value": sysctl_get(request["name"])}, None
         if op == "sysctl_set":

@@ -44,37 +44,19 @@ Where it cannot run, :func:`unavailable_reason` names the cause and the fix
 from __future__ import annotations
 
 import contextlib
-import errno
-import itertools
-import json
 import os
 import re
-import select
-import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 
 from .. import socketsource, validate
+from .control import MAX_BATCH, LabProcess, ip_binary
 
-_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
-_START_S = 10.0  # the helper's interpreter start and namespace setup, on a loaded machine
-_REPLY_S = 10.0
-_STOP_S = 5.0
 _SYSCTL_NAME = re.compile(r"net(\.[A-Za-z0-9_-]{1,64}){1,6}")
 _SYSCTL_VALUE = re.compile(r"[0-9A-Za-z ._:-]{0,200}")
 _ROUTE = re.compile(r"[0-9A-Za-z ./:-]{1,200}")
-
-
-def ip_binary() -> str | None:
-    """iproute2's ip by absolute path (never looked up through PATH when we are root)."""
-    for candidate in ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None if os.geteuid() == 0 else shutil.which("ip")
 
 
 def check_sysctls(sysctls, name: str = "sysctls") -> dict:
@@ -111,154 +93,11 @@ def check_routes(routes) -> list:
     return list(routes)
 
 
-def _needs_userns() -> bool:
-    """Real root (CAP_SYS_ADMIN here) unshares a network namespace alone; anyone else adds a user namespace."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return not int(line.split()[1], 16) & (1 << 21)
-    except OSError:
-        pass
-    return True
-
-
 def unavailable_reason() -> str | None:
     """None if a lab namespace can be made here, else one line: the cause and the command that fixes it."""
     from .probe import namespace_unavailable_reason
 
     return namespace_unavailable_reason()
-
-
-class LabProcess:
-    """The parent's handle on one helper process (:mod:`nbconn.lab.child`): start, ask, stop, reap.
-
-    Requests are JSON on a SOCK_SEQPACKET socketpair, each with an id the reply
-    echoes: a reply left over by an interrupted request (Ctrl-C between send and
-    receive) is recognised and discarded, its descriptor closed.
-    """
-
-    def __init__(self, config: dict, extra_fds: tuple = ()) -> None:
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._stopped = False
-        self.stderr = ""
-        self.info: dict = {}
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._control = ours
-        config = dict(config, userns=_needs_userns(), ip=ip_binary())
-        self.userns = config["userns"]
-        started = time.perf_counter()
-        try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", _CHILD, str(theirs.fileno()), json.dumps(config)],
-                pass_fds=(theirs.fileno(), *extra_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # Ctrl-C in a terminal reaches only us; we decide when it stops
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        try:
-            ready = self._receive(_START_S)
-            if ready is None or not ready.get("ready"):
-                self.stop()  # reaps it and collects its stderr for the message
-                detail = (ready or {}).get("error") or self.stderr or "no message"
-                raise OSError((ready or {}).get("errno") or errno.EIO, f"the lab helper could not start: {detail}")
-        except BaseException:
-            self.stop()
-            raise
-        self.info = ready
-        self.pid: int = ready["pid"]
-        self.setup_s = time.perf_counter() - started
-
-    def _receive(self, timeout: float, want_fd: bool = False):
-        """One message (dict) and, with ``want_fd``, the descriptor it carries; None on timeout or EOF."""
-        if not select.select([self._control], [], [], timeout)[0]:
-            return None
-        if want_fd:
-            data, fds, flags, _ = socket.recv_fds(self._control, 1 << 16, 1, socket.MSG_CMSG_CLOEXEC)
-        else:
-            data, fds, flags = self._control.recv(1 << 16), [], 0
-        if not data:
-            return None
-        message = json.loads(data)
-        if fds:
-            message["_fd"] = fds[0]
-        elif flags & socket.MSG_CTRUNC:
-            message["_truncated"] = True  # the kernel could not install the descriptor here (EMFILE)
-        return message
-
-    def request(self, op: str, want_fd: bool = False, **fields):
-        """Send one request and return its reply; OSError with the helper's errno on failure."""
-        with self._lock:
-            if self._stopped:
-                raise RuntimeError("the lab namespace has been closed")
-            ident = next(self._ids)
-            self._control.send(json.dumps({"op": op, "id": ident, **fields}).encode())
-            deadline = time.monotonic() + _REPLY_S
-            while True:
-                reply = self._receive(max(0.0, deadline - time.monotonic()), want_fd=True)
-                if reply is None:
-                    raise OSError(errno.EPIPE, "the lab helper did not answer (it has exited?)")
-                fd = reply.pop("_fd", None)
-                if reply.get("id") == ident:
-                    break
-                if fd is not None:
-                    os.close(fd)  # the answer to a request someone stopped waiting for
-        if "errno" in reply:
-            if fd is not None:
-                os.close(fd)
-            raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
-        if want_fd:
-            if fd is None:
-                raise OSError(errno.EMFILE, "no descriptor arrived over SCM_RIGHTS (this process is out of fds?)")
-            reply["fd"] = fd
-        elif fd is not None:
-            os.close(fd)
-        return reply
-
-    @property
-    def alive(self) -> bool:
-        return self._process.poll() is None
-
-    def stop(self) -> None:
-        """Close the control socket (the helper exits on end of file), then reap it. Idempotent.
-
-        ``_stopped`` means "no more requests"; the reap below finishes even when a
-        second Ctrl-C arrives while we wait, so no zombie and no descriptor stays.
-        """
-        with contextlib.suppress(OSError):
-            self._control.close()
-        self._stopped = True
-        process = getattr(self, "_process", None)
-        if process is None or process.returncode is not None:
-            return
-        interrupted: BaseException | None = None
-        try:
-            try:
-                _, err = process.communicate(timeout=_STOP_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                _, err = process.communicate()
-            if err:
-                self.stderr = err.decode(errors="replace").strip()
-        except BaseException as exc:  # Ctrl-C (or SIGTERM made an exception) while waiting: still reap
-            interrupted = exc
-            process.kill()
-            for _ in range(100):
-                try:
-                    process.wait()
-                    break
-                except BaseException:  # noqa: BLE001 - a third Ctrl-C: keep reaping, bounded
-                    continue
-            with contextlib.suppress(OSError):
-                if process.stderr is not None:
-                    process.stderr.close()
-        if interrupted is not None:
-            raise interrupted
 
 
 class Namespace:
@@ -271,6 +110,14 @@ class Namespace:
         kind = "user+network namespace, root inside" if process.userns else "network namespace"
         self.where = (f"made in {label} ({kind}) by helper pid {process.pid}, passed over SCM_RIGHTS")
         self.created = 0
+        # Sockets made ahead, per (family, type, proto).  One request per socket costs two context switches
+        # (~60 us idle, milliseconds on a loaded machine); while step 1 of connect #k waits for it, connects
+        # already in flight cannot be decided, and their handshake times grow.  A burst of demand is served
+        # from a batch made in one request (a socket made ahead is the same socket: same namespace, defaults).
+        self._pool: dict = {}
+        self._batch: dict = {}
+        self._last_refill: dict = {}
+        self._pool_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Namespace {self.side} of helper pid {self.pid}>"
@@ -278,10 +125,28 @@ class Namespace:
     # -- the socket source -------------------------------------------------------------------------
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
         """A new socket made inside this namespace (raises OSError as socket() would)."""
-        reply = self.process.request("socket", want_fd=True, ns=self.side, family=int(family), type=int(type),
-                                     proto=int(proto))
+        key = (int(family), int(type), int(proto))
+        with self._pool_lock:
+            pool = self._pool.setdefault(key, [])
+            if not pool:
+                # Demand within 50 ms of the last batch doubles the next one (up to MAX_BATCH); a pause resets it.
+                now = time.monotonic()
+                busy = now - self._last_refill.get(key, -1.0) < 0.05
+                batch = min(MAX_BATCH, self._batch.get(key, 1) * 2) if busy else 1
+                self._batch[key], self._last_refill[key] = batch, now
+                reply = self.process.request("socket", want_fd=True, ns=self.side, family=key[0], type=key[1],
+                                             proto=key[2], count=batch)
+                pool.extend(reversed(reply["fds"]))
+            fd = pool.pop()
         self.created += 1
-        return socket.socket(fileno=reply["fd"])
+        return socket.socket(fileno=fd)
+
+    def close(self) -> None:
+        """Close the sockets made ahead and not handed out."""
+        with self._pool_lock:
+            for pool in self._pool.values():
+                while pool:
+                    os.close(pool.pop())
 
     def using(self):
         """``with ns.using():`` step 1 of every nbconn connect in this thread makes its socket here."""
@@ -296,6 +161,7 @@ class Namespace:
     def set_sysctl(self, name: str, value) -> str:
         """Write a per-namespace sysctl inside; returns the value read back."""
         checked = check_sysctls({name: value}, name="sysctl")
+        self.close()  # sockets made ahead took their defaults (buffer sizes, ...) from the old settings
         return self.process.request("sysctl_set", ns=self.side, name=name, value=checked[name])["value"]
 
     def read_netstat(self) -> dict:
@@ -335,7 +201,13 @@ def namespace(sysctls: dict | None = None, routes=None) -> Iterator[Namespace]:
     if reason is not None:
         raise RuntimeError(f"a lab namespace cannot be made here: {reason}")
     process = LabProcess(config)
+    ns = None
     try:
-        yield Namespace(process)
+        ns = Namespace(process)
+        yield ns
     finally:
-        process.stop()
+        try:
+            if ns is not None:
+                ns.close()
+        finally:
+            process.stop()

@@ -338,16 +338,3 @@ def unix_missing():
     with _unix_dir() as tmp:
         path = os.path.join(tmp, "nobody-here.sock")
         yield Peer(f"unix:{path}", "unix_missing", path=path)
-
-
-#: scenario name (as the CLI spells it) -> context manager factory
-SCENARIOS = {
-    "listening": listening,
-    "refused": refused,
-    "blackhole": blackhole,
-    "reset": reset,
-    "slow-accept": slow_accept,
-    "unix-listening": unix_listening,
-    "unix-full": unix_full,
-    "unix-missing": unix_missing,
-}
