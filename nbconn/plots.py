@@ -75,12 +75,12 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
         if not v.size:
             continue
         y = np.arange(1, v.size + 1) / v.size
-        (line,) = ax.step(v, y, where="post", label=f"{m.label} (n={v.size})")
-        for p in percentiles:
-            x = v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]
+        marks = [(p, v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]) for p in percentiles]
+        # percentile values go into the legend: text next to the curves overprints when runs sit close together
+        label = f"{m.label} (n={v.size}" + "".join(f", p{p:g} {_fmt_ms(x)}" for p, x in marks) + ")"
+        (line,) = ax.step(v, y, where="post", label=label)
+        for p, x in marks:
             ax.plot([x], [p / 100], marker="o", color=line.get_color(), markersize=4)
-            ax.annotate(f"p{p:g}", (x, p / 100), textcoords="offset points", xytext=(4, -10), fontsize="x-small",
-                        color=line.get_color())
     if log_x:
         ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
