@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from nbconn import explain, lab
 from nbconn.explain import Table
 
@@ -102,20 +104,23 @@ def test_connect_nonb_makes_nginx_syscalls_in_nginx_order():
     assert plain == list(explain.NGINX_WORKER_CALLS), plain
 
 
-def test_connect_nonb_matches_nbconn_in_nginx_exact_mode():
+@pytest.mark.parametrize("peer", ["listening", "refused", "blackhole"])
+def test_connect_nonb_matches_nbconn_in_nginx_exact_mode(peer):
+    """Connected, refused (SO_ERROR 111) and timed out (the timer: no SO_ERROR read): the same calls in the same order."""
     import inspect
 
     import nbconn
 
     if "nginx_exact" not in inspect.signature(nbconn.connect).parameters:
-        import pytest
-
         pytest.skip("nbconn.connect has no nginx_exact mode on this branch yet")
-    with lab.listening(hold=True) as target:
+    start = {"listening": lambda: lab.listening(hold=True), "refused": lab.refused, "blackhole": lab.blackhole}[peer]
+    with start() as target:
         host, port = target.rsplit(":", 1)
-        plain = _strace(f"from nbconn.connect_nonb import connect_nonb; print(connect_nonb({host!r}, {port}))")
-        exact = _strace(f"import nbconn; print(nbconn.connect({target!r}, nginx_exact=True).summary())")
-    assert plain == exact
+        plain = _strace(f"from nbconn.connect_nonb import connect_nonb; connect_nonb({host!r}, {port}, 0.2)")
+        exact = _strace(f"import nbconn; nbconn.connect({target!r}, nginx_exact=True, timeout=0.2)")
+    assert plain == exact, (plain, exact)
+    if peer == "blackhole":
+        assert ("getsockopt", "SO_ERROR") not in plain and plain[-1] == ("close",)
 
 
 def test_connect_nonb_outcomes():
