@@ -10,58 +10,28 @@ ask to keep connected sockets), also when interrupted.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-
-from .flow import Attempt, Plan, check_settings, make_plan
+from . import validate
+from .flow import DONE, Attempt, Plan, check_settings, make_plan
 from .loop import Loop
 from .result import Result
 from .targets import Target, parse_target
 
-MAX_CONCURRENCY = 100_000
+MAX_CONCURRENCY = validate.MAX_CONCURRENCY
 
-# Why connect_many starts at most this many attempts per loop turn, and pauses the
-# cyclic garbage collector while it runs: both would otherwise delay the handling of
-# handshakes that already completed and of timers that are due.  Starting 200
-# attempts back to back takes ~15 ms of Python; a full GC pass over tens of
-# thousands of recorded Steps takes tens of ms.  Either lands directly on the
-# handshake times nbconn reports and on how late a connect timer fires.
+# Why connect_many starts at most this many attempts per loop turn: starting 200
+# attempts back to back takes ~15 ms of Python, and that would delay the handling
+# of handshakes that already completed and of timers that are due -- both land
+# directly on the handshake times nbconn reports and on how late a timer fires.
+#
+# The cyclic garbage collector is left alone: nbconn never pauses or freezes it (round 1 froze every
+# young object of the process, a caller's garbage included).  Measured with cachegrind once each step
+# was one flat tuple: pausing it during a run saved ~2% of the CPU instructions per connect.
 _START_BATCH = 16
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    """The cyclic GC off inside the block, back on after it -- also when the block is interrupted.
-
-    Turning it back on skips the pass over everything made meanwhile: every
-    Result and step recorded piled up in the youngest generation, and the first
-    allocation after ``gc.enable()`` would walk all of them (~70 ms after
-    20,000 connects) only to find they are alive -- they are the return value.
-    ``gc.freeze()`` + ``gc.unfreeze()`` moves the tracked objects straight into
-    the oldest generation instead, where the next full collection sees them as
-    it would have anyway.  (That is every young object of the process, not only
-    ours: cyclic garbage made meanwhile waits for that full collection too.)
-    Skipped if someone else froze objects (unfreeze would release theirs too).  Every step sits in a ``finally``: a KeyboardInterrupt
-    must not leave the collector off, or objects frozen for good.
-    """
-    was_enabled = gc.isenabled()
-    try:
-        gc.disable()
-        yield
-    finally:
-        if was_enabled:
-            try:
-                if gc.get_freeze_count() == 0:
-                    try:
-                        gc.freeze()
-                    finally:
-                        gc.unfreeze()
-            finally:
-                gc.enable()
-
-
 def connect(target, *, timeout: float = 5.0, nonblocking: str = "ioctl", trigger: str = "edge",
-            keep: bool = True, trace: bool = True, tcp_info: bool = True, **options) -> Result:
+            keep: bool = False, trace: bool = True, tcp_info: bool = True, nginx_exact: bool = False,
+            **options) -> Result:
     """Connect once, nginx's way, and return the :class:`~nbconn.result.Result`.
 
     ``target``: "HOST:PORT", "[V6ADDR]:PORT", "unix:/path" or (host, port).
@@ -69,21 +39,27 @@ def connect(target, *, timeout: float = 5.0, nonblocking: str = "ioctl", trigger
     ``nonblocking``: "ioctl" (FIONBIO, nginx's way), "fcntl" (O_NONBLOCK) or "setblocking".
     ``trigger``: "edge" (EPOLLET, nginx's way) or "level".
     ``keep``: keep a connected socket in ``result.sock`` (use the Result as a
-    context manager, or call ``result.close()``).
+    context manager, or call ``result.close()``).  Off by default: a notebook's
+    ``Out[]`` history holds every Result, and with it every kept descriptor.
+    ``trace``: record every step with its duration (``result.trace()``).
+    ``tcp_info``: read TCP_INFO from a connected TCP socket.
+    ``nginx_exact``: make exactly nginx's syscalls (no SOCK_CLOEXEC, no option
+    read-back, no TCP_INFO, no EPOLL_CTL_DEL before close), see :mod:`nbconn.flow`.
     ``**options``: socket options, see :data:`nbconn.options.OPTIONS` (rcvbuf=,
     sndbuf=, keepalive=, nodelay=, reuseaddr=, linger=, syncnt=, user_timeout=,
     bind_address_no_port=) and ``bind="HOST[:PORT]"``.
     """
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
+                   nginx_exact=nginx_exact)
     tgt = parse_target(target)
     plan = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger, keep=keep,
-                     trace=trace, tcp_info=tcp_info, options=options)
+                     trace=trace, tcp_info=tcp_info, nginx_exact=nginx_exact, options=options)
     with Loop(max_events=8) as loop:
         attempt = Attempt(tgt, plan, loop)
         try:
             attempt.start()
             # Bounded: the connect timer is armed whenever the attempt is pending.
-            while attempt.state != "DONE":
+            while attempt.state is not DONE:
                 loop.run_once()
         finally:
             attempt.abort()
@@ -92,7 +68,7 @@ def connect(target, *, timeout: float = 5.0, nonblocking: str = "ioctl", trigger
 
 def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblocking: str = "ioctl",
                  trigger: str = "edge", keep: bool = False, trace: bool = True, tcp_info: bool = True,
-                 on_result=None, stop=None, **options) -> list[Result]:
+                 nginx_exact: bool = False, on_result=None, stop=None, **options) -> list[Result]:
     """Connect to every target with at most ``concurrency`` handshakes in flight on one epoll loop.
 
     Returns one Result per target, in target order.  Sockets are closed unless
@@ -102,18 +78,23 @@ def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblo
     ones in flight are aborted (a Stop button uses it); their Results and those
     never started have outcome "error" and errno "ECANCELED".
     """
+    validate.integer("concurrency", concurrency, 1, MAX_CONCURRENCY)
+    if on_result is not None and not callable(on_result):
+        raise TypeError(f"on_result must be callable, got {validate.shown(on_result)}")
+    if stop is not None and not callable(stop):
+        raise TypeError(f"stop must be callable, got {validate.shown(stop)}")
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
+                   nginx_exact=nginx_exact)
     targets = list(targets)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int):
-        raise TypeError(f"concurrency must be an int, got {concurrency!r}")
-    if not 1 <= concurrency <= MAX_CONCURRENCY:
-        raise ValueError(f"concurrency={concurrency} is outside 1..{MAX_CONCURRENCY}")
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
+    if len(targets) > validate.MAX_COUNT:
+        raise ValueError(f"targets: {len(targets)} of them, at most {validate.MAX_COUNT} per call")
     parsed = _parse_all(targets)
     plans: dict[int, Plan] = {}
     for tgt in parsed:
         if tgt.family not in plans:
             plans[tgt.family] = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger,
-                                          keep=keep, trace=trace, tcp_info=tcp_info, options=options)
+                                          keep=keep, trace=trace, tcp_info=tcp_info, nginx_exact=nginx_exact,
+                                          options=options)
 
     n = len(parsed)
     results: list[Result | None] = [None] * n
@@ -129,7 +110,7 @@ def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblo
     # Every pending attempt has a timer, so waiting always ends within `timeout`; with a
     # stop callable, wake at least every 100 ms to ask it.
     max_wait_ns = 100_000_000 if stop is not None else None
-    with _gc_paused(), Loop() as loop:  # see _START_BATCH: a full collection would walk every Step kept so far
+    with Loop() as loop:
         next_index = 0
         try:
             while next_index < n or in_flight:

@@ -1,43 +1,61 @@
-"""What an errno means for a connect: nbconn's outcome, and nginx's verdict.
+"""The verdict on a connect, as data: (stage, errno) -> outcome, nginx's code, next-upstream kind, log level, line.
 
-Two readers look at the same errno and decide different things:
+Everything nbconn decides about a connect is decided here, by :func:`verdict`,
+a pure function over the table :data:`VERDICT_TABLE`: no sockets, no clock, no
+I/O (h11's style: the rules are values a test can check without a network).
+:mod:`nbconn.flow` does the syscalls and asks this module what each result means.
 
-* A person wants a plain word: did it connect, was it refused, did it time out?
-  That is :func:`outcome_for`.
-* nginx wants to know what to do next.  ``ngx_event_connect_peer``
-  (nginx ``src/event/ngx_event_connect.c``) returns
+The rules are nginx 1.22.1's, read from its source (tag ``release-1.22.1``):
 
-  - ``NGX_OK``       when ``connect()`` returned 0 (connected at once),
-  - ``NGX_AGAIN``    when it returned -1/EINPROGRESS (handshake under way; the
-    caller, ``ngx_http_upstream_connect`` in ``src/http/ngx_http_upstream.c``,
-    then arms the connect timer with ``ngx_add_timer(c->write,
-    u->conf->connect_timeout)``),
-  - ``NGX_DECLINED`` for *every other* ``connect()`` errno: the socket is closed
-    and the upstream moves to the next peer.  nginx only changes the *log level*:
-    ECONNREFUSED, ECONNRESET, ENETDOWN, ENETUNREACH, EHOSTDOWN, EHOSTUNREACH
-    and, on Linux, EAGAIN (an AF_UNIX listener whose backlog is full) are logged
-    at ``error``; anything else at ``crit`` (something is wrong with this host,
-    not with the peer),
-  - ``NGX_ERROR``    when a step *before* ``connect()`` failed: ``socket()``
-    (e.g. EMFILE), ``ioctl(FIONBIO)``, ``bind()``, or ``epoll_ctl()``.  The HTTP
-    upstream then answers 500 instead of trying another peer.
+* ``ngx_event_connect_peer`` (src/event/ngx_event_connect.c, lines 20-329)
+  starts a connect and returns a code:
 
-  When the handshake was pending, the decision comes later:
-  ``ngx_http_upstream_test_connect`` reads ``getsockopt(SO_ERROR)``: 0 means
-  ``NGX_OK``, any errno means ``NGX_ERROR`` and ``ngx_http_upstream_next(...,
-  NGX_HTTP_UPSTREAM_FT_ERROR)``.  If the write event's *timer* fires first,
-  ``ngx_http_upstream_next(..., NGX_HTTP_UPSTREAM_FT_TIMEOUT)`` runs and the
-  socket is closed without reading SO_ERROR at all.
+  - ``NGX_ERROR`` when a step before ``connect()`` fails: ``socket()`` (ALERT,
+    line 47), ``setsockopt(SO_RCVBUF)`` (ALERT, ``goto failed``, line 70),
+    ``ioctl(FIONBIO)`` (ALERT, line 89), ``bind()`` (CRIT, line 153), or
+    ``epoll_ctl(EPOLL_CTL_ADD)`` (``ngx_epoll_add_connection`` in
+    src/event/modules/ngx_epoll_module.c, ALERT, line 712).  The HTTP upstream
+    then answers 500 (``ngx_http_upstream_connect``, src/http/ngx_http_upstream.c
+    line 1544): no next peer is tried.
+  - A failing ``setsockopt(SO_KEEPALIVE)`` is logged "failed, ignored" (ALERT,
+    line 83) and the connect goes on; so is ``IP_BIND_ADDRESS_NO_PORT`` (line
+    122), silently when the errno is EOPNOTSUPP or ENOPROTOOPT.
+  - ``NGX_OK`` when ``connect()`` returned 0, ``NGX_AGAIN`` for -1/EINPROGRESS.
+  - ``NGX_DECLINED`` for every other ``connect()`` errno (line 246); the caller
+    moves on with ``ngx_http_upstream_next(r, u, NGX_HTTP_UPSTREAM_FT_ERROR)``
+    (ngx_http_upstream.c line 1559).  Only the log level depends on the errno
+    (lines 220-238): ECONNREFUSED, EAGAIN (Linux: a full AF_UNIX backlog),
+    ECONNRESET, ENETDOWN, ENETUNREACH, EHOSTDOWN, EHOSTUNREACH at ERR (the
+    peer's fault), anything else at CRIT (this host's fault).
 
-This module holds those tables and nothing else: no sockets, no I/O.
+* ``ngx_http_upstream_test_connect`` (ngx_http_upstream.c lines 2732-2779)
+  judges a pending connect once the socket is writable: ``getsockopt(SO_ERROR)``
+  0 is ``NGX_OK``; an errno is ``NGX_ERROR``, logged through
+  ``ngx_connection_error`` (src/core/ngx_connection.c lines 1487-1542), and the
+  caller runs ``ngx_http_upstream_next(..., NGX_HTTP_UPSTREAM_FT_ERROR)``
+  (line 2077).  ``ngx_connection_error`` logs ERR for 0, ECONNRESET, EPIPE,
+  ENOTCONN, ETIMEDOUT, ECONNREFUSED, ENETDOWN, ENETUNREACH, EHOSTDOWN,
+  EHOSTUNREACH (upstream peers have ``log_error = NGX_ERROR_ERR``, line 498)
+  and ALERT for every other errno.
+
+* The connect timer: ``ngx_http_upstream_send_request_handler`` sees
+  ``c->write->timedout`` and calls ``ngx_http_upstream_next(...,
+  NGX_HTTP_UPSTREAM_FT_TIMEOUT)`` (line 2305), which logs "upstream timed out"
+  at ERR with ETIMEDOUT (line 4306) and closes without reading SO_ERROR.  No
+  function returns a code there; nginx's name for that end is the
+  next-upstream kind, and that is what the verdict reports as its code.
+
+nginx appends its current action to each line: "while connecting to upstream"
+(``r->connection->log->action``, set at ngx_http_upstream.c line 1518).
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os
+from collections import namedtuple
 
-# -- nbconn's outcomes -------------------------------------------------------
+# -- nbconn's outcomes: the plain word a person wants ---------------------------------
 
 CONNECTED = "connected"
 REFUSED = "refused"
@@ -48,12 +66,22 @@ ERROR = "error"
 
 OUTCOMES = (CONNECTED, REFUSED, TIMED_OUT, RESET, UNREACHABLE, ERROR)
 
+#: One colour per outcome, the same in every plot and widget.
+OUTCOME_COLOURS = {
+    CONNECTED: "#2a9d8f",
+    REFUSED: "#e76f51",
+    TIMED_OUT: "#6c757d",
+    RESET: "#f4a261",
+    UNREACHABLE: "#9b5de5",
+    ERROR: "#d62828",
+}
+
 _OUTCOME_BY_ERRNO = {
     _errno.ECONNREFUSED: REFUSED,
-    # Linux: a full AF_UNIX backlog makes a non-blocking connect() fail with
-    # EAGAIN; nginx treats it exactly like ECONNREFUSED (see module docstring).
+    # Linux: a full AF_UNIX backlog makes a non-blocking connect() fail with EAGAIN;
+    # nginx treats it exactly like ECONNREFUSED (ngx_event_connect.c line 226).
     _errno.EAGAIN: REFUSED,
-    _errno.ETIMEDOUT: TIMED_OUT,
+    _errno.ETIMEDOUT: TIMED_OUT,  # SO_ERROR: the kernel gave up resending the SYN
     _errno.ECONNRESET: RESET,
     _errno.ENETUNREACH: UNREACHABLE,
     _errno.EHOSTUNREACH: UNREACHABLE,
@@ -69,43 +97,69 @@ def outcome_for(err: int) -> str:
     return _OUTCOME_BY_ERRNO.get(err, ERROR)
 
 
-# -- nginx's codes ------------------------------------------------------------
+# -- nginx's names ---------------------------------------------------------------------
 
 NGX_OK = "NGX_OK"
 NGX_AGAIN = "NGX_AGAIN"
 NGX_DECLINED = "NGX_DECLINED"
 NGX_ERROR = "NGX_ERROR"
 
-#: connect() errnos that ngx_event_connect_peer logs at "error" (the peer's
-#: fault: try the next one).  Every other errno is logged at "crit".
-NGX_CONNECT_ERR_LEVEL_ERRNOS = frozenset(
-    {
-        _errno.ECONNREFUSED,
-        _errno.EAGAIN,  # Linux only, AF_UNIX backlog full
-        _errno.ECONNRESET,
-        _errno.ENETDOWN,
-        _errno.ENETUNREACH,
-        _errno.EHOSTDOWN,
-        _errno.EHOSTUNREACH,
-    }
-)
+NGX_HTTP_UPSTREAM_FT_ERROR = "NGX_HTTP_UPSTREAM_FT_ERROR"
+NGX_HTTP_UPSTREAM_FT_TIMEOUT = "NGX_HTTP_UPSTREAM_FT_TIMEOUT"
 
+# Log levels, as nginx writes them in brackets: "[error]", "[crit]", "[alert]".
+NGX_LOG_ERR = "error"
+NGX_LOG_CRIT = "crit"
+NGX_LOG_ALERT = "alert"
 
-def ngx_connect_code(connect_err: int) -> str:
-    """nginx's return code from ngx_event_connect_peer for what connect() returned.
+#: connect() errnos ngx_event_connect_peer logs at ERR (ngx_event_connect.c lines 220-234); others CRIT.
+NGX_CONNECT_ERR_LEVEL_ERRNOS = frozenset({
+    _errno.ECONNREFUSED,
+    _errno.EAGAIN,  # NGX_LINUX only: AF_UNIX backlog full
+    _errno.ECONNRESET,
+    _errno.ENETDOWN,
+    _errno.ENETUNREACH,
+    _errno.EHOSTDOWN,
+    _errno.EHOSTUNREACH,
+})
 
-    ``connect_err`` is 0 for success, else the errno of the failed call.
-    """
-    if connect_err == 0:
-        return NGX_OK
-    if connect_err == _errno.EINPROGRESS:
-        return NGX_AGAIN
-    return NGX_DECLINED
+#: errnos ngx_connection_error logs at ERR for an upstream peer (ngx_connection.c lines 1508-1533); others ALERT.
+NGX_CONNECTION_ERROR_ERR_ERRNOS = frozenset({
+    0,
+    _errno.ECONNRESET,
+    _errno.EPIPE,
+    _errno.ENOTCONN,
+    _errno.ETIMEDOUT,
+    _errno.ECONNREFUSED,
+    _errno.ENETDOWN,
+    _errno.ENETUNREACH,
+    _errno.EHOSTDOWN,
+    _errno.EHOSTUNREACH,
+})
 
+# -- what each call can answer (used by the table tests, and to read the table) ----------
 
-def ngx_log_level(connect_err: int) -> str:
-    """The level nginx logs an immediate connect() failure at: "error" or "crit"."""
-    return "error" if connect_err in NGX_CONNECT_ERR_LEVEL_ERRNOS else "crit"
+#: Every errno a non-blocking connect() on Linux can fail with at once: connect(2)'s ERRORS section, plus
+#: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), resets and AF_UNIX paths
+#: (ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG), and memory (ENOBUFS, ENOMEM).
+CONNECT_ERRNOS = tuple(sorted({
+    _errno.EACCES, _errno.EPERM, _errno.EADDRINUSE, _errno.EADDRNOTAVAIL, _errno.EAFNOSUPPORT, _errno.EAGAIN,
+    _errno.EALREADY, _errno.EBADF, _errno.ECONNREFUSED, _errno.EFAULT, _errno.EINTR, _errno.EISCONN,
+    _errno.ENETUNREACH, _errno.ENOTSOCK, _errno.EPROTOTYPE, _errno.ETIMEDOUT, _errno.EINVAL,
+    _errno.ENETDOWN, _errno.EHOSTUNREACH, _errno.EHOSTDOWN, _errno.ECONNRESET, _errno.ENOENT, _errno.ENOTDIR,
+    _errno.ELOOP, _errno.ENAMETOOLONG, _errno.ENOBUFS, _errno.ENOMEM,
+}))
+
+#: Every errno getsockopt(SO_ERROR) can report after a pending connect on Linux: the handshake's own
+#: failures (RST -> ECONNREFUSED, SYNs unanswered -> ETIMEDOUT, a reset -> ECONNRESET), the ICMP errors
+#: the kernel converts (net/ipv4/icmp.c icmp_err_convert[]: ENETUNREACH, EHOSTUNREACH, ENOPROTOOPT,
+#: ECONNREFUSED, EMSGSIZE, EOPNOTSUPP, ENONET, EHOSTDOWN, EACCES), a netfilter verdict (EPERM), EPROTO,
+#: and the local ones (ENETDOWN, EADDRNOTAVAIL, ENOBUFS, EPIPE).
+SO_ERROR_ERRNOS = tuple(sorted({
+    _errno.ECONNREFUSED, _errno.ETIMEDOUT, _errno.ECONNRESET, _errno.ENETUNREACH, _errno.EHOSTUNREACH,
+    _errno.ENOPROTOOPT, _errno.EMSGSIZE, _errno.EOPNOTSUPP, _errno.ENONET, _errno.EHOSTDOWN, _errno.EACCES,
+    _errno.EPERM, _errno.EPROTO, _errno.ENETDOWN, _errno.EADDRNOTAVAIL, _errno.ENOBUFS, _errno.EPIPE,
+}))
 
 
 def errno_name(err: int | None) -> str | None:
@@ -130,28 +184,121 @@ def strerror(err: int) -> str:
     return f"({err}: {os.strerror(err)})"
 
 
-_SETUP_TEXT = {
-    "socket": "socket() failed",
-    "nonblocking": "ioctl(FIONBIO) failed",
-    "bind": "bind() failed",
-    "epoll_ctl": "epoll_ctl(EPOLL_CTL_ADD) failed",
+# -- the verdict table ---------------------------------------------------------------
+
+#: What one step's result means.  ``ngx_code`` None means "nginx goes on to the next step".
+#: (collections.namedtuple, not typing.NamedTuple: ``import nbconn`` stays free of typing's import cost.)
+Verdict = namedtuple("Verdict", [
+    "outcome",  # nbconn's word; None while the connect is still under way
+    "ngx_code",  # NGX_OK / NGX_AGAIN / NGX_DECLINED / NGX_ERROR, or NGX_HTTP_UPSTREAM_FT_TIMEOUT (timer)
+    "ngx_next",  # the next-upstream kind nginx tries another peer with, None when it does not
+    "level",  # the error-log level, None when nginx logs nothing
+    "log",  # the error-log line (without date and level), None when nginx logs nothing
+])
+
+#: One row of :data:`VERDICT_TABLE`: how nginx treats a failure at one stage.
+Rule = namedtuple("Rule", [
+    "ngx_code",  # None: "failed, ignored", the connect goes on
+    "ngx_next",
+    "err_level_errnos",  # errnos logged at ERR ...
+    "level",  # ... every other errno at this level (None: not logged)
+    "text",  # the message before "(errno: text)"; {detail} is the stage's detail (peer, option, fd)
+    "source",  # where nginx 1.22.1 decides it
+])
+
+
+#: stage -> how nginx treats a failure there.  "setsockopt" rows are keyed by option (see _SETSOCKOPT_RULES).
+VERDICT_TABLE: dict[str, Rule] = {
+    "socket": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "socket() failed",
+                   "ngx_event_connect.c ngx_event_connect_peer line 47"),
+    "nonblocking": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "{detail} failed",
+                        "ngx_event_connect.c ngx_event_connect_peer line 89 (ngx_nonblocking_n)"),
+    "bind": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_CRIT, "bind({detail}) failed",
+                 "ngx_event_connect.c ngx_event_connect_peer line 153"),
+    "epoll_ctl": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "epoll_ctl(EPOLL_CTL_ADD, {detail}) failed",
+                      "ngx_epoll_module.c ngx_epoll_add_connection line 712"),
+    "connect": Rule(NGX_DECLINED, NGX_HTTP_UPSTREAM_FT_ERROR, NGX_CONNECT_ERR_LEVEL_ERRNOS, NGX_LOG_CRIT,
+                    "connect() to {detail} failed",
+                    "ngx_event_connect.c ngx_event_connect_peer lines 209-246; ngx_http_upstream.c line 1559"),
+    "so_error": Rule(NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_LOG_ALERT,
+                     "connect() failed",
+                     "ngx_http_upstream.c ngx_http_upstream_test_connect line 2773; ngx_connection.c "
+                     "ngx_connection_error lines 1508-1537; ngx_http_upstream.c line 2077"),
+    "timer": Rule(NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, frozenset({_errno.ETIMEDOUT}),
+                  NGX_LOG_ERR, "upstream timed out",
+                  "ngx_http_upstream.c ngx_http_upstream_send_request_handler line 2305, "
+                  "ngx_http_upstream_next line 4306"),
 }
 
+#: setsockopt failures, per nbconn option name.  nginx 1.22.1's ngx_event_connect_peer sets three options:
+#: SO_RCVBUF fails the connect (line 70, ``goto failed``), SO_KEEPALIVE is "failed, ignored" (line 83),
+#: IP_BIND_ADDRESS_NO_PORT is "failed, ignored" and silent for EOPNOTSUPP/ENOPROTOOPT (lines 119-127).
+#: nginx does not set the other options nbconn offers; nbconn ignores their failure as nginx does SO_KEEPALIVE's.
+_SETSOCKOPT_RULES: dict[str, Rule] = {
+    "rcvbuf": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "setsockopt(SO_RCVBUF) failed",
+                   "ngx_event_connect.c ngx_event_connect_peer line 70"),
+    "keepalive": Rule(None, None, frozenset(), NGX_LOG_ALERT, "setsockopt(SO_KEEPALIVE) failed, ignored",
+                      "ngx_event_connect.c ngx_event_connect_peer line 83"),
+    "bind_address_no_port": Rule(None, None, frozenset(), NGX_LOG_ALERT,
+                                 "setsockopt(IP_BIND_ADDRESS_NO_PORT) failed, ignored",
+                                 "ngx_event_connect.c ngx_event_connect_peer lines 119-127"),
+}
+_SETSOCKOPT_QUIET = {"bind_address_no_port": frozenset({_errno.EOPNOTSUPP, _errno.ENOPROTOOPT})}
 
-def ngx_error_log_line(*, stage: str, err: int, peer: str = "<peer>") -> str:
-    """The line nginx's error log would carry for this failure (without the date/level prefix).
+STAGES = ("socket", "setsockopt", "nonblocking", "bind", "epoll_ctl", "connect", "so_error", "timer")
 
-    ``stage`` is "socket", "nonblocking", "bind", "epoll_ctl" (a step before
-    connect(), from ngx_event_connect_peer), "connect" (connect() failed at
-    once, ngx_event_connect_peer), "so_error" (ngx_http_upstream_test_connect)
-    or "timer" (ngx_http_upstream_next with NGX_HTTP_UPSTREAM_FT_TIMEOUT).
-    nginx appends its current action, "while connecting to upstream".
+_TAIL = " while connecting to upstream"
+_CONNECTED = Verdict(CONNECTED, NGX_OK, None, None, None)
+_IN_PROGRESS = Verdict(None, NGX_AGAIN, None, None, None)
+_GO_ON = Verdict(None, None, None, None, None)
+# The answers every connect asks for, looked up before anything else (verdict() runs inside the handshake time).
+_FAST = {("connect", 0): _CONNECTED, ("connect", _errno.EINPROGRESS): _IN_PROGRESS, ("so_error", 0): _CONNECTED}
+
+
+def setsockopt_rule(option: str, opt_name: str = "") -> Rule:
+    """The rule for a failing setsockopt of nbconn option ``option`` (``opt_name``: e.g. "SO_SNDBUF")."""
+    rule = _SETSOCKOPT_RULES.get(option)
+    if rule is None:
+        rule = Rule(None, None, frozenset(), NGX_LOG_ALERT, f"setsockopt({opt_name or option}) failed, ignored",
+                    "not set by nginx 1.22.1; ignored as ngx_event_connect_peer ignores SO_KEEPALIVE (line 83)")
+    return rule
+
+
+def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
+    """What nginx makes of ``err`` (0 or None: the call succeeded) at ``stage``.
+
+    ``stage`` is one of :data:`STAGES`.  ``detail`` fills the log line: the peer's
+    name for "connect" (``127.0.0.1:80``, ``unix:/path``), the option name for
+    "setsockopt" (``rcvbuf``), the local address for "bind", the descriptor for
+    "epoll_ctl", the call for "nonblocking" (``ioctl(FIONBIO)``).  For "timer",
+    ``err`` is ignored: the timer firing is the failure (ETIMEDOUT in the log).
     """
-    tail = "while connecting to upstream"
+    fast = _FAST.get((stage, err))
+    if fast is not None:
+        return fast
     if stage == "timer":
-        return f"upstream timed out {strerror(_errno.ETIMEDOUT)} {tail}"
-    if stage == "connect":
-        return f"connect() to {peer} failed {strerror(err)} {tail}"
-    if stage == "so_error":
-        return f"connect() failed {strerror(err)} {tail}"
-    return f"{_SETUP_TEXT.get(stage, stage + ' failed')} {strerror(err)} {tail}"
+        rule = VERDICT_TABLE["timer"]
+        err = _errno.ETIMEDOUT
+    else:
+        if not err:
+            # connect() returned 0, SO_ERROR read 0: usable.  Any earlier step: go on to the next one.
+            return _CONNECTED if stage in ("connect", "so_error") else _GO_ON
+        if stage == "connect" and err == _errno.EINPROGRESS:
+            return _IN_PROGRESS
+        if stage == "setsockopt":
+            rule = setsockopt_rule(str(detail))
+            if err in _SETSOCKOPT_QUIET.get(str(detail), ()):
+                return _GO_ON
+        else:
+            rule = VERDICT_TABLE[stage]
+    level = NGX_LOG_ERR if err in rule.err_level_errnos else rule.level
+    line = f"{rule.text.format(detail=detail)} {strerror(err)}{_TAIL}"
+    if rule.ngx_code is None:  # "failed, ignored": logged, and the connect goes on
+        return Verdict(None, None, None, level, line)
+    if stage == "timer":
+        outcome = TIMED_OUT
+    elif stage in ("connect", "so_error"):
+        outcome = outcome_for(err)
+    else:  # a step before connect(): nothing was tried, whatever the errno
+        outcome = ERROR
+    return Verdict(outcome, rule.ngx_code, rule.ngx_next, level, line)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import html
+import os
+import platform
 import select
 import shutil
 import socket
@@ -20,7 +22,16 @@ import termios
 import time
 
 from .errors import errno_name
+from .strace import format_ns as duration  # the one duration formatter: µs, ms from 1 ms, s from 1 s
 from .loop import event_names
+
+
+_FIONBIO_ON = struct.pack("i", 1)
+
+
+def kernel() -> str:
+    """The running kernel's release, e.g. ``6.18.44``: every kernel claim in the notebooks names it."""
+    return platform.release()
 
 
 class Table:
@@ -52,7 +63,7 @@ class Table:
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-# -- seed step 2: options -----------------------------------------------------------
+# -- step 2 of the five: options ------------------------------------------------------
 
 def _sysctl(name: str) -> str:
     try:
@@ -68,7 +79,7 @@ def options_table(result) -> Table:
              "yes" if value != result.requested.get(name) else "no"]
             for name, value in result.effective.items()]
     return Table(["option", "requested", "effective (getsockopt)", "changed by the kernel"], rows,
-                 title="seed step 2: what was asked for, and what the kernel kept",
+                 title="step 2: what was asked for, and what the kernel kept",
                  highlight=lambda r: r[3] == "yes")
 
 
@@ -94,7 +105,7 @@ def rcvbuf_readback(values=(1024, 4096, 65536, 1 << 20, 1 << 24)) -> Table:
                  title=f"net.core.rmem_max = {rmem_max}")
 
 
-# -- seed step 3: non-blocking ------------------------------------------------------
+# -- step 3 of the five: non-blocking -------------------------------------------------
 
 _METHOD_SNIPPETS = {
     "ioctl(FIONBIO)": "import fcntl, termios, struct; fcntl.ioctl(s.fileno(), termios.FIONBIO, struct.pack('i', 1))",
@@ -128,24 +139,107 @@ def blocking_vs_nonblocking(target, *, timeout_s: float = 0.5) -> Table:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
         t0 = time.monotonic()
         err = s.connect_ex((host, int(port)))
-        rows.append(["blocking, SO_SNDTIMEO", f"{time.monotonic() - t0:.3f} s", errno_name(err) or "0"])
+        rows.append(["blocking, SO_SNDTIMEO", duration((time.monotonic() - t0) * 1e9), errno_name(err) or "0"])
     with socket.socket() as s:
         s.setblocking(False)
         t0 = time.monotonic()
         err = s.connect_ex((host, int(port)))
-        rows.append(["non-blocking", f"{(time.monotonic() - t0) * 1e6:.0f} µs", errno_name(err) or "0"])
+        rows.append(["non-blocking", duration((time.monotonic() - t0) * 1e9), errno_name(err) or "0"])
     return Table(["connect() mode", "time inside connect()", "returned"], rows,
                  title="connect() to a host that drops SYNs")
+
+
+def rcvbuf_autotuning(total_bytes: int = 16 << 20, rcvbufs=(None, 65536)) -> Table:
+    """Receive ``total_bytes`` over loopback with and without SO_RCVBUF; SO_RCVBUF read back before and after.
+
+    The kernel grows a TCP socket's receive buffer as data arrives (tcp_rcv_space_adjust,
+    net/ipv4/tcp_input.c) unless the application fixed it: setting SO_RCVBUF sets
+    SOCK_RCVBUF_LOCK, and the autotuning leaves such a socket alone.
+    """
+    import threading
+
+    rows = []
+    for rcvbuf in rcvbufs:
+        with socket.create_server(("127.0.0.1", 0)) as srv, socket.socket() as c:
+            if rcvbuf:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            before = c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            c.settimeout(10.0)
+            c.connect(srv.getsockname())
+            peer, _ = srv.accept()
+
+            def send(peer=peer) -> None:
+                chunk, sent = b"x" * 65536, 0
+                try:
+                    while sent < total_bytes:
+                        sent += peer.send(chunk)
+                finally:
+                    peer.close()
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            got = 0
+            while got < total_bytes:
+                data = c.recv(1 << 16)
+                if not data:
+                    break
+                got += len(data)
+            sender.join(10.0)
+            after = c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        grew = "unchanged" if after == before else f"{after / before:.1f}x larger"
+        rows.append(["not set (default)" if rcvbuf is None else f"setsockopt(SO_RCVBUF, {rcvbuf})",
+                     before, grew, f"{got >> 20} MiB"])
+    return Table(["SO_RCVBUF", "read back before connect()", "after the transfer", "received"],
+                 rows, title=f"receive-buffer autotuning, Linux {kernel()} (net.ipv4.tcp_moderate_rcvbuf = "
+                             f"{_sysctl('net.ipv4.tcp_moderate_rcvbuf')}, tcp_rmem = "
+                             f"{' '.join(_sysctl('net.ipv4.tcp_rmem').split())})")
+
+
+def user_timeout_in_handshake(target, values_ms=(500, 1500, 2500), *, wait_s: float = 5.0) -> Table:
+    """Non-blocking connects to ``target`` (a black hole) with TCP_USER_TIMEOUT set: when SO_ERROR says ETIMEDOUT."""
+    host, port = target.rsplit(":", 1)
+    rows = []
+    for ms in values_ms:
+        with socket.socket() as s, select.epoll() as ep:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLET)
+            t0 = time.monotonic_ns()
+            err = s.connect_ex((host, int(port)))
+            events = ep.poll(wait_s)
+            waited = time.monotonic_ns() - t0
+            so_error = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        rows.append([f"{ms} ms", errno_name(err) or "0", event_names(events[0][1]) if events else "(nothing)",
+                     duration(waited), errno_name(so_error) or "0"])
+    return Table(["TCP_USER_TIMEOUT", "connect()", "epoll_wait reported", "after", "SO_ERROR"], rows,
+                 title=f"TCP_USER_TIMEOUT during the handshake, Linux {kernel()} (tcp_syn_retries = "
+                       f"{_sysctl('net.ipv4.tcp_syn_retries')}, tcp_syn_linear_timeouts = "
+                       f"{_sysctl('net.ipv4.tcp_syn_linear_timeouts')})")
+
+
+def nginx_version() -> str | None:
+    """``nginx/1.22.1`` from ``nginx -v`` of this machine's nginx, or None when there is none."""
+    for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
+        if os.access(path, os.X_OK):
+            proc = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=10)
+            text = (proc.stderr or proc.stdout).strip()
+            return text.split("version: ", 1)[-1] if text else None
+    return None
 
 
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
-# -- seed step 4: epoll ----------------------------------------------------------
+# -- step 4 of the five: epoll ----------------------------------------------------------
 
 def edge_vs_level(rounds: int = 3) -> Table:
-    """A writable socket registered twice: edge-triggered (EPOLLET) and level-triggered; poll ``rounds`` times."""
+    """One writable socket registered twice, edge-triggered and level-triggered; ``rounds`` epoll_waits.
+
+    Each row is one epoll_wait and what it returned for each registration: the event
+    mask exactly as the kernel reported it.  (EPOLLET is a way of *registering*; it is
+    never part of what epoll_wait reports.)
+    """
     a, b = socket.socketpair()
     dup = a.dup()
     rows = []
@@ -153,17 +247,79 @@ def edge_vs_level(rounds: int = 3) -> Table:
         with select.epoll() as ep:
             ep.register(a.fileno(), select.EPOLLOUT | select.EPOLLET)
             ep.register(dup.fileno(), select.EPOLLOUT)
-            names = {a.fileno(): "edge (EPOLLOUT|EPOLLET)", dup.fileno(): "level (EPOLLOUT)"}
-            counts = dict.fromkeys(names.values(), 0)
             for i in range(1, rounds + 1):
-                ready = [names[fd] for fd, _ in ep.poll(0.01)]
-                for n in ready:
-                    counts[n] += 1
-                rows.append([f"epoll_wait #{i}", ", ".join(sorted(ready)) or "(nothing)"])
+                got = dict(ep.poll(0.01))
+                rows.append([f"epoll_wait #{i}",
+                             event_names(got[a.fileno()]) if a.fileno() in got else "(not reported)",
+                             event_names(got[dup.fileno()]) if dup.fileno() in got else "(not reported)"])
     finally:
         for s in (a, b, dup):
             s.close()
-    return Table(["call", "reported"], rows, title="the same writable socket, edge- vs level-triggered")
+    return Table(["call", "registered EPOLLOUT|EPOLLET (edge)", "registered EPOLLOUT (level)"], rows,
+                 title="one writable socket, registered twice: what each epoll_wait returned")
+
+
+def register_order(target, *, wait_s: float = 1.0) -> Table:
+    """EPOLL_CTL_ADD before connect() (nginx's order) and after it: what the first epoll_wait reports.
+
+    epoll_ctl(EPOLL_CTL_ADD) checks the descriptor's readiness when it is added
+    (fs/eventpoll.c, ep_insert calls the file's poll), so a socket that is already
+    writable is reported by the next epoll_wait even with EPOLLET: the order is not
+    what makes the connect correct.
+    """
+    host, port = target.rsplit(":", 1)
+    mask = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+    rows = []
+    for order in ("ADD, then connect()", "connect(), then ADD"):
+        with socket.socket() as s, select.epoll() as ep:
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            if order.startswith("ADD"):
+                ep.register(s.fileno(), mask)
+            err = s.connect_ex((host, int(port)))
+            if not order.startswith("ADD"):
+                ep.register(s.fileno(), mask)
+            t0 = time.perf_counter_ns()
+            events = ep.poll(wait_s)
+            waited = time.perf_counter_ns() - t0
+            so_error = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        rows.append([order, errno_name(err) or "0", event_names(events[0][1]) if events else "(nothing)",
+                     duration(waited), so_error])
+    return Table(["order", "connect()", "first epoll_wait reported", "epoll_wait took", "SO_ERROR"], rows,
+                 title=f"EPOLL_CTL_ADD before and after connect() to {target}")
+
+
+def one_registration(target, *, wait_s: float = 2.0) -> Table:
+    """One EPOLL_CTL_ADD serves the whole connection: EPOLLOUT for the connect, later EPOLLIN for the reply.
+
+    ``target`` is an HTTP peer (``lab.listening(http=True)``).  Every epoll_ctl this
+    function makes is counted, so the table shows that no EPOLL_CTL_MOD was needed.
+    """
+    host, port = target.rsplit(":", 1)
+    rows = []
+    with socket.socket() as s, select.epoll() as ep:
+        fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+        ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+        rows.append(["epoll_ctl(EPOLL_CTL_ADD, EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET)", "-"])
+        err = s.connect_ex((host, int(port)))
+        rows.append(["connect()", errno_name(err) or "0"])
+        events = ep.poll(wait_s)
+        rows.append(["epoll_wait", event_names(events[0][1]) if events else "(timed out)"])
+        rows.append(["getsockopt(SO_ERROR)", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)])
+        sent = s.send(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n")
+        rows.append(["send() the request", f"{sent} bytes"])
+        # The peer answers and closes: wait for both (bounded), so the row does not depend on whether the
+        # reply and the FIN arrive in one wake-up or two.
+        deadline = time.monotonic() + wait_s
+        seen = 0
+        while (seen & (select.EPOLLIN | select.EPOLLRDHUP)) != select.EPOLLIN | select.EPOLLRDHUP \
+                and time.monotonic() < deadline:
+            for _, mask in ep.poll(max(0.0, deadline - time.monotonic())):
+                seen |= mask
+        rows.append(["epoll_wait (until the reply and the peer's FIN)", event_names(seen) if seen else "(timed out)"])
+        reply = s.recv(4096)
+        rows.append(["recv()", reply.split(b"\r\n", 1)[0].decode(errors="replace")])
+    return Table(["call (the only epoll_ctl is the first row)", "result"], rows,
+                 title="one registration for the connection's life")
 
 
 def rdhup_after_peer_close(target, *, wait_s: float = 2.0) -> str:
@@ -182,7 +338,133 @@ def rdhup_after_peer_close(target, *, wait_s: float = 2.0) -> str:
         return event_names(seen)
 
 
-# -- seed step 5: connect() and SO_ERROR -------------------------------------------------
+# -- step 5 of the five: connect() and SO_ERROR -----------------------------------------
+
+# -- the code on the page, under strace ----------------------------------------------------
+
+#: The syscalls an nginx 1.22.1 worker makes on its socket for one upstream connect that succeeds,
+#: reduced like :func:`syscalls_on_the_socket` does (recorded with strace; notebook 10 runs it live).
+NGINX_WORKER_CALLS = (("socket", "AF_INET"), ("ioctl", "FIONBIO"),
+                      ("epoll_ctl", "EPOLL_CTL_ADD", "EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET"),
+                      ("connect", "EINPROGRESS"), ("epoll_wait",), ("getsockopt", "SO_ERROR"), ("close",))
+
+_STRACE_SET = "trace=socket,ioctl,fcntl,epoll_ctl,connect,epoll_wait,epoll_pwait,getsockopt,setsockopt,close"
+
+
+def syscalls_on_the_socket(strace_text: str) -> list[tuple]:
+    """The calls an strace shows on the first AF_INET stream socket, up to its close().
+
+    Each call is reduced to its name and the argument the lesson is about -- ioctl's
+    request, epoll_ctl's operation and mask, connect()'s errno, the option of
+    getsockopt/setsockopt -- so two runs compare equal whatever their descriptors
+    and ports.  ``epoll_wait`` counts when it follows the connect.
+    """
+    import re
+
+    fd, calls = None, []
+    for line in strace_text.splitlines():
+        if fd is None:
+            m = re.match(r"socket\(AF_INET, SOCK_STREAM\S*, \w+\)\s+= (\d+)", line)
+            if m:
+                fd = m.group(1)
+                calls.append(("socket", "AF_INET"))
+            continue
+        if re.match(rf"(ioctl|getsockopt|setsockopt|connect|close|fcntl)\({fd}[,)]", line):
+            name = line.split("(", 1)[0]
+            args = line.split(", ")
+            if name in ("ioctl", "fcntl"):
+                calls.append((name, args[1].rstrip(")")))
+            elif name in ("getsockopt", "setsockopt"):
+                calls.append((name, args[2]))
+            elif name == "connect":
+                ret = line.rsplit("= ", 1)[1].split()
+                calls.append((name, ret[1] if ret[0] == "-1" else ret[0]))
+            else:
+                calls.append((name,))
+                break
+        elif re.match(rf"epoll_ctl\(\d+, EPOLL_CTL_\w+, {fd},", line):
+            mask = re.search(r"events=([\w|]+)", line)
+            calls.append(("epoll_ctl", line.split(", ")[1]) + ((mask.group(1),) if mask else ()))
+        elif line.startswith(("epoll_wait(", "epoll_pwait(")) and any(c[0] == "connect" for c in calls):
+            calls.append(("epoll_wait",))
+    return calls
+
+
+def strace_python(code: str, *, timeout_s: float = 60.0) -> list[tuple]:
+    """Run ``code`` in a fresh interpreter under strace; :func:`syscalls_on_the_socket` of what it saw."""
+    strace = shutil.which("strace") or ("/usr/bin/strace" if os.access("/usr/bin/strace", os.X_OK) else None)
+    if strace is None:
+        raise FileNotFoundError("strace is not installed here (apt-get install strace)")
+    proc = subprocess.run([strace, "-qq", "-e", _STRACE_SET, sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the traced interpreter failed: {proc.stderr[-500:]}")
+    return syscalls_on_the_socket(proc.stderr)
+
+
+def _shown(call: tuple | None) -> str:
+    if call is None:
+        return ""
+    name, *args = call
+    text = ", ".join(args).replace("EPOLL_CTL_", "").replace("EPOLL", "")
+    return f"{name}({text})"
+
+
+def strace_side_by_side(target) -> Table | str:
+    """connect_nonb and nbconn.connect(nginx_exact=True) under strace against ``target``, next to nginx's worker."""
+    import inspect
+
+    from .api import connect
+
+    host, port = target.rsplit(":", 1)
+    exact = "nginx_exact" in inspect.signature(connect).parameters
+    try:
+        plain = strace_python(f"from nbconn.connect_nonb import connect_nonb; connect_nonb({host!r}, {int(port)})")
+        ours = strace_python(f"import nbconn; nbconn.connect({target!r}{', nginx_exact=True' if exact else ''})")
+    except FileNotFoundError as exc:
+        return f"{exc}: this comparison is skipped (the test suite runs it where strace exists)."
+    worker = list(NGINX_WORKER_CALLS)
+    rows = []
+    for i in range(max(len(plain), len(ours), len(worker))):
+        cells = [c[i] if i < len(c) else None for c in (plain, ours, worker)]
+        rows.append([_shown(c) for c in cells] + ["yes" if cells[0] == cells[1] == cells[2] else "NO"])
+    same = sum(r[3] == "yes" for r in rows)
+    title = (f"syscalls on the socket, in order: {same} of {len(rows)} rows identical in all three"
+             + ("" if exact else " (nbconn.connect without nginx_exact on this version)"))
+    return Table(["connect_nonb (this notebook)", "nbconn.connect(nginx_exact=True)",
+                  "nginx 1.22.1 worker (recorded)", "same"], rows, title=title, highlight=lambda r: r[3] != "yes")
+
+
+_EXTRAS = (
+    ("getsockopt", "option read-back: getsockopt after each setsockopt",
+     "to show what the kernel kept (notebook 01)"),
+    ("tcp_info", "getsockopt(TCP_INFO) once connected", "the kernel's RTT estimate, for notebook 08"),
+    ("unregister", "epoll_ctl(EPOLL_CTL_DEL) before close()",
+     "nginx relies on close() removing the descriptor from epoll"),
+)
+
+
+def extras_beyond_nginx(result) -> Table:
+    """The calls in ``result``'s trace that an nginx 1.22.1 worker would not make, with how many of each."""
+    names = [s.name for s in result.steps]
+    rows = [[what, names.count(name), why] for name, what, why in _EXTRAS]
+    socket_call = next((s.call for s in result.steps if s.name == "socket"), "")
+    rows.append(["SOCK_CLOEXEC on socket()", int("SOCK_CLOEXEC" in socket_call),
+                 "a flag on the same call (CPython's socket() always asks for it); nginx does not set it"])
+    return Table(["what nbconn adds", "in this trace", "why"], rows,
+                 title=f"beyond nginx 1.22.1: {sum(r[1] for r in rows[:3])} extra syscalls in this trace")
+
+
+def _nginx_path(result) -> str:
+    """nginx's codes for one attempt, each once: ``NGX_AGAIN -> NGX_OK``, ``NGX_DECLINED -> next peer (FT_ERROR)``."""
+    codes = [result.ngx_connect]
+    if result.ngx_decision and result.ngx_decision != result.ngx_connect:
+        codes.append(result.ngx_decision)
+    following = getattr(result, "ngx_next", None)
+    if following:
+        codes.append(f"next peer ({following.replace('NGX_HTTP_UPSTREAM_', '')})")
+    return " -> ".join(str(c) for c in codes)
+
 
 def connect_returns(targets: dict, *, repeat: int = 20, timeout: float = 1.0) -> Table:
     """For each labelled target: what connect() returned over ``repeat`` tries, and nginx's verdict."""
@@ -198,10 +480,98 @@ def connect_returns(targets: dict, *, repeat: int = 20, timeout: float = 1.0) ->
         first = results[0]
         rows.append([label, ", ".join(f"{k} {v}/{repeat}" for k, v in returned.items()),
                      first.outcome + (f" ({first.errno})" if first.errno else ""),
-                     f"{first.ngx_connect} -> {first.ngx_decision}",
-                     first.ngx_level or "-"])
+                     _nginx_path(first), first.ngx_level or "-"])
     return Table(["target", "connect() returned", "decided", "nginx", "log level"], rows,
                  title="what this kernel's connect() answers")
+
+
+_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 7: "CLOSE"}
+
+
+def tcp_state(sock: socket.socket) -> str:
+    """The kernel's TCP state of ``sock`` (tcpi_state, the first byte of TCP_INFO)."""
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return _TCP_STATES.get(state, str(state))
+
+
+def right_after_connect(targets: dict) -> Table:
+    """For each labelled TCP target: what connect() returned, and the socket's TCP state the moment it returned.
+
+    Nothing is waited for and SO_ERROR is not read: the state is what the kernel had
+    already done by the time the call came back to user space.
+    """
+    rows = []
+    for label, target in targets.items():
+        host, port = target.rsplit(":", 1)
+        with socket.socket() as s:
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            t0 = time.perf_counter_ns()
+            err = s.connect_ex((host, int(port)))
+            took = time.perf_counter_ns() - t0
+            state = tcp_state(s)
+        rows.append([label, errno_name(err) or "0", duration(took), state])
+    return Table(["target", "connect() returned", "inside connect()", "TCP state right after"], rows,
+                 title=f"non-blocking connect() on loopback, Linux {kernel()}")
+
+
+def other_ways_to_learn(targets: dict, *, wait_s: float = 0.2) -> Table:
+    """UNP 16.3's other ways to learn a pending connect's outcome, after epoll_wait (or its timeout).
+
+    For each target: getpeername(), then connect() again, then connect() a third time,
+    then SO_ERROR -- all on the same socket, in that order, so the table also shows
+    what each call *consumes*.
+    """
+    rows = []
+    for label, target in targets.items():
+        host, port = target.rsplit(":", 1)
+        addr = (host, int(port))
+        with socket.socket() as s, select.epoll() as ep:
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+            s.connect_ex(addr)
+            events = ep.poll(wait_s)
+            try:
+                s.getpeername()
+                peer = "an address"
+            except OSError as exc:
+                peer = errno_name(exc.errno)
+            again = errno_name(s.connect_ex(addr)) or "0"
+            third = errno_name(s.connect_ex(addr)) or "0"
+            so_error = errno_name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)) or "0"
+        rows.append([label, event_names(events[0][1]) if events else "(nothing yet)", peer, again, third, so_error])
+    return Table(["target", "epoll_wait", "getpeername()", "connect() again", "and again", "then SO_ERROR"],
+                 rows, title=f"other ways to learn the outcome, Linux {kernel()}")
+
+
+def eintr_during_wait(target, *, wait_s: float = 0.3, signal_after_s: float = 0.05) -> Table:
+    """A signal arrives while epoll_wait waits for a pending connect (``target``: a black hole).
+
+    CPython retries a system call interrupted by a signal whose handler returns
+    (PEP 475), recomputing the timeout, so ``epoll.poll`` still waits its whole time;
+    in C, epoll_wait returns -1/EINTR and the caller must loop (nginx's event loop does).
+    """
+    import signal
+
+    host, port = target.rsplit(":", 1)
+    caught = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: caught.append(time.monotonic()))
+    try:
+        with socket.socket() as s, select.epoll() as ep:
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+            s.connect_ex((host, int(port)))
+            t0 = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, signal_after_s)
+            events = ep.poll(wait_s)
+            waited = time.monotonic() - t0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    rows = [["signal (SIGALRM) delivered after", duration((caught[0] - t0) * 1e9) if caught else "(none)"],
+            ["epoll.poll(timeout) asked to wait", duration(wait_s * 1e9)],
+            ["epoll.poll returned after", duration(waited * 1e9)],
+            ["events", event_names(events[0][1]) if events else "none: the connect timer's time is up"]]
+    return Table(["", "measured"], rows, title="EINTR: a signal during the wait")
 
 
 def so_error_twice(target, *, wait_s: float = 2.0) -> Table:
@@ -223,5 +593,8 @@ def so_error_twice(target, *, wait_s: float = 2.0) -> Table:
     return Table(["call", "result"], rows, title=f"SO_ERROR against {target}")
 
 
-__all__ = ["Table", "options_table", "rcvbuf_readback", "nonblocking_syscalls", "blocking_vs_nonblocking",
-           "edge_vs_level", "rdhup_after_peer_close", "connect_returns", "so_error_twice"]
+__all__ = ["Table", "duration", "kernel", "options_table", "rcvbuf_readback", "rcvbuf_autotuning",
+           "user_timeout_in_handshake", "nginx_version", "nonblocking_syscalls", "blocking_vs_nonblocking",
+           "edge_vs_level", "register_order", "one_registration", "rdhup_after_peer_close", "tcp_state",
+           "right_after_connect", "connect_returns", "NGINX_WORKER_CALLS", "syscalls_on_the_socket", "strace_python",
+           "strace_side_by_side", "extras_beyond_nginx", "other_ways_to_learn", "eintr_during_wait", "so_error_twice"]

@@ -1,19 +1,24 @@
 """One connect attempt, step by step, the way nginx connects to an upstream.
 
-This is the heart of nbconn.  Read it next to nginx's ``ngx_event_connect_peer``
-(``src/event/ngx_event_connect.c``) and ``ngx_http_upstream_test_connect``
-(``src/http/ngx_http_upstream.c``): the same steps, in the same order, with the
-same decisions.
+This is the heart of nbconn.  Read :meth:`Attempt.start` next to nginx 1.22.1's
+``ngx_event_connect_peer`` (src/event/ngx_event_connect.c) and
+:meth:`Attempt.on_ready` next to ``ngx_http_upstream_test_connect``
+(src/http/ngx_http_upstream.c): the same steps, in the same order.  What each
+result *means* -- outcome, nginx's code, its next-upstream kind, log level and
+line -- is not decided here: every branch asks :func:`nbconn.errors.verdict`.
 
 Why the steps are in this order
 -------------------------------
 1. ``socket()`` gives a descriptor.  If even that fails (EMFILE: the process is
    out of descriptors) there is nothing to clean up; nginx returns NGX_ERROR.
+   Where the socket is made can be chosen (:mod:`nbconn.socketsource`: e.g. in a
+   lab network namespace); the trace says where.
 2. Options are set *before* ``connect()`` because some only matter then:
    SO_RCVBUF decides the window scale offered in the SYN; TCP_SYNCNT decides how
-   often the SYN is resent.  nginx ignores a failing setsockopt ("failed,
-   ignored"); so do we, but every value is read back, because the kernel
-   changes some (SO_RCVBUF is doubled).
+   often the SYN is resent.  nginx fails the connect when SO_RCVBUF cannot be
+   set and ignores a failing SO_KEEPALIVE (the table in :mod:`nbconn.errors`
+   says which).  nbconn then reads every value back, because the kernel changes
+   some (SO_RCVBUF is doubled) -- nginx does not, and nginx-exact mode does not.
 3. The socket becomes non-blocking (nginx: ``ngx_nonblocking`` =
    ``ioctl(FIONBIO)`` on Linux).  Otherwise ``connect()`` would sleep for the
    whole handshake -- up to minutes against a host that drops SYNs -- and one
@@ -29,42 +34,33 @@ Why the steps are in this order
    - -1/EINPROGRESS: the handshake runs in the kernel.  Arm the connect timer
      (``proxy_connect_timeout``), wait for the descriptor to become writable,
      then ask ``getsockopt(SOL_SOCKET, SO_ERROR)``: 0 means connected, anything
-     else is the errno the connect failed with.  (The seed says *setsockopt*
-     here: a slip -- it is getsockopt, see connect(2), EINPROGRESS.)
-     If the timer fires first, nginx closes the socket without reading SO_ERROR
-     and tries the next peer ("upstream timed out").
+     else is the errno the connect failed with.  If the timer fires first,
+     nginx closes the socket without reading SO_ERROR and tries the next peer.
    - -1/anything else: failed at once; nginx returns NGX_DECLINED and tries the
-     next peer.  On Linux even a refused loopback connect usually takes the
-     EINPROGRESS road; measure it (notebook 04) rather than believe it.
+     next peer.
 
-Every path that opened the descriptor closes it, unregistering it from epoll
-first, and records what it did.
+Every path that opened the descriptor closes it.  nbconn removes it from epoll
+first (EPOLL_CTL_DEL); nginx lets ``close()`` do that, and so does nginx-exact
+mode (``Plan.nginx_exact``), which makes exactly nginx's syscalls: no
+SOCK_CLOEXEC, no read-back, no TCP_INFO, no EPOLL_CTL_DEL.
 
-The attempt is a small state machine -- INIT -> CONNECTING -> DONE -- whose
-transitions (:meth:`Attempt.start`, :meth:`Attempt.on_ready`,
-:meth:`Attempt.on_timer`) do the syscalls.  The loop (:mod:`nbconn.loop`) only
-says "ready" or "deadline passed", so tests can drive each transition directly.
+The attempt is a state machine, :class:`State`: INIT -> CONNECTING -> DONE, or
+INIT -> DONE when it is decided inside ``start()``.  ``start()`` runs once, from
+INIT; DONE is set at the decision.  The loop (:mod:`nbconn.loop`) only says
+"ready" or "deadline passed", so tests can drive each transition by hand.
 
-What it costs to watch
-----------------------
-Each step is recorded as it happens (:meth:`Attempt._step`), and the handshake
-time is the clock read before ``connect()`` and again right after
-``getsockopt(SO_ERROR)`` returns -- the moment the decision is known, as in
-the C client of ``benchmarks/connect_storm.c``.  Everything this module does
-between those two reads lands in the number it reports, so the path from
-``connect()`` to the decision does as little as it can: values that only
-depend on the Plan (family name, event mask text) are computed once per Plan,
-a step is a plain tuple, and with ``trace=False`` nothing is recorded and no
-clock is read for it.  ``benchmarks/`` measures the result against the same
-flow in C.
+The handshake time is the clock read right before ``connect()`` and again right
+after the call that decided it (``connect()`` itself, ``getsockopt(SO_ERROR)``,
+or the timer's run): the C client of ``benchmarks/connect_storm.c`` measures
+the same stretch.  Each traced step reads the clock before and after its call,
+so the trace shows how long each call took.
 """
 
 from __future__ import annotations
 
+import enum
 import errno as _errno
 import fcntl
-import functools
-import math
 import os
 import socket
 import struct
@@ -72,37 +68,35 @@ import termios
 import time
 from dataclasses import dataclass
 
-from . import errors
-from .errors import errno_name
+from . import socketsource, validate
+from .errors import ERROR, errno_name, verdict
 from .loop import EPOLLET, NGINX_MASK, event_names
-from .options import Bind, OptionSpec, plan_options
-from .result import Result, sockaddr_len, sockaddr_text
-from .targets import Target
-from .tcpinfo import read_tcp_info
+from .options import Bind, plan_options
+from .result import Result
+from .strace import sockaddr_len, sockaddr_text
+from .targets import Target, sockaddr_bytes
+from .tcpinfo import read_tcp_info_raw, rtt_us
 
-NONBLOCKING_METHODS = ("ioctl", "fcntl", "setblocking")
-TRIGGERS = ("edge", "level")
-MAX_TIMEOUT = 24 * 3600.0
+# Re-exported for callers that took the choices from here; their home is nbconn.validate.
+NONBLOCKING_METHODS = validate.NONBLOCKING_METHODS
+TRIGGERS = validate.TRIGGERS
+MAX_TIMEOUT = validate.MAX_TIMEOUT_S
 
-_FIONBIO_ON = struct.pack("i", 1)
+_FIONBIO, _FIONBIO_ON = termios.FIONBIO, struct.pack("i", 1)
 _monotonic_ns = time.monotonic_ns
-
-INIT, CONNECTING, DONE = "INIT", "CONNECTING", "DONE"
-
-_EINPROGRESS = _errno.EINPROGRESS
 _SOL_SOCKET, _SO_ERROR, _SOCK_STREAM, _AF_UNIX = socket.SOL_SOCKET, socket.SO_ERROR, socket.SOCK_STREAM, socket.AF_UNIX
+_NONBLOCKING_CALL = {"ioctl": "ioctl(FIONBIO)", "setblocking": "ioctl(FIONBIO)", "fcntl": "fcntl(O_NONBLOCK)"}
 
 
-@functools.lru_cache(maxsize=None)  # a handful of errnos ever occur
-def _connect_answer(err: int) -> tuple[object, str]:
-    """What connect() returned as the trace shows it (0 or the errno name), and nginx's code for it."""
-    return (0 if err == 0 else errno_name(err)), errors.ngx_connect_code(err)
+class State(enum.Enum):
+    """Where an :class:`Attempt` is.  INIT -> CONNECTING -> DONE, or INIT -> DONE."""
+
+    INIT = "INIT"  # made, nothing opened yet
+    CONNECTING = "CONNECTING"  # connect() returned EINPROGRESS: a timer and an epoll registration are live
+    DONE = "DONE"  # decided: result is final
 
 
-@functools.lru_cache(maxsize=1024)
-def _sockaddr_shown(family: int, address: object) -> tuple[str, int]:
-    """A target's sockaddr as strace shows it, and its length (connect_many repeats targets)."""
-    return sockaddr_text(family, address), sockaddr_len(family, address)
+INIT, CONNECTING, DONE = State.INIT, State.CONNECTING, State.DONE
 
 
 @dataclass(frozen=True)
@@ -119,56 +113,144 @@ class Plan:
     trace: bool
     tcp_info: bool
     requested: dict
+    nginx_exact: bool = False  # exactly nginx's syscalls (see the module docstring)
     family_name: str = ""  # "AF_INET": what socket() shows in the trace
     mask_names: str = ""  # the epoll mask as strace prints it
     setsockopt_args: tuple = ()  # per option: (spec, bytes or int for setsockopt, value as strace shows it, size)
     timeout_ms: int = 0  # timeout_ns in whole ms, as the trace shows it
+    socket_call: tuple = ("", ())  # step 1 as the trace shows it: (format, arguments)
 
 
 def check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-    if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
-        raise ValueError(f"timeout={timeout!r} must be > 0 and at most {MAX_TIMEOUT:.0f} s")
-    return float(timeout)
+    """The connect timer in seconds: a number > 0 and at most a day (ValueError/TypeError naming it)."""
+    return validate.number("timeout", timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
 
 
-def check_settings(*, timeout: object, nonblocking: object, trigger: object, options: dict) -> None:
+def check_settings(*, timeout: object, nonblocking: object, trigger: object, options: dict,
+                   nginx_exact: object = False) -> None:
     """The checks that do not depend on the target's family: run them before resolving anything."""
     check_timeout(timeout)
-    if nonblocking not in NONBLOCKING_METHODS:
-        raise ValueError(f"nonblocking={nonblocking!r} must be one of {', '.join(NONBLOCKING_METHODS)}")
-    if trigger not in TRIGGERS:
-        raise ValueError(f"trigger={trigger!r} must be 'edge' or 'level'")
+    validate.choice("nonblocking", nonblocking, validate.NONBLOCKING_METHODS)
+    validate.choice("trigger", trigger, validate.TRIGGERS)
+    if validate.flag("nginx_exact", nginx_exact) and (nonblocking, trigger) != ("ioctl", "edge"):
+        raise ValueError(f"nginx_exact=True makes nginx's calls: nonblocking='ioctl', trigger='edge' "
+                         f"(got nonblocking={validate.shown(nonblocking)}, trigger={validate.shown(trigger)})")
     plan_options({k: v for k, v in options.items() if k != "bind"}, None)
 
 
 def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl", trigger: str = "edge",
-              keep: bool = False, trace: bool = True, tcp_info: bool = True, options: dict | None = None) -> Plan:
+              keep: bool = False, trace: bool = True, tcp_info: bool = True, nginx_exact: bool = False,
+              options: dict | None = None) -> Plan:
     """Validate the settings of a connect for a target of ``family``; raise before any socket exists."""
     options = dict(options or {})
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
-    timeout = check_timeout(timeout)
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
+                   nginx_exact=nginx_exact)
+    for name, value in (("keep", keep), ("trace", trace), ("tcp_info", tcp_info)):
+        validate.flag(name, value)
+    timeout_ns = int(check_timeout(timeout) * 1e9)
     planned, bind = plan_options(options, family)
     mask = NGINX_MASK if trigger == "edge" else NGINX_MASK & ~EPOLLET
-    return Plan(family, tuple(planned), bind, nonblocking, mask, int(timeout * 1e9), bool(keep), bool(trace),
-                bool(tcp_info), {k: v for k, v in options.items() if v is not None},
-                socket.AddressFamily(family).name, event_names(mask),
+    if nginx_exact:
+        _load_libc()
+    return Plan(family, tuple(planned), bind, nonblocking, mask, timeout_ns, keep, trace,
+                tcp_info and not nginx_exact, {k: v for k, v in options.items() if v is not None},
+                nginx_exact, socket.AddressFamily(family).name, event_names(mask),
                 tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
-                int(timeout * 1e9) // 1_000_000)
+                timeout_ns // 1_000_000,
+                # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
+                ("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
+                 (socket.AddressFamily(family).name, "0" if family == _AF_UNIX else "IPPROTO_IP")))
+
+
+_libc = None
+
+
+def _load_libc():
+    """The C library through ctypes, for nginx-exact mode; loaded by make_plan, so ``import nbconn`` stays light
+    and the first traced socket() does not include loading it."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True), ctypes
+    return _libc
+
+
+class _CSocket:
+    """A socket made and used through the C library's calls: nginx-exact mode's socket.
+
+    Python's ``socket.socket`` always asks for SOCK_CLOEXEC, and wrapping a descriptor
+    made elsewhere (``socket.socket(fileno=fd)``) costs a getsockname() of its own
+    (measured with strace on CPython 3.11).  nginx makes neither call, so in this mode
+    socket(), setsockopt(), bind(), connect() and getsockopt(SO_ERROR) are the C
+    library's own; ioctl and epoll_ctl take the descriptor number as they are.
+    """
+
+    __slots__ = ("_fd", "family")
+
+    def __init__(self, family: int) -> None:
+        libc, _ = _libc or _load_libc()
+        self._fd = -1
+        self.family = family
+        fd = libc.socket(family, _SOCK_STREAM, 0)
+        if fd < 0:
+            self._raise()
+        self._fd = fd
+
+    @staticmethod
+    def _raise():
+        err = _libc[1].get_errno()
+        raise OSError(err, os.strerror(err))
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def setsockopt(self, level: int, optname: int, value) -> None:
+        if isinstance(value, int):
+            value = struct.pack("i", value)
+        if _libc[0].setsockopt(self._fd, level, optname, value, len(value)):
+            self._raise()
+
+    def bind(self, address) -> None:
+        raw = sockaddr_bytes(self.family, address)
+        if _libc[0].bind(self._fd, raw, len(raw)):
+            self._raise()
+
+    def connect_ex(self, c_sockaddr: bytes) -> int:
+        return _libc[1].get_errno() if _libc[0].connect(self._fd, c_sockaddr, len(c_sockaddr)) else 0
+
+    def so_error(self) -> int:
+        libc, ctypes = _libc
+        value, size = ctypes.c_int(), ctypes.c_uint(4)
+        if libc.getsockopt(self._fd, _SOL_SOCKET, _SO_ERROR, ctypes.byref(value), ctypes.byref(size)):
+            return ctypes.get_errno()
+        return value.value
+
+    def detach_to_socket(self) -> socket.socket:
+        """A Python socket for a kept connection (this wrapping costs one getsockname, after the decision)."""
+        fd, self._fd = self._fd, -1
+        return socket.socket(self.family, _SOCK_STREAM, 0, fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:  # never leave a descriptor behind, even on a path that forgot it
+        self.close()
 
 
 class Attempt:
     """One connect, from socket() to a decision.  Drive it with a :class:`nbconn.loop.Loop`.
 
-    ``start()`` runs seed steps 1-5 up to connect(); if the handshake is pending
-    it leaves a timer and an epoll registration behind, and the loop later calls
+    ``start()`` runs steps 1-5 up to connect(); if the handshake is pending it
+    leaves a timer and an epoll registration behind, and the loop later calls
     ``on_ready(events)`` or ``on_timer()``.  When the attempt is decided,
     ``self.state`` is DONE, ``self.result`` is final and ``on_done(self)`` runs.
     """
 
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
-                 "_t_connect", "_trace")
+                 "_t_connect", "_t_returned", "_record", "_clock")
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
@@ -179,194 +261,247 @@ class Attempt:
         self.sock: socket.socket | None = None
         self.fd = -1
         self.timer = None
-        self._t_connect = 0
+        self._t_connect = self._t_returned = 0
         self.result = Result(target=target.text, family=plan.family_name, requested=plan.requested)
-        self._trace = self.result._steps if plan.trace else None
-
-    # -- recording -----------------------------------------------------------
-    def _step(self, name: str, fmt: str, args: tuple, ret: object, t_ns: int = 0) -> None:
-        """Record one step as a flat tuple, ``(name, fmt, ret, t_ns, *args)`` (a Step when read).
-
-        ``t_ns`` is when the call returned; 0 means now.  With tracing off this
-        does nothing (like nginx's ngx_log_debug when debug logging is off).
-        """
-        trace = self._trace
-        if trace is not None:
-            trace.append((name, fmt, ret, t_ns or _monotonic_ns()) + args)  # see nbconn.result.Step.from_record
+        # Tracing off: nothing recorded, and the per-step clock reads cost a call to int() (which returns 0).
+        self._record = self.result.recorder() if plan.trace else None
+        self._clock = _monotonic_ns if plan.trace else int
 
     # -- INIT -> CONNECTING or DONE -------------------------------------------
     def start(self) -> None:
-        """Seed steps 1 to 5, up to and including connect()."""
-        plan, target, result = self.plan, self.target, self.result
-        fam = plan.family_name
-        result.started_ns = _monotonic_ns()
-
+        """Steps 1 to 5, up to and including connect(), as ngx_event_connect_peer runs them."""
+        if self.state is not INIT:
+            raise RuntimeError(f"Attempt.start() runs once, from INIT; this attempt is {self.state.name}")
+        plan, target, result, record, clock = self.plan, self.target, self.result, self._record, self._clock
         # Step 1: socket().
+        source = socketsource.current()
+        fmt, args = plan.socket_call
+        if source is not None:
+            fmt, args = "socket({}, SOCK_STREAM, {} /* {} */)", (*args, source.where)
+        t = result.started_ns = _monotonic_ns()
         try:
-            sock = socket.socket(target.family, _SOCK_STREAM)
+            if source is not None:
+                sock = source.socket(target.family, _SOCK_STREAM)
+            elif plan.nginx_exact:
+                sock = _CSocket(target.family)
+            else:
+                sock = socket.socket(target.family, _SOCK_STREAM)
         except OSError as exc:
-            self._step("socket", "socket({}, SOCK_STREAM|SOCK_CLOEXEC, 0)", (fam,), errno_name(exc.errno))
-            return self._fail_before_connect(exc.errno, "socket")
-        fd = sock.fileno()
+            if record:
+                record(("socket", fmt, errno_name(exc.errno), t, clock(), *args))
+            return self._fail_before_connect("socket", exc.errno)
+        fd = self.fd = result.fd = sock.fileno()
         self.sock = sock
-        self.fd = result.fd = fd
-        self._step("socket", "socket({}, SOCK_STREAM|SOCK_CLOEXEC, 0)", (fam,), fd)
+        if record:
+            record(("socket", fmt, fd, t, clock(), *args))
 
-        stage = "setsockopt"
-        try:
-            # Step 2: options, then read back what the kernel kept.
-            if plan.options:
-                self._set_options(sock, plan.setsockopt_args)
-
-            # Step 3: non-blocking (and bind, which nginx does right after).
-            stage = "nonblocking"
-            self._make_nonblocking(sock)
-            if plan.bind is not None:
-                stage = "bind"
-                sock.bind(plan.bind.address)
-                self._step("bind", "bind({}, {}, {})",
-                           (fd, sockaddr_text(plan.bind.family, plan.bind.address),
-                            sockaddr_len(plan.bind.family, plan.bind.address)), 0)
-
-            # Step 4: register with epoll before connect(), as ngx_epoll_add_connection does.
-            stage = "epoll_ctl"
-            self.loop.register(fd, plan.mask, self)
-            self._step("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})",
-                       (self.loop.epoll_fd, fd, plan.mask_names, fd), 0)
-        except OSError as exc:
-            # nginx: "goto failed" -> ngx_close_connection -> NGX_ERROR.
-            self._step(stage, "{} failed", (stage,), errno_name(exc.errno))
-            return self._fail_before_connect(exc.errno, stage)
-
-        # Step 5: connect().  Everything from here to the clock read after SO_ERROR is part of
-        # the handshake time nbconn reports, so the two steps of this stretch are appended
-        # directly -- the tuple _step would build -- instead of through a method call.
-        trace = self._trace
-        self._t_connect = _monotonic_ns()
-        err = sock.connect_ex(target.address)
-        t_returned = _monotonic_ns()
-        result.connect_returned, result.ngx_connect = _connect_answer(err)
-        if trace is not None:
-            trace.append(("connect", "connect({}, {}, {})", result.connect_returned, t_returned, fd)
-                         + _sockaddr_shown(target.family, target.address))
-
-        if err == 0:
-            return self._decide(0, errors.NGX_OK, t_returned)
-        if err != _EINPROGRESS:
-            result.ngx_log = errors.ngx_error_log_line(stage="connect", err=err, peer=target.text)
-            result.ngx_level = errors.ngx_log_level(err)
-            return self._decide(err, errors.NGX_DECLINED, t_returned)
-
-        # EINPROGRESS: arm the connect timer (ngx_add_timer(c->write, connect_timeout)) and wait.
-        self.state = CONNECTING
-        self.timer = self.loop.call_at(self._t_connect + plan.timeout_ns, self)
-        if trace is not None:
-            trace.append(("timer", "timer armed: {} ms (proxy_connect_timeout)", 0, _monotonic_ns(), plan.timeout_ms))
-
-    def _set_options(self, sock: socket.socket, options: tuple) -> None:
-        """``options``: the Plan's ``setsockopt_args`` (encoded and shown once per Plan)."""
-        fd, result, tracing = self.fd, self.result, self._trace is not None
-        for spec, encoded, shown, size in options:
+        # Step 2: options (nginx: SO_RCVBUF fails the connect, SO_KEEPALIVE is ignored), then read back.
+        for spec, encoded, shown, size in plan.setsockopt_args:
+            t = clock()
             try:
                 sock.setsockopt(spec.level, spec.optname, encoded)
-                ret: object = 0
-            except OSError as exc:  # nginx: "setsockopt(...) failed, ignored"
-                ret = errno_name(exc.errno)
-            if tracing:
-                self._step("setsockopt", "setsockopt({}, {}, {}, {}, {})",
-                           (fd, spec.level_name, spec.opt_name, shown, size), ret)
-        for spec, _, _, size in options:
-            effective = spec.read(sock)
-            result.effective[spec.name] = effective
-            if tracing:
-                self._step("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
-                           (fd, spec.level_name, spec.opt_name, spec.show(effective), size), 0)
+                err = 0
+            except OSError as exc:
+                err = exc.errno
+            if record:
+                record(("setsockopt", "setsockopt({}, {}, {}, {}, {})",
+                        err and errno_name(err), t, clock(), fd, spec.level_name, spec.opt_name, shown, size))
+            if err:
+                answer = verdict("setsockopt", err, detail=spec.name)
+                if answer.ngx_code is not None:
+                    return self._fail_before_connect("setsockopt", err, spec.name)
+                if answer.log:
+                    result.ngx_log_ignored += (f"[{answer.level}] {answer.log}",)
+        if not plan.nginx_exact:
+            for spec, _, _, size in plan.setsockopt_args:
+                t = clock()
+                effective = result.effective[spec.name] = spec.read(sock)
+                if record:
+                    record(("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
+                            0, t, clock(), fd, spec.level_name, spec.opt_name, spec.show(effective), size))
 
-    def _make_nonblocking(self, sock: socket.socket) -> None:
-        fd, method = self.fd, self.plan.nonblocking
-        if method == "ioctl":
-            fcntl.ioctl(fd, termios.FIONBIO, _FIONBIO_ON)
-            self._step("nonblocking", "ioctl({}, FIONBIO, [1])", (fd,), 0)
-        elif method == "fcntl":
+        # Step 3: non-blocking, then bind() if a local address is configured (nginx: proxy_bind).
+        t = clock()
+        try:
+            if plan.nonblocking == "ioctl":  # ngx_nonblocking on Linux
+                fcntl.ioctl(fd, _FIONBIO, _FIONBIO_ON)
+                if record:
+                    record(("nonblocking", "ioctl({}, FIONBIO, [1])", 0, t, clock(), fd))
+            else:
+                self._make_nonblocking(sock, fd, t)
+        except OSError as exc:
+            if record:
+                record(("nonblocking", "{}",
+                        errno_name(exc.errno), t, clock(), _NONBLOCKING_CALL[plan.nonblocking]))
+            return self._fail_before_connect("nonblocking", exc.errno, _NONBLOCKING_CALL[plan.nonblocking])
+        if plan.bind is not None:
+            bind = plan.bind
+            t = clock()
+            try:
+                sock.bind(bind.address)
+                err = 0
+            except OSError as exc:
+                err = exc.errno
+            if record:
+                record(("bind", "bind({}, {}, {})",
+                        err and errno_name(err), t, clock(), fd, sockaddr_text(bind.family, bind.address),
+                        sockaddr_len(bind.family, bind.address)))
+            if err:
+                return self._fail_before_connect("bind", err, bind.text)
+
+        # Step 4: register with epoll before connect(), as ngx_epoll_add_connection does.
+        loop = self.loop
+        t = clock()
+        try:
+            loop.register(fd, plan.mask, self)
+            err = 0
+        except OSError as exc:
+            err = exc.errno
+        if record:
+            record(("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})",
+                    err and errno_name(err), t, clock(), loop.epoll_fd, fd, plan.mask_names, fd))
+        if err:
+            return self._fail_before_connect("epoll_ctl", err, fd)
+
+        # Step 5: connect().  From the clock read before it to the decision is the handshake time.
+        address = target.c_sockaddr if type(sock) is _CSocket else target.address
+        t_connect = self._t_connect = _monotonic_ns()
+        err = sock.connect_ex(address)
+        t_returned = _monotonic_ns()
+        self._t_returned = t_returned
+        answer = verdict("connect", err, detail=target.text)
+        result.connect_returned = err and errno_name(err)
+        result.ngx_connect = answer.ngx_code
+        if answer.outcome is not None:  # connected at once (0), or failed at once (NGX_DECLINED)
+            if record:
+                self._record_connect()
+            return self._decide(answer, err, t_returned)
+
+        # EINPROGRESS: arm the connect timer (ngx_add_timer(c->write, connect_timeout)) and wait.
+        # The connect() and timer steps are recorded when the wait ends (_record_connect): on loopback the
+        # handshake is already complete here, and whatever runs now lands in the handshake time reported.
+        self.state = CONNECTING
+        self.timer = loop.call_at(t_connect + plan.timeout_ns, self)
+
+    def _record_connect(self) -> None:
+        """Record step 5's connect() (and the timer armed right after it), from the times start() kept."""
+        record, t_returned = self._record, self._t_returned
+        record(("connect", "connect({}, {}, {})",
+                self.result.connect_returned, self._t_connect, t_returned, self.fd, *self.target.sockaddr))
+        if self.state is CONNECTING:
+            record(("timer", "timer armed: {} ms (proxy_connect_timeout)",
+                    0, t_returned, t_returned, self.plan.timeout_ms))
+
+    def _make_nonblocking(self, sock: socket.socket, fd: int, t: int) -> None:
+        """The alternatives to ioctl(FIONBIO) that nbconn lets you compare (start() does the ioctl itself)."""
+        method, record = self.plan.nonblocking, self._record
+        if method == "fcntl":
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            self._step("nonblocking", "fcntl({}, F_GETFL)", (fd,), f"{flags:#x}")
+            if record:
+                t2 = self._clock()
+                record(("nonblocking", "fcntl({}, F_GETFL)", f"{flags:#x}", t, t2, fd))
+                t = t2
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-            self._step("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", (fd, flags), 0)
+            if record:
+                record(("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", 0, t, self._clock(), fd, flags))
         else:  # CPython's sock.setblocking(False) is ioctl(FIONBIO) on Linux (socketmodule.c, internal_setblocking)
             sock.setblocking(False)
-            self._step("nonblocking", "sock.setblocking(False) -> ioctl({}, FIONBIO, [1])", (fd,), 0)
+            if record:
+                record(("nonblocking", "sock.setblocking(False) -> ioctl({}, FIONBIO, [1])",
+                        0, t, self._clock(), fd))
 
     # -- CONNECTING -> DONE ----------------------------------------------------
     def on_ready(self, events: int) -> None:
         """epoll reported the descriptor: ask SO_ERROR (ngx_http_upstream_test_connect)."""
         if self.state is not CONNECTING:
-            return
+            return  # a late event for an attempt already decided (e.g. by its timer in the same turn)
         # SO_ERROR first, bookkeeping after: whatever runs before the clock is read lands in handshake_ns.
-        err = self.sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        sock = self.sock
+        t = self._clock()
+        err = sock.so_error() if type(sock) is _CSocket else sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
         decided = _monotonic_ns()
-        loop, fd, result = self.loop, self.fd, self.result
+        loop, fd, result, record = self.loop, self.fd, self.result, self._record
         result.events = event_names(events)
-        self._step("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
-                   (loop.epoll_fd, result.events, fd, loop.max_events, loop.last_wait_ms), 1,
-                   loop.last_wait_returned_ns)
-        self._step("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", (fd, err), 0, decided)
-        loop.cancel(self.timer)
-        if err:
-            result.ngx_log = errors.ngx_error_log_line(stage="so_error", err=err)
-            result.ngx_level = "error"
-            return self._decide(err, errors.NGX_ERROR, decided)
-        self._decide(0, errors.NGX_OK, decided)
+        if record:
+            self._record_connect()
+            record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
+                    1, loop.last_wait_started_ns, loop.last_wait_returned_ns, loop.epoll_fd, result.events, fd,
+                    loop.max_events, loop.last_wait_ms))
+            record(("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", 0, t, decided, fd, err))
+        self._decide(verdict("so_error", err), err, decided)
 
     def on_timer(self) -> None:
         """The connect timer fired first: nginx closes without reading SO_ERROR ("upstream timed out")."""
         if self.state is not CONNECTING:
             return
         decided = _monotonic_ns()
-        self._step("timeout", "timer expired after {} ms: close without SO_ERROR", (self.plan.timeout_ms,), 0, decided)
+        if self._record:
+            self._record_connect()
+            self._record(("timeout", "timer expired after {} ms: close without SO_ERROR",
+                          0, decided, decided, self.plan.timeout_ms))
         self.result.timer_fired = True
-        self.result.ngx_log = errors.ngx_error_log_line(stage="timer", err=_errno.ETIMEDOUT)
-        self.result.ngx_level = "error"
-        self._decide(_errno.ETIMEDOUT, "TIMEDOUT", decided)
+        self._decide(verdict("timer", None), _errno.ETIMEDOUT, decided)
 
-    # -- DONE ----------------------------------------------------------------
-    def _decide(self, err: int, decision: str, decided_ns: int) -> None:
-        """Record the verdict; ``decided_ns`` is when it became known (connect() or SO_ERROR returned)."""
+    # -- -> DONE ---------------------------------------------------------------
+    def _decide(self, answer, err: int, decided_ns: int) -> None:
+        """Take the verdict; ``decided_ns`` is when it became known (connect(), SO_ERROR returned, timer ran)."""
+        self.state = DONE
+        if self.timer is not None:
+            self.loop.cancel(self.timer)  # ngx_del_timer; a no-op when the loop already took it off to run it
+            self.timer = None  # the timer refers to this attempt: drop the cycle so memory frees at once
         result = self.result
         result.handshake_ns = decided_ns - self._t_connect
-        result.outcome = errors.outcome_for(err)
-        result.errno = errno_name(err) if err else None
-        result.ngx_decision = decision
-        if err == 0 and self.plan.tcp_info and self.target.family != _AF_UNIX:
-            result.tcp_info = read_tcp_info(self.sock)
-            self._step("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
-                       (self.fd, result.tcp_info["rtt_us"]), 0)
-        self._release(keep=err == 0 and self.plan.keep)
+        result.outcome = answer.outcome
+        result.errno = err and errno_name(err) or None
+        result.ngx_decision = answer.ngx_code
+        result.ngx_next = answer.ngx_next
+        result.ngx_log = answer.log
+        result.ngx_level = answer.level
+        plan = self.plan
+        if err == 0 and plan.tcp_info and self.target.family != _AF_UNIX:
+            t = self._clock()
+            raw = result._tcp_info = read_tcp_info_raw(self.sock)  # parsed when somebody reads Result.tcp_info
+            if self._record:
+                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}, ...}}, [232])",
+                              0, t, self._clock(), self.fd, rtt_us(raw)))
+        self._release(keep=err == 0 and plan.keep)
 
-    def _fail_before_connect(self, err: int, stage: str) -> None:
-        """A step before connect() failed: nginx's NGX_ERROR (no next peer; HTTP answers 500)."""
+    def _fail_before_connect(self, stage: str, err: int, detail: object = "") -> None:
+        """A step before connect() failed: nginx's ``goto failed`` -> NGX_ERROR (no next peer; HTTP answers 500)."""
+        answer = verdict(stage, err, detail=detail)
+        self.state = DONE
         result = self.result
-        result.outcome = errors.ERROR
+        result.outcome = answer.outcome
         result.errno = errno_name(err)
-        result.ngx_connect = errors.NGX_ERROR
-        result.ngx_decision = errors.NGX_ERROR
-        result.ngx_log = errors.ngx_error_log_line(stage=stage, err=err)
-        result.ngx_level = "crit" if stage == "bind" else "alert"
+        result.ngx_connect = result.ngx_decision = answer.ngx_code
+        result.ngx_next = answer.ngx_next
+        result.ngx_log = answer.log
+        result.ngx_level = answer.level
         self._release(keep=False)
 
     def _release(self, *, keep: bool) -> None:
-        """Unregister from epoll, then close (or hand the socket over). Runs exactly once."""
-        self.state = DONE
-        self.timer = None  # the timer refers to this attempt: drop the cycle so memory frees at once
-        sock, fd, loop = self.sock, self.fd, self.loop
+        """Unregister from epoll (nginx-exact: leave that to close()), then close or hand the socket over.
+
+        Runs once per attempt, after the state is DONE.
+        """
+        sock, fd, loop, record = self.sock, self.fd, self.loop, self._record
         if sock is not None:
             if loop.handler_of(fd) is self:
-                loop.unregister(fd)
-                self._step("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (loop.epoll_fd, fd), 0)
+                if self.plan.nginx_exact:
+                    loop.forget(fd)  # close() removes it from the epoll set, as nginx relies on
+                else:
+                    t = self._clock()
+                    loop.unregister(fd)
+                    if record:
+                        record(("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)",
+                                0, t, self._clock(), loop.epoll_fd, fd))
             if keep:
-                self.result.sock = sock
+                self.result.sock = sock.detach_to_socket() if type(sock) is _CSocket else sock
             else:
+                t = self._clock()
                 sock.close()
-                self._step("close", "close({})", (fd,), 0)
+                if record:
+                    record(("close", "close({})", 0, t, self._clock(), fd))
             self.sock = None
         self.result.finished_ns = _monotonic_ns()
         if self.on_done is not None:
@@ -381,8 +516,12 @@ class Attempt:
             return
         if self.timer is not None:
             self.loop.cancel(self.timer)
+            self.timer = None
+        if self.state is CONNECTING and self._record:
+            self._record_connect()
         if self.state is not DONE:
-            self.result.outcome = errors.ERROR
+            self.state = DONE
+            self.result.outcome = ERROR
             self.result.errno = "ECANCELED"
         self.on_done = None
         self._release(keep=False)

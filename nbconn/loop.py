@@ -42,8 +42,6 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLRDHUP = select.EPOLLRDHUP
 EPOLLET = select.EPOLLET
-EPOLLERR = select.EPOLLERR
-EPOLLHUP = select.EPOLLHUP
 
 #: What ngx_epoll_add_connection registers (src/event/modules/ngx_epoll_module.c).
 NGINX_MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -89,8 +87,9 @@ class Loop:
         self._timers: list[Timer] = []  # a heap of [deadline_ns, seq, handler]
         self._dead_timers = 0
         self._seq = count()
-        #: the timeout (ms) of the last epoll_wait and when it returned, for the trace
+        #: the timeout (ms) of the last epoll_wait, when it was called and when it returned, for the trace
         self.last_wait_ms = -1
+        self.last_wait_started_ns = 0
         self.last_wait_returned_ns = 0
 
     # -- descriptors ---------------------------------------------------------
@@ -102,6 +101,11 @@ class Loop:
     def handler_of(self, fd: int):
         """The handler registered for ``fd``, or None."""
         return self._handlers.get(fd)
+
+    def forget(self, fd: int) -> None:
+        """Drop the handler only: the caller closes the descriptor, and close() takes it out of the epoll set
+        (nginx's way: ngx_close_connection never calls EPOLL_CTL_DEL for a socket it closes)."""
+        self._handlers.pop(fd, None)
 
     def unregister(self, fd: int) -> None:
         """epoll_ctl(EPOLL_CTL_DEL).  nginx lets close() do this; nbconn does it explicitly."""
@@ -153,10 +157,11 @@ class Loop:
         timers = self._timers
         # the nearest deadline: the heap's top, unless it is dead (next_deadline_ns skips those)
         deadline = timers[0][0] if timers and timers[0][2] is not None else self.next_deadline_ns()
+        now = self.last_wait_started_ns = _monotonic_ns()
         if deadline is None:
             wait_ns = max_wait_ns
         else:
-            wait_ns = deadline - _monotonic_ns()
+            wait_ns = deadline - now
             if wait_ns < 0:
                 wait_ns = 0
             if max_wait_ns is not None and max_wait_ns < wait_ns:

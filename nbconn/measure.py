@@ -15,18 +15,18 @@ numpy array when a plot or a percentile needs one.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
+from . import validate
 from .api import connect_many
 from .errors import OUTCOMES
 from .flow import check_settings
+from .stats import PERCENTILES, percentiles  # measure.percentiles: the one rule lives in nbconn.stats
+from .validate import shown
 
-#: scenarios :func:`run` understands by name (besides any target)
-SCENARIOS = ("listening", "refused", "blackhole", "reset", "slow-accept", "unix-listening", "unix-full",
-             "unix-missing", "impaired")
-MAX_COUNT = 1_000_000
-PERCENTILES = (50, 90, 99, 99.9)
+#: scenarios :func:`run` understands by name (besides any target); their one home is nbconn.validate
+SCENARIOS = validate.SCENARIOS
+MAX_COUNT = validate.MAX_COUNT
 
 
 @dataclass
@@ -147,29 +147,7 @@ class Measurement:
         return m
 
 
-def percentiles(values, points=PERCENTILES) -> dict:
-    """{"p50": .., "p90": .., "p99": .., "p99.9": .., "max": ..} of the non-None values (empty -> {})."""
-    data = sorted(v for v in values if v is not None and not math.isnan(v))
-    if not data:
-        return {}
-    out = {}
-    for p in points:
-        # nearest-rank on the sorted data: the smallest value with at least p% of the data at or below it
-        rank = max(1, math.ceil(p / 100 * len(data)))
-        out[f"p{p:g}"] = data[rank - 1]
-    out["max"] = data[-1]
-    return out
-
-
 # -- running -------------------------------------------------------------------
-
-def _check_count(name: str, value: object, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if not 1 <= value <= high:
-        raise ValueError(f"{name}={value} is outside 1..{high}")
-    return value
-
 
 @contextlib.contextmanager
 def scenario_target(scenario: str, **wire):
@@ -201,21 +179,24 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
     another; more runs them through :func:`nbconn.connect_many`.
     ``progress=True`` shows a tqdm bar (a widget in notebooks).
     """
-    count = _check_count("count", count, MAX_COUNT)
-    concurrency = _check_count("concurrency", concurrency, 100_000)
+    count = validate.integer("count", count, 1, MAX_COUNT)
+    concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
+    validate.flag("progress", progress)
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label must be a str, got {shown(label)}")
     check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
     wire = {k: v for k, v in (("delay_ms", delay_ms), ("jitter_ms", jitter_ms), ("loss", loss), ("seed", seed))
             if v is not None}
     is_scenario = isinstance(target_or_scenario, str) and target_or_scenario in SCENARIOS
     if wire and not (is_scenario and target_or_scenario == "impaired"):
-        raise ValueError(f"{', '.join(wire)} only apply to the 'impaired' scenario, not {target_or_scenario!r}")
+        raise ValueError(f"{', '.join(wire)} only apply to the 'impaired' scenario, not {shown(target_or_scenario)}")
     if not is_scenario:
         from .targets import parse_target
 
         try:
             parse_target(target_or_scenario)  # named errors before anything starts
         except ValueError as exc:
-            raise ValueError(f"{target_or_scenario!r} is neither a scenario ({', '.join(SCENARIOS)}) "
+            raise ValueError(f"{shown(target_or_scenario)} is neither a scenario ({', '.join(SCENARIOS)}) "
                              f"nor a target: {exc}") from None
     scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")
     label = label or (scenario if is_scenario else str(target_or_scenario))

@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from . import validate
 from .upstream import Peer
 
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
@@ -83,46 +84,103 @@ def _duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
+# -- what may go into the configuration file -----------------------------------------------------------
+# nginx's configuration parser (ngx_conf_read_token, src/core/ngx_conf_file.c) splits on whitespace and ends a
+# directive at ";" or opens/closes a block at "{" / "}"; quotes, "\\" and "$" change how a token is read.
+# A value written unquoted that holds any of them becomes *more configuration*: an 89-byte unix: path can add
+# a `server { ... autoindex on; root /; }` block.  Rather than quote (and trust every later edit to quote
+# too), every value config() writes must match this plain alphabet, or config() refuses it by name.
+_PLAIN = re.compile(r"[A-Za-z0-9._:/\[\]+=@%-]+")
+_PLAIN_ADDRESS = re.compile(r"(?:unix:/[A-Za-z0-9._/+-]+|[0-9.]+:[0-9]+|\[[0-9A-Fa-f:.]+\]:[0-9]+|"
+                            r"[A-Za-z0-9.-]+:[0-9]+)")
+
+
+def config_value(name: str, value: str, pattern: re.Pattern = _PLAIN) -> str:
+    """``value`` if it can be written into nginx.conf unquoted without changing its structure, else ValueError."""
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        bad = sorted({c for c in str(value) if not (c.isascii() and (c.isalnum() or c in "._:/[]+=@%-"))})
+        shown_bad = ", ".join(repr(c) for c in bad[:5]) or "its form"
+        raise ValueError(f"{name} {validate.shown(value)} cannot go into an nginx configuration ({shown_bad} "
+                         f"would change or break its structure)")
+    return value
+
+
+def _worker_user() -> str | None:
+    """As root: the unprivileged user and group the worker runs as (nobody + its group); else None."""
+    if os.geteuid() != 0:
+        return None  # nginx can only switch users when started by root; the worker runs as the caller
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        raise RuntimeError("running nginx as root needs an unprivileged user 'nobody' for its worker") from None
+    try:
+        group = grp.getgrgid(user.pw_gid).gr_name
+    except KeyError:
+        group = str(user.pw_gid)
+    return f"{user.pw_name} {group}"
+
+
 class Nginx:
     """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Peer objects).
 
     ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds
     for proxy_next_upstream ("error", "timeout"; empty = off); ``tries`` and
     ``next_upstream_timeout``: proxy_next_upstream_tries / _timeout (0 = unlimited);
-    ``strace``: run nginx under ``strace -f`` and keep the trace.
+    ``strace``: run nginx under ``strace -f`` and keep the trace (of ``strace_syscalls``);
+    ``keepalive``: ``keepalive N`` in the upstream block, with ``proxy_http_version 1.1`` and an empty
+    ``Connection`` header (without those two nginx closes every upstream connection anyway).
     """
 
     def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
-                 next_upstream_timeout: float = 0.0, strace: bool = False) -> None:
+                 next_upstream_timeout: float = 0.0, strace: bool = False, keepalive: int = 0,
+                 strace_syscalls: str = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close") -> None:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
         self.peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
-        if not 0 < connect_timeout <= 75:  # nginx caps proxy_connect_timeout at 75 s on most systems
-            raise ValueError(f"connect_timeout={connect_timeout!r} must be in (0, 75] s")
-        for kind in next_upstream:
-            if kind not in ("error", "timeout"):
-                raise ValueError(f"next_upstream {kind!r} is not 'error' or 'timeout'")
-        self.connect_timeout = connect_timeout
-        self.next_upstream = tuple(next_upstream)
-        self.tries = tries
-        self.next_upstream_timeout = next_upstream_timeout
-        self.strace = strace
+        for p in self.peers:  # named here, before any file or process exists
+            config_value("peer address", p.address, _PLAIN_ADDRESS)
+        # Every setting is checked for type and range here: config() writes them into nginx.conf, where a
+        # string such as tries="1; ..." would be more configuration.  nginx caps proxy_connect_timeout at 75 s.
+        self.connect_timeout = validate.number("connect_timeout", connect_timeout, 0, 75, low_open=True)
+        if isinstance(next_upstream, str):
+            raise TypeError(f"next_upstream must be a tuple of kinds, got {validate.shown(next_upstream)}")
+        self.next_upstream = tuple(validate.choice("next_upstream", k, ("error", "timeout")) for k in next_upstream)
+        self.tries = validate.integer("tries", tries, 0, 1000)
+        self.next_upstream_timeout = validate.number("next_upstream_timeout", next_upstream_timeout, 0,
+                                                     validate.MAX_TIMEOUT_S)
+        self.strace = validate.flag("strace", strace)
+        if not isinstance(strace_syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", strace_syscalls) is None:
+            raise ValueError(f"strace_syscalls={validate.shown(strace_syscalls)} must be syscall names, comma-separated")
+        self.strace_syscalls = strace_syscalls
+        # `keepalive N` in the upstream block, with the two lines it needs to work at all: HTTP/1.1 to the
+        # upstream and no "Connection: close" header (nginx's proxy sends HTTP/1.0 + close by default)
+        self.keepalive = validate.integer("keepalive", keepalive, 0, 10_000)
         self.prefix = ""
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
     # -- configuration -------------------------------------------------------------
     def config(self) -> str:
+        """The nginx.conf text.  Every value in it is checked by :func:`config_value` (or is a number)."""
         servers = []
         for p in self.peers:
-            line = f"server {p.address} weight={p.weight} max_fails={p.max_fails} fail_timeout={int(p.fail_timeout)}s"
+            address = config_value("peer address", p.address, _PLAIN_ADDRESS)
+            line = (f"server {address} weight={int(p.weight)} max_fails={int(p.max_fails)} "
+                    f"fail_timeout={int(p.fail_timeout)}s")
             line += " backup" if p.backup else ""
             line += " down" if p.down else ""
             servers.append(f"        {line};")
         nu = " ".join(self.next_upstream) or "off"
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        pre = self.prefix
+        worker = _worker_user()
+        user = f"user {worker};\n" if worker else ""
+        pre = config_value("nginx prefix (from TMPDIR)", self.prefix) if self.prefix else ""
+        keepalive = f"\n        keepalive {int(self.keepalive)};" if self.keepalive else ""
+        proxy_keepalive = ('\n            proxy_http_version 1.1;\n            proxy_set_header Connection "";'
+                           if self.keepalive else "")
         return f"""# written by nbconn.nginx: a private instance, not the system service
 {user}daemon off;
 master_process on;
@@ -139,7 +197,7 @@ http {{
     uwsgi_temp_path {pre}/tmp/uwsgi;
     scgi_temp_path {pre}/tmp/scgi;
     upstream backend {{
-{chr(10).join(servers)}
+{chr(10).join(servers)}{keepalive}
     }}
     server {{
         listen 127.0.0.1:{self.port};
@@ -149,7 +207,7 @@ http {{
             proxy_next_upstream {nu};
             proxy_next_upstream_tries {self.tries};
             proxy_next_upstream_timeout {_duration(self.next_upstream_timeout) if self.next_upstream_timeout else 0};
-            proxy_read_timeout 5s;
+            proxy_read_timeout 5s;{proxy_keepalive}
         }}
     }}
 }}
@@ -158,8 +216,13 @@ http {{
     # -- lifetime -----------------------------------------------------------------
     def start(self) -> "Nginx":
         self.prefix = tempfile.mkdtemp(prefix="nbconn-nginx-")
-        os.makedirs(os.path.join(self.prefix, "tmp"))
         try:
+            config_value("nginx prefix (from TMPDIR)", self.prefix)
+            os.makedirs(os.path.join(self.prefix, "tmp"))
+            if _worker_user():
+                # The unprivileged worker must reach its temp paths (nginx's master creates and chowns them)
+                # and reopen its logs; it needs to pass through the 0700 prefix, not list or write it.
+                os.chmod(self.prefix, 0o711)
             for _ in range(3):  # the free port may be taken between the probe and nginx's bind: retry
                 self.port = _free_port()
                 conf = os.path.join(self.prefix, "nginx.conf")
@@ -169,7 +232,7 @@ http {{
                 if self.strace:
                     argv = [shutil.which("strace") or "strace", "-f", "-qq", "-tt", "-o",
                             os.path.join(self.prefix, "strace.log"),
-                            "-e", "trace=socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close", *argv]
+                            "-e", f"trace={self.strace_syscalls}", "-s", "40", *argv]
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE)
                 if self._wait_ready(5.0):
@@ -246,6 +309,8 @@ http {{
     # -- talking to it ----------------------------------------------------------------
     def request(self, path: str = "/", *, timeout_s: float = 10.0) -> str:
         """One HTTP/1.0 GET through nginx; returns the status code as a string."""
+        if not isinstance(path, str) or re.fullmatch(r"/[\x21-\x7e]*", path) is None:
+            raise ValueError(f"path={validate.shown(path)} must start with / and hold printable ASCII, no spaces")
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as s:
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: nbconn\r\n\r\n".encode())
             data = b""
@@ -339,3 +404,30 @@ def shorten(call: str) -> str:
     call = re.sub(r"\{sa_family=[^}]*\}", "{...}", call)
     call = re.sub(r"data=\{[^}]*\}", "data={...}", call)
     return call.replace(" (Operation now in progress)", "")
+
+
+def client_requests_syscalls(lines: list[str]) -> list[list[str]]:
+    """From an ``strace -f -tt`` of nginx: the calls made for each client request, in order.
+
+    A request runs from the worker's ``accept4()`` of the client's connection to the ``close()`` of that
+    descriptor; every call the worker made in between is kept (the upstream's socket(), connect(), writev(),
+    recvfrom() among them).  The readiness probe that start() makes (closed without a request) is left out.
+    """
+    requests, current, fd, pid = [], None, None, None
+    for raw in lines:
+        m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
+        if not m:
+            continue
+        who, call = m.group(1), re.sub(r"\s+= ", " = ", m.group(2))
+        accepted = re.match(r"accept4?\(.*\) = (\d+)$", call)
+        if accepted and current is None:
+            current, fd, pid = [call], accepted.group(1), who
+            continue
+        if current is None or who != pid:
+            continue
+        current.append(call)
+        if call.startswith(f"close({fd})"):
+            if not any(re.match(rf"recvfrom\({fd}, \"\", .*= 0$", c) for c in current):
+                requests.append(current)
+            current = None
+    return requests

@@ -26,6 +26,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from . import validate
+from .validate import shown
+
 # Constants Python's socket module does not export on every version.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TCP_SYNCNT = getattr(socket, "TCP_SYNCNT", 7)
@@ -52,16 +55,10 @@ class OptionSpec:
     doc: str = ""
 
     def validate(self, value: object) -> object:
-        """Return the normalised value or raise ValueError/TypeError naming it."""
+        """Return the normalised value or raise ValueError/TypeError naming it (nbconn.validate's rule)."""
         if self.kind == "bool":
-            if not isinstance(value, bool) and value not in (0, 1):
-                raise TypeError(f"option {self.name} must be True or False, got {value!r}")
-            return bool(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"option {self.name} must be an int, got {value!r}")
-        if not self.low <= value <= self.high:
-            raise ValueError(f"option {self.name}={value} is outside {self.low}..{self.high}")
-        return value
+            return validate.flag(self.name, value)
+        return validate.integer(self.name, value, self.low, self.high)
 
     def encode(self, value: object) -> int | bytes:
         if self.kind == "linger":
@@ -129,32 +126,42 @@ class Bind:
 
 
 def parse_bind(value: object, family: int) -> Bind:
-    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"`` or ``(host, port)`` -> Bind for ``family``."""
+    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"``, ``"[::1]"`` or ``(host, port)`` -> Bind for ``family``."""
     if isinstance(value, tuple) and len(value) == 2:
         host, port = value
     elif isinstance(value, str):
         if value.startswith("["):
-            host, _, rest = value[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else "0"
+            host, bracket, rest = value[1:].partition("]")
+            if not bracket:
+                raise ValueError(f"option bind={shown(value)}: no closing ']' after the IPv6 address")
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"option bind={shown(value)}: expected '[V6ADDR]' or '[V6ADDR]:PORT', "
+                                 f"not {shown(rest)} after ']'")
+            port = rest[1:] if rest else "0"
         elif value.count(":") == 1:
             host, port = value.split(":")
         else:
             host, port = value, "0"
     else:
-        raise TypeError(f"option bind must be 'HOST', 'HOST:PORT' or (host, port), got {value!r}")
+        raise TypeError(f"option bind must be 'HOST', 'HOST:PORT' or (host, port), got {shown(value)}")
     try:
         ip = ipaddress.ip_address(host)
     except (ValueError, TypeError):
-        raise ValueError(f"option bind={value!r}: {host!r} is not an IP address") from None
+        raise ValueError(f"option bind={shown(value)}: {shown(host)} is not an IP address") from None
     if isinstance(port, str):
         if not (port.isascii() and port.isdigit()):
-            raise ValueError(f"option bind={value!r}: port {port!r} is not a number")
+            raise ValueError(f"option bind={shown(value)}: port {shown(port)} is not a number")
+        if len(port) > 5:
+            raise ValueError(f"option bind={shown(value)}: port {shown(port)} is outside 0..65535")
         port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"option bind={value!r}: port {port!r} is outside 0..65535")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"option bind={shown(value)}: port must be a whole number, got {shown(port)}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"option bind={shown(value)}: port {shown(port)} is outside 0..65535")
     want = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     if family != want:
-        raise ValueError(f"option bind={value!r} is {want.name} but the target is {socket.AddressFamily(family).name}")
+        raise ValueError(f"option bind={shown(value)} is {want.name} but the target is "
+                         f"{socket.AddressFamily(family).name}")
     if ip.version == 4:
         return Bind(want, (str(ip), port), f"{ip}:{port}")
     return Bind(want, (str(ip), port, 0, 0), f"[{ip}]:{port}")
@@ -170,7 +177,7 @@ def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSp
     unknown = [name for name in options if name not in OPTIONS and name not in FLOW_SETTINGS]
     if unknown:
         known = ", ".join([*OPTIONS, *FLOW_SETTINGS])
-        raise TypeError(f"unknown socket option {unknown[0]!r} (known: {known})")
+        raise TypeError(f"unknown socket option {shown(unknown[0])} (known: {known})")
     planned = []
     for name, spec in OPTIONS.items():
         value = options.get(name)
@@ -183,6 +190,6 @@ def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSp
     bind = options.get("bind")
     if bind is not None and family is not None:
         if family == socket.AF_UNIX:
-            raise ValueError(f"option bind={bind!r} does not apply to an AF_UNIX target")
+            raise ValueError(f"option bind={shown(bind)} does not apply to an AF_UNIX target")
         bind = parse_bind(bind, family)
     return planned, bind

@@ -14,15 +14,8 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-#: one colour per outcome, the same in every plot
-OUTCOME_COLOURS = {
-    "connected": "#2a9d8f",
-    "refused": "#e76f51",
-    "timed_out": "#6c757d",
-    "reset": "#f4a261",
-    "unreachable": "#9b5de5",
-    "error": "#d62828",
-}
+from .errors import OUTCOME_COLOURS  # one colour per outcome, the same in every plot and widget
+
 #: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
 SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
 SIZE = (7.0, 3.6)
@@ -82,12 +75,12 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
         if not v.size:
             continue
         y = np.arange(1, v.size + 1) / v.size
-        (line,) = ax.step(v, y, where="post", label=f"{m.label} (n={v.size})")
-        for p in percentiles:
-            x = v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]
+        marks = [(p, v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]) for p in percentiles]
+        # percentile values go into the legend: text next to the curves overprints when runs sit close together
+        label = f"{m.label} (n={v.size}" + "".join(f", p{p:g} {_fmt_ms(x)}" for p, x in marks) + ")"
+        (line,) = ax.step(v, y, where="post", label=label)
+        for p, x in marks:
             ax.plot([x], [p / 100], marker="o", color=line.get_color(), markersize=4)
-            ax.annotate(f"p{p:g}", (x, p / 100), textcoords="offset points", xytext=(4, -10), fontsize="x-small",
-                        color=line.get_color())
     if log_x:
         ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
@@ -99,8 +92,29 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
     return fig
 
 
+def _share_hist(ax, runs, column, edges, *, label_p50: bool = True) -> None:
+    """Overlaid outline histograms, each bar the *share* of its run (runs of different n compare)."""
+    import numpy as np
+
+    for m in runs:
+        v = m.array(column)
+        if not v.size:
+            continue
+        label = m.label
+        if label_p50:
+            p50 = float(np.percentile(v, 50, method="inverted_cdf"))
+            label = f"{m.label}: p50 {_fmt_ms(p50)} (n={v.size})"
+        ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size), histtype="step", linewidth=1.5, label=label)
+    ax.set_ylabel("share of connects per bin")
+
+
+def _fmt_ms(ms: float) -> str:
+    """A time for a label: µs below 1 ms, ms above (the units a reader reads without counting digits)."""
+    return f"{ms * 1e3:.0f} µs" if ms < 1 else f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
+
+
 def compare(runs, *, column: str = "handshake_ms", log_x: bool = False, title: str | None = None) -> Figure:
-    """Several runs side by side: overlaid histograms (left) and ECDFs (right)."""
+    """Several runs side by side: overlaid histograms as shares of each run (left) and ECDFs (right)."""
     import numpy as np
 
     runs = _runs(runs)
@@ -108,62 +122,113 @@ def compare(runs, *, column: str = "handshake_ms", log_x: bool = False, title: s
     everything = np.concatenate([m.array(column) for m in runs] or [np.zeros(1)])
     lo, hi = (float(everything.min()), float(everything.max())) if everything.size else (0.0, 1.0)
     edges = np.geomspace(max(lo, 1e-4), max(hi, 2e-4), 41) if log_x else np.linspace(lo, max(hi, lo + 1e-3), 41)
-    for m in runs:
-        left.hist(m.array(column), bins=edges, histtype="step", linewidth=1.5, label=m.label)
+    _share_hist(left, runs, column, edges, label_p50=False)
     if log_x:
         left.set_xscale("log")
     left.set_xlabel(_axis_label(column))
-    left.set_ylabel("connects")
     left.legend(fontsize="small")
-    ecdf(runs, column=column, log_x=log_x, ax=right, title="ECDF")
+    ecdf(runs, column=column, log_x=log_x, ax=right, title="ECDF", percentiles=())
     fig.suptitle(title or "comparison")
     return fig
 
 
+def distributions(runs, *, zoom_ms=(15.0, 25.0), title: str | None = None) -> Figure:
+    """Handshake times of several runs, three ways (one row, fixed size):
+
+    left, every run on a log axis as the share of its connects per bin (runs of different
+    n compare); middle, a linear zoom on ``zoom_ms`` where the round trip and its jitter
+    live; right, the share of connects slower than x (1 - ECDF) on log axes, where a
+    tail of a few percent -- a retransmitted SYN -- stands out.  Each run's p50 is in
+    the legend, not on the curves, so labels never overprint.
+    """
+    import numpy as np
+
+    runs = _runs(runs)
+    fig, (left, mid, right) = _figure((12.0, 3.8), ncols=3)
+    everything = np.concatenate([m.array("handshake_ms") for m in runs] or [np.ones(1)])
+    lo, hi = max(float(everything.min()), 1e-3), max(float(everything.max()), 1e-2)
+    _share_hist(left, runs, "handshake_ms", np.geomspace(lo, hi * 1.05, 49))
+    left.set_xscale("log")
+    left.set_xlabel("handshake time (ms, log)")
+    left.set_title("all of it", fontsize="medium")
+    _share_hist(mid, runs, "handshake_ms", np.linspace(zoom_ms[0], zoom_ms[1], 41), label_p50=False)
+    mid.set_xlim(*zoom_ms)
+    mid.set_xlabel(f"handshake time (ms), {zoom_ms[0]:g}-{zoom_ms[1]:g} ms only")
+    mid.set_title("the round trip, linear", fontsize="medium")
+    for m in runs:
+        v = np.sort(m.array("handshake_ms"))
+        if not v.size:
+            continue
+        slower = 1 - np.arange(1, v.size + 1) / v.size
+        keep = slower > 0  # the slowest connect has nothing slower: log(0) has no place on the axis
+        right.step(v[keep], slower[keep], where="post", label=m.label)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("handshake time x (ms, log)")
+    right.set_ylabel("share slower than x")
+    right.set_title("the tail", fontsize="medium")
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize="small")
+    fig.suptitle(title or "handshake-time distributions")
+    return fig
+
+
 def timeline(result, *, title: str | None = None) -> Figure:
-    """One connect, step by step: each recorded syscall at its time (µs since socket())."""
-    fig, ax = _figure(WIDE)
+    """One connect, step by step: one row per recorded step, a dot where the call returned and a bar for the
+    time the call itself took (like ``strace -T``), on a time axis in µs since ``socket()``.
+
+    The steps before the handshake take microseconds and a timer can take a second, so
+    one linear axis would pile their labels up at 0: each step has its own row (its
+    name is the row's label), and the axis is linear up to 10 µs and logarithmic beyond.
+    """
     steps = result.steps
+    fig, ax = _figure((10.0, 1.4 + 0.32 * max(len(steps), 1)))
     t0 = result.started_ns
-    xs = [(s.t_ns - t0) / 1e3 for s in steps]
-    for i, (s, x) in enumerate(zip(steps, xs)):
-        colour = SEED_STEP_COLOURS.get(s.seed_step, SEED_STEP_COLOURS[None])
-        ax.plot([x], [0], marker="o", color=colour, markersize=7, zorder=3)
-        label = s.name if s.seed_step is None else f"{s.seed_step}. {s.name}"
-        ax.annotate(label, (x, 0), textcoords="offset points", xytext=(0, 12 + 14 * (i % 4)), rotation=0,
-                    ha="center", fontsize="x-small", color=colour,
-                    arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.5})
+    for row, s in enumerate(steps):
+        number = s.ngx_step.number if s.ngx_step else None
+        colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
+        start, end = (s.t_start_ns - t0) / 1e3, (s.t_ns - t0) / 1e3
+        ax.plot([start, end], [row, row], color=colour, linewidth=4, solid_capstyle="butt", zorder=2)
+        ax.plot([end], [row], marker="o", color=colour, markersize=6, zorder=3)
+    ax.set_yticks(range(len(steps)), [s.name if not s.ngx_step else f"{s.ngx_step.number}. {s.name}" for s in steps],
+                  fontsize="small")
+    ax.set_ylim(len(steps) - 0.5, -0.5)
     connect = next((s for s in steps if s.name == "connect"), None)
     if connect is not None and result.handshake_ns is not None:
-        start = (connect.t_ns - t0) / 1e3
+        start = (connect.t_start_ns - t0) / 1e3
         ax.axvspan(start, start + result.handshake_ns / 1e3, color=OUTCOME_COLOURS.get(result.outcome, "grey"),
-                   alpha=0.15, label=f"handshake: {result.outcome}")
-        ax.legend(fontsize="small", loc="lower right")
-    ax.set_yticks([])
-    ax.set_ylim(-0.5, 4)
-    ax.set_xlabel("time since socket() (µs)")
+                   alpha=0.15, label=f"handshake: {result.outcome} in {_fmt_ms(result.handshake_ns / 1e6)}")
+        fig.legend(fontsize="small", loc="outside lower center")
+    ax.set_xscale("symlog", linthresh=10.0, linscale=0.5)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("time since socket() (µs; linear to 10 µs, logarithmic beyond); bar = the call's own duration")
     ax.set_title(title or f"one connect to {result.target}: {result.outcome}" +
                  (f" ({result.errno})" if result.errno else ""))
     return fig
 
 
 def gantt(results, *, title: str | None = None, max_rows: int = 200) -> Figure:
-    """A concurrent batch: one bar per connect from socket() to its decision, coloured by outcome."""
+    """A concurrent batch: one bar per connect from socket() to its decision, coloured by outcome.
+
+    A loopback connect is decided in tens of microseconds, which would be a bar
+    thinner than a pixel: every bar is drawn at least 0.5% of the time axis wide.
+    """
     results = [r for r in results if r.started_ns][:max_rows]
     fig, ax = _figure((10.0, 4.5))
     if results:
         t0 = min(r.started_ns for r in results)
+        span = max((r.finished_ns - t0) / 1e6 for r in results) or 1.0
         seen = set()
         for row, r in enumerate(results):
             start = (r.started_ns - t0) / 1e6
-            width = max((r.finished_ns - r.started_ns) / 1e6, 1e-3)
+            width = max((r.finished_ns - r.started_ns) / 1e6, span * 0.005)
             label = r.outcome if r.outcome not in seen else None
             seen.add(r.outcome)
             ax.barh(row, width, left=start, height=0.8, color=OUTCOME_COLOURS.get(r.outcome, "grey"), label=label)
         ax.invert_yaxis()
-        ax.legend(fontsize="small", loc="lower right")
+        fig.legend(fontsize="small", loc="outside right upper", title="outcome")
     ax.set_xlabel("time since the first socket() (ms)")
-    ax.set_ylabel("connect #")
+    ax.set_ylabel("connect # (target order)")
     ax.set_title(title or f"{len(results)} connects on one loop")
     return fig
 
@@ -192,49 +257,89 @@ def syn_timeline(runs, *, title: str | None = None) -> Figure:
     """SYN (re)transmissions of connects that get no answer: measured (dots) vs predicted (ticks).
 
     ``runs``: dicts with "label", "sent_s" (measured SYN send times, s after
-    connect()), optionally "predicted_s" and "failed_s" (when the kernel gave up
-    with ETIMEDOUT).
+    connect()), optionally "predicted_s", "predicted_failed_s", "predicted_late_s"
+    (how much later the timer wheel may make the end) and "failed_s" (when the
+    kernel gave up with ETIMEDOUT).  The time axis is linear up to 1 s and
+    logarithmic beyond (symlog), so the 1 s steps at the start and the minutes at
+    the end are both readable.
     """
-    fig, ax = _figure(WIDE)
+    fig, ax = _figure((10.0, 1.6 + 0.55 * max(len(runs), 1)))
     for row, run in enumerate(runs):
         sent = run.get("sent_s", [])
         ax.plot(sent, [row] * len(sent), "o", color="#264653", label="SYN sent (measured)" if row == 0 else None)
         predicted = run.get("predicted_s") or []
-        ax.plot(predicted, [row + 0.25] * len(predicted), "|", color="#e76f51", markersize=12,
-                label="predicted from sysctls" if row == 0 else None)
-        if run.get("predicted_failed_s") is not None:
-            ax.plot([run["predicted_failed_s"]], [row + 0.25], "x", color="#e76f51", markersize=8,
-                    label="predicted ETIMEDOUT" if row == 0 else None)
+        ax.plot(predicted, [row - 0.25] * len(predicted), "|", color="#e76f51", markersize=10,
+                label="SYN sent (predicted)" if row == 0 else None)
+        end = run.get("predicted_failed_s")
+        if end is not None:
+            late = run.get("predicted_late_s") or 0.0
+            ax.plot([end, end + late], [row - 0.25] * 2, color="#e76f51", linewidth=4, solid_capstyle="butt",
+                    label="ETIMEDOUT predicted (bar: how late the timer wheel may be)" if row == 0 else None)
         failed = run.get("failed_s")
         if failed is not None:
             ax.plot([failed], [row], "X", color="#d62828", markersize=9,
-                    label="ETIMEDOUT (kernel gave up)" if row == 0 else None)
+                    label="ETIMEDOUT measured" if row == 0 else None)
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+    ticks = [t for t in (0, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 200) if t <= max(
+        [max(r.get("sent_s") or [0]) for r in runs] + [r.get("failed_s") or 0 for r in runs]
+        + [r.get("predicted_failed_s") or 0 for r in runs] + [1]) * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_yticks(range(len(runs)), [r["label"] for r in runs])
-    ax.set_xlabel("time since connect() (s)")
+    ax.set_xlabel("time since connect() (s; linear to 1 s, logarithmic beyond)")
     ax.set_title(title or "SYN retransmissions against a host that never answers")
-    ax.set_ylim(-0.5, len(runs) - 0.2)
-    ax.legend(fontsize="small", loc="upper right")
+    ax.set_ylim(len(runs) - 0.5, -0.6)
+    fig.legend(fontsize="small", loc="outside lower center", ncols=4)
     return fig
 
 
-def scaling(rows, *, title: str | None = None) -> Figure:
+def timer_lateness(runs, *, title: str | None = None) -> Figure:
+    """How late each application timer fired: decision time minus the timeout, one dot per connect.
+
+    With five connects per timeout an ECDF or a p99 says nothing; the dots themselves do.
+    """
+    import numpy as np
+
+    runs = _runs(runs)
+    fig, ax = _figure()
+    for row, m in enumerate(runs):
+        late = m.array("handshake_ms") - m.timeout_s * 1e3
+        ax.plot(late, row + np.linspace(-0.15, 0.15, late.size) if late.size > 1 else [row] * late.size, "o",
+                color=OUTCOME_COLOURS["timed_out"], markersize=6, alpha=0.8)
+    ax.axvline(0, color="#d62828", linewidth=1, linestyle=":")
+    ax.set_yticks(range(len(runs)), [m.label for m in runs])
+    ax.set_ylim(len(runs) - 0.5, -0.5)
+    ax.set_xlim(left=min(-0.2, ax.get_xlim()[0]))
+    ax.set_xlabel("how late the timer fired: decision time minus the timeout (ms)")
+    ax.set_title(title or "each connect to the black hole, by how late its timer fired")
+    return fig
+
+
+def scaling(rows, *, ideal_rtt_ms: dict | None = None, title: str | None = None) -> Figure:
     """Throughput (left) and handshake p50/p99 (right) against concurrency, one line per label.
 
-    ``rows`` as returned by :func:`nbconn.measure.scaling` (several runs may be concatenated).
+    ``rows`` as returned by :func:`nbconn.measure.scaling` (several runs may be
+    concatenated).  ``ideal_rtt_ms``: ``{label: RTT}`` draws, for that label, the
+    ideal throughput of a loop that keeps C connects in flight over that round trip,
+    C / RTT (dashed).  The legend sits below the plots, where it hides no curve.
     """
-    fig, (left, right) = _figure(WIDE, ncols=2)
+    fig, (left, right) = _figure((10.0, 4.2), ncols=2)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     for label in labels:
         mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["concurrency"])
         cs = [r["concurrency"] for r in mine]
         (line,) = left.plot(cs, [r["connects_per_s"] for r in mine], marker="o", label=label)
+        if ideal_rtt_ms and label in ideal_rtt_ms:
+            rtt_s = ideal_rtt_ms[label] / 1e3
+            left.plot(cs, [c / rtt_s for c in cs], linestyle="--", color=line.get_color(), linewidth=1,
+                      label=f"{label}: ideal C / RTT ({ideal_rtt_ms[label]:g} ms)")
         right.plot(cs, [r["p50_ms"] for r in mine], marker="o", color=line.get_color(), label=f"{label} p50")
-        right.plot(cs, [r["p99_ms"] for r in mine], marker="^", linestyle="--", color=line.get_color(),
+        right.plot(cs, [r["p99_ms"] for r in mine], marker="^", linestyle=":", color=line.get_color(),
                    label=f"{label} p99")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["concurrency"] for r in rows}), [str(c) for c in sorted({r["concurrency"] for r in rows})])
         ax.set_xlabel("connects in flight (concurrency)")
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
     left.set_yscale("log")
     left.set_ylabel("connects per second")
     right.set_yscale("log")
@@ -244,27 +349,62 @@ def scaling(rows, *, title: str | None = None) -> Figure:
 
 
 def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
-    """The kernel's own estimate (TCP_INFO tcpi_rtt) against the handshake time nbconn measured.
+    """How much longer the measured handshake is than the kernel's own estimate (TCP_INFO tcpi_rtt), in µs.
 
-    Only connects without a retransmission are drawn: after a resent SYN the
-    kernel's estimate no longer describes one round trip.
+    One dot per connect: x the kernel's tcpi_rtt (ms), y the difference measured
+    handshake - tcpi_rtt (µs) -- the time spent outside the round trip (waking the
+    loop, epoll_wait returning, SO_ERROR).  Only connects without a retransmission
+    are drawn: after a resent SYN the kernel's estimate no longer describes one
+    round trip.
     """
     import numpy as np
 
     runs = _runs(m_or_list)
     fig, ax = _figure()
-    top = 0.0
     for m in runs:
         pairs = [(h, r) for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans)
                  if h is not None and r is not None and not t]
         if not pairs:
             continue
         h, r = np.asarray(pairs).T
-        ax.scatter(r, h, s=8, alpha=0.6, label=f"{m.label} (n={len(pairs)})")
-        top = max(top, float(h.max()), float(r.max()))
-    ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle=":", label="y = x")
+        gap_us = (h - r) * 1e3
+        ax.scatter(r, gap_us, s=8, alpha=0.6,
+                   label=f"{m.label}: median {np.median(gap_us):.0f} µs (n={len(pairs)})")
+    ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("TCP_INFO tcpi_rtt (ms)")
-    ax.set_ylabel("measured handshake time (ms)")
-    ax.set_title(title or "the kernel's RTT estimate vs the handshake nbconn measured")
-    ax.legend(fontsize="small")
+    ax.set_ylabel("handshake - tcpi_rtt (µs)")
+    ax.set_title(title or "what the loop adds to the kernel's round trip")
+    fig.legend(fontsize="small", loc="outside lower center", ncols=2)
+    return fig
+
+
+def accept_queue(b: dict, *, title: str | None = None) -> Figure:
+    """A burst against a small accept queue (:func:`nbconn.acceptq.burst`), both ends on one clock.
+
+    Three running counts over time: connects the *client* calls connected, connections
+    the *server*'s accept() returned, and requests whose answer's first byte arrived.
+    Where the first line runs ahead of the second, clients believe in connections the
+    server does not have.
+    """
+    import numpy as np
+
+    fig, ax = _figure((10.0, 4.0))
+    c, s = b["client"], b["server"]
+
+    def running(times, **style):
+        t = np.sort(np.asarray([x for x in times if x is not None], dtype=float)) * 1e3
+        if t.size:
+            ax.step(np.concatenate([[0.0], t]), np.arange(t.size + 1), where="post", linewidth=2, **style)
+
+    running([t for t, o in zip(c["decided_s"], c["outcomes"]) if o == "connected"],
+            color=OUTCOME_COLOURS["connected"], label="client: connect() decided 'connected'")
+    running(s["accepted_s"], color="#264653", linestyle="--", label="server: accept() returned a connection")
+    running(c.get("first_byte_s", []), color="#e76f51", linestyle=":",
+            label="client: first byte of the answer to its request")
+    ax.axhline(b["count"], color="grey", linewidth=0.8)
+    ax.set_xlabel("time since the burst began (ms)")
+    ax.set_ylabel("connections (running count)")
+    ax.set_ylim(0, b["count"] * 1.08)
+    ax.set_title(title or f"{b['count']} connects against listen({b['backlog']}): the client's view and the server's")
+    fig.legend(fontsize="small", loc="outside lower center", ncols=3)
     return fig

@@ -23,9 +23,13 @@ from . import __version__
 #: name -> (what it is, how to make it)
 RECIPES = {
     "loopback-idle": "1000 sequential connects to a listening loopback peer",
-    "loopback-burst": "a burst of 200 concurrent connects against a slow acceptor with an accept queue of 8",
-    "impaired-jitter": "300 connects over the impairment wire: 10 ms each way (20 ms RTT), jitter +-2 ms",
-    "impaired-loss": "500 connects over the impairment wire: 10 ms each way, 2% loss each way",
+    "loopback-burst": ("a burst of 100 connects at once against listen(8) with one accept() every 5 ms, in a lab "
+                       "namespace with the default tcp_syncookies=1, tcp_abort_on_overflow=0: the client's view, "
+                       "the server's (accepted, queue) and the TcpExt counters, then a request on each"),
+    "impaired-clean": "300 connects (20 in flight) over the impairment wire: 10 ms each way (20 ms RTT), no jitter, no loss",
+    "impaired-jitter": "300 connects (20 in flight) over the impairment wire: 10 ms each way (20 ms RTT), jitter +-2 ms",
+    "impaired-loss": "300 connects (20 in flight) over the impairment wire: 10 ms each way, 2% loss each way",
+    "impaired-scaling": "throughput and handshake p50/p99 over the impairment wire (10 ms each way) at 1, 8, 64 in flight",
     "blackhole-syncnt": "SYN retransmissions and ETIMEDOUT against the black hole for TCP_SYNCNT 1, 2, 3",
     "syn-default": "the kernel's default SYN schedule (no TCP_SYNCNT, no app timer) until ETIMEDOUT",
 }
@@ -37,21 +41,29 @@ def _make(name: str):
     if name == "loopback-idle":
         return measure.run("listening", count=1000, timeout=1.0, label="loopback idle").to_dict()
     if name == "loopback-burst":
-        from .lab import slow_accept
+        from . import acceptq
+        from .lab.namespace import namespace
 
-        with slow_accept(backlog=8, interval_s=0.005) as peer:
-            m = measure.run(peer, count=200, concurrency=200, timeout=5.0, label="burst of 200, backlog 8")
-        return m.to_dict()
+        with namespace(sysctls={"net.ipv4.tcp_syncookies": 1, "net.ipv4.tcp_abort_on_overflow": 0}) as ns:
+            return acceptq.burst(ns, count=100, backlog=8, interval_s=0.005, read_timeout_s=1.0)
+    if name == "impaired-scaling":
+        return {"rows": measure.scaling("impaired", [1, 8, 64], count=64, label="20 ms RTT", delay_ms=10,
+                                        linger=0)}
+    # The three links run with the same count and concurrency, so notebook 08 compares like with like.
+    if name == "impaired-clean":
+        return measure.run("impaired", count=300, concurrency=20, timeout=5.0, delay_ms=10.0,
+                           label="20 ms RTT").to_dict()
     if name == "impaired-jitter":
-        return measure.run("impaired", count=300, concurrency=20, timeout=2.0, delay_ms=10.0, jitter_ms=2.0,
+        return measure.run("impaired", count=300, concurrency=20, timeout=5.0, delay_ms=10.0, jitter_ms=2.0,
                            seed=1, label="20 ms RTT, jitter +-2 ms").to_dict()
     if name == "impaired-loss":
-        return measure.run("impaired", count=500, concurrency=50, timeout=5.0, delay_ms=10.0, loss=0.02,
+        return measure.run("impaired", count=300, concurrency=20, timeout=5.0, delay_ms=10.0, loss=0.02,
                            seed=1, label="20 ms RTT, 2% loss").to_dict()
     if name == "blackhole-syncnt":
-        return {"sysctls": synretry.read_sysctls(), "runs": synretry.measure(syncnts=(1, 2, 3), max_wait_s=40)}
+        return {"sysctls": synretry.read_sysctls(), "config_hz": synretry.config_hz(),
+                "runs": synretry.measure(syncnts=(1, 2, 3), max_wait_s=40)}
     if name == "syn-default":
-        return {"sysctls": synretry.read_sysctls(),
+        return {"sysctls": synretry.read_sysctls(), "config_hz": synretry.config_hz(),
                 "runs": synretry.measure(syncnts=(), default=True, max_wait_s=180)}
     raise ValueError(f"unknown dataset {name!r} (known: {', '.join(RECIPES)})")
 

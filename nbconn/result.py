@@ -1,119 +1,106 @@
-"""What one connect left behind: its steps (a trace) and its Result.
+"""What one connect left behind: its Result, and the trace of its steps.
 
-Recording has to be cheap, because the same flow runs 20,000 times a second in
-the benchmarks.  So the flow appends one flat tuple per step -- ``(name, fmt,
-ret, t_ns, *args)`` -- while it runs; they become Step objects the first time
-somebody reads :attr:`Result.steps` (:meth:`Step.from_record`), and the
-strace-like text of a step is only built when somebody looks at it
-(:attr:`Step.call`).  (A tuple costs a fraction of an object, and the garbage
-collector forgets it after one look; 20,000 Results carry 240,000 steps.)
+This module owns the trace.  A step is recorded by exactly one path, the
+callable :meth:`Result.recorder` returns, as one flat tuple ``(name, fmt, ret,
+t_start_ns, t_end_ns, *args)`` -- one object per step, cheap enough for 20,000
+connects a second -- and becomes a :class:`Step` the first time somebody reads
+:attr:`Result.steps`.  The
+strace-like text of a step is built only when somebody looks at it
+(:attr:`Step.call`, via :mod:`nbconn.strace`).
+
+Each step carries two clock reads, before and after its call, so a trace shows
+how long each call took (like ``strace -T``) and where it started relative to
+``socket()`` (like ``strace -r``, but from one origin).
 """
 
 from __future__ import annotations
 
 import socket
+from collections import namedtuple
 from dataclasses import dataclass, field
 
-from .errors import errno_name
+from .errors import errno_name, errno_number
+from .strace import call_text, format_ns, sockaddr_len, sockaddr_text
+from .tcpinfo import parse_tcp_info
 
-#: Which of the seed's five steps each recorded syscall belongs to.
-SEED_STEP = {
-    "socket": 1,
-    "setsockopt": 2,
-    "getsockopt": 2,
-    "bind": 2,
-    "nonblocking": 3,
-    "epoll_ctl": 4,
-    "connect": 5,
-    "timer": 5,
-    "epoll_wait": 5,
-    "so_error": 5,
-    "timeout": 5,
-    "tcp_info": None,
-    "unregister": None,
-    "close": None,
+
+#: Which step of nginx's ngx_event_connect_peer (then ngx_http_upstream_test_connect) a call belongs to.
+NgxStep = namedtuple("NgxStep", ["number", "name"])
+
+
+#: recorded name -> the step of nginx's flow it belongs to (None: nbconn's own extras, e.g. TCP_INFO).
+NGX_STEPS = {
+    "socket": NgxStep(1, "socket"),
+    "setsockopt": NgxStep(2, "socket options"),
+    "getsockopt": NgxStep(2, "socket options"),
+    "bind": NgxStep(3, "non-blocking, bind"),
+    "nonblocking": NgxStep(3, "non-blocking, bind"),
+    "epoll_ctl": NgxStep(4, "epoll add"),
+    "connect": NgxStep(5, "connect"),
+    "timer": NgxStep(5, "connect"),
+    "epoll_wait": NgxStep(5, "connect"),
+    "so_error": NgxStep(5, "connect"),
+    "timeout": NgxStep(5, "connect"),
 }
+
+#: Steps that are events, not calls: no "= ret" after them.
+_EVENTS = ("timer", "timeout")
 
 
 class Step:
     """One recorded syscall (or timer event) of a connect.
 
-    ``name``   what happened: socket, setsockopt, getsockopt, nonblocking, bind,
-               epoll_ctl, connect, timer, epoll_wait, so_error, timeout,
-               tcp_info, unregister, close
-    ``call``   the call as strace would print it, e.g.
-               ``connect(5, {sa_family=AF_INET, sin_port=htons(80), ...}, 16) = -1 EINPROGRESS``
-    ``ret``    the return value, or the errno name when the call failed
-    ``t_ns``   time.monotonic_ns() right after the call returned
+    ``name``        socket, setsockopt, getsockopt, nonblocking, bind, epoll_ctl,
+                    connect, timer, epoll_wait, so_error, timeout, tcp_info,
+                    unregister, close
+    ``call``        the call as strace prints it, e.g.
+                    ``connect(5, {sa_family=AF_INET, ...}, 16) = -1 EINPROGRESS``
+    ``ret``         the return value, or the errno name when the call failed
+    ``t_start_ns``  time.monotonic_ns() right before the call
+    ``t_ns``        time.monotonic_ns() right after the call returned
+    ``duration_ns`` how long the call itself took (t_ns - t_start_ns)
+    ``ngx_step``    the step of nginx's flow it belongs to, an :class:`NgxStep` or None
     """
 
-    __slots__ = ("name", "_fmt", "_args", "ret", "t_ns")
+    __slots__ = ("name", "_fmt", "_args", "ret", "t_start_ns", "t_ns")
 
-    def __init__(self, name: str, fmt: str, args: tuple, ret: object, t_ns: int) -> None:
+    def __init__(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_ns: int) -> None:
         self.name = name
         self._fmt = fmt
         self._args = args
         self.ret = ret
+        self.t_start_ns = t_start_ns
         self.t_ns = t_ns
 
-    @classmethod
-    def from_record(cls, record: tuple) -> "Step":
-        """A Step from the flat tuple the flow records: ``(name, fmt, ret, t_ns, *args)``."""
-        return cls(record[0], record[1], record[4:], record[2], record[3])
+    @property
+    def duration_ns(self) -> int:
+        return self.t_ns - self.t_start_ns
 
     @property
-    def seed_step(self) -> int | None:
-        return SEED_STEP.get(self.name)
-
-    @property
-    def ok(self) -> bool:
-        return not (isinstance(self.ret, str) and self.ret.startswith("E"))
+    def ngx_step(self) -> NgxStep | None:
+        return NGX_STEPS.get(self.name)
 
     @property
     def call(self) -> str:
         text = self._fmt.format(*self._args)
-        if self.name in ("timer", "timeout"):
-            return text
-        ret = self.ret
-        if isinstance(ret, str) and ret.startswith("E"):
-            return f"{text} = -1 {ret}"
-        return f"{text} = {ret}"
+        return text if self.name in _EVENTS else call_text(text, self.ret)
 
     def to_dict(self, t0_ns: int = 0) -> dict:
-        return {"step": self.name, "seed_step": self.seed_step, "call": self.call,
-                "ret": self.ret, "t_ns": self.t_ns - t0_ns}
+        ngx = self.ngx_step
+        return {"step": self.name, "ngx_step": ngx.number if ngx else None, "ngx_step_name": ngx.name if ngx else None,
+                "call": self.call, "ret": self.ret, "t_start_ns": self.t_start_ns - t0_ns, "t_ns": self.t_ns - t0_ns,
+                "duration_ns": self.duration_ns}
 
     def __repr__(self) -> str:
         return f"Step({self.name!r}, {self.call!r})"
-
-
-def sockaddr_text(family: int, address: object) -> str:
-    """A sockaddr as strace prints it (close enough to read side by side)."""
-    if family == socket.AF_INET:
-        host, port = address[:2]
-        return f'{{sa_family=AF_INET, sin_port=htons({port}), sin_addr=inet_addr("{host}")}}'
-    if family == socket.AF_INET6:
-        host, port = address[:2]
-        return f'{{sa_family=AF_INET6, sin6_port=htons({port}), inet_pton(AF_INET6, "{host}", &sin6_addr)}}'
-    path = address.decode(errors="replace").replace("\x00", "@") if isinstance(address, bytes) else address
-    return f'{{sa_family=AF_UNIX, sun_path="{path}"}}'
-
-
-def sockaddr_len(family: int, address: object) -> int:
-    if family == socket.AF_INET:
-        return 16
-    if family == socket.AF_INET6:
-        return 28
-    raw = address if isinstance(address, bytes) else address.encode()
-    return 2 + len(raw) + (0 if raw.startswith(b"\x00") else 1)
 
 
 @dataclass
 class Result:
     """Everything one connect attempt found out.  A context manager: closes a kept socket.
 
-    Field by field (the nginx names come from ``ngx_event_connect_peer`` and
-    ``ngx_http_upstream_test_connect``; see :mod:`nbconn.errors`):
+    Field by field (the nginx names and rules come from :mod:`nbconn.errors`, which
+    cites ``ngx_event_connect_peer`` and ``ngx_http_upstream_test_connect``):
 
     - ``outcome``: connected, refused, timed_out, reset, unreachable or error
     - ``errno``: the errno name that decided it (None when connected)
@@ -121,17 +108,27 @@ class Result:
     - ``ngx_connect``: what ngx_event_connect_peer would return (NGX_OK, NGX_AGAIN,
       NGX_DECLINED, NGX_ERROR)
     - ``ngx_decision``: how nginx ends the attempt: NGX_OK (usable), NGX_DECLINED
-      (connect() failed at once: next peer), NGX_ERROR (SO_ERROR reported a
-      failure, or a step before connect() failed), TIMEDOUT (the connect timer fired)
-    - ``ngx_log``: the error-log line nginx would write for a failure, else None
-    - ``ngx_level``: the level of that line: "error" (the peer's fault, e.g.
-      ECONNREFUSED), "crit" (an unexpected connect() errno), "alert" (a step
-      before connect() failed)
-    - ``handshake_ns``: from the connect() call to the decision
+      (connect() failed at once), NGX_ERROR (SO_ERROR reported a failure, or a
+      step before connect() failed), NGX_HTTP_UPSTREAM_FT_TIMEOUT (the connect
+      timer fired: nginx's name for that end, no function returns a code there)
+    - ``ngx_next``: the next-upstream kind nginx retries another peer with:
+      NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT, or None (connected;
+      or a step before connect() failed, where nginx answers 500 instead)
+    - ``ngx_log``: the error-log line nginx would write for the failure, else None
+    - ``ngx_level``: its level: "error" (the peer's fault, e.g. ECONNREFUSED),
+      "crit" (an unexpected connect() errno, or bind()), "alert" (socket(),
+      ioctl(FIONBIO), epoll_ctl, setsockopt(SO_RCVBUF), or an SO_ERROR errno outside
+      ngx_connection_error's list)
+    - ``ngx_log_ignored``: lines nginx logs for failures it ignores and goes on
+      ("setsockopt(SO_KEEPALIVE) failed, ignored"), as "[level] line"
+    - ``handshake_ns``: from right before the connect() call to the decision (connect()
+      returned, or SO_ERROR returned, or the timer ran)
+    - ``started_ns`` / ``finished_ns``: right before socket(), and after the close
     - ``requested`` / ``effective``: socket options asked for, and read back
+      (``effective`` stays empty in nginx-exact mode: nginx reads nothing back)
     - ``tcp_info``: rtt_us, rttvar_us, total_retrans of a connected TCP socket
     - ``events``: the epoll event mask that woke the decision, e.g. "EPOLLOUT"
-    - ``sock``: the connected socket when kept, else None
+    - ``sock``: the connected socket when kept (``keep=True``), else None
     """
 
     target: str
@@ -141,27 +138,54 @@ class Result:
     connect_returned: int | str | None = None
     ngx_connect: str | None = None
     ngx_decision: str | None = None
+    ngx_next: str | None = None
     ngx_log: str | None = None
     ngx_level: str | None = None
+    ngx_log_ignored: tuple = ()
     handshake_ns: int | None = None
     started_ns: int = 0
     finished_ns: int = 0
     fd: int | None = None
     requested: dict = field(default_factory=dict)
     effective: dict = field(default_factory=dict)
-    tcp_info: dict | None = None
+    # TCP_INFO as read (bytes) until somebody looks: parsing it per connect measured ~2k CPU instructions
+    _tcp_info: bytes | dict | None = field(default=None, repr=False)
     events: str | None = None
     timer_fired: bool = False
     sock: socket.socket | None = field(default=None, repr=False)
     _steps: list = field(default_factory=list, repr=False)
 
+    def record(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_end_ns: int) -> None:
+        """Append one step (for callers outside the hot path; the flow uses :meth:`recorder`)."""
+        self._steps.append((name, fmt, ret, t_start_ns, t_end_ns, *args))
+
+    def recorder(self):
+        """The one append path of the trace: a callable taking one record, the flat tuple
+        ``(name, fmt, ret, t_start_ns, t_end_ns, *args)`` that :meth:`steps` turns into :class:`Step` objects.
+
+        It is the list's own ``append`` (a C call), and the record is one flat tuple:
+        the flow records about a dozen steps per connect, partly inside the handshake
+        time it reports, and every object made per step is also work for the cyclic
+        garbage collector (measured: a nested args tuple per step cost ~9k CPU
+        instructions per connect under cachegrind).
+        """
+        return self._steps.append
+
     @property
     def steps(self) -> list[Step]:
         steps = self._steps
         for i, step in enumerate(steps):
-            if type(step) is tuple:  # as the flow recorded it
-                steps[i] = Step.from_record(step)
+            if type(step) is tuple:  # as the recorder stored it: (name, fmt, ret, t_start_ns, t_end_ns, *args)
+                steps[i] = Step(step[0], step[1], step[5:], step[2], step[3], step[4])
         return steps
+
+    @property
+    def tcp_info(self) -> dict | None:
+        """rtt_us, rttvar_us, retransmits, total_retrans, state of a connected TCP socket (None otherwise)."""
+        info = self._tcp_info
+        if type(info) is bytes:
+            info = self._tcp_info = parse_tcp_info(info)
+        return info
 
     @property
     def connected(self) -> bool:
@@ -173,14 +197,31 @@ class Result:
 
     @property
     def errno_number(self) -> int | None:
-        from .errors import errno_number
-
         return None if self.errno is None else errno_number(self.errno)
 
     def trace(self) -> str:
-        """The steps as a strace-like excerpt with times relative to socket()."""
+        """The steps as strace -r -T would show them: start time after socket()'s start, duration, call.
+
+        The last line says how the attempt ended; its handshake time is the
+        difference of two times shown above it (connect() called -> decided).
+        """
         t0 = self.started_ns
-        lines = [f"{(s.t_ns - t0) / 1e3:10.1f} µs  {s.call}" for s in self.steps]
+        lines = []
+        t_connect = t_decided = None
+        for s in self.steps:
+            if s.name in _EVENTS:
+                duration = "" if s.name == "timer" else "(timer)"
+            else:
+                duration = f"<{format_ns(s.duration_ns)}>"
+            lines.append(f"{format_ns(s.t_start_ns - t0):>10} {duration:>11}  {s.call}")
+            if s.name == "connect":
+                t_connect = t_decided = s.t_start_ns
+                if self.connect_returned != "EINPROGRESS":
+                    t_decided = s.t_ns
+            elif s.name in ("so_error", "timeout"):
+                t_decided = s.t_ns
+        if t_connect is not None and t_decided is not None and self.handshake_ns is not None:
+            lines.append(f"   connect() called at {format_ns(t_connect - t0)}, decided at {format_ns(t_decided - t0)}:")
         lines.append(f"-> {self.summary()}")
         return "\n".join(lines)
 
@@ -189,8 +230,11 @@ class Result:
         if self.errno:
             parts.append(self.errno)
         if self.handshake_ns is not None:
-            parts.append(f"in {self.handshake_ns / 1e3:.1f} µs")
-        parts.append(f"(nginx: {self.ngx_connect} -> {self.ngx_decision})")
+            parts.append(f"in {format_ns(self.handshake_ns)}")
+        nginx = f"{self.ngx_connect} -> {self.ngx_decision}"
+        if self.ngx_next:
+            nginx += f", next upstream: {self.ngx_next}"
+        parts.append(f"(nginx: {nginx})")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -203,7 +247,9 @@ class Result:
             "connect_returned": self.connect_returned,
             "ngx_connect": self.ngx_connect,
             "ngx_decision": self.ngx_decision,
+            "ngx_next": self.ngx_next,
             "ngx_log": self.ngx_log,
+            "ngx_log_ignored": list(self.ngx_log_ignored),
             "ngx_level": self.ngx_level,
             "handshake_ns": self.handshake_ns,
             "timer_fired": self.timer_fired,
@@ -226,4 +272,4 @@ class Result:
         self.close()
 
 
-__all__ = ["Result", "Step", "errno_name", "sockaddr_text", "sockaddr_len"]
+__all__ = ["Result", "Step", "NgxStep", "NGX_STEPS", "errno_name", "format_ns", "sockaddr_text", "sockaddr_len"]

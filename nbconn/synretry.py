@@ -1,24 +1,38 @@
-"""When does the kernel resend a SYN, and when does it give up?  Measured, then predicted.
+"""When does the kernel resend a SYN, and when does it give up?  Predicted from the source, then measured.
 
 A connect to a host that never answers is not ended by the network: the
-kernel keeps resending the SYN on a schedule and, after a time budget, fails
-the connect with ETIMEDOUT.  nginx does not wait for that; its
-``proxy_connect_timeout`` timer (60 s by default) usually fires first.  How long
-the kernel would wait depends on sysctls that changed in recent kernels, so
-this module *measures* it and then compares with a prediction.
+kernel keeps resending the SYN and at some point fails the connect with
+ETIMEDOUT.  nginx does not wait for that; its ``proxy_connect_timeout`` timer
+(60 s by default) usually fires first.  How long the kernel would wait depends
+on sysctls that changed in Linux 6.5, so this module predicts it from the
+kernel's rules and measures it.
 
-How the kernel decides (Linux ``net/ipv4/tcp_timer.c``, ``tcp_write_timeout``,
-``tcp_retransmit_timer`` and ``tcp_model_timeout``):
+The rules (Linux 6.18 ``net/ipv4/tcp_timer.c``; read there, restated here):
 
-* the first retransmission timeout is 1 s (``TCP_TIMEOUT_INIT``);
-* Linux 6.5+ has ``net.ipv4.tcp_syn_linear_timeouts`` (default 4): the first
-  that-many SYN retransmissions keep the 1 s timeout, after which it doubles
-  (capped at 120 s).  Before 6.5, and with the sysctl at 0, it doubles at once:
-  the textbook schedule 0, 1, 3, 7, 15, 31, 63 s;
-* the retry budget is ``net.ipv4.tcp_syn_retries`` (default 6), or the socket's
-  ``TCP_SYNCNT``: it is turned into a *time* budget as if the timeout had
-  doubled from 1 s every time, ``(2^(n+1) - 1)`` s (``tcp_model_timeout``), and
-  the connect fails at the first timer expiry at or after that time.
+* the first retransmission timeout is 1 s (``TCP_TIMEOUT_INIT``, via
+  ``tcp_timeout_init``).  ``tcp_retransmit_timer`` resends the SYN, counts one more
+  ``icsk_backoff`` and doubles the timeout (capped at ``TCP_RTO_MAX``, 120 s) --
+  except that, in SYN-SENT, it keeps the timeout while ``icsk_backoff <=
+  net.ipv4.tcp_syn_linear_timeouts`` (6.5+, default 4): 1, 1, 1, 1, 1, 2, 4, 8 ... s;
+* each time the timer fires, ``tcp_write_timeout`` decides whether to give up,
+  with two limits, whichever is reached first:
+
+  1. a count: ``icsk_retransmits >= retries + tcp_syn_linear_timeouts``, where
+     ``retries`` is the socket's ``TCP_SYNCNT`` or else ``net.ipv4.tcp_syn_retries``;
+  2. a time budget: ``retransmits_timed_out`` -- the time since the first SYN
+     reaches ``tcp_model_timeout(retries)``, the time ``retries`` *doubling*
+     timeouts from 1 s would take: ``(2^(retries+1) - 1)`` s (beyond 6 retries
+     every further one adds 120 s).  With ``TCP_USER_TIMEOUT`` set, that value
+     replaces the budget, and ``tcp_clamp_rto_to_user_timeout`` shortens the next
+     timer so that it fires when the user timeout runs out -- but only from the
+     first retransmission on (the first timer, 1 s, is armed in ``tcp_connect``).
+
+* the retransmission timer is an ordinary kernel timer (``timer_list``) and the
+  timer wheel never fires early, only late: ``calc_index`` in
+  ``kernel/time/timer.c`` rounds an expiry up to its level's granularity, which is
+  8 times coarser per level (levels start at 63, 504, 4032, 32256 ... jiffies).  At
+  HZ=250 a 1 s timer may fire up to 32 ms late, a 4-16 s one up to 256 ms, a 32 s
+  or 64 s one up to 2.05 s.  :func:`predict` adds these bounds up.
 
 How it is measured: non-blocking connects to the lab black hole (a listener
 whose accept queue is full, so SYNs are dropped), one per setting, all at
@@ -58,6 +72,22 @@ def read_sysctls() -> dict:
     }
 
 
+def config_hz() -> int | None:
+    """The kernel's CONFIG_HZ from /proc/config.gz or /boot/config-RELEASE, or None if neither is readable."""
+    import gzip
+    import platform
+
+    for path, opener in (("/proc/config.gz", gzip.open), (f"/boot/config-{platform.release()}", open)):
+        try:
+            with opener(path, "rt") as f:
+                for line in f:
+                    if line.startswith("CONFIG_HZ="):
+                        return int(line.split("=", 1)[1])
+        except (OSError, ValueError, EOFError):
+            continue
+    return None
+
+
 def time_budget_s(retries: int) -> float:
     """tcp_model_timeout: the time ``retries`` doubling timeouts from 1 s would take."""
     thresh = 6  # ilog2(TCP_RTO_MAX / TCP_TIMEOUT_INIT) = ilog2(120)
@@ -66,21 +96,49 @@ def time_budget_s(retries: int) -> float:
     return ((2 << thresh) - 1) * TCP_TIMEOUT_INIT_S + (retries - thresh) * TCP_RTO_MAX_S
 
 
-def predict(retries: int, linear_timeouts: int | None) -> dict:
-    """Predicted SYN send times (s after connect()) and the time the kernel gives up.
+def wheel_lateness_s(timeout_s: float, hz: int) -> float:
+    """How late, at most, the timer wheel fires a timer armed ``timeout_s`` ahead (its level's granularity + 1 jiffy)."""
+    jiffies = round(timeout_s * hz)
+    level = 0
+    while level < 8 and jiffies >= (63 << (3 * level)):  # LVL_START(level + 1)
+        level += 1
+    return ((1 << (3 * level)) + 1) / hz
 
-    ``linear_timeouts`` None means a kernel without the sysctl (same as 0).
+
+def predict(retries: int, linear_timeouts: int | None, *, user_timeout_ms: int | None = None,
+            hz: int | None = None) -> dict:
+    """When the SYNs go out and when the kernel gives up, by the rules of ``tcp_write_timeout``.
+
+    ``retries``: TCP_SYNCNT, or tcp_syn_retries.  ``linear_timeouts`` None means a
+    kernel without the sysctl (the same as 0).  ``user_timeout_ms``: TCP_USER_TIMEOUT.
+    ``hz``: CONFIG_HZ; when given, ``late_s`` bounds how much later than predicted the
+    end may come (the timer wheel's rounding, summed over every timer).
+
+    Returns sent_s (SYN send times after connect()), failed_s, limit ("count",
+    "time budget", "both", or "TCP_USER_TIMEOUT"), max_retransmits, budget_s, and
+    late_s (or None).
     """
     linear = linear_timeouts or 0
-    budget = time_budget_s(retries)
-    sent, t, rto, k = [0.0], 0.0, TCP_TIMEOUT_INIT_S, 0
+    max_retransmits = retries + linear  # SYN-SENT: the count limit grew by the linear timeouts in 6.5
+    budget = user_timeout_ms / 1e3 if user_timeout_ms else time_budget_s(retries)
+    sent, t, rto, retransmits, late = [0.0], 0.0, TCP_TIMEOUT_INIT_S, 0, 0.0
     while True:
-        t += rto  # the retransmission timer fires
-        if t >= budget:
-            return {"sent_s": sent, "failed_s": t, "budget_s": budget}
+        timeout = rto
+        if user_timeout_ms and retransmits:  # tcp_clamp_rto_to_user_timeout, from the first retransmission on
+            timeout = min(rto, max(budget - t, 0.0))
+        t += timeout  # the retransmission timer fires
+        if hz:
+            late += wheel_lateness_s(timeout, hz) if timeout else 1 / hz
+        by_count = retransmits >= max_retransmits
+        by_time = retransmits > 0 and t >= budget  # retransmits_timed_out() is false before the first resend
+        if by_count or by_time:
+            limit = ("TCP_USER_TIMEOUT" if user_timeout_ms and not by_count else
+                     "both" if by_count and by_time else "count" if by_count else "time budget")
+            return {"sent_s": sent, "failed_s": t, "limit": limit, "max_retransmits": max_retransmits,
+                    "budget_s": budget, "late_s": late if hz else None}
         sent.append(t)
-        k += 1
-        if k > linear:
+        retransmits += 1
+        if retransmits > linear:  # icsk_backoff > tcp_syn_linear_timeouts: start doubling
             rto = min(rto * 2, TCP_RTO_MAX_S)
 
 
@@ -106,6 +164,7 @@ def measure(*, syncnts=(1, 2, 3), default: bool = False, user_timeouts_ms=(), po
     if not 0 < max_wait_s <= MAX_WAIT_S:
         raise ValueError(f"max_wait_s={max_wait_s} is outside (0, {MAX_WAIT_S:g}]")
     sysctls = read_sysctls()
+    hz = config_hz()
     settings = [("TCP_SYNCNT", n) for n in syncnts] + [("TCP_USER_TIMEOUT", ms) for ms in user_timeouts_ms]
     if default:
         settings.append(("default", None))
@@ -128,13 +187,13 @@ def measure(*, syncnts=(1, 2, 3), default: bool = False, user_timeouts_ms=(), po
                 if err != _errno.EINPROGRESS:
                     raise OSError(err, f"connect to the black hole returned {_errno.errorcode.get(err, err)}")
                 retries = value if kind == "TCP_SYNCNT" else sysctls["tcp_syn_retries"] or 6
-                pred = predict(retries, sysctls["tcp_syn_linear_timeouts"])
+                pred = predict(retries, sysctls["tcp_syn_linear_timeouts"],
+                               user_timeout_ms=value if kind == "TCP_USER_TIMEOUT" else None, hz=hz)
                 label = f"{kind}={value}" if kind != "default" else f"default (tcp_syn_retries={retries})"
-                if kind == "TCP_USER_TIMEOUT":  # the user timeout cuts the SYN schedule short
-                    pred = {"sent_s": [t for t in pred["sent_s"] if t < value / 1e3], "failed_s": value / 1e3}
                 records.append({"label": label, "setting": kind, "value": value, "t0": t0, "sent_s": [0.0],
                                 "seen_retrans": 0, "failed_s": None, "errno": None,
-                                "predicted_s": pred["sent_s"], "predicted_failed_s": pred["failed_s"]})
+                                "predicted_s": pred["sent_s"], "predicted_failed_s": pred["failed_s"],
+                                "predicted_limit": pred["limit"], "predicted_late_s": pred["late_s"]})
             _watch(ep, socks, records, poll_s, max_wait_s)
         finally:
             for sock in socks:

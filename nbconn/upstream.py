@@ -101,7 +101,7 @@ class Peer:
     address: str  # as nginx names it: 127.0.0.1:8080
     weight: int = 1
     max_fails: int = 1
-    fail_timeout: float = 10.0
+    fail_timeout: int = 10  # whole seconds, as nginx keeps it
     backup: bool = False
     down: bool = False
     # run-time state, as in ngx_http_upstream_rr_peer_t
@@ -160,20 +160,38 @@ class Peer:
 
 
 class Upstream:
-    """An ``upstream`` block: primary and backup peers and the round-robin state they share."""
+    """An ``upstream`` block: primary and backup peers and the round-robin state they share.
 
-    def __init__(self, peers, *, clock=time.monotonic) -> None:
+    ``clock``: nginx's ``ngx_time()``, wall-clock seconds (``time.time``, truncated to whole seconds as
+    nginx's cached time is), which ``fail_timeout`` is counted on.  ``msec_clock``: ``ngx_current_msec``,
+    which ``proxy_next_upstream_timeout`` is counted on; it defaults to ``clock`` when a clock is given
+    (a test stepping time by hand) and to ``time.monotonic`` otherwise.
+    """
+
+    def __init__(self, peers, *, clock=None, msec_clock=None, keepalive: int = 0, keepalive_requests: int = 1000,
+                 keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0) -> None:
+        # keepalive: `keepalive N` in the upstream block -- at most N idle connections cached per worker, for
+        # all peers together (ngx_http_upstream_keepalive_module); the other three are its directives, with
+        # nginx 1.22.1's defaults (keepalive_module.c, lines 160-162).
+        self.keepalive = validate.integer("keepalive", keepalive, 0, 10_000)
+        self.keepalive_requests = validate.integer("keepalive_requests", keepalive_requests, 1, MAX_FAILS)
+        self.keepalive_timeout = validate.number("keepalive_timeout", keepalive_timeout, 0, validate.MAX_TIMEOUT_S,
+                                                 low_open=True)
+        self.keepalive_time = validate.number("keepalive_time", keepalive_time, 0, validate.MAX_TIMEOUT_S,
+                                              low_open=True)
+        self.cache: list = []  # KeptConnection, most recently saved first (nginx's kp->conf->cache queue)
         peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
         self.primary = [p for p in peers if not p.backup]
         self.backup = [p for p in peers if p.backup]
         if not self.primary:
             raise ValueError("an upstream needs at least one non-backup peer")
-        self.clock = clock
+        self.clock = clock if clock is not None else time.time
+        self.msec_clock = msec_clock if msec_clock is not None else (clock or time.monotonic)
         # ngx_http_upstream_init_round_robin: single = one primary server and no backup
         self.single = len(self.primary) == 1 and not self.backup
 
     def now(self) -> int:
-        return int(self.clock())  # nginx's ngx_time(): whole seconds
+        return int(self.clock())  # ngx_time(): whole wall-clock seconds
 
     @property
     def tries(self) -> int:
@@ -204,7 +222,7 @@ class Upstream:
             best.checked = now
         return best
 
-    # -- ngx_http_upstream_free_round_robin_peer ------------------------------------
+    # -- ngx_http_upstream_free_round_robin_peer (round_robin.c, 1.22.1, lines 600-670) ------------------
     def _free(self, peer: Peer, *, failed: bool) -> bool:
         """Account for an attempt; return True when nginx would log 'upstream server temporarily disabled'."""
         if self.single:
@@ -218,21 +236,114 @@ class Upstream:
             disabled = False
             if peer.max_fails:
                 peer.effective_weight -= peer.weight // peer.max_fails
-                disabled = peer.fails >= peer.max_fails
+                disabled = peer.fails >= peer.max_fails  # logged on every failure at or past max_fails (line 639)
             peer.effective_weight = max(peer.effective_weight, 0)
             return disabled
         if peer.accessed < peer.checked:
             peer.fails = 0
         return False
 
+    # -- ngx_http_upstream_keepalive_module (1.22.1) ---------------------------------------------------
+    def keepalive_get(self, address: str) -> "KeptConnection | None":
+        """ngx_http_upstream_get_keepalive_peer (lines 236-301): after the round robin picked the peer, the
+        most recently saved idle connection to the same address, taken out of the cache -- the connect
+        step then returns NGX_DONE: no socket(), no connect().  None: connect as usual."""
+        self._forget_closed()
+        for i, kept in enumerate(self.cache):
+            if kept.address == address:
+                del self.cache[i]
+                kept.requests += 1
+                return kept
+        return None
+
+    def keepalive_free(self, kept: "KeptConnection") -> "KeptConnection | None":
+        """ngx_http_upstream_free_keepalive_peer (lines 305-410) for a request that went well and left the
+        connection reusable: save it at the head of the cache.  Returns the connection to close: this one
+        when it has served keepalive_requests or lived keepalive_time, or the least recently saved one
+        when the cache already holds N (nginx closes the queue's last entry)."""
+        now = self.msec_clock()
+        if not self.keepalive or kept.requests >= self.keepalive_requests or now - kept.started > self.keepalive_time:
+            return kept
+        evicted = self.cache.pop() if len(self.cache) >= self.keepalive else None
+        kept.idle_since = now
+        self.cache.insert(0, kept)
+        return evicted
+
+    def _forget_closed(self) -> None:
+        """What ngx_http_upstream_keepalive_close_handler does whenever an idle connection becomes readable
+        (the upstream closed it, or sent something unasked) or its keepalive_timeout timer fires: close it
+        and drop it from the cache.  nginx's event loop does this as it happens; the model, which has no
+        loop between requests, looks before each pick."""
+        import select
+
+        now = self.msec_clock()
+        keep = []
+        for kept in self.cache:
+            stale = now - kept.idle_since > self.keepalive_timeout
+            if not stale and kept.sock is not None:
+                try:
+                    stale = bool(select.select([kept.sock], [], [], 0)[0])
+                except (OSError, ValueError):
+                    stale = True
+            if stale:
+                kept.close()
+            else:
+                keep.append(kept)
+        self.cache[:] = keep
+
+    def close(self) -> None:
+        """Close every cached connection (nginx: the worker exits)."""
+        for kept in self.cache:
+            kept.close()
+        self.cache.clear()
+
+    def __enter__(self) -> "Upstream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class KeptConnection:
+    """A connection in (or on its way to) the keepalive cache: ngx_http_upstream_keepalive_cache_t."""
+
+    address: str
+    sock: object = None  # a socket, or None when the model runs without I/O
+    requests: int = 1  # requests it has carried (c->requests)
+    started: float = 0.0  # msec clock when it was connected (c->start_time)
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+#: nginx's log->action for each stage of an upstream attempt (ngx_http_upstream.c, 1.22.1: lines 1518,
+#: 2081, 2364); the error log appends " while <action>" to every line it writes during that stage.
+CONNECTING = "connecting to upstream"
+SENDING = "sending request to upstream"
+READING = "reading response header from upstream"
+
 
 @dataclass
 class Attempt:
     peer: str
-    outcome: str
+    outcome: str  # "connected"/"ok", or what went wrong: "refused", "timed_out", "reset", "closed", ...
     connect_ms: float | None
-    nginx_log: str | None = None
+    nginx_log: str | None = None  # the [error] line of this attempt's failure, as nginx writes it
     disabled: bool = False  # this failure disabled the peer ("upstream server temporarily disabled")
+    stage: str = CONNECTING  # where it ended (nginx's log action)
+    level: str | None = None  # the level of nginx_log
+    reused: bool = False  # a cached keepalive connection: no socket(), no connect()
+
+    @property
+    def failure(self) -> str | None:
+        """nginx's next-upstream kind of this attempt: None (it worked), "error" or "timeout"."""
+        if self.outcome in ("connected", "ok"):
+            return None
+        return "timeout" if self.outcome == "timed_out" else "error"
 
 
 @dataclass
@@ -245,19 +356,18 @@ class Request:
     timeout_s: float = 0.0
     attempts: list = field(default_factory=list)
     result: str | None = None  # "200" when connected, "502", "504", "500", or None while running
-    log: list = field(default_factory=list)  # nginx error-log lines this request would produce
+    log: list = field(default_factory=list)  # the error-log lines nginx would write: "[level] message"
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.next_upstream if k not in NEXT_UPSTREAM_KINDS]
-        if unknown:
-            raise ValueError(f"next_upstream {unknown[0]!r} is not one of {', '.join(NEXT_UPSTREAM_KINDS)}")
-        if isinstance(self.tries, bool) or not isinstance(self.tries, int) or self.tries < 0:
-            raise ValueError(f"tries={self.tries!r} must be an int >= 0 (0 = as many as there are peers)")
-        if not 0 <= self.timeout_s <= 86400:
-            raise ValueError(f"next-upstream timeout={self.timeout_s!r} must be 0..86400 s")
+        if isinstance(self.next_upstream, str):
+            raise TypeError(f"next_upstream must be a tuple of kinds, got {shown(self.next_upstream)}")
+        for kind in self.next_upstream:
+            validate.choice("next_upstream", kind, NEXT_UPSTREAM_KINDS)
+        self.tries = validate.integer("tries", self.tries, 0, MAX_FAILS)
+        self.timeout_s = validate.number("next-upstream timeout", self.timeout_s, 0, validate.MAX_TIMEOUT_S)
         budget = self.upstream.tries
         self.remaining = min(budget, self.tries) if self.tries else budget
-        self.started = self.upstream.clock()
+        self.started = self.upstream.msec_clock()
         self._tried: set = set()
         self._group = self.upstream.primary
         self.current: Peer | None = None
@@ -276,56 +386,186 @@ class Request:
                 self._group, self._tried = up.backup, set()
                 self.current = up._pick(self._group, self._tried)
         if self.current is None:
-            self.log.append("no live upstreams while connecting to upstream")
+            # ngx_http_upstream_connect: rc == NGX_BUSY (ngx_http_upstream.c 1.22.1, line 1553)
+            self.log.append(f"[error] no live upstreams while {CONNECTING}")
             self.result = "502"
             return None
         self._tried.add(id(self.current))
         return self.current
 
-    def report(self, outcome: str, connect_ms: float | None = None, *, nginx_log: str | None = None) -> None:
-        """What the connect to the current peer did: "connected", "timed_out", or any other outcome (an error)."""
+    def report(self, outcome: str, connect_ms: float | None = None, *, nginx_log: str | None = None,
+               level: str | None = "error", stage: str = CONNECTING, reused: bool = False) -> None:
+        """What the attempt on the current peer did: "connected" or "ok" (it worked), "timed_out", or any
+        other outcome (an error); ``nginx_log``/``level``: the line nginx writes for that failure;
+        ``stage``: where it ended (CONNECTING, SENDING or READING)."""
         peer, up = self.current, self.upstream
         if peer is None:
             raise RuntimeError("report() without a peer from next_peer()")
-        failed = outcome != "connected"
-        disabled = up._free(peer, failed=failed)
-        self.attempts.append(Attempt(peer.address, outcome, connect_ms, nginx_log, disabled))
+        attempt = Attempt(peer.address, outcome, connect_ms, nginx_log, False, stage,
+                          level if nginx_log else None, reused)
+        failed = attempt.failure is not None
+        attempt.disabled = up._free(peer, failed=failed)
+        self.attempts.append(attempt)
+        # The order nginx writes them in.  An error is logged where it happens (ngx_event_connect_peer,
+        # ngx_http_upstream_test_connect, recv()/writev()), then ngx_http_upstream_next() calls peer.free
+        # (ngx_http_upstream.c 1.22.1, line 4301), which logs the [warn].  A timeout is logged by
+        # ngx_http_upstream_next itself, *after* peer.free (line 4307): the [warn] comes first.
+        lines = []
         if nginx_log:
-            self.log.append(nginx_log)
-        if disabled:
-            self.log.append("upstream server temporarily disabled while connecting to upstream")
+            lines.append(f"[{attempt.level}] {nginx_log}")
+        if attempt.disabled:
+            warn = f"[warn] upstream server temporarily disabled while {stage}"
+            lines.insert(0 if attempt.failure == "timeout" else len(lines), warn)
+        self.log.extend(lines)
         self.current = None
         if not failed:
             self.result = "200"
             return
         if up.single:
-            self.remaining = 0
+            self.remaining = 0  # free_round_robin_peer: pc->tries = 0 for a single peer (line 625)
         elif self.remaining:
             self.remaining -= 1
-        kind = "timeout" if outcome == "timed_out" else "error"
-        status = "504" if kind == "timeout" else "502"
-        out_of_time = self.timeout_s and up.clock() - self.started >= self.timeout_s
-        if self.remaining == 0 or kind not in self.next_upstream or out_of_time:
+        if reused and attempt.failure == "error":
+            # ngx_http_upstream_next (ngx_http_upstream.c 1.22.1, lines 4310-4313): "if (u->peer.cached && ft_type ==
+            # NGX_HTTP_UPSTREAM_FT_ERROR) u->peer.tries++" -- a cached connection that failed gives its try back
+            self.remaining += 1
+        status = "504" if attempt.failure == "timeout" else "502"
+        out_of_time = self.timeout_s and up.msec_clock() - self.started >= self.timeout_s
+        if self.remaining == 0 or attempt.failure not in self.next_upstream or out_of_time:
             self.result = status
 
     def to_dict(self) -> dict:
-        return {"attempts": [{"peer": a.peer, "outcome": a.outcome, "connect_ms": a.connect_ms}
-                             for a in self.attempts], "result": self.result}
+        return {"attempts": [{"peer": a.peer, "outcome": a.outcome, "connect_ms": a.connect_ms, "stage": a.stage,
+                              "disabled": a.disabled, "reused": a.reused} for a in self.attempts],
+                "result": self.result, "log": list(self.log)}
+
+
+# -- driving the model with real connects ---------------------------------------------------------------
+
+#: What nginx's proxy sends by default (proxy_http_version 1.0, the Host from proxy_pass's upstream name) ...
+HTTP_REQUEST = b"GET / HTTP/1.0\r\nHost: backend\r\nConnection: close\r\n\r\n"
+#: ... and with keepalive's companions `proxy_http_version 1.1; proxy_set_header Connection "";`
+HTTP11_REQUEST = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n"
+MAX_HEADER = 65536
+
+
+def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
+    """Send the request and read the response header on a connected socket, as nginx's upstream does next
+    (ngx_http_upstream_send_request, then ngx_http_upstream_process_header).  Returns
+    (outcome, stage, level, nginx_log, reusable); outcome "ok" when a response header arrived; reusable
+    when the connection may go back to the keepalive cache (u->keepalive in nginx's proxy module: an
+    HTTP/1.1 status line, no "Connection: close", and the whole body read)."""
+    import os
+    import socket
+
+    # nginx reads SO_ERROR once, at the writable event, in ngx_http_upstream_send_request just before it writes
+    # (ngx_http_upstream_test_connect, ngx_http_upstream.c 1.22.1, line 2076); nbconn.connect read it at the
+    # same event.  Between that read and the write, nbconn spends longer than nginx (it returns a Result
+    # first), so an RST landing in that gap shows up here as "writev() failed" a little more often than in
+    # nginx; which of connect()/writev()/recv() sees a reset is a race in both.
+    sock.settimeout(read_timeout)
+    try:
+        sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
+    except socket.timeout:
+        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", False
+    except OSError as exc:  # ngx_writev_chain.c 1.22.1, line 210: ngx_connection_error(c, err, "writev() failed")
+        return _errno_outcome(exc.errno), SENDING, "error", \
+            f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
+        try:
+            chunk = sock.recv(4096)
+        except socket.timeout:  # process_header: c->read->timedout -> next(FT_TIMEOUT), logged there
+            return "timed_out", READING, "error", \
+                f"upstream timed out (110: Connection timed out) while {READING}", False
+        except OSError as exc:  # ngx_recv.c 1.22.1, line 188: ngx_connection_error(c, err, "recv() failed")
+            return _errno_outcome(exc.errno), READING, "error", \
+                f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False
+        if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
+            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False
+        data += chunk
+    return "ok", READING, None, None, keepalive and _read_body(sock, data)
+
+
+def _read_body(sock, data: bytes) -> bool:
+    """Read the rest of a response with Content-Length; True when the connection may be kept."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 "):
+        return False  # ngx_http_proxy_process_status: below HTTP/1.1 -> connection_close = 1
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"connection" and value == b"close":
+            return False
+        if name == b"content-length" and value.isdigit() and len(value) < 12:
+            length = int(value)
+    if length is None or length > 1 << 20:
+        return False  # the model reads only bodies of a known, small length
+    try:
+        while len(body) < length:
+            chunk = sock.recv(min(65536, length - len(body)))
+            if not chunk:
+                return False
+            body += chunk
+    except OSError:
+        return False
+    return len(body) == length
+
+
+def _errno_outcome(number: int | None) -> str:
+    import errno
+
+    return {errno.ECONNRESET: "reset", errno.EPIPE: "reset", errno.ECONNREFUSED: "refused"}.get(number, "error")
 
 
 def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_UPSTREAM_KINDS, tries: int = 0,
-                next_upstream_timeout: float = 0.0, **options) -> Request:
-    """One request: connect to peers as nginx would until one connects or the request gives up."""
+                next_upstream_timeout: float = 0.0, http: bool = False, read_timeout: float = 5.0,
+                **options) -> Request:
+    """One request: connect to peers as nginx would until one works or the request gives up.
+
+    ``http=False`` stops at the connect: a connected peer is a success.  ``http=True`` goes on as nginx
+    does: send the request, read the response header, and only then decide -- a peer that accepts and
+    then resets fails with "recv() failed (104: ...)" or "writev() failed", as nginx would log it.
+    With ``Upstream(keepalive=N)`` the request is HTTP/1.1 and a connection from the keepalive cache is
+    used when there is one for the picked peer (the attempt says ``reused``; no connect was made).
+    """
     from .api import connect
 
+    validate.flag("http", http)
+    read_timeout = validate.number("read_timeout", read_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
+    keepalive = bool(upstream.keepalive)
+    http = http or keepalive  # keepalive needs the exchange: it decides whether the connection is kept
     req = upstream.request(next_upstream=next_upstream, tries=tries, timeout_s=next_upstream_timeout)
-    limit = len(upstream.primary) + len(upstream.backup) + 1  # bound: each peer at most once per request
+    limit = 2 * (len(upstream.primary) + len(upstream.backup)) + 1  # each peer at most twice (a cached try)
     for _ in range(limit):
         peer = req.next_peer()
         if peer is None:
             break
-        res = connect(peer.address, timeout=timeout, keep=False, **options)
-        req.report(res.outcome, res.handshake_ms, nginx_log=res.ngx_log)
+        kept = upstream.keepalive_get(peer.address) if keepalive else None
+        if kept is None:
+            res = connect(peer.address, timeout=timeout, keep=http, **options)
+            if not (http and res.connected):
+                req.report(res.outcome, res.handshake_ms, nginx_log=res.ngx_log, level=res.ngx_level)
+                if req.result is not None:
+                    break
+                continue
+            kept = KeptConnection(peer.address, res.sock, started=upstream.msec_clock())
+            res.sock = None  # the KeptConnection owns it now
+            connect_ms = res.handshake_ms
+        else:
+            connect_ms = 0.0  # $upstream_connect_time of a cached connection
+        reused = kept.requests > 1
+        try:
+            outcome, stage, level, line, reusable = _exchange(kept.sock, read_timeout, keepalive=keepalive)
+        except BaseException:
+            kept.close()
+            raise
+        to_close = upstream.keepalive_free(kept) if reusable else kept
+        if to_close is not None:
+            to_close.close()
+        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused)
         if req.result is not None:
             break
     return req
@@ -333,6 +573,5 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
 
 def run_requests(upstream: Upstream, count: int, **kwargs) -> list[Request]:
     """``count`` requests one after another through the same upstream (shared failure state)."""
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
-        raise ValueError(f"requests={count!r} must be an int in 1..100000")
+    count = validate.integer("requests", count, 1, 100_000)
     return [run_request(upstream, **kwargs) for _ in range(count)]

@@ -50,7 +50,10 @@ def shown(value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** (MAX_SHOWN - 1):
         # repr() of a very large int is slow and (since 3.11) may refuse: say how big it is instead.
         return f"<an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits>"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # e.g. a tuple holding an integer too long to print (sys.get_int_max_str_digits)
+        return f"<a {type(value).__name__} too large to show>"
     if len(text) > MAX_SHOWN:
         return f"{text[:MAX_SHOWN - 3]}... ({len(text)} characters)"
     return text

@@ -4,9 +4,22 @@ Every control maps to one argument of :func:`nbconn.connect` (the socket options
 of :data:`nbconn.options.OPTIONS`, the non-blocking method, the epoll trigger,
 the connect timeout) or picks a lab peer.  "Connect" runs one attempt and shows
 its trace, its timeline, its outcome with nginx's verdict, and the options the
-kernel kept next to those you asked for.  "Run N" measures a distribution in a
-background thread (so the notebook stays responsive and "Stop" works), and
+kernel kept next to those you asked for.  "Run N" measures a distribution, and
 earlier runs can be kept and overlaid.
+
+Three promises to a learner, and where they are kept:
+
+* *The panel answers at once.*  A button's work runs in a thread of its own
+  (:meth:`LabPanel.connect` and :meth:`LabPanel.run` with ``background=True``):
+  the kernel is free again at once, so the button can show itself disabled, a
+  ticker can count the seconds, and Stop gets through.  A click while something
+  runs is answered, not queued.
+* *Nothing stale.*  The result area says which settings produced it; when a
+  control changes afterwards, or the next attempt is refused, the old result is
+  labelled "previous run" and dimmed (:meth:`LabPanel._mark_stale`).
+* *What it shows is what it uses.*  Values typed are taken as typed (the
+  timeout is a text box; the slider beside it only fills it in), and the kernel's
+  value is the only one: no control rounds or snaps a value the kernel set.
 
 Results go into HTML and Image widgets, never into an ``Output`` widget: text
 printed into an Output is stored differently by JupyterLab and by nbval, which
@@ -19,14 +32,22 @@ from __future__ import annotations
 
 import html
 import io
+import math
+import re
+import select
 import threading
+import time
 
 import ipywidgets as w
 
-from . import lab
+from . import lab, validate
 from .api import connect, connect_many
-from .measure import Measurement, scenario_target
+from .errors import OUTCOME_COLOURS
+from .flow import check_settings
+from .measure import Measurement
+from .strace import format_ns
 
+#: what the dropdown shows -> the scenario name of nbconn.validate.SCENARIOS
 SCENARIOS = {
     "listening peer": "listening",
     "refused (closed port)": "refused",
@@ -36,15 +57,61 @@ SCENARIOS = {
     "AF_UNIX backlog full": "unix-full",
     "impaired link (delay/jitter/loss)": "impaired",
 }
-OUTCOME_COLOURS = {"connected": "#2a9d8f", "refused": "#e76f51", "timed_out": "#6c757d", "reset": "#f4a261",
-                   "unreachable": "#9b5de5", "error": "#d62828"}
+assert set(SCENARIOS.values()) <= set(validate.SCENARIOS)  # one list of scenarios: validate's
+
+#: Run N's limits in the panel (tighter than the API's: a panel run should end while someone watches)
 MAX_RUN = 5000
+MAX_PANEL_CONCURRENCY = 1024
+#: the positions of the timeout slider; any other value can be typed into the box beside it
+TIMEOUT_PRESETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+#: the numeric socket options: (keyword, label, value shown until one is typed)
+NUMBER_OPTIONS = (("rcvbuf", "SO_RCVBUF (bytes)", 65536), ("sndbuf", "SO_SNDBUF (bytes)", 65536),
+                  ("syncnt", "TCP_SYNCNT (SYNs)", 2), ("user_timeout", "TCP_USER_TIMEOUT (ms)", 1000))
+FLAG_OPTIONS = (("keepalive", "SO_KEEPALIVE"), ("nodelay", "TCP_NODELAY"), ("reuseaddr", "SO_REUSEADDR"),
+                ("bind_address_no_port", "IP_BIND_ADDRESS_NO_PORT"))
+NONBLOCKING_LABELS = {"ioctl": "ioctl(FIONBIO)", "fcntl": "fcntl(O_NONBLOCK)", "setblocking": "sock.setblocking(False)"}
+TRIGGER_LABELS = {"edge": "edge (EPOLLET)", "level": "level"}
+#: what the text/plain fallback of a panel says (shown where the widget cannot be: before the cells have run,
+#: in a static page, in nbval's comparison)
+PLAIN_TEXT = "The nbconn lab panel ({}): run the notebook's cells (Run All) to use it here."
+#: how often the status line's clock and the progress bar are refreshed (s): often enough to read as live,
+#: rarely enough that a 5000-connect run does not send 5000 widget updates
+TICK_S = 0.1
+#: the reset scenario's first read waits at most this long for the peer's RST (s)
+FIRST_READ_S = 1.0
+#: the panel's pictures: pixels per inch, and how much larger than matplotlib's default every text is drawn
+PLOT_DPI = 100
+PLOT_FONT_SCALE = 1.2
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    return buf.getvalue()
+def _seconds(value: float) -> str:
+    """A timeout as set: 3 -> "3.000 s", 0.0015 -> "0.0015 s" (never rounded away)."""
+    return f"{value:.3f} s" if round(value, 3) == value else f"{value:g} s"
+
+
+# Scenario notes: what one Connect will and will not show for each peer.
+SCENARIO_NOTES = {
+    "listening": "A listener on 127.0.0.1: the handshake completes in the kernel before anyone calls accept().",
+    "refused": "Nothing listens on the port: the kernel answers the SYN with RST.  connect() still returns "
+               "EINPROGRESS (even on loopback the SYN is answered after the call returns); epoll then reports "
+               "the socket and getsockopt(SO_ERROR) reads ECONNREFUSED -- nginx's ngx_http_upstream_test_connect.",
+    "blackhole": "SYNs are dropped (a listener whose accept queue is full and never drained): nothing ever "
+                 "answers, the kernel retransmits the SYN, and only the connect timer (or TCP_SYNCNT) ends the "
+                 "attempt -- like nginx's proxy_connect_timeout.",
+    "reset": "The peer accepts, then closes with SO_LINGER {1, 0}, which sends RST.  The handshake completed "
+             "first, so the connect itself ends <b>connected</b>: the RST arrives <i>after</i> it, and the "
+             "client only learns on its first read.  The panel reads once after connecting and shows what "
+             "recv() returned (ECONNRESET: the RST).  Sometimes the RST is faster than the client's SO_ERROR "
+             "check (the acceptor runs on another core): then the connect itself ends <b>reset</b>.",
+    "slow-accept": "An accept queue of 8 and an acceptor that takes one connection every 5 ms.  One Connect "
+                   "looks normal (one SYN fits in the queue); a burst shows it: <b>Run N</b> with repeat count "
+                   "100 and concurrency 100 overflows the queue, the kernel drops SYNs, and part of the burst "
+                   "connects only after the ~1 s SYN retransmission.",
+    "unix-full": "An AF_UNIX listener whose backlog is full: no handshake and no timer, connect() itself "
+                 "answers EAGAIN at once (nginx: NGX_DECLINED, next peer).",
+    "impaired": "A real link with delay, jitter and loss between two network namespaces the lab creates.",
+}
+SLOW_ACCEPT_BURST = (100, 100)  # (repeat count, concurrency) the slow-acceptor note offers
 
 
 class LabPanel:
@@ -53,31 +120,53 @@ class LabPanel:
     def __init__(self, *, scenarios=None, compact: bool = False, scenario: str = "listening peer",
                  timeout: float = 1.0) -> None:
         names = list(scenarios or SCENARIOS)
-        self.wire_reason = lab.wire_unavailable_reason()
-        style = {"description_width": "150px"}
-        self.scenario = w.Dropdown(options=names, value=scenario, description="scenario", style=style)
-        self.delay_ms = w.FloatSlider(value=10, min=0, max=200, step=1, description="delay each way (ms)", style=style)
-        self.jitter_ms = w.FloatSlider(value=0, min=0, max=20, step=0.5, description="jitter (ms)", style=style)
-        self.loss = w.FloatSlider(value=0, min=0, max=0.5, step=0.01, description="loss each way", style=style)
-        self.wire_note = w.HTML()
-        self.timeout = w.FloatLogSlider(value=timeout, base=10, min=-2, max=1, step=0.05,
-                                        description="connect timeout (s)", style=style, readout_format=".2f")
-        self.keepalive = w.Checkbox(description="SO_KEEPALIVE")
-        self.nodelay = w.Checkbox(description="TCP_NODELAY")
-        self.reuseaddr = w.Checkbox(description="SO_REUSEADDR")
-        self.bind_address_no_port = w.Checkbox(description="IP_BIND_ADDRESS_NO_PORT")
-        self.trigger = w.ToggleButtons(options=[("edge (EPOLLET)", "edge"), ("level", "level")], value="edge",
-                                       description="epoll", style=style)
-        self.nonblocking = w.Dropdown(options=[("ioctl(FIONBIO)", "ioctl"), ("fcntl(O_NONBLOCK)", "fcntl"),
-                                               ("sock.setblocking(False)", "setblocking")],
-                                      value="ioctl", description="non-blocking via", style=style)
-        self.rcvbuf = w.IntText(value=0, description="SO_RCVBUF (0=default)", style=style)
-        self.sndbuf = w.IntText(value=0, description="SO_SNDBUF (0=default)", style=style)
-        self.syncnt = w.IntText(value=0, description="TCP_SYNCNT (0=default)", style=style)
-        self.user_timeout = w.IntText(value=0, description="TCP_USER_TIMEOUT ms", style=style)
-        self.count = w.IntText(value=200, description="repeat count", style=style)
-        self.concurrency = w.IntText(value=16, description="concurrency", style=style)
-        self.keep_runs = w.Checkbox(value=True, description="keep earlier runs to compare")
+        self.compact = compact
+        self.wire_reason = lab.wire_unavailable_reason() if "impaired" in {SCENARIOS[n] for n in names} else None
+        wide = {"description_width": "170px"}
+        row = {"width": "520px"}
+        self.scenario = w.Dropdown(options=names, value=scenario, description="scenario", style=wide, layout=row)
+        self.scenario_note = w.HTML(layout={"max_width": "760px"})
+        self.use_burst_button = w.Button(description=f"use {SLOW_ACCEPT_BURST[0]} connects, "
+                                                     f"{SLOW_ACCEPT_BURST[1]} at once",
+                                         icon="forward", layout={"width": "260px", "display": "none"})
+        self.delay_ms = w.FloatSlider(value=10, min=0, max=200, step=1, description="delay each way (ms)",
+                                      style=wide, layout=row)
+        self.jitter_ms = w.FloatSlider(value=0, min=0, max=20, step=0.5, description="jitter (ms)", style=wide,
+                                       layout=row)
+        self.loss = w.FloatSlider(value=0, min=0, max=0.5, step=0.01, description="loss each way", style=wide,
+                                  layout=row)
+        self.wire_note = w.HTML(layout={"max_width": "760px"})
+        # The timeout is a text box (what is typed is what is used); the slider is a quick pick that fills it.
+        self.timeout = w.FloatText(value=float(timeout), description="connect timeout (s)", style=wide,
+                                   layout={"width": "300px"})
+        self.timeout_slider = w.SelectionSlider(options=[(f"{v:g} s", v) for v in TIMEOUT_PRESETS],
+                                                value=_nearest_preset(float(timeout)), description="quick pick",
+                                                readout=False, continuous_update=True,
+                                                style={"description_width": "80px"}, layout={"width": "440px"})
+        self.flags = {name: w.Checkbox(description=label, indent=False, layout={"width": "300px"})
+                      for name, label in FLAG_OPTIONS}
+        self.keepalive, self.nodelay = self.flags["keepalive"], self.flags["nodelay"]
+        self.reuseaddr, self.bind_address_no_port = self.flags["reuseaddr"], self.flags["bind_address_no_port"]
+        self.trigger = w.ToggleButtons(options=[(TRIGGER_LABELS[t], t) for t in validate.TRIGGERS], value="edge",
+                                       description="epoll", style=wide)
+        self.nonblocking = w.Dropdown(options=[(NONBLOCKING_LABELS[m], m) for m in validate.NONBLOCKING_METHODS],
+                                      value="ioctl", description="non-blocking via", style=wide, layout=row)
+        # A numeric option is either unset (the kernel's default: nothing is passed) or a value the API checks;
+        # 0 is not a stand-in for "default" (the API rejects rcvbuf=0).  Typing a value un-ticks "unset".
+        self.numbers: dict[str, w.IntText] = {}
+        self.unset: dict[str, w.Checkbox] = {}
+        for name, label, example in NUMBER_OPTIONS:
+            box = w.IntText(value=example, description=label, style=wide, layout={"width": "320px"})
+            unset = w.Checkbox(value=True, description="unset (kernel default)", indent=False,
+                               layout={"width": "200px"})
+            box.observe(lambda _change, u=unset: setattr(u, "value", False), names="value")
+            self.numbers[name], self.unset[name] = box, unset
+            setattr(self, name, box)
+            setattr(self, f"{name}_unset", unset)
+        self.count = w.IntText(value=200, description="repeat count", style=wide, layout={"width": "320px"})
+        self.concurrency = w.IntText(value=16, description="concurrency", style=wide, layout={"width": "320px"})
+        self.keep_runs = w.Checkbox(value=True, description="keep earlier runs to compare", indent=False,
+                                    layout={"width": "300px"})
 
         self.connect_button = w.Button(description="Connect", button_style="primary", icon="plug")
         self.run_button = w.Button(description="Run N", button_style="info", icon="play")
@@ -85,73 +174,135 @@ class LabPanel:
         self.clear_button = w.Button(description="Clear runs", icon="trash")
 
         self.status = w.HTML(value="<i>Pick a scenario and press Connect.</i>")
+        self.result_header = w.HTML()
         self.outcome = w.HTML()
         self.trace = w.HTML()
         self.options_view = w.HTML()
-        self.timeline = w.Image(format="png")
-        self.progress = w.IntProgress(value=0, min=0, max=1, description="run", layout={"visibility": "hidden"})
-        self.distribution = w.Image(format="png")
+        # Images stay hidden until they hold a picture (an empty Image renders as a broken-image icon).
+        self.timeline = w.Image(format="png", layout={"display": "none", "width": "100%", "max_width": "1000px"})
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="run", layout={"display": "none"})
+        self.distribution = w.Image(format="png", layout={"display": "none", "width": "100%",
+                                                          "max_width": "1000px"})
 
         self.result = None  # the last Result of Connect
+        self.first_read: str | None = None  # what the reset scenario's one recv() returned
         self.runs: list[Measurement] = []
+        self.connects_started = 0  # how many Connects ran (a click while one runs must not add one)
+        self.ignored_clicks = 0  # clicks answered "still running" during the job in flight
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the job running now (Connect or Run N), if any
         self._lock = threading.Lock()
+        self._shown_inputs: dict | None = None  # the inputs behind what the result area shows
+        self._fresh: dict = {}  # the result area's HTML as drawn, to re-draw it dimmed when it goes stale
+        self._stale = False
+        self._syncing_timeout = False
+        self._peer_ready_at: float | None = None
 
-        self.connect_button.on_click(lambda _: self.connect())
+        self.connect_button.on_click(lambda _: self.connect(background=True))
         self.run_button.on_click(lambda _: self.run(background=True))
         self.stop_button.on_click(lambda _: self.stop())
         self.clear_button.on_click(lambda _: self.clear())
-        self.scenario.observe(lambda _: self._sync_wire(), names="value")
-        self._sync_wire()
+        self.use_burst_button.on_click(lambda _: self.use_burst())
+        self.timeout_slider.observe(self._slider_moved, names="value")
+        self.timeout.observe(self._timeout_typed, names="value")
+        self.scenario.observe(lambda _: self._sync_scenario(), names="value")
+        for control in self._inputs():
+            control.observe(lambda _: self._inputs_changed(), names="value")
+        self._sync_scenario()
         self.widget = self._layout(compact)
 
     # -- layout ----------------------------------------------------------------------
     def _layout(self, compact: bool):
+        timeout_row = w.HBox([self.timeout, self.timeout_slider])
+        result = [self.result_header, self.outcome, self.timeline, self.trace]
         if compact:
-            controls = w.VBox([self.scenario, self.timeout, w.HBox([self.connect_button])])
-            return w.VBox([controls, self.status, self.outcome, self.timeline, self.trace])
+            controls = w.VBox([self.scenario, self.scenario_note, self.wire_note, timeout_row,
+                               w.HBox([self.connect_button])])
+            return w.VBox([controls, self.status, *result])
         wire = w.VBox([self.delay_ms, self.jitter_ms, self.loss, self.wire_note])
-        flags = w.VBox([self.keepalive, self.nodelay, self.reuseaddr, self.bind_address_no_port])
-        numbers = w.VBox([self.rcvbuf, self.sndbuf, self.syncnt, self.user_timeout])
-        flow = w.VBox([self.timeout, self.trigger, self.nonblocking, self.count, self.concurrency, self.keep_runs])
-        tabs = w.Tab(children=[w.VBox([self.scenario, wire]), flow, w.HBox([flags, numbers])])
+        flags = w.VBox(list(self.flags.values()))
+        numbers = w.VBox([w.HBox([self.numbers[n], self.unset[n]]) for n, _, _ in NUMBER_OPTIONS])
+        flow = w.VBox([timeout_row, self.trigger, self.nonblocking, self.count, self.concurrency, self.keep_runs])
+        tabs = w.Tab(children=[w.VBox([self.scenario, self.scenario_note, self.use_burst_button, wire]), flow,
+                               w.HBox([flags, numbers])])
         for i, title in enumerate(("scenario", "the flow", "socket options")):
             tabs.set_title(i, title)
         buttons = w.HBox([self.connect_button, self.run_button, self.stop_button, self.clear_button])
-        one = w.VBox([self.outcome, self.timeline, self.trace, self.options_view])
+        one = w.VBox([*result, self.options_view])
         return w.VBox([tabs, buttons, self.status, self.progress,
                        w.Accordion(children=[one, self.distribution], titles=("one connect", "distribution"),
                                    selected_index=0)])
 
-    def _ipython_display_(self):
-        from IPython.display import display
+    def _repr_mimebundle_(self, **kwargs):
+        # The widget view, and -- where no widget can show (before the cells ran, a static page, nbval) --
+        # a sentence instead of ipywidgets' "VBox(children=(Tab(..." repr.
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = PLAIN_TEXT.format("compact slice" if self.compact else "every knob")
+        return bundle
 
-        display(self.widget)
+    def _inputs(self) -> list:
+        """Every control whose value changes what Connect or Run N does."""
+        return [self.scenario, self.delay_ms, self.jitter_ms, self.loss, self.timeout, self.trigger,
+                self.nonblocking, *self.flags.values(), *self.numbers.values(), *self.unset.values(),
+                self.count, self.concurrency]
 
-    def _sync_wire(self) -> None:
-        impaired = SCENARIOS.get(self.scenario.value) == "impaired"
+    def _sync_scenario(self) -> None:
+        name = self._scenario_name()
+        impaired = name == "impaired"
         usable = impaired and self.wire_reason is None
         for slider in (self.delay_ms, self.jitter_ms, self.loss):
             slider.disabled = not usable
+            slider.layout.display = None if impaired else "none"  # the link's knobs, shown with the link only
+        self.scenario_note.value = f"<div style='color:#444;{TEXT}'>{SCENARIO_NOTES[name]}</div>"
+        self.use_burst_button.layout.display = None if name == "slow-accept" and not self.compact else "none"
         if impaired and self.wire_reason:
-            self.wire_note.value = f"<span style='color:#d62828'>the impaired link cannot run here: " \
-                                   f"{html.escape(self.wire_reason)}</span>"
+            from . import data
+
+            recorded = [n for n in data.available() if n.startswith("impaired")]
+            loads = ", ".join(f"<code>nbconn.data.load({n!r})</code>" for n in recorded)
+            self.wire_note.value = (
+                f"<div style='color:#9a3412;{TEXT}'>The impaired link cannot run here: "
+                f"{html.escape(self.wire_reason)}<br>That line (<code>nbconn.lab.wire_unavailable_reason()</code>) "
+                "names what to change; until then, runs recorded on such a link ship with nbconn"
+                + (f": {loads} (plotted in notebook 08)." if loads else " (nbconn.data).") + "</div>")
         else:
             self.wire_note.value = ""
 
+    # -- the timeout: a box that takes values exactly, and a slider that fills it in --------------------
+    def _slider_moved(self, change) -> None:
+        if not self._syncing_timeout:
+            self.timeout.value = float(change["new"])
+
+    def _timeout_typed(self, change) -> None:
+        # Move the slider near the typed value without writing the slider's value back into the box.
+        self._syncing_timeout = True
+        try:
+            value = change["new"]
+            if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+                self.timeout_slider.value = _nearest_preset(float(value))
+        finally:
+            self._syncing_timeout = False
+
     # -- reading the controls ---------------------------------------------------------
     def options(self) -> dict:
-        """The keyword arguments for nbconn.connect that the controls describe (0 = leave the default)."""
-        opts: dict = {"timeout": round(float(self.timeout.value), 3), "trigger": self.trigger.value,
+        """The keyword arguments for nbconn.connect that the controls describe (unset options are left out)."""
+        opts: dict = {"timeout": self.timeout.value, "trigger": self.trigger.value,
                       "nonblocking": self.nonblocking.value}
-        for box in ("keepalive", "nodelay", "reuseaddr", "bind_address_no_port"):
-            if getattr(self, box).value:
-                opts[box] = True
-        for number in ("rcvbuf", "sndbuf", "syncnt", "user_timeout"):
-            value = getattr(self, number).value
-            if value:
-                opts[number] = value
+        for name, box in self.flags.items():
+            if box.value:
+                opts[name] = True
+        for name, box in self.numbers.items():
+            if not self.unset[name].value:
+                opts[name] = box.value
+        return opts
+
+    def _checked_options(self) -> dict:
+        """options(), checked by the API's own rule (raises ValueError/TypeError naming the value)."""
+        opts = self.options()
+        check_settings(timeout=opts["timeout"], nonblocking=opts["nonblocking"], trigger=opts["trigger"],
+                       options={k: v for k, v in opts.items() if k not in ("timeout", "nonblocking", "trigger")})
+        if self._scenario_name() == "impaired" and self.wire_reason:
+            raise RuntimeError(f"the impaired link cannot run here: {self.wire_reason}")
         return opts
 
     def _scenario_name(self) -> str:
@@ -160,67 +311,217 @@ class LabPanel:
     def _target(self):
         """Start the chosen peer; a context manager yielding (target, context manager for the client side)."""
         name = self._scenario_name()
-        if name == "impaired" and self.wire_reason:
-            raise RuntimeError(f"the impaired link cannot run here: {self.wire_reason}")
         wire = {}
         if name == "impaired":
             wire = {"delay_ms": self.delay_ms.value, "jitter_ms": min(self.jitter_ms.value, self.delay_ms.value),
                     "loss": self.loss.value}
-        return scenario_target(name, **wire)
+        return lab.scenario(name, **wire)
 
-    def _say(self, message: str, *, error: bool = False) -> None:
+    def _snapshot(self) -> dict:
+        """The inputs as they are now (to tell later whether what is shown still matches them)."""
+        return {id(c): c.value for c in self._inputs()}
+
+    def _say(self, message: str, *, error: bool = False, busy: bool = False) -> None:
         colour = "#d62828" if error else "#333"
-        self.status.value = f"<span style='color:{colour}'>{html.escape(message)}</span>"
+        weight = "font-weight:600;" if busy else ""  # a job is running: the line that changes stands out
+        self.status.value = f"<span style='color:{colour};{weight}'>{html.escape(message)}</span>"
+
+    @property
+    def status_text(self) -> str:
+        """The status line as plain text (what a person reads in it)."""
+        return _plain(self.status.value)
+
+    @property
+    def result_header_text(self) -> str:
+        """The line above the result as plain text: "last Connect: ..." or "previous run (...): why"."""
+        return _plain(self.result_header.value)
+
+    def _busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _refuse_if_busy(self) -> bool:
+        """A click while a job runs is answered in the status line and dropped (never queued)."""
+        if self._busy():
+            self.ignored_clicks += 1
+            self._say(re.sub(r" -- \d+ clicks? ignored.*", "", self.status_text) + self._ignored_note(), busy=True)
+            return True
+        return False
+
+    def _ignored_note(self) -> str:
+        n = self.ignored_clicks
+        return f" -- {n} click{'s' if n > 1 else ''} ignored while this runs" if n else ""
+
+    # -- the result area: fresh, or labelled "previous run" ---------------------------------------------
+    def _describe_inputs(self, opts: dict) -> str:
+        parts = [self.scenario.value, f"timeout {_seconds(opts['timeout'])}", f"epoll {opts['trigger']}",
+                 NONBLOCKING_LABELS[opts["nonblocking"]]]
+        parts += [f"{k}={v}" if v is not True else k for k, v in opts.items()
+                  if k not in ("timeout", "trigger", "nonblocking")]
+        if self._scenario_name() == "impaired":
+            parts.append(f"delay {self.delay_ms.value:g} ms, jitter {self.jitter_ms.value:g} ms, "
+                         f"loss {self.loss.value:g}")
+        return ", ".join(parts)
+
+    def _show_result(self, header: str, outcome: str, trace: str, options_html: str, png: bytes) -> None:
+        self._fresh = {"header": header, "outcome": outcome, "trace": trace, "options": options_html}
+        self._stale = False
+        self.result_header.value = f"<div style='{TEXT}'><b>last Connect</b>: {html.escape(header)}</div>"
+        self.outcome.value, self.trace.value, self.options_view.value = outcome, trace, options_html
+        self.timeline.value = png
+        self.timeline.layout.display = None if png else "none"
+
+    def _mark_stale(self, why: str) -> None:
+        """Label what the result area shows as a previous run (dimmed, its picture hidden)."""
+        if not self._fresh:
+            return
+        self._stale = True
+        dim = "<div style='opacity:0.45'>{}</div>"
+        self.result_header.value = (f"<div style='{TEXT}'><b style='color:#9a3412'>previous run</b> "
+                                    f"({html.escape(self._fresh['header'])}): {html.escape(why)}</div>")
+        self.outcome.value = dim.format(self._fresh["outcome"])
+        self.trace.value = dim.format(self._fresh["trace"])
+        self.options_view.value = dim.format(self._fresh["options"])
+        self.timeline.layout.display = "none"
+
+    def _inputs_changed(self) -> None:
+        busy = self._busy()
+        connecting = busy and self._thread.name == "nbconn-lab-connect"
+        # (a Connect in flight already labelled the area; its result is checked against the inputs when it lands)
+        if not connecting and self._fresh and self._shown_inputs is not None \
+                and self._snapshot() != self._shown_inputs:
+            self._mark_stale("the settings have changed since; press Connect to see them")
+        if not busy and "color:#d62828" in self.status.value:  # an error about values that are no longer there
+            self._say("settings changed: press Connect or Run N")
+
+    def _refused(self, what: str, exc: Exception) -> None:
+        self._say(f"{what}: {exc}", error=True)
+        self._mark_stale("the last attempt was not run (see the red line above)")
 
     # -- Connect ------------------------------------------------------------------------
-    def connect(self) -> None:
-        """One attempt with the current settings; every result widget is updated."""
-        try:
-            opts = self.options()
-            with self._target() as (target, client_side), client_side():
-                res = connect(target, keep=False, **opts)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            self._say(f"not connected: {exc}", error=True)
+    def connect(self, *, background: bool = False) -> None:
+        """One attempt with the current settings; every result widget is updated.
+
+        ``background=True`` (the button) runs it in a thread: the button is disabled and the status line counts
+        the seconds until the result is in.
+        """
+        if self._refuse_if_busy():
             return
-        self.result = res
+        try:
+            opts = self._checked_options()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            self._refused("not connected", exc)
+            return
+        inputs, header = self._snapshot(), self._describe_inputs(opts)
+        self.connects_started += 1
+        self.ignored_clicks = 0
+        self._mark_stale("a new Connect is running")
+        self.connect_button.disabled = self.run_button.disabled = True
+        timeout, peer_name = opts["timeout"], self.scenario.value
+        done = threading.Event()
+        started = time.monotonic()
+        self._peer_ready_at = None  # set by the job once the peer runs: the connect's own clock starts there
+
+        def tick() -> None:  # the status line's clock: elapsed and the most it can take
+            while not done.wait(TICK_S):
+                with self._lock:
+                    if done.is_set():
+                        break
+                    ready = self._peer_ready_at
+                    if ready is None:  # the peer (an impaired link: two namespaces) is still being set up
+                        self._say(f"starting {peer_name}... {time.monotonic() - started:.1f} s"
+                                  f"{self._ignored_note()}", busy=True)
+                    else:
+                        self._say(f"connecting to {peer_name}... {time.monotonic() - ready:.1f} s "
+                                  f"(up to {_seconds(timeout)}){self._ignored_note()}", busy=True)
+
+        def job() -> None:
+            try:
+                self._connect_job(opts, inputs, header, done)
+            except Exception as exc:  # a bug must not leave the panel saying "connecting..." for ever
+                with self._lock:
+                    done.set()
+                    self._refused("Connect failed", exc)
+            finally:
+                with self._lock:
+                    done.set()
+                self.connect_button.disabled = self.run_button.disabled = False
+
+        self._say(f"connecting to {self.scenario.value}... (up to {_seconds(timeout)})", busy=True)
+        if background:
+            self._thread = threading.Thread(target=job, name="nbconn-lab-connect", daemon=True)
+            self._thread.start()
+            threading.Thread(target=tick, name="nbconn-lab-clock", daemon=True).start()
+        else:
+            job()
+
+    def _connect_job(self, opts: dict, inputs: dict, header: str, done: threading.Event) -> None:
+        # Each final write happens under the lock with `done` set first, so the clock cannot write
+        # "connecting..." over the result.
+        scenario = self._scenario_name()
+        try:
+            with self._target() as (target, client_side), client_side():
+                self._peer_ready_at = time.monotonic()
+                res = connect(target, keep=scenario == "reset", **opts)
+                first_read = _read_once(res) if scenario == "reset" else None
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+            with self._lock:
+                done.set()
+                self._refused("not connected", exc)
+            return
+        self.result, self.first_read = res, first_read
         colour = OUTCOME_COLOURS.get(res.outcome, "#333")
-        ms = "" if res.handshake_ns is None else f" in {res.handshake_ns / 1e6:.3f} ms"
-        self.outcome.value = (
-            f"<b style='color:{colour}'>{res.outcome}</b> {html.escape(res.errno or '')}{ms} &nbsp; "
+        took = "" if res.handshake_ns is None else f" in {format_ns(res.handshake_ns)}"
+        outcome = (
+            f"<b style='color:{colour}'>{res.outcome}</b> {html.escape(res.errno or '')}{took} &nbsp; "
             f"connect() returned <code>{res.connect_returned}</code>; nginx: <code>{res.ngx_connect} -&gt; "
             f"{res.ngx_decision}</code>" + (f"<br>nginx would log: <code>{html.escape(res.ngx_log)}</code>"
                                            if res.ngx_log else ""))
-        self.trace.value = _trace_html(res)
-        self.options_view.value = _options_html(res)
-        from . import plots
+        if first_read is not None:
+            why = (" -- the peer's RST arrived after the handshake had completed, so connect() could not see it"
+                   if "ECONNRESET" in first_read else "")
+            outcome += f"<br>then the first read: <code>{html.escape(first_read)}</code>{why}"
+        outcome = f"<div style='{TEXT}'>{outcome}</div>"
+        png = _png(lambda: _plots().timeline(res), tidy=_tidy_timeline)
+        with self._lock:
+            done.set()
+            self._show_result(header, outcome, _trace_html(res), _options_html(res), png)
+            self._shown_inputs = inputs
+            self._say(f"{res.target}: {self.result_line()}")
+            if self._snapshot() != inputs:  # a control moved while the connect ran
+                self._mark_stale("the settings have changed since; press Connect to see them")
 
-        self.timeline.value = _png(plots.timeline(res))
-        self._say(f"{res.target}: {res.summary()}")
+    def result_line(self) -> str:
+        """The last Connect in one line, durations in readable units."""
+        res = self.result
+        if res is None:
+            return "no Connect yet"
+        parts = [res.outcome] + ([res.errno] if res.errno else [])
+        if res.handshake_ns is not None:
+            parts.append(f"in {format_ns(res.handshake_ns)}")
+        parts.append(f"(nginx: {res.ngx_connect} -> {res.ngx_decision})")
+        if self.first_read is not None:
+            parts.append(f"; first read: {self.first_read}")
+        return " ".join(parts)
 
     # -- Run N ---------------------------------------------------------------------------
     def run(self, *, background: bool = False) -> None:
         """Measure ``count`` connects; in a thread when ``background`` (the Stop button can end it)."""
+        if self._refuse_if_busy():
+            return
         try:
-            opts = self.options()
-            count, concurrency = self.count.value, self.concurrency.value
-            if not 1 <= count <= MAX_RUN:
-                raise ValueError(f"repeat count {count} is outside 1..{MAX_RUN}")
-            if not 1 <= concurrency <= 1024:
-                raise ValueError(f"concurrency {concurrency} is outside 1..1024")
-            from .flow import check_settings
-
-            check_settings(timeout=opts["timeout"], nonblocking=opts["nonblocking"], trigger=opts["trigger"],
-                           options={k: v for k, v in opts.items() if k not in ("timeout", "nonblocking", "trigger")})
-        except (ValueError, TypeError) as exc:
+            count = validate.integer("repeat count", self.count.value, 1, MAX_RUN)
+            concurrency = validate.integer("concurrency", self.concurrency.value, 1, MAX_PANEL_CONCURRENCY)
+            opts = self._checked_options()
+        except (ValueError, TypeError, RuntimeError) as exc:
             self._say(f"not run: {exc}", error=True)
             return
-        if self._thread is not None and self._thread.is_alive():
-            self._say("a run is already going: press Stop first", error=True)
-            return
         self._stop.clear()
+        self.ignored_clicks = 0
         self.progress.max, self.progress.value = count, 0
-        self.progress.layout.visibility = "visible"
-        self.run_button.disabled, self.stop_button.disabled = True, False
+        self.progress.layout.display = None
+        self.run_button.disabled = self.connect_button.disabled = True
+        self.stop_button.disabled = False
+        self._say(f"running 0/{count}", busy=True)  # replaces whatever the last run said, red or not
         job = (lambda: self._run(count, concurrency, opts))
         if background:
             self._thread = threading.Thread(target=job, name="nbconn-lab-run", daemon=True)
@@ -229,49 +530,66 @@ class LabPanel:
             job()
 
     def _run(self, count: int, concurrency: int, opts: dict) -> None:
+        finished = [0]
+        started = time.monotonic()
+        last = [0.0]
+
+        def tick(_index, _result) -> None:  # called by connect_many as each attempt is decided
+            finished[0] += 1
+            now = time.monotonic()
+            if now - last[0] >= TICK_S or finished[0] == count:
+                last[0] = now
+                self.progress.value = finished[0]
+                self._say(f"running {finished[0]}/{count} ({now - started:.1f} s){self._ignored_note()}",
+                          busy=True)
+
         try:
             timeout = opts.pop("timeout")
             with self._target() as (target, client_side), client_side():
                 results = connect_many([target] * count, concurrency=concurrency, timeout=timeout,
-                                       on_result=self._tick, stop=self._stop.is_set, **opts)
-            label = f"{self.scenario.value}, timeout {timeout:g} s"
+                                       on_result=tick, stop=self._stop.is_set, **opts)
+            counts = run_counts(results)
+            decided = [r for r in results if r.errno != "ECANCELED"]
+            label = f"{self.scenario.value}, timeout {_seconds(timeout)}"
+            if counts["not started"] or counts["cut short"]:
+                label += f", stopped after {counts['finished']} of {count}"
             if any(m.label == label for m in self.runs):  # same settings again: number the repeat
                 label += f" (#{sum(m.label.startswith(label) for m in self.runs) + 1})"
-            m = Measurement.from_results(results, label=label, scenario=self._scenario_name(), timeout_s=timeout,
+            m = Measurement.from_results(decided, label=label, scenario=self._scenario_name(), timeout_s=timeout,
                                          concurrency=concurrency, settings=opts)
             with self._lock:
                 self.runs = (self.runs if self.keep_runs.value else []) + [m]
-            stopped = " (stopped)" if self._stop.is_set() else ""
-            counts = ", ".join(f"{k} {v}" for k, v in m.outcome_counts().items())
-            self._say(f"{label}: {counts}{stopped}")
             self._draw_runs()
+            self._say(f"{label}: {describe_counts(counts, m.outcome_counts())}")
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             self._say(f"run failed: {exc}", error=True)
         finally:
-            self.run_button.disabled, self.stop_button.disabled = False, True
-            self.progress.layout.visibility = "hidden"
-
-    def _tick(self, index: int, result) -> None:
-        self.progress.value += 1
+            self.progress.value = finished[0]
+            self.run_button.disabled = self.connect_button.disabled = False
+            self.stop_button.disabled = True
+            self.progress.layout.display = "none"
 
     def _draw_runs(self) -> None:
-        from . import plots
-
         with self._lock:
             runs = list(self.runs)
-        if runs:
-            self.distribution.value = _png(plots.compare(runs, log_x=True, title="handshake times"))
-        else:
-            self.distribution.value = b""
+        png = _png(lambda: _distribution(runs), tidy=_tidy_distribution) if runs else b""
+        self.distribution.value = png
+        self.distribution.layout.display = None if png else "none"
 
     def stop(self) -> None:
         self._stop.set()
 
+    def use_burst(self) -> None:
+        """The slow-acceptor note's offer: set Run N to a burst that overflows the accept queue."""
+        self.count.value, self.concurrency.value = SLOW_ACCEPT_BURST
+        self._say(f"repeat count {SLOW_ACCEPT_BURST[0]}, concurrency {SLOW_ACCEPT_BURST[1]}: press Run N")
+
     def wait(self, timeout_s: float = 60.0) -> bool:
-        """Wait for a background run to end (bounded); True when it has."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            return not self._thread.is_alive()
+        """Wait for a background Connect or run to end (bounded); True when it has."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
         return True
 
     def clear(self) -> None:
@@ -281,13 +599,158 @@ class LabPanel:
         self._say("runs cleared")
 
 
+def run_counts(results) -> dict:
+    """How a (possibly stopped) run ended: finished, cut short by Stop (in flight), not started."""
+    not_started = sum(1 for r in results if r.errno == "ECANCELED" and not r.started_ns)
+    cut_short = sum(1 for r in results if r.errno == "ECANCELED" and r.started_ns)
+    return {"finished": len(results) - not_started - cut_short, "cut short": cut_short, "not started": not_started}
+
+
+def describe_counts(counts: dict, outcomes: dict) -> str:
+    """ "16 finished (timed_out 16), 184 not started" -- connects Stop prevented are not errors."""
+    text = f"{counts['finished']} finished"
+    if outcomes:
+        text += " (" + ", ".join(f"{k} {v}" for k, v in outcomes.items()) + ")"
+    if counts["cut short"]:
+        text += f", {counts['cut short']} in flight stopped"
+    if counts["not started"]:
+        text += f", {counts['not started']} not started"
+    return text
+
+
+# Inline styles for the HTML widgets: ipywidgets gives an HTML widget the line height of a one-line control
+# (28 px), which spreads wrapped text and table rows far apart; times must not wrap inside their cell.
+TEXT = "line-height:1.45"
+_TABLE = "style='border-collapse:collapse;line-height:1.3;margin-top:4px'"
+_NUM = "style='white-space:nowrap;text-align:right;padding:1px 10px 1px 2px;vertical-align:top'"
+_CELL = "style='text-align:left;padding:1px 4px;vertical-align:top'"
+
+
+def _plain(markup: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", markup)).strip()
+
+
+def _read_once(res) -> str:
+    """One recv() on a connected (kept) socket, waiting at most FIRST_READ_S for something to arrive; closes it."""
+    sock = res.sock
+    if sock is None:
+        return f"no read: the connect ended {res.outcome}"
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        start = time.monotonic_ns()
+        ready = poller.poll(FIRST_READ_S * 1000)
+        waited = format_ns(time.monotonic_ns() - start)
+        if not ready:
+            return f"nothing to read within {FIRST_READ_S:g} s"
+        try:
+            data = sock.recv(1)
+        except ConnectionResetError:
+            return f"recv() = -1 ECONNRESET ({waited} after connected)"
+        except BlockingIOError:
+            return "recv() = -1 EAGAIN"
+        return f"recv() = {len(data)} ({waited} after connected)" + (" (EOF: FIN, not RST)" if not data else "")
+    finally:
+        res.close()
+
+
+def _plots():
+    from . import plots
+
+    return plots
+
+
+def _distribution(runs):
+    """plots.compare of the runs, labelled by what differs between them (the scenario goes in the title)."""
+    import dataclasses
+
+    scenarios = {m.label.split(", timeout ")[0] for m in runs}
+    if len(scenarios) == 1:
+        title = f"handshake times: {scenarios.pop()}"
+        runs = [dataclasses.replace(m, label=m.label.split(", ", 1)[-1]) for m in runs]
+    else:
+        title = "handshake times"
+    return _plots().compare(runs, log_x=True, title=title)
+
+
+def _tidy_distribution(fig) -> None:
+    """Room for the panel's long run labels: a taller figure, one legend (the ECDF's), plain tick labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig.set_size_inches(10, 4.8)
+    left, right = fig.axes[:2]
+    if right.get_legend() is not None and left.get_legend() is not None:
+        left.get_legend().remove()
+    for ax in (left, right):
+        if ax.get_xscale() == "log":  # 200, 500, 1000 instead of crowded 2x10^2 3x10^2 4x10^2
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
+
+
+def _tidy_timeline(fig) -> None:
+    """If step labels overprint each other (steps microseconds apart on a 10 s axis), give each its own height.
+
+    Only when they do: a timeline whose labels already stand apart is left as plots.timeline drew it.
+    """
+    from matplotlib.text import Annotation, Text
+
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if isinstance(t, Annotation)]
+    if len(labels) < 2:
+        return
+    fig.draw_without_rendering()
+    boxes = [Text.get_window_extent(t) for t in labels]  # the text alone (an Annotation's box includes its leader)
+    if not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+        return
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, max(height, 1.4 + 0.22 * len(labels)))
+    low, high = ax.get_xlim()
+    for i, label in enumerate(labels):  # a staircase in time order: each label on a level of its own
+        right = label.xy[0] > low + 0.6 * (high - low)  # labels near the right edge grow leftwards
+        label.xyann = (-4 if right else 4, 10 + 12 * i)
+        label.set_horizontalalignment("right" if right else "left")
+        if hasattr(label, "_arrow_relpos"):  # the leader starts at the text's lower corner nearest the point
+            label._arrow_relpos = (1.0, 0.0) if right else (0.0, 0.0)
+
+
+def _png(make, tidy=None) -> bytes:
+    """Draw a figure with fonts a person can read at the size the panel shows it."""
+    from matplotlib.text import Text
+
+    fig = make()
+    if tidy is not None:
+        tidy(fig)
+    # Scale this figure's texts (not rcParams: that is global state, shared with the notebook's own plots
+    # while a background job draws).
+    for text in fig.findobj(Text):
+        text.set_fontsize(text.get_fontsize() * PLOT_FONT_SCALE)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI)
+    return buf.getvalue()
+
+
+def _nearest_preset(value: float) -> float:
+    """The slider position nearest to ``value`` on a log scale (the box keeps the exact value)."""
+    if not (math.isfinite(value) and value > 0):
+        return 1.0
+    return min(TIMEOUT_PRESETS, key=lambda p: abs(math.log(p) - math.log(value)))
+
+
 def _trace_html(res) -> str:
     t0 = res.started_ns
-    rows = "".join(
-        f"<tr><td>{'' if s.seed_step is None else s.seed_step}</td><td>{(s.t_ns - t0) / 1e3:.1f}</td>"
-        f"<td><code>{html.escape(s.call)}</code></td></tr>" for s in res.steps)
-    return ("<table class='nbconn-trace'><thead><tr><th>seed step</th><th>µs since socket()</th><th>syscall</th>"
-            f"</tr></thead><tbody>{rows}</tbody></table>")
+    rows = []
+    for s in res.steps:
+        step = s.ngx_step
+        rows.append(f"<tr><td {_NUM}>{'' if step is None else step.number}</td>"
+                    f"<td {_NUM}>{format_ns(s.t_start_ns - t0)}</td>"
+                    f"<td {_NUM}>{format_ns(s.duration_ns)}</td>"
+                    f"<td {_CELL}><code>{html.escape(s.call)}</code></td></tr>")
+    return (f"<table class='nbconn-trace' {_TABLE}><thead><tr><th {_NUM}>step</th><th {_NUM}>called at</th>"
+            f"<th {_NUM}>took</th><th {_CELL}>syscall</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<div style='color:#666;font-size:90%;{TEXT}'>step: which of the five steps (notebook 00); times from "
+            "just before socket(); <i>took</i>: how long the call itself ran (for epoll_wait: how long it waited; timer events take no time)</div>")
 
 
 def _options_html(res) -> str:
@@ -299,8 +762,9 @@ def _options_html(res) -> str:
         changed = value != asked
         style = " style='background:#fff3cd'" if changed else ""
         note = " (changed by the kernel)" if changed else ""
-        rows.append(f"<tr{style}><td>{name}</td><td>{asked!r}</td><td>{value!r}{note}</td></tr>")
-    return ("<table class='nbconn-options'><thead><tr><th>option</th><th>requested</th><th>effective</th></tr>"
+        rows.append(f"<tr{style}><td {_CELL}>{name}</td><td {_NUM}>{asked!r}</td><td {_CELL}>{value!r}{note}</td></tr>")
+    return (f"<table class='nbconn-options' {_TABLE}><thead><tr><th {_CELL}>option</th><th {_NUM}>requested</th>"
+            f"<th {_CELL}>effective</th></tr>"
             f"</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -310,7 +774,7 @@ def panel(**kwargs) -> LabPanel:
 
 
 def timeout_slider_panel(timeout: float = 0.2) -> LabPanel:
-    """A slice of the panel: the black hole, a timeout slider and Connect (notebook 06's experiment)."""
+    """A slice of the panel: the black hole, a timeout and Connect (notebook 06's experiment)."""
     return LabPanel(scenarios=["black hole (SYNs dropped)", "listening peer"], scenario="black hole (SYNs dropped)",
                     compact=True, timeout=timeout)
 

@@ -61,3 +61,55 @@ def no_fd_leak():
     # /proc listing itself may briefly show its own directory fd: re-check once.
     leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked, f"descriptors leaked: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
+
+
+# -- timing: deadline assertions scale with how late this machine wakes up right now ---------------
+
+_LOOP_LATENESS_MS: list[float] = []
+
+
+def loop_lateness_ms() -> float:
+    """The p90 lateness of 20 short epoll timers (2 ms), measured once per test session.
+
+    On a quiet machine this is ~0.1 ms; on 2 cores shared by eight test runs it can be
+    tens of ms.  Deadline assertions allow a multiple of it, so they test the code, not the load.
+    """
+    if not _LOOP_LATENESS_MS:
+        import time
+
+        from nbconn.loop import Loop
+
+        class Wake:
+            fired = False
+
+            def on_timer(self):
+                self.fired = True
+
+        late = []
+        with Loop() as loop:
+            for _ in range(20):
+                wake, deadline = Wake(), time.monotonic_ns() + 2_000_000
+                loop.call_at(deadline, wake)
+                while not wake.fired:
+                    loop.run_once()
+                late.append((time.monotonic_ns() - deadline) / 1e6)
+        late.sort()
+        _LOOP_LATENESS_MS.append(late[int(0.9 * len(late))])
+    return _LOOP_LATENESS_MS[0]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "timing: a deadline assertion; its tolerance scales with the loop-latency "
+                                       "baseline measured once at session start (fixture late_tolerance_ms)")
+
+
+@pytest.fixture(scope="session")
+def late_tolerance_ms():
+    """``late_tolerance_ms(quiet_ms)``: the allowed lateness, ``quiet_ms`` on a quiet machine, more under load."""
+    baseline = loop_lateness_ms()
+
+    def tolerance(quiet_ms: float) -> float:
+        # 1 ms of baseline lateness is "quiet"; beyond it, scale the budget with it (plus 10 baselines of headroom)
+        return quiet_ms * max(1.0, baseline) + 10 * baseline
+
+    return tolerance

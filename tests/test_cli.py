@@ -70,6 +70,7 @@ def test_timeout_exit_1_and_json():
         (["upstream", "--peer", "127.0.0.1:1", "--requests", "2", "--requests", "3"], "--requests given twice"),
         (["upstream", "--peer", "127.0.0.1:1", "--timeout", "0"], "timeout=0"),
         (["record", "no-such-dataset"], "no-such-dataset"),
+        (["connect", "127.0.0.1:1", "127.0.0.1:2", "--nginx-exact"], "--nginx-exact"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, words):
@@ -114,6 +115,10 @@ def test_no_library_module_imports_the_cli():
             if any(n.split(".")[-1] == "cli" or ".cli." in n or n.startswith("nbconn.cli") for n in names):
                 offenders.append(rel)
     assert offenders == []
+    code = ("import sys, nbconn.measure, nbconn.upstream, nbconn.record, nbconn.nginx, nbconn.httpd; "
+            "print('nbconn.cli' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT).stdout.strip() == "False"
 
 
 def test_console_script_and_python_m_agree():

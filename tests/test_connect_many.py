@@ -1,7 +1,7 @@
 """Many connects on one loop: order, concurrency bound, mixed outcomes, no descriptor left behind."""
 
 import contextlib
-import os
+import gc
 import resource
 
 import pytest
@@ -12,7 +12,8 @@ from nbconn.lab import blackhole, listening, refused, unix_listening
 from .conftest import open_fds
 
 
-def test_5000_mixed_connects_at_concurrency_200_leave_no_fd():
+@pytest.mark.timing
+def test_5000_mixed_connects_at_concurrency_200_leave_no_fd(late_tolerance_ms):
     before = open_fds()
     with contextlib.ExitStack() as stack:
         up = stack.enter_context(listening())
@@ -30,12 +31,14 @@ def test_5000_mixed_connects_at_concurrency_200_leave_no_fd():
     assert counts == {"connected": 3000, "refused": 1500, "timed_out": 500}, counts
     for r in results:
         if r.outcome == "timed_out":
-            assert 250e6 <= r.handshake_ns <= 300e6, r.handshake_ns  # within 50 ms of the deadline, under load
+            # within 50 ms of the deadline on a quiet machine; more under load
+            assert 250e6 <= r.handshake_ns <= 250e6 + late_tolerance_ms(50) * 1e6, r.handshake_ns
         assert r.sock is None
     assert open_fds() == before, "descriptors leaked"
 
 
-def test_concurrency_is_respected_and_results_in_order(no_fd_leak):
+@pytest.mark.timing
+def test_concurrency_is_respected_and_results_in_order(no_fd_leak, late_tolerance_ms):
     with blackhole() as hole:
         started = []
         results = nbconn.connect_many([hole] * 6, concurrency=2, timeout=0.1,
@@ -44,7 +47,7 @@ def test_concurrency_is_respected_and_results_in_order(no_fd_leak):
     # two at a time, each ~100 ms: the last finishes after ~300 ms
     first = min(r.started_ns for r in results)
     last = max(r.finished_ns for r in results)
-    assert 0.29 <= (last - first) / 1e9 < 0.6
+    assert 0.29 <= (last - first) / 1e9 < 0.6 + late_tolerance_ms(0) / 1e3
     assert sorted(started) == list(range(6))
 
 
@@ -85,7 +88,8 @@ def test_emfile_is_an_error_outcome_and_the_loop_goes_on():
     """socket() failing with EMFILE ends that attempt as nginx does (NGX_ERROR); later ones succeed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with listening() as up:
-        base = len(open_fds())
+        before = open_fds()
+        base = len(before)
         resource.setrlimit(resource.RLIMIT_NOFILE, (base + 8, hard))
         try:
             results = nbconn.connect_many([up] * 40, concurrency=20, timeout=2, keep=True)
@@ -94,16 +98,44 @@ def test_emfile_is_an_error_outcome_and_the_loop_goes_on():
         kinds = {(r.outcome, r.errno) for r in results}
         for r in results:
             r.close()
+        assert not open_fds() - before  # the kept sockets were all there was: closed, nothing else left open
     assert ("error", "EMFILE") in kinds and ("connected", None) in kinds
     emfile = next(r for r in results if r.errno == "EMFILE")
     assert emfile.ngx_connect == "NGX_ERROR" and emfile.ngx_log.startswith("socket() failed (24: Too many open files)")
-    assert os.listdir("/proc/self/fd")
+    assert (emfile.ngx_level, emfile.ngx_next, emfile.fd, emfile.sock) == ("alert", None, None, None)
 
 
 def test_bad_concurrency_and_target_named_before_any_socket(no_fd_leak):
     with pytest.raises(ValueError, match="concurrency=0"):
         nbconn.connect_many(["127.0.0.1:9"], concurrency=0)
-    with pytest.raises(TypeError, match="concurrency must be an int"):
+    with pytest.raises(TypeError, match="concurrency must be a whole number"):
         nbconn.connect_many(["127.0.0.1:9"], concurrency=2.5)
     with pytest.raises(ValueError, match="port 0"):
         nbconn.connect_many(["127.0.0.1:9", "127.0.0.1:0"])
+
+
+def test_2000_calls_leave_no_cyclic_garbage_alive():
+    """nbconn never keeps a caller's garbage alive (round 1 froze it into the oldest generation)."""
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    with listening() as up:
+        gc.collect()
+        before = len(gc.get_objects())
+        for i in range(2000):
+            Cycle()  # a caller's cyclic garbage, made between calls
+            if i % 2:
+                nbconn.connect(up, timeout=2)
+            else:
+                nbconn.connect_many([up], timeout=2)
+        # no gc.collect() first: the collector's own young-generation passes must have freed them
+        alive = sum(1 for o in gc.get_objects() if type(o) is Cycle)
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+    # at most what waits for the next young-generation pass (it runs every gc.get_threshold()[0] net allocations)
+    assert alive <= gc.get_threshold()[0], f"{alive} of 2000 cyclic garbage objects still alive"
+    assert grown < 2000, grown  # nothing per call piles up either
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+

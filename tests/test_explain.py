@@ -1,6 +1,8 @@
 """The notebook demonstrations measure what they claim, on this kernel."""
 
-import socket
+import re
+
+import pytest
 
 from nbconn import explain, lab
 from nbconn.explain import Table
@@ -21,8 +23,38 @@ def test_rcvbuf_is_doubled_and_capped():
 
 def test_edge_reports_once_level_every_time():
     rows = explain.edge_vs_level(rounds=3).rows
-    assert "edge" in rows[0][1] and all("edge" not in r[1] for r in rows[1:])
-    assert all("level" in r[1] for r in rows)
+    assert [r[1] for r in rows] == ["EPOLLOUT", "(not reported)", "(not reported)"]
+    assert [r[2] for r in rows] == ["EPOLLOUT"] * 3
+    assert not any("EPOLLET" in cell for r in rows for cell in r[1:]), "epoll_wait never reports EPOLLET"
+
+
+def test_add_reports_current_readiness_in_either_order():
+    with lab.listening(hold=True) as up:
+        rows = explain.register_order(up).rows
+    assert [r[2] for r in rows] == ["EPOLLOUT", "EPOLLOUT"] and [r[4] for r in rows] == ["0", "0"]
+
+
+def test_one_registration_sees_connect_and_reply():
+    with lab.listening(http=True) as up:
+        rows = dict(explain.one_registration(up).rows)
+    assert rows["epoll_wait (until the reply and the peer's FIN)"] == "EPOLLIN|EPOLLOUT|EPOLLRDHUP"
+    assert rows["recv()"].startswith("HTTP/1.")
+
+
+def test_state_right_after_connect_and_other_ways():
+    with lab.listening(hold=True) as up, lab.refused() as closed, lab.blackhole() as hole:
+        targets = {"up": up, "closed": closed, "hole": hole}
+        states = {r[0]: r[3] for r in explain.right_after_connect(targets).rows}
+        other = {r[0]: r[2:] for r in explain.other_ways_to_learn(targets, wait_s=0.1).rows}
+    assert states == {"up": "ESTABLISHED", "closed": "CLOSE", "hole": "SYN_SENT"}
+    assert other["up"][:3] == ["an address", "0", "EISCONN"]
+    assert other["closed"][:2] == ["ENOTCONN", "ECONNREFUSED"]
+    assert other["hole"][:3] == ["ENOTCONN", "EALREADY", "EALREADY"]
+
+
+def test_duration_units():
+    assert explain.duration(52_300) == "52.3 µs" and explain.duration(200_336_300) == "200.3 ms"
+    assert explain.duration(12.5e9) == "12.50 s" and explain.duration(1.5e9) == "1.50 s"
 
 
 def test_connect_returns_and_so_error_clears():
@@ -49,6 +81,86 @@ def test_setblocking_is_ioctl_fionbio_under_strace():
 
     require_tool("strace")
     rows = dict(explain.nonblocking_syscalls().rows)
-    assert rows["sock.setblocking(False)"].startswith("ioctl(") and "FIONBIO" in rows["sock.setblocking(False)"]
-    assert "F_SETFL" in rows["fcntl(O_NONBLOCK)"]
-    assert socket.socket  # the module under test imports socket itself
+    # exactly one ioctl(FIONBIO) and nothing else for setblocking(False) (CPython's internal_setblocking on Linux)
+    assert re.fullmatch(r"ioctl\(\d+, FIONBIO, \[1\]\)", rows["sock.setblocking(False)"]), rows
+    # fcntl: read the flags, then set them with O_NONBLOCK added
+    get, put = rows["fcntl(O_NONBLOCK)"].split("; ")
+    assert "F_GETFL" in get and "F_SETFL" in put and "O_NONBLOCK" in put, rows
+
+
+# -- the code on the page (notebook 00) --------------------------------------------------
+
+def _strace(code: str) -> list[tuple]:
+    from .conftest import require_tool
+
+    require_tool("strace")
+    return explain.strace_python(code)
+
+
+def test_connect_nonb_makes_nginx_syscalls_in_nginx_order():
+    with lab.listening(hold=True) as target:
+        host, port = target.rsplit(":", 1)
+        plain = _strace(f"from nbconn.connect_nonb import connect_nonb; print(connect_nonb({host!r}, {port}))")
+    assert plain == list(explain.NGINX_WORKER_CALLS), plain
+
+
+@pytest.mark.parametrize("peer", ["listening", "refused", "blackhole"])
+def test_connect_nonb_matches_nbconn_in_nginx_exact_mode(peer):
+    """Connected, refused (SO_ERROR 111) and timed out (the timer: no SO_ERROR read): the same calls in the same order."""
+    import inspect
+
+    import nbconn
+
+    if "nginx_exact" not in inspect.signature(nbconn.connect).parameters:
+        pytest.skip("nbconn.connect has no nginx_exact mode on this branch yet")
+    start = {"listening": lambda: lab.listening(hold=True), "refused": lab.refused, "blackhole": lab.blackhole}[peer]
+    with start() as target:
+        host, port = target.rsplit(":", 1)
+        plain = _strace(f"from nbconn.connect_nonb import connect_nonb; connect_nonb({host!r}, {port}, 0.2)")
+        exact = _strace(f"import nbconn; nbconn.connect({target!r}, nginx_exact=True, timeout=0.2)")
+    assert plain == exact, (plain, exact)
+    if peer == "blackhole":
+        assert ("getsockopt", "SO_ERROR") not in plain and plain[-1] == ("close",)
+
+
+def test_connect_nonb_outcomes():
+    from nbconn.connect_nonb import connect_nonb
+
+    with lab.listening(hold=True) as up, lab.refused() as closed, lab.blackhole() as hole:
+        def run(t, timeout_s=2.0):
+            host, port = t.rsplit(":", 1)
+            return connect_nonb(host, int(port), timeout_s)
+
+        assert run(up).startswith("NGX_OK")
+        assert run(closed) == "NGX_ERROR: ECONNREFUSED, try the next peer"
+        assert run(hole, 0.05).startswith("NGX_HTTP_UPSTREAM_FT_TIMEOUT")
+
+
+def test_notebook_00_shows_connect_nonb_character_for_character():
+    import inspect
+    import json
+    import os
+
+    from nbconn import connect_nonb
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks", "00_start_here.ipynb")
+    with open(path) as f:
+        cells = json.load(f)["cells"]
+    shown = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    wanted = inspect.getsource(connect_nonb.connect_nonb).rstrip()
+    assert any(wanted in src for src in shown), "notebook 00 must show nbconn/connect_nonb.py's function unchanged"
+
+
+def test_setting_rcvbuf_stops_autotuning():
+    rows = explain.rcvbuf_autotuning(total_bytes=8 << 20).rows
+    assert rows[0][2].endswith("x larger") and float(rows[0][2].split("x")[0]) > 1.5, rows
+    assert rows[1][2] == "unchanged", rows
+
+
+def test_user_timeout_ends_the_handshake():
+    with lab.blackhole() as hole:
+        row = explain.user_timeout_in_handshake(hole, values_ms=(1500,)).rows[0]
+    assert row[4] == "ETIMEDOUT"
+    value, unit = row[3].split()
+    seconds = float(value) * {"s": 1.0, "ms": 1e-3}[unit]
+    assert 1.2 <= seconds <= 3.0, row  # about 1.5 s; generous for a loaded machine

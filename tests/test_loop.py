@@ -4,6 +4,8 @@ import select
 import socket
 import time
 
+import pytest
+
 from nbconn.loop import NGINX_MASK, Loop, event_names
 
 
@@ -63,7 +65,8 @@ def test_cancelled_timers_are_compacted():
         assert len(loop._timers) < 400 and loop.pending == 100
 
 
-def test_timer_fires_within_a_few_ms():
+@pytest.mark.timing
+def test_timer_fires_within_a_few_ms(late_tolerance_ms):
     with Loop() as loop:
         rec = Recorder()
         deadline = time.monotonic_ns() + 20_000_000
@@ -71,7 +74,7 @@ def test_timer_fires_within_a_few_ms():
         while not rec.timers:
             loop.run_once()
         late_ms = (time.monotonic_ns() - deadline) / 1e6
-        assert 0 <= late_ms < 5
+        assert 0 <= late_ms < late_tolerance_ms(5), late_ms
 
 
 def test_event_names():

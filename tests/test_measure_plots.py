@@ -58,6 +58,9 @@ def test_timeline_has_one_marker_per_step_and_gantt_one_bar_per_connect():
     fig = plots.timeline(res)
     markers = [line for line in fig.axes[0].lines if line.get_marker() == "o"]
     assert len(markers) == len(res.steps)
+    # one row per step, labelled with its name: nothing piles up at 0
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == len(res.steps) and labels[0].endswith("socket")
     with lab.listening() as up, lab.blackhole() as hole:
         batch = nbconn.connect_many([up, hole] * 5, concurrency=4, timeout=0.05)
     g = plots.gantt(batch)
@@ -69,8 +72,30 @@ def test_compare_and_syn_timeline_return_figures():
     b = measure.run("refused", count=10, label="b")
     fig = plots.compare([a, b], log_x=True)
     assert len(fig.axes) == 2
-    s = plots.syn_timeline([{"label": "x", "sent_s": [0, 1], "predicted_s": [0, 1], "failed_s": 3.0}])
-    assert s.axes[0].get_xlabel() == "time since connect() (s)"
+    # shares, not counts: no bin of a 10-connect run reaches above 1
+    assert all(p.get_xy()[:, 1].max() <= 1.0 for p in fig.axes[0].patches)
+    s = plots.syn_timeline([{"label": "x", "sent_s": [0, 1], "predicted_s": [0, 1], "failed_s": 3.0,
+                             "predicted_failed_s": 3.0, "predicted_late_s": 0.1}])
+    assert s.axes[0].get_xscale() == "symlog" and s.axes[0].get_xlabel().startswith("time since connect() (s")
+
+
+def test_every_plot_has_a_fixed_size_and_distributions_show_shares():
+    a = measure.run("listening", count=30, label="a")
+    b = measure.run("listening", count=10, label="b")
+    fig = plots.distributions([a, b], zoom_ms=(0.0, 1.0))
+    assert tuple(fig.get_size_inches()) == (12.0, 3.8) and len(fig.axes) == 3
+    left = fig.axes[0]
+    import numpy as np
+
+    # outline histograms are one Polygon per run; the heights are shares: they sum to 1 per run
+    for patch in left.patches:
+        assert patch.get_xy()[:, 1].max() <= 1.0
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[0].startswith("a: p50 ") and "(n=30)" in labels[0]
+    late = plots.timer_lateness([measure.run("blackhole", count=3, concurrency=3, timeout=0.05, label="t")])
+    xs = late.axes[0].lines[0].get_xdata()
+    assert len(xs) == 3 and all(x >= 0 for x in xs)  # a timer never fires before its deadline
+    assert np.all(np.isfinite(xs))
 
 
 def test_measurement_json_round_trip():
@@ -81,7 +106,7 @@ def test_measurement_json_round_trip():
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"count": 0}, "count=0"),
-    ({"count": 1.5}, "count must be an int"),
+    ({"count": 1.5}, "count must be a whole number"),
     ({"concurrency": 0}, "concurrency=0"),
     ({"timeout": -1}, "timeout=-1"),
     ({"delay_ms": 5}, "only apply to the 'impaired' scenario"),
@@ -113,10 +138,11 @@ def test_measure_cli_json_shape_and_exit_codes():
 def test_scaling_rows_and_plot():
     rows = measure.scaling("listening", [1, 4], count=50, label="lo")
     assert [r["concurrency"] for r in rows] == [1, 4] and all(r["connects_per_s"] > 0 for r in rows)
-    fig = plots.scaling(rows)
+    fig = plots.scaling(rows, ideal_rtt_ms={"lo": 20})
     left = fig.axes[0]
     assert list(left.lines[0].get_xdata()) == [1, 4]
     assert left.get_ylabel() == "connects per second"
+    assert list(left.lines[1].get_ydata()) == pytest.approx([50, 200])  # the ideal C / RTT line
 
 
 def test_rtt_vs_handshake_draws_only_unretransmitted_connects():
@@ -125,3 +151,6 @@ def test_rtt_vs_handshake_draws_only_unretransmitted_connects():
     fig = plots.rtt_vs_handshake(m)
     offsets = fig.axes[0].collections[0].get_offsets()
     assert len(offsets) == 19
+    # y is the difference handshake - tcpi_rtt in µs, for the same connects
+    kept = [(h - r) * 1e3 for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans) if not t]
+    assert list(offsets[:, 1]) == pytest.approx(kept)

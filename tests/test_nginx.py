@@ -8,7 +8,7 @@ import time
 import pytest
 
 from nbconn import lab, nginx
-from nbconn.upstream import Upstream, run_requests
+from nbconn.upstream import Upstream, run_request, run_requests
 
 from .conftest import require_tool
 
@@ -77,7 +77,7 @@ def test_all_down_no_live_upstreams():
     assert statuses == ["502", "502"]
     assert access[1].upstream_addr == ["backend"]
     assert any(e.message.startswith("no live upstreams") for e in errors)
-    assert ours[1].log == ["no live upstreams while connecting to upstream"]
+    assert ours[1].log == ["[error] no live upstreams while connecting to upstream"]
     assert_same(access, ours)
 
 
@@ -151,3 +151,187 @@ def test_nginx_cleans_up_and_bad_settings_named():
     import os
 
     assert not os.path.exists(prefix)
+
+
+# -- parity details (issue 10 item 11), each checked against the real nginx -----------------------------
+
+def _nginx_lines(errors):
+    """nginx's error log as the model writes it: "[level] message" for error and warn lines."""
+    return [f"[{e.level}] {e.message}" for e in errors if e.level in ("error", "warn")]
+
+
+def test_timeout_that_disables_logs_warn_first_like_nginx():
+    with peers("hole", "up") as (hole, up):
+        statuses, access, errors, ours = side_by_side([str(hole), str(up)], 1)
+    theirs = _nginx_lines(errors)
+    assert theirs == [
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[error] upstream timed out (110: Connection timed out) while connecting to upstream"], theirs
+    assert ours[0].log == theirs
+
+
+def test_refused_that_disables_logs_error_first_like_nginx():
+    with peers("refused", "up") as (down, up):
+        statuses, access, errors, ours = side_by_side([str(down), str(up)], 1)
+    assert _nginx_lines(errors) == ours[0].log == [
+        "[error] connect() failed (111: Connection refused) while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream"]
+
+
+def test_accept_then_reset_fails_in_both_with_a_line_nginx_writes():
+    """nginx sends the request and reads the header before it decides; so does the model with http=True.
+    Whether the RST beats the SO_ERROR check is a race in both, so the lines are compared as sets."""
+    n = 12
+    with peers("up") as (up,), lab.reset() as rst:
+        specs = [str(rst)]
+        with nginx.Nginx(specs, connect_timeout=0.5) as ng:
+            statuses = [ng.request() for _ in range(n)]
+            time.sleep(0.05)
+            theirs = {line for line in _nginx_lines(ng.error_log())}
+        ours = run_requests(Upstream(specs), n, timeout=0.5, http=True)
+    assert statuses == ["502"] * n and [r.result for r in ours] == ["502"] * n
+    possible = {"[error] connect() failed (104: Connection reset by peer) while connecting to upstream",
+                "[error] recv() failed (104: Connection reset by peer) while reading response header from upstream",
+                "[error] writev() failed (104: Connection reset by peer) while sending request to upstream",
+                "[error] writev() failed (32: Broken pipe) while sending request to upstream"}
+    mine = {line for r in ours for line in r.log}
+    assert theirs <= possible and mine <= possible, (theirs, mine)
+
+
+def _at_fraction(fraction: float) -> None:
+    """Sleep until the wall clock's fractional second is ``fraction`` (bounded: at most one second)."""
+    now = time.time()
+    time.sleep((fraction - now % 1) % 1)
+
+
+def test_fail_timeout_on_ngx_time_agrees_on_one_real_time_schedule():
+    """Both on ngx_time() (whole wall-clock seconds).  Two refused peers, fail_timeout=1s, both fail at wall
+    second S + a.  At S+1+p both are still out (1 is not > 1): "no live upstreams"; at S+2+p they get their
+    chance again (2 > 1).  A model on int(time.monotonic()) -- the old clock -- runs beside it: when the two
+    clocks' fractional seconds are far enough apart, a and p are chosen so that it still counts one second
+    at the last probe and keeps the peers out, where nginx tries them."""
+    offset = (time.time() - time.monotonic()) % 1
+    discriminating = 0.2 <= offset <= 0.8  # 0.1 s or more from every second boundary of both clocks
+    a, p = (offset + 0.1, offset - 0.1) if discriminating else (0.8, 0.3)
+    with peers("refused", "refused") as (d1, d2):
+        specs = [f"{d1},fail_timeout=1", f"{d2},fail_timeout=1"]
+        model = Upstream(specs)
+        old = Upstream(specs, clock=time.monotonic, msec_clock=time.monotonic)
+        with nginx.Nginx(specs, connect_timeout=0.5) as ng:
+            ours, theirs_old = [], []
+            for fraction in (a, p, p):  # second S, S+1, S+2
+                _at_fraction(fraction)
+                ng.request()
+                ours.append([x.peer for x in run_request(model, timeout=0.5).attempts] or ["backend"])
+                theirs_old.append([x.peer for x in run_request(old, timeout=0.5).attempts] or ["backend"])
+            time.sleep(0.05)
+            theirs = [e.upstream_addr for e in ng.access_log()]
+    assert theirs == ours, (theirs, ours)
+    assert ours[1] == ["backend"] and len(ours[2]) == 2, ours
+    if discriminating:
+        assert theirs_old[2] == ["backend"] and theirs_old != theirs, (offset, theirs_old)
+
+
+# -- the configuration cannot be rewritten through a value; the worker is not root --------------------------
+
+INJECTION = "unix:/tmp/a;}server{listen 127.0.0.1:9;autoindex on;root /;}upstream x{server unix:/tmp/b"
+
+
+@pytest.mark.parametrize("address", [
+    INJECTION,                                   # issue 13's kind of path (85 bytes): a whole server block
+    "unix:/tmp/a b",                             # whitespace splits a token
+    "unix:/tmp/a\nserver",                       # a newline too
+    'unix:/tmp/"a"',                             # quotes change how nginx reads a token
+    "unix:/tmp/a{",
+    "unix:/tmp/$host",                           # a variable
+])
+def test_config_refuses_values_that_change_its_structure(address, monkeypatch):
+    """Refused by name while constructing: no temporary prefix is made and no process is started (both are
+    made to fail loudly here, so a call would show)."""
+    import subprocess
+    import tempfile
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reached before the bad value was refused")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    with pytest.raises(ValueError, match="cannot go into an nginx configuration") as info:
+        nginx.Nginx([address])
+    assert "peer address" in str(info.value)
+
+
+def test_config_checks_again_when_written():
+    """A peer changed after construction is caught by config() itself, before nginx.conf is written."""
+    ng = nginx.Nginx(["127.0.0.1:1"])
+    ng.peers[0].address = INJECTION
+    with pytest.raises(ValueError, match="peer address"):
+        ng.config()
+
+
+def test_worker_runs_unprivileged_as_root():
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("as a normal user nginx's worker runs as that user already (nginx cannot switch users)")
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)]) as ng:
+            assert "\nuser nobody " in "\n" + ng.config()
+            assert ng.request() == "200"  # the worker can still proxy, write its logs and use its temp paths
+            ps = subprocess.run(["ps", "-o", "user=,args=", "--ppid", str(ng.proc.pid)], capture_output=True,
+                                text=True).stdout
+            time.sleep(0.05)
+            assert len(ng.access_log()) == 1
+    workers = [line for line in ps.splitlines() if "worker process" in line]
+    assert workers and all(line.split()[0] == "nobody" for line in workers), ps
+
+
+# -- keepalive (issue 14 part 3): the model predicts which requests reuse a connection -------------------
+
+@pytest.mark.parametrize("weights, keepalive", [((1, 1), 1), ((1, 1), 2), ((3, 1), 1), ((1,), 1)])
+def test_keepalive_model_predicts_which_requests_nginx_reuses(weights, keepalive):
+    """The upstream's own record (which connection each request came on) for nginx and for the model."""
+    from nbconn.httpd import HttpPeer
+
+    journal = []
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(HttpPeer(journal=journal)) for _ in weights]
+        specs = [f"{s},weight={w}" for s, w in zip(servers, weights)]
+        with nginx.Nginx(specs, keepalive=keepalive) as ng:
+            assert [ng.request() for _ in range(8)] == ["200"] * 8
+        theirs = [(s.peer, s.reused) for s in journal]
+        journal.clear()
+        with Upstream(specs, keepalive=keepalive) as up:
+            ours = [(r.attempts[0].peer, r.attempts[0].reused) for r in run_requests(up, 8)]
+        seen_by_peer = [(s.peer, s.reused) for s in journal]
+    assert ours == theirs and seen_by_peer == ours, (theirs, ours)
+
+
+def test_keepalive_nginx_makes_one_connect_for_many_requests():
+    require_tool("strace")
+    from nbconn.httpd import HttpPeer
+
+    counts = {}
+    with HttpPeer() as peer:
+        for keepalive in (0, 4):
+            with nginx.Nginx([str(peer)], keepalive=keepalive, strace=True) as ng:
+                for _ in range(5):
+                    ng.request()
+                time.sleep(0.2)
+                counts[keepalive] = sum(1 for line in ng.strace_lines()
+                                        if "connect(" in line and f"htons({peer.port})" in line)
+    assert counts == {0: 5, 4: 1}, counts
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"tries": "1; autoindex on"}, "tries"),
+    ({"next_upstream_timeout": "1s; root /"}, "next_upstream_timeout"),
+    ({"connect_timeout": 10**400}, "connect_timeout"),
+    ({"next_upstream": "error"}, "next_upstream"),
+    ({"keepalive": "8; root /"}, "keepalive"),
+    ({"strace_syscalls": "connect -o /etc/x"}, "strace_syscalls"),
+])
+def test_every_setting_is_checked_before_it_reaches_the_config(kwargs, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        nginx.Nginx(["127.0.0.1:1"], **kwargs)

@@ -19,7 +19,7 @@ def test_every_option_applied_and_read_back(no_fd_leak):
     with listening() as target:
         res = nbconn.connect(target, rcvbuf=65536, sndbuf=32768, keepalive=True, nodelay=True, reuseaddr=True,
                              linger=0, syncnt=3, user_timeout=2500, bind_address_no_port=True, bind="127.0.0.2",
-                             timeout=2)
+                             timeout=2, keep=True)
         with res:
             assert res.outcome == "connected", res.trace()
             eff = res.effective
@@ -52,7 +52,12 @@ def test_false_sets_zero_and_none_leaves_default():
     "opts, words",
     [
         ({"rcvbuf": 0}, "rcvbuf=0"),
-        ({"rcvbuf": "big"}, "rcvbuf must be an int"),
+        ({"rcvbuf": "big"}, "rcvbuf must be a whole number"),
+        ({"rcvbuf": 10**400}, "rcvbuf=<an integer of about 401 digits> is outside"),
+        ({"keepalive": 1}, "keepalive must be True or False"),
+        ({"bind": "[::1"}, "bind='[::1': no closing ']'"),
+        ({"bind": "[::1]junk"}, "bind='[::1]junk': expected '[V6ADDR]'"),
+        ({"bind": "127.0.0.1:" + "5" * 5000}, "is outside 0..65535"),
         ({"syncnt": 128}, "syncnt=128"),
         ({"keepalive": "yes"}, "keepalive must be True or False"),
         ({"linger": -1}, "linger=-1"),
@@ -65,7 +70,15 @@ def test_false_sets_zero_and_none_leaves_default():
 def test_bad_options_are_named(opts, words, no_fd_leak):
     with pytest.raises((ValueError, TypeError)) as info:
         nbconn.connect("127.0.0.1:9", **opts)
-    assert words in str(info.value)
+    assert words in str(info.value) and len(str(info.value)) < 300
+
+
+def test_bind_rule_types():
+    for bad in ("[::1", "[::1]junk"):
+        with pytest.raises(ValueError, match="bind"):
+            nbconn.connect("[::1]:9", bind=bad)
+    with pytest.raises(ValueError, match=r"timeout=<an integer of about 401 digits>"):
+        nbconn.connect("127.0.0.1:9", timeout=10**400)
 
 
 def test_tcp_options_rejected_for_unix():

@@ -71,7 +71,50 @@ def test_all_down_gives_no_live_upstreams():
     assert first.result == "502" and len(first.attempts) == 2
     second = up.request()
     assert second.next_peer() is None and second.result == "502"
-    assert second.log == ["no live upstreams while connecting to upstream"]
+    assert second.log == ["[error] no live upstreams while connecting to upstream"]
+
+
+def test_timeout_that_disables_logs_warn_before_error_refused_error_before_warn():
+    """ngx_http_upstream_next (1.22.1): peer.free -- which logs the [warn] -- runs before the function logs
+    "upstream timed out"; a refused connect was logged earlier, where it happened."""
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock())
+    req = up.request()
+    req.next_peer()
+    req.report("timed_out", nginx_log="upstream timed out (110: Connection timed out) while connecting to upstream")
+    req.next_peer()
+    req.report("refused", nginx_log="connect() failed (111: Connection refused) while connecting to upstream")
+    assert req.log == [
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[error] upstream timed out (110: Connection timed out) while connecting to upstream",
+        "[error] connect() failed (111: Connection refused) while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+    ]
+    assert req.to_dict()["log"] == req.log and [a["disabled"] for a in req.to_dict()["attempts"]] == [True, True]
+
+
+def test_fail_timeout_counts_whole_wall_clock_seconds():
+    """ngx_time(): a failure at wall time 1000.9 is 'second 1000'; with fail_timeout=1 the peer is back once
+    now - checked > 1, i.e. from second 1002 (1001.0 real seconds later would be too early by the monotonic
+    reading of another clock)."""
+    clock = Clock()
+    clock.t = 1000.9
+    a, b = Peer("127.0.0.1:1", fail_timeout=1), Peer("127.0.0.1:2", fail_timeout=1)
+    up = Upstream([a, b], clock=clock)
+    req = up.request()
+    req.next_peer()
+    req.report("refused")
+    assert a.checked == 1000
+    clock.t = 1001.99  # second 1001: 1001 - 1000 = 1 <= fail_timeout: still out
+    assert not a.eligible(up.now())
+    clock.t = 1002.0  # second 1002: back
+    assert a.eligible(up.now())
+
+
+def test_default_clock_is_wall_clock_seconds():
+    import time
+
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2"])
+    assert abs(up.now() - int(time.time())) <= 1
 
 
 def test_backup_only_when_primaries_are_out_and_timeout_gives_504():
@@ -140,7 +183,119 @@ def test_cli_json_shape():
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     first = data["requests"][0]
-    assert set(first) == {"attempts", "result"} and set(first["attempts"][0]) == {"peer", "outcome", "connect_ms"}
+    assert set(first) == {"attempts", "result", "log"}
+    assert set(first["attempts"][0]) == {"peer", "outcome", "connect_ms", "stage", "disabled", "reused"}
+    assert first["log"] == [] and data["requests"][1]["log"] == ["[error] connect() failed (111: Connection refused) while connecting to upstream",
+                            "[warn] upstream server temporarily disabled while connecting to upstream"]
     bad = subprocess.run([sys.executable, "-m", "nbconn", "upstream", "--peer", "127.0.0.1:1,weight=-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "weight" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reset_after_accept_is_a_failure_nginx_would_log():
+    """A peer that accepts and then resets: with http=True the model sends the request and reads the response
+    header, as nginx does, so it never calls this peer a success; the line is one of those nginx writes."""
+    allowed = {"connect() failed (104: Connection reset by peer) while connecting to upstream",
+               "writev() failed (104: Connection reset by peer) while sending request to upstream",
+               "writev() failed (32: Broken pipe) while sending request to upstream",
+               "recv() failed (104: Connection reset by peer) while reading response header from upstream",
+               "upstream prematurely closed connection while reading response header from upstream"}
+    with lab.reset() as rst:
+        reqs = run_requests(Upstream([str(rst)]), 20, timeout=0.5, http=True)
+    seen = {r.attempts[0].nginx_log for r in reqs}
+    assert all(r.result == "502" for r in reqs)
+    assert seen <= allowed, seen
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "nbconn", "upstream", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_json_log_disabled_and_no_live_upstreams():
+    with lab.refused() as d1, lab.blackhole() as hole:
+        out = _cli("--peer", str(d1), "--peer", f"{hole},fail_timeout=1m", "--requests", "2", "--timeout", "0.2",
+                   "--json")
+    assert out.returncode == 0, out.stderr
+    first, second = json.loads(out.stdout)["requests"]
+    assert [a["disabled"] for a in first["attempts"]] == [True, True] and first["result"] == "504"
+    assert first["log"] == [
+        "[error] connect() failed (111: Connection refused) while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[warn] upstream server temporarily disabled while connecting to upstream",
+        "[error] upstream timed out (110: Connection timed out) while connecting to upstream"]
+    assert second == {"attempts": [], "result": "502",
+                      "log": ["[error] no live upstreams while connecting to upstream"]}
+
+
+def test_cli_help_lists_down_and_http_mode_sees_the_reset():
+    assert ",down" in _cli("--help").stdout
+    with lab.reset() as rst, lab.listening(http=True) as up:
+        out = _cli("--peer", str(rst), "--peer", str(up), "--http", "--json")
+    assert out.returncode == 0, out.stderr
+    (req,) = json.loads(out.stdout)["requests"]
+    assert req["result"] == "200" and [a["outcome"] for a in req["attempts"]][-1] == "ok"
+    assert req["attempts"][0]["outcome"] in ("reset", "closed") and req["attempts"][0]["disabled"]
+
+
+# -- keepalive: ngx_http_upstream_keepalive_module ------------------------------------------------------
+
+def test_keepalive_cache_is_lru_over_all_peers_without_io():
+    from nbconn.upstream import KeptConnection
+
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], clock=Clock(), keepalive=2)
+    assert up.keepalive_get("127.0.0.1:1") is None
+    assert up.keepalive_free(KeptConnection("127.0.0.1:1")) is None
+    assert up.keepalive_free(KeptConnection("127.0.0.1:2")) is None
+    evicted = up.keepalive_free(KeptConnection("127.0.0.1:3"))  # full: the least recently saved goes
+    assert evicted.address == "127.0.0.1:1" and [k.address for k in up.cache] == ["127.0.0.1:3", "127.0.0.1:2"]
+    kept = up.keepalive_get("127.0.0.1:2")
+    assert kept.requests == 2 and [k.address for k in up.cache] == ["127.0.0.1:3"]
+    kept.requests = 1000  # keepalive_requests reached: not saved again
+    assert up.keepalive_free(kept) is kept
+
+
+def test_reused_connection_that_fails_gives_its_try_back():
+    """ngx_http_upstream_next: u->peer.cached && FT_ERROR -> tries++; so a single peer gets a second try."""
+    up = Upstream(["127.0.0.1:1"], clock=Clock(), keepalive=1)
+    req = up.request()
+    req.next_peer()
+    req.report("closed", 0.0, nginx_log="upstream prematurely closed connection while reading response header "
+               "from upstream", stage="reading response header from upstream", reused=True)
+    assert req.result is None and req.next_peer() is not None
+    req.report("ok", 0.1, stage="reading response header from upstream")
+    assert req.result == "200" and [a.reused for a in req.attempts] == [True, False]
+
+
+def test_cli_keepalive_reused_attempts_make_no_connect():
+    from nbconn.httpd import HttpPeer
+
+    from .conftest import require_tool
+
+    strace = require_tool("strace")
+    with HttpPeer() as peer:
+        out = subprocess.run([strace, "-f", "-qq", "-e", "trace=connect", sys.executable, "-m", "nbconn", "upstream",
+                              "--peer", str(peer), "--requests", "4", "--keepalive", "2", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        served = list(peer.served)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reqs = json.loads(out.stdout)["requests"]
+    assert [[a["reused"] for a in r["attempts"]] for r in reqs] == [[False], [True], [True], [True]]
+    assert [a["connect_ms"] for r in reqs[1:] for a in r["attempts"]] == [0.0, 0.0, 0.0]
+    connects = [line for line in out.stderr.splitlines() if f"htons({peer.port})" in line]
+    assert len(connects) == 1, connects  # one connect() for four requests
+    assert [s.nth for s in served] == [1, 2, 3, 4]  # the peer saw them all on one connection
+
+
+def test_http_peer_leaves_no_thread_or_socket():
+    import threading
+
+    from nbconn.httpd import HttpPeer
+
+    before = threading.active_count()
+    with HttpPeer() as peer:
+        with Upstream([str(peer)], keepalive=1) as up:
+            run_requests(up, 3)
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match="loopback"):
+        HttpPeer("192.0.2.1")

@@ -45,7 +45,17 @@ def add(subparsers) -> None:
                    help="proxy_next_upstream_timeout in seconds (0 = no limit)")
     p.add_argument("--next-upstream", type=next_upstream_arg, default=("error", "timeout"), metavar="KINDS",
                    help="comma-separated: error, timeout; or off (proxy_next_upstream); default error,timeout")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--http", action="store_true",
+                   help="after connecting, send the request and read the response header as nginx does before "
+                        "it decides (a peer that accepts then resets fails: recv() failed (104: ...))")
+    p.add_argument("--read-timeout", type=float_arg("--read-timeout"), default=5.0, metavar="S",
+                   help="with --http: proxy_read_timeout for the response header; default 5")
+    p.add_argument("--keepalive", type=int_arg("--keepalive"), default=0, metavar="N",
+                   help="`keepalive N` in the upstream block: cache up to N idle connections (HTTP/1.1 to the peers; "
+                        "implies --http); each attempt says reused: true|false")
+    p.add_argument("--json", action="store_true",
+                   help="per request: attempts (peer, outcome, connect_ms, stage, disabled, reused), result, and "
+                        "log: the error-log lines nginx would write, \"[level] message\"")
     p.set_defaults(func=run)
 
 
@@ -54,13 +64,16 @@ def run(args) -> int:
     from ..upstream import Peer, Upstream, run_requests
 
     check_timeout(args.timeout)
-    up = Upstream([Peer.parse(spec) for spec in args.peer])
-    upstream_requests = run_requests(up, args.requests, timeout=args.timeout, next_upstream=args.next_upstream,
-                                     tries=args.tries, next_upstream_timeout=args.next_upstream_timeout)
+    with Upstream([Peer.parse(spec) for spec in args.peer], keepalive=args.keepalive) as up:
+        upstream_requests = run_requests(up, args.requests, timeout=args.timeout, next_upstream=args.next_upstream,
+                                         tries=args.tries, next_upstream_timeout=args.next_upstream_timeout,
+                                         http=args.http, read_timeout=args.read_timeout)
     if args.json:
         print(json.dumps({"requests": [r.to_dict() for r in upstream_requests]}, indent=2))
     else:
         for i, r in enumerate(upstream_requests, 1):
-            tried = ", ".join(f"{a.peer} {a.outcome}" for a in r.attempts) or "-"
+            tried = ", ".join(f"{a.peer} {a.outcome}" + (" (reused)" if a.reused else "") for a in r.attempts) or "-"
             print(f"request {i}: {r.result}  tried: {tried}")
+            for line in r.log:
+                print(f"    nginx would log {line}")
     return EXIT_OK

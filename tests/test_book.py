@@ -1,0 +1,183 @@
+"""The static book (./dev book) in a real browser: every page opened from disk in headless Chromium.
+
+Each page must load with no console error and no uncaught exception, every <img> must have loaded
+(naturalWidth > 0), every Mermaid diagram must have been drawn, and the page must not ask for anything outside
+file:// (or 127.0.0.1): requests elsewhere are recorded and aborted, so the check itself never leaves the machine.
+A full-page screenshot of every page is kept in build/book-check/ (NBCONN_BOOK_CHECK_DIR overrides) for a human.
+
+The book under test is $NBCONN_BOOK_DIR when set (.ci/run builds it once with ./dev book); otherwise this test
+(re)builds build/book/ as ./dev book does when the book toolchain is installed (./dev book installs it), and skips
+(fails in CI) when it is not.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+import sys
+from urllib.parse import urlparse
+
+import pytest
+
+from .conftest import require_tool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK_DIR = os.environ.get("NBCONN_BOOK_CHECK_DIR") or os.path.join(ROOT, "build", "book-check")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+PAGE_TIMEOUT_MS = 30_000
+
+pytestmark = [pytest.mark.book, pytest.mark.slow]
+
+
+def _missing(message: str):
+    if os.environ.get("NBCONN_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _book_tool():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import book
+    finally:
+        sys.path.pop(0)
+    return book
+
+
+@pytest.fixture(scope="module")
+def book_dir():
+    given = os.environ.get("NBCONN_BOOK_DIR")
+    if given:
+        index = os.path.join(given, "index.html")
+        if not os.access(index, os.R_OK):
+            if os.geteuid() != 0:  # another user's build (CI's unprivileged leg): the leg that built it checks it
+                pytest.skip(f"NBCONN_BOOK_DIR={given}: no readable index.html for this user")
+            pytest.fail(f"NBCONN_BOOK_DIR={given} has no index.html (run ./dev book)")
+        return given
+    if not all(importlib.util.find_spec(m) for m in ("sphinx", "myst_nb", "sphinx_book_theme")):
+        _missing("the book toolchain is not installed (./dev book installs the `book` extra)")
+    # what ./dev book does (incremental: seconds when little changed), so the book checked is this checkout's
+    try:
+        return os.path.dirname(_book_tool().build())
+    except SystemExit as failed:  # the build's own one-line reason (the warnings are printed above it)
+        pytest.fail(f"./dev book failed: {failed}")
+
+
+def _pages(book_dir: str) -> list[str]:
+    return sorted(os.path.relpath(p, book_dir) for p in glob.glob(os.path.join(book_dir, "**", "*.html"),
+                                                                  recursive=True)
+                  if not os.path.relpath(p, book_dir).startswith("_"))  # _static/ holds templates, not pages
+
+
+def test_every_notebook_and_page_is_in_the_book(book_dir):
+    pages = set(_pages(book_dir))
+    notebooks = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb")))
+    assert notebooks, "no notebooks found"
+    missing = [nb for nb in notebooks if f"notebooks/{nb[:-len('.ipynb')]}.html" not in pages]
+    assert not missing, f"notebooks without a page in the book: {missing}"
+    for extra in ("api/index.html", "data/README.html", "benchmarks/README.html"):
+        if os.path.exists(os.path.join(ROOT, extra.replace(".html", ".md").replace("api/index.md", "nbconn"))):
+            assert extra in pages, f"{extra} is missing from the book"
+    with open(os.path.join(book_dir, "index.html"), encoding="utf-8") as f:
+        index = f.read()
+    # the landing page is the README, and its sidebar leads to every notebook in numeric order
+    assert "Read it without running" in index
+    order = [index.find(f'href="notebooks/{nb[:-len(".ipynb")]}.html"') for nb in notebooks]
+    assert all(i >= 0 for i in order) and order == sorted(order), \
+        f"sidebar does not list the notebooks in order: {list(zip(notebooks, order))}"
+
+
+def test_nothing_is_loaded_from_the_network_by_the_html(book_dir):
+    remote = _book_tool().offline_violations(book_dir)
+    assert not remote, "absolute URLs the book would fetch:\n" + "\n".join(remote)
+
+
+def test_widget_outputs_become_a_run_it_in_jupyterlab_note(book_dir):
+    path = os.path.join(book_dir, "notebooks")
+    widget_pages = [p for p in glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb"))
+                    if "application/vnd.jupyter.widget-view+json" in open(p, encoding="utf-8").read()]
+    for nb in widget_pages:
+        with open(os.path.join(path, os.path.basename(nb)[:-len(".ipynb")] + ".html"), encoding="utf-8") as f:
+            html = f.read()
+        assert "run this notebook in JupyterLab" in html, nb
+        assert 'type="application/vnd.jupyter.widget-view+json"' not in html, nb
+
+
+def _allowed(url: str) -> bool:
+    parsed = urlparse(url)
+    if parsed.scheme in ("file", "data", "blob", "about"):
+        return True
+    return parsed.scheme in ("http", "https", "ws") and parsed.hostname in ("127.0.0.1", "localhost")
+
+
+def _check_page(context, book_dir: str, rel: str, check_dir: str) -> list[str]:
+    problems: list[str] = []
+    outside: list[str] = []
+    page = context.new_page()
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"uncaught exception: {e}"))
+    page.on("requestfailed", lambda r: _allowed(r.url) and
+            problems.append(f"failed to load {r.url}: {r.failure}"))
+    page.on("request", lambda r: None if _allowed(r.url) else outside.append(r.url))
+    try:
+        page.goto("file://" + os.path.join(book_dir, rel), wait_until="load", timeout=PAGE_TIMEOUT_MS)
+        diagrams = page.locator("pre.mermaid").count()
+        if diagrams:
+            try:
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('pre.mermaid')].every(e => e.querySelector('svg'))",
+                    timeout=PAGE_TIMEOUT_MS)
+            except Exception:
+                problems.append(f"{diagrams} Mermaid diagram(s), not all drawn")
+        # images: load the lazy ones too, then every one must have pixels
+        broken = page.evaluate("""async () => {
+            const imgs = [...document.images];
+            imgs.forEach(i => { i.loading = "eager"; });
+            await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+            return imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+        }""")
+        problems += [f"image not loaded: {src[:120]}" for src in broken]
+        shot = os.path.join(check_dir, re.sub(r"\.html$", ".png", rel))
+        os.makedirs(os.path.dirname(shot), exist_ok=True)
+        page.screenshot(path=shot, full_page=True)
+    finally:
+        page.close()
+    problems += [f"request outside file:// and 127.0.0.1: {u}" for u in outside]
+    return problems
+
+
+@pytest.mark.timeout(900)
+def test_every_page_in_headless_chromium(book_dir, tmp_path_factory):
+    chromium = require_tool("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed (the test extra)")
+    pages = _pages(book_dir)
+    assert "index.html" in pages
+    check_dir = CHECK_DIR
+    try:
+        os.makedirs(check_dir, exist_ok=True)
+    except OSError:  # e.g. an unprivileged leg of CI in root's checkout: keep them elsewhere, and say where
+        check_dir = str(tmp_path_factory.mktemp("book-check"))
+    for old in glob.glob(os.path.join(check_dir, "**", "*.png"), recursive=True):
+        os.remove(old)  # screenshots of this run only (a page removed from the book leaves none behind)
+    print(f"screenshots: {check_dir}")
+    found: dict[str, list[str]] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+            # Anything not local is aborted before it leaves (and recorded by the page's request hook).
+            context.route(re.compile(r"^(?!file:|data:|blob:|about:).*"),
+                          lambda route: route.continue_() if _allowed(route.request.url) else route.abort())
+            for rel in pages:
+                problems = _check_page(context, book_dir, rel, check_dir)
+                if problems:
+                    found[rel] = problems
+        finally:
+            browser.close()
+    assert not found, "\n".join(f"{rel}:\n  " + "\n  ".join(p) for rel, p in found.items())

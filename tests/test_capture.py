@@ -1,0 +1,229 @@
+"""The packet capture: real segments from real connects, on the trace's clock; the CLI forms of issue 14.
+
+The packet socket needs CAP_NET_RAW: these tests run as root, or (for a normal user) inside a lab
+namespace once the flow makes its sockets there; otherwise they skip with the reason.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import nbconn
+from nbconn.lab import capture, listening, refused
+
+from .conftest import open_fds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "nbconn", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def need_packet_socket():
+    """A packet socket of our own on the host's loopback: root."""
+    reason = capture.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def need_some_capture():
+    """Root, or a lab namespace (a normal user): what capture.shoot and capture.accuracy need."""
+    if capture.unavailable_reason() is None:
+        return
+    from nbconn.lab import namespace_unavailable_reason
+
+    reason = namespace_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{capture.unavailable_reason()}; and no lab namespace: {reason}")
+
+
+def rootless_or_skip(call):
+    """Run ``call``; as a normal user, skip (with the reason) if the flow cannot make its sockets in a namespace."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        if "nbconn.socketsource" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+def test_clock_pair_is_tight():
+    offset, error = capture.clock_offset_ns()
+    assert error < 50_000  # half the tightest monotonic-realtime-monotonic window: far below the µs scale
+    assert abs(offset - (time.time_ns() - time.monotonic_ns())) < 10_000_000
+
+
+def test_flags_in_tcpdump_letters():
+    assert [capture.flags_text(b) for b in (0x02, 0x12, 0x10, 0x04, 0x14, 0x11, 0x18)] == \
+        ["S", "SA", "A", "R", "RA", "FA", "PA"]
+
+
+def test_the_filter_is_a_valid_program_for_both_link_layouts():
+    for header in (0, 14):
+        prog = capture.tcp_port_filter(8080, header)
+        assert len(prog) % 8 == 0 and len(prog) // 8 == 21
+
+
+def test_handshake_packets_on_the_trace_clock(no_fd_leak):
+    need_packet_socket()
+    with listening(hold=True) as peer, capture.Capture(peer.port) as cap:
+        res = nbconn.connect(peer, keep=True)
+        client_port = res.sock.getsockname()[1]
+        res.close()
+        time.sleep(0.02)
+        cap.read()
+    packets = capture.for_client_port(cap.packets, client_port)
+    assert [(p.dir, p.flags) for p in packets][:3] == [("out", "S"), ("in", "SA"), ("out", "A")]
+    connect_called = res.started_ns
+    decided = next(s.t_ns for s in res.steps if s.name == "so_error")
+    # one clock: the SYN leaves after socket() was called and the SYN-ACK arrives before SO_ERROR said 0
+    assert connect_called < packets[0].t_ns < packets[1].t_ns < decided
+    wire = capture.wire_handshake_ns(packets)
+    assert 0 < wire < res.handshake_ns
+
+
+def test_refused_is_syn_then_rst_ack():
+    need_packet_socket()
+    with refused() as peer, capture.Capture(peer.port) as cap:
+        res = nbconn.connect(peer)
+        time.sleep(0.02)
+        cap.read()
+    assert res.outcome == "refused"
+    assert [(p.dir, p.flags) for p in cap.packets] == [("out", "S"), ("in", "RA")]
+
+
+def test_other_ports_are_filtered_out():
+    need_packet_socket()
+    with listening() as mine, listening() as other, capture.Capture(mine.port) as cap:
+        nbconn.connect(other)
+        time.sleep(0.02)
+        cap.read()
+    assert cap.packets == []
+
+
+def test_blackhole_shows_the_syn_sent_again():
+    need_some_capture()
+    shot = rootless_or_skip(lambda: capture.shoot("blackhole", timeout=1.3))
+    assert shot.result.outcome == "timed_out"
+    syns = [p for p in shot.packets if p.flags == "S"]
+    assert len(syns) == 2 and syns[1].retransmission and not syns[0].retransmission
+    assert syns[1].t_ns - syns[0].t_ns >= 900_000_000  # the initial retransmission timeout is 1 s
+
+
+def test_syncookie_clients_connect_while_the_server_drops_their_final_ack(no_fd_leak):
+    from nbconn.lab import wire_unavailable_reason
+
+    if wire_unavailable_reason() is not None:
+        pytest.skip(wire_unavailable_reason())
+    shot = capture.shoot("syncookie", burst=10, delay_ms=5)
+    assert all(r.connected for r in shot.results)
+    assert shot.counters["SyncookiesSent"] >= 1 and shot.counters["ListenOverflows"] >= 1
+    assert [(p.dir, p.flags) for p in shot.packets][:3] == [("out", "S"), ("in", "SA"), ("out", "A")]
+    assert "dropped its final ACK" in shot.note
+
+
+def test_accuracy_compares_every_connect(no_fd_leak):
+    need_some_capture()
+    acc = rootless_or_skip(lambda: capture.accuracy(50, batch=20))
+    assert len(acc.nbconn) + acc.skipped == 50 and acc.skipped <= 5
+    assert all(w > 0 for w in acc.wire)
+    # the SYN goes out after the clock read before connect(), the SYN-ACK arrives before SO_ERROR returns
+    assert all(b > 0 for b in acc.before_syn) and all(a > 0 for a in acc.after_synack)
+    summary = acc.summary()
+    assert set(summary["difference_us"]) == {"p50", "p99", "max"}
+
+
+def test_bad_input_before_any_socket():
+    before = open_fds()
+    for kwargs, error in ((dict(port=0), ValueError), (dict(port="80"), TypeError),
+                          (dict(port=80, interface="x" * 20), ValueError)):
+        with pytest.raises(error):
+            capture.Capture(**kwargs)
+    for kwargs, error in ((dict(scenario="nope"), ValueError), (dict(scenario="impaired", delay_ms=-1), ValueError),
+                          (dict(scenario="impaired", delay_ms="5"), TypeError),
+                          (dict(scenario="blackhole", timeout=0), ValueError),
+                          (dict(scenario="slow-accept", burst=1), ValueError)):
+        with pytest.raises(error):
+            capture.shoot(**kwargs)
+    with pytest.raises(ValueError):
+        capture.accuracy(0)
+    assert open_fds() == before
+
+
+# -- the CLI forms ------------------------------------------------------------------------------
+
+def test_cli_capture_json_one_clock():
+    need_some_capture()
+    proc = cli("capture", "refused", "--json")
+    if proc.returncode == 1 and "nbconn.socketsource" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [(p["dir"], p["flags"]) for p in data["packets"]] == [("out", "S"), ("in", "RA")]
+    assert all({"t_ns", "dir", "flags"} <= set(p) for p in data["packets"])
+    steps = {s["step"]: s["t_ns"] for s in data["steps"]}
+    assert steps["socket"] < data["packets"][0]["t_ns"] < steps["so_error"]
+
+
+def test_cli_capture_bad_input_is_one_line_exit_2():
+    for args in (["capture", "nope"], ["capture", "impaired", "--delay-ms", "-3"], ["capture", "blackhole",
+                                                                                    "--timeout", "abc"]):
+        proc = cli(*args)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_cli_capture_without_privilege_runs_in_a_namespace_or_says_why():
+    if capture.unavailable_reason() is None:
+        pytest.skip("this process can open packet sockets")
+    proc = cli("capture", "refused")
+    assert proc.returncode in (0, 1), proc.stderr
+    if proc.returncode == 1:
+        assert proc.stderr.startswith("nbconn: cannot capture here:") and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    else:
+        assert "lab namespace" in proc.stdout and "S> RA<" in proc.stdout
+
+
+def test_cli_connect_several_targets_walks_them_in_order():
+    from nbconn.lab import blackhole
+
+    with blackhole() as hole, listening() as up:
+        proc = cli("connect", hole, up, "--timeout", "0.2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["winner"] == str(up) and isinstance(data["elapsed_ms"], float)
+    assert [a["outcome"] for a in data["attempts"]] == ["timed_out", "connected"]
+    assert data["elapsed_ms"] >= 200
+
+
+def test_cli_connect_happy_eyeballs():
+    from nbconn.lab import blackhole
+
+    with blackhole() as hole, listening() as up:
+        proc = cli("connect", hole, up, "--happy-eyeballs", "0.05", "--timeout", "5", "--json")
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 0 and data["winner"] == str(up)
+    assert [a["errno"] for a in data["attempts"]] == ["ECANCELED", None]
+    assert data["elapsed_ms"] < 4000
+
+
+def test_cli_connect_nobody_exit_1_and_null_winner():
+    with refused() as down:
+        proc = cli("connect", down, down, "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["winner"] is None
+
+
+def test_cli_connect_bad_happy_eyeballs_one_line():
+    for args in (["-1"], ["nan"], ["1", "--happy-eyeballs", "2"]):
+        proc = cli("connect", "127.0.0.1:1", "127.0.0.1:2", "--happy-eyeballs", *args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert "--happy-eyeballs" in proc.stderr
