@@ -309,7 +309,7 @@ def storm_threads(host: str, port: int, k: int, c: int) -> dict:
         go.wait()
         mine, counts = [], Counter()
         for _ in todo:
-            s = (make_socket or socket.socket)(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(_SOL, _LINGER, LINGER_RESET)
             t = _now()
             err = s.connect_ex(addr)
