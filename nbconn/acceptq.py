@@ -279,7 +279,7 @@ def summary(b: dict) -> list[str]:
         f"tcp_syncookies={b['sysctls']['tcp_syncookies']}, tcp_abort_on_overflow="
         f"{b['sysctls']['tcp_abort_on_overflow']}: {n} connects at once to listen({b['backlog']}), "
         f"one accept() every {b['interval_s'] * 1e3:g} ms",
-        "  client: " + ", ".join(f"{v} of {n} {o}" for o, v in outcomes.items() if v or o == "connected")
+        "  client: " + ", ".join(f"{v} of {n} {o}" for o, v in outcomes.items() if v or o != "refused")
         + f"; {fast} of {n} connected within 500 ms",
         f"  server: accepted {s['accepted_during_connects']} of {n}; "
         f"{s['connected_but_not_accepted']} of {n} clients are 'connected' but unknown to the server",

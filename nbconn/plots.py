@@ -75,12 +75,12 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
         if not v.size:
             continue
         y = np.arange(1, v.size + 1) / v.size
-        (line,) = ax.step(v, y, where="post", label=f"{m.label} (n={v.size})")
-        for p in percentiles:
-            x = v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]
+        marks = [(p, v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]) for p in percentiles]
+        # percentile values go into the legend: text next to the curves overprints when runs sit close together
+        label = f"{m.label} (n={v.size}" + "".join(f", p{p:g} {_fmt_ms(x)}" for p, x in marks) + ")"
+        (line,) = ax.step(v, y, where="post", label=label)
+        for p, x in marks:
             ax.plot([x], [p / 100], marker="o", color=line.get_color(), markersize=4)
-            ax.annotate(f"p{p:g}", (x, p / 100), textcoords="offset points", xytext=(4, -10), fontsize="x-small",
-                        color=line.get_color())
     if log_x:
         ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
@@ -174,28 +174,34 @@ def distributions(runs, *, zoom_ms=(15.0, 25.0), title: str | None = None) -> Fi
 
 
 def timeline(result, *, title: str | None = None) -> Figure:
-    """One connect, step by step: each recorded syscall at its time (µs since socket())."""
-    fig, ax = _figure(WIDE)
+    """One connect, step by step: one row per recorded step, a dot where the call returned and a bar for the
+    time the call itself took (like ``strace -T``), on a time axis in µs since ``socket()``.
+
+    The steps before the handshake take microseconds and a timer can take a second, so
+    one linear axis would pile their labels up at 0: each step has its own row (its
+    name is the row's label), and the axis is linear up to 10 µs and logarithmic beyond.
+    """
     steps = result.steps
+    fig, ax = _figure((10.0, 1.4 + 0.32 * max(len(steps), 1)))
     t0 = result.started_ns
-    xs = [(s.t_ns - t0) / 1e3 for s in steps]
-    for i, (s, x) in enumerate(zip(steps, xs)):
-        seed_step = s.ngx_step.number if s.ngx_step else None
-        colour = SEED_STEP_COLOURS.get(seed_step, SEED_STEP_COLOURS[None])
-        ax.plot([x], [0], marker="o", color=colour, markersize=7, zorder=3)
-        label = s.name if seed_step is None else f"{seed_step}. {s.name}"
-        ax.annotate(label, (x, 0), textcoords="offset points", xytext=(0, 12 + 14 * (i % 4)), rotation=0,
-                    ha="center", fontsize="x-small", color=colour,
-                    arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.5})
+    for row, s in enumerate(steps):
+        number = s.ngx_step.number if s.ngx_step else None
+        colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
+        start, end = (s.t_start_ns - t0) / 1e3, (s.t_ns - t0) / 1e3
+        ax.plot([start, end], [row, row], color=colour, linewidth=4, solid_capstyle="butt", zorder=2)
+        ax.plot([end], [row], marker="o", color=colour, markersize=6, zorder=3)
+    ax.set_yticks(range(len(steps)), [s.name if not s.ngx_step else f"{s.ngx_step.number}. {s.name}" for s in steps],
+                  fontsize="small")
+    ax.set_ylim(len(steps) - 0.5, -0.5)
     connect = next((s for s in steps if s.name == "connect"), None)
     if connect is not None and result.handshake_ns is not None:
         start = (connect.t_start_ns - t0) / 1e3
         ax.axvspan(start, start + result.handshake_ns / 1e3, color=OUTCOME_COLOURS.get(result.outcome, "grey"),
-                   alpha=0.15, label=f"handshake: {result.outcome}")
-        ax.legend(fontsize="small", loc="lower right")
-    ax.set_yticks([])
-    ax.set_ylim(-0.5, 4)
-    ax.set_xlabel("time since socket() (µs)")
+                   alpha=0.15, label=f"handshake: {result.outcome} in {_fmt_ms(result.handshake_ns / 1e6)}")
+        fig.legend(fontsize="small", loc="outside lower center")
+    ax.set_xscale("symlog", linthresh=10.0, linscale=0.5)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("time since socket() (µs; linear to 10 µs, logarithmic beyond); bar = the call's own duration")
     ax.set_title(title or f"one connect to {result.target}: {result.outcome}" +
                  (f" ({result.errno})" if result.errno else ""))
     return fig

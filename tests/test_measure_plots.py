@@ -58,6 +58,9 @@ def test_timeline_has_one_marker_per_step_and_gantt_one_bar_per_connect():
     fig = plots.timeline(res)
     markers = [line for line in fig.axes[0].lines if line.get_marker() == "o"]
     assert len(markers) == len(res.steps)
+    # one row per step, labelled with its name: nothing piles up at 0
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == len(res.steps) and labels[0].endswith("socket")
     with lab.listening() as up, lab.blackhole() as hole:
         batch = nbconn.connect_many([up, hole] * 5, concurrency=4, timeout=0.05)
     g = plots.gantt(batch)
