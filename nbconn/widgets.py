@@ -683,7 +683,10 @@ def _tidy_distribution(fig) -> None:
         left.get_legend().remove()
     for ax in (left, right):
         if ax.get_xscale() == "log":  # 200, 500, 1000 instead of crowded 2x10^2 3x10^2 4x10^2
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            low, high = ax.get_xlim()
+            decades = math.log10(high / low) if low > 0 and high > low else 1.0
+            subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)  # over many decades, 1-2-5 would crowd
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
             ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
