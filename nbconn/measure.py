@@ -149,22 +149,12 @@ class Measurement:
 
 # -- running -------------------------------------------------------------------
 
-@contextlib.contextmanager
 def scenario_target(scenario: str, **wire):
-    """Start a lab peer (or the impairment wire, with ``wire`` = delay_ms, jitter_ms, loss, seed) and yield
-    (target, context manager for the client side: entering the client namespace, or nothing)."""
-    from . import lab
+    """Thin alias of :func:`nbconn.lab.scenario` (the lab owns its scenarios): yields (target, client-side
+    context); every wire argument is checked before the wire is probed or built."""
+    from .lab.scenarios import scenario as _scenario
 
-    if scenario == "impaired":
-        reason = lab.wire_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"the impaired link cannot run here: {reason}")
-        with lab.impaired(**wire) as link:
-            port = link.serve_listener(backlog=4096)
-            yield f"{link.server_addr}:{port}", link.client
-        return
-    with lab.SCENARIOS[scenario]() as peer:
-        yield peer, contextlib.nullcontext
+    return _scenario(scenario, **wire)
 
 
 def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: float = 1.0,
@@ -198,6 +188,12 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         except ValueError as exc:
             raise ValueError(f"{shown(target_or_scenario)} is neither a scenario ({', '.join(SCENARIOS)}) "
                              f"nor a target: {exc}") from None
+    if is_scenario and "bind" in options:  # bind depends on the family: check it now, not after the peer is built
+        from .flow import make_plan
+        from .lab.scenarios import FAMILY
+
+        make_plan(FAMILY[target_or_scenario], timeout=timeout, nonblocking=nonblocking, trigger=trigger,
+                  options=options)
     scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")
     label = label or (scenario if is_scenario else str(target_or_scenario))
     settings = {"timeout": timeout, "nonblocking": nonblocking, "trigger": trigger, **options, **wire}

@@ -252,11 +252,5 @@ def test_lab_scenario_checks_before_probing_or_building(wire):
     ["--count", "0"],
 ])
 def test_bad_measure_options_start_no_helper(args):
-    import inspect
-
-    from nbconn import measure
-
-    if "scenario_target(" in inspect.getsource(measure.run):
-        pytest.skip("measure.run still probes the wire before checking the wire options (core: use lab.scenario)")
     proc = _no_namespace_work([sys.executable, "-m", "nbconn", "measure", "impaired", *args])
     assert proc.returncode == 2

@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,11 +35,10 @@ MAX_BATCH = 64  # descriptors per SCM_RIGHTS message
 
 
 def ip_binary() -> str | None:
-    """iproute2's ip by absolute path (never looked up through PATH when we are root)."""
-    for candidate in ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None if os.geteuid() == 0 else shutil.which("ip")
+    """iproute2's ip, by absolute path (as root never through PATH: :mod:`nbconn.systools`)."""
+    from ..systools import find
+
+    return find("ip")
 
 
 def needs_userns() -> bool:

@@ -109,7 +109,7 @@ class Namespace:
         self.side = side
         self.pid = process.pid
         kind = "user+network namespace, root inside" if process.userns else "network namespace"
-        self.where = (f"made in {label} ({kind}) by helper pid {process.pid}, passed over SCM_RIGHTS")
+        self.where = f"made in {label} ({kind}) by helper pid {process.pid} ahead of use, passed over SCM_RIGHTS"
         self.created = 0
         # Sockets made ahead, per (family, type, proto).  One request per socket costs two context switches
         # (~60 us idle, milliseconds on a loaded machine); while step 1 of connect #k waits for it, connects

@@ -9,6 +9,7 @@ client side must connect: for the lab peers on loopback, from right here; for
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 
 from .. import validate
@@ -40,6 +41,9 @@ SCENARIOS = {
     "impaired": impaired_peer,
 }
 assert tuple(SCENARIOS) == validate.SCENARIOS, "nbconn.validate.SCENARIOS is the one list of names"
+
+#: the address family each scenario's target has (what family-dependent settings such as bind are checked for)
+FAMILY = {name: (socket.AF_UNIX if name.startswith("unix-") else socket.AF_INET) for name in SCENARIOS}
 
 WIRE_KEYS = ("delay_ms", "jitter_ms", "loss", "seed", "syn_linear_timeouts")
 

@@ -138,10 +138,9 @@ class _ForwarderLoop:
         # delay equals the requested one instead of being biased late.
         self._allowance = 0.0
 
-    def run(self) -> None:
+    def run(self, ppoll) -> None:
         """Forward until told to stop. Never spins: ppoll sleeps until a packet
         arrives, the head of the heap is due, or the parent speaks."""
-        ppoll = _ppoll_function()
         pollfds = (_PollFd * 3)()
         for slot, fd in enumerate((*self._fds, self._control.fileno())):
             pollfds[slot].fd = fd
@@ -304,6 +303,11 @@ def drop_privileges(to_nobody: bool) -> None:
 def run_child(client_tun: int, server_tun: int, control: socket.socket, params: dict, parent: int) -> None:
     """The forwarder process's whole life: drop privileges, say ready, forward until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    # Everything that may load a module (the seeded RNGs load _sha2, ctypes' ppoll) happens first: as nobody,
+    # an interpreter installed under /root (pyenv) can no longer read its own library directory.
+    loop = _ForwarderLoop(client_tun, server_tun, control, params)
+    ppoll = _ppoll_function()
+    json.dumps(loop.stats())
     drop_privileges(params.get("to_nobody", False))
     # Die with the helper.  Set after the uid change, which clears it; if the helper already died, go now.
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -311,6 +315,5 @@ def run_child(client_tun: int, server_tun: int, control: socket.socket, params: 
         return
     _set_thread_timer_slack(1)
     control.setblocking(False)
-    loop = _ForwarderLoop(client_tun, server_tun, control, params)
     control.send(b"ready")
-    loop.run()
+    loop.run(ppoll)
