@@ -181,3 +181,48 @@ def test_every_page_in_headless_chromium(book_dir, tmp_path_factory):
         finally:
             browser.close()
     assert not found, "\n".join(f"{rel}:\n  " + "\n  ".join(p) for rel, p in found.items())
+
+
+@pytest.mark.timeout(600)
+def test_a_broken_link_or_a_missing_image_fails_the_build(tmp_path):
+    """Warnings are errors: a copy of the project whose notebook links a notebook that does not exist and shows an
+    image that is not there must not build, and the failure must name both (--keep-going reports all)."""
+    if not all(importlib.util.find_spec(m) for m in ("sphinx", "myst_nb", "sphinx_book_theme")):
+        _missing("the book toolchain is not installed (./dev book installs the `book` extra)")
+    import json
+    import shutil
+    import subprocess
+
+    for rel in ("README.md", "tools", "docs", "nbconn", "data", "benchmarks"):
+        src = os.path.join(ROOT, rel)
+        if os.path.isdir(src):
+            shutil.copytree(src, tmp_path / rel, ignore=shutil.ignore_patterns("__pycache__", "results", "build"))
+        elif os.path.exists(src):
+            shutil.copy2(src, tmp_path / rel)
+    first_two = sorted(glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb")))[:2]
+    (tmp_path / "notebooks").mkdir()
+    for nb in first_two:
+        shutil.copy2(nb, tmp_path / "notebooks")
+    cache = os.path.join(ROOT, "build", "book-cache")
+    if os.path.isdir(cache):  # Mermaid's bundle, already taken from npm: no second download
+        (tmp_path / "build").mkdir()
+        os.symlink(cache, tmp_path / "build" / "book-cache")
+    broken = tmp_path / "notebooks" / os.path.basename(first_two[1])
+    nb = json.loads(broken.read_text(encoding="utf-8"))
+    nb["cells"].insert(1, {"cell_type": "markdown", "id": "broken-on-purpose", "metadata": {},
+                           "source": ["See [the missing one](99_not_there.ipynb) and ![a plot](missing.png).\n"]})
+    broken.write_text(json.dumps(nb), encoding="utf-8")
+    # The README's table links every notebook: keep only the rows of the two copied, so that is not what fails.
+    readme = (tmp_path / "README.md").read_text(encoding="utf-8")
+    kept = {os.path.basename(p) for p in first_two}
+    readme = "\n".join(line for line in readme.splitlines()
+                       if not re.search(r"notebooks/\d\d_\w+\.ipynb", line) or
+                       all(name in kept for name in re.findall(r"notebooks/(\d\d_\w+\.ipynb)", line)))
+    (tmp_path / "README.md").write_text(readme, encoding="utf-8")
+
+    proc = subprocess.run([sys.executable, str(tmp_path / "tools" / "book.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode != 0, "the book built although a link and an image are broken"
+    assert "99_not_there.ipynb" in proc.stderr and "xref_missing" in proc.stderr, proc.stderr[-3000:]
+    assert "missing.png" in proc.stderr and "image.not_readable" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "build" / "book-doctrees").exists(), "a failed build must forget its doctrees"
