@@ -269,7 +269,8 @@ def main(argv: list[str]) -> int:
     index = build(clean=args.clean)
     for line in unexecuted_cells():  # shown as committed; say so, so that whoever committed it runs ./dev execute
         print(f"book: note: {line}: the book shows them without output (./dev execute)", file=sys.stderr)
-    pages = len(glob.glob(os.path.join(OUT, "**", "*.html"), recursive=True))
+    pages = sum(not os.path.relpath(p, OUT).startswith("_")  # _static/ holds theme templates, not pages
+                for p in glob.glob(os.path.join(OUT, "**", "*.html"), recursive=True))
     print(f"book: {pages} pages in {time.monotonic() - start:.1f} s", file=sys.stderr)
     print(index)
     return 0
