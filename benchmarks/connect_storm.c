@@ -62,10 +62,14 @@ static int cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* nearest rank on the sorted array, the same rule benchmarks/variants.py uses */
+/* nearest rank on the sorted array, nbconn's one rule (nbconn/stats.py): the value at rank ceil(q * n),
+ * counting from 1; q = 0 gives the minimum */
 static uint64_t pick(const uint64_t *sorted, long n, double q)
 {
-    long i = (long)(q * n);
+    long rank = (long)(q * n);
+    if ((double)rank < q * n)
+        rank++;
+    long i = rank > 0 ? rank - 1 : 0;
     if (i >= n)
         i = n - 1;
     return n > 0 ? sorted[i] : 0;

@@ -54,17 +54,26 @@ class Clock:
         return {"elapsed_ns": elapsed, "user_s": usage.ru_utime - self._user, "sys_s": usage.ru_stime - self._sys}
 
 
+def _load_stats():
+    """nbconn.stats (the one percentile rule), loaded from its file: importing the nbconn package would
+    add its import time to the bare variants' process time."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "nbconn" / "stats.py"
+    spec = importlib.util.spec_from_file_location("_nbconn_stats", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def summarize(handshakes: list[int]) -> dict:
-    """p50, p99, min, max by nearest rank (the rule connect_storm.c uses)."""
+    """p50, p99, min, max by nearest rank (nbconn.stats.percentile, the rule connect_storm.c uses too)."""
     ordered = sorted(handshakes)
-    n = len(ordered)
-    if not n:
+    if not ordered:
         return {}
-
-    def pick(q: float) -> int:
-        return ordered[min(n - 1, int(q * n))]
-
-    return {"p50": pick(0.50), "p99": pick(0.99), "min": ordered[0], "max": ordered[-1]}
+    percentile = _load_stats().percentile
+    return {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99), "min": ordered[0], "max": ordered[-1]}
 
 
 def _outcome(err: int) -> str:
@@ -73,12 +82,12 @@ def _outcome(err: int) -> str:
 
 # -- nbconn ------------------------------------------------------------------------------------
 
-def storm_nbconn(host: str, port: int, k: int, c: int, *, trace: bool = True) -> dict:
+def storm_nbconn(host: str, port: int, k: int, c: int, *, trace: bool = True, nginx_exact: bool = False) -> dict:
     import nbconn
 
     targets = [f"{host}:{port}"] * k
     clock = Clock()
-    results = nbconn.connect_many(targets, concurrency=c, linger=0, trace=trace)
+    results = nbconn.connect_many(targets, concurrency=c, linger=0, trace=trace, nginx_exact=nginx_exact)
     timing = clock.stop()
     outcomes = Counter(r.outcome if r.outcome in ("connected", "refused") else "other" for r in results)
     return {**timing, "outcomes": outcomes, "handshakes": [r.handshake_ns or 0 for r in results]}
@@ -86,6 +95,10 @@ def storm_nbconn(host: str, port: int, k: int, c: int, *, trace: bool = True) ->
 
 def storm_nbconn_notrace(host: str, port: int, k: int, c: int) -> dict:
     return storm_nbconn(host, port, k, c, trace=False)
+
+
+def storm_nbconn_exact(host: str, port: int, k: int, c: int) -> dict:
+    return storm_nbconn(host, port, k, c, nginx_exact=True)
 
 
 # -- a bare Python epoll loop: the floor for any pure-Python client ------------------------------
@@ -314,6 +327,8 @@ VARIANTS = {
     "c": ("C epoll client, benchmarks/connect_storm.c (the kernel's yardstick)", None, None),
     "nbconn": ("nbconn.connect_many, trace on (the default), linger=0", storm_nbconn, None),
     "nbconn-notrace": ("nbconn.connect_many(trace=False), linger=0", storm_nbconn_notrace, None),
+    "nbconn-exact": ("nbconn.connect_many(nginx_exact=True), trace on, linger=0: exactly nginx's syscalls "
+                     "(compare with python-epoll)", storm_nbconn_exact, None),
     "python-epoll": ("a bare pure-Python epoll loop doing the same flow (the floor for Python)",
                      storm_python_epoll, None),
     "python-epoll+3": ("the bare loop plus nbconn's three extra syscalls (read-back, TCP_INFO, EPOLL_CTL_DEL): "

@@ -22,8 +22,10 @@ MAX_CONCURRENCY = validate.MAX_CONCURRENCY
 # attempts back to back takes ~15 ms of Python, and that would delay the handling
 # of handshakes that already completed and of timers that are due -- both land
 # directly on the handshake times nbconn reports and on how late a timer fires.
-# (The cyclic garbage collector is left alone: nbconn never keeps a caller's
-# garbage alive to save a pass over its own Results.)
+#
+# The cyclic garbage collector is left alone: nbconn never pauses or freezes it (round 1 froze every
+# young object of the process, a caller's garbage included).  Measured with cachegrind once each step
+# was one flat tuple: pausing it during a run saved ~2% of the CPU instructions per connect.
 _START_BATCH = 16
 
 

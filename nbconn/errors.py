@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import NamedTuple
+from collections import namedtuple
 
 # -- nbconn's outcomes: the plain word a person wants ---------------------------------
 
@@ -186,25 +186,25 @@ def strerror(err: int) -> str:
 
 # -- the verdict table ---------------------------------------------------------------
 
-class Verdict(NamedTuple):
-    """What one step's result means.  ``None`` in ``ngx_code`` means "nginx goes on to the next step"."""
+#: What one step's result means.  ``ngx_code`` None means "nginx goes on to the next step".
+#: (collections.namedtuple, not typing.NamedTuple: ``import nbconn`` stays free of typing's import cost.)
+Verdict = namedtuple("Verdict", [
+    "outcome",  # nbconn's word; None while the connect is still under way
+    "ngx_code",  # NGX_OK / NGX_AGAIN / NGX_DECLINED / NGX_ERROR, or NGX_HTTP_UPSTREAM_FT_TIMEOUT (timer)
+    "ngx_next",  # the next-upstream kind nginx tries another peer with, None when it does not
+    "level",  # the error-log level, None when nginx logs nothing
+    "log",  # the error-log line (without date and level), None when nginx logs nothing
+])
 
-    outcome: str | None  # nbconn's word; None while the connect is still under way
-    ngx_code: str | None  # NGX_OK / NGX_AGAIN / NGX_DECLINED / NGX_ERROR, or NGX_HTTP_UPSTREAM_FT_TIMEOUT (timer)
-    ngx_next: str | None  # the next-upstream kind nginx tries another peer with, None when it does not
-    level: str | None  # the error-log level, None when nginx logs nothing
-    log: str | None  # the error-log line (without date and level), None when nginx logs nothing
-
-
-class Rule(NamedTuple):
-    """One row of :data:`VERDICT_TABLE`: how nginx treats a failure at one stage."""
-
-    ngx_code: str | None  # None: "failed, ignored", the connect goes on
-    ngx_next: str | None
-    err_level_errnos: frozenset  # errnos logged at ERR ...
-    level: str | None  # ... every other errno at this level (None: not logged)
-    text: str  # the message before "(errno: text)"; {detail} is the stage's detail (peer, option, fd)
-    source: str  # where nginx 1.22.1 decides it
+#: One row of :data:`VERDICT_TABLE`: how nginx treats a failure at one stage.
+Rule = namedtuple("Rule", [
+    "ngx_code",  # None: "failed, ignored", the connect goes on
+    "ngx_next",
+    "err_level_errnos",  # errnos logged at ERR ...
+    "level",  # ... every other errno at this level (None: not logged)
+    "text",  # the message before "(errno: text)"; {detail} is the stage's detail (peer, option, fd)
+    "source",  # where nginx 1.22.1 decides it
+])
 
 
 #: stage -> how nginx treats a failure there.  "setsockopt" rows are keyed by option (see _SETSOCKOPT_RULES).
@@ -251,6 +251,8 @@ _TAIL = " while connecting to upstream"
 _CONNECTED = Verdict(CONNECTED, NGX_OK, None, None, None)
 _IN_PROGRESS = Verdict(None, NGX_AGAIN, None, None, None)
 _GO_ON = Verdict(None, None, None, None, None)
+# The answers every connect asks for, looked up before anything else (verdict() runs inside the handshake time).
+_FAST = {("connect", 0): _CONNECTED, ("connect", _errno.EINPROGRESS): _IN_PROGRESS, ("so_error", 0): _CONNECTED}
 
 
 def setsockopt_rule(option: str, opt_name: str = "") -> Rule:
@@ -271,6 +273,9 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
     "epoll_ctl", the call for "nonblocking" (``ioctl(FIONBIO)``).  For "timer",
     ``err`` is ignored: the timer firing is the failure (ETIMEDOUT in the log).
     """
+    fast = _FAST.get((stage, err))
+    if fast is not None:
+        return fast
     if stage == "timer":
         rule = VERDICT_TABLE["timer"]
         err = _errno.ETIMEDOUT

@@ -22,19 +22,11 @@ import termios
 import time
 
 from .errors import errno_name
+from .strace import format_ns as duration  # the one duration formatter: µs, ms from 1 ms, s from 1 s
 from .loop import event_names
 
 
 _FIONBIO_ON = struct.pack("i", 1)
-
-
-def duration(ns: float) -> str:
-    """A duration as a reader wants it: µs below 1 ms, ms below 10 s, else s (``200.3 ms``, not ``200336.3 µs``)."""
-    if ns < 1e6:
-        return f"{ns / 1e3:.1f} µs"
-    if ns < 1e10:
-        return f"{ns / 1e6:.1f} ms"
-    return f"{ns / 1e9:.2f} s"
 
 
 def kernel() -> str:

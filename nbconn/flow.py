@@ -75,14 +75,14 @@ from .options import Bind, plan_options
 from .result import Result
 from .strace import sockaddr_len, sockaddr_text
 from .targets import Target, sockaddr_bytes
-from .tcpinfo import read_tcp_info
+from .tcpinfo import read_tcp_info_raw, rtt_us
 
 # Re-exported for callers that took the choices from here; their home is nbconn.validate.
 NONBLOCKING_METHODS = validate.NONBLOCKING_METHODS
 TRIGGERS = validate.TRIGGERS
 MAX_TIMEOUT = validate.MAX_TIMEOUT_S
 
-_FIONBIO_ON = struct.pack("i", 1)
+_FIONBIO, _FIONBIO_ON = termios.FIONBIO, struct.pack("i", 1)
 _monotonic_ns = time.monotonic_ns
 _SOL_SOCKET, _SO_ERROR, _SOCK_STREAM, _AF_UNIX = socket.SOL_SOCKET, socket.SO_ERROR, socket.SOCK_STREAM, socket.AF_UNIX
 _NONBLOCKING_CALL = {"ioctl": "ioctl(FIONBIO)", "setblocking": "ioctl(FIONBIO)", "fcntl": "fcntl(O_NONBLOCK)"}
@@ -118,6 +118,7 @@ class Plan:
     mask_names: str = ""  # the epoll mask as strace prints it
     setsockopt_args: tuple = ()  # per option: (spec, bytes or int for setsockopt, value as strace shows it, size)
     timeout_ms: int = 0  # timeout_ns in whole ms, as the trace shows it
+    socket_call: tuple = ("", ())  # step 1 as the trace shows it: (format, arguments)
 
 
 def check_timeout(timeout: object) -> float:
@@ -155,7 +156,10 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
                 tcp_info and not nginx_exact, {k: v for k, v in options.items() if v is not None},
                 nginx_exact, socket.AddressFamily(family).name, event_names(mask),
                 tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
-                timeout_ns // 1_000_000)
+                timeout_ns // 1_000_000,
+                # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
+                ("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
+                 (socket.AddressFamily(family).name, "0" if family == _AF_UNIX else "IPPROTO_IP")))
 
 
 _libc = None
@@ -246,7 +250,7 @@ class Attempt:
     """
 
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
-                 "_t_connect", "_record", "_clock")
+                 "_t_connect", "_t_returned", "_record", "_clock")
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
@@ -257,10 +261,10 @@ class Attempt:
         self.sock: socket.socket | None = None
         self.fd = -1
         self.timer = None
-        self._t_connect = 0
+        self._t_connect = self._t_returned = 0
         self.result = Result(target=target.text, family=plan.family_name, requested=plan.requested)
         # Tracing off: nothing recorded, and the per-step clock reads cost a call to int() (which returns 0).
-        self._record = self.result.record if plan.trace else None
+        self._record = self.result.recorder() if plan.trace else None
         self._clock = _monotonic_ns if plan.trace else int
 
     # -- INIT -> CONNECTING or DONE -------------------------------------------
@@ -269,18 +273,11 @@ class Attempt:
         if self.state is not INIT:
             raise RuntimeError(f"Attempt.start() runs once, from INIT; this attempt is {self.state.name}")
         plan, target, result, record, clock = self.plan, self.target, self.result, self._record, self._clock
-        # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
-        fam = (plan.family_name, "0" if target.family == _AF_UNIX else "IPPROTO_IP")
-
         # Step 1: socket().
         source = socketsource.current()
+        fmt, args = plan.socket_call
         if source is not None:
-            fmt = "socket({}, SOCK_STREAM, {} /* {} */)"
-            args: tuple = (*fam, source.where)
-        elif plan.nginx_exact:
-            fmt, args = "socket({}, SOCK_STREAM, {})", fam
-        else:
-            fmt, args = "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})", fam
+            fmt, args = "socket({}, SOCK_STREAM, {} /* {} */)", (*args, source.where)
         t = result.started_ns = _monotonic_ns()
         try:
             if source is not None:
@@ -291,12 +288,12 @@ class Attempt:
                 sock = socket.socket(target.family, _SOCK_STREAM)
         except OSError as exc:
             if record:
-                record("socket", fmt, args, errno_name(exc.errno), t, clock())
+                record(("socket", fmt, errno_name(exc.errno), t, clock(), *args))
             return self._fail_before_connect("socket", exc.errno)
         fd = self.fd = result.fd = sock.fileno()
         self.sock = sock
         if record:
-            record("socket", fmt, args, fd, t, clock())
+            record(("socket", fmt, fd, t, clock(), *args))
 
         # Step 2: options (nginx: SO_RCVBUF fails the connect, SO_KEEPALIVE is ignored), then read back.
         for spec, encoded, shown, size in plan.setsockopt_args:
@@ -307,8 +304,8 @@ class Attempt:
             except OSError as exc:
                 err = exc.errno
             if record:
-                record("setsockopt", "setsockopt({}, {}, {}, {}, {})", (fd, spec.level_name, spec.opt_name, shown,
-                                                                     size), errno_name(err) or 0, t, clock())
+                record(("setsockopt", "setsockopt({}, {}, {}, {}, {})",
+                        err and errno_name(err), t, clock(), fd, spec.level_name, spec.opt_name, shown, size))
             if err:
                 answer = verdict("setsockopt", err, detail=spec.name)
                 if answer.ngx_code is not None:
@@ -320,16 +317,22 @@ class Attempt:
                 t = clock()
                 effective = result.effective[spec.name] = spec.read(sock)
                 if record:
-                    record("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
-                           (fd, spec.level_name, spec.opt_name, spec.show(effective), size), 0, t, clock())
+                    record(("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
+                            0, t, clock(), fd, spec.level_name, spec.opt_name, spec.show(effective), size))
 
         # Step 3: non-blocking, then bind() if a local address is configured (nginx: proxy_bind).
         t = clock()
         try:
-            self._make_nonblocking(sock, fd, t)
+            if plan.nonblocking == "ioctl":  # ngx_nonblocking on Linux
+                fcntl.ioctl(fd, _FIONBIO, _FIONBIO_ON)
+                if record:
+                    record(("nonblocking", "ioctl({}, FIONBIO, [1])", 0, t, clock(), fd))
+            else:
+                self._make_nonblocking(sock, fd, t)
         except OSError as exc:
             if record:
-                record("nonblocking", "{}", (_NONBLOCKING_CALL[plan.nonblocking],), errno_name(exc.errno), t, clock())
+                record(("nonblocking", "{}",
+                        errno_name(exc.errno), t, clock(), _NONBLOCKING_CALL[plan.nonblocking]))
             return self._fail_before_connect("nonblocking", exc.errno, _NONBLOCKING_CALL[plan.nonblocking])
         if plan.bind is not None:
             bind = plan.bind
@@ -340,9 +343,9 @@ class Attempt:
             except OSError as exc:
                 err = exc.errno
             if record:
-                record("bind", "bind({}, {}, {})",
-                       (fd, sockaddr_text(bind.family, bind.address), sockaddr_len(bind.family, bind.address)),
-                       errno_name(err) or 0, t, clock())
+                record(("bind", "bind({}, {}, {})",
+                        err and errno_name(err), t, clock(), fd, sockaddr_text(bind.family, bind.address),
+                        sockaddr_len(bind.family, bind.address)))
             if err:
                 return self._fail_before_connect("bind", err, bind.text)
 
@@ -355,8 +358,8 @@ class Attempt:
         except OSError as exc:
             err = exc.errno
         if record:
-            record("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})",
-                   (loop.epoll_fd, fd, plan.mask_names, fd), errno_name(err) or 0, t, clock())
+            record(("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})",
+                    err and errno_name(err), t, clock(), loop.epoll_fd, fd, plan.mask_names, fd))
         if err:
             return self._fail_before_connect("epoll_ctl", err, fd)
 
@@ -365,43 +368,47 @@ class Attempt:
         t_connect = self._t_connect = _monotonic_ns()
         err = sock.connect_ex(address)
         t_returned = _monotonic_ns()
+        self._t_returned = t_returned
         answer = verdict("connect", err, detail=target.text)
-        result.connect_returned = errno_name(err) or 0
+        result.connect_returned = err and errno_name(err)
         result.ngx_connect = answer.ngx_code
-        if record:
-            record("connect", "connect({}, {}, {})", (fd, *target.sockaddr), result.connect_returned,
-                   t_connect, t_returned)
         if answer.outcome is not None:  # connected at once (0), or failed at once (NGX_DECLINED)
+            if record:
+                self._record_connect()
             return self._decide(answer, err, t_returned)
 
         # EINPROGRESS: arm the connect timer (ngx_add_timer(c->write, connect_timeout)) and wait.
+        # The connect() and timer steps are recorded when the wait ends (_record_connect): on loopback the
+        # handshake is already complete here, and whatever runs now lands in the handshake time reported.
         self.state = CONNECTING
         self.timer = loop.call_at(t_connect + plan.timeout_ns, self)
-        if record:
-            t = clock()
-            record("timer", "timer armed: {} ms (proxy_connect_timeout)", (plan.timeout_ms,), 0, t, t)
+
+    def _record_connect(self) -> None:
+        """Record step 5's connect() (and the timer armed right after it), from the times start() kept."""
+        record, t_returned = self._record, self._t_returned
+        record(("connect", "connect({}, {}, {})",
+                self.result.connect_returned, self._t_connect, t_returned, self.fd, *self.target.sockaddr))
+        if self.state is CONNECTING:
+            record(("timer", "timer armed: {} ms (proxy_connect_timeout)",
+                    0, t_returned, t_returned, self.plan.timeout_ms))
 
     def _make_nonblocking(self, sock: socket.socket, fd: int, t: int) -> None:
-        """ioctl(FIONBIO) as ngx_nonblocking does on Linux, or the alternatives nbconn lets you compare."""
+        """The alternatives to ioctl(FIONBIO) that nbconn lets you compare (start() does the ioctl itself)."""
         method, record = self.plan.nonblocking, self._record
-        if method == "ioctl":
-            fcntl.ioctl(fd, termios.FIONBIO, _FIONBIO_ON)
-            if record:
-                record("nonblocking", "ioctl({}, FIONBIO, [1])", (fd,), 0, t, self._clock())
-        elif method == "fcntl":
+        if method == "fcntl":
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             if record:
                 t2 = self._clock()
-                record("nonblocking", "fcntl({}, F_GETFL)", (fd,), f"{flags:#x}", t, t2)
+                record(("nonblocking", "fcntl({}, F_GETFL)", f"{flags:#x}", t, t2, fd))
                 t = t2
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
             if record:
-                record("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", (fd, flags), 0, t, self._clock())
+                record(("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", 0, t, self._clock(), fd, flags))
         else:  # CPython's sock.setblocking(False) is ioctl(FIONBIO) on Linux (socketmodule.c, internal_setblocking)
             sock.setblocking(False)
             if record:
-                record("nonblocking", "sock.setblocking(False) -> ioctl({}, FIONBIO, [1])", (fd,), 0, t,
-                       self._clock())
+                record(("nonblocking", "sock.setblocking(False) -> ioctl({}, FIONBIO, [1])",
+                        0, t, self._clock(), fd))
 
     # -- CONNECTING -> DONE ----------------------------------------------------
     def on_ready(self, events: int) -> None:
@@ -416,10 +423,11 @@ class Attempt:
         loop, fd, result, record = self.loop, self.fd, self.result, self._record
         result.events = event_names(events)
         if record:
-            record("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
-                   (loop.epoll_fd, result.events, fd, loop.max_events, loop.last_wait_ms), 1,
-                   loop.last_wait_started_ns, loop.last_wait_returned_ns)
-            record("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", (fd, err), 0, t, decided)
+            self._record_connect()
+            record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
+                    1, loop.last_wait_started_ns, loop.last_wait_returned_ns, loop.epoll_fd, result.events, fd,
+                    loop.max_events, loop.last_wait_ms))
+            record(("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", 0, t, decided, fd, err))
         self._decide(verdict("so_error", err), err, decided)
 
     def on_timer(self) -> None:
@@ -428,8 +436,9 @@ class Attempt:
             return
         decided = _monotonic_ns()
         if self._record:
-            self._record("timeout", "timer expired after {} ms: close without SO_ERROR", (self.plan.timeout_ms,),
-                         0, decided, decided)
+            self._record_connect()
+            self._record(("timeout", "timer expired after {} ms: close without SO_ERROR",
+                          0, decided, decided, self.plan.timeout_ms))
         self.result.timer_fired = True
         self._decide(verdict("timer", None), _errno.ETIMEDOUT, decided)
 
@@ -443,7 +452,7 @@ class Attempt:
         result = self.result
         result.handshake_ns = decided_ns - self._t_connect
         result.outcome = answer.outcome
-        result.errno = errno_name(err)
+        result.errno = err and errno_name(err) or None
         result.ngx_decision = answer.ngx_code
         result.ngx_next = answer.ngx_next
         result.ngx_log = answer.log
@@ -451,10 +460,10 @@ class Attempt:
         plan = self.plan
         if err == 0 and plan.tcp_info and self.target.family != _AF_UNIX:
             t = self._clock()
-            result.tcp_info = read_tcp_info(self.sock)
+            raw = result._tcp_info = read_tcp_info_raw(self.sock)  # parsed when somebody reads Result.tcp_info
             if self._record:
-                self._record("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
-                             (self.fd, result.tcp_info["rtt_us"]), 0, t, self._clock())
+                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}, ...}}, [232])",
+                              0, t, self._clock(), self.fd, rtt_us(raw)))
         self._release(keep=err == 0 and plan.keep)
 
     def _fail_before_connect(self, stage: str, err: int, detail: object = "") -> None:
@@ -484,15 +493,15 @@ class Attempt:
                     t = self._clock()
                     loop.unregister(fd)
                     if record:
-                        record("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)", (loop.epoll_fd, fd), 0, t,
-                               self._clock())
+                        record(("unregister", "epoll_ctl({}, EPOLL_CTL_DEL, {}, NULL)",
+                                0, t, self._clock(), loop.epoll_fd, fd))
             if keep:
                 self.result.sock = sock.detach_to_socket() if type(sock) is _CSocket else sock
             else:
                 t = self._clock()
                 sock.close()
                 if record:
-                    record("close", "close({})", (fd,), 0, t, self._clock())
+                    record(("close", "close({})", 0, t, self._clock(), fd))
             self.sock = None
         self.result.finished_ns = _monotonic_ns()
         if self.on_done is not None:
@@ -508,6 +517,8 @@ class Attempt:
         if self.timer is not None:
             self.loop.cancel(self.timer)
             self.timer = None
+        if self.state is CONNECTING and self._record:
+            self._record_connect()
         if self.state is not DONE:
             self.state = DONE
             self.result.outcome = ERROR

@@ -143,16 +143,16 @@ class Nginx:
         self.peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
         for p in self.peers:  # named here, before any file or process exists
             config_value("peer address", p.address, _PLAIN_ADDRESS)
-        if not 0 < connect_timeout <= 75:  # nginx caps proxy_connect_timeout at 75 s on most systems
-            raise ValueError(f"connect_timeout={connect_timeout!r} must be in (0, 75] s")
-        for kind in next_upstream:
-            if kind not in ("error", "timeout"):
-                raise ValueError(f"next_upstream {kind!r} is not 'error' or 'timeout'")
-        self.connect_timeout = connect_timeout
-        self.next_upstream = tuple(next_upstream)
-        self.tries = tries
-        self.next_upstream_timeout = next_upstream_timeout
-        self.strace = strace
+        # Every setting is checked for type and range here: config() writes them into nginx.conf, where a
+        # string such as tries="1; ..." would be more configuration.  nginx caps proxy_connect_timeout at 75 s.
+        self.connect_timeout = validate.number("connect_timeout", connect_timeout, 0, 75, low_open=True)
+        if isinstance(next_upstream, str):
+            raise TypeError(f"next_upstream must be a tuple of kinds, got {validate.shown(next_upstream)}")
+        self.next_upstream = tuple(validate.choice("next_upstream", k, ("error", "timeout")) for k in next_upstream)
+        self.tries = validate.integer("tries", tries, 0, 1000)
+        self.next_upstream_timeout = validate.number("next_upstream_timeout", next_upstream_timeout, 0,
+                                                     validate.MAX_TIMEOUT_S)
+        self.strace = validate.flag("strace", strace)
         if not isinstance(strace_syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", strace_syscalls) is None:
             raise ValueError(f"strace_syscalls={validate.shown(strace_syscalls)} must be syscall names, comma-separated")
         self.strace_syscalls = strace_syscalls
@@ -309,6 +309,8 @@ http {{
     # -- talking to it ----------------------------------------------------------------
     def request(self, path: str = "/", *, timeout_s: float = 10.0) -> str:
         """One HTTP/1.0 GET through nginx; returns the status code as a string."""
+        if not isinstance(path, str) or re.fullmatch(r"/[\x21-\x7e]*", path) is None:
+            raise ValueError(f"path={validate.shown(path)} must start with / and hold printable ASCII, no spaces")
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as s:
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: nbconn\r\n\r\n".encode())
             data = b""

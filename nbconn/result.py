@@ -1,9 +1,10 @@
 """What one connect left behind: its Result, and the trace of its steps.
 
-This module owns the trace.  A step is recorded by exactly one path,
-:meth:`Result.record`, as one flat tuple ``(name, fmt, args, ret, t_start_ns,
-t_end_ns)`` -- cheap enough for 20,000 connects a second -- and becomes a
-:class:`Step` the first time somebody reads :attr:`Result.steps`.  The
+This module owns the trace.  A step is recorded by exactly one path, the
+callable :meth:`Result.recorder` returns, as one flat tuple ``(name, fmt, ret,
+t_start_ns, t_end_ns, *args)`` -- one object per step, cheap enough for 20,000
+connects a second -- and becomes a :class:`Step` the first time somebody reads
+:attr:`Result.steps`.  The
 strace-like text of a step is built only when somebody looks at it
 (:attr:`Step.call`, via :mod:`nbconn.strace`).
 
@@ -15,18 +16,16 @@ how long each call took (like ``strace -T``) and where it started relative to
 from __future__ import annotations
 
 import socket
+from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from .errors import errno_name, errno_number
 from .strace import call_text, format_ns, sockaddr_len, sockaddr_text
+from .tcpinfo import parse_tcp_info
 
 
-class NgxStep(NamedTuple):
-    """Which step of nginx's ngx_event_connect_peer (then ngx_http_upstream_test_connect) a call belongs to."""
-
-    number: int
-    name: str
+#: Which step of nginx's ngx_event_connect_peer (then ngx_http_upstream_test_connect) a call belongs to.
+NgxStep = namedtuple("NgxStep", ["number", "name"])
 
 
 #: recorded name -> the step of nginx's flow it belongs to (None: nbconn's own extras, e.g. TCP_INFO).
@@ -149,23 +148,44 @@ class Result:
     fd: int | None = None
     requested: dict = field(default_factory=dict)
     effective: dict = field(default_factory=dict)
-    tcp_info: dict | None = None
+    # TCP_INFO as read (bytes) until somebody looks: parsing it per connect measured ~2k CPU instructions
+    _tcp_info: bytes | dict | None = field(default=None, repr=False)
     events: str | None = None
     timer_fired: bool = False
     sock: socket.socket | None = field(default=None, repr=False)
     _steps: list = field(default_factory=list, repr=False)
 
     def record(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_end_ns: int) -> None:
-        """Append one step: the one way a step enters the trace (the flow calls it only when tracing)."""
-        self._steps.append((name, fmt, args, ret, t_start_ns, t_end_ns))
+        """Append one step (for callers outside the hot path; the flow uses :meth:`recorder`)."""
+        self._steps.append((name, fmt, ret, t_start_ns, t_end_ns, *args))
+
+    def recorder(self):
+        """The one append path of the trace: a callable taking one record, the flat tuple
+        ``(name, fmt, ret, t_start_ns, t_end_ns, *args)`` that :meth:`steps` turns into :class:`Step` objects.
+
+        It is the list's own ``append`` (a C call), and the record is one flat tuple:
+        the flow records about a dozen steps per connect, partly inside the handshake
+        time it reports, and every object made per step is also work for the cyclic
+        garbage collector (measured: a nested args tuple per step cost ~9k CPU
+        instructions per connect under cachegrind).
+        """
+        return self._steps.append
 
     @property
     def steps(self) -> list[Step]:
         steps = self._steps
         for i, step in enumerate(steps):
-            if type(step) is tuple:  # as record() stored it
-                steps[i] = Step(*step)
+            if type(step) is tuple:  # as the recorder stored it: (name, fmt, ret, t_start_ns, t_end_ns, *args)
+                steps[i] = Step(step[0], step[1], step[5:], step[2], step[3], step[4])
         return steps
+
+    @property
+    def tcp_info(self) -> dict | None:
+        """rtt_us, rttvar_us, retransmits, total_retrans, state of a connected TCP socket (None otherwise)."""
+        info = self._tcp_info
+        if type(info) is bytes:
+            info = self._tcp_info = parse_tcp_info(info)
+        return info
 
     @property
     def connected(self) -> bool:

@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Protocol
+from collections.abc import Iterator
 
 import socket as _socket
 
 
-class SocketSource(Protocol):
-    where: str
+class SocketSource:
+    """The interface a source has (any object with these two will do; no need to inherit).
 
-    def socket(self, family: int, type: int) -> _socket.socket: ...
+    Not a typing.Protocol: importing typing would cost ``import nbconn`` a few ms.
+    """
+
+    where: str = ""
+
+    def socket(self, family: int, type: int) -> _socket.socket:
+        raise NotImplementedError
 
 
 _current: contextvars.ContextVar = contextvars.ContextVar("nbconn_socket_source", default=None)

@@ -178,5 +178,6 @@ def parse_target(target: object) -> Target:
     if not sep:
         raise ValueError(f"malformed target {shown(target)}: expected 'HOST:PORT', '[V6ADDR]:PORT' or 'unix:/path'")
     if ":" in host:
-        raise ValueError(f"malformed target {shown(target)}: put an IPv6 address in brackets, '[{host[:40]}]:{port_text[:8]}'")
+        raise ValueError(f"malformed target {shown(target)}: put an IPv6 address in brackets, "
+                         f"'[{host[:40]}]:{port_text[:8]}'")
     return _resolve(host, _check_port(port_text, target), target)

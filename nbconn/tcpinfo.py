@@ -42,4 +42,17 @@ def parse_tcp_info(raw: bytes) -> dict:
 
 def read_tcp_info(sock: socket.socket) -> dict:
     """getsockopt(IPPROTO_TCP, TCP_INFO) on a TCP socket, parsed."""
-    return parse_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232))
+    return parse_tcp_info(read_tcp_info_raw(sock))
+
+
+def read_tcp_info_raw(sock: socket.socket) -> bytes:
+    """getsockopt(IPPROTO_TCP, TCP_INFO): the struct's bytes (parse them with :func:`parse_tcp_info` when needed)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232)
+
+
+_RTT = struct.Struct("I")
+
+
+def rtt_us(raw: bytes) -> int:
+    """tcpi_rtt (µs) alone, from the raw struct."""
+    return _RTT.unpack_from(raw, _TCPI_RTT)[0]

@@ -44,8 +44,8 @@ from . import lab, validate
 from .api import connect, connect_many
 from .errors import OUTCOME_COLOURS
 from .flow import check_settings
+from .measure import Measurement
 from .strace import format_ns
-from .measure import Measurement, scenario_target
 
 #: what the dropdown shows -> the scenario name of nbconn.validate.SCENARIOS
 SCENARIOS = {
@@ -92,10 +92,12 @@ def _seconds(value: float) -> str:
 # Scenario notes: what one Connect will and will not show for each peer.
 SCENARIO_NOTES = {
     "listening": "A listener on 127.0.0.1: the handshake completes in the kernel before anyone calls accept().",
-    "refused": "Nothing listens on the port: the kernel answers the SYN with RST, connect() fails with "
-               "ECONNREFUSED (on loopback usually already inside connect(), or at the SO_ERROR check).",
-    "blackhole": "SYNs are dropped (a listener whose accept queue is full): nothing ever answers, so only the "
-                 "connect timer ends the attempt -- like nginx's proxy_connect_timeout.",
+    "refused": "Nothing listens on the port: the kernel answers the SYN with RST.  connect() still returns "
+               "EINPROGRESS (even on loopback the SYN is answered after the call returns); epoll then reports "
+               "the socket and getsockopt(SO_ERROR) reads ECONNREFUSED -- nginx's ngx_http_upstream_test_connect.",
+    "blackhole": "SYNs are dropped (a listener whose accept queue is full and never drained): nothing ever "
+                 "answers, the kernel retransmits the SYN, and only the connect timer (or TCP_SYNCNT) ends the "
+                 "attempt -- like nginx's proxy_connect_timeout.",
     "reset": "The peer accepts, then closes with SO_LINGER {1, 0}, which sends RST.  The handshake completed "
              "first, so the connect itself ends <b>connected</b>: the RST arrives <i>after</i> it, and the "
              "client only learns on its first read.  The panel reads once after connecting and shows what "
@@ -313,7 +315,7 @@ class LabPanel:
         if name == "impaired":
             wire = {"delay_ms": self.delay_ms.value, "jitter_ms": min(self.jitter_ms.value, self.delay_ms.value),
                     "loss": self.loss.value}
-        return scenario_target(name, **wire)
+        return lab.scenario(name, **wire)
 
     def _snapshot(self) -> dict:
         """The inputs as they are now (to tell later whether what is shown still matches them)."""
@@ -414,7 +416,7 @@ class LabPanel:
         self.ignored_clicks = 0
         self._mark_stale("a new Connect is running")
         self.connect_button.disabled = self.run_button.disabled = True
-        timeout = opts["timeout"]
+        timeout, peer_name = opts["timeout"], self.scenario.value
         done = threading.Event()
         started = time.monotonic()
         self._peer_ready_at = None  # set by the job once the peer runs: the connect's own clock starts there
@@ -426,10 +428,10 @@ class LabPanel:
                         break
                     ready = self._peer_ready_at
                     if ready is None:  # the peer (an impaired link: two namespaces) is still being set up
-                        self._say(f"starting {self.scenario.value}... {time.monotonic() - started:.1f} s"
+                        self._say(f"starting {peer_name}... {time.monotonic() - started:.1f} s"
                                   f"{self._ignored_note()}", busy=True)
                     else:
-                        self._say(f"connecting to {self.scenario.value}... {time.monotonic() - ready:.1f} s "
+                        self._say(f"connecting to {peer_name}... {time.monotonic() - ready:.1f} s "
                                   f"(up to {_seconds(timeout)}){self._ignored_note()}", busy=True)
 
         def job() -> None:
@@ -479,7 +481,7 @@ class LabPanel:
                    if "ECONNRESET" in first_read else "")
             outcome += f"<br>then the first read: <code>{html.escape(first_read)}</code>{why}"
         outcome = f"<div style='{TEXT}'>{outcome}</div>"
-        png = _png(lambda: _plots().timeline(res))
+        png = _png(lambda: _plots().timeline(res), tidy=_tidy_timeline)
         with self._lock:
             done.set()
             self._show_result(header, outcome, _trace_html(res), _options_html(res), png)
@@ -687,6 +689,32 @@ def _tidy_distribution(fig) -> None:
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
 
 
+def _tidy_timeline(fig) -> None:
+    """If step labels overprint each other (steps microseconds apart on a 10 s axis), give each its own height.
+
+    Only when they do: a timeline whose labels already stand apart is left as plots.timeline drew it.
+    """
+    from matplotlib.text import Annotation, Text
+
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if isinstance(t, Annotation)]
+    if len(labels) < 2:
+        return
+    fig.draw_without_rendering()
+    boxes = [Text.get_window_extent(t) for t in labels]  # the text alone (an Annotation's box includes its leader)
+    if not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+        return
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, max(height, 1.4 + 0.22 * len(labels)))
+    low, high = ax.get_xlim()
+    for i, label in enumerate(labels):  # a staircase in time order: each label on a level of its own
+        right = label.xy[0] > low + 0.6 * (high - low)  # labels near the right edge grow leftwards
+        label.xyann = (-4 if right else 4, 10 + 12 * i)
+        label.set_horizontalalignment("right" if right else "left")
+        if hasattr(label, "_arrow_relpos"):  # the leader starts at the text's lower corner nearest the point
+            label._arrow_relpos = (1.0, 0.0) if right else (0.0, 0.0)
+
+
 def _png(make, tidy=None) -> bytes:
     """Draw a figure with fonts a person can read at the size the panel shows it."""
     from matplotlib.text import Text
@@ -722,7 +750,7 @@ def _trace_html(res) -> str:
     return (f"<table class='nbconn-trace' {_TABLE}><thead><tr><th {_NUM}>step</th><th {_NUM}>called at</th>"
             f"<th {_NUM}>took</th><th {_CELL}>syscall</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
             f"<div style='color:#666;font-size:90%;{TEXT}'>step: which of the five steps (notebook 00); times from "
-            "just before socket(); <i>took</i>: how long the call itself ran (for a timer or epoll_wait step: the wait)</div>")
+            "just before socket(); <i>took</i>: how long the call itself ran (for epoll_wait: how long it waited; timer events take no time)</div>")
 
 
 def _options_html(res) -> str:

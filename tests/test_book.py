@@ -60,7 +60,10 @@ def book_dir():
     if not all(importlib.util.find_spec(m) for m in ("sphinx", "myst_nb", "sphinx_book_theme")):
         _missing("the book toolchain is not installed (./dev book installs the `book` extra)")
     # what ./dev book does (incremental: seconds when little changed), so the book checked is this checkout's
-    return os.path.dirname(_book_tool().build())
+    try:
+        return os.path.dirname(_book_tool().build())
+    except SystemExit as failed:  # the build's own one-line reason (the warnings are printed above it)
+        pytest.fail(f"./dev book failed: {failed}")
 
 
 def _pages(book_dir: str) -> list[str]:

@@ -98,7 +98,7 @@ def test_emfile_is_an_error_outcome_and_the_loop_goes_on():
         kinds = {(r.outcome, r.errno) for r in results}
         for r in results:
             r.close()
-        assert open_fds() == before  # the kept sockets were all there was: closed, nothing else left open
+        assert not open_fds() - before  # the kept sockets were all there was: closed, nothing else left open
     assert ("error", "EMFILE") in kinds and ("connected", None) in kinds
     emfile = next(r for r in results if r.errno == "EMFILE")
     assert emfile.ngx_connect == "NGX_ERROR" and emfile.ngx_log.startswith("socket() failed (24: Too many open files)")
@@ -138,3 +138,4 @@ def test_2000_calls_leave_no_cyclic_garbage_alive():
     assert alive <= gc.get_threshold()[0], f"{alive} of 2000 cyclic garbage objects still alive"
     assert grown < 2000, grown  # nothing per call piles up either
     assert gc.isenabled() and gc.get_freeze_count() == 0
+

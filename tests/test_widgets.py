@@ -110,7 +110,7 @@ def test_connect_button_runs_in_background_with_a_clock_and_ignores_a_second_cli
     assert not panel.connect_button.disabled and not panel.run_button.disabled
     assert panel.connects_started == 1
     assert panel.result.outcome == "timed_out" and "connecting" not in panel.status_text
-    assert "timed_out ETIMEDOUT in 1" in panel.status_text and " ms " in panel.status_text
+    assert "timed_out ETIMEDOUT in 1.0" in panel.status_text and "µs" not in panel.status_text
 
 
 # -- 2. stale results are labelled "previous run" -------------------------------------------------
@@ -171,10 +171,10 @@ def test_stop_reports_finished_and_not_started_and_progress_is_live(panel):
 
 # -- 4. units and labels; the timeout taken exactly; SO_RCVBUF consistent with the API ------------
 
-@pytest.mark.parametrize("ns, text", [(950, "950 ns"), (6_300, "6.3 µs"), (954_000, "954.0 µs"),
-                                      (200_336_300, "200.336 ms"), (10_010_190_900, "10.010 s")])
-def test_format_ns(ns, text):
-    assert widgets.format_ns(ns) == text
+def test_the_panel_uses_the_one_duration_formatter():
+    from nbconn import strace
+
+    assert widgets.format_ns is strace.format_ns
 
 
 def test_durations_above_a_millisecond_are_in_ms(panel):
@@ -182,7 +182,7 @@ def test_durations_above_a_millisecond_are_in_ms(panel):
     panel.timeout.value = 0.2
     panel.connect()
     assert "µs" not in panel.result_line() and " in 2" in panel.result_line() and " ms " in panel.result_line()
-    assert ">returned at</th>" in panel.trace.value and ">took</th>" in panel.trace.value and "since socket()" not in panel.trace.value
+    assert ">called at</th>" in panel.trace.value and ">took</th>" in panel.trace.value and "since socket()" not in panel.trace.value
 
 
 def test_typed_timeout_is_taken_exactly_and_the_slider_only_fills_it(panel):
@@ -231,7 +231,8 @@ def test_images_hidden_until_drawn_and_plain_text_is_a_sentence():
 def test_status_text_is_plain_and_plots_are_readable(panel):
     panel.syncnt.value = 500
     panel.connect()
-    assert panel.status_text == "not connected: option syncnt=500 is outside 1..127"
+    assert panel.status_text.startswith("not connected: ") and "syncnt=500 is outside 1..127" in panel.status_text
+    assert "<" not in panel.status_text
     panel.syncnt_unset.value = True
     panel.connect()
     width, height = _png_size(panel.timeline.value)
@@ -321,3 +322,31 @@ def test_a_control_changed_during_a_run_labels_the_connect_result(panel):
     panel.nodelay.value = True  # while Run N goes: the Connect result above no longer matches the controls
     assert panel.wait(15)
     assert "previous run" in panel.result_header_text and "settings have changed" in panel.result_header_text
+
+
+@pytest.mark.parametrize("scenario, connect_returned, errno, note", [
+    ("refused (closed port)", "EINPROGRESS", "ECONNREFUSED", "still returns EINPROGRESS"),
+    ("AF_UNIX backlog full", "EAGAIN", "EAGAIN", "answers EAGAIN at once"),
+])
+def test_scenario_notes_say_what_a_connect_shows(panel, scenario, connect_returned, errno, note):
+    panel.scenario.value = scenario
+    assert note in panel.scenario_note.value
+    panel.connect()
+    assert (panel.result.connect_returned, panel.result.errno) == (connect_returned, errno)
+
+
+def test_timeline_step_labels_do_not_overprint(panel):
+    from matplotlib.text import Annotation, Text
+
+    from nbconn import plots
+
+    panel.scenario.value = BLACK_HOLE  # steps microseconds apart on an axis of 0.2 s: they used to pile up
+    panel.timeout.value = 0.2
+    panel.connect()
+    fig = plots.timeline(panel.result)
+    widgets._tidy_timeline(fig)
+    fig.draw_without_rendering()
+    boxes = [Text.get_window_extent(t) for t in fig.axes[0].texts if isinstance(t, Annotation)]  # text, no leader
+    assert len(boxes) >= 6
+    overlapping = [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes) if i < j and a.overlaps(b)]
+    assert overlapping == []

@@ -53,6 +53,20 @@ def notebooks() -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def all_notebooks() -> list[str]:
+    """The series plus every other notebook committed in notebooks/: all are staged, so a committed one that is not
+    named NN_* is outside the toctree and fails the build instead of silently missing from the book.  (A reader's
+    own untracked Untitled.ipynb from ./dev lab is left alone.)"""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "notebooks/*.ipynb"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        tracked = [p for p in out.stdout.split("\0") if p and "/" not in p[len("notebooks/"):]] \
+            if out.returncode == 0 else []
+    except OSError:  # no git: the series alone
+        tracked = []
+    return sorted(set(notebooks()) | {p for p in tracked if os.path.isfile(os.path.join(ROOT, p))})
+
+
 def docs_pages() -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
@@ -119,21 +133,23 @@ def stage() -> None:
     nbs, pages = notebooks(), [p for p in docs_pages() + EXTRA_PAGES if os.path.isfile(os.path.join(ROOT, p))]
     if not nbs:
         sys.exit("no notebooks/NN_*.ipynb found")
-    wanted = {"index.md", "api/index.md"} | set(nbs) | set(pages)
-    for rel in nbs + pages + ["README.md"]:
+    sources = all_notebooks() + pages
+    wanted = {"index.md", "api/index.md"} | set(sources)
+    for rel in sources + ["README.md"]:
         for linked in _linked_files(rel):
             _copy(linked)
             wanted.add(linked)
-    for rel in nbs + pages:
+    for rel in sources:
         _copy(rel)
-    # A page removed from the repository disappears from the book too.
+    modules = public_modules()
+    wanted |= {os.path.join("api", "generated", f"{m}.rst") for m in modules}
     for dirpath, _, filenames in os.walk(SRC):
         for name in filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), SRC)
-            if rel not in wanted and not rel.startswith(os.path.join("api", "generated")):
+            if rel not in wanted:  # a page or module removed from the repository disappears from the book too
                 os.remove(os.path.join(dirpath, name))
     _write_if_changed("index.md", _landing_page(pages, nbs))
-    _write_if_changed("api/index.md", _api_index(public_modules()))
+    _write_if_changed("api/index.md", _api_index(modules))
 
 
 def _write_if_changed(rel: str, text: str) -> None:
@@ -176,19 +192,52 @@ def mermaid_bundle() -> str:
 
 def build(out: str = OUT, clean: bool = False) -> str:
     """Stage, then run Sphinx (warnings are errors); returns the path of index.html."""
+    doctrees = os.path.join(BUILD, "book-doctrees")
     if clean:
-        for d in (SRC, out):
+        for d in (SRC, out, doctrees):
             shutil.rmtree(d, ignore_errors=True)
     stage()
     env = dict(os.environ, NBCONN_BOOK_MERMAID=mermaid_bundle(), NBCONN_ROOT=ROOT)
     argv = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", "-c", CONF,
-            "-d", os.path.join(BUILD, "book-doctrees"), SRC, out]
+            "-d", doctrees, SRC, out]
     if subprocess.run(argv, env=env, cwd=ROOT).returncode != 0:
+        # Sphinx warns about a page only when it reads it: without this, the next (incremental) build would skip
+        # the pages that warned and pass.
+        shutil.rmtree(doctrees, ignore_errors=True)
         sys.exit("book build failed: see the warnings above (warnings are errors; build/book-src/X is a copy of X)")
+    _prune(out)
     remote = offline_violations(out)
     if remote:
         sys.exit("the book would load things from the network:\n  " + "\n  ".join(remote[:20]))
     return os.path.join(out, "index.html")
+
+
+def unexecuted_cells() -> list[str]:
+    """Code cells committed without ever being run: the book would show them with no output at all."""
+    import json
+
+    found = []
+    for rel in notebooks():
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            cells = json.load(f).get("cells", [])
+        missing = [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and "".join(c.get("source", ""))
+                   .strip() and c.get("execution_count") is None and not c.get("outputs")]
+        if missing:
+            found.append(f"{rel}: {len(missing)} code cell(s) never executed (cells {', '.join(map(str, missing))})")
+    return found
+
+
+def _prune(out: str) -> None:
+    """Sphinx never deletes a page whose source is gone: drop those (and their _sources copies) from the book."""
+    docs = {os.path.splitext(os.path.relpath(os.path.join(d, f), SRC))[0]
+            for d, _, files in os.walk(SRC) for f in files if f.endswith((".md", ".ipynb", ".rst"))}
+    docs |= {"genindex", "search", "py-modindex"}
+    for html in glob.glob(os.path.join(out, "**", "*.html"), recursive=True):
+        rel = os.path.relpath(html, out)
+        if not rel.startswith("_") and rel[:-len(".html")] not in docs:
+            os.remove(html)
+            for source in glob.glob(os.path.join(out, "_sources", glob.escape(rel[:-len(".html")]) + ".*")):
+                os.remove(source)
 
 
 # <script src>, <link href>, <img src>, <iframe src>, <source src>, CSS url() and @import: what a browser fetches unasked.
@@ -218,6 +267,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
     index = build(clean=args.clean)
+    for line in unexecuted_cells():  # shown as committed; say so, so that whoever committed it runs ./dev execute
+        print(f"book: note: {line}: the book shows them without output (./dev execute)", file=sys.stderr)
     pages = len(glob.glob(os.path.join(OUT, "**", "*.html"), recursive=True))
     print(f"book: {pages} pages in {time.monotonic() - start:.1f} s", file=sys.stderr)
     print(index)

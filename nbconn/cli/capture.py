@@ -18,7 +18,7 @@ from . import EXIT_FAILED, EXIT_OK, float_arg, int_arg
 
 NAME = "capture"
 #: the scenarios, as :data:`nbconn.lab.capture.CAPTURE_SCENARIOS` (repeated here so --help imports nothing)
-SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept")
+SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept", "syncookie")
 
 
 def add(subparsers) -> None:
@@ -31,7 +31,7 @@ def add(subparsers) -> None:
     p.add_argument("--timeout", type=float_arg("--timeout"), default=None, metavar="S",
                    help="the connect timer (default 2.5 s for blackhole: three SYNs; else 3 s)")
     p.add_argument("--burst", type=int_arg("--burst"), default=20, metavar="N",
-                   help="connects at once for slow-accept (default 20)")
+                   help="connects at once for slow-accept and syncookie (default 20)")
     p.add_argument("--json", action="store_true", help="print packets and steps as JSON")
     p.set_defaults(func=run)
 
@@ -56,4 +56,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{shot.scenario}: {shot.where}")
         print(shot.timeline())
         print(f"-> {shot.result.summary()}; on the wire: {shot.story()}")
+        if shot.note:
+            print(f"   {shot.note}")
     return EXIT_OK

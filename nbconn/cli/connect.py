@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_race(args: argparse.Namespace) -> int:
     """Several addresses: nginx's walk, or happy eyeballs with --happy-eyeballs."""
+    if args.nginx_exact:  # nbconn.eyeballs runs the default flow; say so rather than ignore the flag
+        raise ValueError("--nginx-exact applies to one target; it is not available with several targets or "
+                         "--happy-eyeballs")
     from .. import eyeballs, validate
 
     if args.happy_eyeballs is not None:

@@ -383,7 +383,10 @@ __all__ = ["Capture", "Packet", "clock_offset_ns", "tcp_port_filter", "flags_tex
 # -- scenarios: one connect (or one burst) with its packets ------------------------------------------
 
 #: What `python -m nbconn capture` and :func:`shoot` can show.
-CAPTURE_SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept")
+CAPTURE_SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept", "syncookie")
+
+#: the server namespace's TcpExt counters a syncookie run reports (as deltas)
+OVERFLOW_COUNTERS = ("TCPReqQFullDoCookies", "SyncookiesSent", "SyncookiesRecv", "ListenOverflows", "ListenDrops")
 
 
 @dataclass
@@ -402,6 +405,8 @@ class Shot:
     all_packets: list
     where: str
     clock_error_ns: int = 0
+    note: str = ""  # what the client's packets cannot show (the server's counters)
+    counters: dict | None = None
 
     @property
     def t0_ns(self) -> int:
@@ -410,6 +415,7 @@ class Shot:
     def to_dict(self) -> dict:
         """``{"packets": [...], "steps": [...]}``: times in ns since the connect's socket() call."""
         return {"scenario": self.scenario, "where": self.where, "clock_error_ns": self.clock_error_ns,
+                "note": self.note, "counters": self.counters,
                 "outcome": self.result.outcome, "handshake_ns": self.result.handshake_ns,
                 "packets": [p.to_dict(self.t0_ns) for p in self.packets],
                 "steps": self.result.to_dict()["steps"]}
@@ -445,7 +451,8 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
     """Run one scenario with a capture around it (as root, on loopback or on the impaired link).
 
     ``timeout``: the connect timer (default: 2.5 s for the black hole -- three SYNs -- else 3 s);
-    ``delay_ms``: one-way delay of the impaired link; ``burst``: connects at once for "slow-accept".
+    ``delay_ms``: one-way delay of the impaired link (for "impaired" and "syncookie"); ``burst``: connects
+    at once for "slow-accept" and "syncookie".
     """
     from .. import api
     from . import peers
@@ -457,9 +464,6 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
     timeout = validate.number("timeout", timeout, 0, 60, low_open=True)
     burst = validate.integer("burst", burst, 2, 200)
     if scenario == "impaired":
-        reason = unavailable_reason()
-        if reason is not None:
-            raise PermissionError(reason)
         from . import wire
 
         why = wire.wire_unavailable_reason()
@@ -467,18 +471,22 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
             raise RuntimeError(f"the impaired link cannot run here: {why}")
         with wire.impaired(delay_ms=delay_ms) as link:
             port = link.serve_listener(backlog=128)
-            with link.client():
-                # made while this thread is in the client namespace: it sees the client's TUN device
-                cap = Capture(port, interface=None).open()
+            # made by the link's helper in the client namespace (root there, as a normal user too), passed
+            # out over SCM_RIGHTS: unbound, it sees that namespace's interfaces, the TUN device among them
+            cap = Capture(port, interface=None, source=link.client_ns).open()
             with contextlib.closing(cap):
                 with link.client():
                     result = api.connect(f"{link.server_addr}:{port}", timeout=timeout, keep=True)
                 client_port = _client_port(result)
                 result.close()
                 _settle(cap)
-            where = f"impaired link, {delay_ms:g} ms each way; packet socket on the client side's TUN device"
+            where = (f"impaired link, {delay_ms:g} ms each way; packet socket on the client side's TUN device, "
+                     f"{link.client_ns.where}")
             return Shot(scenario, result, for_client_port(cap.packets, client_port), [result], cap.packets, where,
                         cap.offset_error_ns)
+
+    if scenario == "syncookie":
+        return _syncookie(delay_ms=delay_ms, timeout=timeout, burst=burst)
 
     with contextlib.ExitStack() as stack:
         if unavailable_reason() is None:
@@ -519,6 +527,62 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
     else:  # not connected, so no socket to ask: its segments are the ones to the peer (one connect)
         packets = list(cap.packets)
     return Shot(scenario, result, packets, results, cap.packets, where, cap.offset_error_ns)
+
+
+def _syncookie(*, delay_ms: float, timeout: float, burst: int, backlog: int = 2) -> Shot:
+    """A burst over the impaired link against a listener that never accepts (backlog 2).
+
+    All SYNs reach the server before any final ACK (they are a round trip apart), so the accept
+    queue is still empty when they arrive: the first ones get request sockets, and once the SYN
+    queue counts ``backlog`` the kernel answers with syncookie SYN-ACKs (TCPReqQFullDoCookies).
+    One round trip later the final ACKs arrive; three fill the accept queue and the kernel drops
+    the rest (ListenOverflows).  Every client has seen SYN-ACK and sent its ACK: connect() says
+    connected, and the server never had the connection.
+    """
+    from .. import api
+    from . import wire
+
+    why = wire.wire_unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"the impaired link cannot run here: {why}")
+    with wire.impaired(delay_ms=delay_ms) as link:
+        server = link.server_ns
+        listener = server.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with contextlib.closing(listener):
+            listener.bind((link.server_addr, 0))
+            listener.listen(backlog)
+            port = listener.getsockname()[1]
+            before = server.read_netstat()
+            cap = Capture(port, interface=None, source=link.client_ns).open()
+            with contextlib.closing(cap):
+                with link.client():
+                    results = api.connect_many([f"{link.server_addr}:{port}"] * burst, concurrency=burst,
+                                               timeout=timeout, keep=True)
+                ports = [_client_port(r) for r in results]
+                time.sleep(4 * delay_ms / 1e3 + 0.02)  # the last final ACKs reach the server a one-way delay later
+                after = server.read_netstat()
+                listener.setblocking(False)
+                accepted = set()
+                for _ in range(burst):  # who made it into the accept queue
+                    try:
+                        conn, peer = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    accepted.add(peer[1])
+                    conn.close()
+                for r in results:
+                    r.close()
+                _settle(cap)
+        where = f"impaired link, {delay_ms:g} ms each way; listener (backlog {backlog}, never accepting) in the server namespace"
+    counters = {k: after.get(k, 0) - before.get(k, 0) for k in OVERFLOW_COUNTERS}
+    dropped = [i for i, (r, p) in enumerate(zip(results, ports)) if r.connected and p not in accepted]
+    index = dropped[-1] if dropped else 0
+    result = results[index]
+    note = (("the client shown connected, and the server dropped its final ACK; " if dropped else "") +
+            f"{len([r for r in results if r.connected])} of {burst} clients connected, the server accepted "
+            f"{len(accepted)}; server counters: " + ", ".join(f"{k} +{v}" for k, v in counters.items()))
+    return Shot("syncookie", result, for_client_port(cap.packets, ports[index]), results, cap.packets, where,
+                cap.offset_error_ns, note, counters)
 
 
 # -- the instrument's accuracy ---------------------------------------------------------------------
@@ -602,10 +666,6 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
     count = validate.integer("count", count, 1, 4000)  # at most the quiet listener's backlog
     batch = validate.integer("batch", batch, 1, 1000)
     delay_ms = validate.number("delay_ms", delay_ms, 0, 1000)
-    if impaired:
-        reason = unavailable_reason()
-        if reason is not None:
-            raise PermissionError(reason)
     rows: list = []
     skipped = 0
     with contextlib.ExitStack() as stack:
@@ -622,12 +682,10 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
             if why is not None:
                 raise RuntimeError(f"the impaired link cannot run here: {why}")
             link = stack.enter_context(wire.impaired(delay_ms=delay_ms))
-            with link.server():
-                listener = stack.enter_context(_quiet_listener(link.server_addr))
+            listener = stack.enter_context(_quiet_listener(link.server_addr, link.server_ns))
             port = listener.getsockname()[1]
             target, client_side = f"{link.server_addr}:{port}", link.client
-            with link.client():
-                cap = stack.enter_context(contextlib.closing(Capture(port, interface=None).open()))
+            cap = stack.enter_context(contextlib.closing(Capture(port, interface=None, source=link.client_ns).open()))
             label = f"impaired link, {delay_ms:g} ms each way"
         else:
             listener = stack.enter_context(_quiet_listener("127.0.0.1", ns))
@@ -635,7 +693,7 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
             target = f"127.0.0.1:{port}"
             client_side = contextlib.nullcontext if ns is None else ns.using
             cap = stack.enter_context(Capture(port, interface="lo", source=ns))
-            label = "loopback" if ns is None else "loopback (inside a lab namespace)"
+            label = "loopback"  # where: the notebook says (root: the host's lo; else a lab namespace's)
         done = 0
         while done < count:
             n = min(batch, count - done)
@@ -689,7 +747,8 @@ def plot_shots(shots, *, title: str | None = None):
         labelled = 0
         for step in shot.result.steps:
             x = (step.t_ns - t0) / scale
-            ax.plot([x], [2], marker="o", color=SEED_STEP_COLOURS.get(step.seed_step, "grey"), markersize=6)
+            number = step.ngx_step.number if step.ngx_step else None
+            ax.plot([x], [2], marker="o", color=SEED_STEP_COLOURS.get(number, "grey"), markersize=6)
             if step.name in labels:
                 ax.annotate(labels[step.name], (x, 2), xytext=(0, 6 + 9 * (labelled % 2)),
                             textcoords="offset points", fontsize="x-small", ha="center")
@@ -706,7 +765,10 @@ def plot_shots(shots, *, title: str | None = None):
         ax.set_ylim(-0.6, 3.0)
         ax.set_xlim(-0.03 * end / scale, end / scale * 1.05)
         ax.set_xlabel(f"{unit} since socket()", fontsize="small")
-        ax.set_title(f"{shot.scenario}: {shot.result.summary()}", fontsize="small", loc="left")
+        title_text = f"{shot.scenario}: {shot.result.summary()}"
+        if shot.note:
+            title_text += f"\n{shot.note}"
+        ax.set_title(title_text, fontsize="small", loc="left")
         ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title)

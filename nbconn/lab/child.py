@@ -47,7 +47,6 @@ _SIOCSIFADDR, _SIOCSIFDSTADDR, _SIOCSIFNETMASK = 0x8916, 0x8918, 0x891C
 _IFF_UP = 0x1
 _TUNSETIFF = 0x400454CA  # <linux/if_tun.h>
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
-_PR_SET_PDEATHSIG = 1
 _FORWARDER_STOP_S = 2.0
 _IP_TIMEOUT_S = 10.0
 _MAX_BATCH = 64  # descriptors per SCM_RIGHTS message (the kernel allows 253)
@@ -213,11 +212,10 @@ class Helper:
         if pid == 0:  # the forwarder: holds two TUN fds and its control socket, nothing else
             code = 0
             try:
-                _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 self.control.close()
                 for fd in self.ns_fds.values():
                     os.close(fd)
-                forwarder.run_child(tuns[0], tuns[1], fwd_control, wire["params"])
+                forwarder.run_child(tuns[0], tuns[1], fwd_control, wire["params"], parent=os.getppid())
             except BaseException as exc:  # a message on stderr, then out without running our atexit/finally code
                 print(f"nbconn forwarder: {exc!r}", file=sys.stderr, flush=True)
                 code = 1
@@ -358,9 +356,11 @@ def main(argv: list) -> int:
                                      "stage": type(exc).__name__}).encode())
         helper.stop_forwarder()
         return 1
-    control.send(json.dumps({"ready": True, **info}).encode())
     try:
+        control.send(json.dumps({"ready": True, **info}).encode())
         helper.serve()
+    except OSError:
+        pass  # the parent went away while we were building: nothing to serve
     finally:
         helper.stop_forwarder()
     return 0

@@ -21,6 +21,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,28 @@ def needs_userns() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def deferred_ctrl_c():
+    """Within the block a Ctrl-C (SIGINT) is held and raised right after it, as the handler in force would.
+
+    Only the main thread receives KeyboardInterrupt, and only it may change signal handlers: elsewhere
+    this does nothing (nothing to hold)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            if callable(previous):
+                previous(signal.SIGINT, pending[0])
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 class LabProcess:
     """The parent's handle on one helper process (:mod:`nbconn.lab.child`): start, ask, stop, reap.
 
@@ -74,17 +97,23 @@ class LabProcess:
         self.userns = config["userns"]
         started = time.perf_counter()
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", _CHILD, str(theirs.fileno()), json.dumps(config)],
-                pass_fds=(theirs.fileno(), *extra_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # Ctrl-C in a terminal reaches only us; we decide when it stops
-            )
+            # A Ctrl-C inside Popen() (after the fork, before it returns) would lose the only handle on a
+            # running helper: hold it until self._process is set, so stop() can always reap what was started.
+            with deferred_ctrl_c():
+                self._process = subprocess.Popen(
+                    [sys.executable, "-I", "-S", _CHILD, str(theirs.fileno()), json.dumps(config)],
+                    pass_fds=(theirs.fileno(), *extra_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,  # Ctrl-C in a terminal reaches only us; we decide when it stops
+                )
         except BaseException:
-            ours.close()
-            raise
-        finally:
             theirs.close()
+            if getattr(self, "_process", None) is None:
+                ours.close()
+                raise
+            self.stop()
+            raise
+        theirs.close()
         try:
             ready = self._receive(_START_S)
             if ready is None or not ready.get("ready"):
@@ -149,6 +178,25 @@ class LabProcess:
     def alive(self) -> bool:
         return self._process.poll() is None
 
+    def _collect_stderr(self, process) -> None:
+        """What the helper wrote on stderr, without waiting for end of file: a forwarder it forked may still
+        hold the pipe for a moment, and communicate() would wait for it."""
+        pipe = process.stderr
+        if pipe is None or pipe.closed:
+            return
+        chunks = []
+        with contextlib.suppress(OSError):
+            os.set_blocking(pipe.fileno(), False)
+            for _ in range(16):
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        pipe.close()
+        text = b"".join(chunks).decode(errors="replace").strip()
+        if text:
+            self.stderr = text
+
     def stop(self) -> None:
         """Close the control socket (the helper exits on end of file), then reap it. Idempotent.
 
@@ -159,28 +207,27 @@ class LabProcess:
             self._control.close()
         self._stopped = True
         process = getattr(self, "_process", None)
-        if process is None or process.returncode is not None:
+        if process is None:
             return
         interrupted: BaseException | None = None
         try:
-            try:
-                _, err = process.communicate(timeout=_STOP_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                _, err = process.communicate()
-            if err:
-                self.stderr = err.decode(errors="replace").strip()
+            if process.returncode is None:
+                try:
+                    process.wait(timeout=_STOP_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         except BaseException as exc:  # Ctrl-C (or SIGTERM made an exception) while waiting: still reap
             interrupted = exc
-            process.kill()
+            with contextlib.suppress(OSError):
+                process.kill()
             for _ in range(100):
                 try:
                     process.wait()
                     break
                 except BaseException:  # noqa: BLE001 - a third Ctrl-C: keep reaping, bounded
                     continue
-            with contextlib.suppress(OSError):
-                if process.stderr is not None:
-                    process.stderr.close()
+        finally:
+            self._collect_stderr(process)
         if interrupted is not None:
             raise interrupted

@@ -45,11 +45,13 @@ class Peer(str):
     """A target string ("127.0.0.1:40123", "unix:/tmp/..") with counters.
 
     ``scenario``: the peer's kind; ``accepted``: connections accepted so far;
+    ``accept_errors``: accept() calls that failed for want of descriptors or memory (retried);
     ``port``: the TCP port (None for AF_UNIX); ``path``: the AF_UNIX path.
     """
 
     scenario: str
     accepted: int
+    accept_errors: int
     port: int | None
     path: str | None
 
@@ -57,6 +59,7 @@ class Peer(str):
         peer = super().__new__(cls, target)
         peer.scenario = scenario
         peer.accepted = 0
+        peer.accept_errors = 0
         peer.port = port
         peer.path = path
         return peer
@@ -92,8 +95,17 @@ class _Acceptor:
     """A daemon thread that accepts from a listener until stopped.
 
     ``handle(conn)`` decides what happens to each accepted connection;
-    ``interval_s`` spaces accepts out (the slow acceptor).
+    ``interval_s`` spaces accepts out (the slow acceptor).  Running out of
+    descriptors (EMFILE, ENFILE) or kernel memory (ENOBUFS, ENOMEM) is not the
+    end: the connection stays in the accept queue, so the thread counts the error
+    (``peer.accept_errors``), backs off (1 ms doubling to 100 ms, stop-aware) and
+    tries again -- a "listening" peer must not silently turn into a black hole.
+    ECONNABORTED (the client gave up while queued) is skipped.  Any other error
+    means the listener itself is gone: the thread ends.
     """
+
+    _RETRY = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+    _BACKOFF_MAX_S = 0.1
 
     def __init__(self, listener: socket.socket, peer: Peer, handle, interval_s: float = 0.0) -> None:
         self.listener = listener
@@ -105,8 +117,8 @@ class _Acceptor:
 
     def _run(self) -> None:
         listener, stop = self.listener, self._stop
-        with select.epoll() as ep:
-            ep.register(listener.fileno(), select.EPOLLIN)
+        backoff = 0.0
+        with self._ep as ep:
             while not stop.is_set():
                 if not ep.poll(_POLL_S):
                     continue
@@ -115,8 +127,16 @@ class _Acceptor:
                         conn, _ = listener.accept()
                     except (BlockingIOError, InterruptedError):
                         break
-                    except OSError:  # listener closed under us, or EMFILE: stop quietly
-                        return
+                    except OSError as exc:
+                        if exc.errno == errno.ECONNABORTED:
+                            continue
+                        if exc.errno not in self._RETRY:
+                            return  # the listener was closed under us
+                        self.peer.accept_errors += 1
+                        backoff = min(self._BACKOFF_MAX_S, backoff * 2 or 0.001)
+                        stop.wait(backoff)
+                        continue
+                    backoff = 0.0
                     self.peer.accepted += 1
                     self.handle(conn)
                     if self.interval_s:
@@ -124,7 +144,15 @@ class _Acceptor:
 
     def __enter__(self) -> "_Acceptor":
         self.listener.setblocking(False)
-        self._thread.start()
+        # The epoll instance is made here, not in the thread: running out of descriptors then fails the
+        # peer's start for its caller to see, instead of killing a thread that has not run yet.
+        self._ep = select.epoll()
+        try:
+            self._ep.register(self.listener.fileno(), select.EPOLLIN)
+            self._thread.start()
+        except BaseException:
+            self._ep.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

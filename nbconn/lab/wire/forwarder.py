@@ -47,6 +47,7 @@ MAX_WAKE_ALLOWANCE_S = 0.0005  # the forwarder never releases a packet more than
 
 _PR_SET_TIMERSLACK = 29  # <linux/prctl.h>
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522  # <linux/capability.h>
 _NOBODY = 65534
 
@@ -300,10 +301,14 @@ def drop_privileges(to_nobody: bool) -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
-def run_child(client_tun: int, server_tun: int, control: socket.socket, params: dict) -> None:
+def run_child(client_tun: int, server_tun: int, control: socket.socket, params: dict, parent: int) -> None:
     """The forwarder process's whole life: drop privileges, say ready, forward until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     drop_privileges(params.get("to_nobody", False))
+    # Die with the helper.  Set after the uid change, which clears it; if the helper already died, go now.
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        return
     _set_thread_timer_slack(1)
     control.setblocking(False)
     loop = _ForwarderLoop(client_tun, server_tun, control, params)
