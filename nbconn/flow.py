@@ -462,7 +462,7 @@ class Attempt:
             t = self._clock()
             raw = result._tcp_info = read_tcp_info_raw(self.sock)  # parsed when somebody reads Result.tcp_info
             if self._record:
-                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}, ...}}, [232])",
+                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
                               0, t, self._clock(), self.fd, rtt_us(raw)))
         self._release(keep=err == 0 and plan.keep)
 

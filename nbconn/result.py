@@ -155,10 +155,6 @@ class Result:
     sock: socket.socket | None = field(default=None, repr=False)
     _steps: list = field(default_factory=list, repr=False)
 
-    def record(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_end_ns: int) -> None:
-        """Append one step (for callers outside the hot path; the flow uses :meth:`recorder`)."""
-        self._steps.append((name, fmt, ret, t_start_ns, t_end_ns, *args))
-
     def recorder(self):
         """The one append path of the trace: a callable taking one record, the flat tuple
         ``(name, fmt, ret, t_start_ns, t_end_ns, *args)`` that :meth:`steps` turns into :class:`Step` objects.

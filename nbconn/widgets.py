@@ -481,7 +481,7 @@ class LabPanel:
                    if "ECONNRESET" in first_read else "")
             outcome += f"<br>then the first read: <code>{html.escape(first_read)}</code>{why}"
         outcome = f"<div style='{TEXT}'>{outcome}</div>"
-        png = _png(lambda: _plots().timeline(res), tidy=_tidy_timeline)
+        png = _png(lambda: _plots().timeline(res))
         with self._lock:
             done.set()
             self._show_result(header, outcome, _trace_html(res), _options_html(res), png)
@@ -683,36 +683,13 @@ def _tidy_distribution(fig) -> None:
         left.get_legend().remove()
     for ax in (left, right):
         if ax.get_xscale() == "log":  # 200, 500, 1000 instead of crowded 2x10^2 3x10^2 4x10^2
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            low, high = ax.get_xlim()
+            decades = math.log10(high / low) if low > 0 and high > low else 1.0
+            subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)  # over many decades, 1-2-5 would crowd
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
             ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
-
-
-def _tidy_timeline(fig) -> None:
-    """If step labels overprint each other (steps microseconds apart on a 10 s axis), give each its own height.
-
-    Only when they do: a timeline whose labels already stand apart is left as plots.timeline drew it.
-    """
-    from matplotlib.text import Annotation, Text
-
-    ax = fig.axes[0]
-    labels = [t for t in ax.texts if isinstance(t, Annotation)]
-    if len(labels) < 2:
-        return
-    fig.draw_without_rendering()
-    boxes = [Text.get_window_extent(t) for t in labels]  # the text alone (an Annotation's box includes its leader)
-    if not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
-        return
-    width, height = fig.get_size_inches()
-    fig.set_size_inches(width, max(height, 1.4 + 0.22 * len(labels)))
-    low, high = ax.get_xlim()
-    for i, label in enumerate(labels):  # a staircase in time order: each label on a level of its own
-        right = label.xy[0] > low + 0.6 * (high - low)  # labels near the right edge grow leftwards
-        label.xyann = (-4 if right else 4, 10 + 12 * i)
-        label.set_horizontalalignment("right" if right else "left")
-        if hasattr(label, "_arrow_relpos"):  # the leader starts at the text's lower corner nearest the point
-            label._arrow_relpos = (1.0, 0.0) if right else (0.0, 0.0)
 
 
 def _png(make, tidy=None) -> bytes:
