@@ -230,8 +230,15 @@ def _run_asyncio(coro_fn, host, port, k, c, *, uvloop: bool = False) -> dict:
         import uvloop as _uvloop
 
         factory = _uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro_fn(host, port, k, c))
+    # What asyncio.Runner(loop_factory=...) does (3.11+), spelled out so 3.10 runs it too.
+    loop = (factory or asyncio.new_event_loop)()
+    try:
+        return loop.run_until_complete(coro_fn(host, port, k, c))
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 def storm_asyncio_sock_connect(host, port, k, c):
@@ -302,7 +309,7 @@ def storm_threads(host: str, port: int, k: int, c: int) -> dict:
         go.wait()
         mine, counts = [], Counter()
         for _ in todo:
-            s = (make_socket or socket.socket)(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(_SOL, _LINGER, LINGER_RESET)
             t = _now()
             err = s.connect_ex(addr)

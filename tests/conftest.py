@@ -29,9 +29,9 @@ def require_tool(name: str) -> str:
 
 
 def require_root(reason: str) -> None:
+    """Skip (with the reason, one line) when not root -- also in CI: .ci/run runs the suite as an
+    unprivileged user on purpose, and there root-only tests are expected to skip, not fail."""
     if os.geteuid() != 0:
-        if os.environ.get("NBCONN_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"needs root: {reason}")
         pytest.skip(f"needs root: {reason}")
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from nbconn import socketsource
-from nbconn.lab import namespace as nsmod
+from nbconn.lab import namespace as nsmod  # the module (also callable: lab.namespace(...))
 from nbconn.lab.namespace import namespace
 
 from .conftest import open_fds

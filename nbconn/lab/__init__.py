@@ -33,7 +33,7 @@ def __getattr__(name: str):
     # (importlib, not "from . import wire": that form would call this hook again.)
     if name in ("namespace", "namespace_unavailable_reason"):
         module = importlib.import_module(".namespace", __name__)
-        return module.namespace if name == "namespace" else module.unavailable_reason
+        return module if name == "namespace" else module.unavailable_reason  # the module is callable
     if name in ("impaired", "wire_unavailable_reason", "wire"):
         wire = importlib.import_module(".wire", __name__)
         return wire if name == "wire" else getattr(wire, name)

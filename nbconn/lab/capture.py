@@ -50,6 +50,7 @@ ETH_P_IPV6 = 0x86DD
 PACKET_HOST, PACKET_OUTGOING = 0, 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772  # 14-byte Ethernet header before the IP header
 SO_ATTACH_FILTER = 26
+SOL_PACKET, PACKET_STATISTICS = 263, 6
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 
@@ -245,7 +246,7 @@ class Capture:
         self.offset_ns = 0  # CLOCK_REALTIME - CLOCK_MONOTONIC when the capture opened
         self.offset_error_ns = 0
         self.clock_drift_ns = 0  # how far the offset moved between open and the last read
-        self.dropped = 0
+        self.dropped = 0  # frames the kernel could not queue to the packet socket (PACKET_STATISTICS)
         self._seen_syn: set = set()
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -313,6 +314,9 @@ class Capture:
             packet = self._packet(data, ancdata, addr)
             if packet is not None and len(self.packets) + len(new) < MAX_PACKETS:
                 new.append(packet)
+        # struct tpacket_stats {tp_packets, tp_drops}: counts since the last read; reading resets them
+        _, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.dropped += drops
         offset, _ = clock_offset_ns()
         self.clock_drift_ns = offset - self.offset_ns
         self.packets.extend(new)
@@ -606,6 +610,7 @@ class Accuracy:
     synack_inside_connect: list  # 1 when the SYN-ACK arrived before connect() returned
     skipped: int
     clock_error_ns: int
+    frames_dropped: int = 0  # by the kernel, for want of room in the packet socket (should be 0)
 
     @property
     def difference(self) -> list:
@@ -618,6 +623,7 @@ class Accuracy:
             return {k: v / 1e3 for k, v in percentiles(values, (50, 99)).items()}
 
         return {"label": self.label, "count": len(self.nbconn), "skipped": self.skipped,
+                "frames_dropped": self.frames_dropped,
                 "clock_error_us": self.clock_error_ns / 1e3, "difference_us": us(self.difference),
                 "wire_us": us(self.wire), "nbconn_us": us(self.nbconn),
                 "before_syn_us": us(self.before_syn), "after_synack_us": us(self.after_synack),
@@ -721,7 +727,8 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
             done += n
         error = cap.offset_error_ns + abs(cap.clock_drift_ns)
     columns = list(zip(*rows)) if rows else [()] * 5
-    return Accuracy(label, *[list(c) for c in columns], skipped=skipped, clock_error_ns=error)
+    return Accuracy(label, *[list(c) for c in columns], skipped=skipped, clock_error_ns=error,
+                    frames_dropped=cap.dropped)
 
 
 

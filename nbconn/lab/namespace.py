@@ -47,6 +47,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +212,18 @@ def namespace(sysctls: dict | None = None, routes=None) -> Iterator[Namespace]:
                 ns.close()
         finally:
             process.stop()
+
+
+class _CallableModule(type(contextlib)):
+    """``nbconn.lab.namespace`` is this module *and* the call ``nbconn.lab.namespace(...)``.
+
+    Importing a submodule sets it as an attribute of its package (``nbconn.lab.namespace``
+    becomes this module as soon as anything imports it, e.g. the wire), which would hide the
+    function of the same name that ``nbconn.lab`` offers.  Calling the module calls the function.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return namespace(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -121,6 +121,8 @@ class _Acceptor:
         with self._ep as ep:
             while not stop.is_set():
                 if not ep.poll(_POLL_S):
+                    if listener.fileno() == -1:
+                        return  # closed under us (its owner was interrupted before it could stop us)
                     continue
                 while not stop.is_set():
                     try:
@@ -157,7 +159,7 @@ class _Acceptor:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=5)  # if a Ctrl-C cuts this short, the thread still ends within _POLL_S
 
 
 def _close(conn: socket.socket) -> None:
