@@ -61,10 +61,10 @@ html_theme_options = {
     "launch_buttons": {},         # no Binder/Colab: nothing leaves the reader's machine
     "navigation_with_keys": False,
     "search_bar_text": "Search the book...",
-    # notebooks use the whole width, as in JupyterLab: their traces and log lines are wide (other pages keep the
-    # in-page table of contents on the right)
+    # notebooks and docs/ (the claims table) use the whole width, as in JupyterLab: traces, log lines and the
+    # claims are wide; the other pages keep the in-page table of contents on the right
     "secondary_sidebar_items": {"notebooks/*": [], "index": ["page-toc"], "api/**": ["page-toc"],
-                                "docs/*": ["page-toc"], "data/*": ["page-toc"], "benchmarks/*": ["page-toc"]},
+                                "docs/*": [], "data/*": ["page-toc"], "benchmarks/*": ["page-toc"]},
 }
 html_last_updated_fmt = None
 html_copy_source = True

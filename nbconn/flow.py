@@ -30,6 +30,7 @@ Why the steps are in this order
    by unseen between ``connect()`` and registration, and one registration
    serves the whole life of the connection (no later EPOLL_CTL_MOD).
 5. ``connect()``:
+
    - 0: connected already (AF_UNIX with room in the backlog does this).
    - -1/EINPROGRESS: the handshake runs in the kernel.  Arm the connect timer
      (``proxy_connect_timeout``), wait for the descriptor to become writable,
@@ -38,6 +39,7 @@ Why the steps are in this order
      nginx closes the socket without reading SO_ERROR and tries the next peer.
    - -1/anything else: failed at once; nginx returns NGX_DECLINED and tries the
      next peer.
+
 
 Every path that opened the descriptor closes it.  nbconn removes it from epoll
 first (EPOLL_CTL_DEL); nginx lets ``close()`` do that, and so does nginx-exact

@@ -50,16 +50,15 @@ _EVENTS = ("timer", "timeout")
 class Step:
     """One recorded syscall (or timer event) of a connect.
 
-    ``name``        socket, setsockopt, getsockopt, nonblocking, bind, epoll_ctl,
-                    connect, timer, epoll_wait, so_error, timeout, tcp_info,
-                    unregister, close
-    ``call``        the call as strace prints it, e.g.
-                    ``connect(5, {sa_family=AF_INET, ...}, 16) = -1 EINPROGRESS``
-    ``ret``         the return value, or the errno name when the call failed
-    ``t_start_ns``  time.monotonic_ns() right before the call
-    ``t_ns``        time.monotonic_ns() right after the call returned
-    ``duration_ns`` how long the call itself took (t_ns - t_start_ns)
-    ``ngx_step``    the step of nginx's flow it belongs to, an :class:`NgxStep` or None
+    - ``name``: socket, setsockopt, getsockopt, nonblocking, bind, epoll_ctl, connect,
+      timer, epoll_wait, so_error, timeout, tcp_info, unregister, close
+    - ``call``: the call as strace prints it, e.g.
+      ``connect(5, {sa_family=AF_INET, ...}, 16) = -1 EINPROGRESS``
+    - ``ret``: the return value, or the errno name when the call failed
+    - ``t_start_ns``: time.monotonic_ns() right before the call
+    - ``t_ns``: time.monotonic_ns() right after the call returned
+    - ``duration_ns``: how long the call itself took (t_ns - t_start_ns)
+    - ``ngx_step``: the step of nginx's flow it belongs to, an :class:`NgxStep` or None
     """
 
     __slots__ = ("name", "_fmt", "_args", "ret", "t_start_ns", "t_ns")

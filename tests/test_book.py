@@ -53,7 +53,7 @@ def book_dir():
     if given:
         index = os.path.join(given, "index.html")
         if not os.access(index, os.R_OK):
-            if os.geteuid() != 0:  # another user's build (CI's unprivileged leg): the leg that built it checks it
+            if os.geteuid() != 0:  # another user's build this user cannot read: the leg that built it checks it
                 pytest.skip(f"NBCONN_BOOK_DIR={given}: no readable index.html for this user")
             pytest.fail(f"NBCONN_BOOK_DIR={given} has no index.html (run ./dev book)")
         return given
@@ -64,6 +64,17 @@ def book_dir():
         return os.path.dirname(_book_tool().build())
     except SystemExit as failed:  # the build's own one-line reason (the warnings are printed above it)
         pytest.fail(f"./dev book failed: {failed}")
+
+
+def _built_on(book_dir: str) -> str | None:
+    """The Python (major.minor) that built the book, from the note tools/book.py leaves in it."""
+    import json
+
+    try:
+        with open(os.path.join(book_dir, "nbconn-book.json"), encoding="utf-8") as f:
+            return json.load(f).get("python")
+    except (OSError, ValueError):
+        return None
 
 
 def _pages(book_dir: str) -> list[str]:
@@ -151,6 +162,11 @@ def _check_page(context, book_dir: str, rel: str, check_dir: str) -> list[str]:
 
 @pytest.mark.timeout(900)
 def test_every_page_in_headless_chromium(book_dir, tmp_path_factory):
+    built_on = _built_on(book_dir)
+    here = "%d.%d" % sys.version_info[:2]
+    if os.environ.get("NBCONN_BOOK_DIR") and built_on and built_on != here:
+        # CI's legs on other interpreters: the HTML does not depend on the interpreter that reads the test
+        pytest.skip(f"the book was built and is checked on Python {built_on}; this is {here}")
     chromium = require_tool("chromium")
     try:
         from playwright.sync_api import sync_playwright
@@ -181,3 +197,50 @@ def test_every_page_in_headless_chromium(book_dir, tmp_path_factory):
         finally:
             browser.close()
     assert not found, "\n".join(f"{rel}:\n  " + "\n  ".join(p) for rel, p in found.items())
+
+
+@pytest.mark.timeout(600)
+def test_a_broken_link_or_a_missing_image_fails_the_build(tmp_path):
+    """Warnings are errors: a copy of the project whose notebook links a notebook that does not exist and shows an
+    image that is not there must not build, and the failure must name both (--keep-going reports all)."""
+    if not all(importlib.util.find_spec(m) for m in ("sphinx", "myst_nb", "sphinx_book_theme")):
+        if os.environ.get("NBCONN_BOOK_DIR"):  # CI's other legs: the leg that built the book has the toolchain
+            pytest.skip("the book toolchain is in the environment that built $NBCONN_BOOK_DIR, not here")
+        _missing("the book toolchain is not installed (./dev book installs the `book` extra)")
+    import json
+    import shutil
+    import subprocess
+
+    for rel in ("README.md", "tools", "docs", "nbconn", "data", "benchmarks"):
+        src = os.path.join(ROOT, rel)
+        if os.path.isdir(src):
+            shutil.copytree(src, tmp_path / rel, ignore=shutil.ignore_patterns("__pycache__", "results", "build"))
+        elif os.path.exists(src):
+            shutil.copy2(src, tmp_path / rel)
+    first_two = sorted(glob.glob(os.path.join(ROOT, "notebooks", "[0-9][0-9]_*.ipynb")))[:2]
+    (tmp_path / "notebooks").mkdir()
+    for nb in first_two:
+        shutil.copy2(nb, tmp_path / "notebooks")
+    cache = os.path.join(ROOT, "build", "book-cache")
+    if os.path.isdir(cache):  # Mermaid's bundle, already taken from npm: no second download
+        (tmp_path / "build").mkdir()
+        os.symlink(cache, tmp_path / "build" / "book-cache")
+    broken = tmp_path / "notebooks" / os.path.basename(first_two[1])
+    nb = json.loads(broken.read_text(encoding="utf-8"))
+    nb["cells"].insert(1, {"cell_type": "markdown", "id": "broken-on-purpose", "metadata": {},
+                           "source": ["See [the missing one](99_not_there.ipynb) and ![a plot](missing.png).\n"]})
+    broken.write_text(json.dumps(nb), encoding="utf-8")
+    # The README's table links every notebook: keep only the rows of the two copied, so that is not what fails.
+    readme = (tmp_path / "README.md").read_text(encoding="utf-8")
+    kept = {os.path.basename(p) for p in first_two}
+    readme = "\n".join(line for line in readme.splitlines()
+                       if not re.search(r"notebooks/\d\d_\w+\.ipynb", line) or
+                       all(name in kept for name in re.findall(r"notebooks/(\d\d_\w+\.ipynb)", line)))
+    (tmp_path / "README.md").write_text(readme, encoding="utf-8")
+
+    proc = subprocess.run([sys.executable, str(tmp_path / "tools" / "book.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode != 0, "the book built although a link and an image are broken"
+    assert "99_not_there.ipynb" in proc.stderr and "xref_missing" in proc.stderr, proc.stderr[-3000:]
+    assert "missing.png" in proc.stderr and "image.not_readable" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "build" / "book-doctrees").exists(), "a failed build must forget its doctrees"

@@ -31,8 +31,9 @@ def test_5000_mixed_connects_at_concurrency_200_leave_no_fd(late_tolerance_ms):
     assert counts == {"connected": 3000, "refused": 1500, "timed_out": 500}, counts
     for r in results:
         if r.outcome == "timed_out":
-            # within 50 ms of the deadline on a quiet machine; more under load
-            assert 250e6 <= r.handshake_ns <= 250e6 + late_tolerance_ms(50) * 1e6, r.handshake_ns
+            # never early; late by at most 200 ms on a quiet machine, more under load (this test is about
+            # descriptors and order: 200 handshakes in flight on 2 busy cores can starve the loop for a while)
+            assert 250e6 <= r.handshake_ns <= 250e6 + late_tolerance_ms(200) * 1e6, r.handshake_ns
         assert r.sock is None
     assert open_fds() == before, "descriptors leaked"
 

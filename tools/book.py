@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -206,6 +207,8 @@ def build(out: str = OUT, clean: bool = False) -> str:
         shutil.rmtree(doctrees, ignore_errors=True)
         sys.exit("book build failed: see the warnings above (warnings are errors; build/book-src/X is a copy of X)")
     _prune(out)
+    with open(os.path.join(out, "nbconn-book.json"), "w", encoding="utf-8") as f:  # for tests/test_book.py
+        json.dump({"python": "%d.%d" % sys.version_info[:2]}, f)
     remote = offline_violations(out)
     if remote:
         sys.exit("the book would load things from the network:\n  " + "\n  ".join(remote[:20]))
@@ -214,8 +217,6 @@ def build(out: str = OUT, clean: bool = False) -> str:
 
 def unexecuted_cells() -> list[str]:
     """Code cells committed without ever being run: the book would show them with no output at all."""
-    import json
-
     found = []
     for rel in notebooks():
         with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
@@ -269,7 +270,8 @@ def main(argv: list[str]) -> int:
     index = build(clean=args.clean)
     for line in unexecuted_cells():  # shown as committed; say so, so that whoever committed it runs ./dev execute
         print(f"book: note: {line}: the book shows them without output (./dev execute)", file=sys.stderr)
-    pages = len(glob.glob(os.path.join(OUT, "**", "*.html"), recursive=True))
+    pages = sum(not os.path.relpath(p, OUT).startswith("_")  # _static/ holds theme templates, not pages
+                for p in glob.glob(os.path.join(OUT, "**", "*.html"), recursive=True))
     print(f"book: {pages} pages in {time.monotonic() - start:.1f} s", file=sys.stderr)
     print(index)
     return 0

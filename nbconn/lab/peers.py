@@ -5,18 +5,18 @@ here): nothing ever waits, so nothing about timeouts can be seen.  These peers
 make each interesting answer happen on demand, with nothing but the kernel's
 own behaviour:
 
-============  ======================================================  ===================
-peer          how it is made                                          a connect sees
-============  ======================================================  ===================
-listening     listen() plus a thread that accepts and closes          connected
-refused       a port that is bound but not listening                  ECONNREFUSED (RST)
-blackhole     listen(0), its accept queue filled once, never drained  SYNs dropped: timer
-reset         accepts, then closes with SO_LINGER {1, 0}              connected, then RST
-slow_accept   small backlog, accepts one connection every few ms      a burst overflows
-unix_listening  AF_UNIX listen() plus an accepting thread             connected (0 at once)
-unix_full     AF_UNIX listen(0), backlog filled, never accepted       EAGAIN at once
-unix_missing  a path in a fresh directory that nobody created         ENOENT at once
-============  ======================================================  ===================
+==============  ======================================================  =====================
+peer            how it is made                                          a connect sees
+==============  ======================================================  =====================
+listening       listen() plus a thread that accepts and closes          connected
+refused         a port that is bound but not listening                  ECONNREFUSED (RST)
+blackhole       listen(0), its accept queue filled once, never drained  SYNs dropped: timer
+reset           accepts, then closes with SO_LINGER {1, 0}              connected, then RST
+slow_accept     small backlog, accepts one connection every few ms      a burst overflows
+unix_listening  AF_UNIX listen() plus an accepting thread               connected (0 at once)
+unix_full       AF_UNIX listen(0), backlog filled, never accepted       EAGAIN at once
+unix_missing    a path in a fresh directory that nobody created         ENOENT at once
+==============  ======================================================  =====================
 
 Each is a context manager yielding a :class:`Peer`: a ``str`` -- the target to
 connect to -- with a few counters attached.  Everything it opened (listeners,
