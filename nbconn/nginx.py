@@ -30,19 +30,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import validate
+from . import systools, validate
 from .upstream import Peer
 
-NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 LOG_FORMAT = "$status|$upstream_addr|$upstream_connect_time|$upstream_status"
 
 
 def find_nginx() -> str | None:
     """The nginx binary, or None."""
-    found = shutil.which("nginx")
-    if found:
-        return found
-    return next((p for p in NGINX_CANDIDATES if os.access(p, os.X_OK)), None)
+    # as root by absolute system path only, never through PATH (nbconn.systools)
+    return systools.find("nginx")
 
 
 def unavailable_reason() -> str | None:
@@ -230,7 +227,7 @@ http {{
                     f.write(self.config())
                 argv = [find_nginx(), "-p", self.prefix, "-c", conf, "-e", os.path.join(self.prefix, "startup.log")]
                 if self.strace:
-                    argv = [shutil.which("strace") or "strace", "-f", "-qq", "-tt", "-o",
+                    argv = [systools.find("strace") or "strace", "-f", "-qq", "-tt", "-o",
                             os.path.join(self.prefix, "strace.log"),
                             "-e", f"trace={self.strace_syscalls}", "-s", "40", *argv]
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
