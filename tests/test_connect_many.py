@@ -122,6 +122,7 @@ def test_2000_calls_leave_no_cyclic_garbage_alive():
         def __init__(self):
             self.me = self
 
+    frozen_before = gc.get_freeze_count()  # not always 0 at start (seen on 3.12): compare, don't assume
     with listening() as up:
         gc.collect()
         before = len(gc.get_objects())
@@ -138,5 +139,5 @@ def test_2000_calls_leave_no_cyclic_garbage_alive():
     # at most what waits for the next young-generation pass (it runs every gc.get_threshold()[0] net allocations)
     assert alive <= gc.get_threshold()[0], f"{alive} of 2000 cyclic garbage objects still alive"
     assert grown < 2000, grown  # nothing per call piles up either
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen_before  # nbconn froze nothing
 
