@@ -226,7 +226,10 @@ class Result:
             parts.append(self.errno)
         if self.handshake_ns is not None:
             parts.append(f"in {format_ns(self.handshake_ns)}")
-        nginx = f"{self.ngx_connect} -> {self.ngx_decision}"
+        # connect() decided at once (NGX_OK / NGX_DECLINED, or a step before it failed): one code, shown once;
+        # a pending handshake shows both: NGX_AGAIN, then what the write event or the timer decided
+        same = self.ngx_decision is None or self.ngx_decision == self.ngx_connect
+        nginx = f"{self.ngx_connect}" if same else f"{self.ngx_connect} -> {self.ngx_decision}"
         if self.ngx_next:
             nginx += f", next upstream: {self.ngx_next}"
         parts.append(f"(nginx: {nginx})")
