@@ -6,7 +6,6 @@ timer has passed) or with generous ones (finished well before a multi-second tim
 
 import json
 import signal
-import socket
 
 import pytest
 
@@ -14,15 +13,6 @@ from nbconn import eyeballs
 from nbconn.lab import blackhole, listening, refused
 
 from .conftest import open_fds
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def test_happy_eyeballs_starts_the_second_address_after_the_delay_and_cancels_the_first(no_fd_leak):
@@ -85,7 +75,7 @@ def test_keep_hands_out_only_the_winners_socket(no_fd_leak):
         assert race.sock is None
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@pytest.mark.skipif(not eyeballs._ipv6_loopback_works(), reason="no IPv6 loopback (::1) on this machine")
 def test_two_families_like_an_aaaa_and_an_a_record(no_fd_leak):
     with blackhole("::1") as hole6, listening("127.0.0.1") as up4:
         race = eyeballs.happy_eyeballs([hole6, up4], delay=0.05, timeout=5.0)

@@ -103,19 +103,8 @@ def test_validation_is_strict():
 # 4. Every plot cell stores a PNG: an output whose text/plain is a matplotlib "<Figure size ...>" carries image/png,
 #    and a code cell that calls plots.*( or plt.* stores at least one image/png output.
 
-#: Notebooks whose owners convert them to this structure in round 2 (helper in charge).  Their structure tests are
-#: expected failures until then; delete a notebook's entry when its converted version lands.
-STRUCTURE_PENDING = {"09": "panel", "12": "beyond", "13": "cliup"}
-
-
-def _structured(path: str):
-    number = os.path.basename(path)[:2]
-    marks = ([pytest.mark.xfail(reason=f"{STRUCTURE_PENDING[number]} converts {number} in round 2", strict=False)]
-             if number in STRUCTURE_PENDING else [])
-    return pytest.param(path, marks=marks, id=os.path.basename(path))
-
-
-STRUCTURED = [_structured(p) for p in NOTEBOOKS]
+#: Every notebook follows the structure; the tests below run strictly for all of them.
+STRUCTURED = [pytest.param(p, id=os.path.basename(p)) for p in NOTEBOOKS]
 
 
 def _lines_after(text: str, heading: str) -> list[str]:

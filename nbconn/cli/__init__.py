@@ -75,26 +75,25 @@ class _Parser(argparse.ArgumentParser):
 # One rule for numbers typed on a command line: nbconn.validate (ASCII digits only,
 # at most 30 of them, no inf/nan).  Range checks happen where the value is used.
 
-def int_arg(flag: str):
-    """An argparse ``type=`` for a whole number (``--count 10``)."""
-    def parse(text: str) -> int:
+def _typed_arg(flag: str, parse_text):
+    """An argparse ``type=`` that parses with ``parse_text(flag, text)`` and says what was wrong in one line."""
+    def parse(text: str):
         try:
-            return validate.int_text(flag, text)
+            return parse_text(flag, text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
+
+
+def int_arg(flag: str):
+    """An argparse ``type=`` for a whole number (``--count 10``)."""
+    return _typed_arg(flag, validate.int_text)
 
 
 def float_arg(flag: str):
     """An argparse ``type=`` for a number (``--timeout 0.2``)."""
-    def parse(text: str) -> float:
-        try:
-            return validate.float_text(flag, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
+    return _typed_arg(flag, validate.float_text)
 
 
 def add_socket_options(parser: argparse.ArgumentParser, *, timeout: float = 5.0) -> None:
