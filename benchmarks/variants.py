@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import resource
 import socket
 import struct
@@ -436,7 +435,6 @@ def wire_sweep(concurrencies: list[int], rounds: int, delay_ms: float, k_per_c: 
     """Throughput vs concurrency for nbconn and asyncio over a link with a real RTT (interleaved)."""
     import asyncio
 
-    import nbconn
     from nbconn.lab import impaired, wire_unavailable_reason
 
     reason = wire_unavailable_reason()

@@ -6,7 +6,6 @@ namespace once the flow makes its sockets there; otherwise they skip with the re
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time

@@ -181,7 +181,7 @@ def test_strace_syscall_order_matches_nginx():
     for pattern, line in zip(expected, calls):
         assert re.match(pattern, line), f"expected {pattern!r}\n got {line!r}\nall:\n" + "\n".join(calls)
     tail = calls[len(expected):]
-    assert any(line.startswith(f"epoll_ctl(") and "EPOLL_CTL_DEL" in line for line in tail)
+    assert any(line.startswith("epoll_ctl(") and "EPOLL_CTL_DEL" in line for line in tail)
     assert tail[-1].startswith(f"close({fd})")
 
 

@@ -66,7 +66,7 @@ def test_single_peer_is_never_marked_down_and_gets_one_try():
 def test_all_down_gives_no_live_upstreams():
     up = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock())
     first = up.request()
-    while (p := first.next_peer()) is not None:
+    while first.next_peer() is not None:
         first.report("refused")
     assert first.result == "502" and len(first.attempts) == 2
     second = up.request()

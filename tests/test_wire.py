@@ -15,7 +15,6 @@ import select
 import socket
 import statistics
 import struct
-import subprocess
 import threading
 import time
 
