@@ -15,6 +15,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 from .errors import OUTCOME_COLOURS  # one colour per outcome, the same in every plot and widget
+from .stats import percentile  # nbconn's one percentile rule (nearest rank)
 
 #: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
 SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
@@ -75,7 +76,7 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
         if not v.size:
             continue
         y = np.arange(1, v.size + 1) / v.size
-        marks = [(p, v[max(0, int(np.ceil(p / 100 * v.size)) - 1)]) for p in percentiles]
+        marks = [(p, percentile(v, p)) for p in percentiles]
         # percentile values go into the legend: text next to the curves overprints when runs sit close together
         label = f"{m.label} (n={v.size}" + "".join(f", p{p:g} {_fmt_ms(x)}" for p, x in marks) + ")"
         (line,) = ax.step(v, y, where="post", label=label)
@@ -102,7 +103,7 @@ def _share_hist(ax, runs, column, edges, *, label_p50: bool = True) -> None:
             continue
         label = m.label
         if label_p50:
-            p50 = float(np.percentile(v, 50, method="inverted_cdf"))
+            p50 = float(percentile(np.sort(v), 50))
             label = f"{m.label}: p50 {_fmt_ms(p50)} (n={v.size})"
         ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size), histtype="step", linewidth=1.5, label=label)
     ax.set_ylabel("share of connects per bin")
@@ -373,7 +374,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
         h, r = np.asarray(pairs).T
         gap_us = (h - r) * 1e3
         ax.scatter(r, gap_us, s=8, alpha=0.6,
-                   label=f"{m.label}: median {np.median(gap_us):.0f} µs (n={len(pairs)})")
+                   label=f"{m.label}: p50 {percentile(np.sort(gap_us), 50):.0f} µs (n={len(pairs)})")
     ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("TCP_INFO tcpi_rtt (ms)")
     ax.set_ylabel("handshake - tcpi_rtt (µs)")
