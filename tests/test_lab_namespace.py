@@ -59,20 +59,26 @@ def delta(before: dict, after: dict, name: str) -> int:
     return after.get(name, 0) - before.get(name, 0)
 
 
+def counters_around_burst(ns, port: int, count: int, settle_s: float) -> tuple[dict, dict]:
+    """The namespace's counters before a burst of ``count`` connects and after it has settled; sockets closed."""
+    before = ns.read_netstat()
+    socks = burst(ns, port, count)
+    try:
+        settle(socks, settle_s)
+        after = ns.read_netstat()
+    finally:
+        for s in socks:
+            s.close()
+    return before, after
+
+
 @pytest.mark.parametrize("syncookies", ["0", "1"])
 def test_a_accept_queue_overflow_counted_in_the_namespace(syncookies):
     fds = open_fds()
     with namespace(sysctls={"net.ipv4.tcp_syncookies": syncookies, "net.ipv4.tcp_abort_on_overflow": "0"}) as ns:
         assert ns.sysctl("net.ipv4.tcp_syncookies") == syncookies
         with ns.slow_accept(backlog=8, interval_s=0.005) as peer:
-            before = ns.read_netstat()
-            socks = burst(ns, peer.port, 100)
-            try:
-                settle(socks, 0.3)
-                after = ns.read_netstat()
-            finally:
-                for s in socks:
-                    s.close()
+            before, after = counters_around_burst(ns, peer.port, 100, 0.3)
         assert delta(before, after, "ListenOverflows") > 0, after
         assert after["Tcp"]["ActiveOpens"] - before["Tcp"]["ActiveOpens"] == 100  # this namespace's own count
         if syncookies == "0":  # (with 1, cookies start only once the SYN queue fills: on the ~1 s resends)
@@ -88,14 +94,7 @@ def test_a_sysctls_toggle_live_between_bursts():
             for abort in ("0", "1"):
                 assert ns.set_sysctl("net.ipv4.tcp_abort_on_overflow", abort) == abort
                 assert ns.sysctl("net.ipv4.tcp_abort_on_overflow") == abort
-                before = ns.read_netstat()
-                socks = burst(ns, peer.port, 40)
-                try:
-                    settle(socks, 0.2)
-                    after = ns.read_netstat()
-                finally:
-                    for s in socks:
-                        s.close()
+                before, after = counters_around_burst(ns, peer.port, 40, 0.2)
                 assert delta(before, after, "ListenOverflows") > 0
     assert {name: open("/proc/sys/net/ipv4/" + name).read().strip() for name in host} == host
 
