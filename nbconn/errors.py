@@ -55,6 +55,8 @@ import errno as _errno
 import os
 from collections import namedtuple
 
+from .strace import c_escape
+
 # -- nbconn's outcomes: the plain word a person wants ---------------------------------
 
 CONNECTED = "connected"
@@ -292,7 +294,7 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
         else:
             rule = VERDICT_TABLE[stage]
     level = NGX_LOG_ERR if err in rule.err_level_errnos else rule.level
-    line = f"{rule.text.format(detail=detail)} {strerror(err)}{_TAIL}"
+    line = f"{rule.text.format(detail=c_escape(str(detail)))} {strerror(err)}{_TAIL}"  # a path stays one line
     if rule.ngx_code is None:  # "failed, ignored": logged, and the connect goes on
         return Verdict(None, None, None, level, line)
     if stage == "timer":

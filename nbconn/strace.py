@@ -20,8 +20,40 @@ def sockaddr_text(family: int, address: object) -> str:
     if family == _AF_INET6:
         host, port = address[:2]
         return f'{{sa_family=AF_INET6, sin6_port=htons({port}), inet_pton(AF_INET6, "{host}", &sin6_addr)}}'
-    path = address.decode(errors="replace").replace("\x00", "@") if isinstance(address, bytes) else address
-    return f'{{sa_family=AF_UNIX, sun_path="{path}"}}'
+    raw = address if isinstance(address, bytes) else address.encode("utf-8", "surrogateescape")
+    if raw.startswith(b"\x00"):  # the abstract namespace: "@name", as ss and nbconn's targets write it
+        return f'{{sa_family=AF_UNIX, sun_path="@{c_escape(raw[1:])}"}}'
+    return f'{{sa_family=AF_UNIX, sun_path="{c_escape(raw)}"}}'
+
+
+# strace's string_quote() (strace, src/util.c): the letter escapes of C, a backslash before '"' and
+# '\\', printable ASCII as it is, every other byte in octal -- three digits only when an octal digit
+# follows (else "\1" then "7" would read back as "\17").  A path with a newline or an ESC in it thus
+# stays on its line and never reaches the terminal as a control sequence.
+_LETTER_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x0B: "\\v"}
+
+
+def c_escape(value: str | bytes) -> str:
+    """``value`` escaped as strace prints a string's bytes (without the quotes): ``a\\nb``, ``\\33[31m``, ``\\303\\251``.
+
+    A str is taken as the bytes the kernel sees (UTF-8, with surrogate escapes for bytes that were not).
+    nbconn prints every AF_UNIX path through here: in a trace's sockaddr and in nginx's log line.
+    """
+    if isinstance(value, str):
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            return value  # the common case (an address, a plain path): nothing to do
+        value = value.encode("utf-8", "surrogateescape")
+    out = []
+    for i, byte in enumerate(value):
+        if byte in _LETTER_ESCAPES:
+            out.append(_LETTER_ESCAPES[byte])
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        elif i + 1 < len(value) and 0x30 <= value[i + 1] <= 0x37:
+            out.append(f"\\{byte:03o}")
+        else:
+            out.append(f"\\{byte:o}")
+    return "".join(out)
 
 
 def sockaddr_len(family: int, address: object) -> int:

@@ -38,6 +38,18 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za
                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
 
 
+#: the port a URL's scheme implies, for the hint when a URL is given as a target
+_URL_PORTS = {"http": 80, "https": 443}
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def is_hostname(text: str) -> bool:
     """True when ``text`` is spelled like a DNS name (it may still not resolve)."""
     return _HOSTNAME.fullmatch(text) is not None and not text.replace(".", "").isdigit()
@@ -150,9 +162,10 @@ def parse_target(target: object) -> Target:
         return target
     if isinstance(target, bytes) and target.startswith(b"unix:"):  # a path as the file system gives it
         try:
-            target = target.decode()
+            path = target[5:].decode()
         except UnicodeDecodeError:
             raise ValueError(f"AF_UNIX path in target {shown(target)} is not valid UTF-8") from None
+        return _unix(path, target)  # errors show the bytes the caller passed, b'unix:', not a decoded copy
     if isinstance(target, tuple):
         if len(target) != 2:
             raise ValueError(f"target tuple must be (host, port), got {shown(target)}")
@@ -164,6 +177,12 @@ def parse_target(target: object) -> Target:
         raise TypeError(f"target must be 'HOST:PORT', '[V6]:PORT', 'unix:/path' or (host, port), got {shown(target)}")
     if target.startswith("unix:"):
         return _unix(target[5:], target)
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.isalpha():  # a URL pasted from a browser: say what to type, not a bracket hint
+        authority = rest.split("/", 1)[0].rpartition("@")[2]
+        port = authority.rpartition(":")[2] if authority.rpartition(":")[2].isdigit() else None
+        example = authority if port else f"{authority}:{_URL_PORTS.get(scheme.lower(), 'PORT')}"
+        raise ValueError(f"target {shown(target)} is a URL; nbconn connects to HOST:PORT, e.g. {shown(example)}")
     if target.startswith("["):
         host, sep, rest = target[1:].partition("]")
         if not sep or not rest.startswith(":"):
@@ -178,6 +197,8 @@ def parse_target(target: object) -> Target:
     if not sep:
         raise ValueError(f"malformed target {shown(target)}: expected 'HOST:PORT', '[V6ADDR]:PORT' or 'unix:/path'")
     if ":" in host:
-        raise ValueError(f"malformed target {shown(target)}: put an IPv6 address in brackets, "
-                         f"'[{host[:40]}]:{port_text[:8]}'")
+        if _is_ipv6(host):
+            raise ValueError(f"malformed target {shown(target)}: put an IPv6 address in brackets, "
+                             f"'[{host[:40]}]:{port_text[:8]}'")
+        raise ValueError(f"malformed target {shown(target)}: expected 'HOST:PORT', '[V6ADDR]:PORT' or 'unix:/path'")
     return _resolve(host, _check_port(port_text, target), target)

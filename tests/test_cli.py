@@ -53,6 +53,8 @@ def test_timeout_exit_1_and_json():
         (["connect", "127.0.0.1:80", "--syncnt", "500"], "syncnt=500"),
         (["connect", "127.0.0.1:80", "--nonblocking", "magic"], "'magic'"),
         (["connect", "bad target"], "bad target"),
+        (["connect", "-1:80"], "in target '-1:80'"),  # a value, not an unknown option ("target required")
+        (["connect", "http://127.0.0.1:80"], "is a URL; nbconn connects to HOST:PORT, e.g. '127.0.0.1:80'"),
         (["connect", "unix:/x", "--nodelay"], "nodelay"),
         (["connect"], "target"),
         (["frobnicate"], "frobnicate"),

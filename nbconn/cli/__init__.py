@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from .. import validate
@@ -64,6 +65,10 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)  # `--time 3` must not quietly mean --timeout
         super().__init__(*args, **kwargs)
+        # argparse takes "-1:80" for an unknown option (only "-1" and "-.5" look like negative numbers to it) and
+        # then says "target required"; nbconn has no option that starts with "-" and a digit, so a word that does
+        # is a value, and the target parser names what is wrong with it.
+        self._negative_number_matcher = re.compile(r"-\.?[0-9]")
         for name, action in _ONCE_ACTIONS.items():
             self.register("action", name, action)
 

@@ -62,6 +62,7 @@ def run_race(args: argparse.Namespace) -> int:
         raise ValueError("--nginx-exact applies to one target; it is not available with several targets or "
                          "--happy-eyeballs")
     from .. import eyeballs, validate
+    from ..strace import c_escape
 
     if args.happy_eyeballs is not None:
         validate.number("--happy-eyeballs", args.happy_eyeballs, 0, validate.MAX_TIMEOUT_S)
@@ -74,7 +75,7 @@ def run_race(args: argparse.Namespace) -> int:
     else:
         print(race.timeline())
         for result in race.attempts:
-            print(f"\n{result.target}:")
+            print(f"\n{c_escape(result.target)}:")  # a unix: path with a newline stays one line
             print(result.trace())
         print(f"\n{race.summary()}")
     return EXIT_OK if race.connected else EXIT_FAILED
