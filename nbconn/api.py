@@ -10,6 +10,8 @@ ask to keep connected sockets), also when interrupted.
 
 from __future__ import annotations
 
+import itertools
+
 from . import validate
 from .flow import DONE, Attempt, Plan, check_settings, make_plan
 from .loop import Loop
@@ -85,10 +87,7 @@ def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblo
         raise TypeError(f"stop must be callable, got {validate.shown(stop)}")
     check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
                    nginx_exact=nginx_exact)
-    targets = list(targets)
-    if len(targets) > validate.MAX_COUNT:
-        raise ValueError(f"targets: {len(targets)} of them, at most {validate.MAX_COUNT} per call")
-    parsed = _parse_all(targets)
+    parsed = _parse_all(_take(targets))
     plans: dict[int, Plan] = {}
     for tgt in parsed:
         if tgt.family not in plans:
@@ -143,6 +142,23 @@ def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblo
 
 class _IndexedAttempt(Attempt):
     __slots__ = ("index",)
+
+
+def _take(targets) -> list:
+    """The targets as a list, counted while they are taken: an endless iterable (itertools.repeat) is refused
+    after MAX_COUNT + 1 items, not listed until memory runs out."""
+    if isinstance(targets, (str, bytes, Target)):
+        # one target where a list of them belongs: each of its characters would be refused as a target
+        raise TypeError(f"targets must be a list of targets, got the single target {validate.shown(targets)} "
+                        "(write [target])")
+    try:
+        items = iter(targets)
+    except TypeError:
+        raise TypeError(f"targets must be a list (or any iterable) of targets, got {validate.shown(targets)}") from None
+    taken = list(itertools.islice(items, validate.MAX_COUNT + 1))
+    if len(taken) > validate.MAX_COUNT:
+        raise ValueError(f"targets: more than {validate.MAX_COUNT} of them, at most {validate.MAX_COUNT} per call")
+    return taken
 
 
 def _parse_all(targets: list) -> list[Target]:

@@ -315,6 +315,48 @@ def test_interrupts_at_many_points_of_connect_many_leave_no_fd():
     assert interrupted >= 10  # most runs were cut short somewhere
 
 
+# -- targets that are not a list --------------------------------------------------------------------------
+
+ENDLESS_CHILD = """
+    import itertools, resource
+    import nbconn
+    # 512 MB more address space than the interpreter has now: listing itertools.repeat() would need far more
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 2**20, resource.RLIM_INFINITY))
+    try:
+        nbconn.connect_many(itertools.repeat("127.0.0.1:1"))
+    except ValueError as exc:
+        print(exc)
+"""
+
+
+def test_an_endless_iterable_of_targets_is_refused_while_counting_not_listed():
+    """connect_many(itertools.repeat(...)) was listed whole before its length was checked: MemoryError."""
+    proc = _run_child(ENDLESS_CHILD, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert proc.stdout.strip() == "targets: more than 1000000 of them, at most 1000000 per call"
+
+
+class _Hostile:
+    def __repr__(self):
+        raise RuntimeError("no repr for you")
+
+
+@pytest.mark.parametrize(("targets", "error", "words"), [
+    ([_Hostile()], TypeError, "got <a _Hostile whose repr() raised RuntimeError>"),
+    (_Hostile(), TypeError, "targets must be a list (or any iterable) of targets, got <a _Hostile whose repr()"),
+    ("127.0.0.1:1", TypeError, "got the single target '127.0.0.1:1' (write [target])"),
+    (5, TypeError, "targets must be a list (or any iterable) of targets, got 5"),
+])
+def test_targets_that_cannot_be_used_are_named(targets, error, words):
+    before = open_fds()
+    with pytest.raises(error) as info:
+        nbconn.connect_many(targets)
+    assert words in str(info.value)
+    assert open_fds() == before
+
+
 # -- hypothesis ---------------------------------------------------------------------------------------------
 
 _LISTENER = socket.socket()
