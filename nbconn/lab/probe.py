@@ -17,16 +17,16 @@ cause                                                  fix
 ``user.max_user_namespaces=0``                         ``sudo sysctl -w user.max_user_namespaces=15000``
 a container's seccomp profile refuses ``unshare``      run it with ``--security-opt seccomp=unconfined``
 ``/dev/net/tun`` missing                               ``sudo mknod -m 0666 /dev/net/tun c 10 200``
-``/dev/net/tun`` not 0666                              ``sudo chmod 0666 /dev/net/tun``
+``/dev/net/tun`` not open to the user (read+write)     ``sudo chmod 0666 /dev/net/tun``
 =====================================================  =============================================================
 
-The result is cached per process (the probe costs one interpreter start, ~20-40 ms).
+"It can run" is remembered for the process (the probe costs one interpreter start, ~20-40 ms); "it cannot"
+is asked again on every call, so a fix applied, or a passing shortage (EMFILE), shows at once.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import stat
@@ -35,6 +35,7 @@ import sys
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 _PROBE_S = 10.0
+_TUN = "/dev/net/tun"  # the TUN clone device (Documentation/networking/tuntap.rst)
 
 
 def _read(path: str) -> str | None:
@@ -59,15 +60,18 @@ def _sysctl_cause() -> str | None:
 
 
 def _tun_cause() -> str | None:
+    """Why this user cannot open the TUN clone device, with the fix; None if it can."""
     try:
-        st = os.stat("/dev/net/tun")
+        st = os.stat(_TUN)
     except FileNotFoundError:
-        return "/dev/net/tun is missing; fix: sudo mkdir -p /dev/net && sudo mknod -m 0666 /dev/net/tun c 10 200"
+        return f"{_TUN} is missing; fix: sudo mkdir -p /dev/net && sudo mknod -m 0666 {_TUN} c 10 200"
     except OSError as exc:
-        return f"cannot stat /dev/net/tun ({exc.strerror})"
-    if os.geteuid() != 0 and stat.S_IMODE(st.st_mode) & 0o006 != 0o006:
-        return (f"/dev/net/tun is mode {stat.S_IMODE(st.st_mode):04o}, not 0666 as distributions ship it; "
-                "fix: sudo chmod 0666 /dev/net/tun")
+        return f"cannot stat {_TUN} ({exc.strerror})"
+    # Access, not mode bits: 0660 with this user in the device's group is usable, and so is an ACL
+    # entry.  The kernel answers for this user's effective ids and groups (faccessat(2), AT_EACCESS).
+    if not os.access(_TUN, os.R_OK | os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        return (f"{_TUN} is mode {stat.S_IMODE(st.st_mode):04o} (owner {st.st_uid}, group {st.st_gid}) and this user "
+                f"may not open it for reading and writing; fix: sudo chmod 0666 {_TUN} (as distributions ship it)")
     return None
 
 
@@ -102,22 +106,37 @@ def _explain(result: dict) -> str:
     return f"the lab helper failed at {stage}: {text}"
 
 
-@functools.lru_cache(maxsize=None)
+# Only "it runs here" is remembered.  A "cannot" is asked again on every call: its cause can go away
+# while this process lives -- the descriptor limit that made the probe fail with EMFILE is raised, the
+# printed fix (a sysctl, a chmod) is applied -- and a notebook kernel lives for hours.  Asking again costs one
+# probe (~20-40 ms), and only where the lab cannot run anyway.
+_RUNS_HERE: set = set()
+
+
 def namespace_unavailable_reason() -> str | None:
     """None if :func:`nbconn.lab.namespace` can run here, else one line: the cause and its fix."""
     if not sys.platform.startswith("linux"):
         return f"the lab's namespaces need Linux (this is {sys.platform})"
+    if "namespace" in _RUNS_HERE:
+        return None
     result = _run_probe(want_tun=False)
-    return None if result.get("ok") else _explain(result)
+    if result.get("ok"):
+        _RUNS_HERE.add("namespace")
+        return None
+    return _explain(result)
 
 
-@functools.lru_cache(maxsize=None)
 def wire_unavailable_reason() -> str | None:
     """None if :func:`nbconn.lab.impaired` can run here, else one line: the cause and its fix."""
     if not sys.platform.startswith("linux"):
         return f"the impairment wire needs Linux (this is {sys.platform})"
+    if "wire" in _RUNS_HERE:
+        return None
     cause = _tun_cause()
     if cause:
         return cause
     result = _run_probe(want_tun=True)
-    return None if result.get("ok") else _explain(result)
+    if result.get("ok"):
+        _RUNS_HERE.add("wire")
+        return None
+    return _explain(result)
