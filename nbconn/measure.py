@@ -188,7 +188,10 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         except ValueError as exc:
             raise ValueError(f"{shown(target_or_scenario)} is neither a scenario ({', '.join(SCENARIOS)}) "
                              f"nor a target: {exc}") from None
-    if is_scenario and "bind" in options:  # bind depends on the family: check it now, not after the peer is built
+    if is_scenario:
+        # Family-dependent settings (bind, and TCP-only options such as syncnt on a unix- scenario) are checked
+        # for the scenario's family now: connect_many would refuse them only after the peer -- sockets, a
+        # temporary directory, an acceptor thread -- was built.
         from .flow import make_plan
         from .lab.scenarios import FAMILY
 

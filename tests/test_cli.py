@@ -88,7 +88,11 @@ def test_bad_input_makes_no_socket_and_no_process():
     strace = require_tool("strace")
     for args in (["connect", "127.0.0.1:80", "--timeout", "1", "--timeout", "2"],
                  ["upstream", "--peer", "127.0.0.1:1", "--next-upstream", ""],
-                 ["measure", "impaired", "--delay-ms", "x"]):
+                 ["measure", "impaired", "--delay-ms", "x"],
+                 # TCP-only options on an AF_UNIX scenario: refused before the peer is built (issue 24, item 8)
+                 ["measure", "unix-listening", "--syncnt", "3"],
+                 ["measure", "unix-full", "--user-timeout", "5"],
+                 ["measure", "unix-missing", "--nodelay"]):
         proc = subprocess.run([strace, "-f", "-qq", "-e", "trace=socket,clone,clone3,fork,vfork,unshare,setns",
                                sys.executable, "-m", "nbconn", *args], capture_output=True, text=True, timeout=60,
                               cwd=ROOT)
