@@ -96,6 +96,24 @@ class Measurement:
             counts[o] = counts.get(o, 0) + 1
         return {k: v for k, v in counts.items() if v}
 
+    def error_counts(self) -> dict:
+        """errno -> count among the connects whose outcome is "error" (EMFILE, EADDRNOTAVAIL, ENOENT...)."""
+        counts: dict = {}
+        for o, e in zip(self.outcome, self.errno):
+            if o == "error":
+                counts[e] = counts.get(e, 0) + 1
+        return counts
+
+    def ended_before_connect(self) -> dict:
+        """errno -> count of the connects that never reached connect(): socket(), a socket option or epoll_ctl
+        failed (EMFILE under a low ``ulimit -n``; ngx_event_connect_peer's NGX_ERROR).  They measured nothing
+        about the peer: the run is short of what was asked, and the CLI says so (exit 1)."""
+        counts: dict = {}
+        for o, e, returned in zip(self.outcome, self.errno, self.connect_returned):
+            if o == "error" and returned is None and e != "ECANCELED":
+                counts[e] = counts.get(e, 0) + 1
+        return counts
+
     def connect_returned_counts(self) -> dict:
         counts: dict = {}
         for value in self.connect_returned:
@@ -120,7 +138,8 @@ class Measurement:
         """A short human-readable table of the summary (what the CLI prints)."""
         s = self.summary()
         lines = [f"{self.label}: {s['count']} connects, timeout {self.timeout_s:g} s, concurrency {self.concurrency}",
-                 "outcomes:  " + ", ".join(f"{k} {v}" for k, v in s["outcomes"].items()),
+                 "outcomes:  " + ", ".join(f"{k} {v}" + (self._errors_text() if k == "error" else "")
+                                           for k, v in s["outcomes"].items()),
                  "connect(): " + ", ".join(f"{k} {v}" for k, v in s["connect_returned"].items())]
         for name, title in (("handshake_ms", "handshake"), ("tcpi_rtt_ms", "tcpi_rtt")):
             p = s[name]
@@ -128,6 +147,10 @@ class Measurement:
                 cols = "  ".join(f"{k} {v:.3f} ms" for k, v in p.items())
                 lines.append(f"{title:<10} {cols}")
         return "\n".join(lines)
+
+    def _errors_text(self) -> str:
+        """ " (EMFILE 275)": which errnos the "error" outcomes were -- a count alone hides a run out of descriptors."""
+        return " (" + ", ".join(f"{e} {n}" for e, n in self.error_counts().items()) + ")"
 
     # -- JSON --------------------------------------------------------------------
     _COLUMNS = ("outcome", "errno", "connect_returned", "handshake_ms", "tcpi_rtt_ms", "tcpi_total_retrans",

@@ -264,6 +264,38 @@ def test_too_few_descriptors_is_one_line_exit_1():
     assert 1 in codes, f"no limit from 5 to 12 made the run fail: {codes}"
 
 
+def test_out_of_descriptors_in_a_measurement_is_named_and_exit_1():
+    """Issue 24, item 6: 200 connects in flight under `prlimit --nofile=32` -- most cannot open a socket.  That was
+    "error 275", exit 0; now the errno is in the text and the JSON, and one stderr line says it, exit 1."""
+    prlimit = require_tool("prlimit")
+    for extra in ([], ["--json"]):
+        proc = subprocess.run([prlimit, "--nofile=32", sys.executable, "-m", "nbconn", "measure", "blackhole",
+                               "--count", "300", "--concurrency", "200", "--timeout", "0.1", *extra],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.fullmatch(
+            r"nbconn: failed: (\d+) of 300 connects ended before connect\(\): EMFILE \1 \(Too many open files; "
+            r"the open-file limit, ulimit -n, is 32\)", lines[0]), lines
+        if extra:
+            data = json.loads(proc.stdout)
+            assert data["errors"] == {"EMFILE": data["outcomes"]["error"]} and data["outcomes"]["error"] > 100
+        else:
+            assert re.search(r"error (\d+) \(EMFILE \1\)", proc.stdout), proc.stdout
+
+
+def test_measure_that_cannot_run_here_exits_1_as_capture_does(monkeypatch, capsys):
+    """The wire cannot run here: the input was fine, so exit 1 as `capture` does (2 means bad input only)."""
+    from nbconn.cli import main
+    from nbconn.lab import probe
+
+    monkeypatch.setattr(probe, "wire_unavailable_reason", lambda: "/dev/net/tun is missing; fix: sudo mknod ...")
+    assert main(["measure", "impaired", "--count", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nbconn: cannot measure here: the impairment wire cannot run here: /dev/net/tun is missing; "
+                   "fix: sudo mknod ..."]
+
+
 def test_ctrl_c_during_startup_is_one_line():
     """SIGINT soon after start lands while Python imports nbconn, or parses, or runs: one line
     "nbconn: interrupted", exit 130 (or killed by SIGINT: a shell shows 130 for both), no traceback.

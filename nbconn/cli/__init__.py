@@ -1,9 +1,11 @@
 """The command line: ``python -m nbconn COMMAND ...`` and the ``nbconn`` console script.
 
-Exit codes: 0 connected (or the command succeeded); 1 the connect failed or
-timed out, or the machine refused something while running (an OSError such as
-EMFILE: one line, no traceback); 2 bad input -- one line on stderr naming the
-bad value, before any socket, namespace or process exists; 130 interrupted.
+Exit codes, one meaning each: 0 connected (or the command succeeded); 1 the
+connect failed or timed out, or the machine refused something while running (an
+OSError such as EMFILE, connects of a measurement that never reached connect(),
+the lab or the wire cannot run here: one line, no traceback); 2 bad input only --
+one line on stderr naming the bad value, before any socket, namespace or process
+exists; 130 interrupted.
 
 This package owns every subcommand; the library modules (``nbconn.measure``,
 ``nbconn.upstream``, ``nbconn.record``, ...) know nothing about it and never
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError) as exc:
         print(f"nbconn: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:
+        # The lab or the wire cannot run here, a lab helper is gone: the inputs were fine, so exit 1 (2 is bad
+        # input only), in one line.
+        print(f"nbconn: failed: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as exc:
         # The machine said no while running (EMFILE under a low `ulimit -n`, ENOSPC, EACCES...):
         # the inputs were fine, so exit 1, and say what failed in one line.

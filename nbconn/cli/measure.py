@@ -6,7 +6,7 @@ import json
 import sys
 
 from .. import validate
-from . import EXIT_OK, EXIT_USAGE, add_socket_options, float_arg, int_arg, socket_options
+from . import EXIT_FAILED, EXIT_OK, add_socket_options, float_arg, int_arg, one_line, socket_options
 
 NAME = "measure"
 
@@ -34,15 +34,38 @@ def run(args) -> int:
         m = measure_run(args.target, count=args.count, concurrency=args.concurrency, timeout=args.timeout,
                         nonblocking=args.nonblocking, trigger=args.trigger, delay_ms=args.delay_ms,
                         jitter_ms=args.jitter_ms, loss=args.loss, seed=args.seed, **socket_options(args))
-    except RuntimeError as exc:  # the wire cannot run here: say why in one line
-        print(f"nbconn: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except RuntimeError as exc:  # the lab or the wire cannot run here: the input was fine, so 1 (2 is bad input)
+        print(f"nbconn: cannot measure here: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         s = m.summary()
         keep = ("p50", "p90", "p99", "max")
-        print(json.dumps({"scenario": m.scenario, "count": s["count"], "outcomes": s["outcomes"],
-                          "handshake_ms": {k: v for k, v in s["handshake_ms"].items() if k in keep},
-                          "tcpi_rtt_ms": {k: v for k, v in s["tcpi_rtt_ms"].items() if k in keep}}, indent=2))
+        data = {"scenario": m.scenario, "count": s["count"], "outcomes": s["outcomes"],
+                "handshake_ms": {k: v for k, v in s["handshake_ms"].items() if k in keep},
+                "tcpi_rtt_ms": {k: v for k, v in s["tcpi_rtt_ms"].items() if k in keep}}
+        if "error" in s["outcomes"]:
+            data["errors"] = m.error_counts()  # errno -> count of the "error" outcomes, e.g. {"EMFILE": 275}
+        print(json.dumps(data, indent=2))
     else:
         print(m.describe())
+    short = m.ended_before_connect()
+    if short:
+        # Connects that never reached connect() (EMFILE: out of descriptors) measured nothing: the summary above
+        # is of fewer connects than asked for.  The machine refused something while running: exit 1, one line.
+        print(f"nbconn: failed: {sum(short.values())} of {len(m)} connects ended before connect(): "
+              + ", ".join(_errno_text(name, n) for name, n in short.items()), file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _errno_text(name: str, count: int) -> str:
+    """``EMFILE 275 (Too many open files; the open-file limit, ulimit -n, is 32)``."""
+    import errno
+    import os
+    import resource
+
+    number = getattr(errno, str(name), None)
+    detail = os.strerror(number) if isinstance(number, int) else ""
+    if number == errno.EMFILE:
+        detail += f"; the open-file limit, ulimit -n, is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
+    return f"{name} {count}" + (f" ({detail})" if detail else "")
