@@ -6,8 +6,10 @@ loopback, an AF_UNIX path or inside a network namespace the test made.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -59,6 +61,25 @@ def would_query_dns(target) -> bool:
     else:
         return False
     return is_hostname(host) and host != "localhost"
+
+
+@contextlib.contextmanager
+def sigint_default():
+    """Children started inside this block begin with SIGINT at its default disposition, whatever this run inherited.
+
+    A suite started in the background (``nohup ./dev test &``, a CI runner) may inherit SIGINT *ignored*, and an
+    ignored signal stays ignored across fork and execve, so a child would never see the Ctrl-C a test sends it
+    (signal(7): "a child created via fork(2) inherits a copy of its parent's signal dispositions.  During an
+    execve(2), the dispositions of handled signals are reset to the default; the dispositions of ignored signals
+    are left unchanged").  So for the block this process *handles* SIGINT (Python's default handler): a handled
+    signal is reset to the default by execve.  No preexec_fn: it is not safe with the lab peers' threads running.
+    Call from the main thread (signal.signal's rule), around the Popen/run only.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from nbconn.lab import blackhole, listening, refused
 
-from .conftest import require_tool
+from .conftest import require_tool, sigint_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -310,14 +310,17 @@ def test_ctrl_c_during_startup_is_one_line():
     startup = min(_elapsed([sys.executable, "-c", "pass"]) for _ in range(3))
     judged, before_nbconn = 0, 0
     for delay in [startup + extra for extra in (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)]:
-        proc = subprocess.Popen([sys.executable, "-m", "nbconn", "measure", "blackhole", "--count", "2",
-                                 "--timeout", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=ROOT)
+        with sigint_default():  # the child must take the SIGINT, also when this suite runs in the background
+            proc = subprocess.Popen([sys.executable, "-m", "nbconn", "measure", "blackhole", "--count", "2",
+                                     "--timeout", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    cwd=ROOT)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         frames = re.findall(r'^  File "([^"]+)"', err, re.M)
-        if "Traceback" in err and not any("/nbconn/" in f for f in frames):
+        # "through nbconn" means a file of the package itself: a "/nbconn/" substring would also match the
+        # clone's folder (named nbconn, the natural name) and with it the venv's editable-install finder
+        if "Traceback" in err and not any(_in_package(f) for f in frames):
             before_nbconn += 1
             continue
         judged += 1
@@ -325,6 +328,24 @@ def test_ctrl_c_during_startup_is_one_line():
         assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
         assert err.strip() in ("nbconn: interrupted", ""), (delay, err)
     assert judged >= 5, f"only {judged} runs got past Python's own start-up ({before_nbconn} interrupted before)"
+
+
+PACKAGE = os.path.realpath(os.path.join(ROOT, "nbconn"))  # what `python -m nbconn` imports, run from ROOT
+
+
+def _in_package(path: str) -> bool:
+    """Is ``path`` (a traceback frame's file) one of nbconn's own modules?"""
+    return os.path.realpath(path).startswith(PACKAGE + os.sep)
+
+
+def test_a_frame_is_in_the_package_only_when_its_file_is():
+    """The check above, on the path that fooled it (issue 21): a clone named nbconn with the venv inside."""
+    clone = os.path.dirname(ROOT)  # wherever the clone is, its folder named nbconn
+    finder = os.path.join(clone, "nbconn", ".venv", "lib", "python3.11", "site-packages",
+                          "__editable___nbconn_0_1_0_finder.py")
+    assert "/nbconn/" in finder and not _in_package(finder)  # the old check matched it
+    assert _in_package(os.path.join(PACKAGE, "cli", "__init__.py"))
+    assert not _in_package(PACKAGE + "_old/cli.py")
 
 
 def _elapsed(argv) -> float:

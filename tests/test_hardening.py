@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 import nbconn
 from nbconn.lab import blackhole, listening, refused, reset
 
-from .conftest import open_fds, require_root, require_tool, would_query_dns
+from .conftest import open_fds, require_root, require_tool, sigint_default, would_query_dns
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTCOMES = {"connected", "refused", "timed_out", "reset", "unreachable", "error"}
@@ -262,8 +262,9 @@ SIGINT_CHILD = """
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.05, 0.2])
 def test_real_sigint_to_a_child_in_connect_many_closes_every_socket(delay_s):
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SIGINT_CHILD)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    with sigint_default():  # the child must take the SIGINT, also when this suite runs in the background
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SIGINT_CHILD)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert proc.stdout.readline().strip() == "running"
         time.sleep(delay_s)
