@@ -34,7 +34,7 @@ _LETTER_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\
 
 
 def c_escape(value: str | bytes) -> str:
-    """``value`` escaped as strace prints a string's bytes (without the quotes): ``a\\nb``, ``\\33[31m``, ``\\303\\251``.
+    """``value`` escaped as strace prints a string's bytes, without the quotes: ``a\\nb``, ``\\33[31m``, ``\\303``.
 
     A str is taken as the bytes the kernel sees (UTF-8, with surrogate escapes for bytes that were not).
     nbconn prints every AF_UNIX path through here: in a trace's sockaddr and in nginx's log line.
