@@ -22,6 +22,7 @@ from .api import connect_many
 from .errors import OUTCOMES
 from .flow import check_settings
 from .stats import PERCENTILES, percentiles  # measure.percentiles: the one rule lives in nbconn.stats
+from .strace import c_escape
 from .validate import shown
 
 #: scenarios :func:`run` understands by name (besides any target); their one home is nbconn.validate
@@ -221,7 +222,8 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         make_plan(FAMILY[target_or_scenario], timeout=timeout, nonblocking=nonblocking, trigger=trigger,
                   options=options)
     scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")
-    label = label or (scenario if is_scenario else str(target_or_scenario))
+    # a target's own text as the default label, escaped as the trace escapes a path (a newline stays one line)
+    label = label or (scenario if is_scenario else c_escape(str(target_or_scenario)))
     settings = {"timeout": timeout, "nonblocking": nonblocking, "trigger": trigger, **options, **wire}
 
     with contextlib.ExitStack() as stack:

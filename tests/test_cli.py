@@ -83,6 +83,21 @@ def test_bad_input_one_line_exit_2(args, words):
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_unix_path_with_a_newline_and_an_esc_stays_on_its_line(tmp_path):
+    """Issue 24, item 12: the path is printed as strace prints it, in the trace, nginx's line and measure's label."""
+    target = f"unix:{tmp_path}/a\nb\x1b[31mc"
+    escaped = f"unix:{tmp_path}/a\\nb\\33[31mc"
+    connect = run("connect", target)
+    assert connect.returncode == 1, connect.stderr
+    assert f'sun_path="{escaped[5:]}"' in connect.stdout
+    assert f"nginx would log [crit]: connect() to {escaped} failed (2: No such file or directory)" in connect.stdout
+    measure = run("measure", target, "--count", "2")
+    assert measure.returncode == 0 and measure.stdout.startswith(f"{escaped}: 2 connects"), measure.stderr
+    for proc in (connect, measure):
+        assert "\x1b" not in proc.stdout and "Traceback" not in proc.stderr
+        assert not any(line.startswith("b") for line in proc.stdout.splitlines()), proc.stdout  # nothing split
+
+
 def test_bad_input_makes_no_socket_and_no_process():
     """Rejected before anything exists: strace sees no socket(), no clone/fork, no unshare."""
     strace = require_tool("strace")
