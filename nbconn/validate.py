@@ -54,10 +54,8 @@ def shown(value: object) -> str:
         text = repr(value)
     except ValueError:  # e.g. a tuple holding an integer too long to print (sys.get_int_max_str_digits)
         return f"<a {type(value).__name__} too large to show>"
-    except Exception as exc:  # a caller's object whose __repr__ raises: the error about it must still be named
+    except Exception as exc:  # a caller's object whose __repr__ raises (or returns a non-str): still named
         return f"<a {type(value).__name__} whose repr() raised {type(exc).__name__}>"
-    if not isinstance(text, str):  # (repr() itself refuses a non-str __repr__ result; this is for subclasses)
-        return f"<a {type(value).__name__}>"
     if len(text) > MAX_SHOWN:
         return f"{text[:MAX_SHOWN - 3]}... ({len(text)} characters)"
     return text
