@@ -21,8 +21,8 @@ def sockaddr_text(family: int, address: object) -> str:
         host, port = address[:2]
         return f'{{sa_family=AF_INET6, sin6_port=htons({port}), inet_pton(AF_INET6, "{host}", &sin6_addr)}}'
     raw = address if isinstance(address, bytes) else address.encode("utf-8", "surrogateescape")
-    if raw.startswith(b"\x00"):  # the abstract namespace: "@name", as ss and nbconn's targets write it
-        return f'{{sa_family=AF_UNIX, sun_path="@{c_escape(raw[1:])}"}}'
+    if raw.startswith(b"\x00"):  # the abstract namespace: strace marks it with an @ before the quotes
+        return f'{{sa_family=AF_UNIX, sun_path=@"{c_escape(raw[1:])}"}}'
     return f'{{sa_family=AF_UNIX, sun_path="{c_escape(raw)}"}}'
 
 

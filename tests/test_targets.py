@@ -101,7 +101,8 @@ def test_a_value_whose_repr_raises_is_still_named():
 
 # -- AF_UNIX paths are printed as strace prints them (issue 24, item 12) ---------------------------------
 
-PATHS = ["/tmp/a\nb", "/tmp/\x1b[31mred", '/tmp/q"b\\s\t', "/tmp/\u00e9\x017\x01x", "/tmp/plain.sock"]
+PATHS = ["/tmp/a\nb", "/tmp/\x1b[31mred", '/tmp/q"b\\s\t', "/tmp/\u00e9\x017\x01x", "/tmp/plain.sock",
+         "@nbconn-abstract\n"]  # "@": an abstract name (a leading NUL in the sockaddr)
 
 
 @pytest.mark.parametrize("path, expected", [
@@ -131,6 +132,7 @@ def test_unix_path_escaping_matches_real_strace(tmp_path):
     strace = require_tool("strace")
     code = ("import socket, sys\n"
             "for p in sys.argv[1:]:\n"
+            "    p = '\\0' + p[1:] if p.startswith('@') else p\n"
             "    s = socket.socket(socket.AF_UNIX)\n"
             "    try: s.connect(p)\n"
             "    except OSError: pass\n"
@@ -139,4 +141,5 @@ def test_unix_path_escaping_matches_real_strace(tmp_path):
                            code, *PATHS], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-500:]
     seen = re.findall(r"connect\(\d+, (\{sa_family=AF_UNIX, .*\}), \d+\) = ", (tmp_path / "trace").read_text())
-    assert seen == [sockaddr_text(socket.AF_UNIX, p) for p in PATHS]
+    assert seen == [sockaddr_text(socket.AF_UNIX, parse_target("unix:" + p).address) for p in PATHS]
+    assert seen[-1] == '{sa_family=AF_UNIX, sun_path=@"nbconn-abstract\\n"}'
