@@ -250,6 +250,16 @@ def test_lab_scenario_checks_before_probing_or_building(wire):
     assert _no_namespace_work([sys.executable, "-c", code]).returncode == 2
 
 
+@pytest.mark.parametrize("call", ["namespace(routes=['blah blah'])", "namespace(routes=['198.18.0.1/15'])",
+                                  "namespace(sysctls={'net.ipv4.no_such': 1})"])
+def test_lab_namespace_checks_before_building(call):
+    """Issue 24.11: a bad route was an OSError from `ip route add` inside a helper that had already started."""
+    code = ("import sys, nbconn.lab as lab\n"
+            f"try:\n    lab.{call}.__enter__()\n"
+            "except (TypeError, ValueError) as exc:\n    print(exc, file=sys.stderr); sys.exit(2)\n")
+    assert _no_namespace_work([sys.executable, "-c", code]).returncode == 2
+
+
 @pytest.mark.parametrize("args", [
     ["--delay-ms", "-1"],
     ["--loss", "2"],
