@@ -26,6 +26,7 @@ forwarder's death or stop with the next request.
 
 from __future__ import annotations
 
+import _signal
 import array
 import contextlib
 import errno
@@ -78,26 +79,36 @@ def needs_userns() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def deferred_ctrl_c():
-    """Within the block a Ctrl-C (SIGINT) is held and raised right after it, as the handler in force would.
+class deferred_ctrl_c:
+    """``with deferred_ctrl_c():`` a Ctrl-C (SIGINT) within the block is held and raised right after it, as the
+    handler in force would.
 
     Only the main thread receives KeyboardInterrupt, and only it may change signal handlers: elsewhere
-    this does nothing (nothing to hold)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            if callable(previous):
-                previous(signal.SIGINT, pending[0])
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGINT)
+    this does nothing (nothing to hold).  It runs for every socket handed out, so it calls ``_signal``
+    directly: ``signal.signal()`` wraps each call in enum conversions that cost ~10 us."""
+
+    __slots__ = ("_active", "_pending", "_previous")
+
+    def __enter__(self) -> "deferred_ctrl_c":
+        self._active = threading.current_thread() is threading.main_thread()
+        if self._active:
+            self._pending: list = []
+            self._previous = _signal.signal(_signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self._pending.append(frame)
+
+    def __exit__(self, *exc) -> bool:
+        if self._active:
+            previous = self._previous
+            _signal.signal(_signal.SIGINT, previous)
+            if self._pending:
+                if callable(previous):
+                    previous(_signal.SIGINT, self._pending[0])
+                elif previous == _signal.SIG_DFL:
+                    os.kill(os.getpid(), _signal.SIGINT)
+        return False
 
 
 def _ended(returncode: int) -> str:
@@ -151,7 +162,6 @@ class LabProcess:
         self._fault: str | None = None
         self._owner = os.getpid()
         self._arrived: list[int] = []
-        self._watch = None
         self.companions: dict = dict(companions or {})
         self.stderr = ""
         self.info: dict = {}
@@ -279,15 +289,12 @@ class LabProcess:
             raise LabHelperError(self._fault)
         if self._stopped:
             raise RuntimeError("the lab namespace has been closed")
-        if self._watch is None or len(self._watch[1]) != len(self.companions) + 1:
-            watch = select.poll()
-            socks = {self._control.fileno(): None}
-            for sock, label in self.companions.items():
-                socks[sock.fileno()] = sock
-            for fd in socks:
-                watch.register(fd, select.POLLHUP)  # POLLIN (a stale reply) is not a problem
-            self._watch = (watch, socks)
-        watch, socks = self._watch
+        # A fresh poll object each time: one is not safe to poll from two threads at once (a link's two sides).
+        watch, socks = select.poll(), {self._control.fileno(): self._control}
+        for sock in self.companions:
+            socks[sock.fileno()] = sock
+        for fd in socks:
+            watch.register(fd, select.POLLHUP)  # POLLIN (a stale reply) is not a problem
         hung = [fd for fd, events in watch.poll(0) if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)]
         if not hung:
             return
