@@ -466,3 +466,18 @@ def test_a_forked_child_does_not_keep_the_lab_alive(mode, late_tolerance_ms):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
     assert took_ms < late_tolerance_ms(1000), took_ms
+
+
+@needs_wire
+def test_stopped_forwarder_is_an_error_naming_it():
+    """24.3: a forwarder stopped with SIGSTOP moves no packet; the next request to the helper says so."""
+    from nbconn.lab.control import LabHelperError
+
+    with pytest.raises(LabHelperError, match=r"forwarder \(pid \d+\) is stopped by SIGSTOP"):
+        with lab.impaired(delay_ms=1) as link:
+            forwarder = link.forwarder_pid
+            os.kill(forwarder, signal.SIGSTOP)
+            assert wait_for(lambda: lab_processes().get(forwarder) == "T", 5)
+            link.client_ns.sysctl("net.ipv4.tcp_syncookies")
+    assert lab_processes(os.getpid()) == {}
+    assert wait_for(lambda: lab_processes().get(forwarder) in (None, "Z"), 5)  # SIGKILL ends a stopped process too

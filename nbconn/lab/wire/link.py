@@ -13,7 +13,8 @@ Why one path for root too: the old root path (``ip netns add``, a thread switchi
 namespaces with setns) left named namespaces in /var/run/netns when the process was
 killed, could strand a thread in a namespace when interrupted mid-switch, and was a
 second way of doing the same thing.  Here nothing has a name: the namespaces live as
-long as the helper, which exits when this process closes its control socket or dies.
+long as the helper and the sockets made in them; the helper exits when this process
+closes its control socket or dies (:mod:`nbconn.lab.control`), the forwarder with it.
 As real root the helper simply skips the user namespace.
 """
 
