@@ -461,8 +461,8 @@ with (lab.impaired(delay_ms=1) if mode == "fork" else lab.namespace()) as it:
 """
 
 
-@needs_wire
-@pytest.mark.parametrize("mode", ["fork", "multiprocessing"])
+@needs_ns
+@pytest.mark.parametrize("mode", [pytest.param("fork", marks=needs_wire), "multiprocessing"])
 def test_a_forked_child_does_not_keep_the_lab_alive(mode, late_tolerance_ms):
     """24.7: the owner forks a long-lived child and is SIGKILLed; the helper and forwarder go within ~1 s."""
     owner = subprocess.Popen([sys.executable, "-c", _OWNER, mode], cwd=ROOT, stdout=subprocess.PIPE, text=True)
