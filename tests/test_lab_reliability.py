@@ -446,8 +446,10 @@ mode = sys.argv[1]
 def linger():
     time.sleep(60)
 with (lab.impaired(delay_ms=1) if mode == "fork" else lab.namespace()) as it:
-    if mode == "fork":
-        child = os.fork()
+    if mode in ("fork", "libc-fork"):
+        # libc's fork() runs none of Python's at-fork handlers (as a C extension's fork would not): the child
+        # keeps the control socket, and the helper's check of its parent is what ends the lab
+        child = os.fork() if mode == "fork" else __import__("ctypes").CDLL(None).fork()
         if child == 0:
             time.sleep(60)
             os._exit(0)
@@ -462,7 +464,7 @@ with (lab.impaired(delay_ms=1) if mode == "fork" else lab.namespace()) as it:
 
 
 @needs_ns
-@pytest.mark.parametrize("mode", [pytest.param("fork", marks=needs_wire), "multiprocessing"])
+@pytest.mark.parametrize("mode", [pytest.param("fork", marks=needs_wire), "multiprocessing", "libc-fork"])
 def test_a_forked_child_does_not_keep_the_lab_alive(mode, late_tolerance_ms):
     """24.7: the owner forks a long-lived child and is SIGKILLed; the helper and forwarder go within ~1 s."""
     owner = subprocess.Popen([sys.executable, "-c", _OWNER, mode], cwd=ROOT, stdout=subprocess.PIPE, text=True)
