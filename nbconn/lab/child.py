@@ -332,8 +332,9 @@ class Helper:
             return
         pid, self.forwarder_pid = self.forwarder_pid, 0
         # It stops by itself when the parent closes its control socket; give it a moment, then insist.
-        # An orphaned helper does not wait: whoever still holds that socket is not the lab's owner.
-        for _ in range(0 if self.orphaned else int(_FORWARDER_STOP_S / 0.01)):
+        # An orphaned helper does not wait (whoever still holds that socket is not the lab's owner), nor does
+        # one whose forwarder is stopped (it cannot read the end of file).
+        for _ in range(0 if self.orphaned or self.fault else int(_FORWARDER_STOP_S / 0.01)):
             done, _ = os.waitpid(pid, os.WNOHANG)
             if done:
                 return

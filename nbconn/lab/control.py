@@ -392,6 +392,11 @@ class LabProcess:
             return
         interrupted: BaseException | None = None
         try:
+            if process.returncode is None and (self._fault is not None or _proc_state(process.pid) in ("T", "t")):
+                # A stopped helper cannot read the end of file it is waiting for (nor exit): end it now.
+                # (SIGKILL ends a stopped process; its forwarder follows by PR_SET_PDEATHSIG.)
+                with contextlib.suppress(OSError):
+                    process.kill()
             if process.returncode is None:
                 try:
                     process.wait(timeout=_STOP_S)
