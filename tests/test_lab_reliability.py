@@ -370,25 +370,35 @@ def test_forwarder_killed_is_an_error_naming_it():
 
 
 @needs_wire
-def test_cli_measure_with_the_helper_killed_fails_and_names_it():
-    """24.3 end to end: `measure impaired` whose helper is SIGKILLed exits non-zero, one line naming the helper."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
+def test_cli_measure_with_the_helper_killed_or_stopped_fails_and_names_it(signum, late_tolerance_ms):
+    """24.3 end to end: `measure impaired` whose helper is SIGKILLed ("error 2612", exit 0) or SIGSTOPped (10 s
+    per socket, still running after 45 s) exits non-zero at once, one line naming the helper."""
     proc = subprocess.Popen([sys.executable, "-m", "nbconn", "measure", "impaired", "--delay-ms", "5",
                              "--count", "100000", "--concurrency", "4", "--timeout", "0.5"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    helper = 0
     try:
         assert wait_for(lambda: lab_processes(proc.pid), 20), "the helper never started"
         [helper] = lab_processes(proc.pid)
         assert wait_for(lambda: lab_processes(helper), 20), "the forwarder never started"
         time.sleep(0.3)  # let it run connects
-        os.kill(helper, signal.SIGKILL)
+        os.kill(helper, signum)
+        signalled = time.monotonic()
         out, err = proc.communicate(timeout=30)
+        took_ms = (time.monotonic() - signalled) * 1000
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if helper and signum == signal.SIGSTOP:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGCONT)  # a stopped helper left behind would never read its end of file
     assert proc.returncode != 0, (out[-500:], err[-500:])
     assert f"lab helper (pid {helper})" in err and "Traceback" not in err, err[-2000:]
     assert len(err.strip().splitlines()) == 1, err
+    assert took_ms < late_tolerance_ms(2000), took_ms  # the connects in flight end by their 0.5 s timer
+    assert wait_for(lambda: lab_processes().get(helper) in (None, "Z"), 5)
 
 
 @needs_ns
