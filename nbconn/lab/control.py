@@ -249,8 +249,7 @@ class LabProcess:
             if problem is not None:
                 self._raise(problem)
             if left <= 0:
-                self._raise(f"the lab helper (pid {self.pid}) did not answer a {what} request within "
-                            f"{time.monotonic() - deadline + left:.3g} s")
+                self._raise(f"the lab helper (pid {self.pid}) did not answer a {what} request by its deadline")
 
     def _drop_arrived(self) -> None:
         """Close descriptors nobody will take (a stale reply's, an error's)."""
@@ -356,6 +355,7 @@ class LabProcess:
     @property
     def alive(self) -> bool:
         return self._process.poll() is None
+
     def _collect_stderr(self, process) -> None:
         """What the helper wrote on stderr, without waiting for end of file: a forwarder it forked may still
         hold the pipe for a moment, and communicate() would wait for it."""
