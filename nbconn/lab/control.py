@@ -305,8 +305,8 @@ class LabProcess:
 
     def problem(self) -> str | None:
         """What went wrong with the helper or a companion while the lab was in use, or None (no waiting)."""
-        if self._stopped and self._fault is None:
-            return None
+        if (self._stopped and self._fault is None) or os.getpid() != self._owner:
+            return None  # (a forked child leaving the block: the lab was never its to judge)
         try:
             self.check()
         except LabHelperError as exc:
