@@ -322,7 +322,7 @@ def test_ctrl_c_inside_the_descriptor_receive_leaks_nothing():
             sender.join()
             signal.signal(signal.SIGINT, previous)
         assert ns.socket().fileno() >= 0  # the lab still answers after all that
-    assert interrupted > 100 and handed_out > 1000, (interrupted, handed_out)
+    assert interrupted > 50 and handed_out > 200, (interrupted, handed_out)  # (~1700 and ~87000 on a quiet machine)
     assert not os.path.exists(f"/proc/{helper}")
     leaked = open_fds() - fds
     assert not leaked, [os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")]
