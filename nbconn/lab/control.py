@@ -90,7 +90,9 @@ class deferred_ctrl_c:
     __slots__ = ("_active", "_pending", "_previous")
 
     def __enter__(self) -> "deferred_ctrl_c":
-        self._active = threading.current_thread() is threading.main_thread()
+        # (A handler installed from C reads as None and could not be put back: then there is nothing to hold.)
+        self._active = (threading.current_thread() is threading.main_thread()
+                        and _signal.getsignal(_signal.SIGINT) is not None)
         if self._active:
             self._pending: list = []
             self._previous = _signal.signal(_signal.SIGINT, self._hold)
