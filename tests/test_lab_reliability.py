@@ -510,4 +510,9 @@ def test_stopped_forwarder_is_an_error_naming_it():
             assert wait_for(lambda: lab_processes().get(forwarder) == "T", 5)
             link.client_ns.sysctl("net.ipv4.tcp_syncookies")
     assert lab_processes(os.getpid()) == {}
+    # and a block that asked nothing more is told at its end
+    with pytest.raises(LabHelperError, match=r"forwarder \(pid \d+\) is stopped by SIGSTOP"):
+        with lab.impaired(delay_ms=1) as link:
+            os.kill(link.forwarder_pid, signal.SIGSTOP)
+            assert wait_for(lambda: lab_processes().get(link.forwarder_pid) == "T", 5)
     assert wait_for(lambda: lab_processes().get(forwarder) in (None, "Z"), 5)  # SIGKILL ends a stopped process too

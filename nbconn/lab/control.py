@@ -311,9 +311,12 @@ class LabProcess:
             return None  # (a forked child leaving the block: the lab was never its to judge)
         try:
             self.check()
+            problem = self._problem_now()
+            if problem is None and self.companions:
+                self.request("health", timeout=_GONE_S)  # the helper looks at its forwarder (stopped?)
         except LabHelperError as exc:
             return str(exc)
-        return self._problem_now()
+        return problem
 
     # -- asking --------------------------------------------------------------------------------------
     def request(self, op: str, want_fd: bool = False, *, into: list | None = None, timeout: float | None = None,
