@@ -301,8 +301,12 @@ class LabProcess:
             return
         if self._control.fileno() in hung:
             self._raise(self._why_gone())
-        # A companion (the forwarder) hung up: the helper, its parent, knows how it ended.
-        self.request("health")
+        # A companion (the forwarder) hung up: it is exiting, and the helper, its parent, will know how it ended
+        # once it has become a zombie (its descriptors close a moment before that): ask, bounded.
+        deadline = time.monotonic() + _GONE_S
+        while time.monotonic() < deadline:
+            self.request("health")  # raises LabHelperError with the helper's words once it has reaped it
+            time.sleep(0.01)
         self._raise(f"{self.companions.get(socks[hung[0]], 'a lab process')} has exited")
 
     def problem(self) -> str | None:
