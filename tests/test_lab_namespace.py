@@ -151,6 +151,10 @@ def test_socket_source_and_where():
     ({"sysctls": ["net.ipv4.tcp_syncookies"]}, "dict"),
     ({"routes": "unreachable 198.18.0.0/15"}, "list"),
     ({"routes": ["default via 1.2.3.4; rm -rf"]}, "rm -rf"),
+    ({"routes": ["blah blah"]}, "'blah blah'"),  # issue 24.11: was an OSError from `ip` after the helper started
+    ({"routes": ["198.18.0.1/15"]}, "host bits"),
+    ({"routes": ["unreachable 198.18.0.0/15 metric x"]}, "metric 'x'"),
+    ({"routes": [5]}, "each route must be a str"),
 ])
 def test_bad_input_is_refused_before_any_helper_starts(kwargs, fragment):
     children = set(os.listdir("/proc"))
@@ -172,3 +176,43 @@ def test_helper_exits_and_nothing_stays():
     assert open_fds() == fds
     with pytest.raises(RuntimeError, match="closed"):
         ns.socket()
+
+
+SIOCGSKNS = 0x894C  # <linux/sockios.h>: a descriptor for the network namespace a socket belongs to
+
+
+def test_a_kept_socket_keeps_its_namespace_after_the_helper_is_gone():
+    """Issue 19 B6: the namespace does not live "exactly as long as the helper".  A socket holds a reference to
+    its namespace (sock_net), so with the helper reaped, no process left in the namespace, two sockets kept from
+    it still connect over its lo -- and the namespace they report is the helper's."""
+    import fcntl
+
+    with namespace() as ns:
+        helper, inode = ns.pid, ns.process.info["ns_inodes"]["client"]
+        listener, client = ns.socket(), ns.socket()
+    try:
+        assert not os.path.exists(f"/proc/{helper}")  # reaped
+        holders = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
+                    holders.append(pid)
+            except OSError:
+                continue
+        assert holders == []  # no process is in it any more
+        netns = fcntl.ioctl(client.fileno(), SIOCGSKNS)  # returns a new descriptor
+        try:
+            assert os.fstat(netns).st_ino == inode != os.stat("/proc/self/ns/net").st_ino
+        finally:
+            os.close(netns)
+        listener.bind(("127.0.0.1", 0))  # the namespace's own lo: still up, still routing
+        listener.listen(1)
+        client.settimeout(5)
+        client.connect(listener.getsockname())
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"still here")
+            assert client.recv(64) == b"still here"
+    finally:
+        listener.close()
+        client.close()

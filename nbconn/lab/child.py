@@ -17,12 +17,17 @@ nbconn and nothing outside the standard library).  It
    request): ``socket`` makes a socket in the named namespace and passes its
    descriptor back with ``SCM_RIGHTS`` (a socket belongs to the namespace it was
    created in for its whole life, whoever holds it); ``sysctl_get``/``sysctl_set``;
-   ``netstat`` (the namespace's TCP counters); end of file means stop.
+   ``netstat`` (the namespace's TCP counters); ``health``; end of file means stop.
+   Before answering it looks at its forwarder (``waitpid(WNOHANG | WUNTRACED)``): a
+   forwarder that died or was stopped is reported instead of an answer (``fault``),
+   from then on, because the wire no longer carries packets the way it says.
 
-The namespaces have no name in the file system: they live exactly as long as this
-process (and any socket made in them).  When the notebook's process dies, however
-it dies, the control socket reaches end of file and this process exits; the kernel
-then frees both namespaces.  Nothing is left behind to clean up later.
+The namespaces have no name in the file system.  When the notebook's process dies,
+however it dies, the control socket reaches end of file and this process exits; a
+forked child of the notebook could still hold that socket, so this process also exits
+when its parent changes (checked every ``_PARENT_CHECK_S``).  The kernel frees a
+namespace when its last reference goes: this process, the forwarder, and every socket
+made in it (whoever holds that socket now).  Nothing is left behind to clean up later.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ _SIOCSIFADDR, _SIOCSIFDSTADDR, _SIOCSIFNETMASK = 0x8916, 0x8918, 0x891C
 _IFF_UP = 0x1
 _TUNSETIFF = 0x400454CA  # <linux/if_tun.h>
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
-_FORWARDER_STOP_S = 2.0
+_FORWARDER_STOP_S = 0.5  # it exits within microseconds of its control socket's end of file; then SIGKILL
+_PARENT_CHECK_S = 0.2  # how often a quiet helper checks that its parent is still the one that started it
 _IP_TIMEOUT_S = 10.0
 _MAX_BATCH = 64  # descriptors per SCM_RIGHTS message (the kernel allows 253)
 
@@ -162,6 +168,9 @@ class Helper:
         self.ns_fds: dict = {}
         self.current = None
         self.forwarder_pid = 0
+        self.fault: str | None = None  # what went wrong with the forwarder (sticky)
+        self.parent = int(config.get("parent") or os.getppid())
+        self.orphaned = False
 
     # -- building -------------------------------------------------------------------
     def build(self) -> dict:
@@ -231,9 +240,35 @@ class Helper:
             setns(self.ns_fds[side])
             self.current = side
 
+    def forwarder_fault(self) -> str | None:
+        """Why the wire no longer works (its forwarder died or is stopped), or None; reaps a dead forwarder."""
+        if self.forwarder_pid and self.fault is None:
+            pid = self.forwarder_pid
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done and os.WIFSTOPPED(status):
+                self.fault = (f"the lab's forwarder (pid {pid}) is stopped by {_signame(os.WSTOPSIG(status))}: "
+                              "no packet crosses the wire")
+            elif done:
+                self.forwarder_pid = 0  # reaped
+                how = (f"was killed by {_signame(os.WTERMSIG(status))}" if os.WIFSIGNALED(status)
+                       else f"exited with status {os.waitstatus_to_exitcode(status)}")
+                self.fault = f"the lab's forwarder (pid {pid}) {how}: no packet crosses the wire"
+        return self.fault
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.parent
+
     def serve(self) -> None:
         while True:
             try:
+                if not select.select([self.control], [], [], _PARENT_CHECK_S)[0]:
+                    if not self.parent_alive():
+                        self.orphaned = True
+                        return  # our owner died; a forked child of it may still hold the control socket
+                    continue
                 message = self.control.recv(4096)
             except InterruptedError:
                 continue
@@ -242,7 +277,11 @@ class Helper:
             request = None
             try:
                 request = json.loads(message)
-                reply, fd = self.answer(request)
+                fault = self.forwarder_fault()
+                if fault is not None:
+                    reply, fd = {"fault": fault}, None
+                else:
+                    reply, fd = self.answer(request)
             except OSError as exc:
                 reply, fd = {"errno": exc.errno or errno.EIO, "error": str(exc)}, None
             except Exception as exc:  # a bad request: say so, keep serving
@@ -284,6 +323,8 @@ class Helper:
             return {"value": sysctl_get(request["name"])}, None
         if op == "netstat":
             return {"counters": netstat()}, None
+        if op == "health":
+            return {"ok": True}, None
         raise ValueError(f"unknown request {op!r}")
 
     def stop_forwarder(self) -> None:
@@ -291,13 +332,22 @@ class Helper:
             return
         pid, self.forwarder_pid = self.forwarder_pid, 0
         # It stops by itself when the parent closes its control socket; give it a moment, then insist.
-        for _ in range(int(_FORWARDER_STOP_S / 0.01)):
+        # An orphaned helper does not wait (whoever still holds that socket is not the lab's owner), nor does
+        # one whose forwarder is stopped (it cannot read the end of file).
+        for _ in range(0 if self.orphaned or self.fault else int(_FORWARDER_STOP_S / 0.01)):
             done, _ = os.waitpid(pid, os.WNOHANG)
             if done:
                 return
             select.select([], [], [], 0.01)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def _signame(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _load_forwarder(path: str):
@@ -346,6 +396,8 @@ def main(argv: list) -> int:
     control = socket.socket(fileno=int(argv[0]))
     config = json.loads(argv[1])
     helper = Helper(control, config)
+    if not helper.parent_alive():
+        return 1  # our owner died before we started: build nothing
     try:
         info = helper.build()
     except BaseException as exc:

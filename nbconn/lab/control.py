@@ -7,13 +7,27 @@ a SOCK_SEQPACKET socketpair; a socket comes back as a descriptor (``SCM_RIGHTS``
 
 Lifetime: the helper exits when its control socket reaches end of file -- when
 :meth:`LabProcess.stop` closes it, or when this process dies in any way (SIGKILL,
-SIGTERM, a crash): the kernel closes our descriptors for us.  Its namespaces have no
-name anywhere, so they vanish with it and with the last socket made in them; there
-is no stale state for a later run to find and clean.
+SIGTERM, a crash): the kernel closes our descriptors for us.  A child this process
+forks would inherit that socket and keep the helper alive after us, so every forked
+child closes its copies at once (``os.register_at_fork``), and the helper also exits
+when its parent changes (a fork made outside Python's handlers).  The namespaces have
+no name anywhere: the kernel frees one when the last thing referring to it goes --
+the helper, its forwarder, *and every socket made in it* (a socket holds its
+namespace, ``sock_net()``), so a socket the caller keeps also keeps its namespace,
+``lo`` and sysctls working after the helper is gone.  There is no stale state for a
+later run to find and clean.
+
+Failures: a helper (or forwarder) that died or was stopped makes every later answer
+wrong, so it is an error at once, naming the process (:class:`LabHelperError`): each
+request waits in short slices and looks at the helper between them, each socket
+handed out looks for a hung-up control socket first, and the helper reports its
+forwarder's death or stop with the next request.
 """
 
 from __future__ import annotations
 
+import _signal
+import array
 import contextlib
 import errno
 import itertools
@@ -26,12 +40,24 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 _START_S = 10.0  # the helper's interpreter start and namespace setup, on a loaded machine
 _REPLY_S = 10.0
 _STOP_S = 5.0
+_SLICE_S = 0.05  # a wait for the helper looks at its state this often: a stopped helper is an error, not a wait
+_GONE_S = 1.0  # a helper that hung up is reaped within this (its exit status names how it died)
 MAX_BATCH = 64  # descriptors per SCM_RIGHTS message
+_ANCILLARY = socket.CMSG_SPACE(MAX_BATCH * 4)  # room for MAX_BATCH descriptors (C ints)
+
+
+class LabHelperError(RuntimeError):
+    """The lab's helper or its forwarder died or is stopped: nothing the lab gives from now on can be trusted.
+
+    A RuntimeError, not an OSError, on purpose: step 1 of a connect records an OSError as that
+    connect's result ("socket() failed"), which turned a dead lab into "error 2612" with exit 0.
+    A dead lab ends the whole run instead, and the message names the process."""
 
 
 def ip_binary() -> str | None:
@@ -53,26 +79,69 @@ def needs_userns() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def deferred_ctrl_c():
-    """Within the block a Ctrl-C (SIGINT) is held and raised right after it, as the handler in force would.
+class deferred_ctrl_c:
+    """``with deferred_ctrl_c():`` a Ctrl-C (SIGINT) within the block is held and raised right after it, as the
+    handler in force would.
 
     Only the main thread receives KeyboardInterrupt, and only it may change signal handlers: elsewhere
-    this does nothing (nothing to hold)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+    this does nothing (nothing to hold).  It runs for every socket handed out, so it calls ``_signal``
+    directly: ``signal.signal()`` wraps each call in enum conversions that cost ~10 us."""
+
+    __slots__ = ("_active", "_pending", "_previous")
+
+    def __enter__(self) -> "deferred_ctrl_c":
+        # (A handler installed from C reads as None and could not be put back: then there is nothing to hold.)
+        self._active = (threading.current_thread() is threading.main_thread()
+                        and _signal.getsignal(_signal.SIGINT) is not None)
+        if self._active:
+            self._pending: list = []
+            self._previous = _signal.signal(_signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self._pending.append(frame)
+
+    def __exit__(self, *exc) -> bool:
+        if self._active:
+            previous = self._previous
+            _signal.signal(_signal.SIGINT, previous)
+            if self._pending:
+                if callable(previous):
+                    previous(_signal.SIGINT, self._pending[0])
+                elif previous == _signal.SIG_DFL:
+                    os.kill(os.getpid(), _signal.SIGINT)
+        return False
+
+
+def _ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _proc_state(pid: int) -> str:
+    """The one-letter state in /proc/PID/stat ("" if it is gone): T or t means stopped."""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            if callable(previous):
-                previous(signal.SIGINT, pending[0])
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGINT)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+_live: weakref.WeakSet = weakref.WeakSet()  # every LabProcess not yet stopped, for the fork handler
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (multiprocessing's fork mode, a daemonising library) inherits our control sockets; if it
+    # kept them, the helper would live as long as the child instead of as long as its owner (issue 24.7).
+    for process in list(_live):
+        process._forked_away()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LabProcess:
@@ -80,18 +149,29 @@ class LabProcess:
 
     Requests are JSON on a SOCK_SEQPACKET socketpair, each with an id the reply
     echoes: a reply left over by an interrupted request (Ctrl-C between send and
-    receive) is recognised and discarded, its descriptor closed.
+    receive) is recognised and discarded, its descriptor closed.  Descriptors are ours
+    from the moment recvmsg() returns them (``_arrived``) until handed to the caller.
+
+    ``companions``: ``{socket: label}``, our ends of other lab processes' control
+    sockets (the forwarder's); closed with ours -- before waiting for the helper, so
+    it never waits for a forwarder that waits for us -- and watched for a hang-up.
     """
 
-    def __init__(self, config: dict, extra_fds: tuple = ()) -> None:
+    def __init__(self, config: dict, extra_fds: tuple = (), companions: dict | None = None) -> None:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._stopped = False
+        self._fault: str | None = None
+        self._owner = os.getpid()
+        self._arrived: list[int] = []
+        self.companions: dict = dict(companions or {})
         self.stderr = ""
         self.info: dict = {}
+        self.pid = 0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._control = ours
-        config = dict(config, userns=needs_userns(), ip=ip_binary())
+        _live.add(self)
+        config = dict(config, userns=needs_userns(), ip=ip_binary(), parent=os.getpid())
         self.userns = config["userns"]
         started = time.perf_counter()
         try:
@@ -107,13 +187,17 @@ class LabProcess:
         except BaseException:
             theirs.close()
             if getattr(self, "_process", None) is None:
-                ours.close()
+                self._close_sockets()
                 raise
             self.stop()
             raise
         theirs.close()
+        self.pid = self._process.pid  # the helper is the interpreter Popen started (no shell in between)
         try:
-            ready = self._receive(_START_S)
+            try:
+                ready = self._receive(time.monotonic() + _START_S, "start")
+            except LabHelperError:
+                ready = None
             if ready is None or not ready.get("ready"):
                 self.stop()  # reaps it and collects its stderr for the message
                 detail = (ready or {}).get("error") or self.stderr or "no message"
@@ -122,54 +206,159 @@ class LabProcess:
             self.stop()
             raise
         self.info = ready
-        self.pid: int = ready["pid"]
         self.setup_s = time.perf_counter() - started
 
-    def _receive(self, timeout: float, want_fd: bool = False):
-        """One message (dict) and, with ``want_fd``, the descriptors it carries; None on timeout or EOF."""
-        if not select.select([self._control], [], [], timeout)[0]:
-            return None
-        if want_fd:
-            data, fds, flags, _ = socket.recv_fds(self._control, 1 << 16, MAX_BATCH, socket.MSG_CMSG_CLOEXEC)
-        else:
-            data, fds, flags = self._control.recv(1 << 16), [], 0
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            return None
-        message = json.loads(data)
-        if fds:
-            message["_fd"] = fds
-        elif flags & socket.MSG_CTRUNC:
-            message["_truncated"] = True  # the kernel could not install the descriptor here (EMFILE)
-        return message
+    # -- receiving -----------------------------------------------------------------------------------
+    def _take(self) -> dict | None:
+        """The message select() said is waiting (None at end of file).  Its descriptors are put in
+        ``_arrived`` with Ctrl-C held: a KeyboardInterrupt between recvmsg() and that line would drop
+        them unclosed (and a leaked socket keeps its namespace alive)."""
+        with deferred_ctrl_c():
+            try:
+                data, ancillary, flags, _ = self._control.recvmsg(
+                    1 << 16, _ANCILLARY, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return {}  # nothing after all (select() raced a close): the caller waits again
+            except OSError:
+                return None
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self._arrived.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+            if not data:
+                return None
+            try:
+                message = json.loads(data)
+            except ValueError:
+                message = {}
+            if not isinstance(message, dict):
+                message = {}
+            if flags & socket.MSG_CTRUNC:
+                message["_truncated"] = True  # the kernel could not install the descriptor here (EMFILE)
+            return message
 
-    def request(self, op: str, want_fd: bool = False, **fields):
-        """Send one request and return its reply; OSError with the helper's errno on failure."""
+    def _receive(self, deadline: float, what: str) -> dict:
+        """The next message; LabHelperError when the helper has gone or stopped, or at ``deadline``."""
+        while True:
+            left = deadline - time.monotonic()
+            if select.select([self._control], [], [], max(0.0, min(_SLICE_S, left)))[0]:
+                message = self._take()
+                if message is None:
+                    self._raise(self._why_gone())
+                if message:
+                    return message
+                continue
+            problem = self._problem_now()
+            if problem is not None:
+                self._raise(problem)
+            if left <= 0:
+                self._raise(f"the lab helper (pid {self.pid}) did not answer a {what} request by its deadline")
+
+    def _drop_arrived(self) -> None:
+        """Close descriptors nobody will take (a stale reply's, an error's)."""
+        while self._arrived:
+            with contextlib.suppress(OSError):
+                os.close(self._arrived.pop())
+
+    # -- health --------------------------------------------------------------------------------------
+    def _raise(self, problem: str):
+        self._fault = problem  # sticky: every later request fails at once with the same words
+        raise LabHelperError(problem)
+
+    def _why_gone(self) -> str:
+        """The helper closed its control socket: it is exiting. Say how it ended (reaped within _GONE_S)."""
+        try:
+            code = self._process.wait(timeout=_GONE_S)
+        except subprocess.TimeoutExpired:
+            return f"the lab helper (pid {self.pid}) closed its control socket"
+        return f"the lab helper (pid {self.pid}) {_ended(code)}"
+
+    def _problem_now(self) -> str | None:
+        """What is wrong with the helper right now (dead, stopped), in words naming it; None if nothing."""
+        if self._fault is not None:
+            return self._fault
+        code = self._process.poll()
+        if code is not None:
+            return f"the lab helper (pid {self.pid}) {_ended(code)}"
+        if _proc_state(self.pid) in ("T", "t"):
+            return (f"the lab helper (pid {self.pid}) is stopped (SIGSTOP, or a debugger): it cannot answer; "
+                    "the lab is unusable")
+        return None
+
+    def check(self) -> None:
+        """LabHelperError now if the helper or a companion has hung up (one poll(), no waiting)."""
+        if self._fault is not None:
+            raise LabHelperError(self._fault)
+        if self._stopped:
+            raise RuntimeError("the lab namespace has been closed")
+        # A fresh poll object each time: one is not safe to poll from two threads at once (a link's two sides).
+        watch, socks = select.poll(), {self._control.fileno(): self._control}
+        for sock in self.companions:
+            socks[sock.fileno()] = sock
+        for fd in socks:
+            watch.register(fd, select.POLLHUP)  # POLLIN (a stale reply) is not a problem
+        hung = [fd for fd, events in watch.poll(0) if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)]
+        if not hung:
+            return
+        if self._control.fileno() in hung:
+            self._raise(self._why_gone())
+        # A companion (the forwarder) hung up: it is exiting, and the helper, its parent, will know how it ended
+        # once it has become a zombie (its descriptors close a moment before that): ask, bounded.
+        deadline = time.monotonic() + _GONE_S
+        while time.monotonic() < deadline:
+            self.request("health")  # raises LabHelperError with the helper's words once it has reaped it
+            time.sleep(0.01)
+        self._raise(f"{self.companions.get(socks[hung[0]], 'a lab process')} has exited")
+
+    def problem(self) -> str | None:
+        """What went wrong with the helper or a companion while the lab was in use, or None (no waiting)."""
+        if (self._stopped and self._fault is None) or os.getpid() != self._owner:
+            return None  # (a forked child leaving the block: the lab was never its to judge)
+        try:
+            self.check()
+            problem = self._problem_now()
+            if problem is None and self.companions:
+                self.request("health", timeout=_GONE_S)  # the helper looks at its forwarder (stopped?)
+        except LabHelperError as exc:
+            return str(exc)
+        return problem
+
+    # -- asking --------------------------------------------------------------------------------------
+    def request(self, op: str, want_fd: bool = False, *, into: list | None = None, timeout: float | None = None,
+                **fields):
+        """Send one request and return its reply: OSError with the helper's errno when it failed there,
+        LabHelperError when the helper or its forwarder is dead or stopped, or no reply came within
+        ``timeout`` seconds (the caller's own deadline; default 10 s).  With ``want_fd`` the descriptors
+        that came back are appended to ``into`` (last one first, for pop()) -- handed over with Ctrl-C held."""
+        wait_s = _REPLY_S if timeout is None else max(0.0, float(timeout))
         with self._lock:
+            if self._fault is not None:
+                raise LabHelperError(self._fault)
             if self._stopped:
                 raise RuntimeError("the lab namespace has been closed")
+            self._drop_arrived()  # left by a request someone stopped waiting for
             ident = next(self._ids)
-            self._control.send(json.dumps({"op": op, "id": ident, **fields}).encode())
-            deadline = time.monotonic() + _REPLY_S
+            try:
+                self._control.send(json.dumps({"op": op, "id": ident, **fields}).encode())
+            except (BrokenPipeError, ConnectionResetError):
+                self._raise(self._why_gone())
+            deadline = time.monotonic() + wait_s
             while True:
-                reply = self._receive(max(0.0, deadline - time.monotonic()), want_fd=True)
-                if reply is None:
-                    raise OSError(errno.EPIPE, "the lab helper did not answer (it has exited?)")
-                fds = reply.pop("_fd", [])
+                reply = self._receive(deadline, repr(op))
                 if reply.get("id") == ident:
                     break
-                for fd in fds:
-                    os.close(fd)  # the answer to a request someone stopped waiting for
-        if "errno" in reply or not want_fd:
-            for fd in fds:
-                os.close(fd)
-            if "errno" in reply:
-                raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
-            return reply
-        if not fds:
-            raise OSError(errno.EMFILE, "no descriptor arrived over SCM_RIGHTS (this process is out of fds?)")
-        reply["fds"] = fds
+                self._drop_arrived()  # the answer to a request someone stopped waiting for
+            if "fault" in reply or "errno" in reply or not want_fd:
+                self._drop_arrived()
+                if "fault" in reply:
+                    self._raise(reply["fault"])
+                if "errno" in reply:
+                    raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
+                return reply
+            if not self._arrived:
+                raise OSError(errno.EMFILE, "no descriptor arrived over SCM_RIGHTS (this process is out of fds?)")
+            with deferred_ctrl_c():
+                into.extend(reversed(self._arrived))
+                self._arrived = []
         return reply
 
     @property
@@ -201,14 +390,22 @@ class LabProcess:
         ``_stopped`` means "no more requests"; the reap below finishes even when a
         second Ctrl-C arrives while we wait, so no zombie and no descriptor stays.
         """
-        with contextlib.suppress(OSError):
-            self._control.close()
+        if os.getpid() != self._owner:
+            self._forked_away()  # not our child to wait for, nor ours to kill
+            return
+        self._close_sockets()
         self._stopped = True
+        _live.discard(self)
         process = getattr(self, "_process", None)
         if process is None:
             return
         interrupted: BaseException | None = None
         try:
+            if process.returncode is None and (self._fault is not None or _proc_state(process.pid) in ("T", "t")):
+                # A stopped helper cannot read the end of file it is waiting for (nor exit): end it now.
+                # (SIGKILL ends a stopped process; its forwarder follows by PR_SET_PDEATHSIG.)
+                with contextlib.suppress(OSError):
+                    process.kill()
             if process.returncode is None:
                 try:
                     process.wait(timeout=_STOP_S)
@@ -229,3 +426,19 @@ class LabProcess:
             self._collect_stderr(process)
         if interrupted is not None:
             raise interrupted
+
+    def _close_sockets(self) -> None:
+        """Our control socket, then the companions' (the helper and forwarder see end of file), then
+        descriptors that arrived for nobody."""
+        for sock in (self._control, *self.companions):
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._drop_arrived()
+
+    def _forked_away(self) -> None:
+        """In a forked child: the lab belongs to the parent.  Close our copies of its sockets (the helper
+        must see end of file when its owner goes, whoever else lives) and never wait for or signal it."""
+        self._lock = threading.Lock()  # another thread may have held the parent's at the fork
+        self._fault = f"this lab belongs to process {self._owner}; a forked child (pid {os.getpid()}) cannot use it"
+        self._stopped = True
+        self._close_sockets()

@@ -33,9 +33,14 @@ API::
 names: they are per namespace).  ``routes``: ``ip route add`` arguments, e.g.
 ``["unreachable 198.18.0.0/15"]`` (needs iproute2); a fresh namespace has only ``lo``,
 so by default there is no route to anything else (``connect()`` to 198.18.0.1 fails at
-once with ENETUNREACH).  Everything is validated before the helper starts.  The
-namespace has no name and no file: it lives exactly as long as the helper, which exits
-when the block ends or this process dies (its control socket reaches end of file).
+once with ENETUNREACH).  Everything is validated before the helper starts (a route
+is checked against ``ip route add``'s grammar: ``[TYPE] PREFIX [via|src ADDR] [dev
+NAME] [metric|mtu|table N] [scope|proto WORD] [onlink]``).  The namespace has no name
+and no file.  The helper exits when the block ends or this process dies (its control
+socket reaches end of file); the namespace itself lives as long as anything refers to
+it -- the helper *or any socket made in it*: a socket kept after the block keeps its
+namespace (its ``lo``, its sysctls) working until it is closed.  If the helper died or
+was stopped during the block, the block ends with :class:`~nbconn.lab.control.LabHelperError`.
 
 Where it cannot run, :func:`unavailable_reason` names the cause and the fix
 (:mod:`nbconn.lab.wire.probe`).
@@ -44,16 +49,18 @@ Where it cannot run, :func:`unavailable_reason` names the cause and the fix
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 from .. import socketsource, validate
-from .control import MAX_BATCH, LabProcess, ip_binary
+from .control import MAX_BATCH, LabHelperError, LabProcess, deferred_ctrl_c, ip_binary
 
 _SYSCTL_NAME = re.compile(r"net(\.[A-Za-z0-9_-]{1,64}){1,6}")
 _SYSCTL_VALUE = re.compile(r"[0-9A-Za-z ._:-]{0,200}")
@@ -81,14 +88,63 @@ def check_sysctls(sysctls, name: str = "sysctls") -> dict:
     return checked
 
 
+_ROUTE_TYPES = ("unicast", "unreachable", "blackhole", "prohibit", "throw", "local")
+_ROUTE_ADDRESS_KEYS = ("via", "src")
+_ROUTE_NUMBER_KEYS = ("metric", "mtu", "table")
+_ROUTE_WORD_KEYS = ("scope", "proto")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # IFNAMSIZ - 1
+_WORD = re.compile(r"[a-z0-9]{1,16}")
+
+
+def _route_problem(route: str) -> str | None:
+    """Why ``route`` is not something ``ip route add`` takes (the subset the lab needs), or None."""
+    words = route.split()
+    if words and words[0] in _ROUTE_TYPES:
+        words = words[1:]
+    if not words:
+        return "no destination prefix"
+    prefix, rest = words[0], words[1:]
+    if prefix != "default":
+        try:
+            ipaddress.ip_network(prefix, strict=True)
+        except ValueError as exc:
+            return f"{prefix!r} is not a destination prefix ({exc})"
+    while rest:
+        key = rest.pop(0)
+        if key == "onlink":
+            continue
+        if key not in (*_ROUTE_ADDRESS_KEYS, "dev", *_ROUTE_NUMBER_KEYS, *_ROUTE_WORD_KEYS):
+            return f"{key!r} is not a route keyword the lab knows"
+        if not rest:
+            return f"{key!r} needs a value"
+        value = rest.pop(0)
+        if key in _ROUTE_ADDRESS_KEYS:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                return f"{key} {value!r} is not an IP address"
+        elif key == "dev" and not _IFNAME.fullmatch(value):
+            return f"dev {value!r} is not an interface name"
+        elif key in _ROUTE_NUMBER_KEYS and not (value.isdigit() and value.isascii() and int(value) < 2 ** 32):
+            return f"{key} {value!r} is not a number 0..{2 ** 32 - 1}"
+        elif key in _ROUTE_WORD_KEYS and not _WORD.fullmatch(value):
+            return f"{key} {value!r} is not a {key} name or number"
+    return None
+
+
 def check_routes(routes) -> list:
+    """``ip route add`` argument strings, each checked against its grammar here, before any helper starts."""
     if routes is None:
         return []
     if isinstance(routes, str) or not isinstance(routes, (list, tuple)):
         raise TypeError(f"routes must be a list of `ip route add` argument strings, got {validate.shown(routes)}")
     for route in routes:
-        if not isinstance(route, str) or not _ROUTE.fullmatch(route):
-            raise ValueError(f"routes: {validate.shown(route)} is not an `ip route add` argument string")
+        if not isinstance(route, str):
+            raise TypeError(f"routes: each route must be a str, got {validate.shown(route)}")
+        problem = None if _ROUTE.fullmatch(route) else "characters ip does not take"
+        problem = problem or _route_problem(route)
+        if problem:
+            raise ValueError(f"routes: {validate.shown(route)} is not an `ip route add` argument string: {problem}")
     if routes and ip_binary() is None:
         raise ValueError("routes need iproute2's ip, which is not installed (apt-get install iproute2)")
     return list(routes)
@@ -99,6 +155,18 @@ def unavailable_reason() -> str | None:
     from .probe import namespace_unavailable_reason
 
     return namespace_unavailable_reason()
+
+
+_live: weakref.WeakSet = weakref.WeakSet()  # every Namespace with sockets made ahead, for the fork handler
+
+
+def _after_fork_in_child() -> None:
+    # Sockets made ahead are the lab's, not the caller's: a forked child must not keep the namespace alive with them.
+    for ns in list(_live):
+        ns._forked_away()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Namespace:
@@ -119,15 +187,22 @@ class Namespace:
         self._batch: dict = {}
         self._last_refill: dict = {}
         self._pool_lock = threading.Lock()
+        _live.add(self)
 
     def __repr__(self) -> str:
         return f"<Namespace {self.side} of helper pid {self.pid}>"
 
     # -- the socket source -------------------------------------------------------------------------
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
-        """A new socket made inside this namespace (raises OSError as socket() would)."""
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0, *,
+               timeout_s: float | None = None) -> socket.socket:
+        """A new socket made inside this namespace (raises OSError as socket() would).
+
+        LabHelperError (naming the process) if the helper or its forwarder died or is stopped: a dead lab is
+        an error at once, not a run of failed connects.  ``timeout_s`` bounds the wait for the helper (the
+        caller's own deadline; default 10 s)."""
         key = (int(family), int(type), int(proto))
         with self._pool_lock:
+            self.process.check()  # one poll(): has the helper or the forwarder hung up?
             pool = self._pool.setdefault(key, [])
             if not pool:
                 # Demand within 50 ms of the last batch doubles the next one (up to MAX_BATCH); a pause resets it.
@@ -135,19 +210,28 @@ class Namespace:
                 busy = now - self._last_refill.get(key, -1.0) < 0.05
                 batch = min(MAX_BATCH, self._batch.get(key, 1) * 2) if busy else 1
                 self._batch[key], self._last_refill[key] = batch, now
-                reply = self.process.request("socket", want_fd=True, ns=self.side, family=key[0], type=key[1],
-                                             proto=key[2], count=batch)
-                pool.extend(reversed(reply["fds"]))
-            fd = pool.pop()
+                # The descriptors go straight into the pool, Ctrl-C held while they move (issue 24.2).
+                self.process.request("socket", want_fd=True, into=pool, timeout=timeout_s, ns=self.side,
+                                     family=key[0], type=key[1], proto=key[2], count=batch)
+            with deferred_ctrl_c():  # between pop() and the socket object a Ctrl-C would leak the descriptor
+                sock = socket.socket(fileno=pool.pop())
         self.created += 1
-        return socket.socket(fileno=fd)
+        return sock
 
     def close(self) -> None:
         """Close the sockets made ahead and not handed out."""
         with self._pool_lock:
-            for pool in self._pool.values():
-                while pool:
+            self._close_pool()
+
+    def _close_pool(self) -> None:
+        for pool in self._pool.values():
+            while pool:
+                with contextlib.suppress(OSError):
                     os.close(pool.pop())
+
+    def _forked_away(self) -> None:
+        self._pool_lock = threading.Lock()  # another thread may have held the parent's at the fork
+        self._close_pool()
 
     def using(self):
         """``with ns.using():`` step 1 of every nbconn connect in this thread makes its socket here."""
@@ -206,12 +290,25 @@ def namespace(sysctls: dict | None = None, routes=None) -> Iterator[Namespace]:
     try:
         ns = Namespace(process)
         yield ns
-    finally:
-        try:
+    except BaseException:
+        close_lab(process, ns)
+        raise
+    close_lab(process, ns, report=True)
+
+
+def close_lab(process: LabProcess, *namespaces, report: bool = False) -> None:
+    """Close the sockets made ahead, stop the helper.  With ``report`` (the block ended normally), a helper or
+    forwarder that died or was stopped while in use is a LabHelperError after the teardown: what the block
+    measured may be wrong, and saying nothing would pass it on as true."""
+    problem = process.problem() if report else None
+    try:
+        for ns in namespaces:
             if ns is not None:
                 ns.close()
-        finally:
-            process.stop()
+    finally:
+        process.stop()
+    if problem is not None:
+        raise LabHelperError(problem)
 
 
 class _CallableModule(type(contextlib)):

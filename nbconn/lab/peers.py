@@ -37,8 +37,12 @@ import struct
 import tempfile
 import threading
 
+from .. import validate
+
 LINGER_RESET = struct.pack("ii", 1, 0)
 _POLL_S = 0.05  # how often accept threads look at their stop flag
+MAX_BACKLOG = 65535  # listen()'s backlog: the kernel caps it at net.core.somaxconn (a u16 until 4.1)
+MAX_FILLERS = 4096
 
 
 class Peer(str):
@@ -83,12 +87,14 @@ def _family_of(host: str) -> int:
 def _check_loopback(host: str) -> None:
     import ipaddress
 
+    if not isinstance(host, str):
+        raise TypeError(f"peer host must be an IP literal string, got {validate.shown(host)}")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"peer host {host!r} must be a loopback IP literal (127.x.x.x or ::1)") from None
+        raise ValueError(f"peer host {validate.shown(host)} must be a loopback IP literal (127.x.x.x or ::1)") from None
     if not ip.is_loopback:
-        raise ValueError(f"peer host {host!r} is not loopback: lab peers listen on 127.0.0.0/8 or ::1 only")
+        raise ValueError(f"peer host {validate.shown(host)} is not loopback: lab peers listen on 127.0.0.0/8 or ::1 only")
 
 
 class _Acceptor:
@@ -200,10 +206,12 @@ def _check_host(host: str, source) -> None:
         return
     import ipaddress
 
+    if not isinstance(host, str):
+        raise TypeError(f"peer host must be an IP literal string, got {validate.shown(host)}")
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"peer host {host!r} must be an IP literal") from None
+        raise ValueError(f"peer host {validate.shown(host)} must be an IP literal") from None
 
 
 def _new_socket(host: str, source) -> socket.socket:
@@ -230,6 +238,9 @@ def listening(host: str = "127.0.0.1", *, backlog: int = 4096, http: bool = Fals
     """A peer that accepts every connection: closes it at once, answers HTTP (``http=True``),
     or keeps it open until exit (``hold=True``).  ``source``: a lab namespace to listen in
     (:mod:`nbconn.lab.namespace`); the acceptor thread runs here on the passed listener."""
+    backlog = validate.integer("backlog", backlog, 0, MAX_BACKLOG)
+    http = validate.flag("http", http)
+    hold = validate.flag("hold", hold)
     held: list[socket.socket] = []
     handle = _http if http else (held.append if hold else _close)
     with _listener(host, backlog, source) as sock:
@@ -307,10 +318,8 @@ def slow_accept(host: str = "127.0.0.1", *, backlog: int = 8, interval_s: float 
     """A listener with a small accept queue and an acceptor that takes one connection
     every ``interval_s``.  A burst larger than the queue overflows it: the kernel drops the
     extra SYNs and the clients retransmit after ~1 s -- the latency tail of an overloaded upstream."""
-    if not 0 <= backlog <= 4096:
-        raise ValueError(f"backlog={backlog} is outside 0..4096")
-    if not 0 < interval_s <= 1:
-        raise ValueError(f"interval_s={interval_s} is outside (0, 1]")
+    backlog = validate.integer("backlog", backlog, 0, 4096)
+    interval_s = validate.number("interval_s", interval_s, 0, 1, low_open=True)
     with _listener(host, backlog, source) as sock:
         target, port = _target_for(sock)
         peer = Peer(target, "slow_accept", port=port)
@@ -330,6 +339,7 @@ def _unix_dir():
 @contextlib.contextmanager
 def unix_listening(*, backlog: int = 4096):
     """An AF_UNIX listener in a private temporary directory, with an accepting thread."""
+    backlog = validate.integer("backlog", backlog, 0, MAX_BACKLOG)
     with _unix_dir() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         path = os.path.join(tmp, "peer.sock")
         sock.bind(path)
@@ -343,6 +353,10 @@ def unix_listening(*, backlog: int = 4096):
 def unix_full(*, backlog: int = 0, max_fillers: int = 64):
     """An AF_UNIX listener whose backlog is full: a non-blocking connect fails at once with
     EAGAIN (Linux), which nginx treats like ECONNREFUSED (ngx_event_connect_peer)."""
+    backlog = validate.integer("backlog", backlog, 0, MAX_FILLERS - 2)
+    max_fillers = validate.integer("max_fillers", max_fillers, 1, MAX_FILLERS)
+    if max_fillers < backlog + 2:  # the queue holds backlog + 1 (unix_recvq_full: "len > backlog"), one more to see EAGAIN
+        raise ValueError(f"max_fillers={max_fillers} cannot fill backlog={backlog}: it takes backlog + 2 connects")
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(_unix_dir())
         sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))

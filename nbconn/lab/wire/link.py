@@ -13,7 +13,8 @@ Why one path for root too: the old root path (``ip netns add``, a thread switchi
 namespaces with setns) left named namespaces in /var/run/netns when the process was
 killed, could strand a thread in a namespace when interrupted mid-switch, and was a
 second way of doing the same thing.  Here nothing has a name: the namespaces live as
-long as the helper, which exits when this process closes its control socket or dies.
+long as the helper and the sockets made in them; the helper exits when this process
+closes its control socket or dies (:mod:`nbconn.lab.control`), the forwarder with it.
 As real root the helper simply skips the user namespace.
 """
 
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Iterator
 
 from ... import socketsource, validate
-from ..control import LabProcess, needs_userns
+from ..control import LabHelperError, LabProcess, needs_userns
 from ..namespace import Namespace
 from . import params as _params
 from .forwarder import QUEUE_LIMIT
@@ -52,7 +53,9 @@ class Link:
     Attributes: ``client_addr``, ``server_addr``; ``client_ns``, ``server_ns``
     (:class:`nbconn.lab.namespace.Namespace`: ``socket()``, ``sysctl()``,
     ``read_netstat()``); ``delay_ms`` (out, back), ``jitter_ms``, ``loss`` (out, back),
-    ``seed``, ``syn_linear_timeouts``; ``pid`` (the helper), ``setup_s``.
+    ``seed``, ``syn_linear_timeouts``; ``pid`` (the helper), ``setup_s``.  If the helper or the
+    forwarder dies or is stopped, the next socket asked for, or the end of the ``with`` block, raises
+    :class:`nbconn.lab.control.LabHelperError` naming it.
     """
 
     def __init__(self, params: _params.Params) -> None:
@@ -101,11 +104,18 @@ class Link:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._fwd = ours
         try:
-            self.process = LabProcess(self._config(theirs.fileno(), needs_userns()), extra_fds=(theirs.fileno(),))
+            # ``ours`` is a companion: if the start is interrupted, it is closed before the wait for the helper,
+            # so the forwarder sees end of file and the helper does not wait for it (issue 24.4: 2.1 s).
+            self.process = LabProcess(self._config(theirs.fileno(), needs_userns()), extra_fds=(theirs.fileno(),),
+                                      companions={ours: "the lab's forwarder"})
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()  # the helper's copy went to the forwarder
         self.pid = self.process.pid
         self.forwarder_pid = self.process.info.get("forwarder_pid", 0)
+        self.process.companions[ours] = f"the lab's forwarder (pid {self.forwarder_pid})"
         if not select.select([ours], [], [], _FORWARDER_START_S)[0] or ours.recv(64) != b"ready":
             self.process.stop()
             raise RuntimeError(f"the forwarder did not start: {self.process.stderr or 'no message'}")
@@ -177,8 +187,14 @@ class Link:
         re-raised at the end.  The link counts as closed only once all of them ran, so a
         close() interrupted by a second Ctrl-C is finished by the next call (or at exit).
         """
+        self._close()
+
+    def _close(self, report: bool = False) -> None:
+        """close(); with ``report``, a helper or forwarder that died or stopped while in use is a LabHelperError
+        once everything is torn down (the block's results may be wrong: say so rather than pass them on)."""
         if self._closed:
             return
+        problem = self.process.problem() if report and self.process is not None else None
         steps = [self._peers.close, self._close_forwarder_control]
         steps += [ns.close for ns in (self.client_ns, self.server_ns) if ns is not None]
         if self.process is not None:
@@ -194,6 +210,8 @@ class Link:
             _live_links.discard(self)
         else:
             raise first_error
+        if problem is not None:
+            raise LabHelperError(problem)
 
     def _close_forwarder_control(self) -> None:
         with self._fwd_lock:
@@ -247,5 +265,7 @@ def impaired(delay_ms: float | tuple = 10.0, jitter_ms: float = 0.0, loss: float
     try:
         link._open()
         yield link
-    finally:
+    except BaseException:
         link.close()
+        raise
+    link._close(report=True)
