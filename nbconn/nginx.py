@@ -20,12 +20,15 @@ a free 127.0.0.1 port.  It never touches the system service.  It is stopped
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +37,10 @@ from . import systools, validate
 from .upstream import Peer
 
 LOG_FORMAT = "$status|$upstream_addr|$upstream_connect_time|$upstream_status"
+#: The guard process that ties nginx's life to ours (run by path, as ``python -I -S``: it imports no nbconn).
+_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx_guard.py")
+#: How long the guard may take to answer (a fresh interpreter on a loaded machine).
+_GUARD_ANSWER_S = 10.0
 
 
 def find_nginx() -> str | None:
@@ -69,6 +76,13 @@ class ErrorEntry:
     level: str
     message: str  # e.g. "connect() failed (111: Connection refused) while connecting to upstream"
     upstream: str | None  # the peer, e.g. "127.0.0.1:40123"
+
+
+def _killpg(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass  # gone already
 
 
 def _free_port() -> int:
@@ -247,7 +261,9 @@ class Nginx:
             object.__setattr__(self, name, checked[name])
         self.prefix = ""
         self.port = 0
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None  # the guard (nbconn.nginx_guard), nginx's parent
+        self._child = 0  # the guard's child: nginx's master (or strace), and its process group
+        self._buffer = b""
         self._fixed = True
 
     def __setattr__(self, name: str, value) -> None:
@@ -320,9 +336,20 @@ http {{
 """
 
     # -- lifetime -----------------------------------------------------------------
+    # nginx is started by nbconn.nginx_guard, a small process of its own that kills nginx's process group and
+    # removes the prefix when this process exits, however it exits (SIGKILL, SIGTERM, SIGHUP, a crash), when
+    # this object's pipe to it is closed (stop(), or the object is garbage-collected), or when it is signalled.
     def start(self) -> "Nginx":
-        self.prefix = tempfile.mkdtemp(prefix="nbconn-nginx-")
+        if self.proc is not None:
+            raise RuntimeError("this Nginx is running already: stop() it first, or make another")
+        self._owner = os.getpid()
+        self._buffer, self._child = b"", 0
         try:
+            # its own session: a terminal's SIGINT/SIGHUP to our process group does not end the guard first
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", _GUARD, str(os.getpid()),
+                                          tempfile.gettempdir()],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+            self.prefix = self._expect("prefix", _GUARD_ANSWER_S)
             config_value("nginx prefix (from TMPDIR)", self.prefix)
             os.makedirs(os.path.join(self.prefix, "tmp"))
             if _worker_user():
@@ -339,8 +366,8 @@ http {{
                     argv = [systools.find("strace") or "strace", "-f", "-qq", "-tt", "-o",
                             os.path.join(self.prefix, "strace.log"),
                             "-e", f"trace={self.strace_syscalls}", "-s", "40", *argv]
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE)
+                self._send("run " + json.dumps(argv))
+                self._child = int(self._expect("pid", _GUARD_ANSWER_S))
                 if self._wait_ready(5.0):
                     return self
                 self._kill()
@@ -349,10 +376,48 @@ http {{
             self.stop()
             raise
 
+    # the guard's protocol: we send "run ARGV_JSON"; it answers "prefix PATH", "pid N", "exited STATUS", "error ..."
+    def _send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def _guard_line(self, timeout_s: float) -> str | None:
+        """The guard's next line, or None if none came within ``timeout_s`` (0: only what has arrived)."""
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            data = os.read(fd, 4096)
+            if not data:
+                raise RuntimeError(f"nginx's guard ended (exit status {self.proc.poll()}); "
+                                   f"nginx is stopped and its prefix removed")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        word, _, rest = line.decode().partition(" ")
+        if word == "exited":
+            self._child = 0
+        elif word == "error":
+            raise RuntimeError(f"nginx's guard: {rest}")
+        return line.decode()
+
+    def _expect(self, word: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self._guard_line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise RuntimeError(f"nginx's guard did not say {word!r} within {timeout_s:g} s")
+            got, _, rest = line.partition(" ")
+            if got == word:
+                return rest
+
     def _wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            while self._child and self._guard_line(0) is not None:
+                pass  # take in what the guard said: "exited" means nginx did not start
+            if not self._child:
                 return False
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -361,7 +426,7 @@ http {{
                 time.sleep(0.05)
                 for name in ("access.log", "error.log"):
                     open(os.path.join(self.prefix, name), "w").close()
-                os.kill(self.proc.pid if not self.strace else self._master_pid(), signal.SIGUSR1)  # reopen logs
+                os.kill(self.master_pid, signal.SIGUSR1)  # reopen logs
                 time.sleep(0.05)
                 return True
             except OSError:
@@ -374,8 +439,10 @@ http {{
 
     @property
     def master_pid(self) -> int:
-        """The nginx master's pid (its workers are its children)."""
-        return self._master_pid() if self.strace else self.proc.pid
+        """The nginx master's pid (its workers are its children); under strace it is strace's child."""
+        if not self._child:
+            raise RuntimeError("nginx is not running")
+        return self._master_pid() if self.strace else self._child
 
     def _startup_errors(self) -> str:
         for name in ("startup.log", "error.log"):
@@ -388,28 +455,51 @@ http {{
         return "no error logged"
 
     def _kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
+        """Stop nginx, keep the guard and the prefix: SIGQUIT to the master (a graceful stop, so its logs and
+        strace's are complete), then SIGKILL to its process group if it has not gone within 5 s."""
+        if not self._child or self.proc is None:
             return
-        if proc.poll() is None:
-            try:
-                pid = self._master_pid() if self.strace else proc.pid
-                os.kill(pid, signal.SIGQUIT)
-            except (OSError, ValueError):
-                proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
+        group = self._child
+        try:
+            os.kill(self.master_pid, signal.SIGQUIT)
+        except (OSError, ValueError):  # no pid file yet (under strace): the whole group, now
+            _killpg(group, signal.SIGKILL)
+        for sig in (signal.SIGKILL, None):
+            deadline = time.monotonic() + 5.0
+            while self._child and time.monotonic() < deadline:
+                self._guard_line(max(0.0, deadline - time.monotonic()))
+            if not self._child or sig is None:
+                break
+            _killpg(group, sig)
 
     def stop(self) -> None:
-        self._kill()
-        if self.prefix:
-            shutil.rmtree(self.prefix, ignore_errors=True)
-            self.prefix = ""
+        """Stop nginx and remove its prefix.  In a forked child of the owner it does nothing: the owner's nginx is
+        the owner's (a child leaving a copied ``with`` block must not stop it)."""
+        if getattr(self, "_owner", os.getpid()) != os.getpid():
+            return
+        proc = self.proc
+        try:
+            if proc is not None and proc.poll() is None:
+                self._kill()
+        except RuntimeError:
+            pass  # the guard has gone: it removed everything on its way out
+        finally:
+            self.proc, self._child = None, 0
+            if proc is not None:
+                # end of file: the guard kills what is left of nginx's group, removes the prefix and exits
+                for stream in (proc.stdin, proc.stdout):
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+                try:
+                    proc.wait(timeout=_GUARD_ANSWER_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=_GUARD_ANSWER_S)
+            if self.prefix:
+                shutil.rmtree(self.prefix, ignore_errors=True)
+                self.prefix = ""
 
     def __enter__(self) -> "Nginx":
         return self.start()

@@ -465,3 +465,140 @@ def test_real_nginx_runs_the_new_settings():
             ps = subprocess.run(["ps", "-o", "args=", "--ppid", str(ng.master_pid)], capture_output=True,
                                 text=True, timeout=10).stdout
     assert sum("worker process" in line for line in ps.splitlines()) == 2, ps
+
+
+# -- nginx ends with its owner (issue 24 item 1) ---------------------------------------------------------
+
+OWNER = r"""
+import os, sys, threading, time
+from nbconn import nginx
+
+how = sys.argv[2]
+if how == "thread":  # started from a thread that then ends: nginx must live on with the process
+    box = []
+    t = threading.Thread(target=lambda: box.append(nginx.Nginx([sys.argv[1]]).start()))
+    t.start()
+    t.join()
+    ng = box[0]
+else:
+    ng = nginx.Nginx([sys.argv[1]]).start()
+if how == "fork" and os.fork() == 0:  # a forked child holds every inherited descriptor, then outlives us
+    os.close(1)
+    time.sleep(30)
+    os._exit(0)
+print(ng.prefix, ng.port, ng.master_pid, ng.proc.pid, flush=True)
+time.sleep(60)  # bounded: the test kills this process long before
+"""
+
+
+def _alive(pid: int) -> bool:
+    """A process with this pid that is not a zombie (a reaped or reused pid is not nginx's: checked by name)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return state != "Z" and (name == "nginx" or name.startswith("python") or name == "strace")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _start_owner(how: str, *extra):
+    import os
+    import select
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    owner = subprocess.Popen([*extra, sys.executable, "-c", OWNER, "127.0.0.1:1", how], cwd=root,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    ready, _, _ = select.select([owner.stdout], [], [], 60)
+    line = owner.stdout.readline() if ready else ""
+    if not line:
+        owner.kill()
+        owner.wait(10)
+        pytest.fail("the owner did not start nginx")
+    prefix, port, master, guard = line.split()
+    return owner, prefix, int(port), int(master), int(guard)
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("how, signum", [
+    ("plain", "SIGKILL"), ("plain", "SIGTERM"), ("plain", "SIGHUP"),
+    ("fork", "SIGKILL"),  # a forked child of the owner, still alive, does not keep nginx alive
+])
+def test_nginx_ends_with_its_owner(how, signum, late_tolerance_ms):
+    import os
+    import signal
+
+    from .test_lab_reliability import wait_for
+
+    owner, prefix, port, master, guard = _start_owner(how)
+    forked = [p for p in _children(owner.pid) if p != guard]
+    try:
+        workers = _children(master)
+        assert workers and _alive(master) and os.path.isdir(prefix)
+        os.kill(owner.pid, getattr(signal, signum))
+        owner.wait(10)
+        bound_s = late_tolerance_ms(1000) / 1000
+        everything = [master, guard, *workers]
+        assert wait_for(lambda: not any(_alive(p) for p in everything) and not os.path.exists(prefix), bound_s), \
+            ([p for p in everything if _alive(p)], os.path.exists(prefix), bound_s)
+        import socket
+
+        with pytest.raises(OSError):  # nothing answers on nginx's port any more
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if how == "fork":
+            assert forked and all(_alive(p) for p in forked)  # it is the owner's death that counted
+    finally:
+        for p in forked:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+
+
+def test_nginx_lives_on_when_the_thread_that_started_it_ends():
+    """PR_SET_PDEATHSIG fires when the parent *thread* ends; nginx's life follows the owner *process*."""
+    import os
+    import signal
+    import time
+
+    owner, prefix, port, master, guard = _start_owner("thread")
+    try:
+        time.sleep(0.3)  # the starting thread ended before the owner printed; give a wrong PDEATHSIG time to act
+        assert _alive(master) and _alive(guard) and os.path.isdir(prefix)
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        owner.kill()
+        owner.wait(10)
+    from .test_lab_reliability import wait_for
+
+    assert wait_for(lambda: not _alive(master) and not os.path.exists(prefix), 10)
+
+
+def test_a_forked_child_leaving_the_with_block_does_not_stop_the_owners_nginx():
+    import os
+
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)]) as ng:
+            pid = os.fork()
+            if pid == 0:  # the child runs the with block's exit (stop()) on its copy
+                try:
+                    ng.stop()
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            assert ng.request() == "200" and os.path.isdir(ng.prefix)
