@@ -477,7 +477,7 @@ http {{
         the owner's (a child leaving a copied ``with`` block must not stop it)."""
         if getattr(self, "_owner", os.getpid()) != os.getpid():
             return
-        proc = self.proc
+        proc, group = self.proc, self._child
         try:
             if proc is not None and proc.poll() is None:
                 self._kill()
@@ -485,6 +485,10 @@ http {{
             pass  # the guard has gone: it removed everything on its way out
         finally:
             self.proc, self._child = None, 0
+            if proc is not None and group and proc.poll() is not None and proc.returncode < 0:
+                # the guard was killed from outside (SIGKILL): its PR_SET_PDEATHSIG took nginx's master, but
+                # the workers, now orphans, still hold the group: end them here
+                _killpg(group, signal.SIGKILL)
             if proc is not None:
                 # end of file: the guard kills what is left of nginx's group, removes the prefix and exits
                 for stream in (proc.stdin, proc.stdout):

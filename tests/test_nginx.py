@@ -602,3 +602,23 @@ def test_a_forked_child_leaving_the_with_block_does_not_stop_the_owners_nginx():
                     os._exit(0)
             os.waitpid(pid, 0)
             assert ng.request() == "200" and os.path.isdir(ng.prefix)
+
+
+def test_a_guard_killed_from_outside_takes_nginx_with_it_at_stop():
+    """SIGKILL to the guard: its death signal ends nginx's master; stop() ends the orphaned workers and the prefix."""
+    import os
+    import signal
+
+    from .test_lab_reliability import wait_for
+
+    ng = nginx.Nginx(["127.0.0.1:1"]).start()
+    try:
+        master, prefix = ng.master_pid, ng.prefix
+        workers = _children(master)
+        assert workers
+        os.kill(ng.proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: not _alive(master), 10)
+    finally:
+        ng.stop()
+    assert wait_for(lambda: not any(_alive(p) for p in workers), 10)
+    assert not os.path.exists(prefix)
