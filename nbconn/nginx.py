@@ -143,7 +143,7 @@ PROXY_NEXT_UPSTREAM_KINDS = ("error", "timeout", "invalid_header", "http_500", "
 #: What construction fixes.  config() writes them into nginx.conf, so after construction they are read-only
 #: (a later ``ng.tries = "1; location /x { alias /etc/; }"`` is refused) and config() checks them again anyway.
 SETTINGS = ("peers", "connect_timeout", "next_upstream", "tries", "next_upstream_timeout", "read_timeout", "keepalive",
-            "proxy_bind", "workers", "worker_connections", "zone", "strace", "strace_syscalls")
+            "proxy_bind", "workers", "worker_connections", "zone", "strace", "strace_syscalls", "netns")
 
 #: worker_processes above this is refused: each worker is a process, and a tutorial's machine has a few cores.
 MAX_WORKERS = 32
@@ -203,6 +203,10 @@ def _checked(settings: dict) -> dict:
                                                  MAX_WORKER_CONNECTIONS)
     out["zone"] = validate.flag("zone", settings["zone"])
     out["strace"] = validate.flag("strace", settings["strace"])
+    netns = settings["netns"]
+    if netns is not None and not (callable(getattr(netns, "socket", None)) and isinstance(getattr(netns, "pid", None), int)):
+        raise TypeError(f"netns must be a lab namespace (nbconn.lab.namespace(), or a link's client/server), "
+                        f"got {validate.shown(netns)}")
     syscalls = settings["strace_syscalls"]
     if not isinstance(syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", syscalls) is None:
         raise ValueError(f"strace_syscalls={validate.shown(syscalls)} must be syscall names, comma-separated")
@@ -233,7 +237,10 @@ class Nginx:
     IP_BIND_ADDRESS_NO_PORT itself); ``workers``: worker_processes; ``worker_connections``: the events block's
     worker_connections; ``zone``: ``zone backend 64k;`` (the upstream's peers and their failure counts shared
     by all workers; without it each worker keeps its own); ``strace``: run nginx under ``strace -f`` and keep
-    the trace (of ``strace_syscalls``).
+    the trace (of ``strace_syscalls``); ``netns``: a lab namespace (``nbconn.lab.namespace()``, or an impaired
+    link's ``client`` / ``server``) to run nginx in -- its listener and its upstream connects are then made in
+    there, meeting the lab's peers, sysctls, routes and link; :meth:`request` connects from inside too.  Leave
+    nginx's ``with`` block before the namespace's (a process inside keeps a namespace alive).
 
     Every setting is checked when the object is made, before any file or process exists, and is read-only
     afterwards; :meth:`config` checks them again as it writes them.
@@ -242,7 +249,7 @@ class Nginx:
     def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
                  next_upstream_timeout: float = 0.0, read_timeout: float = 5.0, strace: bool = False,
                  keepalive: int = 0, proxy_bind: str | None = None, workers: int = 1, worker_connections: int = 64,
-                 zone: bool = False,
+                 zone: bool = False, netns=None,
                  strace_syscalls: str = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close") -> None:
         reason = unavailable_reason()
         if reason:
@@ -256,7 +263,7 @@ class Nginx:
             peers=peers, connect_timeout=connect_timeout, next_upstream=next_upstream, tries=tries,
             next_upstream_timeout=next_upstream_timeout, read_timeout=read_timeout, keepalive=keepalive,
             proxy_bind=proxy_bind, workers=workers, worker_connections=worker_connections, zone=zone, strace=strace,
-            strace_syscalls=strace_syscalls))
+            strace_syscalls=strace_syscalls, netns=netns))
         for name in SETTINGS:
             object.__setattr__(self, name, checked[name])
         self.prefix = ""
@@ -344,11 +351,16 @@ http {{
             raise RuntimeError("this Nginx is running already: stop() it first, or make another")
         self._owner = os.getpid()
         self._buffer, self._child = b"", 0
+        enter: dict = {}
         try:
+            if self.netns is not None:
+                enter = self._namespace_descriptors()
             # its own session: a terminal's SIGINT/SIGHUP to our process group does not end the guard first
             self.proc = subprocess.Popen([sys.executable, "-I", "-S", _GUARD, str(os.getpid()),
                                           tempfile.gettempdir()],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                                         pass_fds=[fd for fd in (enter.get("netns_socket"), enter.get("userns"))
+                                                   if fd is not None])
             self.prefix = self._expect("prefix", _GUARD_ANSWER_S)
             config_value("nginx prefix (from TMPDIR)", self.prefix)
             os.makedirs(os.path.join(self.prefix, "tmp"))
@@ -357,7 +369,7 @@ http {{
                 # and reopen its logs; it needs to pass through the 0700 prefix, not list or write it.
                 os.chmod(self.prefix, 0o711)
             for _ in range(3):  # the free port may be taken between the probe and nginx's bind: retry
-                self.port = _free_port()
+                self.port = self._free_port()
                 conf = os.path.join(self.prefix, "nginx.conf")
                 with open(conf, "w") as f:
                     f.write(self.config())
@@ -366,7 +378,7 @@ http {{
                     argv = [systools.find("strace") or "strace", "-f", "-qq", "-tt", "-o",
                             os.path.join(self.prefix, "strace.log"),
                             "-e", f"trace={self.strace_syscalls}", "-s", "40", *argv]
-                self._send("run " + json.dumps(argv))
+                self._send("run " + json.dumps(dict(enter, argv=argv)))
                 self._child = int(self._expect("pid", _GUARD_ANSWER_S))
                 if self._wait_ready(5.0):
                     return self
@@ -375,6 +387,47 @@ http {{
         except BaseException:
             self.stop()
             raise
+        finally:
+            for fd in (enter.get("netns_socket"), enter.get("userns")):
+                if fd is not None:
+                    os.close(fd)  # the guard has its own copies
+
+    def _namespace_descriptors(self) -> dict:
+        """What nginx's child needs to join ``netns`` (see nbconn.nginx_guard._enter_namespaces): a socket made
+        in there, and -- when the lab made a user namespace (a normal user) -- that user namespace."""
+        sock = self.netns.socket()
+        enter = {"netns_socket": sock.detach(), "userns": None, "uid": os.getuid(), "gid": os.getgid()}
+        try:
+            userns = os.open(f"/proc/{self.netns.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            if os.fstat(userns).st_ino == os.stat("/proc/self/ns/user").st_ino:
+                os.close(userns)  # real root: the lab made a network namespace only
+            else:
+                enter["userns"] = userns
+        except BaseException:
+            os.close(enter["netns_socket"])
+            raise
+        return enter
+
+    def _socket_to_nginx(self, timeout_s: float) -> socket.socket:
+        """A TCP connection to nginx's listener: from inside the lab namespace when nginx runs in one."""
+        if self.netns is None:
+            return socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s)
+        sock = self.netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _free_port(self) -> int:
+        """A port free on 127.0.0.1 where nginx will listen (inside the lab namespace when it runs in one)."""
+        if self.netns is None:
+            return _free_port()
+        with self.netns.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
     # the guard's protocol: we send "run ARGV_JSON"; it answers "prefix PATH", "pid N", "exited STATUS", "error ..."
     def _send(self, line: str) -> None:
@@ -420,7 +473,7 @@ http {{
             if not self._child:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with self._socket_to_nginx(0.2):
                     pass
                 # the probe connection itself is logged as a 400; start the logs clean
                 time.sleep(0.05)
@@ -516,7 +569,7 @@ http {{
         """One HTTP/1.0 GET through nginx; returns the status code as a string."""
         if not isinstance(path, str) or re.fullmatch(r"/[\x21-\x7e]*", path) is None:
             raise ValueError(f"path={validate.shown(path)} must start with / and hold printable ASCII, no spaces")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as s:
+        with self._socket_to_nginx(timeout_s) as s:
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: nbconn\r\n\r\n".encode())
             data = b""
             while len(data) < 1 << 20:

@@ -30,6 +30,7 @@ Every wait here is on a descriptor (select), not a timer; the reaping after SIGK
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import select
@@ -43,7 +44,48 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _REAP_S = 2.0  # how long to wait for SIGKILLed processes to become reapable
 
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_SIOCGSKNS = 0x894C  # <linux/sockios.h>: a descriptor of the network namespace a socket belongs to
+
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _call(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _enter_namespaces(spec: dict) -> None:
+    """In nginx's child, before execv: join the lab's network namespace (and, for a normal user, its user
+    namespace), so that nginx's sockets -- its listener and every upstream connect -- are made in there.
+
+    ``netns_socket``: a socket the lab made inside that namespace; SIOCGSKNS turns it into a namespace
+    descriptor (a socket belongs to its namespace for life, so this names the namespace exactly, where
+    /proc/HELPER/ns/net shows whichever side the helper last entered).  ``userns``: a descriptor of the lab's
+    user namespace, or None when it is ours (real root).  Joining it first gives us the capabilities over the
+    network namespace that SIOCGSKNS and setns() ask for.  nginx must not run as uid 0 in there: its workers
+    would switch to a user the namespace does not map (or call initgroups(), which it forbids), so a nested
+    user namespace maps the caller's own uid and gid -- nginx runs as the caller, as it does outside.
+    setns() into a user namespace needs a single-threaded process: this child of the guard is one."""
+    if spec.get("userns") is not None:
+        _call(_libc.setns(spec["userns"], _CLONE_NEWUSER), "setns(the lab's user namespace)")
+    netns = fcntl.ioctl(spec["netns_socket"], _SIOCGSKNS)
+    _call(_libc.setns(netns, _CLONE_NEWNET), "setns(the lab's network namespace)")
+    os.close(netns)
+    if spec.get("userns") is not None:
+        _call(_libc.unshare(_CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        _write("/proc/self/setgroups", "deny")  # needed before gid_map may be written without CAP_SETGID
+        _write("/proc/self/uid_map", f"{int(spec['uid'])} 0 1")
+        _write("/proc/self/gid_map", f"{int(spec['gid'])} 0 1")
+        os.close(spec["userns"])
+    os.close(spec["netns_socket"])
 
 
 class Guard:
@@ -79,29 +121,48 @@ class Guard:
                 time.sleep(0.01)
 
     # -- running nginx ------------------------------------------------------------------------------------
-    def run(self, argv: list) -> None:
+    def run(self, spec: dict) -> None:
+        """Fork nginx (``spec["argv"]``), inside the lab's namespaces if ``spec`` names them; say its pid, or why
+        it could not be started (an error before execv travels back on a close-on-exec pipe, as in subprocess)."""
         if self.child:
             self._say("error nginx is already running")
             return
+        errors_r, errors_w = os.pipe()  # close-on-exec: end of file at execv, an error text before it
         pid = os.fork()
         if pid == 0:  # the child: nginx to be
             try:
+                os.close(errors_r)
                 os.setpgid(0, 0)  # a group of its own: one killpg reaches master, workers and strace
                 # The guard has one thread, so "the parent thread died" means the guard died (even SIGKILL).
                 _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != self.guard_pid:
                     os._exit(1)  # the guard died before the prctl: do not start an orphan
+                if spec.get("netns_socket") is not None:
+                    _enter_namespaces(spec)
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
-                os.execv(argv[0], argv)
+                os.execv(spec["argv"][0], spec["argv"])
+            except BaseException as e:
+                try:
+                    os.write(errors_w, f"{type(e).__name__}: {e}".encode()[:1000])
+                finally:
+                    os._exit(127)
             finally:
                 os._exit(127)
+        os.close(errors_w)
         self.child = pid
         try:
             os.setpgid(pid, pid)  # also here: whichever runs first, the group exists before anyone signals it
         except OSError:
             pass  # the child has exec'd already (EACCES) or exited (ESRCH): it set its own group
+        with os.fdopen(errors_r, "rb") as errors:
+            error = errors.read(1000)  # returns at the child's execv (close-on-exec) or its exit
+        if error:
+            os.waitpid(pid, 0)
+            self.child = 0
+            self._say(f"error nginx could not be started: {error.decode(errors='replace')}")
+            return
         self.child_fd = os.pidfd_open(pid)
         self._say(f"pid {pid}")
 
@@ -164,11 +225,12 @@ class Guard:
     def command(self, line: str) -> None:
         word, _, rest = line.partition(" ")
         if word == "run":
-            argv = json.loads(rest)
+            spec = json.loads(rest)
+            argv = spec.get("argv") if isinstance(spec, dict) else None
             if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-                self._say("error run needs a JSON list of strings")
+                self._say("error run needs {\"argv\": [strings]}")
                 return
-            self.run(argv)
+            self.run(spec)
         else:
             self._say(f"error unknown command {word[:20]!r}")
 

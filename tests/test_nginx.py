@@ -622,3 +622,82 @@ def test_a_guard_killed_from_outside_takes_nginx_with_it_at_stop():
         ng.stop()
     assert wait_for(lambda: not any(_alive(p) for p in workers), 10)
     assert not os.path.exists(prefix)
+
+
+# -- the real nginx inside a lab namespace (issue 22) ------------------------------------------------------
+
+def _lab_namespace_or_skip():
+    reason = lab.namespace_unavailable_reason()
+    if reason:
+        pytest.skip(f"a lab namespace cannot be made here: {reason}")
+
+
+def test_nginx_runs_inside_a_lab_namespace():
+    """Its listener and its upstream connects are made in the namespace: it reaches peers that exist only in
+    there (the host's loopback has no listener on their ports), the namespace counts its connects, and its
+    lifetime guard still removes everything."""
+    import os
+
+    _lab_namespace_or_skip()
+    with lab.namespace() as ns, ns.listening(http=True) as up, ns.refused() as down:
+        before = ns.read_netstat()["Tcp"]["ActiveOpens"]
+        with nginx.Nginx([str(down), str(up)], netns=ns) as ng:
+            prefix, master = ng.prefix, ng.master_pid
+            assert os.stat(f"/proc/{master}/ns/net").st_ino == os.stat(f"/proc/{ns.pid}/ns/net").st_ino
+            assert os.stat(f"/proc/{master}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+            assert [ng.request() for _ in range(3)] == ["200"] * 3
+            time.sleep(0.05)
+            access, errors = ng.access_log(), ng.error_log()
+            workers = _children(master)
+            users = {os.stat(f"/proc/{p}").st_uid for p in workers}
+        opened = ns.read_netstat()["Tcp"]["ActiveOpens"] - before
+    assert access[0].upstream_addr == [str(down), str(up)] and access[0].status == "200", access
+    assert any(e.upstream == str(down) and e.message.startswith("connect() failed (111: Connection refused)")
+               for e in errors), errors
+    assert [e for e in errors if e.level in ("emerg", "alert", "crit")] == []  # e.g. no initgroups() failure
+    # 3 requests: the refused try, then the listening peer (the readiness probe's and requests' own
+    # connections to nginx count too)
+    assert opened >= 4, opened
+    assert users == ({65534} if os.geteuid() == 0 else {os.geteuid()}), users  # nobody as root, else the caller
+    assert not os.path.exists(prefix)
+
+
+def test_nginx_in_a_namespace_ends_with_its_owner():
+    """The owner, holding a lab namespace with nginx inside, is SIGKILLed: nginx, its guard and prefix go."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .test_lab_reliability import wait_for
+
+    _lab_namespace_or_skip()
+    code = r"""
+import sys, time
+from nbconn import lab, nginx
+with lab.namespace() as ns, ns.listening(http=True) as up:
+    ng = nginx.Nginx([str(up)], netns=ns).start()
+    assert ng.request() == "200"
+    print(ng.prefix, ng.master_pid, ng.proc.pid, flush=True)
+    time.sleep(60)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        line = owner.stdout.readline()
+        assert line, "the owner did not start nginx"
+        prefix, master, guard = line.split()
+        everything = [int(master), int(guard), *_children(int(master))]
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        assert wait_for(lambda: not any(_alive(p) for p in everything) and not os.path.exists(prefix), 10)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+
+
+def test_netns_must_be_a_lab_namespace():
+    with pytest.raises(TypeError, match="netns"):
+        nginx.Nginx(["127.0.0.1:1"], netns="/proc/1/ns/net")
