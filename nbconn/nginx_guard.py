@@ -14,9 +14,10 @@ library) -- and the guard
    it and reaped here rather than left to a PID 1 that may never reap;
 3. makes the temporary prefix itself and says where (``prefix PATH``): from that moment what exists is the
    guard's to remove, with no gap in which the owner could die holding a directory nobody would remove;
-4. runs nginx on request (``run ARGV_JSON`` -> ``pid N``; nginx in a process group of its own, with
-   PR_SET_PDEATHSIG to SIGKILL -- the guard has one thread, so here that means the guard's death) and says when
-   it exits (``exited STATUS``); the owner may ask again (another port);
+4. runs nginx on request (``run {"argv": [...]}`` -> ``pid N``, or ``error ...`` for a failure before execv;
+   nginx in a process group of its own, with PR_SET_PDEATHSIG to SIGKILL -- the guard has one thread, so here
+   that means the guard's death; optionally inside a lab namespace, see :func:`_enter_namespaces`) and says
+   when it exits (``exited STATUS``); the owner may ask again (another port);
 5. ends -- SIGKILL to nginx's whole process group (master, workers, strace), reap, remove the prefix, exit --
    when the owner's process has exited (the pidfd), when its commands reach end of file (the owner closed them:
    ``stop()``, or it died and no forked child of it holds the pipe -- a forked child cannot keep nginx alive,

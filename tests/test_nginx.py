@@ -701,3 +701,22 @@ with lab.namespace() as ns, ns.listening(http=True) as up:
 def test_netns_must_be_a_lab_namespace():
     with pytest.raises(TypeError, match="netns"):
         nginx.Nginx(["127.0.0.1:1"], netns="/proc/1/ns/net")
+
+
+def test_nginx_in_the_client_namespace_connects_across_the_impaired_link():
+    """nginx in the link's client namespace, the peer in the server namespace: every connect crosses the wire,
+    so $upstream_connect_time holds the link's round trip (a lower bound: load can only add to it)."""
+    from nbconn.lab import peers as lab_peers
+    from nbconn.lab import probe
+
+    reason = probe.wire_unavailable_reason()
+    if reason:
+        pytest.skip(f"the impairment wire cannot run here: {reason}")
+    with lab.impaired(delay_ms=15) as link, \
+            lab_peers.listening(link.server_addr, http=True, source=link.server_ns) as up:
+        with nginx.Nginx([f"{link.server_addr}:{up.port}"], netns=link.client_ns, connect_timeout=2) as ng:
+            assert [ng.request() for _ in range(2)] == ["200"] * 2
+            time.sleep(0.05)
+            access = ng.access_log()
+    times = [entry.connect_time[0] for entry in access]
+    assert len(times) == 2 and all(t is not None and t >= 0.029 for t in times), times  # 15 ms out + 15 ms back
