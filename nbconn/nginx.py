@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 
 from . import systools, validate
@@ -83,6 +84,13 @@ def _killpg(group: int, sig: int) -> None:
         os.killpg(group, sig)
     except ProcessLookupError:
         pass  # gone already
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
@@ -361,6 +369,9 @@ http {{
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
                                          pass_fds=[fd for fd in (enter.get("netns_socket"), enter.get("userns"))
                                                    if fd is not None])
+            # Dropped without stop(), this object closes the guard's pipe when it is collected: the guard then
+            # ends nginx and removes the prefix.  (Popen keeps a running child's object, and so the pipe, alive.)
+            weakref.finalize(self, _close_quietly, self.proc.stdin)
             self.prefix = self._expect("prefix", _GUARD_ANSWER_S)
             config_value("nginx prefix (from TMPDIR)", self.prefix)
             os.makedirs(os.path.join(self.prefix, "tmp"))

@@ -193,6 +193,9 @@ class Guard:
             owner_fd = os.pidfd_open(self.owner)
         except ProcessLookupError:
             self.finish(1)
+        except OSError as e:  # ENOSYS: a kernel before 5.3
+            self._say(f"error pidfd_open() failed ({e.strerror}): tying nginx to its owner needs Linux 5.3 or later")
+            self.finish(1)
         if os.getppid() != self.owner:
             self.finish(1)  # the owner died before the pidfd was taken: we were reparented already
         if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:

@@ -720,3 +720,16 @@ def test_nginx_in_the_client_namespace_connects_across_the_impaired_link():
             access = ng.access_log()
     times = [entry.connect_time[0] for entry in access]
     assert len(times) == 2 and all(t is not None and t >= 0.029 for t in times), times  # 15 ms out + 15 ms back
+
+
+def test_an_nginx_dropped_without_stop_ends_when_collected():
+    import gc
+    import os
+
+    from .test_lab_reliability import wait_for
+
+    ng = nginx.Nginx(["127.0.0.1:1"]).start()
+    master, guard, prefix = ng.master_pid, ng.proc.pid, ng.prefix
+    del ng
+    gc.collect()
+    assert wait_for(lambda: not _alive(master) and not _alive(guard) and not os.path.exists(prefix), 10)
