@@ -14,8 +14,12 @@ lab peers and read what it did from its own logs:
 
 :class:`Nginx` runs a private instance from a temporary prefix: its own
 configuration, pid file, logs and temp directories, ``daemon off``, listening on
-a free 127.0.0.1 port.  It never touches the system service.  It is stopped
-(SIGQUIT, then SIGKILL) and its prefix removed on every exit path.
+a free 127.0.0.1 port -- on the host's loopback, or inside a lab namespace
+(``netns=``).  It never touches the system service.  ``stop()`` ends it (SIGQUIT,
+then SIGKILL to its process group) and removes its prefix; and it never outlives
+the process that started it: nginx is the child of a small guard
+(:mod:`nbconn.nginx_guard`) that ends nginx's process group and removes the prefix
+when this process exits, however it exits.
 """
 
 from __future__ import annotations
