@@ -161,8 +161,9 @@ SETTINGS = ("peers", "connect_timeout", "next_upstream", "tries", "next_upstream
 MAX_WORKERS = 32
 #: worker_connections: at least one per listening socket plus one for the master's channel, or nginx refuses to
 #: start ("N worker_connections are not enough for 1 listening sockets", ngx_event_init_conf in
-#: src/event/ngx_event.c); 2 leaves none for a client's upstream connection, which is how to make
-#: "worker_connections are not enough" happen on purpose.  Each is a descriptor and a preallocated ngx_connection_t.
+#: src/event/ngx_event.c).  2 leaves none for a client (nginx accepts and resets it: "[alert] 2 worker_connections
+#: are not enough"); 3 none for the upstream connect (ngx_get_connection fails: 500, "[alert] 3 worker_connections
+#: are not enough while connecting to upstream", measured).  Each is a descriptor and a preallocated ngx_connection_t.
 MIN_WORKER_CONNECTIONS = 2
 MAX_WORKER_CONNECTIONS = 65536
 

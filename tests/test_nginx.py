@@ -733,3 +733,16 @@ def test_an_nginx_dropped_without_stop_ends_when_collected():
     del ng
     gc.collect()
     assert wait_for(lambda: not _alive(master) and not _alive(guard) and not os.path.exists(prefix), 10)
+
+
+def test_too_few_worker_connections_give_nginx_500_with_its_alert():
+    """worker_connections 3: the listener, the channel and the client's connection leave none for the upstream;
+    ngx_get_connection fails in ngx_event_connect_peer: NGX_ERROR, 500 at once, an [alert] line (issue 19 A8)."""
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)], worker_connections=3) as ng:
+            assert [ng.request() for _ in range(2)] == ["500", "500"]
+            time.sleep(0.05)
+            errors, access = ng.error_log(), ng.access_log()
+    assert [(e.level, e.message) for e in errors] == \
+        [("alert", "3 worker_connections are not enough while connecting to upstream")] * 2
+    assert [a.status for a in access] == ["500", "500"]
