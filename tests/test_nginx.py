@@ -746,3 +746,17 @@ def test_too_few_worker_connections_give_nginx_500_with_its_alert():
     assert [(e.level, e.message) for e in errors] == \
         [("alert", "3 worker_connections are not enough while connecting to upstream")] * 2
     assert [a.status for a in access] == ["500", "500"]
+
+
+def test_proxy_bind_reaches_nginx():
+    """proxy_bind to an address this host lacks: bind() fails locally (no packet leaves), nginx answers 500 with
+    one [crit] line naming the address without a port; to a loopback address it proxies as usual."""
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)], proxy_bind="198.18.0.5") as ng:
+            assert ng.request() == "500"
+            time.sleep(0.05)
+            errors = ng.error_log()
+        with nginx.Nginx([str(up)], proxy_bind="127.0.0.2") as ng:
+            assert ng.request() == "200"
+    assert [(e.level, e.message) for e in errors] == [
+        ("crit", "bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream")]
