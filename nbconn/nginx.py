@@ -217,7 +217,8 @@ def _checked(settings: dict) -> dict:
     out["zone"] = validate.flag("zone", settings["zone"])
     out["strace"] = validate.flag("strace", settings["strace"])
     netns = settings["netns"]
-    if netns is not None and not (callable(getattr(netns, "socket", None)) and isinstance(getattr(netns, "pid", None), int)):
+    is_lab_namespace = callable(getattr(netns, "socket", None)) and isinstance(getattr(netns, "pid", None), int)
+    if netns is not None and not is_lab_namespace:
         raise TypeError(f"netns must be a lab namespace (nbconn.lab.namespace(), or a link's client/server), "
                         f"got {validate.shown(netns)}")
     syscalls = settings["strace_syscalls"]
