@@ -140,6 +140,10 @@ class Guard:
                     os._exit(1)  # the guard died before the prctl: do not start an orphan
                 if spec.get("netns_socket") is not None:
                     _enter_namespaces(spec)
+                # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across execv (subprocess
+                # restores both for its children too)
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(sig, signal.SIG_DFL)
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
