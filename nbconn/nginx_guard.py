@@ -90,6 +90,8 @@ def _enter_namespaces(spec: dict) -> None:
 
 
 class Guard:
+    """One guard, one prefix, at most one nginx at a time; :meth:`main` runs until the owner is gone."""
+
     def __init__(self, owner: int, tmpdir: str) -> None:
         self.owner = owner
         self.tmpdir = tmpdir
