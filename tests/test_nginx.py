@@ -760,3 +760,21 @@ def test_proxy_bind_reaches_nginx():
             assert ng.request() == "200"
     assert [(e.level, e.message) for e in errors] == [
         ("crit", "bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream")]
+
+
+def test_nginx_in_a_namespace_meets_its_sysctls():
+    """ip_local_port_range narrowed to two ports inside the namespace: nginx's first two upstream connections hold
+    them (the peer accepts and never answers; read_timeout ends each with 504, and nginx, closing first, keeps the
+    port in TIME_WAIT), the third connect() fails at once with EADDRNOTAVAIL, which nginx 1.22.1 logs at crit as
+    "connect() to PEER failed (99: ...)" (ngx_event_connect_peer) and answers 502."""
+    _lab_namespace_or_skip()
+    with lab.namespace() as ns, ns.listening(hold=True) as held:
+        with nginx.Nginx([str(held)], netns=ns, read_timeout=0.1, next_upstream=()) as ng:
+            ns.set_sysctl("net.ipv4.ip_local_port_range", "40000 40001")  # after nginx's listener took its port
+            statuses = [ng.request() for _ in range(3)]
+            time.sleep(0.05)
+            errors = [(e.level, e.message) for e in ng.error_log()]
+    assert statuses == ["504", "504", "502"], (statuses, errors)
+    timed_out = ("error", "upstream timed out (110: Connection timed out) while reading response header from upstream")
+    no_port = ("crit", f"connect() to {held} failed (99: Cannot assign requested address) while connecting to upstream")
+    assert errors == [timed_out, timed_out, no_port], errors
