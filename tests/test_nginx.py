@@ -778,3 +778,35 @@ def test_nginx_in_a_namespace_meets_its_sysctls():
     timed_out = ("error", "upstream timed out (110: Connection timed out) while reading response header from upstream")
     no_port = ("crit", f"connect() to {held} failed (99: Cannot assign requested address) while connecting to upstream")
     assert errors == [timed_out, timed_out, no_port], errors
+
+
+def test_keepalive_over_the_impaired_link_with_real_handshakes():
+    """HttpPeer in the link's server namespace, nginx in its client namespace: a new upstream connection pays the
+    link's round trip in $upstream_connect_time, a reused one nothing ("0.000") -- no rtt_ms stand-in."""
+    from nbconn.httpd import HttpPeer
+    from nbconn.lab import probe
+
+    reason = probe.wire_unavailable_reason()
+    if reason:
+        pytest.skip(f"the impairment wire cannot run here: {reason}")
+    with lab.impaired(delay_ms=10) as link, HttpPeer(link.server_addr, source=link.server_ns) as peer:
+        with nginx.Nginx([str(peer)], netns=link.client_ns, keepalive=4, connect_timeout=2) as ng:
+            assert [ng.request() for _ in range(4)] == ["200"] * 4
+            time.sleep(0.05)
+            times = [entry.connect_time[0] for entry in ng.access_log()]
+        reused = [s.reused for s in peer.journal]
+    assert reused == [False, True, True, True], reused
+    assert times[0] >= 0.019 and times[1:] == [0.0, 0.0, 0.0], times  # 10 ms out + 10 ms back, then none
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"host": "198.18.0.2"}, ValueError, "loopback"),      # outside a lab namespace: loopback only
+    ({"host": "localhost"}, ValueError, "not an IP address"),
+    ({"host": 1}, TypeError, "host"),
+    ({"source": "/proc/1/ns/net"}, TypeError, "source"),
+])
+def test_http_peer_refuses_bad_host_or_source_by_name(kwargs, error, words):
+    from nbconn.httpd import HttpPeer
+
+    with pytest.raises(error, match=words):
+        HttpPeer(**kwargs)
