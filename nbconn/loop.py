@@ -42,6 +42,8 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLRDHUP = select.EPOLLRDHUP
 EPOLLET = select.EPOLLET
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
 
 #: What ngx_epoll_add_connection registers (src/event/modules/ngx_epoll_module.c).
 NGINX_MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -91,6 +93,10 @@ class Loop:
         self.last_wait_ms = -1
         self.last_wait_started_ns = 0
         self.last_wait_returned_ns = 0
+        #: nginx's ngx_current_msec: CLOCK_MONOTONIC in whole ms, read when the loop starts and each time
+        #: epoll_wait returns (ngx_epoll_process_events -> ngx_time_update), not at every call.  nginx arms
+        #: its timers and takes u->start_time from it (nginx-exact mode does too, see nbconn.flow).
+        self.cached_msec = _monotonic_ns() // 1_000_000
 
     # -- descriptors ---------------------------------------------------------
     def register(self, fd: int, mask: int, handler) -> None:
@@ -172,7 +178,8 @@ class Loop:
             timeout = wait_ns / 1e9
             self.last_wait_ms = -(-wait_ns // 1_000_000)
         events = self.epoll.poll(timeout, self.max_events)
-        self.last_wait_returned_ns = _monotonic_ns()
+        returned = self.last_wait_returned_ns = _monotonic_ns()
+        self.cached_msec = returned // 1_000_000
         handlers = self._handlers
         ran = 0
         for fd, mask in events:
