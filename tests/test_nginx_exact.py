@@ -7,6 +7,7 @@ EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), connect() = -1 EINPROGRESS, epoll_wait, ge
 without EPOLL_CTL_DEL.  No read-back of the option, no TCP_INFO.
 """
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import sys
 import pytest
 
 import nbconn
+from nbconn import nginx
 from nbconn.lab import blackhole, listening
 
 from .conftest import require_tool
@@ -21,6 +23,7 @@ from .conftest import require_tool
 CHILD = """
 import os, sys
 import nbconn
+from nbconn import nginx
 target, timeout = sys.argv[1], float(sys.argv[2])
 nbconn.connect(target, nginx_exact=True, rcvbuf=65536, timeout=timeout)  # warm-up: imports, the C library
 os.access("/nbconn-strace-begin", os.F_OK)
@@ -112,3 +115,233 @@ def test_nginx_exact_many_leaves_no_fd(no_fd_leak):
                                       concurrency=16)
     assert {r.outcome for r in results} <= {"connected", "timed_out", "refused"}
     assert sum(r.connected for r in results) == 50
+
+
+# -- the syscall test: the real nginx 1.22.1 worker next to nginx-exact, call for call up to the first write ------
+#
+# Issue 19 A2/D.  Both run under strace with the same filter; the worker's calls on its upstream descriptor are
+# taken from socket() to the first writev() (nbconn stops before the write), nbconn's from socket() to its decision.
+# Descriptor numbers, the epoll descriptor and epoll's data word differ by nature and are normalised; everything
+# else -- call, order, arguments, socklen, return -- must be the same.
+
+SYSCALLS = "socket,setsockopt,ioctl,bind,epoll_ctl,connect,getsockopt,writev,close,access"
+
+EXACT_CHILD = """
+import os, sys, json
+import nbconn
+from nbconn import nginx
+from nbconn import flow
+target, options, reuse = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
+nbconn.connect(target, nginx_exact=True, timeout=5, **options)  # warm-up: imports, the C library
+kept = nbconn.connect(target, nginx_exact=True, timeout=5, keep=reuse, **options) if reuse else None
+os.access("/nbconn-strace-begin", os.F_OK)
+res = flow.reuse(kept) if reuse else nbconn.connect(target, nginx_exact=True, timeout=5, **options)
+os.access("/nbconn-strace-end", os.F_OK)
+if kept is not None:
+    kept.close()
+print(res.outcome)
+"""
+
+
+def _until(predicate, timeout_s=10.0):
+    """The one polling helper of this module: ``predicate()`` until it is truthy, bounded in count and time."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for _ in range(10_000):
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+    return predicate()
+
+
+def _normalise(call, fd, epfd=None):
+    call = re.sub(r"\s+= ", " = ", call)
+    call = re.sub(r"data=\{[^}]*\}", "data={...}", call)
+    call = re.sub(rf"^(\w+)\({fd}([,)])", r"\1(FD\2", call)
+    call = re.sub(r"^epoll_ctl\(\d+, (\w+), \d+,", r"epoll_ctl(EP, \1, FD,", call)
+    return re.sub(r" = \d+$", " = N", call) if call.startswith("socket(") else call
+
+
+def _calls_on_fd(lines, fd):
+    """The calls on descriptor ``fd`` (and its epoll registration), from its socket() on."""
+    picked = []
+    for line in lines:
+        line = re.sub(r"\s+= ", " = ", line)
+        if (re.match(rf"\w+\({fd}[,)]", line) or re.match(rf"epoll_ctl\(\d+, \w+, {fd},", line)
+                or re.match(rf"socket\(.*\) = {fd}$", line)):
+            picked.append(line)
+    return picked
+
+
+def _nbconn_calls(target, options=None, reuse=False):
+    import json
+
+    strace = require_tool("strace")
+    proc = subprocess.run([strace, "-f", "-qq", "-s", "40", "-e", f"trace={SYSCALLS}", sys.executable, "-c",
+                           EXACT_CHILD, str(target), json.dumps(options or {}), "1" if reuse else "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [re.sub(r"^\[pid\s+\d+\] ", "", line) for line in proc.stderr.splitlines()]
+    begin = next(i for i, line in enumerate(lines) if "/nbconn-strace-begin" in line)
+    end = next(i for i, line in enumerate(lines) if "/nbconn-strace-end" in line)
+    window = lines[begin + 1:end]
+    if reuse:
+        fd = re.match(r"getsockopt\((\d+), SOL_SOCKET, SO_ERROR", window[0]).group(1)
+    else:
+        fd = re.search(r"= (\d+)$", next(line for line in window if line.startswith("socket("))).group(1)
+    calls = [_normalise(c, fd) for c in _calls_on_fd(window, fd)]
+    if calls and calls[-1].startswith("close(FD"):
+        calls.pop()  # nbconn's decision is made; nginx writes instead of closing
+    return proc.stdout.strip(), calls
+
+
+def _worker_calls(lines, connect_to):
+    """The worker's calls on the upstream descriptor that connected to ``connect_to`` (a substring of the
+    connect() line): [socket() .. before the first writev()], and for each later reuse [.. before writev()]."""
+    parsed = []
+    for raw in lines:
+        m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
+        if m:
+            parsed.append((m.group(1), re.sub(r"\s+= ", " = ", m.group(2))))
+    at = next(i for i, (_, line) in enumerate(parsed) if line.startswith("connect(") and connect_to in line)
+    pid = parsed[at][0]
+    fd = re.match(r"connect\((\d+),", parsed[at][1]).group(1)
+    start = max(i for i, (p, line) in enumerate(parsed[:at]) if p == pid and re.match(rf"socket\(.*\) = {fd}$", line))
+    mine = _calls_on_fd([line for p, line in parsed[start:] if p == pid], fd)
+    runs, run = [], []
+    for line in mine:
+        if line.startswith(f"close({fd})"):
+            break
+        if line.startswith(f"writev({fd},"):
+            runs.append([_normalise(c, fd) for c in run])
+            run = []
+        else:
+            run.append(line)
+    return runs
+
+
+class _Nginx(nginx.Nginx):
+    """The runner with a few more lines in its location (proxy_bind, proxy_socket_keepalive)."""
+
+    def __init__(self, peers, extra=(), **kwargs):
+        super().__init__(peers, strace=True, strace_syscalls=SYSCALLS, **kwargs)
+        self.extra = tuple(extra)
+
+    def config(self):
+        lines = "".join(f"\n            {line};" for line in self.extra)
+        return super().config().replace("proxy_pass http://backend;", "proxy_pass http://backend;" + lines)
+
+
+@contextlib.contextmanager
+def _unix_http_peer():
+    """An AF_UNIX HTTP/1.0 responder the unprivileged nginx worker can reach (0711 directory, 0666 socket)."""
+    import os
+    import shutil
+    import socket
+    import tempfile
+    import threading
+
+    tmp = tempfile.mkdtemp(prefix="nbx-")
+    stop = threading.Event()
+    try:
+        os.chmod(tmp, 0o711)
+        path = os.path.join(tmp, "s")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            os.chmod(path, 0o666)
+            listener.listen(16)
+            listener.settimeout(0.1)
+
+            def serve():
+                while not stop.is_set():
+                    try:
+                        conn, _ = listener.accept()
+                    except (TimeoutError, OSError):
+                        continue
+                    with conn:
+                        conn.settimeout(2)
+                        try:
+                            data = b""
+                            while b"\r\n\r\n" not in data and len(data) < 65536:
+                                chunk = conn.recv(4096)
+                                if not chunk:
+                                    break
+                                data += chunk
+                            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        except OSError:
+                            pass
+
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            try:
+                yield f"unix:{path}"
+            finally:
+                stop.set()
+                thread.join(timeout=5)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _side_by_side(peer, connect_to, *, extra=(), options=None, requests=1, keepalive=0):
+    require_tool("strace")
+    if nginx.unavailable_reason():
+        require_tool("nginx")
+    with _Nginx([str(peer)], extra=extra, keepalive=keepalive) as ng:
+        assert [ng.request() for _ in range(requests)] == ["200"] * requests
+        runs = _until(lambda: (r := _worker_calls(ng.strace_lines(), connect_to)) and len(r) >= requests and r)
+    assert runs and len(runs) >= requests, ng.strace_lines()[-40:]
+    return runs
+
+
+def test_syscalls_tcp_success_same_as_the_nginx_worker():
+    from nbconn.httpd import HttpPeer
+
+    with HttpPeer() as peer:
+        theirs = _side_by_side(peer, f"htons({peer.port})")[0]
+        outcome, ours = _nbconn_calls(peer)
+    assert outcome == "connected"
+    assert ours == theirs, "\n".join(["nginx:", *theirs, "nbconn:", *ours])
+    names = [c.split("(")[0] for c in theirs]
+    assert names == ["socket", "ioctl", "epoll_ctl", "connect", "getsockopt"], theirs
+
+
+def test_syscalls_unix_success_same_as_the_nginx_worker():
+    """connect() = 0, with the whole 110-byte sockaddr_un, and getsockopt(SO_ERROR) still follows it."""
+    with _unix_http_peer() as target:
+        path = target[len("unix:"):]
+        theirs = _side_by_side(target, f'sun_path="{path}"')[0]
+        outcome, ours = _nbconn_calls(target)
+    assert outcome == "connected"
+    assert ours == theirs, "\n".join(["nginx:", *theirs, "nbconn:", *ours])
+    assert re.match(r'connect\(FD, \{sa_family=AF_UNIX, sun_path=".*"\}, 110\) = 0$', theirs[3]), theirs
+    assert theirs[4] == "getsockopt(FD, SOL_SOCKET, SO_ERROR, [0], [4]) = 0"
+
+
+def test_syscalls_proxy_bind_same_as_the_nginx_worker():
+    """proxy_bind without a port: IP_BIND_ADDRESS_NO_PORT after ioctl(FIONBIO), then bind(); SO_KEEPALIVE
+    (proxy_socket_keepalive on) before ioctl."""
+    from nbconn.httpd import HttpPeer
+
+    with HttpPeer() as peer:
+        theirs = _side_by_side(peer, f"htons({peer.port})",
+                               extra=("proxy_bind 127.0.0.2", "proxy_socket_keepalive on"))[0]
+        outcome, ours = _nbconn_calls(peer, {"bind": "127.0.0.2", "keepalive": True})
+    assert outcome == "connected"
+    assert ours == theirs, "\n".join(["nginx:", *theirs, "nbconn:", *ours])
+    names = [c.split("(")[0] + ("(" + c.split(", ")[2] + ")" if c.startswith("setsockopt") else "") for c in theirs]
+    assert names == ["socket", "setsockopt(SO_KEEPALIVE)", "ioctl", "setsockopt(IP_BIND_ADDRESS_NO_PORT)", "bind",
+                     "epoll_ctl", "connect", "getsockopt"], theirs
+
+
+def test_syscalls_keepalive_reuse_same_as_the_nginx_worker():
+    """A cached connection (NGX_DONE): no socket(), no connect(); getsockopt(SO_ERROR), then writev()."""
+    from nbconn.httpd import HttpPeer
+
+    with HttpPeer() as peer:
+        runs = _side_by_side(peer, f"htons({peer.port})", requests=2, keepalive=4)
+        outcome, ours = _nbconn_calls(peer, reuse=True)
+    assert outcome == "connected"
+    assert runs[1] == ["getsockopt(FD, SOL_SOCKET, SO_ERROR, [0], [4]) = 0"], runs
+    assert ours == runs[1], (ours, runs)
