@@ -314,7 +314,7 @@ class Attempt:
     """
 
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
-                 "_t_connect", "_t_returned", "_record", "_clock")
+                 "_t_connect", "_t_returned", "_t_armed", "_record", "_clock")
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
@@ -325,7 +325,7 @@ class Attempt:
         self.sock: socket.socket | None = None
         self.fd = -1
         self.timer = None
-        self._t_connect = self._t_returned = 0
+        self._t_connect = self._t_returned = self._t_armed = 0
         self.result = Result(target=target.text, family=plan.family_name, requested=plan.requested)
         # Tracing off: nothing recorded, and the per-step clock reads cost a call to int() (which returns 0).
         self._record = self.result.recorder() if plan.trace else None
@@ -450,9 +450,10 @@ class Attempt:
             # nginx arms it at its cached clock, ngx_current_msec (whole ms, set when epoll_wait last
             # returned: ngx_event_timer.h ngx_event_add_timer, line 56), not at connect(): it can fire early by
             # however long the worker ran since that epoll_wait returned.
-            self.timer = loop.call_at(loop.cached_msec * 1_000_000 + plan.timeout_ns, self)
+            self._t_armed = loop.cached_msec * 1_000_000
         else:
-            self.timer = loop.call_at(t_connect + plan.timeout_ns, self)
+            self._t_armed = t_connect
+        self.timer = loop.call_at(self._t_armed + plan.timeout_ns, self)
 
     def _set_options(self, args: tuple) -> bool:
         """setsockopt each option of ``args``; nbconn (not nginx-exact) then reads each back.
@@ -496,10 +497,9 @@ class Attempt:
                 self.fd, text, length))
         if self.state is CONNECTING:
             if self.plan.nginx_exact:
-                armed_at = self.timer[0] - self.plan.timeout_ns
                 record(("timer", "timer armed: {} ms (proxy_connect_timeout) at the cached clock, {} before "
                         "connect()", 0, t_returned, t_returned, self.plan.timeout_ms,
-                        format_ns(self._t_connect - armed_at)))
+                        format_ns(self._t_connect - self._t_armed)))
             else:
                 record(("timer", "timer armed: {} ms (proxy_connect_timeout)",
                         0, t_returned, t_returned, self.plan.timeout_ms))
@@ -660,8 +660,8 @@ def reuse(kept: Result, *, trace: bool = True) -> Result:
     ``kept`` holds (a Result of ``connect(..., keep=True)``; the socket stays there) and returns a new
     Result for the reuse.  The same call in either mode: there is nothing nbconn adds here.
     """
-    sock = kept.sock
-    if not isinstance(kept, Result) or sock is None:
+    sock = kept.sock if isinstance(kept, Result) else None
+    if sock is None:
         raise ValueError(f"reuse() needs a Result holding a connected socket (connect(..., keep=True)), "
                          f"got {validate.shown(kept)}")
     validate.flag("trace", trace)

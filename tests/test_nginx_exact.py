@@ -345,3 +345,68 @@ def test_syscalls_keepalive_reuse_same_as_the_nginx_worker():
     assert outcome == "connected"
     assert runs[1] == ["getsockopt(FD, SOL_SOCKET, SO_ERROR, [0], [4]) = 0"], runs
     assert ours == runs[1], (ours, runs)
+
+
+# -- the timer at the cached clock, $upstream_connect_time's start (issue 19 A11) ----------------------------
+
+def test_nginx_exact_arms_the_timer_at_the_cached_clock(no_fd_leak):
+    """ngx_add_timer: key = ngx_current_msec + timeout; the cached clock was read when epoll_wait last returned,
+    so measured from connect() the timer can fire early.  Driven by hand: the loop's clock is 40 ms stale."""
+    from nbconn.flow import DONE, Attempt, make_plan
+    from nbconn.loop import Loop
+    from nbconn.targets import parse_target
+
+    with blackhole() as target, Loop() as loop:
+        tgt = parse_target(target)
+        loop.cached_msec -= 40  # as if the worker had run 40 ms since epoll_wait returned
+        exact = Attempt(tgt, make_plan(tgt.family, timeout=60, nginx_exact=True), loop)
+        exact.start()
+        default = Attempt(tgt, make_plan(tgt.family, timeout=60), loop)
+        default.start()
+        assert exact.timer[0] == loop.cached_msec * 1_000_000 + 60 * 10**9
+        assert exact.result.ngx_start_ns == loop.cached_msec * 1_000_000  # u->start_time, before socket()
+        assert exact.timer[0] <= exact._t_connect + 60 * 10**9 - 39_000_000  # early by the staleness
+        assert default.timer[0] == default._t_connect + 60 * 10**9  # nbconn's own mode: from connect()
+        assert default.result.ngx_start_ns is None
+        for attempt in (exact, default):
+            attempt.on_timer()
+            assert attempt.state is DONE and attempt.result.outcome == "timed_out"
+    timer = next(s for s in exact.result.steps if s.name == "timer")
+    assert "at the cached clock" in timer.call and "before connect()" in timer.call
+    assert exact.result.ngx_connect_time_ms is None  # the timer: send_request never ran
+
+
+def test_nginx_exact_unix_passes_the_whole_sockaddr_un(no_fd_leak):
+    from nbconn.lab import unix_listening
+
+    with unix_listening() as target:
+        exact = nbconn.connect(target, nginx_exact=True)
+        default = nbconn.connect(target)
+    assert exact.connected and default.connected
+    assert next(s for s in exact.steps if s.name == "connect").call.endswith("}, 110) = 0")
+    assert not next(s for s in default.steps if s.name == "connect").call.endswith("}, 110) = 0")
+    assert exact.ngx_connect_time_ms == 0  # send_request ran from ngx_http_upstream_connect, same cached clock
+
+
+def test_nginx_exact_through_measure_and_happy_eyeballs(no_fd_leak):
+    from nbconn import eyeballs, measure
+
+    with listening() as target, blackhole() as hole:
+        m = measure.run(target, count=4, nginx_exact=True)
+        race = eyeballs.happy_eyeballs([hole, target], delay=0.05, timeout=2, nginx_exact=True)
+        with pytest.raises(ValueError, match="nginx_exact"):
+            measure.run(target, count=1, nginx_exact=True, trigger="level")
+    assert len(m) == 4 and m.settings["nginx_exact"] is True
+    assert race.winner == str(target)
+    for attempt in race.attempts:  # no SOCK_CLOEXEC, and the loser closed without EPOLL_CTL_DEL
+        assert "SOCK_CLOEXEC" not in attempt.steps[0].call and "unregister" not in [s.name for s in attempt.steps]
+
+
+def test_reuse_needs_a_kept_connection():
+    from nbconn.flow import reuse
+
+    with listening() as target:
+        res = nbconn.connect(target)
+    for bad in (res, None, "127.0.0.1:80"):
+        with pytest.raises(ValueError, match="reuse\\(\\) needs a Result holding a connected socket"):
+            reuse(bad)

@@ -100,3 +100,47 @@ def test_bind_failure_is_ngx_error_and_closes(no_fd_leak):
     assert (res.outcome, res.errno, res.ngx_connect) == ("error", "EADDRINUSE", "NGX_ERROR")
     assert errno.errorcode[res.errno_number] == "EADDRINUSE"
     assert res.steps[-1].name == "close"
+
+
+def _local_steps(res):
+    """The calls from ioctl(FIONBIO) to bind(), as "name" or "setsockopt(OPT)"."""
+    names = [s.name + (f"({s.call.split(', ')[2]})" if s.name in ("setsockopt", "getsockopt") else "")
+             for s in res.steps]
+    return names[names.index("nonblocking"):names.index("bind") + 1]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_portless_bind_sets_ip_bind_address_no_port_after_ioctl_as_nginx(exact, no_fd_leak):
+    """nginx 1.22.1 sets IP_BIND_ADDRESS_NO_PORT by itself for a proxy_bind without a port, after
+    ngx_nonblocking and right before bind() (ngx_event_connect_peer, lines 88-157)."""
+    with listening() as target:
+        with nbconn.connect(target, bind="127.0.0.2", keepalive=True, nginx_exact=exact, keep=True) as res:
+            assert res.connected and res.sock.getsockname()[0] == "127.0.0.2"
+    names = [s.name for s in res.steps]
+    assert names.index("setsockopt") < names.index("nonblocking")  # SO_KEEPALIVE comes before ioctl
+    if exact:
+        assert _local_steps(res) == ["nonblocking", "setsockopt(IP_BIND_ADDRESS_NO_PORT)", "bind"]
+    else:  # nbconn reads the value back, the one extra call
+        assert _local_steps(res) == ["nonblocking", "setsockopt(IP_BIND_ADDRESS_NO_PORT)",
+                                     "getsockopt(IP_BIND_ADDRESS_NO_PORT)", "bind"]
+        assert res.effective["bind_address_no_port"] is True and "bind_address_no_port" not in res.requested
+
+
+def test_bind_with_a_port_or_a_given_value_follows_nginx(no_fd_leak):
+    with listening() as target:
+        with socket.socket() as probe:  # a free port on 127.0.0.2
+            probe.bind(("127.0.0.2", 0))
+            port = probe.getsockname()[1]
+        res = nbconn.connect(target, bind=f"127.0.0.2:{port}", nginx_exact=True)  # a port: nginx sets nothing
+        assert res.connected and _local_steps(res) == ["nonblocking", "bind"]
+        res = nbconn.connect(target, bind="127.0.0.2", bind_address_no_port=False, nginx_exact=True)
+    assert res.connected and _local_steps(res) == ["nonblocking", "setsockopt(IP_BIND_ADDRESS_NO_PORT)", "bind"]
+    assert next(s for s in res.steps if s.name == "setsockopt").call.endswith("IP_BIND_ADDRESS_NO_PORT, [0], 4) = 0")
+
+
+def test_bind_failure_names_the_address_as_proxy_bind_wrote_it(no_fd_leak):
+    """nginx logs bind(%V) with proxy_bind's value as written (ngx_http_upstream_bind_set_slot): an address
+    this host lacks gives EADDRNOTAVAIL, and the line says bind(198.18.0.5), not bind(198.18.0.5:0)."""
+    res = nbconn.connect("127.0.0.1:9", bind="198.18.0.5")
+    assert (res.outcome, res.errno, res.ngx_connect, res.ngx_level) == ("error", "EADDRNOTAVAIL", "NGX_ERROR", "crit")
+    assert res.ngx_log == "bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream"
