@@ -15,15 +15,20 @@ Why the steps are in this order
    lab network namespace); the trace says where.
 2. Options are set *before* ``connect()`` because some only matter then:
    SO_RCVBUF decides the window scale offered in the SYN; TCP_SYNCNT decides how
-   often the SYN is resent.  nginx fails the connect when SO_RCVBUF cannot be
-   set and ignores a failing SO_KEEPALIVE (the table in :mod:`nbconn.errors`
-   says which).  nbconn then reads every value back, because the kernel changes
-   some (SO_RCVBUF is doubled) -- nginx does not, and nginx-exact mode does not.
+   often the SYN is resent.  nginx 1.22.1 sets at most SO_RCVBUF and SO_KEEPALIVE
+   here (:mod:`nbconn.options` says exactly when); it fails the connect when
+   SO_RCVBUF cannot be set and ignores a failing SO_KEEPALIVE (the table in
+   :mod:`nbconn.errors` says which).  nbconn then reads every value back, because
+   the kernel changes some (SO_RCVBUF is doubled) -- nginx does not, and
+   nginx-exact mode does not.
 3. The socket becomes non-blocking (nginx: ``ngx_nonblocking`` =
    ``ioctl(FIONBIO)`` on Linux).  Otherwise ``connect()`` would sleep for the
    whole handshake -- up to minutes against a host that drops SYNs -- and one
    slow upstream would freeze every other connection of the worker.
-   If a local address is configured (``proxy_bind``), ``bind()`` comes next.
+   Only then, if a local address is configured (``proxy_bind``):
+   IP_BIND_ADDRESS_NO_PORT, which nginx sets *by itself* when the address has no
+   port (so that ``bind()`` reserves no port and ``connect()`` picks one for the
+   4-tuple: fewer EADDRINUSE under many connections), then ``bind()``.
 4. The descriptor is registered with epoll for EPOLLIN|EPOLLOUT|EPOLLRDHUP|
    EPOLLET (``ngx_epoll_add_connection``) *before* ``connect()``.  With
    edge-triggered epoll, registering first means no readiness change can slip
@@ -31,11 +36,23 @@ Why the steps are in this order
    serves the whole life of the connection (no later EPOLL_CTL_MOD).
 5. ``connect()``:
 
-   - 0: connected already (AF_UNIX with room in the backlog does this).
+   - 0: connected already (AF_UNIX with room in the backlog does this): NGX_OK.
+     nginx still reads SO_ERROR once before its first write:
+     ``ngx_http_upstream_connect`` calls ``ngx_http_upstream_send_request``, and
+     its ``!u->request_sent`` check runs ``ngx_http_upstream_test_connect``.
+     nbconn does the same in both modes; the trace shows it as the
+     ``getsockopt(SO_ERROR)`` step "<- test_connect in
+     ngx_http_upstream_send_request", and it is the decision (the handshake time
+     ends there, as after EINPROGRESS).  A reused keepalive connection (NGX_DONE)
+     takes the same road with no socket() and no connect(): :func:`reuse`.
    - -1/EINPROGRESS: the handshake runs in the kernel.  Arm the connect timer
-     (``proxy_connect_timeout``), wait for the descriptor to become writable,
-     then ask ``getsockopt(SOL_SOCKET, SO_ERROR)``: 0 means connected, anything
-     else is the errno the connect failed with.  If the timer fires first,
+     (``proxy_connect_timeout``), wait for epoll to report the descriptor, then
+     ask ``getsockopt(SOL_SOCKET, SO_ERROR)``: 0 means connected, anything
+     else is the errno the connect failed with.  Which nginx handler asks
+     depends on the event (:func:`handler_reading_so_error`): a refusal's
+     EPOLLERR|EPOLLHUP runs the read handler, ``ngx_http_upstream_process_header``;
+     EPOLLOUT alone the write handler, ``ngx_http_upstream_send_request``.  The
+     step and the Result name it (``ngx_handler``).  If the timer fires first,
      nginx closes the socket without reading SO_ERROR and tries the next peer.
    - -1/anything else: failed at once; nginx returns NGX_DECLINED and tries the
      next peer.
@@ -43,8 +60,16 @@ Why the steps are in this order
 
 Every path that opened the descriptor closes it.  nbconn removes it from epoll
 first (EPOLL_CTL_DEL); nginx lets ``close()`` do that, and so does nginx-exact
-mode (``Plan.nginx_exact``), which makes exactly nginx's syscalls: no
-SOCK_CLOEXEC, no read-back, no TCP_INFO, no EPOLL_CTL_DEL.
+mode (``Plan.nginx_exact``), which makes exactly nginx's syscalls up to the
+first write (``tests/test_nginx_exact.py`` compares them, call for call, with a
+real nginx 1.22.1 worker under strace): no SOCK_CLOEXEC, no read-back, no
+TCP_INFO, no EPOLL_CTL_DEL, and an AF_UNIX ``connect()`` given the whole
+110-byte ``sockaddr_un``, as nginx passes it.  nginx-exact also keeps nginx's
+clock: the connect timer is armed at the loop's cached clock (``ngx_current_msec``,
+read when epoll_wait last returned), so it can fire a little early measured from
+``connect()``; the default mode arms it at ``connect()``.  The Result then
+holds ``ngx_start_ns`` (``u->start_time``, before socket()) and
+``ngx_connect_time_ms`` (what ``$upstream_connect_time`` would log).
 
 The attempt is a state machine, :class:`State`: INIT -> CONNECTING -> DONE, or
 INIT -> DONE when it is decided inside ``start()``.  ``start()`` runs once, from

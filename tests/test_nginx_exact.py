@@ -2,9 +2,11 @@
 
 nginx's own sequence, measured with strace on this machine's nginx 1.22.1 (notes in measured-here.md) and read in
 ngx_event_connect_peer (src/event/ngx_event_connect.c): socket(AF_INET, SOCK_STREAM, IPPROTO_IP) -- no
-SOCK_CLOEXEC -- setsockopt(SO_RCVBUF) when `rcvbuf` is configured, ioctl(FIONBIO), epoll_ctl(ADD,
-EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), connect() = -1 EINPROGRESS, epoll_wait, getsockopt(SO_ERROR), and close()
-without EPOLL_CTL_DEL.  No read-back of the option, no TCP_INFO.
+SOCK_CLOEXEC -- setsockopt(SO_RCVBUF) when pc->rcvbuf is set (no stock directive sets it; nbconn's rcvbuf= shows
+the call), [SO_KEEPALIVE], ioctl(FIONBIO), [IP_BIND_ADDRESS_NO_PORT, bind() for proxy_bind], epoll_ctl(ADD,
+EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), connect() = -1 EINPROGRESS (0 for AF_UNIX), [epoll_wait],
+getsockopt(SO_ERROR) -- also after connect() = 0 -- and close() without EPOLL_CTL_DEL.  No read-back of the
+option, no TCP_INFO.  The second half of this module runs the real worker next to nginx-exact and compares.
 """
 
 import contextlib
