@@ -412,3 +412,56 @@ def test_reuse_needs_a_kept_connection():
     for bad in (res, None, "127.0.0.1:80"):
         with pytest.raises(ValueError, match="reuse\\(\\) needs a Result holding a connected socket"):
             reuse(bad)
+
+
+# -- which handler reads SO_ERROR, checked against the real worker's debug log (issue 19 A4) -----------------
+
+class _DebugNginx(nginx.Nginx):
+    """The runner with ``error_log ... debug`` (Debian's nginx is built --with-debug)."""
+
+    def config(self):
+        return super().config().replace("/error.log info;", "/error.log debug;")
+
+
+def _nginx_handler_and_events(peer, port):
+    """From the worker's debug log: the epoll events of the upstream descriptor's first event after connect(),
+    and which upstream handler ran first for it."""
+    import os
+
+    if nginx.unavailable_reason():
+        require_tool("nginx")
+    with _DebugNginx([str(peer)], next_upstream=()) as ng:
+        ng.request()
+        path = os.path.join(ng.prefix, "error.log")
+
+        def parsed():
+            with open(path) as f:
+                text = f.read()
+            m = re.search(rf"connect to 127\.0\.0\.1:{port}, fd:(\d+) ", text)
+            if not m:
+                return None
+            rest = text[m.end():]
+            ev = re.search(rf"epoll: fd:{m.group(1)} ev:([0-9A-F]{{4}}) ", rest)
+            handler = re.search(r"http upstream (process header|send request handler)", rest)
+            return ev and handler and (int(ev.group(1), 16), handler.group(1))
+
+        found = _until(parsed)
+    assert found, "no upstream event in nginx's debug log"
+    return found
+
+
+@pytest.mark.parametrize("kind", ["refused", "listening"])
+def test_the_handler_that_reads_so_error_is_the_one_nginx_runs(kind, no_fd_leak):
+    from nbconn.flow import PROCESS_HEADER, SEND_REQUEST
+    from nbconn.httpd import HttpPeer
+    from nbconn.lab import refused
+    from nbconn.loop import event_names
+
+    with (refused() if kind == "refused" else HttpPeer()) as peer:
+        port = peer.port
+        events, theirs = _nginx_handler_and_events(peer, port)
+        ours = nbconn.connect(str(peer), nginx_exact=True)
+    expected = {"process header": PROCESS_HEADER, "send request handler": SEND_REQUEST}[theirs]
+    assert ours.ngx_handler == expected, (ours.trace(), theirs)
+    assert ours.events == event_names(events), (ours.events, hex(events))  # the same event from the same kernel
+    assert expected == (PROCESS_HEADER if kind == "refused" else SEND_REQUEST)
