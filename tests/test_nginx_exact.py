@@ -215,6 +215,8 @@ def _worker_calls(lines, connect_to):
     runs, run = [], []
     for line in mine:
         if line.startswith(f"close({fd})"):
+            if not runs and run:  # a failed try: no write, the calls up to its close()
+                runs.append([_normalise(c, fd) for c in run])
             break
         if line.startswith(f"writev({fd},"):
             runs.append([_normalise(c, fd) for c in run])
@@ -286,12 +288,12 @@ def _unix_http_peer():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _side_by_side(peer, connect_to, *, extra=(), options=None, requests=1, keepalive=0):
+def _side_by_side(peer, connect_to, *, extra=(), requests=1, keepalive=0, status="200"):
     require_tool("strace")
     if nginx.unavailable_reason():
         require_tool("nginx")
     with _Nginx([str(peer)], extra=extra, keepalive=keepalive) as ng:
-        assert [ng.request() for _ in range(requests)] == ["200"] * requests
+        assert [ng.request() for _ in range(requests)] == [status] * requests
         runs = _until(lambda: (r := _worker_calls(ng.strace_lines(), connect_to)) and len(r) >= requests and r)
     assert runs and len(runs) >= requests, ng.strace_lines()[-40:]
     return runs
@@ -307,6 +309,19 @@ def test_syscalls_tcp_success_same_as_the_nginx_worker():
     assert ours == theirs, "\n".join(["nginx:", *theirs, "nbconn:", *ours])
     names = [c.split("(")[0] for c in theirs]
     assert names == ["socket", "ioctl", "epoll_ctl", "connect", "getsockopt"], theirs
+
+
+def test_syscalls_tcp_refusal_same_as_the_nginx_worker():
+    """A refused try: getsockopt(SO_ERROR) = 111 from the read handler, then close() without EPOLL_CTL_DEL."""
+    from nbconn.lab import refused
+
+    with refused() as peer:
+        theirs = _side_by_side(peer, f"htons({peer.port})", status="502")[0]
+        outcome, ours = _nbconn_calls(peer)
+    assert outcome == "refused"
+    assert ours == theirs, "\n".join(["nginx:", *theirs, "nbconn:", *ours])
+    assert theirs[-1] == "getsockopt(FD, SOL_SOCKET, SO_ERROR, [ECONNREFUSED], [4]) = 0" or \
+        theirs[-1] == "getsockopt(FD, SOL_SOCKET, SO_ERROR, [111], [4]) = 0", theirs
 
 
 def test_syscalls_unix_success_same_as_the_nginx_worker():
