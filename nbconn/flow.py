@@ -453,11 +453,12 @@ class Attempt:
             # ngx_http_upstream_send_request at once, and its `!u->request_sent` check runs
             # ngx_http_upstream_test_connect: SO_ERROR is read after connect() = 0 too (ngx_http_upstream.c,
             # lines 1662 and 2076).  The decision is that read, as after EINPROGRESS.
+            t = clock()
             err = self._so_error()
             decided = _monotonic_ns()
             if record:
                 self._record_connect()
-                record(("so_error", _SO_ERROR_CALL, 0, t_returned, decided, fd, err, SEND_REQUEST))
+                record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, SEND_REQUEST))
             result.ngx_handler = SEND_REQUEST
             if plan.nginx_exact:
                 result.ngx_connect_time_ms = 0  # same cached clock as u->start_time: no epoll_wait in between
