@@ -205,7 +205,7 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
             race.elapsed_ns = _monotonic_ns() - t0
             event(f"{result.target} {result.outcome}" + (f" ({result.errno})" if result.errno else ""))
 
-    with Loop(max_events=max(8, len(parsed))) as loop:
+    with Loop(max_events=max(8, len(parsed)), nginx_clock=nginx_exact) as loop:
         stagger, stagger_timer = None, None
         next_index = 0
         try:

@@ -80,9 +80,13 @@ Timer = list
 class Loop:
     """epoll plus a timer heap.  Use as a context manager; ``close()`` closes the epoll fd."""
 
-    def __init__(self, *, max_events: int = 512) -> None:
+    def __init__(self, *, max_events: int = 512, nginx_clock: bool = False) -> None:
         # 512 is nginx's default `worker_connections`-bound event list size.
         self.epoll = select.epoll()
+        #: Keep nginx's clock (nginx-exact mode): epoll_wait's timeout and the expiry of timers are reckoned
+        #: from the cached clock below, as ngx_event_find_timer and ngx_event_expire_timers reckon them from
+        #: ngx_current_msec (src/event/ngx_event_timer.c).  Otherwise from a fresh clock read.
+        self.nginx_clock = nginx_clock
         self.epoll_fd = self.epoll.fileno()
         self.max_events = max_events
         self._handlers: dict[int, object] = {}
@@ -164,6 +168,10 @@ class Loop:
         # the nearest deadline: the heap's top, unless it is dead (next_deadline_ns skips those)
         deadline = timers[0][0] if timers and timers[0][2] is not None else self.next_deadline_ns()
         now = self.last_wait_started_ns = _monotonic_ns()
+        if self.nginx_clock:
+            # nginx: timer = key - ngx_current_msec, from the clock cached when epoll_wait last returned, so
+            # an idle worker waits the timer's whole length again from this call (strace: epoll_wait(.., 200))
+            now = self.cached_msec * 1_000_000
         if deadline is None:
             wait_ns = max_wait_ns
         else:
@@ -194,7 +202,7 @@ class Loop:
         timers = self._timers
         if not timers:
             return 0
-        now = _monotonic_ns()
+        now = self.cached_msec * 1_000_000 if self.nginx_clock else _monotonic_ns()
         ran = 0
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)

@@ -480,3 +480,59 @@ def test_the_handler_that_reads_so_error_is_the_one_nginx_runs(kind, no_fd_leak)
     assert ours.ngx_handler == expected, (ours.trace(), theirs)
     assert ours.events == event_names(events), (ours.events, hex(events))  # the same event from the same kernel
     assert expected == (PROCESS_HEADER if kind == "refused" else SEND_REQUEST)
+
+
+def test_nginx_clock_waits_the_whole_timeout_on_an_idle_loop(no_fd_leak):
+    """ngx_event_find_timer reckons epoll_wait's timeout from the cached clock too: an idle worker waits the
+    timer's whole length from its epoll_wait call (nginx's strace shows epoll_wait(.., 200) for 200 ms)."""
+    from nbconn.flow import Attempt, make_plan
+    from nbconn.loop import Loop
+    from nbconn.targets import parse_target
+
+    with blackhole() as target, Loop(nginx_clock=True) as loop:
+        tgt = parse_target(target)
+        loop.cached_msec -= 40
+        attempt = Attempt(tgt, make_plan(tgt.family, timeout=0.05, nginx_exact=True), loop)
+        attempt.start()
+        loop.run_once()  # nothing is ready in a black hole: this turn waits for the timer
+        assert loop.last_wait_ms == 50
+        for _ in range(100):  # bounded: the clock is refreshed at every return, the timer is due
+            if attempt.result.timer_fired:
+                break
+            loop.run_once()
+    assert attempt.result.outcome == "timed_out"
+    # armed 40 ms before connect() by the stale clock, waited 50 ms from the first epoll_wait: not early
+    assert attempt.result.handshake_ns >= 49_000_000
+
+
+@pytest.mark.timing
+def test_nginx_exact_timer_fires_early_when_another_event_refreshes_the_clock(no_fd_leak, late_tolerance_ms):
+    """Another descriptor's event (here: a timer of another connection) wakes the worker, refreshing the
+    cached clock: the connect timer then fires at the stale clock + timeout, early measured from connect()."""
+    from nbconn.flow import Attempt, make_plan
+    from nbconn.loop import Loop
+    from nbconn.targets import parse_target
+    import time
+
+    if late_tolerance_ms(20) > 150:
+        pytest.skip("the machine is too loaded to tell 200 ms early from late")
+
+    class Other:
+        def on_timer(self):
+            pass
+
+    with blackhole() as target, Loop(nginx_clock=True) as loop:
+        tgt = parse_target(target)
+        loop.cached_msec -= 200  # as if the worker had been busy 200 ms since epoll_wait returned
+        attempt = Attempt(tgt, make_plan(tgt.family, timeout=0.6, nginx_exact=True), loop)
+        attempt.start()
+        loop.call_at(time.monotonic_ns() + 100_000_000, Other())
+        for _ in range(1000):
+            if attempt.result.timer_fired:
+                break
+            loop.run_once()
+    res = attempt.result
+    assert res.outcome == "timed_out"
+    due = attempt._t_armed + 600_000_000 - attempt._t_connect  # the stale clock's deadline, from connect()
+    assert due < 401_000_000
+    assert due <= res.handshake_ns < 600_000_000, (due, res.handshake_ns)  # ~400 ms: 200 ms early
