@@ -66,8 +66,11 @@ real nginx 1.22.1 worker under strace): no SOCK_CLOEXEC, no read-back, no
 TCP_INFO, no EPOLL_CTL_DEL, and an AF_UNIX ``connect()`` given the whole
 110-byte ``sockaddr_un``, as nginx passes it.  nginx-exact also keeps nginx's
 clock: the connect timer is armed at the loop's cached clock (``ngx_current_msec``,
-read when epoll_wait last returned), so it can fire a little early measured from
-``connect()``; the default mode arms it at ``connect()``.  The Result then
+read when epoll_wait last returned), and a loop made for nginx-exact attempts
+(``Loop(nginx_clock=True)``) reckons epoll_wait's timeout from it too.  An idle
+loop then waits the whole timeout from its epoll_wait call; a loop woken by other
+events in between fires the timer early measured from ``connect()``, by however
+long the worker ran before it.  The default mode arms it at ``connect()``.  The Result then
 holds ``ngx_start_ns`` (``u->start_time``, before socket()) and
 ``ngx_connect_time_ms`` (what ``$upstream_connect_time`` would log).
 

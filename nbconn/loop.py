@@ -25,6 +25,12 @@ The loop knows file descriptors and deadlines.  What "ready" or "expired" means
 for a connect is the business of :mod:`nbconn.flow`: handlers are objects with
 ``on_ready(events)`` and ``on_timer()`` methods.
 
+nginx reads the clock once per turn, when epoll_wait returns (``ngx_current_msec``,
+whole ms): timers are armed from it, epoll_wait's timeout is the nearest key minus it,
+and a timer expires when its key is not after it.  :attr:`Loop.cached_msec` is that
+clock; ``Loop(nginx_clock=True)`` (nginx-exact mode) reckons waits and expiry from
+it, the default loop from a fresh clock read.
+
 ``select.epoll.poll`` takes seconds as a float and rounds up to whole
 milliseconds, exactly the resolution nginx's timers have (``ngx_msec_t``).
 """
