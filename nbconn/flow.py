@@ -520,7 +520,7 @@ class Attempt:
         """Record step 5's connect() (and the timer armed right after it), from the times start() kept."""
         record, t_returned, target = self._record, self._t_returned, self.target
         text, length = target.sockaddr
-        if self.plan.nginx_exact:
+        if type(self.sock) is _CSocket:  # nginx-exact (a socket from a source is connected the Python way)
             length = len(nginx_sockaddr(target))
         record(("connect", "connect({}, {}, {})", self.result.connect_returned, self._t_connect, t_returned,
                 self.fd, text, length))
