@@ -440,7 +440,7 @@ class _DebugNginx(nginx.Nginx):
 
 def _nginx_handler_and_events(peer, port):
     """From the worker's debug log: the epoll events of the upstream descriptor's first event after connect(),
-    and which upstream handler ran first for it."""
+    which upstream handler ran first for it; and from the access log, $upstream_connect_time."""
     import os
 
     if nginx.unavailable_reason():
@@ -461,8 +461,9 @@ def _nginx_handler_and_events(peer, port):
             return ev and handler and (int(ev.group(1), 16), handler.group(1))
 
         found = _until(parsed)
+        connect_time = _until(ng.access_log)[0].connect_time[0]  # $upstream_connect_time, None for "-"
     assert found, "no upstream event in nginx's debug log"
-    return found
+    return (*found, connect_time)
 
 
 @pytest.mark.parametrize("kind", ["refused", "listening"])
@@ -474,12 +475,14 @@ def test_the_handler_that_reads_so_error_is_the_one_nginx_runs(kind, no_fd_leak)
 
     with (refused() if kind == "refused" else HttpPeer()) as peer:
         port = peer.port
-        events, theirs = _nginx_handler_and_events(peer, port)
+        events, theirs, connect_time = _nginx_handler_and_events(peer, port)
         ours = nbconn.connect(str(peer), nginx_exact=True)
     expected = {"process header": PROCESS_HEADER, "send request handler": SEND_REQUEST}[theirs]
     assert ours.ngx_handler == expected, (ours.trace(), theirs)
     assert ours.events == event_names(events), (ours.events, hex(events))  # the same event from the same kernel
     assert expected == (PROCESS_HEADER if kind == "refused" else SEND_REQUEST)
+    # $upstream_connect_time: "-" when the read handler decided, a time when send_request did
+    assert (connect_time is None) == (ours.ngx_connect_time_ms is None) == (kind == "refused"), (connect_time, ours)
 
 
 def test_nginx_clock_waits_the_whole_timeout_on_an_idle_loop(no_fd_leak):
