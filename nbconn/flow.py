@@ -70,8 +70,8 @@ read when epoll_wait last returned), and a loop made for nginx-exact attempts
 (``Loop(nginx_clock=True)``) reckons epoll_wait's timeout from it too.  An idle
 loop then waits the whole timeout from its epoll_wait call; a loop woken by other
 events in between fires the timer early measured from ``connect()``, by however
-long the worker ran before it.  The default mode arms it at ``connect()``.  The Result then
-holds ``ngx_start_ns`` (``u->start_time``, before socket()) and
+long the worker ran before it.  The default mode arms it at ``connect()``.  The
+Result then holds ``ngx_start_ns`` (``u->start_time``, before socket()) and
 ``ngx_connect_time_ms`` (what ``$upstream_connect_time`` would log).
 
 The attempt is a state machine, :class:`State`: INIT -> CONNECTING -> DONE, or
