@@ -25,7 +25,6 @@ from .conftest import require_tool
 CHILD = """
 import os, sys
 import nbconn
-from nbconn import nginx
 target, timeout = sys.argv[1], float(sys.argv[2])
 nbconn.connect(target, nginx_exact=True, rcvbuf=65536, timeout=timeout)  # warm-up: imports, the C library
 os.access("/nbconn-strace-begin", os.F_OK)
@@ -131,7 +130,6 @@ SYSCALLS = "socket,setsockopt,ioctl,bind,epoll_ctl,connect,getsockopt,writev,clo
 EXACT_CHILD = """
 import os, sys, json
 import nbconn
-from nbconn import nginx
 from nbconn import flow
 target, options, reuse = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
 nbconn.connect(target, nginx_exact=True, timeout=5, **options)  # warm-up: imports, the C library
@@ -158,7 +156,8 @@ def _until(predicate, timeout_s=10.0):
     return predicate()
 
 
-def _normalise(call, fd, epfd=None):
+def _normalise(call, fd):
+    """A strace line with what differs by nature (descriptors, epoll's data word) replaced by names."""
     call = re.sub(r"\s+= ", " = ", call)
     call = re.sub(r"data=\{[^}]*\}", "data={...}", call)
     call = re.sub(rf"^(\w+)\({fd}([,)])", r"\1(FD\2", call)
@@ -195,7 +194,7 @@ def _nbconn_calls(target, options=None, reuse=False):
         fd = re.search(r"= (\d+)$", next(line for line in window if line.startswith("socket("))).group(1)
     calls = [_normalise(c, fd) for c in _calls_on_fd(window, fd)]
     if calls and calls[-1].startswith("close(FD"):
-        calls.pop()  # nbconn's decision is made; nginx writes instead of closing
+        calls.pop()  # compared up to the worker's first write (or its close(), for a failed try)
     return proc.stdout.strip(), calls
 
 
