@@ -235,23 +235,23 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
 
 #: Options nginx sets in the local-address block of ngx_event_connect_peer, after ngx_nonblocking and before
 #: bind() (src/event/ngx_event_connect.c, lines 95-157), not with SO_RCVBUF/SO_KEEPALIVE right after socket().
-LOCAL_ADDRESS_OPTIONS = ("bind_address_no_port",)
+LOCAL_ADDRESS_OPTIONS = ("transparent", "bind_address_no_port")
 
 
 def local_address_options(planned: list, bind: Bind | None) -> list:
     """The (spec, value) pairs set between ioctl(FIONBIO) and bind(), as nginx 1.22.1 sets them.
 
-    nginx sets IP_BIND_ADDRESS_NO_PORT to 1 *by itself* whenever proxy_bind has no port (port 0) and the
-    peer is not AF_UNIX (ngx_event_connect_peer, lines 109-131; Debian's build has
-    NGX_HAVE_IP_BIND_ADDRESS_NO_PORT).  A value the caller gave (``bind_address_no_port=``) replaces nginx's
-    own; without ``bind`` it is still set at this place, where nginx would set it.
+    First IP_TRANSPARENT when asked (``transparent=True``; nginx: ``proxy_bind ... transparent``, lines
+    97-103).  Then IP_BIND_ADDRESS_NO_PORT: nginx sets it to 1 *by itself* whenever proxy_bind has no port
+    (port 0) and the peer is not AF_UNIX (lines 109-131; Debian's build has NGX_HAVE_IP_BIND_ADDRESS_NO_PORT).
+    A value the caller gave (``bind_address_no_port=``) replaces nginx's own.  Without ``bind`` a given
+    option is still set at this place, where nginx would set it.
     """
-    given = [(spec, value) for spec, value in planned if spec.name in LOCAL_ADDRESS_OPTIONS]
-    if given:
-        return given
-    if bind is not None and bind.address[1] == 0:  # a Bind is only ever AF_INET/AF_INET6 (options.parse_bind)
-        return [(OPTIONS["bind_address_no_port"], True)]
-    return []
+    given = {spec.name: (spec, value) for spec, value in planned if spec.name in LOCAL_ADDRESS_OPTIONS}
+    # a Bind is only ever AF_INET/AF_INET6 (options.parse_bind), so a portless one always gets nginx's own
+    if "bind_address_no_port" not in given and bind is not None and bind.address[1] == 0:
+        given["bind_address_no_port"] = (OPTIONS["bind_address_no_port"], True)
+    return [given[name] for name in LOCAL_ADDRESS_OPTIONS if name in given]
 
 
 _libc = None

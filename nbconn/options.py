@@ -13,7 +13,8 @@ What nginx 1.22.1 sets on an upstream socket, in ``ngx_event_connect_peer``
   "setsockopt(SO_KEEPALIVE) failed, ignored" and the connect goes on;
 * after ``ngx_nonblocking()`` (ioctl FIONBIO), only when a local address is
   configured (``proxy_bind``): IP_TRANSPARENT for ``proxy_bind ... transparent``
-  (lines 97-103, via ngx_event_connect_set_transparent: a failure is NGX_ERROR),
+  (lines 97-103, via ngx_event_connect_set_transparent, lines 335-413: a failure is
+  NGX_ERROR; IPV6_TRANSPARENT for an IPv6 address, which nbconn does not offer),
   then IP_BIND_ADDRESS_NO_PORT = 1 *by itself* when the address has no port and the
   peer is not AF_UNIX (lines 109-131: a failure is "failed, ignored", silent for
   EOPNOTSUPP/ENOPROTOOPT), then ``bind()``.
@@ -23,7 +24,8 @@ SO_REUSEADDR (only for a SOCK_DGRAM bind with a port), SO_LINGER, TCP_SYNCNT or
 TCP_USER_TIMEOUT on an upstream socket.  nbconn offers them to show what they
 change; their failures are ignored like SO_KEEPALIVE's (:mod:`nbconn.errors` holds
 the table).  nbconn applies the options in :data:`OPTIONS` order at nginx's place
-(``bind_address_no_port`` between ioctl and bind(), see :mod:`nbconn.flow`).
+(``transparent`` and ``bind_address_no_port`` between ioctl and bind(), see
+:mod:`nbconn.flow`).
 
 The kernel does not always keep what you ask for: SO_RCVBUF/SO_SNDBUF are
 doubled (socket(7): "the kernel doubles this value ... to allow space for
@@ -49,6 +51,7 @@ from .validate import shown
 
 # Constants Python's socket module does not export on every version.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 TCP_SYNCNT = getattr(socket, "TCP_SYNCNT", 7)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 
@@ -124,6 +127,9 @@ OPTIONS: dict[str, OptionSpec] = {
                    doc="SYN retransmissions before connect fails with ETIMEDOUT"),
         OptionSpec("user_timeout", _T, TCP_USER_TIMEOUT, "SOL_TCP", "TCP_USER_TIMEOUT", "int", 0, _INT_MAX,
                    families=_INET, doc="ms unacknowledged data (or SYNs) may wait before ETIMEDOUT; 0 = off"),
+        OptionSpec("transparent", _IP, IP_TRANSPARENT, "SOL_IP", "IP_TRANSPARENT", "bool", families=(socket.AF_INET,),
+                   doc="bind() may take an address this host lacks (nginx: proxy_bind ... transparent; needs "
+                       "CAP_NET_RAW or CAP_NET_ADMIN; a failure is NGX_ERROR)"),
         OptionSpec("bind_address_no_port", _IP, IP_BIND_ADDRESS_NO_PORT, "SOL_IP", "IP_BIND_ADDRESS_NO_PORT",
                    "bool", families=_INET,
                    doc="bind() picks no port; connect() picks it (nginx sets it before bind when proxy_bind has no port)"),

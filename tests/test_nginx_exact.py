@@ -351,6 +351,22 @@ def test_syscalls_proxy_bind_same_as_the_nginx_worker():
                      "epoll_ctl", "connect", "getsockopt"], theirs
 
 
+def test_syscalls_proxy_bind_transparent_same_as_the_nginx_worker():
+    """proxy_bind ... transparent: IP_TRANSPARENT first, then IP_BIND_ADDRESS_NO_PORT, then bind()."""
+    from nbconn.httpd import HttpPeer
+
+    from .conftest import require_root
+
+    require_root("IP_TRANSPARENT needs CAP_NET_RAW (nginx keeps it for its worker when started as root)")
+    with HttpPeer() as peer:
+        theirs = _side_by_side(peer, f"htons({peer.port})", extra=("proxy_bind 127.0.0.2 transparent",))[0]
+        outcome, ours = _nbconn_calls(peer, {"bind": "127.0.0.2", "transparent": True})
+    assert outcome == "connected"
+    assert ours == theirs, "\n".join(["nginx:", *theirs, "nbconn:", *ours])
+    assert [c.split(", ")[2] for c in theirs if c.startswith("setsockopt")] == [
+        "IP_TRANSPARENT", "IP_BIND_ADDRESS_NO_PORT"], theirs
+
+
 def test_syscalls_keepalive_reuse_same_as_the_nginx_worker():
     """A cached connection (NGX_DONE): no socket(), no connect(); getsockopt(SO_ERROR), then writev()."""
     from nbconn.httpd import HttpPeer

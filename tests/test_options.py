@@ -144,3 +144,33 @@ def test_bind_failure_names_the_address_as_proxy_bind_wrote_it(no_fd_leak):
     res = nbconn.connect("127.0.0.1:9", bind="198.18.0.5")
     assert (res.outcome, res.errno, res.ngx_connect, res.ngx_level) == ("error", "EADDRNOTAVAIL", "NGX_ERROR", "crit")
     assert res.ngx_log == "bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream"
+
+
+def test_transparent_comes_first_in_the_local_address_block_and_its_failure_is_ngx_error(no_fd_leak):
+    """ngx_event_connect_set_transparent runs before IP_BIND_ADDRESS_NO_PORT, and a failing IP_TRANSPARENT is
+    NGX_ERROR (500, no other peer).  The failure is a real kernel refusal: an empty optval (EINVAL: the IP
+    level takes a 1-byte value, not a 0-byte one)."""
+    import dataclasses
+
+    from nbconn.flow import DONE, Attempt, make_plan
+    from nbconn.loop import Loop
+    from nbconn.targets import parse_target
+
+    plan = make_plan(socket.AF_INET, options={"bind": "127.0.0.2", "transparent": True}, nginx_exact=True)
+    assert [spec.name for spec, *_ in plan.local_args] == ["transparent", "bind_address_no_port"]
+    spec = OPTIONS["transparent"]
+    bad = dataclasses.replace(plan, local_args=((spec, b"", "[]", 0), *plan.local_args[1:]))
+    with listening() as target, Loop() as loop:
+        attempt = Attempt(parse_target(target), bad, loop)
+        attempt.start()
+        for _ in range(100):  # bounded; were the call accepted, the connect would go on and end here
+            if attempt.state is DONE:
+                break
+            loop.run_once()
+    res = attempt.result
+    assert (res.outcome, res.errno, res.ngx_connect, res.ngx_next, res.ngx_level) == (
+        "error", "EINVAL", "NGX_ERROR", None, "alert")
+    assert res.ngx_log.startswith("setsockopt(IP_TRANSPARENT) failed (22: ")
+    assert [s.name for s in res.steps] == ["socket", "nonblocking", "setsockopt", "close"]
+    with pytest.raises(ValueError, match="transparent does not apply to a AF_INET6"):
+        nbconn.connect("[::1]:9", transparent=True)
