@@ -19,9 +19,10 @@ What nginx 1.22.1 sets on an upstream socket, in ``ngx_event_connect_peer``
   peer is not AF_UNIX (lines 109-131: a failure is "failed, ignored", silent for
   EOPNOTSUPP/ENOPROTOOPT), then ``bind()``.
 
-nginx 1.22.1 never sets SO_SNDBUF, TCP_NODELAY (not before the connect),
-SO_REUSEADDR (only for a SOCK_DGRAM bind with a port), SO_LINGER, TCP_SYNCNT or
-TCP_USER_TIMEOUT on an upstream socket.  nbconn offers them to show what they
+nginx 1.22.1 never sets SO_SNDBUF, SO_REUSEADDR (only for a SOCK_DGRAM bind with a
+port), SO_LINGER, TCP_SYNCNT or TCP_USER_TIMEOUT on an upstream socket, and
+TCP_NODELAY only after the connect, on an SSL upstream with session reuse
+(ngx_http_upstream.c, ngx_http_upstream_ssl_init_connection, line 1720).  nbconn offers them to show what they
 change; their failures are ignored like SO_KEEPALIVE's (:mod:`nbconn.errors` holds
 the table).  nbconn applies the options in :data:`OPTIONS` order at nginx's place
 (``transparent`` and ``bind_address_no_port`` between ioctl and bind(), see
