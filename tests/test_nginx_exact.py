@@ -13,6 +13,7 @@ import contextlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -145,8 +146,6 @@ print(res.outcome)
 
 def _until(predicate, timeout_s=10.0):
     """The one polling helper of this module: ``predicate()`` until it is truthy, bounded in count and time."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     for _ in range(10_000):
         value = predicate()
@@ -530,7 +529,6 @@ def test_nginx_exact_timer_fires_early_when_another_event_refreshes_the_clock(no
     from nbconn.flow import Attempt, make_plan
     from nbconn.loop import Loop
     from nbconn.targets import parse_target
-    import time
 
     if late_tolerance_ms(20) > 150:
         pytest.skip("the machine is too loaded to tell 200 ms early from late")
