@@ -56,7 +56,7 @@ def connect(target, *, timeout: float = 5.0, nonblocking: str = "ioctl", trigger
     tgt = parse_target(target)
     plan = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger, keep=keep,
                      trace=trace, tcp_info=tcp_info, nginx_exact=nginx_exact, options=options)
-    with Loop(max_events=8) as loop:
+    with Loop(max_events=8, nginx_clock=nginx_exact) as loop:
         attempt = Attempt(tgt, plan, loop)
         try:
             attempt.start()
@@ -109,7 +109,7 @@ def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblo
     # Every pending attempt has a timer, so waiting always ends within `timeout`; with a
     # stop callable, wake at least every 100 ms to ask it.
     max_wait_ns = 100_000_000 if stop is not None else None
-    with Loop() as loop:
+    with Loop(nginx_clock=nginx_exact) as loop:
         next_index = 0
         try:
             while next_index < n or in_flight:

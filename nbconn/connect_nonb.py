@@ -8,6 +8,11 @@ order, as ``nbconn.connect(..., nginx_exact=True)`` -- and as an nginx worker do
 The name is a nod to ``connect_nonb`` in Stevens' UNIX Network Programming, 16.3,
 which did the same with select(); this one uses epoll, as nginx does.  Only the
 standard library is imported, so a strace of it shows the lesson and nothing else.
+
+Its ``err == 0`` branch never runs here (a non-blocking TCP connect() on Linux returns
+EINPROGRESS even on loopback).  Where connect() does return 0 (AF_UNIX), nginx 1.22.1
+still reads SO_ERROR once before its first write: ``ngx_http_upstream_send_request``
+runs ``ngx_http_upstream_test_connect`` whenever ``!u->request_sent`` (see nbconn.flow).
 """
 
 import errno

@@ -232,8 +232,9 @@ VERDICT_TABLE: dict[str, Rule] = {
                   "ngx_http_upstream_next line 4306"),
 }
 
-#: setsockopt failures, per nbconn option name.  nginx 1.22.1's ngx_event_connect_peer sets three options:
+#: setsockopt failures, per nbconn option name.  nginx 1.22.1's ngx_event_connect_peer sets four options:
 #: SO_RCVBUF fails the connect (line 70, ``goto failed``), SO_KEEPALIVE is "failed, ignored" (line 83),
+#: IP_TRANSPARENT (proxy_bind ... transparent) fails it (ngx_event_connect_set_transparent, line 364),
 #: IP_BIND_ADDRESS_NO_PORT is "failed, ignored" and silent for EOPNOTSUPP/ENOPROTOOPT (lines 119-127).
 #: nginx does not set the other options nbconn offers; nbconn ignores their failure as nginx does SO_KEEPALIVE's.
 _SETSOCKOPT_RULES: dict[str, Rule] = {
@@ -241,6 +242,8 @@ _SETSOCKOPT_RULES: dict[str, Rule] = {
                    "ngx_event_connect.c ngx_event_connect_peer line 70"),
     "keepalive": Rule(None, None, frozenset(), NGX_LOG_ALERT, "setsockopt(SO_KEEPALIVE) failed, ignored",
                       "ngx_event_connect.c ngx_event_connect_peer line 83"),
+    "transparent": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "setsockopt(IP_TRANSPARENT) failed",
+                        "ngx_event_connect.c ngx_event_connect_set_transparent lines 359-365"),
     "bind_address_no_port": Rule(None, None, frozenset(), NGX_LOG_ALERT,
                                  "setsockopt(IP_BIND_ADDRESS_NO_PORT) failed, ignored",
                                  "ngx_event_connect.c ngx_event_connect_peer lines 119-127"),

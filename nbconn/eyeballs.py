@@ -119,27 +119,30 @@ class Race:
 
 
 def sequential(targets, *, timeout: float = 5.0, keep: bool = False, trace: bool = True, nonblocking: str = "ioctl",
-               trigger: str = "edge", **options) -> Race:
+               trigger: str = "edge", nginx_exact: bool = False, **options) -> Race:
     """nginx's walk: connect to each address in turn, the next only after the previous failed or timed out.
 
     Each attempt is nginx's connect with ``timeout`` as its proxy_connect_timeout, so an
     address that drops SYNs costs the whole timeout before the next one starts.
     """
     return _race(targets, None, timeout=timeout, keep=keep, trace=trace, nonblocking=nonblocking, trigger=trigger,
-                 options=options)
+                 nginx_exact=nginx_exact, options=options)
 
 
 def happy_eyeballs(targets, *, delay: float = DEFAULT_DELAY, timeout: float = 5.0, keep: bool = False,
-                   trace: bool = True, nonblocking: str = "ioctl", trigger: str = "edge", **options) -> Race:
+                   trace: bool = True, nonblocking: str = "ioctl", trigger: str = "edge", nginx_exact: bool = False,
+                   **options) -> Race:
     """RFC 8305 section 5: stagger the attempts by ``delay`` seconds; the first to connect wins.
 
     The next address starts ``delay`` after the previous one started, or at once when an
     attempt fails, whichever comes first.  Every attempt still has its own connect timer
     (``timeout``).  The losers are cancelled (unregistered and closed) as soon as one wins.
+    ``nginx_exact=True``: every attempt makes exactly nginx's syscalls (a loser is then closed without
+    EPOLL_CTL_DEL, as nginx closes).
     """
     delay = validate.number("delay", delay, 0, validate.MAX_TIMEOUT_S)
     return _race(targets, delay, timeout=timeout, keep=keep, trace=trace, nonblocking=nonblocking, trigger=trigger,
-                 options=options)
+                 nginx_exact=nginx_exact, options=options)
 
 
 def _parse_targets(targets) -> list[Target]:
@@ -163,9 +166,10 @@ class _Stagger:
 
 
 def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bool, nonblocking: str, trigger: str,
-          options: dict) -> Race:
+          nginx_exact: bool, options: dict) -> Race:
     # Everything is checked before any socket exists.
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
+                   nginx_exact=nginx_exact)
     validate.flag("keep", keep)
     validate.flag("trace", trace)
     parsed = _parse_targets(targets)
@@ -173,7 +177,7 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
     for tgt in parsed:
         if tgt.family not in plans:
             plans[tgt.family] = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger,
-                                          keep=keep, trace=trace, options=options)
+                                          keep=keep, trace=trace, nginx_exact=nginx_exact, options=options)
 
     race = Race(SEQUENTIAL if delay is None else HAPPY_EYEBALLS, delay, [t.text for t in parsed])
     delay_ns = None if delay is None else int(delay * 1e9)
@@ -201,7 +205,7 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
             race.elapsed_ns = _monotonic_ns() - t0
             event(f"{result.target} {result.outcome}" + (f" ({result.errno})" if result.errno else ""))
 
-    with Loop(max_events=max(8, len(parsed))) as loop:
+    with Loop(max_events=max(8, len(parsed)), nginx_clock=nginx_exact) as loop:
         stagger, stagger_timer = None, None
         next_index = 0
         try:

@@ -15,15 +15,20 @@ Why the steps are in this order
    lab network namespace); the trace says where.
 2. Options are set *before* ``connect()`` because some only matter then:
    SO_RCVBUF decides the window scale offered in the SYN; TCP_SYNCNT decides how
-   often the SYN is resent.  nginx fails the connect when SO_RCVBUF cannot be
-   set and ignores a failing SO_KEEPALIVE (the table in :mod:`nbconn.errors`
-   says which).  nbconn then reads every value back, because the kernel changes
-   some (SO_RCVBUF is doubled) -- nginx does not, and nginx-exact mode does not.
+   often the SYN is resent.  nginx 1.22.1 sets at most SO_RCVBUF and SO_KEEPALIVE
+   here (:mod:`nbconn.options` says exactly when); it fails the connect when
+   SO_RCVBUF cannot be set and ignores a failing SO_KEEPALIVE (the table in
+   :mod:`nbconn.errors` says which).  nbconn then reads every value back, because
+   the kernel changes some (SO_RCVBUF is doubled) -- nginx does not, and
+   nginx-exact mode does not.
 3. The socket becomes non-blocking (nginx: ``ngx_nonblocking`` =
    ``ioctl(FIONBIO)`` on Linux).  Otherwise ``connect()`` would sleep for the
    whole handshake -- up to minutes against a host that drops SYNs -- and one
    slow upstream would freeze every other connection of the worker.
-   If a local address is configured (``proxy_bind``), ``bind()`` comes next.
+   Only then, if a local address is configured (``proxy_bind``):
+   IP_BIND_ADDRESS_NO_PORT, which nginx sets *by itself* when the address has no
+   port (so that ``bind()`` reserves no port and ``connect()`` picks one for the
+   4-tuple: fewer EADDRINUSE under many connections), then ``bind()``.
 4. The descriptor is registered with epoll for EPOLLIN|EPOLLOUT|EPOLLRDHUP|
    EPOLLET (``ngx_epoll_add_connection``) *before* ``connect()``.  With
    edge-triggered epoll, registering first means no readiness change can slip
@@ -31,11 +36,23 @@ Why the steps are in this order
    serves the whole life of the connection (no later EPOLL_CTL_MOD).
 5. ``connect()``:
 
-   - 0: connected already (AF_UNIX with room in the backlog does this).
+   - 0: connected already (AF_UNIX with room in the backlog does this): NGX_OK.
+     nginx still reads SO_ERROR once before its first write:
+     ``ngx_http_upstream_connect`` calls ``ngx_http_upstream_send_request``, and
+     its ``!u->request_sent`` check runs ``ngx_http_upstream_test_connect``.
+     nbconn does the same in both modes; the trace shows it as the
+     ``getsockopt(SO_ERROR)`` step "<- test_connect in
+     ngx_http_upstream_send_request", and it is the decision (the handshake time
+     ends there, as after EINPROGRESS).  A reused keepalive connection (NGX_DONE)
+     takes the same road with no socket() and no connect(): :func:`reuse`.
    - -1/EINPROGRESS: the handshake runs in the kernel.  Arm the connect timer
-     (``proxy_connect_timeout``), wait for the descriptor to become writable,
-     then ask ``getsockopt(SOL_SOCKET, SO_ERROR)``: 0 means connected, anything
-     else is the errno the connect failed with.  If the timer fires first,
+     (``proxy_connect_timeout``), wait for epoll to report the descriptor, then
+     ask ``getsockopt(SOL_SOCKET, SO_ERROR)``: 0 means connected, anything
+     else is the errno the connect failed with.  Which nginx handler asks
+     depends on the event (:func:`handler_reading_so_error`): a refusal's
+     EPOLLERR|EPOLLHUP runs the read handler, ``ngx_http_upstream_process_header``;
+     EPOLLOUT alone the write handler, ``ngx_http_upstream_send_request``.  The
+     step and the Result name it (``ngx_handler``).  If the timer fires first,
      nginx closes the socket without reading SO_ERROR and tries the next peer.
    - -1/anything else: failed at once; nginx returns NGX_DECLINED and tries the
      next peer.
@@ -43,8 +60,19 @@ Why the steps are in this order
 
 Every path that opened the descriptor closes it.  nbconn removes it from epoll
 first (EPOLL_CTL_DEL); nginx lets ``close()`` do that, and so does nginx-exact
-mode (``Plan.nginx_exact``), which makes exactly nginx's syscalls: no
-SOCK_CLOEXEC, no read-back, no TCP_INFO, no EPOLL_CTL_DEL.
+mode (``Plan.nginx_exact``), which makes exactly nginx's syscalls up to the
+first write (``tests/test_nginx_exact.py`` compares them, call for call, with a
+real nginx 1.22.1 worker under strace): no SOCK_CLOEXEC, no read-back, no
+TCP_INFO, no EPOLL_CTL_DEL, and an AF_UNIX ``connect()`` given the whole
+110-byte ``sockaddr_un``, as nginx passes it.  nginx-exact also keeps nginx's
+clock: the connect timer is armed at the loop's cached clock (``ngx_current_msec``,
+read when epoll_wait last returned), and a loop made for nginx-exact attempts
+(``Loop(nginx_clock=True)``) reckons epoll_wait's timeout from it too.  An idle
+loop then waits the whole timeout from its epoll_wait call; a loop woken by other
+events in between fires the timer early measured from ``connect()``, by however
+long the worker ran before it.  The default mode arms it at ``connect()``.  The
+Result then holds ``ngx_start_ns`` (``u->start_time``, before socket()) and
+``ngx_connect_time_ms`` (what ``$upstream_connect_time`` would log).
 
 The attempt is a state machine, :class:`State`: INIT -> CONNECTING -> DONE, or
 INIT -> DONE when it is decided inside ``start()``.  ``start()`` runs once, from
@@ -72,10 +100,10 @@ from dataclasses import dataclass
 
 from . import socketsource, validate
 from .errors import ERROR, errno_name, verdict
-from .loop import EPOLLET, NGINX_MASK, event_names
-from .options import Bind, plan_options
+from .loop import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, NGINX_MASK, event_names
+from .options import OPTIONS, Bind, plan_options
 from .result import Result
-from .strace import sockaddr_len, sockaddr_text
+from .strace import format_ns, sockaddr_len, sockaddr_text
 from .targets import Target, sockaddr_bytes
 from .tcpinfo import read_tcp_info_raw, rtt_us
 
@@ -88,6 +116,43 @@ _FIONBIO, _FIONBIO_ON = termios.FIONBIO, struct.pack("i", 1)
 _monotonic_ns = time.monotonic_ns
 _SOL_SOCKET, _SO_ERROR, _SOCK_STREAM, _AF_UNIX = socket.SOL_SOCKET, socket.SO_ERROR, socket.SOCK_STREAM, socket.AF_UNIX
 _NONBLOCKING_CALL = {"ioctl": "ioctl(FIONBIO)", "setblocking": "ioctl(FIONBIO)", "fcntl": "fcntl(O_NONBLOCK)"}
+
+
+#: The two nginx handlers that run ngx_http_upstream_test_connect (the getsockopt(SO_ERROR) of a connect).
+SEND_REQUEST = "ngx_http_upstream_send_request"  # the write handler, and straight after NGX_OK / NGX_DONE
+PROCESS_HEADER = "ngx_http_upstream_process_header"  # the read handler
+_READ_FIRST = EPOLLIN | EPOLLERR | EPOLLHUP
+_SO_ERROR_CALL = "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])"
+
+
+def handler_reading_so_error(events: int) -> str:
+    """Which nginx 1.22.1 handler reads SO_ERROR for an epoll event mask: a pure rule, tested on real sockets.
+
+    ``ngx_epoll_process_events`` (src/event/modules/ngx_epoll_module.c, lines 862-931) adds EPOLLIN|EPOLLOUT
+    to any event carrying EPOLLERR or EPOLLHUP, then runs the *read* handler first when EPOLLIN is set:
+    ``ngx_http_upstream_process_header``, whose ``!u->request_sent`` check calls test_connect (line 2371).
+    A refusal's RST brings EPOLLERR|EPOLLHUP, so the read handler reads SO_ERROR, fails the try and closes
+    the connection; the write half of the same event is then stale (``c->fd == -1``) and skipped.  Only
+    EPOLLOUT alone (a handshake that completed) goes to ``ngx_http_upstream_send_request_handler`` ->
+    ``ngx_http_upstream_send_request`` (line 2076), which also sets $upstream_connect_time first.
+    """
+    return PROCESS_HEADER if events & _READ_FIRST else SEND_REQUEST
+
+
+_SOCKADDR_UN_SIZE = 110  # sizeof(struct sockaddr_un) on Linux: sa_family (2) + sun_path[108]
+
+
+def nginx_sockaddr(target: Target) -> bytes:
+    """The sockaddr nginx's connect() passes: for an AF_UNIX path the whole ``struct sockaddr_un``.
+
+    ngx_parse_unix_domain_url (src/core/ngx_inet.c) sets socklen = sizeof(struct sockaddr_un): 110 bytes,
+    the path NUL-padded, where Python passes the used length.  An abstract name (``unix:@name``) keeps its
+    length: nginx 1.22.1 has no way to name one, and padding would change the name (unix(7)).
+    """
+    raw = target.c_sockaddr
+    if target.family == _AF_UNIX and raw[2:3] != b"\x00":
+        return raw.ljust(_SOCKADDR_UN_SIZE, b"\x00")
+    return raw
 
 
 class State(enum.Enum):
@@ -121,6 +186,7 @@ class Plan:
     setsockopt_args: tuple = ()  # per option: (spec, bytes or int for setsockopt, value as strace shows it, size)
     timeout_ms: int = 0  # timeout_ns in whole ms, as the trace shows it
     socket_call: tuple = ("", ())  # step 1 as the trace shows it: (format, arguments)
+    local_args: tuple = ()  # IP_BIND_ADDRESS_NO_PORT, set after ioctl(FIONBIO) and before bind(): as setsockopt_args
 
 
 def check_timeout(timeout: object) -> float:
@@ -151,6 +217,8 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
         validate.flag(name, value)
     timeout_ns = int(check_timeout(timeout) * 1e9)
     planned, bind = plan_options(options, family)
+    local = local_address_options(planned, bind)
+    planned = [(spec, value) for spec, value in planned if spec.name not in LOCAL_ADDRESS_OPTIONS]
     mask = NGINX_MASK if trigger == "edge" else NGINX_MASK & ~EPOLLET
     if nginx_exact:
         _load_libc()
@@ -161,7 +229,29 @@ def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl",
                 timeout_ns // 1_000_000,
                 # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
                 ("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
-                 (socket.AddressFamily(family).name, "0" if family == _AF_UNIX else "IPPROTO_IP")))
+                 (socket.AddressFamily(family).name, "0" if family == _AF_UNIX else "IPPROTO_IP")),
+                tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in local))
+
+
+#: Options nginx sets in the local-address block of ngx_event_connect_peer, after ngx_nonblocking and before
+#: bind() (src/event/ngx_event_connect.c, lines 95-157), not with SO_RCVBUF/SO_KEEPALIVE right after socket().
+LOCAL_ADDRESS_OPTIONS = ("transparent", "bind_address_no_port")
+
+
+def local_address_options(planned: list, bind: Bind | None) -> list:
+    """The (spec, value) pairs set between ioctl(FIONBIO) and bind(), as nginx 1.22.1 sets them.
+
+    First IP_TRANSPARENT when asked (``transparent=True``; nginx: ``proxy_bind ... transparent``, lines
+    97-103).  Then IP_BIND_ADDRESS_NO_PORT: nginx sets it to 1 *by itself* whenever proxy_bind has no port
+    (port 0) and the peer is not AF_UNIX (lines 109-131; Debian's build has NGX_HAVE_IP_BIND_ADDRESS_NO_PORT).
+    A value the caller gave (``bind_address_no_port=``) replaces nginx's own.  Without ``bind`` a given
+    option is still set at this place, where nginx would set it.
+    """
+    given = {spec.name: (spec, value) for spec, value in planned if spec.name in LOCAL_ADDRESS_OPTIONS}
+    # a Bind is only ever AF_INET/AF_INET6 (options.parse_bind), so a portless one always gets nginx's own
+    if "bind_address_no_port" not in given and bind is not None and bind.address[1] == 0:
+        given["bind_address_no_port"] = (OPTIONS["bind_address_no_port"], True)
+    return [given[name] for name in LOCAL_ADDRESS_OPTIONS if name in given]
 
 
 _libc = None
@@ -252,7 +342,7 @@ class Attempt:
     """
 
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
-                 "_t_connect", "_t_returned", "_record", "_clock")
+                 "_t_connect", "_t_returned", "_t_armed", "_record", "_clock")
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
@@ -263,7 +353,7 @@ class Attempt:
         self.sock: socket.socket | None = None
         self.fd = -1
         self.timer = None
-        self._t_connect = self._t_returned = 0
+        self._t_connect = self._t_returned = self._t_armed = 0
         self.result = Result(target=target.text, family=plan.family_name, requested=plan.requested)
         # Tracing off: nothing recorded, and the per-step clock reads cost a call to int() (which returns 0).
         self._record = self.result.recorder() if plan.trace else None
@@ -275,6 +365,10 @@ class Attempt:
         if self.state is not INIT:
             raise RuntimeError(f"Attempt.start() runs once, from INIT; this attempt is {self.state.name}")
         plan, target, result, record, clock = self.plan, self.target, self.result, self._record, self._clock
+        if plan.nginx_exact:
+            # u->start_time = ngx_current_msec, in ngx_http_upstream_connect before ngx_event_connect_peer:
+            # $upstream_connect_time counts from here, the cached clock, not from connect()
+            result.ngx_start_ns = self.loop.cached_msec * 1_000_000
         # Step 1: socket().
         source = socketsource.current()
         fmt, args = plan.socket_call
@@ -298,31 +392,11 @@ class Attempt:
             record(("socket", fmt, fd, t, clock(), *args))
 
         # Step 2: options (nginx: SO_RCVBUF fails the connect, SO_KEEPALIVE is ignored), then read back.
-        for spec, encoded, shown, size in plan.setsockopt_args:
-            t = clock()
-            try:
-                sock.setsockopt(spec.level, spec.optname, encoded)
-                err = 0
-            except OSError as exc:
-                err = exc.errno
-            if record:
-                record(("setsockopt", "setsockopt({}, {}, {}, {}, {})",
-                        err and errno_name(err), t, clock(), fd, spec.level_name, spec.opt_name, shown, size))
-            if err:
-                answer = verdict("setsockopt", err, detail=spec.name)
-                if answer.ngx_code is not None:
-                    return self._fail_before_connect("setsockopt", err, spec.name)
-                if answer.log:
-                    result.ngx_log_ignored += (f"[{answer.level}] {answer.log}",)
-        if not plan.nginx_exact:
-            for spec, _, _, size in plan.setsockopt_args:
-                t = clock()
-                effective = result.effective[spec.name] = spec.read(sock)
-                if record:
-                    record(("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
-                            0, t, clock(), fd, spec.level_name, spec.opt_name, spec.show(effective), size))
+        if plan.setsockopt_args and not self._set_options(plan.setsockopt_args):
+            return
 
-        # Step 3: non-blocking, then bind() if a local address is configured (nginx: proxy_bind).
+        # Step 3: non-blocking; then, if a local address is configured (nginx: proxy_bind),
+        # IP_BIND_ADDRESS_NO_PORT and bind() -- in this order, as ngx_event_connect_peer runs them.
         t = clock()
         try:
             if plan.nonblocking == "ioctl":  # ngx_nonblocking on Linux
@@ -336,6 +410,8 @@ class Attempt:
                 record(("nonblocking", "{}",
                         errno_name(exc.errno), t, clock(), _NONBLOCKING_CALL[plan.nonblocking]))
             return self._fail_before_connect("nonblocking", exc.errno, _NONBLOCKING_CALL[plan.nonblocking])
+        if plan.local_args and not self._set_options(plan.local_args):
+            return
         if plan.bind is not None:
             bind = plan.bind
             t = clock()
@@ -366,7 +442,8 @@ class Attempt:
             return self._fail_before_connect("epoll_ctl", err, fd)
 
         # Step 5: connect().  From the clock read before it to the decision is the handshake time.
-        address = target.c_sockaddr if type(sock) is _CSocket else target.address
+        # nginx-exact: the C library's connect() with nginx's sockaddr (a whole sockaddr_un for AF_UNIX).
+        address = nginx_sockaddr(target) if type(sock) is _CSocket else target.address
         t_connect = self._t_connect = _monotonic_ns()
         err = sock.connect_ex(address)
         t_returned = _monotonic_ns()
@@ -374,7 +451,22 @@ class Attempt:
         answer = verdict("connect", err, detail=target.text)
         result.connect_returned = err and errno_name(err)
         result.ngx_connect = answer.ngx_code
-        if answer.outcome is not None:  # connected at once (0), or failed at once (NGX_DECLINED)
+        if err == 0:
+            # NGX_OK (AF_UNIX with room in the backlog): ngx_http_upstream_connect calls
+            # ngx_http_upstream_send_request at once, and its `!u->request_sent` check runs
+            # ngx_http_upstream_test_connect: SO_ERROR is read after connect() = 0 too (ngx_http_upstream.c,
+            # lines 1662 and 2076).  The decision is that read, as after EINPROGRESS.
+            t = clock()
+            err = self._so_error()
+            decided = _monotonic_ns()
+            if record:
+                self._record_connect()
+                record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, SEND_REQUEST))
+            result.ngx_handler = SEND_REQUEST
+            if plan.nginx_exact:
+                result.ngx_connect_time_ms = 0  # same cached clock as u->start_time: no epoll_wait in between
+            return self._decide(verdict("so_error", err), err, decided)
+        if answer.outcome is not None:  # failed at once (NGX_DECLINED)
             if record:
                 self._record_connect()
             return self._decide(answer, err, t_returned)
@@ -383,16 +475,68 @@ class Attempt:
         # The connect() and timer steps are recorded when the wait ends (_record_connect): on loopback the
         # handshake is already complete here, and whatever runs now lands in the handshake time reported.
         self.state = CONNECTING
-        self.timer = loop.call_at(t_connect + plan.timeout_ns, self)
+        if plan.nginx_exact:
+            # nginx arms it at its cached clock, ngx_current_msec (whole ms, set when epoll_wait last
+            # returned: ngx_event_timer.h ngx_event_add_timer, line 56), not at connect(): it can fire early by
+            # however long the worker ran since that epoll_wait returned.
+            self._t_armed = loop.cached_msec * 1_000_000
+        else:
+            self._t_armed = t_connect
+        self.timer = loop.call_at(self._t_armed + plan.timeout_ns, self)
+
+    def _set_options(self, args: tuple) -> bool:
+        """setsockopt each option of ``args``; nbconn (not nginx-exact) then reads each back.
+
+        A failure nginx treats as fatal (SO_RCVBUF) ends the attempt (False); others are logged and ignored.
+        """
+        sock, fd, result, record, clock = self.sock, self.fd, self.result, self._record, self._clock
+        for spec, encoded, shown, size in args:
+            t = clock()
+            try:
+                sock.setsockopt(spec.level, spec.optname, encoded)
+                err = 0
+            except OSError as exc:
+                err = exc.errno
+            if record:
+                record(("setsockopt", "setsockopt({}, {}, {}, {}, {})",
+                        err and errno_name(err), t, clock(), fd, spec.level_name, spec.opt_name, shown, size))
+            if err:
+                answer = verdict("setsockopt", err, detail=spec.name)
+                if answer.ngx_code is not None:
+                    self._fail_before_connect("setsockopt", err, spec.name)
+                    return False
+                if answer.log:
+                    result.ngx_log_ignored += (f"[{answer.level}] {answer.log}",)
+        if not self.plan.nginx_exact:
+            for spec, _, _, size in args:
+                t = clock()
+                effective = result.effective[spec.name] = spec.read(sock)
+                if record:
+                    record(("getsockopt", "getsockopt({}, {}, {}, {}, [{}])",
+                            0, t, clock(), fd, spec.level_name, spec.opt_name, spec.show(effective), size))
+        return True
 
     def _record_connect(self) -> None:
         """Record step 5's connect() (and the timer armed right after it), from the times start() kept."""
-        record, t_returned = self._record, self._t_returned
-        record(("connect", "connect({}, {}, {})",
-                self.result.connect_returned, self._t_connect, t_returned, self.fd, *self.target.sockaddr))
+        record, t_returned, target = self._record, self._t_returned, self.target
+        text, length = target.sockaddr
+        if type(self.sock) is _CSocket:  # nginx-exact (a socket from a source is connected the Python way)
+            length = len(nginx_sockaddr(target))
+        record(("connect", "connect({}, {}, {})", self.result.connect_returned, self._t_connect, t_returned,
+                self.fd, text, length))
         if self.state is CONNECTING:
-            record(("timer", "timer armed: {} ms (proxy_connect_timeout)",
-                    0, t_returned, t_returned, self.plan.timeout_ms))
+            if self.plan.nginx_exact:
+                record(("timer", "timer armed: {} ms (proxy_connect_timeout) at the cached clock, {} before "
+                        "connect()", 0, t_returned, t_returned, self.plan.timeout_ms,
+                        format_ns(self._t_connect - self._t_armed)))
+            else:
+                record(("timer", "timer armed: {} ms (proxy_connect_timeout)",
+                        0, t_returned, t_returned, self.plan.timeout_ms))
+
+    def _so_error(self) -> int:
+        """getsockopt(SOL_SOCKET, SO_ERROR): the one call of ngx_http_upstream_test_connect on Linux."""
+        sock = self.sock
+        return sock.so_error() if type(sock) is _CSocket else sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
 
     def _make_nonblocking(self, sock: socket.socket, fd: int, t: int) -> None:
         """The alternatives to ioctl(FIONBIO) that nbconn lets you compare (start() does the ioctl itself)."""
@@ -418,18 +562,23 @@ class Attempt:
         if self.state is not CONNECTING:
             return  # a late event for an attempt already decided (e.g. by its timer in the same turn)
         # SO_ERROR first, bookkeeping after: whatever runs before the clock is read lands in handshake_ns.
-        sock = self.sock
         t = self._clock()
-        err = sock.so_error() if type(sock) is _CSocket else sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        err = self._so_error()
         decided = _monotonic_ns()
         loop, fd, result, record = self.loop, self.fd, self.result, self._record
         result.events = event_names(events)
+        handler = result.ngx_handler = handler_reading_so_error(events)
         if record:
             self._record_connect()
             record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
                     1, loop.last_wait_started_ns, loop.last_wait_returned_ns, loop.epoll_fd, result.events, fd,
                     loop.max_events, loop.last_wait_ms))
-            record(("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", 0, t, decided, fd, err))
+            record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, handler))
+        if self.plan.nginx_exact and handler is SEND_REQUEST:
+            # $upstream_connect_time: ngx_http_upstream_send_request sets it (before test_connect) from the
+            # cached clock of this epoll_wait's return; process_header never does, so a try decided there
+            # logs "-" (ngx_http_upstream.c, line 2073)
+            result.ngx_connect_time_ms = loop.cached_msec - result.ngx_start_ns // 1_000_000
         self._decide(verdict("so_error", err), err, decided)
 
     def on_timer(self) -> None:
@@ -527,3 +676,38 @@ class Attempt:
             self.result.errno = "ECANCELED"
         self.on_done = None
         self._release(keep=False)
+
+
+def reuse(kept: Result, *, trace: bool = True) -> Result:
+    """A cached keepalive connection taken again (nginx: NGX_DONE): what nginx does before its first write.
+
+    ``ngx_http_upstream_get_keepalive_peer`` hands back a cached connection, so ngx_event_connect_peer
+    returns NGX_DONE before socket(): no socket(), no options, no epoll_ctl (it is still registered), no
+    connect(), no timer.  ngx_http_upstream_connect then calls ngx_http_upstream_send_request, whose
+    ``!u->request_sent`` check runs ngx_http_upstream_test_connect on it (ngx_http_upstream.c, lines 1662,
+    2076): one getsockopt(SO_ERROR), then the request's writev().  This makes that one call on the socket
+    ``kept`` holds (a Result of ``connect(..., keep=True)``; the socket stays there) and returns a new
+    Result for the reuse.  The same call in either mode: there is nothing nbconn adds here.
+    """
+    sock = kept.sock if isinstance(kept, Result) else None
+    if sock is None:
+        raise ValueError(f"reuse() needs a Result holding a connected socket (connect(..., keep=True)), "
+                         f"got {validate.shown(kept)}")
+    validate.flag("trace", trace)
+    result = Result(target=kept.target, family=kept.family)
+    result.fd = fd = sock.fileno()
+    result.ngx_connect = "NGX_DONE"
+    result.ngx_handler = SEND_REQUEST
+    t = result.started_ns = _monotonic_ns()
+    err = sock.so_error() if type(sock) is _CSocket else sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+    decided = result.finished_ns = _monotonic_ns()
+    if trace:
+        result.recorder()(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, SEND_REQUEST))
+    answer = verdict("so_error", err)
+    result.outcome = answer.outcome
+    result.errno = err and errno_name(err) or None
+    result.ngx_decision = answer.ngx_code
+    result.ngx_next = answer.ngx_next
+    result.ngx_log = answer.log
+    result.ngx_level = answer.level
+    return result

@@ -25,6 +25,12 @@ The loop knows file descriptors and deadlines.  What "ready" or "expired" means
 for a connect is the business of :mod:`nbconn.flow`: handlers are objects with
 ``on_ready(events)`` and ``on_timer()`` methods.
 
+nginx reads the clock once per turn, when epoll_wait returns (``ngx_current_msec``,
+whole ms): timers are armed from it, epoll_wait's timeout is the nearest key minus it,
+and a timer expires when its key is not after it.  :attr:`Loop.cached_msec` is that
+clock; ``Loop(nginx_clock=True)`` (nginx-exact mode) reckons waits and expiry from
+it, the default loop from a fresh clock read.
+
 ``select.epoll.poll`` takes seconds as a float and rounds up to whole
 milliseconds, exactly the resolution nginx's timers have (``ngx_msec_t``).
 """
@@ -42,6 +48,8 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLRDHUP = select.EPOLLRDHUP
 EPOLLET = select.EPOLLET
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
 
 #: What ngx_epoll_add_connection registers (src/event/modules/ngx_epoll_module.c).
 NGINX_MASK = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -78,9 +86,13 @@ Timer = list
 class Loop:
     """epoll plus a timer heap.  Use as a context manager; ``close()`` closes the epoll fd."""
 
-    def __init__(self, *, max_events: int = 512) -> None:
+    def __init__(self, *, max_events: int = 512, nginx_clock: bool = False) -> None:
         # 512 is nginx's default `worker_connections`-bound event list size.
         self.epoll = select.epoll()
+        #: Keep nginx's clock (nginx-exact mode): epoll_wait's timeout and the expiry of timers are reckoned
+        #: from the cached clock below, as ngx_event_find_timer and ngx_event_expire_timers reckon them from
+        #: ngx_current_msec (src/event/ngx_event_timer.c).  Otherwise from a fresh clock read.
+        self.nginx_clock = nginx_clock
         self.epoll_fd = self.epoll.fileno()
         self.max_events = max_events
         self._handlers: dict[int, object] = {}
@@ -91,6 +103,10 @@ class Loop:
         self.last_wait_ms = -1
         self.last_wait_started_ns = 0
         self.last_wait_returned_ns = 0
+        #: nginx's ngx_current_msec: CLOCK_MONOTONIC in whole ms, read when the loop starts and each time
+        #: epoll_wait returns (ngx_epoll_process_events -> ngx_time_update), not at every call.  nginx arms
+        #: its timers and takes u->start_time from it (nginx-exact mode does too, see nbconn.flow).
+        self.cached_msec = _monotonic_ns() // 1_000_000
 
     # -- descriptors ---------------------------------------------------------
     def register(self, fd: int, mask: int, handler) -> None:
@@ -158,6 +174,10 @@ class Loop:
         # the nearest deadline: the heap's top, unless it is dead (next_deadline_ns skips those)
         deadline = timers[0][0] if timers and timers[0][2] is not None else self.next_deadline_ns()
         now = self.last_wait_started_ns = _monotonic_ns()
+        if self.nginx_clock:
+            # nginx: timer = key - ngx_current_msec, from the clock cached when epoll_wait last returned, so
+            # an idle worker waits the timer's whole length again from this call (strace: epoll_wait(.., 200))
+            now = self.cached_msec * 1_000_000
         if deadline is None:
             wait_ns = max_wait_ns
         else:
@@ -172,7 +192,8 @@ class Loop:
             timeout = wait_ns / 1e9
             self.last_wait_ms = -(-wait_ns // 1_000_000)
         events = self.epoll.poll(timeout, self.max_events)
-        self.last_wait_returned_ns = _monotonic_ns()
+        returned = self.last_wait_returned_ns = _monotonic_ns()
+        self.cached_msec = returned // 1_000_000
         handlers = self._handlers
         ran = 0
         for fd, mask in events:
@@ -187,7 +208,7 @@ class Loop:
         timers = self._timers
         if not timers:
             return 0
-        now = _monotonic_ns()
+        now = self.cached_msec * 1_000_000 if self.nginx_clock else _monotonic_ns()
         ran = 0
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)

@@ -183,7 +183,7 @@ def scenario_target(scenario: str, **wire):
 
 def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: float = 1.0,
         progress: bool = False, label: str | None = None, delay_ms=None, jitter_ms=None, loss=None, seed=None,
-        nonblocking: str = "ioctl", trigger: str = "edge", **options) -> Measurement:
+        nonblocking: str = "ioctl", trigger: str = "edge", nginx_exact: bool = False, **options) -> Measurement:
     """Connect ``count`` times and return the :class:`Measurement`.
 
     ``target_or_scenario``: a target ("127.0.0.1:8080", a lab Peer, ...) or a
@@ -191,14 +191,16 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
     around the run; "impaired" builds the wire with ``delay_ms``,
     ``jitter_ms``, ``loss``, ``seed``).  ``concurrency=1`` connects one after
     another; more runs them through :func:`nbconn.connect_many`.
-    ``progress=True`` shows a tqdm bar (a widget in notebooks).
+    ``progress=True`` shows a tqdm bar (a widget in notebooks).  ``nginx_exact=True`` makes exactly
+    nginx's syscalls (see :mod:`nbconn.flow`); it is kept in ``settings`` only when on.
     """
     count = validate.integer("count", count, 1, MAX_COUNT)
     concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
     validate.flag("progress", progress)
     if label is not None and not isinstance(label, str):
         raise TypeError(f"label must be a str, got {shown(label)}")
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options)
+    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
+                   nginx_exact=nginx_exact)
     wire = {k: v for k, v in (("delay_ms", delay_ms), ("jitter_ms", jitter_ms), ("loss", loss), ("seed", seed))
             if v is not None}
     is_scenario = isinstance(target_or_scenario, str) and target_or_scenario in SCENARIOS
@@ -220,11 +222,13 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         from .lab.scenarios import FAMILY
 
         make_plan(FAMILY[target_or_scenario], timeout=timeout, nonblocking=nonblocking, trigger=trigger,
-                  options=options)
+                  nginx_exact=nginx_exact, options=options)
     scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")
     # a target's own text as the default label, escaped as the trace escapes a path (a newline stays one line)
     label = label or (scenario if is_scenario else c_escape(str(target_or_scenario)))
     settings = {"timeout": timeout, "nonblocking": nonblocking, "trigger": trigger, **options, **wire}
+    if nginx_exact:
+        settings["nginx_exact"] = True
 
     with contextlib.ExitStack() as stack:
         if is_scenario:
@@ -237,7 +241,8 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         on_result = (lambda i, r: bar.update(1)) if bar is not None else None
         with client_side():
             results = connect_many([target] * count, concurrency=concurrency, timeout=timeout,
-                                   nonblocking=nonblocking, trigger=trigger, on_result=on_result, **options)
+                                   nonblocking=nonblocking, trigger=trigger, nginx_exact=nginx_exact,
+                                   on_result=on_result, **options)
     return Measurement.from_results(results, label=label, scenario=scenario, timeout_s=float(timeout),
                                     concurrency=concurrency, settings=settings)
 

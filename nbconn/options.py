@@ -1,17 +1,38 @@
 """Seed step 2: the socket options a connect can set, checked up front and read back after.
 
-nginx sets a few options on an upstream socket right after ``socket()`` in
-``ngx_event_connect_peer`` (``src/event/ngx_event_connect.c``): SO_RCVBUF and
-SO_SNDBUF (``proxy_bind``'s siblings ``proxy_socket_keepalive`` and the
-``rcvbuf``/``sndbuf`` of the stream module), SO_KEEPALIVE, and, when a local
-address is configured (``proxy_bind``), IP_BIND_ADDRESS_NO_PORT before
-``bind()``.  A failing setsockopt is logged "failed, ignored" and the connect
-goes on; nbconn records the errno in the trace and goes on too.
+What nginx 1.22.1 sets on an upstream socket, in ``ngx_event_connect_peer``
+(``src/event/ngx_event_connect.c``), and nothing else:
+
+* right after ``socket()``: SO_RCVBUF when ``pc->rcvbuf`` is non-zero (lines 66-74) -- a
+  failure is NGX_ERROR: logged at alert, the connection closed, no other peer tried.
+  No directive of 1.22.1 sets ``pc->rcvbuf`` (``listen ... rcvbuf=`` is for listening
+  sockets; no in-tree module assigns the peer's field), so stock nginx makes this call
+  only from a third-party module; nbconn's ``rcvbuf=`` shows what it would do.
+  Then SO_KEEPALIVE when ``proxy_socket_keepalive on`` (lines 76-86;
+  ngx_http_upstream.c line 642) -- a failure is logged at alert
+  "setsockopt(SO_KEEPALIVE) failed, ignored" and the connect goes on;
+* after ``ngx_nonblocking()`` (ioctl FIONBIO), only when a local address is
+  configured (``proxy_bind``): IP_TRANSPARENT for ``proxy_bind ... transparent``
+  (lines 97-103, via ngx_event_connect_set_transparent, lines 335-413: a failure is
+  NGX_ERROR; IPV6_TRANSPARENT for an IPv6 address, which nbconn does not offer),
+  then IP_BIND_ADDRESS_NO_PORT = 1 *by itself* when the address has no port and the
+  peer is not AF_UNIX (lines 109-131: a failure is "failed, ignored", silent for
+  EOPNOTSUPP/ENOPROTOOPT), then ``bind()``.
+
+nginx 1.22.1 never sets SO_SNDBUF, SO_REUSEADDR (only for a SOCK_DGRAM bind with a
+port), SO_LINGER, TCP_SYNCNT or TCP_USER_TIMEOUT on an upstream socket, and
+TCP_NODELAY only after the connect, on an SSL upstream with session reuse
+(ngx_http_upstream.c, ngx_http_upstream_ssl_init_connection, line 1720).  nbconn offers them to show what they
+change; their failures are ignored like SO_KEEPALIVE's (:mod:`nbconn.errors` holds
+the table).  nbconn applies the options in :data:`OPTIONS` order at nginx's place
+(``transparent`` and ``bind_address_no_port`` between ioctl and bind(), see
+:mod:`nbconn.flow`).
 
 The kernel does not always keep what you ask for: SO_RCVBUF/SO_SNDBUF are
 doubled (socket(7): "the kernel doubles this value ... to allow space for
 bookkeeping overhead") and capped by ``net.core.rmem_max``/``wmem_max``.  That
-is why every option is *read back* with getsockopt and both values are kept.
+is why every option is *read back* with getsockopt and both values are kept
+(nginx reads nothing back, and neither does nginx-exact mode).
 
 Each option is described once in :data:`OPTIONS` (name, level, optname, value
 kind, range).  :func:`plan_options` validates a user's keyword arguments
@@ -31,6 +52,7 @@ from .validate import shown
 
 # Constants Python's socket module does not export on every version.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 TCP_SYNCNT = getattr(socket, "TCP_SYNCNT", 7)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 
@@ -106,6 +128,9 @@ OPTIONS: dict[str, OptionSpec] = {
                    doc="SYN retransmissions before connect fails with ETIMEDOUT"),
         OptionSpec("user_timeout", _T, TCP_USER_TIMEOUT, "SOL_TCP", "TCP_USER_TIMEOUT", "int", 0, _INT_MAX,
                    families=_INET, doc="ms unacknowledged data (or SYNs) may wait before ETIMEDOUT; 0 = off"),
+        OptionSpec("transparent", _IP, IP_TRANSPARENT, "SOL_IP", "IP_TRANSPARENT", "bool", families=(socket.AF_INET,),
+                   doc="bind() may take an address this host lacks (nginx: proxy_bind ... transparent; needs "
+                       "CAP_NET_RAW or CAP_NET_ADMIN; a failure is NGX_ERROR)"),
         OptionSpec("bind_address_no_port", _IP, IP_BIND_ADDRESS_NO_PORT, "SOL_IP", "IP_BIND_ADDRESS_NO_PORT",
                    "bool", families=_INET,
                    doc="bind() picks no port; connect() picks it (nginx sets it before bind when proxy_bind has no port)"),
@@ -162,9 +187,13 @@ def parse_bind(value: object, family: int) -> Bind:
     if family != want:
         raise ValueError(f"option bind={shown(value)} is {want.name} but the target is "
                          f"{socket.AddressFamily(family).name}")
+    # text: the address as nginx names it in "bind(...) failed" -- proxy_bind's value as written
+    # (ngx_http_upstream_bind_set_slot: local->addr->name = value[1]), so "127.0.0.2", not "127.0.0.2:0"
     if ip.version == 4:
-        return Bind(want, (str(ip), port), f"{ip}:{port}")
-    return Bind(want, (str(ip), port, 0, 0), f"[{ip}]:{port}")
+        text = value if isinstance(value, str) else f"{ip}:{port}"
+        return Bind(want, (str(ip), port), text)
+    text = value if isinstance(value, str) else f"[{ip}]:{port}"
+    return Bind(want, (str(ip), port, 0, 0), text)
 
 
 def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:

@@ -52,6 +52,7 @@ class Step:
 
     - ``name``: socket, setsockopt, getsockopt, nonblocking, bind, epoll_ctl, connect,
       timer, epoll_wait, so_error, timeout, tcp_info, unregister, close
+    - ``ngx_handler``: for ``so_error``, the nginx handler whose test_connect reads it (see Result)
     - ``call``: the call as strace prints it, e.g.
       ``connect(5, {sa_family=AF_INET, ...}, 16) = -1 EINPROGRESS``
     - ``ret``: the return value, or the errno name when the call failed
@@ -80,6 +81,11 @@ class Step:
         return NGX_STEPS.get(self.name)
 
     @property
+    def ngx_handler(self) -> str | None:
+        """For a getsockopt(SO_ERROR) step: the nginx handler whose test_connect makes this call."""
+        return self._args[2] if self.name == "so_error" and len(self._args) > 2 else None
+
+    @property
     def call(self) -> str:
         text = self._fmt.format(*self._args)
         return text if self.name in _EVENTS else call_text(text, self.ret)
@@ -88,7 +94,7 @@ class Step:
         ngx = self.ngx_step
         return {"step": self.name, "ngx_step": ngx.number if ngx else None, "ngx_step_name": ngx.name if ngx else None,
                 "call": self.call, "ret": self.ret, "t_start_ns": self.t_start_ns - t0_ns, "t_ns": self.t_ns - t0_ns,
-                "duration_ns": self.duration_ns}
+                "duration_ns": self.duration_ns, "ngx_handler": self.ngx_handler}
 
     def __repr__(self) -> str:
         return f"Step({self.name!r}, {self.call!r})"
@@ -127,6 +133,15 @@ class Result:
       (``effective`` stays empty in nginx-exact mode: nginx reads nothing back)
     - ``tcp_info``: rtt_us, rttvar_us, total_retrans of a connected TCP socket
     - ``events``: the epoll event mask that woke the decision, e.g. "EPOLLOUT"
+    - ``ngx_handler``: the nginx handler that would run ngx_http_upstream_test_connect (read SO_ERROR):
+      "ngx_http_upstream_process_header" (the read handler: the event carried EPOLLIN, EPOLLERR or EPOLLHUP,
+      as a refusal's does) or "ngx_http_upstream_send_request" (EPOLLOUT alone; and straight after connect()
+      returned 0 or a keepalive connection was reused); None when SO_ERROR was not read (timer, failed at once)
+    - ``ngx_start_ns`` (nginx-exact only, else None): nginx's ``u->start_time``, the cached clock
+      (``ngx_current_msec``, whole ms, as ns) when the try began -- before socket()
+    - ``ngx_connect_time_ms`` (nginx-exact only): what ``$upstream_connect_time`` would log for this try, in
+      ms: set by ngx_http_upstream_send_request from the cached clock, so None ("-") when the read handler
+      decided (a refusal) or the timer fired
     - ``sock``: the connected socket when kept (``keep=True``), else None
     """
 
@@ -150,6 +165,9 @@ class Result:
     # TCP_INFO as read (bytes) until somebody looks: parsing it per connect measured ~2k CPU instructions
     _tcp_info: bytes | dict | None = field(default=None, repr=False)
     events: str | None = None
+    ngx_handler: str | None = None
+    ngx_start_ns: int | None = None
+    ngx_connect_time_ms: int | None = None
     timer_fired: bool = False
     sock: socket.socket | None = field(default=None, repr=False)
     _steps: list = field(default_factory=list, repr=False)
@@ -208,7 +226,10 @@ class Result:
                 duration = "" if s.name == "timer" else "(timer)"
             else:
                 duration = f"<{format_ns(s.duration_ns)}>"
-            lines.append(f"{format_ns(s.t_start_ns - t0):>10} {duration:>11}  {s.call}")
+            line = f"{format_ns(s.t_start_ns - t0):>10} {duration:>11}  {s.call}"
+            if s.name == "so_error" and s.ngx_handler:
+                line += f"  <- test_connect in {s.ngx_handler}"
+            lines.append(line)
             if s.name == "connect":
                 t_connect = t_decided = s.t_start_ns
                 if self.connect_returned != "EINPROGRESS":
@@ -252,6 +273,8 @@ class Result:
             "handshake_ns": self.handshake_ns,
             "timer_fired": self.timer_fired,
             "events": self.events,
+            "ngx_handler": self.ngx_handler,
+            "ngx_connect_time_ms": self.ngx_connect_time_ms,
             "requested": dict(self.requested),
             "effective": dict(self.effective),
             "tcp_info": self.tcp_info,

@@ -9,7 +9,8 @@ import pytest
 
 import nbconn
 from nbconn import socketsource
-from nbconn.flow import CONNECTING, DONE, Attempt, State, make_plan
+from nbconn.flow import (CONNECTING, DONE, PROCESS_HEADER, SEND_REQUEST, Attempt, State, handler_reading_so_error,
+                         make_plan)
 from nbconn.result import format_ns
 from nbconn.lab import blackhole, listening, refused, reset, unix_full, unix_listening, unix_missing
 from nbconn.loop import Loop
@@ -78,6 +79,12 @@ def test_unix_listening_connects_at_once(no_fd_leak):
             assert (res.connect_returned, res.ngx_connect, res.ngx_decision) == (0, "NGX_OK", "NGX_OK")
             assert res.tcp_info is None and res.outcome == "connected"
     assert "epoll_wait" not in names(res)
+    # NGX_OK still goes through ngx_http_upstream_send_request, whose test_connect reads SO_ERROR
+    assert names(res)[3:5] == ["connect", "so_error"]
+    so_error = res.steps[4]
+    assert so_error.call.endswith("SO_ERROR, [0], [4]) = 0") and so_error.ngx_handler == SEND_REQUEST
+    assert res.ngx_handler == SEND_REQUEST and "<- test_connect in ngx_http_upstream_send_request" in res.trace()
+    assert res.handshake_ns == so_error.t_ns - res.steps[3].t_start_ns  # decided by that read, as after EINPROGRESS
 
 
 def test_unix_full_backlog_is_eagain_treated_as_refused(no_fd_leak):
@@ -279,3 +286,44 @@ def test_bad_timeout_named_before_any_socket(no_fd_leak):
         nbconn.connect("127.0.0.1:9", nonblocking="o_ndelay")
     with pytest.raises(ValueError, match="trigger='oneshot'"):
         nbconn.connect("127.0.0.1:9", trigger="oneshot")
+
+
+# -- which nginx handler reads SO_ERROR (issue 19 A4) ------------------------------------------------------
+
+def test_handler_rule_read_handler_first_for_in_err_hup():
+    """ngx_epoll_process_events: EPOLLERR/EPOLLHUP add IN|OUT, and the read handler runs first when IN is set."""
+    import select
+
+    for mask in (select.EPOLLIN, select.EPOLLERR, select.EPOLLHUP, select.EPOLLIN | select.EPOLLOUT,
+                 select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP | select.EPOLLIN | select.EPOLLRDHUP):
+        assert handler_reading_so_error(mask) == PROCESS_HEADER, mask
+    for mask in (select.EPOLLOUT, select.EPOLLOUT | select.EPOLLRDHUP):
+        assert handler_reading_so_error(mask) == SEND_REQUEST, mask
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_refusal_is_read_by_process_header_success_by_send_request(exact, no_fd_leak):
+    """A real RST: EPOLLERR|EPOLLHUP, so nginx's read handler (process_header) reads SO_ERROR and the write
+    event is stale; a real handshake: EPOLLOUT alone, so send_request reads it.  Shown as data in the step."""
+    with refused() as target:
+        res = nbconn.connect(target, nginx_exact=exact)
+    assert res.outcome == "refused" and "EPOLLERR" in res.events
+    so_error = next(s for s in res.steps if s.name == "so_error")
+    assert so_error.ngx_handler == res.ngx_handler == PROCESS_HEADER
+    assert so_error.to_dict()["ngx_handler"] == PROCESS_HEADER
+    assert "<- test_connect in ngx_http_upstream_process_header" in res.trace()
+    if exact:  # $upstream_connect_time is only set by send_request: "-" for a refused try
+        assert res.ngx_connect_time_ms is None and res.ngx_start_ns is not None
+    with listening(hold=True) as target:
+        res = nbconn.connect(target, nginx_exact=exact)
+    assert res.connected and res.events == "EPOLLOUT"
+    so_error = next(s for s in res.steps if s.name == "so_error")
+    assert so_error.ngx_handler == res.ngx_handler == SEND_REQUEST
+    if exact:
+        assert res.ngx_connect_time_ms is not None and res.ngx_connect_time_ms >= 0
+
+
+def test_a_connect_that_fails_at_once_reads_no_so_error(no_fd_leak):
+    with unix_missing() as target:
+        res = nbconn.connect(target)
+    assert res.ngx_handler is None and "so_error" not in names(res)

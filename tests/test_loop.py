@@ -80,3 +80,14 @@ def test_timer_fires_within_a_few_ms(late_tolerance_ms):
 def test_event_names():
     assert event_names(NGINX_MASK) == "EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET"
     assert event_names(0) == "0"
+
+
+def test_cached_clock_is_read_when_epoll_wait_returns_not_at_every_call():
+    """nginx's ngx_current_msec: whole ms of CLOCK_MONOTONIC, updated when epoll_wait returns."""
+    with Loop() as loop:
+        before = loop.cached_msec
+        assert before * 1_000_000 <= time.monotonic_ns()
+        time.sleep(0.01)  # time passes, but nothing reads the clock for the loop: the cached value stands still
+        assert loop.cached_msec == before
+        loop.run_once(max_wait_ns=0)
+        assert loop.cached_msec == loop.last_wait_returned_ns // 1_000_000 and loop.cached_msec >= before + 10
