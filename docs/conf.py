@@ -53,6 +53,7 @@ html_title = "nbconn: nginx's non-blocking connect, run for real"
 html_static_path = ["_static"] + ([os.path.dirname(os.environ["NBCONN_BOOK_MERMAID"])]
                                   if os.environ.get("NBCONN_BOOK_MERMAID") else [])
 html_css_files = ["nbconn-book.css"]
+html_js_files = ["nbconn-book.js"]  # phone: figures open full size; Mermaid redrawn when the theme changes
 html_theme_options = {
     "home_page_in_toc": True,
     "show_navbar_depth": 1,

@@ -41,7 +41,7 @@ import time
 import ipywidgets as w
 
 from . import lab, validate
-from .api import connect, connect_many
+from .api import connect_many
 from .errors import OUTCOME_COLOURS
 from .flow import check_settings
 from .measure import Measurement
@@ -64,9 +64,13 @@ MAX_RUN = 5000
 MAX_PANEL_CONCURRENCY = 1024
 #: the positions of the timeout slider; any other value can be typed into the box beside it
 TIMEOUT_PRESETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
-#: the numeric socket options: (keyword, label, value shown until one is typed)
-NUMBER_OPTIONS = (("rcvbuf", "SO_RCVBUF (bytes)", 65536), ("sndbuf", "SO_SNDBUF (bytes)", 65536),
-                  ("syncnt", "TCP_SYNCNT (SYNs)", 2), ("user_timeout", "TCP_USER_TIMEOUT (ms)", 1000))
+#: the numeric socket options: (keyword, label, where the kernel's default comes from when it is left unset)
+NUMBER_OPTIONS = (("rcvbuf", "SO_RCVBUF (bytes)", ("net/ipv4/tcp_rmem", 1)),
+                  ("sndbuf", "SO_SNDBUF (bytes)", ("net/ipv4/tcp_wmem", 1)),
+                  # TCP_SYNCNT counts retransmissions, not SYNs, and tcp_write_timeout also bounds them by a
+                  # time budget (notebook 06): syncnt=1 sends 3 SYNs.  The result line shows the SYNs sent.
+                  ("syncnt", "TCP_SYNCNT (retransmits)", ("net/ipv4/tcp_syn_retries", 0)),
+                  ("user_timeout", "TCP_USER_TIMEOUT (ms)", None))
 FLAG_OPTIONS = (("keepalive", "SO_KEEPALIVE"), ("nodelay", "TCP_NODELAY"), ("reuseaddr", "SO_REUSEADDR"),
                 ("bind_address_no_port", "IP_BIND_ADDRESS_NO_PORT"))
 NONBLOCKING_LABELS = {"ioctl": "ioctl(FIONBIO)", "fcntl": "fcntl(O_NONBLOCK)", "setblocking": "sock.setblocking(False)"}
@@ -84,6 +88,19 @@ PLOT_DPI = 100
 PLOT_FONT_SCALE = 1.2
 
 
+def _kernel_default(source) -> str:
+    """The placeholder of an unset option box: the value the kernel uses when nothing is passed."""
+    if source is None:
+        return "unset: off (0)"
+    path, field = source
+    try:
+        with open(f"/proc/sys/{path}") as f:
+            value = f.read().split()[field]
+    except (OSError, IndexError):
+        return "unset: the kernel's default"
+    return f"unset: kernel default {value} ({path.rsplit('/', 1)[-1]})"
+
+
 def _seconds(value: float) -> str:
     """A timeout as set: 3 -> "3.000 s", 0.0015 -> "0.0015 s" (never rounded away)."""
     return f"{value:.3f} s" if round(value, 3) == value else f"{value:g} s"
@@ -92,9 +109,11 @@ def _seconds(value: float) -> str:
 # Scenario notes: what one Connect will and will not show for each peer.
 SCENARIO_NOTES = {
     "listening": "A listener on 127.0.0.1: the handshake completes in the kernel before anyone calls accept().",
-    "refused": "Nothing listens on the port: the kernel answers the SYN with RST.  connect() still returns "
-               "EINPROGRESS (even on loopback the SYN is answered after the call returns); epoll then reports "
-               "the socket and getsockopt(SO_ERROR) reads ECONNREFUSED -- nginx's ngx_http_upstream_test_connect.",
+    "refused": "Nothing listens on the port: the kernel answers the SYN with RST.  On loopback the SYN and the "
+               "RST are both on the wire before connect() returns, yet connect() returns EINPROGRESS: the "
+               "client socket is locked during the call and handles the RST only as it is released (notebook 11 "
+               "shows the packets inside the call).  epoll then reports the socket and getsockopt(SO_ERROR) "
+               "reads ECONNREFUSED -- nginx's ngx_http_upstream_test_connect.",
     "blackhole": "SYNs are dropped (a listener whose accept queue is full and never drained): nothing ever "
                  "answers, the kernel retransmits the SYN, and only the connect timer (or TCP_SYNCNT) ends the "
                  "attempt -- like nginx's proxy_connect_timeout.",
@@ -105,13 +124,16 @@ SCENARIO_NOTES = {
              "check (the acceptor runs on another core): then the connect itself ends <b>reset</b>.",
     "slow-accept": "An accept queue of 8 and an acceptor that takes one connection every 5 ms.  One Connect "
                    "looks normal (one SYN fits in the queue); a burst shows it: <b>Run N</b> with repeat count "
-                   "100 and concurrency 100 overflows the queue, the kernel drops SYNs, and part of the burst "
-                   "connects only after the ~1 s SYN retransmission.",
+                   "100, concurrency 100 and a 3 s timeout overflows the queue, the kernel drops SYNs, and part "
+                   "of the burst connects only after the ~1 s SYN retransmission.  The button below sets all "
+                   "three.",
     "unix-full": "An AF_UNIX listener whose backlog is full: no handshake and no timer, connect() itself "
                  "answers EAGAIN at once (nginx: NGX_DECLINED, next peer).",
     "impaired": "A real link with delay, jitter and loss between two network namespaces the lab creates.",
 }
-SLOW_ACCEPT_BURST = (100, 100)  # (repeat count, concurrency) the slow-acceptor note offers
+#: (repeat count, concurrency, timeout in s) the slow-acceptor note offers: the timeout must outlast the
+#: first SYN retransmission (1 s) for the second cluster to show
+SLOW_ACCEPT_BURST = (100, 100, 3.0)
 
 
 class LabPanel:
@@ -127,8 +149,8 @@ class LabPanel:
         self.scenario = w.Dropdown(options=names, value=scenario, description="scenario", style=wide, layout=row)
         self.scenario_note = w.HTML(layout={"max_width": "760px"})
         self.use_burst_button = w.Button(description=f"use {SLOW_ACCEPT_BURST[0]} connects, "
-                                                     f"{SLOW_ACCEPT_BURST[1]} at once",
-                                         icon="forward", layout={"width": "260px", "display": "none"})
+                                                     f"{SLOW_ACCEPT_BURST[1]} at once, {SLOW_ACCEPT_BURST[2]:g} s",
+                                         icon="forward", layout={"width": "320px", "display": "none"})
         self.delay_ms = w.FloatSlider(value=10, min=0, max=200, step=1, description="delay each way (ms)",
                                       style=wide, layout=row)
         self.jitter_ms = w.FloatSlider(value=0, min=0, max=20, step=0.5, description="jitter (ms)", style=wide,
@@ -152,19 +174,23 @@ class LabPanel:
         self.nonblocking = w.Dropdown(options=[(NONBLOCKING_LABELS[m], m) for m in validate.NONBLOCKING_METHODS],
                                       value="ioctl", description="non-blocking via", style=wide, layout=row)
         # A numeric option is either unset (the kernel's default: nothing is passed) or a value the API checks;
-        # 0 is not a stand-in for "default" (the API rejects rcvbuf=0).  Typing a value un-ticks "unset".
-        self.numbers: dict[str, w.IntText] = {}
+        # 0 is not a stand-in for "default" (the API rejects rcvbuf=0).  An unset box is empty, with the
+        # kernel's default as its grey placeholder: typing anything un-ticks "unset" (even the value that was
+        # there before), emptying the box or ticking "unset" clears it.
+        self.numbers: dict[str, w.Text] = {}
         self.unset: dict[str, w.Checkbox] = {}
-        for name, label, example in NUMBER_OPTIONS:
-            box = w.IntText(value=example, description=label, style=wide, layout={"width": "320px"})
-            unset = w.Checkbox(value=True, description="unset (kernel default)", indent=False,
-                               layout={"width": "200px"})
-            box.observe(lambda _change, u=unset: setattr(u, "value", False), names="value")
+        for name, label, source in NUMBER_OPTIONS:
+            box = w.Text(value="", placeholder=_kernel_default(source), description=label, style=wide,
+                         layout={"width": "460px"})
+            unset = w.Checkbox(value=True, description="unset", indent=False, layout={"width": "90px"})
+            box.observe(lambda change, u=unset: setattr(u, "value", not change["new"].strip()), names="value")
+            unset.observe(lambda change, b=box: change["new"] and setattr(b, "value", ""), names="value")
             self.numbers[name], self.unset[name] = box, unset
             setattr(self, name, box)
             setattr(self, f"{name}_unset", unset)
-        self.count = w.IntText(value=200, description="repeat count", style=wide, layout={"width": "320px"})
-        self.concurrency = w.IntText(value=16, description="concurrency", style=wide, layout={"width": "320px"})
+        # Text boxes, read by validate.int_text: an IntText drops a typed "." (so "2.5" became 25).
+        self.count = w.Text(value="200", description="repeat count", style=wide, layout={"width": "320px"})
+        self.concurrency = w.Text(value="16", description="concurrency", style=wide, layout={"width": "320px"})
         self.keep_runs = w.Checkbox(value=True, description="keep earlier runs to compare", indent=False,
                                     layout={"width": "300px"})
 
@@ -174,6 +200,7 @@ class LabPanel:
         self.clear_button = w.Button(description="Clear runs", icon="trash")
 
         self.status = w.HTML(value="<i>Pick a scenario and press Connect.</i>")
+        self.status_is_error = False  # what the status line says is a refusal (the state, not its colour)
         self.result_header = w.HTML()
         self.outcome = w.HTML()
         self.trace = w.HTML()
@@ -229,9 +256,12 @@ class LabPanel:
             tabs.set_title(i, title)
         buttons = w.HBox([self.connect_button, self.run_button, self.stop_button, self.clear_button])
         one = w.VBox([*result, self.options_view])
-        return w.VBox([tabs, buttons, self.status, self.progress,
-                       w.Accordion(children=[one, self.distribution], titles=("one connect", "distribution"),
-                                   selected_index=0)])
+        # Two accordions, not one with two children: an ipywidgets Accordion keeps one child open, so opening
+        # "distribution" would hide the last Connect.
+        self.one_section = w.Accordion(children=[one], titles=("one connect",), selected_index=0)
+        self.distribution_section = w.Accordion(children=[self.distribution], titles=("distribution",),
+                                                selected_index=None)
+        return w.VBox([tabs, buttons, self.status, self.progress, self.one_section, self.distribution_section])
 
     def _repr_mimebundle_(self, **kwargs):
         # The widget view, and -- where no widget can show (before the cells ran, a static page, nbval) --
@@ -293,7 +323,7 @@ class LabPanel:
                 opts[name] = True
         for name, box in self.numbers.items():
             if not self.unset[name].value:
-                opts[name] = box.value
+                opts[name] = validate.int_text(name, box.value)
         return opts
 
     def _checked_options(self) -> dict:
@@ -322,6 +352,7 @@ class LabPanel:
         return {id(c): c.value for c in self._inputs()}
 
     def _say(self, message: str, *, error: bool = False, busy: bool = False) -> None:
+        self.status_is_error = error
         colour = "#d62828" if error else "#333"
         weight = "font-weight:600;" if busy else ""  # a job is running: the line that changes stands out
         self.status.value = f"<span style='color:{colour};{weight}'>{html.escape(message)}</span>"
@@ -390,7 +421,7 @@ class LabPanel:
         if not connecting and self._fresh and self._shown_inputs is not None \
                 and self._snapshot() != self._shown_inputs:
             self._mark_stale("the settings have changed since; press Connect to see them")
-        if not busy and "color:#d62828" in self.status.value:  # an error about values that are no longer there
+        if not busy and self.status_is_error:  # an error about values that are no longer there
             self._say("settings changed: press Connect or Run N")
 
     def _refused(self, what: str, exc: Exception) -> None:
@@ -415,7 +446,9 @@ class LabPanel:
         self.connects_started += 1
         self.ignored_clicks = 0
         self._mark_stale("a new Connect is running")
+        self._stop.clear()
         self.connect_button.disabled = self.run_button.disabled = True
+        self.stop_button.disabled = False  # a black hole with nginx's default 60 s must not be a minute lost
         timeout, peer_name = opts["timeout"], self.scenario.value
         done = threading.Event()
         started = time.monotonic()
@@ -445,6 +478,7 @@ class LabPanel:
                 with self._lock:
                     done.set()
                 self.connect_button.disabled = self.run_button.disabled = False
+                self.stop_button.disabled = True
 
         self._say(f"connecting to {self.scenario.value}... (up to {_seconds(timeout)})", busy=True)
         if background:
@@ -461,21 +495,30 @@ class LabPanel:
         try:
             with self._target() as (target, client_side), client_side():
                 self._peer_ready_at = time.monotonic()
-                res = connect(target, keep=scenario == "reset", **opts)
+                # connect_many of one target: the same attempt as nbconn.connect, with a stop callable that the
+                # loop asks at least every 100 ms (Stop).
+                res = connect_many([target], concurrency=1, keep=scenario == "reset", stop=self._stop.is_set,
+                                   **opts)[0]
                 first_read = _read_once(res) if scenario == "reset" else None
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             with self._lock:
                 done.set()
                 self._refused("not connected", exc)
             return
+        if res.errno == "ECANCELED":  # Stop: the attempt was aborted, nothing was decided
+            with self._lock:
+                done.set()
+                self._say(f"Connect stopped after {time.monotonic() - self._peer_ready_at:.1f} s: nothing was "
+                          "decided (the socket was closed, as nginx closes it when a request is finalized)")
+                self._mark_stale("the last Connect was stopped")
+            return
         self.result, self.first_read = res, first_read
         colour = OUTCOME_COLOURS.get(res.outcome, "#333")
-        took = "" if res.handshake_ns is None else f" in {format_ns(res.handshake_ns)}"
+        # The verdict in Result.summary's words (one code when connect() decided at once), then the details.
         outcome = (
-            f"<b style='color:{colour}'>{res.outcome}</b> {html.escape(res.errno or '')}{took} &nbsp; "
-            f"connect() returned <code>{res.connect_returned}</code>; nginx: <code>{res.ngx_connect} -&gt; "
-            f"{res.ngx_decision}</code>" + (f"<br>nginx would log: <code>{html.escape(res.ngx_log)}</code>"
-                                           if res.ngx_log else ""))
+            f"<b style='color:{colour}'>{html.escape(res.summary())}</b><br>"
+            f"connect() returned <code>{res.connect_returned}</code>"
+            + (f"<br>nginx would log: <code>{html.escape(res.ngx_log)}</code>" if res.ngx_log else ""))
         if first_read is not None:
             why = (" -- the peer's RST arrived after the handshake had completed, so connect() could not see it"
                    if "ECONNRESET" in first_read else "")
@@ -495,10 +538,7 @@ class LabPanel:
         res = self.result
         if res is None:
             return "no Connect yet"
-        parts = [res.outcome] + ([res.errno] if res.errno else [])
-        if res.handshake_ns is not None:
-            parts.append(f"in {format_ns(res.handshake_ns)}")
-        parts.append(f"(nginx: {res.ngx_connect} -> {res.ngx_decision})")
+        parts = [res.summary()]
         if self.first_read is not None:
             parts.append(f"; first read: {self.first_read}")
         return " ".join(parts)
@@ -509,8 +549,9 @@ class LabPanel:
         if self._refuse_if_busy():
             return
         try:
-            count = validate.integer("repeat count", self.count.value, 1, MAX_RUN)
-            concurrency = validate.integer("concurrency", self.concurrency.value, 1, MAX_PANEL_CONCURRENCY)
+            count = validate.integer("repeat count", validate.int_text("repeat count", self.count.value), 1, MAX_RUN)
+            concurrency = validate.integer("concurrency", validate.int_text("concurrency", self.concurrency.value),
+                                           1, MAX_PANEL_CONCURRENCY)
             opts = self._checked_options()
         except (ValueError, TypeError, RuntimeError) as exc:
             self._say(f"not run: {exc}", error=True)
@@ -551,6 +592,9 @@ class LabPanel:
             counts = run_counts(results)
             decided = [r for r in results if r.errno != "ECANCELED"]
             label = f"{self.scenario.value}, timeout {_seconds(timeout)}"
+            if self._scenario_name() == "impaired":  # runs on links differ by the link: say it in the legend
+                label += (f", delay {self.delay_ms.value:g} ms, jitter {self.jitter_ms.value:g} ms, "
+                          f"loss {self.loss.value:g}")
             if counts["not started"] or counts["cut short"]:
                 label += f", stopped after {counts['finished']} of {count}"
             if any(m.label == label for m in self.runs):  # same settings again: number the repeat
@@ -560,6 +604,7 @@ class LabPanel:
             with self._lock:
                 self.runs = (self.runs if self.keep_runs.value else []) + [m]
             self._draw_runs()
+            self.distribution_section.selected_index = 0  # open: the run's picture is what Run N is for
             self._say(f"{label}: {describe_counts(counts, m.outcome_counts())}")
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             self._say(f"run failed: {exc}", error=True)
@@ -580,9 +625,11 @@ class LabPanel:
         self._stop.set()
 
     def use_burst(self) -> None:
-        """The slow-acceptor note's offer: set Run N to a burst that overflows the accept queue."""
-        self.count.value, self.concurrency.value = SLOW_ACCEPT_BURST
-        self._say(f"repeat count {SLOW_ACCEPT_BURST[0]}, concurrency {SLOW_ACCEPT_BURST[1]}: press Run N")
+        """The slow-acceptor note's offer: everything Run N needs for a burst that overflows the accept queue."""
+        count, concurrency, timeout = SLOW_ACCEPT_BURST
+        self.count.value, self.concurrency.value, self.timeout.value = str(count), str(concurrency), timeout
+        self._say(f"repeat count {count}, concurrency {concurrency}, connect timeout {_seconds(timeout)} "
+                  "(longer than the 1 s SYN retransmission): press Run N")
 
     def wait(self, timeout_s: float = 60.0) -> bool:
         """Wait for a background Connect or run to end (bounded); True when it has."""
@@ -674,13 +721,20 @@ def _distribution(runs):
 
 
 def _tidy_distribution(fig) -> None:
-    """Room for the panel's long run labels: a taller figure, one legend (the ECDF's), plain tick labels."""
+    """Room for the panel's long run labels: one legend, below both plots (never over a curve or an axis
+    label, however many runs are kept), and plain tick labels."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig.set_size_inches(10, 4.8)
     left, right = fig.axes[:2]
-    if right.get_legend() is not None and left.get_legend() is not None:
-        left.get_legend().remove()
+    handles, labels = right.get_legend_handles_labels()
+    if not handles:
+        handles, labels = left.get_legend_handles_labels()
+    for ax in (left, right):
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:  # the figure's constrained layout makes room for an "outside" legend
+        fig.legend(handles, labels, loc="outside lower center", ncols=1, fontsize="small", frameon=False)
+    fig.set_size_inches(10, 3.6 + 0.25 * len(labels))
     for ax in (left, right):
         if ax.get_xscale() == "log":  # 200, 500, 1000 instead of crowded 2x10^2 3x10^2 4x10^2
             low, high = ax.get_xlim()
@@ -704,7 +758,8 @@ def _png(make, tidy=None) -> bytes:
     for text in fig.findobj(Text):
         text.set_fontsize(text.get_fontsize() * PLOT_FONT_SCALE)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PLOT_DPI)
+    # "tight": the picture grows to hold the legend below the axes and every axis label (none is clipped)
+    fig.savefig(buf, format="png", dpi=PLOT_DPI, bbox_inches="tight")
     return buf.getvalue()
 
 

@@ -244,3 +244,57 @@ def test_a_broken_link_or_a_missing_image_fails_the_build(tmp_path):
     assert "99_not_there.ipynb" in proc.stderr and "xref_missing" in proc.stderr, proc.stderr[-3000:]
     assert "missing.png" in proc.stderr and "image.not_readable" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "build" / "book-doctrees").exists(), "a failed build must forget its doctrees"
+
+
+#: a phone's viewport (CSS px): the learner read the book at 390 px
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.mark.timeout(900)
+def test_every_page_fits_a_phone(book_dir, tmp_path_factory):
+    """At 390 px no page pans sideways, and a wide figure or a Mermaid diagram keeps a readable width inside its
+    own scroller (a tap opens a figure full size) instead of being shrunk to the column's ~358 px.
+
+    genindex.html, Sphinx's generated index of names, is the one page left out: a table of long names."""
+    chromium = require_tool("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed (the test extra)")
+    pages = [rel for rel in _pages(book_dir) if rel != "genindex.html"]
+    found: dict[str, list[str]] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=PHONE, service_workers="block")
+            context.route(re.compile(r"^(?!file:|data:|blob:|about:).*"),
+                          lambda route: route.continue_() if _allowed(route.request.url) else route.abort())
+            for rel in pages:
+                page = context.new_page()
+                try:
+                    page.goto("file://" + os.path.join(book_dir, rel), wait_until="load", timeout=PAGE_TIMEOUT_MS)
+                    if page.locator("pre.mermaid").count():
+                        page.wait_for_function("() => [...document.querySelectorAll('pre.mermaid')]"
+                                               ".every(e => e.querySelector('svg'))", timeout=PAGE_TIMEOUT_MS)
+                    problems = []
+                    width = page.evaluate("document.documentElement.scrollWidth")
+                    if width > PHONE["width"] + 1:
+                        problems.append(f"the page pans sideways: {width} px wide at {PHONE['width']} px")
+                    shrunk = page.evaluate("""async () => {
+                        const imgs = [...document.querySelectorAll('.cell_output img')];
+                        await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                        return imgs.filter(i => i.naturalWidth > 600 && i.getBoundingClientRect().width < 600)
+                                   .map(i => `${i.naturalWidth} px figure drawn ${Math.round(i.getBoundingClientRect().width)} px wide`
+                                             + (i.closest('a.nbconn-figure') ? '' : ', no tap-to-open link'));
+                    }""")
+                    problems += shrunk
+                    problems += page.evaluate("""[...document.querySelectorAll('pre.mermaid svg')]
+                        .filter(s => s.getBoundingClientRect().width < 600)
+                        .map(s => `Mermaid diagram drawn ${Math.round(s.getBoundingClientRect().width)} px wide`)""")
+                    if problems:
+                        found[rel] = problems
+                finally:
+                    page.close()
+        finally:
+            browser.close()
+    assert not found, "\n".join(f"{rel}:\n  " + "\n  ".join(p) for rel, p in found.items())

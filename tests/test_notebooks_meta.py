@@ -218,3 +218,12 @@ def test_every_notebook_claim_points_at_a_cell_that_exists():
 def test_notebooks_00_to_05_have_claims_in_the_ledger():
     have = {row["notebook"] for row in claim_rows()}
     assert {f"{i:02d}" for i in range(6)} <= have
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_stored_as_jupyterlab_writes_it(path):
+    """No per-cell timing and no widget state: JupyterLab's autosave would strip both and dirty the clone."""
+    nb = load(path)
+    timed = [i for i, cell in enumerate(nb["cells"]) if "execution" in cell.get("metadata", {})]
+    assert not timed, f"cells {timed} carry timing metadata (re-execute with ./dev execute)"
+    assert "widgets" not in nb["metadata"], "widget state is stored (re-execute with ./dev execute)"

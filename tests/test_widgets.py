@@ -42,7 +42,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def test_connect_shows_trace_timeline_outcome_and_options(panel):
     panel.scenario.value = "listening peer"
-    panel.rcvbuf.value = 4096
+    panel.rcvbuf.value = "4096"
     panel.nodelay.value = True
     panel.connect()
     assert panel.result.outcome == "connected"
@@ -59,7 +59,7 @@ def test_connect_shows_trace_timeline_outcome_and_options(panel):
 ])
 def test_bad_values_give_a_message_not_a_traceback(panel, knob, value, words):
     before = open_fds()
-    getattr(panel, knob).value = value
+    getattr(panel, knob).value = str(value)
     panel.connect_button.click()
     assert "not connected" in panel.status.value and words in panel.status.value
     panel.run_button.click()
@@ -68,17 +68,20 @@ def test_bad_values_give_a_message_not_a_traceback(panel, knob, value, words):
 
 
 def test_bad_count_and_concurrency(panel):
-    panel.count.value = 0
+    panel.count.value = "0"
     panel.run()
     assert "repeat count=0 is outside 1..5000" in panel.status_text
-    panel.count.value, panel.concurrency.value = 10, 99999
+    panel.count.value = "2.5"  # a typed point is kept and refused, not dropped (it once became 25)
+    panel.run()
+    assert "repeat count '2.5' is not a whole number" in panel.status_text
+    panel.count.value, panel.concurrency.value = "10", "99999"
     panel.run()
     assert "concurrency=99999 is outside 1..1024" in panel.status_text
 
 
 def test_runs_are_kept_and_overlaid_then_cleared(panel):
     panel.scenario.value = BLACK_HOLE
-    panel.count.value, panel.concurrency.value = 4, 4
+    panel.count.value, panel.concurrency.value = "4", "4"
     for t in (0.05, 0.1):
         panel.timeout.value = t
         panel.run()
@@ -120,7 +123,7 @@ def test_a_refused_value_labels_the_old_result_previous_run(panel):
     panel.connect()
     assert panel.result_header_text.startswith("last Connect: listening peer, timeout 1.000 s")
     assert "opacity" not in panel.outcome.value
-    panel.rcvbuf.value = -5
+    panel.rcvbuf.value = "-5"
     panel.connect()
     assert "not connected" in panel.status_text and "rcvbuf=-5" in panel.status_text
     assert "previous run" in panel.result_header.value and "was not run" in panel.result_header.value
@@ -128,7 +131,7 @@ def test_a_refused_value_labels_the_old_result_previous_run(panel):
     assert panel.timeline.layout.display == "none"
     # the red line goes once the value it was about is gone
     panel.rcvbuf_unset.value = True
-    assert "color:#d62828" not in panel.status.value and "settings changed" in panel.status_text
+    assert not panel.status_is_error and "settings changed" in panel.status_text
     panel.connect()
     assert "previous run" not in panel.result_header.value and "opacity" not in panel.outcome.value
 
@@ -146,14 +149,14 @@ def test_changing_a_control_labels_the_result_previous_run(panel):
 # -- 3. Stop counts honestly, progress is live, no stale red line --------------------------------
 
 def test_stop_reports_finished_and_not_started_and_progress_is_live(panel):
-    panel.count.value = 0
+    panel.count.value = "0"
     panel.run()  # leaves a red "not run" line ...
-    assert "color:#d62828" in panel.status.value
+    assert panel.status_is_error
     panel.scenario.value = BLACK_HOLE
-    panel.count.value, panel.concurrency.value = 200, 2
+    panel.count.value, panel.concurrency.value = "200", "2"
     panel.timeout.value = 0.2
     panel.run_button.click()  # 200 x 0.2 s / 2 would take 20 s
-    assert "color:#d62828" not in panel.status.value and "running 0/200" in panel.status_text  # ... gone at once
+    assert not panel.status_is_error and "running 0/200" in panel.status_text  # ... gone at once
     assert _until(lambda: any(f"running {k}/200" in panel.status_text for k in range(2, 200)), 15), \
         panel.status_text
     assert panel.stop_button.disabled is False and panel.connect_button.disabled
@@ -200,12 +203,51 @@ def test_numeric_options_are_unset_or_a_value_the_api_checks(panel):
     assert not any("0=default" in box.description for box in panel.numbers.values())
     assert all(panel.unset[name].value for name in panel.numbers)
     assert panel.options() == {"timeout": 1.0, "trigger": "edge", "nonblocking": "ioctl"}
-    panel.rcvbuf.value = 0  # typing un-ticks "unset": 0 goes to the API, which rejects it, as it should
+    panel.rcvbuf.value = "0"  # typing un-ticks "unset": 0 goes to the API, which rejects it, as it should
     assert panel.rcvbuf_unset.value is False and panel.options()["rcvbuf"] == 0
     panel.connect()
     assert "rcvbuf=0 is outside 1.." in panel.status_text
     panel.rcvbuf_unset.value = True
-    assert "rcvbuf" not in panel.options()
+    assert "rcvbuf" not in panel.options() and panel.rcvbuf.value == ""  # ticking "unset" empties the box
+
+
+def test_an_unset_box_is_empty_with_the_kernel_default_and_typing_always_unticks(panel):
+    # The learner's report: a box showing 4096 with "unset" ticked, where retyping 4096 set nothing.
+    for name, box in panel.numbers.items():
+        assert box.value == "" and panel.unset[name].value and box.placeholder.startswith("unset")
+    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+        assert f.read().split()[1] in panel.rcvbuf.placeholder
+    panel.rcvbuf.value = "4096"
+    assert panel.rcvbuf_unset.value is False and panel.options()["rcvbuf"] == 4096
+    panel.rcvbuf_unset.value = True
+    panel.rcvbuf.value = "4096"  # the same value typed again still counts
+    assert panel.rcvbuf_unset.value is False and panel.options()["rcvbuf"] == 4096
+    panel.rcvbuf.value = ""  # emptying the box is "unset"
+    assert panel.rcvbuf_unset.value is True and "rcvbuf" not in panel.options()
+    assert "retransmits" in panel.syncnt.description
+
+
+def test_connect_can_be_stopped(panel):
+    panel.scenario.value = BLACK_HOLE
+    panel.timeout.value = 60.0  # nginx's default proxy_connect_timeout
+    panel.connect_button.click()
+    assert _until(lambda: panel.stop_button.disabled is False, 5)
+    assert _until(lambda: "connecting to" in panel.status_text, 10), panel.status_text
+    started = time.monotonic()
+    panel.stop_button.click()
+    assert panel.wait(10), "Stop did not end the Connect"
+    assert time.monotonic() - started < 10
+    assert "Connect stopped" in panel.status_text and panel.stop_button.disabled
+    assert not panel.connect_button.disabled and panel.result is None
+
+
+def test_the_distribution_opens_beside_the_connect_and_labels_links():
+    p = widgets.panel()
+    assert p.one_section.selected_index == 0 and p.distribution_section.selected_index is None
+    p.scenario.value = "listening peer"
+    p.count.value, p.concurrency.value = "5", "5"
+    p.run()
+    assert p.one_section.selected_index == 0 and p.distribution_section.selected_index == 0
 
 
 def test_labels_fit():
@@ -229,7 +271,7 @@ def test_images_hidden_until_drawn_and_plain_text_is_a_sentence():
 
 
 def test_status_text_is_plain_and_plots_are_readable(panel):
-    panel.syncnt.value = 500
+    panel.syncnt.value = "500"
     panel.connect()
     assert panel.status_text.startswith("not connected: ") and "syncnt=500 is outside 1..127" in panel.status_text
     assert "<" not in panel.status_text
@@ -268,9 +310,8 @@ def test_reset_after_accept_reads_once_to_show_the_rst(panel):
 def test_slow_acceptor_offers_the_burst_that_shows_it(panel):
     panel.scenario.value = "slow acceptor (queue of 8)"
     assert "Run N" in panel.scenario_note.value and panel.use_burst_button.layout.display is None
-    panel.use_burst_button.click()
-    assert (panel.count.value, panel.concurrency.value) == (100, 100)
-    panel.timeout.value = 5.0
+    panel.use_burst_button.click()  # sets everything the burst needs, the timeout included
+    assert (panel.count.value, panel.concurrency.value, panel.timeout.value) == ("100", "100", 3.0)
     panel.run()
     m = panel.runs[-1]
     assert m.outcome_counts().get("connected") == 100
@@ -315,7 +356,7 @@ def test_slices_for_other_notebooks():
 
 def test_a_control_changed_during_a_run_labels_the_connect_result(panel):
     panel.scenario.value = "listening peer"
-    panel.count.value, panel.concurrency.value = 20, 2
+    panel.count.value, panel.concurrency.value = "20", "2"
     panel.connect()
     assert panel.result_header_text.startswith("last Connect:")
     panel.run_button.click()
@@ -325,7 +366,7 @@ def test_a_control_changed_during_a_run_labels_the_connect_result(panel):
 
 
 @pytest.mark.parametrize("scenario, connect_returned, errno, note", [
-    ("refused (closed port)", "EINPROGRESS", "ECONNREFUSED", "still returns EINPROGRESS"),
+    ("refused (closed port)", "EINPROGRESS", "ECONNREFUSED", "connect() returns EINPROGRESS"),
     ("AF_UNIX backlog full", "EAGAIN", "EAGAIN", "answers EAGAIN at once"),
 ])
 def test_scenario_notes_say_what_a_connect_shows(panel, scenario, connect_returned, errno, note):

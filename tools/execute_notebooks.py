@@ -26,7 +26,11 @@ CELL_TIMEOUT_S = 60
 
 def execute(path: str) -> float:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+    # Stored in the form JupyterLab writes back on save: no per-cell timing metadata (JupyterLab records none
+    # unless asked) and no widget state (its widget manager saves none by default).  Otherwise the first
+    # autosave rewrites every notebook and the learner's next `git pull` conflicts.
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
+                            store_widget_state=False,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
     start = time.monotonic()
     client.execute()
