@@ -18,7 +18,10 @@ held back ``rtt_ms``, and the first answer on a new connection ``2 * rtt_ms``
 It is a delay added by this server, not a network: the kernel still completes
 the handshake at once, and strace still shows loopback's microseconds.
 
-Only 127.0.0.0/8 and ::1.  One thread accepts; one thread per connection (at most
+Only 127.0.0.0/8 and ::1 -- or, with ``source=`` (a lab namespace, e.g. the server side of
+``nbconn.lab.impaired``), any address in that namespace: the listener is made there and passed here over
+SCM_RIGHTS, so over the lab's link the handshake and every answer cross a real delayed wire (notebook 13
+measures keepalive's saving that way, with ``rtt_ms=0``).  One thread accepts; one thread per connection (at most
 ``max_connections``); :meth:`stop` (or leaving the ``with``) closes every
 socket and joins every thread, each wait bounded.
 """
@@ -54,10 +57,20 @@ class Served:
 
 class HttpPeer:
     def __init__(self, host: str = "127.0.0.1", *, rtt_ms: float = 0.0, journal: list | None = None,
-                 idle_timeout_s: float = 60.0, max_connections: int = 256) -> None:
-        if not isinstance(host, str) or not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"host={validate.shown(host)} must be a loopback address")
+                 idle_timeout_s: float = 60.0, max_connections: int = 256, source=None) -> None:
+        try:
+            address = ipaddress.ip_address(host) if isinstance(host, str) else None
+        except ValueError:
+            address = None
+        if address is None:
+            raise ValueError(f"host={validate.shown(host)} must be an IP address literal")
+        if source is None and not address.is_loopback:
+            # anywhere else the listener would face a real network: only a lab namespace (source=) may
+            raise ValueError(f"host={validate.shown(host)} must be a loopback address (or pass source=, a lab namespace)")
+        if source is not None and not callable(getattr(source, "socket", None)):
+            raise TypeError(f"source={validate.shown(source)} must be a lab namespace (with a socket() method)")
         self.host = host
+        self.source = source
         self.rtt_s = validate.number("rtt_ms", rtt_ms, 0, 10_000) / 1000
         self.idle_timeout_s = validate.number("idle_timeout_s", idle_timeout_s, 0, 3600, low_open=True)
         self.max_connections = validate.integer("max_connections", max_connections, 1, 10_000)
@@ -85,7 +98,8 @@ class HttpPeer:
     # -- lifetime -------------------------------------------------------------------------
     def start(self) -> "HttpPeer":
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # step 1 here, or inside the lab namespace `source` (its descriptor passed over SCM_RIGHTS)
+        sock = socket.socket(family, socket.SOCK_STREAM) if self.source is None else self.source.socket(family)
         try:
             sock.bind((self.host, 0))
             sock.listen(128)
