@@ -31,3 +31,38 @@ def call_times(lines: list[str], calls: list[str]) -> list[float]:
     if j != len(calls):
         raise ValueError(f"strace line not found: {calls[j]!r}")
     return times
+
+
+def with_workers(peers, *, workers: int = 2, **kwargs):
+    """An ``nbconn.nginx.Nginx`` (not started; use it in ``with``) whose configuration says ``worker_processes
+    workers`` and ``listen ... reuseport``: each worker gets its own listening socket and the kernel spreads client
+    connections over them by their addresses, so with a few dozen requests every worker serves some.  Used once, to
+    show that without ``zone`` the round robin and the ``max_fails`` counts are per worker.  Everything else -- the
+    checks, the private prefix, stop() -- is Nginx's."""
+    from .. import nginx, validate
+
+    workers = validate.integer("workers", workers, 1, 8)
+
+    class _Nginx(nginx.Nginx):
+        def config(self) -> str:
+            text = super().config()
+            listen = f"listen 127.0.0.1:{self.port};"
+            if "worker_processes 1;" not in text or listen not in text:
+                raise RuntimeError("nbconn.nginx's configuration changed: update nb10.with_workers")
+            return (text.replace("worker_processes 1;", f"worker_processes {workers};")
+                    .replace(listen, f"listen 127.0.0.1:{self.port} reuseport;"))
+
+    return _Nginx(peers, **kwargs)
+
+
+def error_lines_by_worker(ng, text: str) -> dict:
+    """How many error-log lines containing ``text`` each worker process wrote: {pid: count}."""
+    import os
+
+    counts: dict = {}
+    with open(os.path.join(ng.prefix, "error.log")) as f:
+        for line in f:
+            m = re.match(r"^\S+ \S+ \[\w+\] (\d+)#\d+: ", line)
+            if m and text in line:
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
