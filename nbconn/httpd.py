@@ -66,7 +66,8 @@ class HttpPeer:
             raise ValueError(f"host={validate.shown(host)} must be an IP address literal")
         if source is None and not address.is_loopback:
             # anywhere else the listener would face a real network: only a lab namespace (source=) may
-            raise ValueError(f"host={validate.shown(host)} must be a loopback address (or pass source=, a lab namespace)")
+            raise ValueError(f"host={validate.shown(host)} must be a loopback address "
+                             f"(or pass source=, a lab namespace)")
         if source is not None and not callable(getattr(source, "socket", None)):
             raise TypeError(f"source={validate.shown(source)} must be a lab namespace (with a socket() method)")
         self.host = host
