@@ -10,19 +10,21 @@ kernel's rules and measures it.
 The rules (Linux 6.18 ``net/ipv4/tcp_timer.c``; read there, restated here):
 
 * the first retransmission timeout is 1 s (``TCP_TIMEOUT_INIT``, via
-  ``tcp_timeout_init``).  ``tcp_retransmit_timer`` resends the SYN, counts one more
-  ``icsk_backoff`` and doubles the timeout (capped at ``TCP_RTO_MAX``, 120 s) --
-  except that, in SYN-SENT, it keeps the timeout while ``icsk_backoff <=
-  net.ipv4.tcp_syn_linear_timeouts`` (6.5+, default 4): 1, 1, 1, 1, 1, 2, 4, 8 ... s;
+  ``tcp_timeout_init``).  ``tcp_retransmit_timer`` counts the timeout (``tcp_update_rto_stats``:
+  ``icsk_retransmits`` and ``tp->total_rto``), resends the SYN, and in SYN-SENT keeps the timeout
+  while ``tp->total_rto <= net.ipv4.tcp_syn_linear_timeouts`` (6.5+, on total_rto since 6.8,
+  default 4); otherwise it counts one more ``icsk_backoff`` and doubles the timeout (capped at
+  ``TCP_RTO_MAX``, 120 s; since 6.15 ``net.ipv4.tcp_rto_max_ms``): 1, 1, 1, 1, 1, 2, 4, 8 ... s,
+  with ``tcpi_backoff`` 0 through the first four retransmissions;
 * each time the timer fires, ``tcp_write_timeout`` decides whether to give up,
   with two limits, whichever is reached first:
 
   1. a count: ``icsk_retransmits >= retries + tcp_syn_linear_timeouts``, where
      ``retries`` is the socket's ``TCP_SYNCNT`` or else ``net.ipv4.tcp_syn_retries``;
   2. a time budget: ``retransmits_timed_out`` -- the time since the first SYN
-     reaches ``tcp_model_timeout(retries)``, the time ``retries`` *doubling*
-     timeouts from 1 s would take: ``(2^(retries+1) - 1)`` s (beyond 6 retries
-     every further one adds 120 s).  With ``TCP_USER_TIMEOUT`` set, that value
+     reaches ``tcp_model_timeout(retries)``, the length of ``retries + 1`` *doubling*
+     timeouts from 1 s: ``(2^(retries+1) - 1)`` s (beyond 6 retries every further one
+     adds the 120 s cap: ``127 + (retries - 6) * 120`` s).  With ``TCP_USER_TIMEOUT`` set, that value
      replaces the budget, and ``tcp_clamp_rto_to_user_timeout`` shortens the next
      timer so that it fires when the user timeout runs out -- but only from the
      first retransmission on (the first timer, 1 s, is armed in ``tcp_connect``).
@@ -89,7 +91,8 @@ def config_hz() -> int | None:
 
 
 def time_budget_s(retries: int) -> float:
-    """tcp_model_timeout: the time ``retries`` doubling timeouts from 1 s would take."""
+    """tcp_model_timeout: the length of ``retries + 1`` doubling timeouts from 1 s (1 + 2 + ... + 2^retries),
+    each capped at TCP_RTO_MAX (120 s, the default of tcp_rto_max_ms since 6.15)."""
     thresh = 6  # ilog2(TCP_RTO_MAX / TCP_TIMEOUT_INIT) = ilog2(120)
     if retries <= thresh:
         return ((2 << retries) - 1) * TCP_TIMEOUT_INIT_S
@@ -138,7 +141,7 @@ def predict(retries: int, linear_timeouts: int | None, *, user_timeout_ms: int |
                     "budget_s": budget, "late_s": late if hz else None}
         sent.append(t)
         retransmits += 1
-        if retransmits > linear:  # icsk_backoff > tcp_syn_linear_timeouts: start doubling
+        if retransmits > linear:  # tp->total_rto > tcp_syn_linear_timeouts: the doubling branch (icsk_backoff++)
             rto = min(rto * 2, TCP_RTO_MAX_S)
 
 

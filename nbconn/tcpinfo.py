@@ -3,9 +3,13 @@
 After the handshake the kernel already has a round-trip estimate: the time from
 sending the SYN to receiving the SYN-ACK seeds ``tcpi_rtt``.  Comparing it
 with the handshake time nbconn measures in user space shows how much the event
-loop adds.  Caveat (measured on Linux 6.18): after a retransmitted SYN the
-estimate can span the whole handshake, so compare only connections with
-``total_retrans == 0``.
+loop adds.  Compare only connections with ``total_retrans == 0``: after a
+resent SYN the handshake time holds the 1 s retransmission timeout.  The
+kernel's sample then comes from the timestamp the SYN-ACK echoes (measured on
+Linux 6.18): one round trip, at millisecond resolution (at least 1 ms), when the
+first SYN was lost; the whole handshake when the SYN-ACK was lost, because the
+listener's resent SYN-ACK (tcp_check_req -> inet_rtx_syn_ack) still echoes the
+first SYN's timestamp.
 
 ``struct tcp_info`` is read as raw bytes; the fields used here sit at fixed
 offsets in every kernel since 2.6 (the struct only grows at its end).

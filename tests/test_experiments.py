@@ -1,0 +1,45 @@
+"""The notebooks' small helpers (nbconn/experiments): notebook 06's tcpi_backoff watch, notebook 10's strace times."""
+
+import platform
+
+import pytest
+
+from nbconn.experiments import nb06, nb10
+
+
+def test_call_times_follow_the_picked_calls_in_order():
+    lines = [
+        "100 10:00:00.000100 socket(AF_INET, SOCK_STREAM, IPPROTO_IP) = 10",
+        "100 10:00:00.000200 epoll_wait(8, [], 512, 200) = 0",
+        "101 10:00:00.000250 close(4)          = 0",
+        "100 10:00:00.200300 epoll_wait(8, [], 512, 200) = 0",
+        "100 10:00:00.200400 close(10)         = 0",
+    ]
+    picked = ["socket(AF_INET, SOCK_STREAM, IPPROTO_IP) = 10", "epoll_wait(8, [], 512, 200) = 0",
+              "epoll_wait(8, [], 512, 200) = 0", "close(10) = 0"]
+    times = nb10.call_times(lines, picked)
+    assert [round((t - times[0]) * 1e3, 1) for t in times] == [0.0, 0.1, 200.2, 200.3]
+    with pytest.raises(ValueError, match="not found"):
+        nb10.call_times(lines, ["getsockopt(10, SOL_SOCKET, SO_ERROR, [0], [4]) = 0"])
+
+
+def test_backoff_watch_rejects_long_runs_before_any_socket():
+    with pytest.raises(ValueError, match="syncnt=4"):
+        nb06.backoff_after_each_retransmission(4)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        nb06.backoff_after_each_retransmission(1, max_wait_s=0)
+
+
+def _kernel() -> tuple:
+    return tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+
+
+@pytest.mark.skipif(_kernel() < (6, 8), reason="the linear phase is counted on total_rto since Linux 6.8")
+def test_tcpi_backoff_stays_zero_in_the_linear_phase():
+    from nbconn import synretry
+
+    if (synretry.read_sysctls()["tcp_syn_linear_timeouts"] or 0) < 2:
+        pytest.skip("needs tcp_syn_linear_timeouts >= 2")
+    watched = nb06.backoff_after_each_retransmission(1, max_wait_s=10)  # SYNs at 0, 1, 2 s, ETIMEDOUT at ~3 s
+    assert watched["errno"] == "ETIMEDOUT"
+    assert [(n, backoff) for _, n, backoff in watched["rows"]] == [(1, 0), (2, 0)]
