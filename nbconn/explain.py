@@ -149,6 +149,39 @@ def blocking_vs_nonblocking(target, *, timeout_s: float = 0.5) -> Table:
                  title="connect() to a host that drops SYNs")
 
 
+def blocking_connect_lateness(target, *, timeouts_s=(0.5, 1.0), repeat: int = 3) -> Table:
+    """How late a blocking connect() to ``target`` (a black hole) gives up after its SO_SNDTIMEO.
+
+    The wait is an ordinary kernel timer (``inet_wait_for_connect`` sleeps in
+    ``wait_woken``/``schedule_timeout``, net/ipv4/af_inet.c), and the timer wheel rounds
+    an expiry *up* to its level's granularity (``calc_index``, kernel/time/timer.c): a
+    0.5 s or 1 s timer sits on level 1, 8 jiffies wide (32 ms at HZ=250).  So it is never
+    early and may be up to a level's granularity + 1 jiffy late
+    (:func:`nbconn.synretry.wheel_lateness_s`), plus the time the woken thread waits for a CPU.
+    Each timeout is measured ``repeat`` times; the row gives the smallest and largest lateness.
+    """
+    from .synretry import config_hz, wheel_lateness_s
+
+    if not 1 <= repeat <= 20:
+        raise ValueError(f"repeat={repeat!r} is outside 1..20")
+    host, port = target.rsplit(":", 1)
+    hz = config_hz()
+    rows = []
+    for timeout_s in timeouts_s:
+        late = []
+        for _ in range(repeat):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+                t0 = time.perf_counter_ns()
+                s.connect_ex((host, int(port)))
+                late.append((time.perf_counter_ns() - t0) / 1e9 - timeout_s)
+        bound = (f"0 to {wheel_lateness_s(timeout_s, hz) * 1e3:.0f} ms (HZ={hz})" if hz
+                 else "unknown: CONFIG_HZ not readable")
+        rows.append([f"{timeout_s:g} s", f"{min(late) * 1e3:.1f} to {max(late) * 1e3:.1f} ms", bound])
+    return Table(["SO_SNDTIMEO", f"late by (min to max of {repeat})", "timer wheel's bound"], rows,
+                 title="a blocking connect() gives up after its timeout, on the timer wheel's grid")
+
+
 def rcvbuf_autotuning(total_bytes: int = 16 << 20, rcvbufs=(None, 65536)) -> Table:
     """Receive ``total_bytes`` over loopback with and without SO_RCVBUF; SO_RCVBUF read back before and after.
 
@@ -257,6 +290,109 @@ def edge_vs_level(rounds: int = 3) -> Table:
             s.close()
     return Table(["call", "registered EPOLLOUT|EPOLLET (edge)", "registered EPOLLOUT (level)"], rows,
                  title="one writable socket, registered twice: what each epoll_wait returned")
+
+
+_NGINX_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+def _nginx_handlers(mask: int) -> str:
+    """What ngx_epoll_process_events runs for one reported mask (ngx_epoll_module.c:862-930, 1.22.1).
+
+    EPOLLERR or EPOLLHUP is widened to IN|OUT; EPOLLIN runs the read handler first (EPOLLRDHUP
+    sets rev->pending_eof), then EPOLLOUT runs the write handler.
+    """
+    if mask & (select.EPOLLERR | select.EPOLLHUP):
+        mask |= select.EPOLLIN | select.EPOLLOUT
+    ran = []
+    if mask & select.EPOLLIN:
+        ran.append("read handler" + (" (pending_eof)" if mask & select.EPOLLRDHUP else ""))
+    if mask & select.EPOLLOUT:
+        ran.append("write handler")
+    return ", then ".join(ran) or "-"
+
+
+def _loopback_pair(wait_s: float):
+    """A connected loopback TCP pair: (client, server); the client non-blocking, not yet registered."""
+    with socket.create_server(("127.0.0.1", 0), backlog=1) as listener:
+        listener.settimeout(wait_s)
+        client = socket.socket()
+        try:
+            client.settimeout(wait_s)
+            client.connect(listener.getsockname())
+            client.setblocking(False)
+            server, _ = listener.accept()
+        except BaseException:
+            client.close()
+            raise
+    return client, server
+
+
+def edge_triggered_wakeups(*, wait_s: float = 1.0, quiet_s: float = 0.05) -> Table:
+    """nginx's registration (IN|OUT|RDHUP|ET) on a connected loopback socket: what each epoll_wait returns.
+
+    Edge-triggered is not "reported when writability becomes true".  The socket's wakeups
+    call ``ep_poll_callback`` (fs/eventpoll.c), which queues an EPOLLET item whenever the
+    wakeup's key matches any bit of its mask -- data arriving wakes with EPOLLIN -- and
+    epoll_wait then polls the socket's *whole* state (``ep_send_events`` -> ``ep_item_poll``),
+    so one byte arriving on a writable socket comes back as EPOLLIN|EPOLLOUT, and nginx runs
+    its write handler again.  Between wakeups an EPOLLET item is not reported, even while
+    unread data waits.  Events are waited for (up to ``wait_s``); "nothing" rows wait ``quiet_s``.
+    """
+    client, server = _loopback_pair(wait_s)
+    rows = []
+    try:
+        with select.epoll() as ep:
+            ep.register(client.fileno(), _NGINX_MASK)
+
+            def step(what: str, timeout: float) -> None:
+                got = 0
+                for _, mask in ep.poll(timeout):
+                    got |= mask
+                rows.append([what, event_names(got) if got else "(nothing)", _nginx_handlers(got) if got else "-"])
+
+            step("EPOLL_CTL_ADD on the connected socket, epoll_wait", wait_s)
+            step("epoll_wait again: nothing happened", quiet_s)
+            server.send(b"x")
+            step("the peer sends 1 byte; epoll_wait", wait_s)
+            step("epoll_wait again: the byte is still unread", quiet_s)
+            server.send(b"y")
+            step("the peer sends 1 more byte; epoll_wait", wait_s)
+            server.shutdown(socket.SHUT_WR)
+            step("the peer shuts down its side (FIN); epoll_wait", wait_s)
+    finally:
+        client.close()
+        server.close()
+    return Table(["what happened", "epoll_wait returned", "nginx 1.22.1 runs"], rows,
+                 title="EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET on a connected socket: every matching wakeup is reported")
+
+
+def close_with_a_duplicate(*, wait_s: float = 1.0, quiet_s: float = 0.05) -> Table:
+    """close() takes a socket out of epoll only when its open file description goes.
+
+    epoll registers the pair (descriptor number, open file description); the kernel
+    removes the item when the *file* is released (``eventpoll_release``, called from the
+    last ``fput``), not when one descriptor is closed.  With a dup() (or a forked child)
+    still holding the file, the item stays and keeps reporting the old, closed number.
+    """
+    rows = []
+    for dup in (False, True):
+        client, server = _loopback_pair(wait_s)
+        other = client.dup() if dup else None
+        try:
+            with select.epoll() as ep:
+                fd = client.fileno()
+                ep.register(fd, select.EPOLLIN | select.EPOLLET)
+                client.close()  # close(fd): the registration goes only with the last reference
+                server.send(b"x")
+                got = ep.poll(wait_s if dup else quiet_s)
+                shown = "; ".join(f"fd {n}: {event_names(m)}" for n, m in got) or "(nothing)"
+                rows.append(["a dup() still open" if dup else "no other descriptor", f"close({fd})", shown])
+        finally:
+            for s in (client, server, other):
+                if s is not None:
+                    s.close()
+    return Table(["the socket's file also held by", "then", "epoll_wait after the peer sends 1 byte"], rows,
+                 title="close() and an epoll registration")
 
 
 def register_order(target, *, wait_s: float = 1.0) -> Table:
@@ -440,19 +576,24 @@ _EXTRAS = (
      "to show what the kernel kept (notebook 01)"),
     ("tcp_info", "getsockopt(TCP_INFO) once connected", "the kernel's RTT estimate, for notebook 08"),
     ("unregister", "epoll_ctl(EPOLL_CTL_DEL) before close()",
-     "nginx relies on close() removing the descriptor from epoll"),
+     "nginx closes without it: the kernel drops the registration with the last reference to the open file (notebook 03)"),
 )
 
 
 def extras_beyond_nginx(result) -> Table:
-    """The calls in ``result``'s trace that an nginx 1.22.1 worker would not make, with how many of each."""
+    """The calls in ``result``'s trace that an nginx 1.22.1 worker would not make, with how many of each.
+
+    The count column counts syscalls only, so the title's total is its sum.  SOCK_CLOEXEC
+    is a flag on the socket() call nginx makes too: its row says whether the flag was set,
+    and adds no call.
+    """
     names = [s.name for s in result.steps]
     rows = [[what, names.count(name), why] for name, what, why in _EXTRAS]
     socket_call = next((s.call for s in result.steps if s.name == "socket"), "")
-    rows.append(["SOCK_CLOEXEC on socket()", int("SOCK_CLOEXEC" in socket_call),
-                 "a flag on the same call (CPython's socket() always asks for it); nginx does not set it"])
-    return Table(["what nbconn adds", "in this trace", "why"], rows,
-                 title=f"beyond nginx 1.22.1: {sum(r[1] for r in rows[:3])} extra syscalls in this trace")
+    rows.append(["SOCK_CLOEXEC flag on socket() (" + ("set" if "SOCK_CLOEXEC" in socket_call else "not set") + ")", 0,
+                 "no extra call: a flag on nginx's own socket() (CPython's socket() always asks for it)"])
+    return Table(["what nbconn adds", "extra syscalls", "why"], rows,
+                 title=f"beyond nginx 1.22.1: {sum(r[1] for r in rows)} extra syscalls in this trace")
 
 
 def _nginx_path(result) -> str:

@@ -28,6 +28,47 @@ def test_edge_reports_once_level_every_time():
     assert not any("EPOLLET" in cell for r in rows for cell in r[1:]), "epoll_wait never reports EPOLLET"
 
 
+def test_edge_triggered_reports_every_matching_wakeup_with_the_full_mask():
+    rows = {r[0]: r[1:] for r in explain.edge_triggered_wakeups().rows}
+    # not "only when writability becomes true": each byte arriving reports EPOLLOUT again
+    assert rows["the peer sends 1 byte; epoll_wait"] == ["EPOLLIN|EPOLLOUT", "read handler, then write handler"]
+    assert rows["the peer sends 1 more byte; epoll_wait"][0] == "EPOLLIN|EPOLLOUT"
+    # ...and nothing between wakeups, even with unread data
+    assert rows["epoll_wait again: the byte is still unread"][0] == "(nothing)"
+    assert rows["the peer shuts down its side (FIN); epoll_wait"][0] == "EPOLLIN|EPOLLOUT|EPOLLRDHUP"
+
+
+def test_close_removes_the_registration_only_with_the_last_reference():
+    rows = explain.close_with_a_duplicate().rows
+    assert rows[0][2] == "(nothing)"
+    closed_fd = rows[1][1][len("close("):-1]
+    assert rows[1][2] == f"fd {closed_fd}: EPOLLIN", "epoll reports the closed number while a dup holds the file"
+
+
+def test_extras_title_counts_the_rows_it_shows():
+    import nbconn
+
+    with lab.listening(hold=True) as up:
+        table = explain.extras_beyond_nginx(nbconn.connect(up))
+    counted = sum(int(r[1]) for r in table.rows)
+    assert table.title == f"beyond nginx 1.22.1: {counted} extra syscalls in this trace"
+    assert any(r[0].startswith("SOCK_CLOEXEC") and r[1] == "0" for r in table.rows), "a flag is not a syscall"
+
+
+@pytest.mark.timing
+def test_blocking_connect_gives_up_on_the_timer_wheel_grid(late_tolerance_ms):
+    from nbconn.synretry import config_hz, wheel_lateness_s
+
+    hz = config_hz()
+    if hz is None:
+        pytest.skip("CONFIG_HZ is not readable here")
+    with lab.blackhole() as hole:
+        rows = explain.blocking_connect_lateness(hole, timeouts_s=(0.3,), repeat=2).rows
+    low, high = (float(x) for x in re.findall(r"-?[0-9.]+", rows[0][1])[:2])
+    assert low >= -1.0, "a kernel timer is never early (1 ms for the clock reads)"
+    assert high <= wheel_lateness_s(0.3, hz) * 1e3 + late_tolerance_ms(5)
+
+
 def test_add_reports_current_readiness_in_either_order():
     with lab.listening(hold=True) as up:
         rows = explain.register_order(up).rows
