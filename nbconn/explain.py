@@ -149,6 +149,15 @@ def blocking_vs_nonblocking(target, *, timeout_s: float = 0.5) -> Table:
                  title="connect() to a host that drops SYNs")
 
 
+def _run_delay_ns() -> int | None:
+    """This thread's total time spent runnable but waiting for a CPU (schedstat's 2nd field), or None."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def blocking_connect_lateness(target, *, timeouts_s=(0.5, 1.0), repeat: int = 3) -> Table:
     """How late a blocking connect() to ``target`` (a black hole) gives up after its SO_SNDTIMEO.
 
@@ -157,8 +166,10 @@ def blocking_connect_lateness(target, *, timeouts_s=(0.5, 1.0), repeat: int = 3)
     an expiry *up* to its level's granularity (``calc_index``, kernel/time/timer.c): a
     0.5 s or 1 s timer sits on level 1, 8 jiffies wide (32 ms at HZ=250).  So it is never
     early and may be up to a level's granularity + 1 jiffy late
-    (:func:`nbconn.synretry.wheel_lateness_s`), plus the time the woken thread waits for a CPU.
-    Each timeout is measured ``repeat`` times; the row gives the smallest and largest lateness.
+    (:func:`nbconn.synretry.wheel_lateness_s`).  On a busy machine the woken thread may
+    then wait for a CPU: that time is read from the thread's schedstat (run_delay) around
+    the call and taken out, so the third column is the timer's own lateness.
+    Each timeout is measured ``repeat`` times; the row gives the smallest and largest.
     """
     from .synretry import config_hz, wheel_lateness_s
 
@@ -168,17 +179,24 @@ def blocking_connect_lateness(target, *, timeouts_s=(0.5, 1.0), repeat: int = 3)
     hz = config_hz()
     rows = []
     for timeout_s in timeouts_s:
-        late = []
+        late, timer_late = [], []
         for _ in range(repeat):
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+                waited0 = _run_delay_ns()
                 t0 = time.perf_counter_ns()
                 s.connect_ex((host, int(port)))
-                late.append((time.perf_counter_ns() - t0) / 1e9 - timeout_s)
+                took = (time.perf_counter_ns() - t0) / 1e9
+                waited1 = _run_delay_ns()
+            late.append(took - timeout_s)
+            if waited0 is not None and waited1 is not None:
+                timer_late.append(took - timeout_s - (waited1 - waited0) / 1e9)
+        spread = lambda xs: f"{min(xs) * 1e3:.1f} to {max(xs) * 1e3:.1f} ms" if xs else "n/a"  # noqa: E731
         bound = (f"0 to {wheel_lateness_s(timeout_s, hz) * 1e3:.0f} ms (HZ={hz})" if hz
                  else "unknown: CONFIG_HZ not readable")
-        rows.append([f"{timeout_s:g} s", f"{min(late) * 1e3:.1f} to {max(late) * 1e3:.1f} ms", bound])
-    return Table(["SO_SNDTIMEO", f"late by (min to max of {repeat})", "timer wheel's bound"], rows,
+        rows.append([f"{timeout_s:g} s", spread(late), spread(timer_late), bound])
+    return Table(["SO_SNDTIMEO", f"late by (min to max of {repeat})", "less the time waiting for a CPU",
+                  "timer wheel's bound"], rows,
                  title="a blocking connect() gives up after its timeout, on the timer wheel's grid")
 
 
@@ -385,7 +403,8 @@ def close_with_a_duplicate(*, wait_s: float = 1.0, quiet_s: float = 0.05) -> Tab
                 client.close()  # close(fd): the registration goes only with the last reference
                 server.send(b"x")
                 got = ep.poll(wait_s if dup else quiet_s)
-                shown = "; ".join(f"fd {n}: {event_names(m)}" for n, m in got) or "(nothing)"
+                shown = "; ".join(f"{event_names(m)}, for " + ("the closed descriptor" if n == fd else f"fd {n}")
+                                  for n, m in got) or "(nothing)"
                 rows.append(["a dup() still open" if dup else "no other descriptor", f"close({fd})", shown])
         finally:
             for s in (client, server, other):

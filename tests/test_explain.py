@@ -41,8 +41,7 @@ def test_edge_triggered_reports_every_matching_wakeup_with_the_full_mask():
 def test_close_removes_the_registration_only_with_the_last_reference():
     rows = explain.close_with_a_duplicate().rows
     assert rows[0][2] == "(nothing)"
-    closed_fd = rows[1][1][len("close("):-1]
-    assert rows[1][2] == f"fd {closed_fd}: EPOLLIN", "epoll reports the closed number while a dup holds the file"
+    assert rows[1][2] == "EPOLLIN, for the closed descriptor", "epoll reports the closed number while a dup holds the file"
 
 
 def test_extras_title_counts_the_rows_it_shows():
@@ -67,6 +66,9 @@ def test_blocking_connect_gives_up_on_the_timer_wheel_grid(late_tolerance_ms):
     low, high = (float(x) for x in re.findall(r"-?[0-9.]+", rows[0][1])[:2])
     assert low >= -1.0, "a kernel timer is never early (1 ms for the clock reads)"
     assert high <= wheel_lateness_s(0.3, hz) * 1e3 + late_tolerance_ms(5)
+    if rows[0][2] != "n/a":  # the timer's own lateness, the CPU wait taken out
+        timer_high = float(re.findall(r"-?[0-9.]+", rows[0][2])[1])
+        assert timer_high <= wheel_lateness_s(0.3, hz) * 1e3 + late_tolerance_ms(2)
 
 
 def test_add_reports_current_readiness_in_either_order():
