@@ -191,8 +191,8 @@ def blocking_connect_lateness(target, *, timeouts_s=(0.5, 1.0), repeat: int = 3)
             late.append(took - timeout_s)
             if waited0 is not None and waited1 is not None:
                 timer_late.append(took - timeout_s - (waited1 - waited0) / 1e9)
-        spread = lambda xs: f"{min(xs) * 1e3:.1f} to {max(xs) * 1e3:.1f} ms" if xs else "n/a"  # noqa: E731
-        bound = (f"0 to {wheel_lateness_s(timeout_s, hz) * 1e3:.0f} ms (HZ={hz})" if hz
+        spread = lambda xs: f"{min(xs) * 1e3:.1f} ms to {max(xs) * 1e3:.1f} ms" if xs else "n/a"  # noqa: E731
+        bound = (f"0 ms to {wheel_lateness_s(timeout_s, hz) * 1e3:.0f} ms (HZ={hz})" if hz
                  else "unknown: CONFIG_HZ not readable")
         rows.append([f"{timeout_s:g} s", spread(late), spread(timer_late), bound])
     return Table(["SO_SNDTIMEO", f"late by (min to max of {repeat})", "less the time waiting for a CPU",
