@@ -8,6 +8,7 @@ elsewhere -- so what a reader sees is what *their* kernel did.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import html
 import os
@@ -21,6 +22,7 @@ import sys
 import termios
 import time
 
+from . import validate
 from .errors import errno_name
 from .strace import format_ns as duration  # the one duration formatter: µs, ms from 1 ms, s from 1 s
 from .loop import event_names
@@ -646,6 +648,53 @@ def connect_returns(targets: dict, *, repeat: int = 20, timeout: float = 1.0) ->
 
 
 _TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 7: "CLOSE"}
+
+
+def local_port_exhaustion(*, ports: int = 4, upstreams: int = 2, limit: int = 64) -> Table:
+    """Connects from a lab namespace whose ``ip_local_port_range`` holds ``ports`` ports, until one fails.
+
+    ``upstreams`` listeners inside the namespace are connected to in turn, every connection
+    kept open, three ways: no local address (nginx without ``proxy_bind``); ``proxy_bind
+    127.0.0.1`` as nginx 1.22.1 does it, IP_BIND_ADDRESS_NO_PORT then bind(), so the port is
+    chosen at connect() and only the 4-tuple must be unique (``__inet_hash_connect``); and a
+    bind() that picks the port itself, which reserves it for every destination
+    (``inet_csk_get_port``).  The range is set after the listeners took their ports, to
+    ``ports`` ports none of them holds.  At most ``limit`` connects per row.
+    """
+    from . import api
+    from .lab import namespace, peers
+
+    ports = validate.integer("ports", ports, 1, 64)
+    upstreams = validate.integer("upstreams", upstreams, 1, 8)
+    limit = validate.integer("limit", limit, 1, 1024)
+    ways = (("none", {}),
+            ("127.0.0.1, IP_BIND_ADDRESS_NO_PORT then bind() (nginx 1.22.1)",
+             {"bind": "127.0.0.1", "bind_address_no_port": True}),
+            ("127.0.0.1, bind() picks the port", {"bind": "127.0.0.1", "bind_address_no_port": False}))
+    rows = []
+    for label, options in ways:
+        with namespace() as ns, contextlib.ExitStack() as stack:
+            targets = [stack.enter_context(peers.listening(hold=True, source=ns)) for _ in range(upstreams)]
+            taken = {int(t.rsplit(":", 1)[1]) for t in targets}
+            low = next(p for p in range(40000, 60000, ports) if not taken & set(range(p, p + ports)))
+            ns.set_sysctl("net.ipv4.ip_local_port_range", f"{low} {low + ports - 1}")
+            used: dict = {}
+            failed = "none failed"
+            with ns.using():
+                for i in range(limit):
+                    res = stack.enter_context(api.connect(targets[i % upstreams], keep=True, timeout=1.0, **options))
+                    if res.outcome != "connected":
+                        call = next(s.name for s in reversed(res.steps) if s.name in ("bind", "connect"))
+                        failed = f"{call}(): {res.errno} -> {res.ngx_connect}"
+                        break
+                    port = res.sock.getsockname()[1]
+                    used[port] = used.get(port, 0) + 1
+        uses = sorted(set(used.values()))
+        rows.append([label, sum(used.values()),
+                     f"{len(used)}, each used " + " or ".join(map(str, uses)) + (" time" if uses == [1] else " times"),
+                     failed])
+    return Table(["proxy_bind", "connections kept", "local ports", "the next connect"], rows,
+                  title=f"ip_local_port_range of {ports} ports, {upstreams} upstreams, every connection kept open")
 
 
 def tcp_state(sock: socket.socket) -> str:

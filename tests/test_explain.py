@@ -71,6 +71,18 @@ def test_blocking_connect_gives_up_on_the_timer_wheel_grid(late_tolerance_ms):
         assert timer_high <= wheel_lateness_s(0.3, hz) * 1e3 + late_tolerance_ms(2)
 
 
+def test_ip_bind_address_no_port_shares_local_ports_between_upstreams():
+    from nbconn.lab import namespace_unavailable_reason
+
+    if namespace_unavailable_reason():
+        pytest.skip(namespace_unavailable_reason())
+    rows = {r[0].split(",")[0] + (" bind" if "picks" in r[0] else ""): r[1:]
+            for r in explain.local_port_exhaustion(ports=2, upstreams=2).rows}
+    assert rows["none"] == ["4", "2, each used 2 times", "connect(): EADDRNOTAVAIL -> NGX_DECLINED"]
+    assert rows["127.0.0.1"] == rows["none"], "nginx's IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect()"
+    assert rows["127.0.0.1 bind"] == ["2", "2, each used 1 time", "bind(): EADDRINUSE -> NGX_ERROR"]
+
+
 def test_add_reports_current_readiness_in_either_order():
     with lab.listening(hold=True) as up:
         rows = explain.register_order(up).rows
