@@ -783,6 +783,51 @@ def eintr_during_wait(target, *, wait_s: float = 0.3, signal_after_s: float = 0.
     return Table(["", "measured"], rows, title="EINTR: a signal during the wait")
 
 
+def soft_error_while_connecting(*, syncnt: int = 1, first_read_s: float = 1.5, end_s: float = 10.0) -> Table:
+    """SO_ERROR returns a *soft* error while a connect is still pending, and the connect may end with it.
+
+    In a lab namespace a route ``2001:db8::/32 dev lo`` lets a SYN leave and vanish (the
+    namespace does not forward), so the connect stays in SYN_SENT.  Then IPv6 is switched off
+    on ``lo``, which takes the route away: the next SYN resend finds no route, and
+    ``inet6_sk_rebuild_header`` (net/ipv6/af_inet6.c) stores ENETUNREACH in ``sk_err_soft``
+    -- no wakeup, the state stays SYN_SENT.  ``getsockopt(SO_ERROR)`` returns ``sk_err``, or
+    when that is 0 ``sk_err_soft``, and clears what it returned (``sk_getsockopt``,
+    net/core/sock.c).  When the kernel gives up (``TCP_SYNCNT`` = ``syncnt``),
+    ``tcp_write_err`` (net/ipv4/tcp_timer.c) reports ``sk_err_soft`` if one is pending,
+    ETIMEDOUT otherwise.  Raises RuntimeError where namespaces or IPv6 are not available.
+    """
+    import errno as _errno
+
+    from .lab import namespace
+
+    syncnt = validate.integer("syncnt", syncnt, 1, 3)
+    name = lambda e: _errno.errorcode.get(e, str(e)) if e else "0"  # noqa: E731
+    rows = []
+    with namespace(routes=["2001:db8::/32 dev lo"]) as ns:
+        if ns.sysctl("net.ipv6.conf.lo.disable_ipv6") != "0":
+            raise RuntimeError("IPv6 is off in the lab namespace: the route this needs cannot exist")
+        with ns.socket(socket.AF_INET6, socket.SOCK_STREAM) as s, select.epoll() as ep:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, syncnt)
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+            err = s.connect_ex(("2001:db8::1", 80))
+            t0 = time.monotonic()
+            rows.append(["connect() to 2001:db8::1 (the SYN leaves, nothing answers)", name(err), tcp_state(s), "-"])
+            ns.set_sysctl("net.ipv6.conf.lo.disable_ipv6", "1")  # the route goes with lo's IPv6
+            events = ep.poll(first_read_s)  # past the first SYN resend (1 s): nothing to report
+            rows.append([f"IPv6 off on lo; epoll_wait({first_read_s:g} s), past the first resend",
+                         event_names(events[0][1]) if events else "(nothing)", tcp_state(s),
+                         name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))])
+            rows.append(["getsockopt(SO_ERROR) again at once", "-", tcp_state(s),
+                         name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))])
+            events = ep.poll(max(0.0, end_s - (time.monotonic() - t0)))
+            rows.append([f"the kernel gives up (TCP_SYNCNT {syncnt}), after {duration((time.monotonic() - t0) * 1e9)}",
+                         event_names(events[0][1]) if events else "(nothing yet)", tcp_state(s),
+                         name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))])
+    return Table(["moment", "connect() / epoll_wait", "TCP state", "SO_ERROR"], rows,
+                 title="a soft error: SO_ERROR says ENETUNREACH while the connect is still pending")
+
+
 def so_error_twice(target, *, wait_s: float = 2.0) -> Table:
     """Non-blocking connect, wait for epoll, then read SO_ERROR twice: the first read clears it."""
     host, port = target.rsplit(":", 1)

@@ -83,6 +83,20 @@ def test_ip_bind_address_no_port_shares_local_ports_between_upstreams():
     assert rows["127.0.0.1 bind"] == ["2", "2, each used 1 time", "bind(): EADDRINUSE -> NGX_ERROR"]
 
 
+def test_so_error_returns_and_clears_the_soft_error_while_connecting():
+    from nbconn.lab import namespace_unavailable_reason
+
+    if namespace_unavailable_reason():
+        pytest.skip(namespace_unavailable_reason())
+    try:
+        rows = explain.soft_error_while_connecting(syncnt=1).rows
+    except RuntimeError as exc:  # IPv6 or iproute2 missing in the lab namespace
+        pytest.skip(str(exc))
+    assert rows[1][1:] == ["(nothing)", "SYN_SENT", "ENETUNREACH"], "sk_err_soft, with nothing reported"
+    assert rows[2][2:] == ["SYN_SENT", "0"], "the read cleared it"
+    assert rows[3][2:] == ["CLOSE", "ENETUNREACH"], "tcp_write_err reports the pending soft error, not ETIMEDOUT"
+
+
 def test_add_reports_current_readiness_in_either_order():
     with lab.listening(hold=True) as up:
         rows = explain.register_order(up).rows
