@@ -94,3 +94,12 @@ def test_03_one_byte_on_a_writable_socket_is_reported_with_epollout():
 def test_04_port_exhaustion_with_and_without_bind_address_no_port():
     table = text_output(cells("04")["port-exhaustion"])
     assert "connect(): EADDRNOTAVAIL -> NGX_DECLINED" in table and "bind(): EADDRINUSE -> NGX_ERROR" in table
+
+
+def test_05_so_error_can_name_a_soft_error_before_anything_ended():
+    c = cells("05")
+    table = text_output(c["soft-error"])
+    if "ENETUNREACH" not in table:
+        pytest.skip("the stored run had no lab namespace or IPv6: " + table[:200])
+    assert re.search(r"\(nothing\)\s+SYN_SENT\s+ENETUNREACH", table), "a soft error while nothing was reported"
+    assert "sk_err_soft" in c["so-error-reading"].source
