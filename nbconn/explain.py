@@ -597,7 +597,7 @@ _EXTRAS = (
      "to show what the kernel kept (notebook 01)"),
     ("tcp_info", "getsockopt(TCP_INFO) once connected", "the kernel's RTT estimate, for notebook 08"),
     ("unregister", "epoll_ctl(EPOLL_CTL_DEL) before close()",
-     "nginx closes without it: the kernel drops the registration with the last reference to the open file (notebook 03)"),
+     "nginx closes without it: the registration goes with the last reference to the open file (notebook 03)"),
 )
 
 

@@ -41,7 +41,7 @@ def test_edge_triggered_reports_every_matching_wakeup_with_the_full_mask():
 def test_close_removes_the_registration_only_with_the_last_reference():
     rows = explain.close_with_a_duplicate().rows
     assert rows[0][2] == "(nothing)"
-    assert rows[1][2] == "EPOLLIN, for the closed descriptor", "epoll reports the closed number while a dup holds the file"
+    assert rows[1][2] == "EPOLLIN, for the closed descriptor", "reported for a closed number: a dup holds the file"
 
 
 def test_extras_title_counts_the_rows_it_shows():
