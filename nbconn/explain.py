@@ -8,6 +8,7 @@ elsewhere -- so what a reader sees is what *their* kernel did.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import html
 import os
@@ -21,6 +22,7 @@ import sys
 import termios
 import time
 
+from . import validate
 from .errors import errno_name
 from .strace import format_ns as duration  # the one duration formatter: µs, ms from 1 ms, s from 1 s
 from .loop import event_names
@@ -149,6 +151,57 @@ def blocking_vs_nonblocking(target, *, timeout_s: float = 0.5) -> Table:
                  title="connect() to a host that drops SYNs")
 
 
+def _run_delay_ns() -> int | None:
+    """This thread's total time spent runnable but waiting for a CPU (schedstat's 2nd field), or None."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def blocking_connect_lateness(target, *, timeouts_s=(0.5, 1.0), repeat: int = 3) -> Table:
+    """How late a blocking connect() to ``target`` (a black hole) gives up after its SO_SNDTIMEO.
+
+    The wait is an ordinary kernel timer (``inet_wait_for_connect`` sleeps in
+    ``wait_woken``/``schedule_timeout``, net/ipv4/af_inet.c), and the timer wheel rounds
+    an expiry *up* to its level's granularity (``calc_index``, kernel/time/timer.c): a
+    0.5 s or 1 s timer sits on level 1, 8 jiffies wide (32 ms at HZ=250).  So it is never
+    early and may be up to a level's granularity + 1 jiffy late
+    (:func:`nbconn.synretry.wheel_lateness_s`).  On a busy machine the woken thread may
+    then wait for a CPU: that time is read from the thread's schedstat (run_delay) around
+    the call and taken out, so the third column is the timer's own lateness.
+    Each timeout is measured ``repeat`` times; the row gives the smallest and largest.
+    """
+    from .synretry import config_hz, wheel_lateness_s
+
+    if not 1 <= repeat <= 20:
+        raise ValueError(f"repeat={repeat!r} is outside 1..20")
+    host, port = target.rsplit(":", 1)
+    hz = config_hz()
+    rows = []
+    for timeout_s in timeouts_s:
+        late, timer_late = [], []
+        for _ in range(repeat):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_s))
+                waited0 = _run_delay_ns()
+                t0 = time.perf_counter_ns()
+                s.connect_ex((host, int(port)))
+                took = (time.perf_counter_ns() - t0) / 1e9
+                waited1 = _run_delay_ns()
+            late.append(took - timeout_s)
+            if waited0 is not None and waited1 is not None:
+                timer_late.append(took - timeout_s - (waited1 - waited0) / 1e9)
+        spread = lambda xs: f"{min(xs) * 1e3:.1f} ms to {max(xs) * 1e3:.1f} ms" if xs else "n/a"  # noqa: E731
+        bound = (f"0 ms to {wheel_lateness_s(timeout_s, hz) * 1e3:.0f} ms (HZ={hz})" if hz
+                 else "unknown: CONFIG_HZ not readable")
+        rows.append([f"{timeout_s:g} s", spread(late), spread(timer_late), bound])
+    return Table(["SO_SNDTIMEO", f"late by (min to max of {repeat})", "less the time waiting for a CPU",
+                  "timer wheel's bound"], rows,
+                 title="a blocking connect() gives up after its timeout, on the timer wheel's grid")
+
+
 def rcvbuf_autotuning(total_bytes: int = 16 << 20, rcvbufs=(None, 65536)) -> Table:
     """Receive ``total_bytes`` over loopback with and without SO_RCVBUF; SO_RCVBUF read back before and after.
 
@@ -257,6 +310,110 @@ def edge_vs_level(rounds: int = 3) -> Table:
             s.close()
     return Table(["call", "registered EPOLLOUT|EPOLLET (edge)", "registered EPOLLOUT (level)"], rows,
                  title="one writable socket, registered twice: what each epoll_wait returned")
+
+
+_NGINX_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+def _nginx_handlers(mask: int) -> str:
+    """What ngx_epoll_process_events runs for one reported mask (ngx_epoll_module.c:862-930, 1.22.1).
+
+    EPOLLERR or EPOLLHUP is widened to IN|OUT; EPOLLIN runs the read handler first (EPOLLRDHUP
+    sets rev->pending_eof), then EPOLLOUT runs the write handler.
+    """
+    if mask & (select.EPOLLERR | select.EPOLLHUP):
+        mask |= select.EPOLLIN | select.EPOLLOUT
+    ran = []
+    if mask & select.EPOLLIN:
+        ran.append("read handler" + (" (pending_eof)" if mask & select.EPOLLRDHUP else ""))
+    if mask & select.EPOLLOUT:
+        ran.append("write handler")
+    return ", then ".join(ran) or "-"
+
+
+def _loopback_pair(wait_s: float):
+    """A connected loopback TCP pair: (client, server); the client non-blocking, not yet registered."""
+    with socket.create_server(("127.0.0.1", 0), backlog=1) as listener:
+        listener.settimeout(wait_s)
+        client = socket.socket()
+        try:
+            client.settimeout(wait_s)
+            client.connect(listener.getsockname())
+            client.setblocking(False)
+            server, _ = listener.accept()
+        except BaseException:
+            client.close()
+            raise
+    return client, server
+
+
+def edge_triggered_wakeups(*, wait_s: float = 1.0, quiet_s: float = 0.05) -> Table:
+    """nginx's registration (IN|OUT|RDHUP|ET) on a connected loopback socket: what each epoll_wait returns.
+
+    Edge-triggered is not "reported when writability becomes true".  The socket's wakeups
+    call ``ep_poll_callback`` (fs/eventpoll.c), which queues an EPOLLET item whenever the
+    wakeup's key matches any bit of its mask -- data arriving wakes with EPOLLIN -- and
+    epoll_wait then polls the socket's *whole* state (``ep_send_events`` -> ``ep_item_poll``),
+    so one byte arriving on a writable socket comes back as EPOLLIN|EPOLLOUT, and nginx runs
+    its write handler again.  Between wakeups an EPOLLET item is not reported, even while
+    unread data waits.  Events are waited for (up to ``wait_s``); "nothing" rows wait ``quiet_s``.
+    """
+    client, server = _loopback_pair(wait_s)
+    rows = []
+    try:
+        with select.epoll() as ep:
+            ep.register(client.fileno(), _NGINX_MASK)
+
+            def step(what: str, timeout: float) -> None:
+                got = 0
+                for _, mask in ep.poll(timeout):
+                    got |= mask
+                rows.append([what, event_names(got) if got else "(nothing)", _nginx_handlers(got) if got else "-"])
+
+            step("EPOLL_CTL_ADD on the connected socket, epoll_wait", wait_s)
+            step("epoll_wait again: nothing happened", quiet_s)
+            server.send(b"x")
+            step("the peer sends 1 byte; epoll_wait", wait_s)
+            step("epoll_wait again: the byte is still unread", quiet_s)
+            server.send(b"y")
+            step("the peer sends 1 more byte; epoll_wait", wait_s)
+            server.shutdown(socket.SHUT_WR)
+            step("the peer shuts down its side (FIN); epoll_wait", wait_s)
+    finally:
+        client.close()
+        server.close()
+    return Table(["what happened", "epoll_wait returned", "nginx 1.22.1 runs"], rows,
+                 title="EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET on a connected socket: every matching wakeup is reported")
+
+
+def close_with_a_duplicate(*, wait_s: float = 1.0, quiet_s: float = 0.05) -> Table:
+    """close() takes a socket out of epoll only when its open file description goes.
+
+    epoll registers the pair (descriptor number, open file description); the kernel
+    removes the item when the *file* is released (``eventpoll_release``, called from the
+    last ``fput``), not when one descriptor is closed.  With a dup() (or a forked child)
+    still holding the file, the item stays and keeps reporting the old, closed number.
+    """
+    rows = []
+    for dup in (False, True):
+        client, server = _loopback_pair(wait_s)
+        other = client.dup() if dup else None
+        try:
+            with select.epoll() as ep:
+                fd = client.fileno()
+                ep.register(fd, select.EPOLLIN | select.EPOLLET)
+                client.close()  # close(fd): the registration goes only with the last reference
+                server.send(b"x")
+                got = ep.poll(wait_s if dup else quiet_s)
+                shown = "; ".join(f"{event_names(m)}, for " + ("the closed descriptor" if n == fd else f"fd {n}")
+                                  for n, m in got) or "(nothing)"
+                rows.append(["a dup() still open" if dup else "no other descriptor", f"close({fd})", shown])
+        finally:
+            for s in (client, server, other):
+                if s is not None:
+                    s.close()
+    return Table(["the socket's file also held by", "then", "epoll_wait after the peer sends 1 byte"], rows,
+                 title="close() and an epoll registration")
 
 
 def register_order(target, *, wait_s: float = 1.0) -> Table:
@@ -440,19 +597,24 @@ _EXTRAS = (
      "to show what the kernel kept (notebook 01)"),
     ("tcp_info", "getsockopt(TCP_INFO) once connected", "the kernel's RTT estimate, for notebook 08"),
     ("unregister", "epoll_ctl(EPOLL_CTL_DEL) before close()",
-     "nginx relies on close() removing the descriptor from epoll"),
+     "nginx closes without it: the registration goes with the last reference to the open file (notebook 03)"),
 )
 
 
 def extras_beyond_nginx(result) -> Table:
-    """The calls in ``result``'s trace that an nginx 1.22.1 worker would not make, with how many of each."""
+    """The calls in ``result``'s trace that an nginx 1.22.1 worker would not make, with how many of each.
+
+    The count column counts syscalls only, so the title's total is its sum.  SOCK_CLOEXEC
+    is a flag on the socket() call nginx makes too: its row says whether the flag was set,
+    and adds no call.
+    """
     names = [s.name for s in result.steps]
     rows = [[what, names.count(name), why] for name, what, why in _EXTRAS]
     socket_call = next((s.call for s in result.steps if s.name == "socket"), "")
-    rows.append(["SOCK_CLOEXEC on socket()", int("SOCK_CLOEXEC" in socket_call),
-                 "a flag on the same call (CPython's socket() always asks for it); nginx does not set it"])
-    return Table(["what nbconn adds", "in this trace", "why"], rows,
-                 title=f"beyond nginx 1.22.1: {sum(r[1] for r in rows[:3])} extra syscalls in this trace")
+    rows.append(["SOCK_CLOEXEC flag on socket() (" + ("set" if "SOCK_CLOEXEC" in socket_call else "not set") + ")", 0,
+                 "no extra call: a flag on nginx's own socket() (CPython's socket() always asks for it)"])
+    return Table(["what nbconn adds", "extra syscalls", "why"], rows,
+                 title=f"beyond nginx 1.22.1: {sum(r[1] for r in rows)} extra syscalls in this trace")
 
 
 def _nginx_path(result) -> str:
@@ -486,6 +648,53 @@ def connect_returns(targets: dict, *, repeat: int = 20, timeout: float = 1.0) ->
 
 
 _TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 7: "CLOSE"}
+
+
+def local_port_exhaustion(*, ports: int = 4, upstreams: int = 2, limit: int = 64) -> Table:
+    """Connects from a lab namespace whose ``ip_local_port_range`` holds ``ports`` ports, until one fails.
+
+    ``upstreams`` listeners inside the namespace are connected to in turn, every connection
+    kept open, three ways: no local address (nginx without ``proxy_bind``); ``proxy_bind
+    127.0.0.1`` as nginx 1.22.1 does it, IP_BIND_ADDRESS_NO_PORT then bind(), so the port is
+    chosen at connect() and only the 4-tuple must be unique (``__inet_hash_connect``); and a
+    bind() that picks the port itself, which reserves it for every destination
+    (``inet_csk_get_port``).  The range is set after the listeners took their ports, to
+    ``ports`` ports none of them holds.  At most ``limit`` connects per row.
+    """
+    from . import api
+    from .lab import namespace, peers
+
+    ports = validate.integer("ports", ports, 1, 64)
+    upstreams = validate.integer("upstreams", upstreams, 1, 8)
+    limit = validate.integer("limit", limit, 1, 1024)
+    ways = (("none", {}),
+            ("127.0.0.1, IP_BIND_ADDRESS_NO_PORT then bind() (nginx 1.22.1)",
+             {"bind": "127.0.0.1", "bind_address_no_port": True}),
+            ("127.0.0.1, bind() picks the port", {"bind": "127.0.0.1", "bind_address_no_port": False}))
+    rows = []
+    for label, options in ways:
+        with namespace() as ns, contextlib.ExitStack() as stack:
+            targets = [stack.enter_context(peers.listening(hold=True, source=ns)) for _ in range(upstreams)]
+            taken = {int(t.rsplit(":", 1)[1]) for t in targets}
+            low = next(p for p in range(40000, 60000, ports) if not taken & set(range(p, p + ports)))
+            ns.set_sysctl("net.ipv4.ip_local_port_range", f"{low} {low + ports - 1}")
+            used: dict = {}
+            failed = "none failed"
+            with ns.using():
+                for i in range(limit):
+                    res = stack.enter_context(api.connect(targets[i % upstreams], keep=True, timeout=1.0, **options))
+                    if res.outcome != "connected":
+                        call = next(s.name for s in reversed(res.steps) if s.name in ("bind", "connect"))
+                        failed = f"{call}(): {res.errno} -> {res.ngx_connect}"
+                        break
+                    port = res.sock.getsockname()[1]
+                    used[port] = used.get(port, 0) + 1
+        uses = sorted(set(used.values()))
+        rows.append([label, sum(used.values()),
+                     f"{len(used)}, each used " + " or ".join(map(str, uses)) + (" time" if uses == [1] else " times"),
+                     failed])
+    return Table(["proxy_bind", "connections kept", "local ports", "the next connect"], rows,
+                  title=f"ip_local_port_range of {ports} ports, {upstreams} upstreams, every connection kept open")
 
 
 def tcp_state(sock: socket.socket) -> str:
@@ -572,6 +781,51 @@ def eintr_during_wait(target, *, wait_s: float = 0.3, signal_after_s: float = 0.
             ["epoll.poll returned after", duration(waited * 1e9)],
             ["events", event_names(events[0][1]) if events else "none: the connect timer's time is up"]]
     return Table(["", "measured"], rows, title="EINTR: a signal during the wait")
+
+
+def soft_error_while_connecting(*, syncnt: int = 1, first_read_s: float = 1.5, end_s: float = 10.0) -> Table:
+    """SO_ERROR returns a *soft* error while a connect is still pending, and the connect may end with it.
+
+    In a lab namespace a route ``2001:db8::/32 dev lo`` lets a SYN leave and vanish (the
+    namespace does not forward), so the connect stays in SYN_SENT.  Then IPv6 is switched off
+    on ``lo``, which takes the route away: the next SYN resend finds no route, and
+    ``inet6_sk_rebuild_header`` (net/ipv6/af_inet6.c) stores ENETUNREACH in ``sk_err_soft``
+    -- no wakeup, the state stays SYN_SENT.  ``getsockopt(SO_ERROR)`` returns ``sk_err``, or
+    when that is 0 ``sk_err_soft``, and clears what it returned (``sk_getsockopt``,
+    net/core/sock.c).  When the kernel gives up (``TCP_SYNCNT`` = ``syncnt``),
+    ``tcp_write_err`` (net/ipv4/tcp_timer.c) reports ``sk_err_soft`` if one is pending,
+    ETIMEDOUT otherwise.  Raises RuntimeError where namespaces or IPv6 are not available.
+    """
+    import errno as _errno
+
+    from .lab import namespace
+
+    syncnt = validate.integer("syncnt", syncnt, 1, 3)
+    name = lambda e: _errno.errorcode.get(e, str(e)) if e else "0"  # noqa: E731
+    rows = []
+    with namespace(routes=["2001:db8::/32 dev lo"]) as ns:
+        if ns.sysctl("net.ipv6.conf.lo.disable_ipv6") != "0":
+            raise RuntimeError("IPv6 is off in the lab namespace: the route this needs cannot exist")
+        with ns.socket(socket.AF_INET6, socket.SOCK_STREAM) as s, select.epoll() as ep:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, syncnt)
+            fcntl.ioctl(s.fileno(), termios.FIONBIO, _FIONBIO_ON)
+            ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+            err = s.connect_ex(("2001:db8::1", 80))
+            t0 = time.monotonic()
+            rows.append(["connect() to 2001:db8::1 (the SYN leaves, nothing answers)", name(err), tcp_state(s), "-"])
+            ns.set_sysctl("net.ipv6.conf.lo.disable_ipv6", "1")  # the route goes with lo's IPv6
+            events = ep.poll(first_read_s)  # past the first SYN resend (1 s): nothing to report
+            rows.append([f"IPv6 off on lo; epoll_wait({first_read_s:g} s), past the first resend",
+                         event_names(events[0][1]) if events else "(nothing)", tcp_state(s),
+                         name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))])
+            rows.append(["getsockopt(SO_ERROR) again at once", "-", tcp_state(s),
+                         name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))])
+            events = ep.poll(max(0.0, end_s - (time.monotonic() - t0)))
+            rows.append([f"the kernel gives up (TCP_SYNCNT {syncnt}), after {duration((time.monotonic() - t0) * 1e9)}",
+                         event_names(events[0][1]) if events else "(nothing yet)", tcp_state(s),
+                         name(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))])
+    return Table(["moment", "connect() / epoll_wait", "TCP state", "SO_ERROR"], rows,
+                 title="a soft error: SO_ERROR says ENETUNREACH while the connect is still pending")
 
 
 def so_error_twice(target, *, wait_s: float = 2.0) -> Table:

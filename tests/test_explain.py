@@ -28,6 +28,75 @@ def test_edge_reports_once_level_every_time():
     assert not any("EPOLLET" in cell for r in rows for cell in r[1:]), "epoll_wait never reports EPOLLET"
 
 
+def test_edge_triggered_reports_every_matching_wakeup_with_the_full_mask():
+    rows = {r[0]: r[1:] for r in explain.edge_triggered_wakeups().rows}
+    # not "only when writability becomes true": each byte arriving reports EPOLLOUT again
+    assert rows["the peer sends 1 byte; epoll_wait"] == ["EPOLLIN|EPOLLOUT", "read handler, then write handler"]
+    assert rows["the peer sends 1 more byte; epoll_wait"][0] == "EPOLLIN|EPOLLOUT"
+    # ...and nothing between wakeups, even with unread data
+    assert rows["epoll_wait again: the byte is still unread"][0] == "(nothing)"
+    assert rows["the peer shuts down its side (FIN); epoll_wait"][0] == "EPOLLIN|EPOLLOUT|EPOLLRDHUP"
+
+
+def test_close_removes_the_registration_only_with_the_last_reference():
+    rows = explain.close_with_a_duplicate().rows
+    assert rows[0][2] == "(nothing)"
+    assert rows[1][2] == "EPOLLIN, for the closed descriptor", "reported for a closed number: a dup holds the file"
+
+
+def test_extras_title_counts_the_rows_it_shows():
+    import nbconn
+
+    with lab.listening(hold=True) as up:
+        table = explain.extras_beyond_nginx(nbconn.connect(up))
+    counted = sum(int(r[1]) for r in table.rows)
+    assert table.title == f"beyond nginx 1.22.1: {counted} extra syscalls in this trace"
+    assert any(r[0].startswith("SOCK_CLOEXEC") and r[1] == "0" for r in table.rows), "a flag is not a syscall"
+
+
+@pytest.mark.timing
+def test_blocking_connect_gives_up_on_the_timer_wheel_grid(late_tolerance_ms):
+    from nbconn.synretry import config_hz, wheel_lateness_s
+
+    hz = config_hz()
+    if hz is None:
+        pytest.skip("CONFIG_HZ is not readable here")
+    with lab.blackhole() as hole:
+        rows = explain.blocking_connect_lateness(hole, timeouts_s=(0.3,), repeat=2).rows
+    low, high = (float(x) for x in re.findall(r"-?[0-9.]+", rows[0][1])[:2])
+    assert low >= -1.0, "a kernel timer is never early (1 ms for the clock reads)"
+    assert high <= wheel_lateness_s(0.3, hz) * 1e3 + late_tolerance_ms(5)
+    if rows[0][2] != "n/a":  # the timer's own lateness, the CPU wait taken out
+        timer_high = float(re.findall(r"-?[0-9.]+", rows[0][2])[1])
+        assert timer_high <= wheel_lateness_s(0.3, hz) * 1e3 + late_tolerance_ms(2)
+
+
+def test_ip_bind_address_no_port_shares_local_ports_between_upstreams():
+    from nbconn.lab import namespace_unavailable_reason
+
+    if namespace_unavailable_reason():
+        pytest.skip(namespace_unavailable_reason())
+    rows = {r[0].split(",")[0] + (" bind" if "picks" in r[0] else ""): r[1:]
+            for r in explain.local_port_exhaustion(ports=2, upstreams=2).rows}
+    assert rows["none"] == ["4", "2, each used 2 times", "connect(): EADDRNOTAVAIL -> NGX_DECLINED"]
+    assert rows["127.0.0.1"] == rows["none"], "nginx's IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect()"
+    assert rows["127.0.0.1 bind"] == ["2", "2, each used 1 time", "bind(): EADDRINUSE -> NGX_ERROR"]
+
+
+def test_so_error_returns_and_clears_the_soft_error_while_connecting():
+    from nbconn.lab import namespace_unavailable_reason
+
+    if namespace_unavailable_reason():
+        pytest.skip(namespace_unavailable_reason())
+    try:
+        rows = explain.soft_error_while_connecting(syncnt=1).rows
+    except RuntimeError as exc:  # IPv6 or iproute2 missing in the lab namespace
+        pytest.skip(str(exc))
+    assert rows[1][1:] == ["(nothing)", "SYN_SENT", "ENETUNREACH"], "sk_err_soft, with nothing reported"
+    assert rows[2][2:] == ["SYN_SENT", "0"], "the read cleared it"
+    assert rows[3][2:] == ["CLOSE", "ENETUNREACH"], "tcp_write_err reports the pending soft error, not ETIMEDOUT"
+
+
 def test_add_reports_current_readiness_in_either_order():
     with lab.listening(hold=True) as up:
         rows = explain.register_order(up).rows
