@@ -383,6 +383,11 @@ def decode(text: str, *, bare: bool = True) -> dict | None:
     line = split(text, bare=bare)
     if line is None:
         return None
+    return decode_line(text, line)
+
+
+def decode_line(text: str, line: Line) -> dict:
+    """:func:`decode` for a line already taken apart by :func:`split`."""
     kind, m = _match(line.message)
     if kind is None:
         return outside(text, line)
@@ -518,31 +523,43 @@ class Summary:
         self._second: dict = {}  # cause -> [second, count] of the current second
         self._cache: dict = {}  # message shape -> decoded (without time/upstream), bounded
 
-    def add(self, text: str) -> dict | None:
+    def add(self, text: str) -> str | None:
+        """Count one line; returns its cause ("outside" for other nginx lines), None for a non-nginx line."""
         self.lines += 1
-        answer = decode(text, bare=False)
-        if answer is None:
+        line = split(text, bare=False)
+        if line is None:
             self.not_nginx += 1
             return None
-        if answer["cause"] == "outside":
+        # Lines of one shape decode alike: decode once per (level, message, action, module), in a bounded cache.
+        key = (line.level, line.message, line.action, line.module,
+               bool(line.upstream and line.upstream.startswith("unix:")))
+        known = self._cache.get(key)
+        if known is None:
+            answer = decode_line(text, line)
+            known = (answer["cause"], answer.get("step"), bool(answer.get("level_note")), answer.get("upstream"))
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[key] = known
+        cause, step, unexpected, decoded_upstream = known
+        if cause == "outside":
             self.outside += 1
-            return answer
-        cause, when = answer["cause"], answer["time"]
+            return cause
+        when = line.time
         entry = self.causes.get(cause)
         if entry is None:
-            entry = self.causes[cause] = {"count": 0, "first": when, "last": when, "step": answer["step"],
+            entry = self.causes[cause] = {"count": 0, "first": when, "last": when, "step": step,
                                           "example": text.rstrip("\n")[:500], "unexpected_level": 0}
         entry["count"] += 1
         entry["last"] = when
-        if answer["level_note"]:
+        if unexpected:
             entry["unexpected_level"] += 1
-        name = answer["upstream"] or "(none)"
+        name = line.upstream or decoded_upstream or "(none)"
         if name not in self.upstreams and len(self.upstreams) >= MAX_UPSTREAMS:
             name = "(other)"
         per = self.upstreams.setdefault(name, {})
         per[cause] = per.get(cause, 0) + 1
         self._tick(cause, when)
-        return answer
+        return cause
 
     def _tick(self, cause: str, when: str) -> None:
         current = self._second.get(cause)
