@@ -213,9 +213,10 @@ _KINDS = {
 # Measured here where marked: a lab namespace with `ip route add unreachable|prohibit` and no default route
 # (Linux 6.x): connect() fails at once with EHOSTUNREACH, EACCES, ENETUNREACH respectively.
 _KERNEL = {
-    ("connect", _errno.ECONNREFUSED, False): "the peer's kernel answered the SYN with RST: no socket listens on "
-        "that port (net/ipv4/tcp_ipv4.c tcp_v4_send_reset); the RST came back while connect() was still in the "
-        "kernel (loopback, this host), so connect() failed at once",
+    ("connect", _errno.ECONNREFUSED, False): "an RST answered the SYN (no socket listens on that port: "
+        "net/ipv4/tcp_ipv4.c tcp_v4_send_reset) and connect() itself reported it -- unusual on Linux for TCP: even "
+        "on loopback connect() returns EINPROGRESS and the refusal comes through SO_ERROR (notebook 04 measured "
+        "20/20), because the RST is processed only after connect() has released the socket",
     ("connect", _errno.ECONNREFUSED, True): "the socket file exists but no process listens on it: a stale socket "
         "left by a backend that died or restarted (net/unix/af_unix.c unix_stream_connect)",
     ("connect", _errno.EAGAIN, True): "the unix socket's accept backlog is full -- its process does not accept() "
