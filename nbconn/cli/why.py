@@ -115,7 +115,7 @@ def run(args) -> int:
     answers = [why.decode(text) for text in args.lines]
     reproduced = None
     if args.reproduce:
-        from ..lab import reproduce
+        from .. import reproduce
 
         reproduced = [reproduce.reproduce(a) for a in answers]
     if args.json:
@@ -138,8 +138,11 @@ def reproduce_text(rep: dict) -> str:
         if isinstance(value, str):
             out.append(f"    {who + ':':<9} {value}")
         else:
-            mark = "same" if value and value.get("same") else "differs"
-            out.append(f"    {who + ':':<9} {value['line'] if value else '-'}   ({mark})")
+            mark = "same cause" if value and value.get("same") else "differs"
+            shown = value.get("line") if value else None
+            out.append(f"    {who + ':':<9} {shown or '(no line)'}   ({mark})")
+            if value and value.get("note"):
+                out.append(f"              {value['note']}")
     return "\n".join(out)
 
 
