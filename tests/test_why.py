@@ -14,6 +14,8 @@ import pytest
 
 from nbconn import why
 
+from .conftest import require_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = "2026/12/03 03:00:00"
 HTTP_TAIL = ', client: 10.0.0.7, server: _, request: "GET / HTTP/1.1", upstream: "http://{up}/", host: "example"'
@@ -324,3 +326,65 @@ def _run_as_nobody(path: str):
             "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             f"sys.exit(cli.main(['why', '--log', {str(path)!r}]))\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+# -- --reproduce ----------------------------------------------------------------------------------------------
+
+REPRODUCIBLE = [
+    "connect() failed (111: Connection refused) while connecting to upstream",
+    f"connect() to {UNIX} failed (111: Connection refused) while connecting to upstream",
+    f"connect() to {UNIX} failed (11: Resource temporarily unavailable) while connecting to upstream",
+    f"connect() to {UNIX} failed (2: No such file or directory) while connecting to upstream",
+    f"connect() to {UNIX} failed (13: Permission denied) while connecting to upstream",
+    "upstream timed out (110: Connection timed out) while connecting to upstream",
+    "no live upstreams while connecting to upstream",
+    "upstream server temporarily disabled while connecting to upstream",
+    "recv() failed (104: Connection reset by peer) while reading response header from upstream",
+    "upstream prematurely closed connection while reading response header from upstream",
+]
+
+
+@pytest.mark.parametrize("line", REPRODUCIBLE, ids=[why.decode(x)["cause"] for x in REPRODUCIBLE])
+def test_reproduce_makes_the_same_cause_in_the_model_and_a_real_nginx(line, no_fd_leak, monkeypatch):
+    import shutil
+    import tempfile
+
+    from nbconn import reproduce
+
+    require_tool("nginx")
+    # a temporary directory of this test's own (other work shares /tmp), passable for nginx's worker
+    private = tempfile.mkdtemp(prefix="why-")
+    os.chmod(private, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", private)
+    try:
+        answer = why.decode(line)
+        rep = reproduce.reproduce(answer)
+        left = os.listdir(private)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    assert rep["made"], rep
+    assert rep["nginx"]["same"], rep
+    produced = rep["nginx"]["line"].split("] ", 1)[1]
+    assert why.decode(produced)["cause"] == answer["cause"]
+    if answer["cause"] == "connect:EACCES" and os.geteuid() == 0:
+        assert "root" in rep["model"]["note"]  # the model's connect runs as root: no mode stops it
+    else:
+        assert rep["model"]["same"], rep
+    assert left == []  # its peers' directories and nginx's prefix are gone
+
+
+def test_reproduce_says_what_it_cannot_make_here():
+    from nbconn import reproduce
+
+    for line in ("connect() to 10.0.0.1:80 failed (99: Cannot assign requested address) while connecting to upstream",
+                 "connect() failed (113: No route to host) while connecting to upstream",
+                 'open() "/x" failed (2: No such file or directory)'):
+        rep = reproduce.reproduce(why.decode(line))
+        assert rep["made"] is False and rep["reason"]
+
+
+def test_cli_reproduce_prints_both_lines_next_to_the_given_one():
+    require_tool("nginx")
+    proc = run_cli("--reproduce", "connect() failed (111: Connection refused) while connecting to upstream")
+    assert proc.returncode == 0, proc.stderr
+    assert "given:" in proc.stdout and proc.stdout.count("(same cause)") == 2, proc.stdout
