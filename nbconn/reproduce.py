@@ -25,6 +25,19 @@ from . import why
 #: the connect timer both run with where the situation waits for it (proxy_connect_timeout)
 CONNECT_TIMEOUT_S = 0.3
 
+_NGINX_OUTSIDE = "nbconn's nginx runs on this host's loopback, not inside a lab namespace (not run)"
+
+
+class _Setup:
+    """What a situation hands over: the upstream's server addresses, how many requests to send, and for a
+    situation inside a lab namespace, the namespace (the model's sockets are made there) and why nginx is
+    not run; ``timeout``: proxy_connect_timeout for both."""
+
+    def __init__(self, targets: list, requests: int, *, namespace=None, nginx_reason: str | None = None,
+                 timeout: float = CONNECT_TIMEOUT_S) -> None:
+        self.targets, self.requests, self.namespace = targets, requests, namespace
+        self.nginx_reason, self.timeout = nginx_reason, timeout
+
 
 def _share(path: str, mode: int = 0o777) -> None:
     """As root nginx's worker runs as 'nobody': let it through the peer's private directory to the socket."""
@@ -38,7 +51,7 @@ def _refused():
     from .lab import peers
 
     with peers.refused() as p:
-        yield [str(p)], 1
+        yield _Setup([str(p)], 1)
 
 
 @contextlib.contextmanager
@@ -46,7 +59,7 @@ def _two_refused():
     from .lab import peers
 
     with peers.refused() as a, peers.refused() as b:
-        yield [str(a), str(b)], 2  # the first request disables both (max_fails=1); the second finds none
+        yield _Setup([str(a), str(b)], 2)  # the first request disables both (max_fails=1); the second finds none
 
 
 @contextlib.contextmanager
@@ -54,7 +67,7 @@ def _blackhole():
     from .lab import peers
 
     with peers.blackhole() as p:
-        yield [str(p)], 1
+        yield _Setup([str(p)], 1)
 
 
 @contextlib.contextmanager
@@ -87,7 +100,7 @@ def _acceptor(handle):
         thread = threading.Thread(target=serve, name="nbconn-why-peer", daemon=True)
         thread.start()
         try:
-            yield [f"127.0.0.1:{listener.getsockname()[1]}"], 1
+            yield _Setup([f"127.0.0.1:{listener.getsockname()[1]}"], 1)
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -130,7 +143,7 @@ def _unix_full():
 
     with peers.unix_full() as p:
         _share(p.path)
-        yield [str(p)], 1
+        yield _Setup([str(p)], 1)
 
 
 @contextlib.contextmanager
@@ -139,7 +152,7 @@ def _unix_missing():
 
     with peers.unix_missing() as p:
         _share(p.path)
-        yield [str(p)], 1
+        yield _Setup([str(p)], 1)
 
 
 @contextlib.contextmanager
@@ -151,7 +164,7 @@ def _unix_stale():
             path = os.path.join(where, "stale.sock")
             sock.bind(path)
             _share(path)
-            yield [f"unix:{path}"], 1
+            yield _Setup([f"unix:{path}"], 1)
     finally:
         import shutil
 
@@ -165,10 +178,62 @@ def _unix_forbidden():
 
     with peers.unix_listening() as p:
         _share(p.path, 0o000 if os.geteuid() != 0 else 0o700)
-        yield [str(p)], 1
+        yield _Setup([str(p)], 1)
 
 
-_NEEDS_LINK = "needs a lab namespace or the impaired link (%s), where nbconn's nginx does not run yet"
+# -- situations inside a lab namespace: the model only (nbconn.lab.namespace, rootless too) -----------------
+
+@contextlib.contextmanager
+def _lab(**kwargs):
+    from .lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        raise _CannotHere(f"needs a lab namespace: {reason}")
+    with namespace.namespace(**kwargs) as ns:
+        yield ns
+
+
+class _CannotHere(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _no_route():
+    with _lab() as ns:  # a fresh namespace has only lo: no route to 198.18.0.0/15 (the lab's own range)
+        yield _Setup(["198.18.0.1:80"], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+
+
+@contextlib.contextmanager
+def _unreachable_route():
+    with _lab(routes=["unreachable 198.18.0.0/15"]) as ns:
+        yield _Setup(["198.18.0.1:80"], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+
+
+@contextlib.contextmanager
+def _no_local_port():
+    """ip_local_port_range narrowed to two ports, one of them held by a kept connection: the next connect
+    to the same listener finds no free local port (notebook 04)."""
+    from .api import connect
+
+    with _lab(sysctls={"net.ipv4.ip_local_port_range": "40000 40001"}) as ns, ns.listening() as target:
+        with ns.using():
+            first = connect(target, keep=True, timeout=2.0)
+        try:
+            yield _Setup([str(target)], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+        finally:
+            first.close()
+
+
+@contextlib.contextmanager
+def _syn_give_up():
+    """tcp_syn_retries=1 inside the namespace and a listener that drops SYNs: the kernel gives up after the
+    first resend (~3 s, notebook 06) while the connect timer is longer."""
+    with _lab(sysctls={"net.ipv4.tcp_syn_retries": "1"}) as ns, ns.blackhole() as target:
+        yield _Setup([str(target)], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE, timeout=10.0)
+
+
+_NEEDS_LINK = "needs the impaired link with a router answering ICMP (%s); nbconn's lab has no such router yet"
 
 #: cause -> (what is built, how, http exchange needed)
 SITUATIONS = {
@@ -183,15 +248,18 @@ SITUATIONS = {
     "disabled": ("two refused peers (max_fails=1): each failure disables one", _two_refused, False),
     "recv:ECONNRESET": ("a peer that accepts, reads the request, then resets (SO_LINGER {1, 0})", _reset, True),
     "closed": ("a peer that accepts and at once half-closes (FIN, no response)", _closes, True),
+    "connect:ENETUNREACH": ("a lab namespace with no route to 198.18.0.1", _no_route, False),
+    "connect:EHOSTUNREACH": ("a lab namespace with `ip route add unreachable 198.18.0.0/15`", _unreachable_route,
+                             False),
+    "connect:EADDRNOTAVAIL": ("a lab namespace with ip_local_port_range \"40000 40001\", one port held",
+                              _no_local_port, False),
+    "so_error:ETIMEDOUT": ("a lab namespace with tcp_syn_retries=1 and a listener that drops SYNs; connect "
+                           "timer 10 s", _syn_give_up, False),
 }
 
 _NOT_HERE = {
-    "so_error:ETIMEDOUT": _NEEDS_LINK % "tcp_syn_retries lowered inside the namespace, SYNs lost",
-    "so_error:EHOSTUNREACH": _NEEDS_LINK % "an ICMP host unreachable from a router",
-    "so_error:ENETUNREACH": _NEEDS_LINK % "an ICMP net unreachable from a router",
-    "connect:ENETUNREACH": _NEEDS_LINK % "a namespace without a route",
-    "connect:EHOSTUNREACH": _NEEDS_LINK % "an 'unreachable' route",
-    "connect:EADDRNOTAVAIL": _NEEDS_LINK % "a narrowed ip_local_port_range",
+    "so_error:EHOSTUNREACH": _NEEDS_LINK % "an ICMP host unreachable",
+    "so_error:ENETUNREACH": _NEEDS_LINK % "an ICMP net unreachable",
 }
 
 
@@ -205,19 +273,21 @@ def _produced(lines: list, cause: str) -> dict | None:
     return {"line": lines[0], "same": False}
 
 
-def _run_model(targets: list, requests: int, http: bool) -> list:
+def _run_model(setup: _Setup, http: bool) -> list:
     from .upstream import Peer, Upstream, run_requests
 
-    with Upstream([Peer(t) for t in targets]) as up:
-        done = run_requests(up, requests, timeout=CONNECT_TIMEOUT_S, http=http, read_timeout=2.0)
+    with Upstream([Peer(t) for t in setup.targets]) as up:
+        using = setup.namespace.using() if setup.namespace is not None else contextlib.nullcontext()
+        with using:
+            done = run_requests(up, setup.requests, timeout=setup.timeout, http=http, read_timeout=2.0)
     return [line for r in done for line in r.log]
 
 
-def _run_nginx(targets: list, requests: int) -> list:
+def _run_nginx(setup: _Setup) -> list:
     from .nginx import Nginx
 
-    with Nginx(targets, connect_timeout=CONNECT_TIMEOUT_S) as nginx:
-        for _ in range(requests):
+    with Nginx(setup.targets, connect_timeout=setup.timeout) as nginx:
+        for _ in range(setup.requests):
             nginx.request("/", timeout_s=10.0)
         return [f"[{e.level}] {e.message}" for e in nginx.error_log() if e.level not in ("info", "notice")]
 
@@ -242,10 +312,16 @@ def reproduce(answer: dict) -> dict:
     situation, build, http = SITUATIONS[cause]
     from . import nginx as nginx_module
 
-    with build() as (targets, requests):
-        model = _produced(_run_model(targets, requests, http), cause)
-        reason = nginx_module.unavailable_reason()
-        nginx = reason if reason else _produced(_run_nginx(targets, requests), cause)
+    if cause == "connect:EACCES" and not (answer.get("upstream") or "").startswith("unix:"):
+        return {"made": False, "reason": "EACCES on a TCP connect (a prohibit route, a security module): nbconn "
+                                         "builds the unix socket case only"}
+    try:
+        with build() as setup:
+            model = _produced(_run_model(setup, http), cause)
+            reason = setup.nginx_reason or nginx_module.unavailable_reason()
+            nginx = reason if reason else _produced(_run_nginx(setup), cause)
+    except _CannotHere as exc:
+        return {"made": False, "reason": str(exc)}
     if cause == "connect:EACCES" and os.geteuid() == 0 and (model is None or not model["same"]):
         model = dict(model or {"line": None, "same": False},
                      note="the model runs as root, which no file mode stops; nginx's worker runs as 'nobody'")

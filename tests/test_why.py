@@ -373,11 +373,35 @@ def test_reproduce_makes_the_same_cause_in_the_model_and_a_real_nginx(line, no_f
     assert left == []  # its peers' directories and nginx's prefix are gone
 
 
+IN_A_NAMESPACE = [
+    "connect() to 10.0.0.9:80 failed (101: Network is unreachable) while connecting to upstream",
+    "connect() to 10.0.0.9:80 failed (113: No route to host) while connecting to upstream",
+    "connect() to 10.0.0.9:80 failed (99: Cannot assign requested address) while connecting to upstream",
+    "connect() failed (110: Connection timed out) while connecting to upstream",
+]
+
+
+@pytest.mark.parametrize("line", IN_A_NAMESPACE, ids=[why.decode(x)["cause"] for x in IN_A_NAMESPACE])
+def test_reproduce_in_a_lab_namespace_runs_the_model(line, no_fd_leak):
+    from nbconn import reproduce
+    from nbconn.lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    answer = why.decode(line)
+    rep = reproduce.reproduce(answer)
+    assert rep["made"], rep
+    assert rep["model"]["same"], rep
+    assert "not inside a lab namespace" in rep["nginx"]  # said, not pretended
+
+
 def test_reproduce_says_what_it_cannot_make_here():
     from nbconn import reproduce
 
-    for line in ("connect() to 10.0.0.1:80 failed (99: Cannot assign requested address) while connecting to upstream",
-                 "connect() failed (113: No route to host) while connecting to upstream",
+    for line in ("connect() failed (113: No route to host) while connecting to upstream",
+                 "connect() failed (101: Network is unreachable) while connecting to upstream",
+                 "connect() to 10.0.0.1:80 failed (13: Permission denied) while connecting to upstream",
                  'open() "/x" failed (2: No such file or directory)'):
         rep = reproduce.reproduce(why.decode(line))
         assert rep["made"] is False and rep["reason"]
