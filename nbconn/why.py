@@ -75,7 +75,7 @@ _LEVELS = ("emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
 _CONTEXT = re.compile(r", (?:udp )?client: ")
 _HTTP_UPSTREAM = re.compile(r'upstream: "[a-z]+://(unix:[^:"]*|\[[^\]"]*\](?::\d+)?|[^/"]*)')
 _STREAM_UPSTREAM = re.compile(r'upstream: "([^"]*)"')
-_ERR = r"\((\d+): [^)]*\)"
+_ERR = r"\((?P<err>\d+): [^)]*\)"
 
 Line = namedtuple("Line", ["time", "level", "message", "action", "module", "upstream"])
 Line.__doc__ = """One error-log line taken apart: ``time`` ("2026/12/03 03:00:00") and ``level`` ("error") are None
@@ -121,7 +121,7 @@ def split(text: str, *, bare: bool = True) -> Line | None:
 # -- which nginx text a message is --------------------------------------------------------------------------
 # (cause kind, pattern).  The texts are nginx 1.22.1's, cited in _KINDS below.
 _PATTERNS = (
-    ("connect", re.compile(rf"connect\(\) to (.+) failed {_ERR}")),
+    ("connect", re.compile(rf"connect\(\) to (?P<detail>.+) failed {_ERR}")),
     ("so_error", re.compile(rf"connect\(\) failed {_ERR}")),
     ("timeout", re.compile(rf"upstream timed out {_ERR}")),
     ("no_live", re.compile(r"no live upstreams")),
@@ -129,11 +129,11 @@ _PATTERNS = (
     ("socket", re.compile(rf"socket\(\) failed {_ERR}")),
     ("worker_connections", re.compile(r"(\d+) worker_connections are not enough")),
     ("files", re.compile(r"the new socket has number (\d+), but only (\d+) files are available")),
-    ("setsockopt", re.compile(rf"setsockopt\((SO_RCVBUF|SO_KEEPALIVE|IP_BIND_ADDRESS_NO_PORT)\) failed"
+    ("setsockopt", re.compile(rf"setsockopt\((?P<detail>SO_RCVBUF|SO_KEEPALIVE|IP_BIND_ADDRESS_NO_PORT)\) failed"
                               rf"(?:, ignored)? {_ERR}")),
-    ("nonblocking", re.compile(rf"(ioctl\(FIONBIO\)|fcntl\(O_NONBLOCK\)) failed {_ERR}")),
-    ("bind", re.compile(rf"bind\((.+)\) failed {_ERR}")),
-    ("epoll_ctl", re.compile(rf"epoll_ctl\(EPOLL_CTL_ADD, (\d+)\) failed {_ERR}")),
+    ("nonblocking", re.compile(rf"(?P<detail>ioctl\(FIONBIO\)|fcntl\(O_NONBLOCK\)) failed {_ERR}")),
+    ("bind", re.compile(rf"bind\((?P<detail>.+)\) failed {_ERR}")),
+    ("epoll_ctl", re.compile(rf"epoll_ctl\(EPOLL_CTL_ADD, (?P<detail>\d+)\) failed {_ERR}")),
     ("closed", re.compile(r"upstream prematurely closed connection")),
     ("recv", re.compile(rf"recv\(\) failed {_ERR}")),
     ("writev", re.compile(rf"writev\(\) failed {_ERR}")),
@@ -154,9 +154,11 @@ _KIND_ACTIONS = {
 }
 
 # -- facts errors.py does not hold: one row per kind ------------------------------------------------------------
-Kind = namedtuple("Kind", ["step", "stage", "level", "source", "notebook", "directives"])
-Kind.__doc__ = """``stage``: the nbconn.errors stage whose verdict this kind is (None: not a connect step, the row's
-``level`` holds nginx's level); ``source``: where nginx 1.22.1 writes it."""
+Kind = namedtuple("Kind", ["step", "stage", "level", "ngx_code", "ngx_next", "outcome", "source", "notebook",
+                           "directives"])
+Kind.__doc__ = """One kind of line.  ``stage``: the nbconn.errors stage whose verdict gives its level, NGX code,
+next-upstream kind and outcome; None for a line that is not a connect step, whose row holds them (``level`` None:
+ngx_connection_error's rule, by errno).  ``source``: where nginx 1.22.1 writes it."""
 
 _NB = {
     "01": "01_socket_and_options.ipynb", "02": "02_nonblocking.ipynb", "03": "03_epoll.ipynb",
@@ -165,49 +167,65 @@ _NB = {
 }
 _NEXT = ("proxy_next_upstream", "proxy_next_upstream_tries", "proxy_next_upstream_timeout", "max_fails",
          "fail_timeout")
+_FT_ERROR, _FT_TIMEOUT = errors.NGX_HTTP_UPSTREAM_FT_ERROR, errors.NGX_HTTP_UPSTREAM_FT_TIMEOUT
+_ALERT, _ERR = errors.NGX_LOG_ALERT, errors.NGX_LOG_ERR
+
+
+def _step(step, stage, source, notebook, directives) -> Kind:
+    """A connect step: everything but the facts below comes from nbconn.errors.verdict(stage, errno)."""
+    return Kind(step, stage, None, None, None, None, source, notebook, directives)
+
 
 _KINDS = {
-    "socket": Kind(STEP_SOCKET, "socket", None, "ngx_event_connect.c ngx_event_connect_peer line 47",
-                   _NB["01"], ("worker_rlimit_nofile", "worker_connections")),
-    "worker_connections": Kind(STEP_SOCKET, None, errors.NGX_LOG_ALERT,
+    "socket": _step(STEP_SOCKET, "socket", "ngx_event_connect.c ngx_event_connect_peer line 47", _NB["01"],
+                    ("worker_rlimit_nofile", "worker_connections")),
+    "worker_connections": Kind(STEP_SOCKET, None, _ALERT, errors.NGX_ERROR, None, errors.ERROR,
                                "ngx_connection.c ngx_get_connection line 1119, called by ngx_event_connect_peer "
                                "line 53 (the new socket is closed, NGX_ERROR)", _NB["07"],
                                ("worker_connections", "keepalive")),
-    "files": Kind(STEP_SOCKET, None, errors.NGX_LOG_ALERT,
+    "files": Kind(STEP_SOCKET, None, _ALERT, errors.NGX_ERROR, None, errors.ERROR,
                   "ngx_connection.c ngx_get_connection line 1106, called by ngx_event_connect_peer line 53",
                   _NB["07"], ("worker_rlimit_nofile",)),
-    "setsockopt": Kind(STEP_OPTIONS, "setsockopt", None, "ngx_event_connect.c ngx_event_connect_peer lines 70, 83, "
-                       "122", _NB["01"], ("proxy_socket_keepalive",)),
-    "nonblocking": Kind(STEP_OPTIONS, "nonblocking", None, "ngx_event_connect.c ngx_event_connect_peer line 89",
-                        _NB["02"], ()),
-    "bind": Kind(STEP_BIND, "bind", None, "ngx_event_connect.c ngx_event_connect_peer line 153", _NB["01"],
-                 ("proxy_bind",)),
-    "epoll_ctl": Kind(STEP_REGISTER, "epoll_ctl", None, "ngx_epoll_module.c ngx_epoll_add_connection line 712",
-                      _NB["03"], ()),
-    "connect": Kind(STEP_AT_ONCE, "connect", None, "ngx_event_connect.c ngx_event_connect_peer lines 209-246",
-                    _NB["04"], _NEXT + ("proxy_bind", "keepalive")),
-    "so_error": Kind(STEP_SO_ERROR, "so_error", None, "ngx_http_upstream.c ngx_http_upstream_test_connect line 2773 "
-                     "/ ngx_stream_proxy_module.c ngx_stream_proxy_test_connect line 1572; ngx_connection.c "
-                     "ngx_connection_error", _NB["05"], _NEXT + ("proxy_connect_timeout",)),
-    "timeout": Kind(STEP_TIMER, "timer", None, "ngx_http_upstream.c ngx_http_upstream_next line 4306 / "
-                    "ngx_stream_proxy_module.c ngx_stream_proxy_connect_handler line 1518", _NB["06"],
-                    ("proxy_connect_timeout",) + _NEXT),
-    "no_live": Kind(STEP_PICK, None, errors.NGX_LOG_ERR, "ngx_http_upstream.c ngx_http_upstream_connect line 1553 / "
-                    "ngx_stream_proxy_module.c ngx_stream_proxy_connect line 744 (the round robin returned NGX_BUSY)",
-                    _NB["10"], ("max_fails", "fail_timeout", "backup", "down")),
-    "disabled": Kind(STEP_ACCOUNTING, None, "warn", "ngx_http_upstream_round_robin.c "
+    "setsockopt": _step(STEP_OPTIONS, "setsockopt", "ngx_event_connect.c ngx_event_connect_peer lines 70, 83, 122",
+                        _NB["01"], ("proxy_socket_keepalive",)),
+    "nonblocking": _step(STEP_OPTIONS, "nonblocking", "ngx_event_connect.c ngx_event_connect_peer line 89",
+                         _NB["02"], ()),
+    "bind": _step(STEP_BIND, "bind", "ngx_event_connect.c ngx_event_connect_peer line 153", _NB["01"],
+                  ("proxy_bind",)),
+    "epoll_ctl": _step(STEP_REGISTER, "epoll_ctl", "ngx_epoll_module.c ngx_epoll_add_connection line 712",
+                       _NB["03"], ()),
+    "connect": _step(STEP_AT_ONCE, "connect", "ngx_event_connect.c ngx_event_connect_peer lines 209-246",
+                     _NB["04"], _NEXT + ("proxy_bind", "keepalive")),
+    "so_error": _step(STEP_SO_ERROR, "so_error", "ngx_http_upstream.c ngx_http_upstream_test_connect line 2773 / "
+                      "ngx_stream_proxy_module.c ngx_stream_proxy_test_connect line 1572; ngx_connection.c "
+                      "ngx_connection_error", _NB["05"], _NEXT + ("proxy_connect_timeout",)),
+    "timeout": _step(STEP_TIMER, "timer", "ngx_http_upstream.c ngx_http_upstream_next line 4306 / "
+                     "ngx_stream_proxy_module.c ngx_stream_proxy_connect_handler line 1518", _NB["06"],
+                     ("proxy_connect_timeout",) + _NEXT),
+    "no_live": Kind(STEP_PICK, None, _ERR, "NGX_BUSY", "NGX_HTTP_UPSTREAM_FT_NOLIVE", None,
+                    "ngx_http_upstream.c ngx_http_upstream_connect line 1553 / ngx_stream_proxy_module.c "
+                    "ngx_stream_proxy_connect line 744 (the round robin returned NGX_BUSY)", _NB["10"],
+                    ("max_fails", "fail_timeout", "backup", "down")),
+    "disabled": Kind(STEP_ACCOUNTING, None, "warn", None, None, None, "ngx_http_upstream_round_robin.c "
                      "ngx_http_upstream_free_round_robin_peer line 640 / ngx_stream_upstream_round_robin.c line 647",
                      _NB["10"], ("max_fails", "fail_timeout")),
-    "closed": Kind(STEP_HEADER, None, errors.NGX_LOG_ERR, "ngx_http_upstream.c ngx_http_upstream_process_header "
-                   "line 2438, then ngx_http_upstream_next(FT_ERROR) line 2442", _NB["13"],
-                   ("proxy_next_upstream", "keepalive", "keepalive_timeout", "max_fails", "fail_timeout")),
-    "recv": Kind(STEP_HEADER, None, None, "os/unix/ngx_recv.c ngx_unix_recv line 188 (ngx_connection_error); "
-                 "ngx_http_upstream.c ngx_http_upstream_process_header line 2442", _NB["10"],
+    "closed": Kind(STEP_HEADER, None, _ERR, None, _FT_ERROR, "closed", "ngx_http_upstream.c "
+                   "ngx_http_upstream_process_header line 2438, then ngx_http_upstream_next(FT_ERROR) line 2442",
+                   _NB["13"], ("proxy_next_upstream", "keepalive", "keepalive_timeout", "max_fails", "fail_timeout")),
+    "recv": Kind(STEP_HEADER, None, None, None, _FT_ERROR, None, "os/unix/ngx_recv.c ngx_unix_recv line 188 "
+                 "(ngx_connection_error); ngx_http_upstream.c ngx_http_upstream_process_header line 2442", _NB["10"],
                  ("proxy_next_upstream", "keepalive", "max_fails", "fail_timeout")),
-    "writev": Kind(STEP_SEND, None, None, "os/unix/ngx_writev_chain.c ngx_writev line 210 (ngx_connection_error); "
-                   "ngx_http_upstream.c ngx_http_upstream_send_request", _NB["10"],
+    "writev": Kind(STEP_SEND, None, None, None, _FT_ERROR, None, "os/unix/ngx_writev_chain.c ngx_writev line 210 "
+                   "(ngx_connection_error); ngx_http_upstream.c ngx_http_upstream_send_request", _NB["10"],
                    ("proxy_next_upstream", "keepalive", "max_fails", "fail_timeout")),
+    # "upstream timed out" under the header-reading action: proxy_read_timeout, not the connect timer
+    "timeout_header": Kind(STEP_HEADER, None, _ERR, None, _FT_TIMEOUT, errors.TIMED_OUT, "ngx_http_upstream.c "
+                           "ngx_http_upstream_process_header line 2366 -> ngx_http_upstream_next(FT_TIMEOUT) line "
+                           "4306", _NB["10"], ("proxy_read_timeout",) + _NEXT),
 }
+
+#: the option names nbconn.errors knows setsockopt failures by
+_SETSOCKOPT_OPTION = {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive", "IP_BIND_ADDRESS_NO_PORT": "bind_address_no_port"}
 
 # -- what the kernel did: (kind, errno, unix?) -> text; unix? None matches both -------------------------------
 # Measured here where marked: a lab namespace with `ip route add unreachable|prohibit` and no default route
@@ -261,6 +279,8 @@ _KERNEL = {
     ("timeout", _errno.ETIMEDOUT, None): "nothing: the socket was still in SYN-SENT -- SYNs or SYN-ACKs lost, a "
         "host that has gone, a firewall that drops, or a full accept queue dropping SYNs -- when nginx's own timer "
         "fired; nginx closed it without reading SO_ERROR",
+    ("timeout_header", _errno.ETIMEDOUT, None): "nothing: the connection was up and the request sent, but no "
+        "complete response header arrived within proxy_read_timeout (the backend is slow or stuck)",
     ("socket", _errno.EMFILE, None): "the worker process reached its open-file limit, RLIMIT_NOFILE "
         "(worker_rlimit_nofile, ulimit -n) (fs/file.c alloc_fd)",
     ("socket", _errno.ENFILE, None): "the whole system reached fs.file-max open files",
@@ -313,6 +333,9 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
         return {"tries_another": None, "counts_against_max_fails": True,
                 "detail": "the failure logged next to this line was the server's max_fails-th within fail_timeout: "
                           "the round robin skips it for fail_timeout seconds, then gives it one try"}
+    if kind == "setsockopt" and ngx_code is None:
+        return {"tries_another": False, "counts_against_max_fails": False,
+                "detail": "\"failed, ignored\": nginx logs it and the connect goes on with this socket"}
     if ngx_code == errors.NGX_ERROR and ngx_next is None or kind in ("worker_connections", "files"):
         return {"tries_another": False, "counts_against_max_fails": False,
                 "detail": "NGX_ERROR: the request ends with 500 (ngx_http_upstream.c line 1544; stream: "
@@ -395,56 +418,24 @@ def decode_line(text: str, line: Line) -> dict:
     if line.action is not None and line.action not in _KIND_ACTIONS[kind]:
         return outside(text, line, f"nginx writes this text while connecting to upstream, not while {line.action}")
     if kind == "timeout" and line.action == "reading response header from upstream":
-        return _decode_header_timeout(text, line)
+        kind, line = "timeout_header", line._replace(module=HTTP)
     row = _KINDS[kind]
-    err = int(m.group(m.lastindex)) if m.lastindex and kind not in ("worker_connections", "no_live") else None
-    if kind == "files":
-        err = None
-    if kind == "worker_connections":
-        err = None
-    upstream = line.upstream
-    if kind == "connect":
-        upstream = upstream or m.group(1)
-    verdict = None
+    found = m.groupdict()
+    err = int(found["err"]) if found.get("err") else None
+    detail = found.get("detail")
+    upstream = line.upstream or (detail if kind == "connect" else None)
     if row.stage is not None:
-        detail = {"connect": upstream, "setsockopt": {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive",
-                                                        "IP_BIND_ADDRESS_NO_PORT": "bind_address_no_port"}
-                  .get(m.group(1)) if kind == "setsockopt" else None,
-                  "bind": m.group(1) if kind == "bind" else None,
-                  "nonblocking": m.group(1) if kind == "nonblocking" else None,
-                  "epoll_ctl": m.group(1) if kind == "epoll_ctl" else None}.get(kind, "")
-        verdict = errors.verdict(row.stage, err, detail=detail or "")
-        expected = verdict.level
-        ngx_code, ngx_next, outcome = verdict.ngx_code, verdict.ngx_next, verdict.outcome
+        v = errors.verdict(row.stage, err, detail=_SETSOCKOPT_OPTION.get(detail, detail) or "")
+        expected, ngx_code, ngx_next, outcome = v.level, v.ngx_code, v.ngx_next, v.outcome
     else:
-        expected = row.level
-        if kind in ("recv", "writev"):
-            expected = errors.NGX_LOG_ERR if err in errors.NGX_CONNECTION_ERROR_ERR_ERRNOS else errors.NGX_LOG_ALERT
-        ngx_code, outcome = None, None
-        ngx_next = {"closed": errors.NGX_HTTP_UPSTREAM_FT_ERROR, "recv": errors.NGX_HTTP_UPSTREAM_FT_ERROR,
-                    "writev": errors.NGX_HTTP_UPSTREAM_FT_ERROR, "no_live": "NGX_HTTP_UPSTREAM_FT_NOLIVE"}.get(kind)
-        if kind in ("worker_connections", "files"):
-            ngx_code, outcome = errors.NGX_ERROR, errors.ERROR
-        elif kind == "no_live":
-            ngx_code = "NGX_BUSY"
-        elif kind == "closed":
-            outcome = "closed"
-        elif kind in ("recv", "writev"):
+        expected, ngx_code, ngx_next, outcome = row.level, row.ngx_code, row.ngx_next, row.outcome
+        if expected is None:  # ngx_connection_error's rule (ngx_connection.c lines 1508-1537)
+            expected = _ERR if err in errors.NGX_CONNECTION_ERROR_ERR_ERRNOS else _ALERT
+        if outcome is None and err:
             outcome = errors.outcome_for(err)
-            if line.module == STREAM or line.action == "proxying and reading from upstream":
-                ngx_next = None
+        if kind == "recv" and line.module == STREAM:
+            ngx_next = None  # a stream session that is proxying ends; no next upstream
     return _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected)
-
-
-def _decode_header_timeout(text: str, line: Line) -> dict:
-    row = Kind(STEP_HEADER, None, errors.NGX_LOG_ERR, "ngx_http_upstream.c ngx_http_upstream_process_header line "
-               "2366 -> ngx_http_upstream_next(FT_TIMEOUT) line 4306", _NB["10"],
-               ("proxy_read_timeout",) + _NEXT)
-    answer = _answer(text, line._replace(module=HTTP), "timeout_header", row, _errno.ETIMEDOUT, line.upstream, None,
-                     errors.NGX_HTTP_UPSTREAM_FT_TIMEOUT, errors.TIMED_OUT, errors.NGX_LOG_ERR)
-    answer["kernel"] = ("nothing: the connection was up and the request sent, but no complete response header "
-                        "arrived within proxy_read_timeout (the backend is slow or stuck)")
-    return answer
 
 
 def _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected) -> dict:

@@ -412,3 +412,26 @@ def test_cli_reproduce_prints_both_lines_next_to_the_given_one():
     proc = run_cli("--reproduce", "connect() failed (111: Connection refused) while connecting to upstream")
     assert proc.returncode == 0, proc.stderr
     assert "given:" in proc.stdout and proc.stdout.count("(same cause)") == 2, proc.stdout
+
+
+@pytest.mark.parametrize("line, cause, step, tries", [
+    ("setsockopt(SO_KEEPALIVE) failed, ignored (22: Invalid argument) while connecting to upstream",
+     "setsockopt:EINVAL", why.STEP_OPTIONS, False),
+    ("setsockopt(SO_RCVBUF) failed (22: Invalid argument) while connecting to upstream", "setsockopt:EINVAL",
+     why.STEP_OPTIONS, False),
+    ("bind(10.9.9.9) failed (99: Cannot assign requested address) while connecting to upstream", "bind:EADDRNOTAVAIL",
+     why.STEP_BIND, False),
+    ("ioctl(FIONBIO) failed (9: Bad file descriptor) while connecting to upstream", "nonblocking:EBADF",
+     why.STEP_OPTIONS, False),
+    ("epoll_ctl(EPOLL_CTL_ADD, 17) failed (12: Cannot allocate memory) while connecting to upstream",
+     "epoll_ctl:ENOMEM", why.STEP_REGISTER, False),
+    ("the new socket has number 1024, but only 1024 files are available while connecting to upstream", "files",
+     why.STEP_SOCKET, False),
+    ("upstream timed out (110: Connection timed out) while reading response header from upstream", "timeout_header",
+     why.STEP_HEADER, True),
+    ("writev() failed (32: Broken pipe) while sending request to upstream", "writev:EPIPE", why.STEP_SEND, True),
+])
+def test_the_other_steps_decode(line, cause, step, tries):
+    answer = why.decode(line)
+    assert (answer["cause"], answer["step"], answer["tries_another"]) == (cause, step, tries)
+    assert answer["counts_against_max_fails"] is tries
