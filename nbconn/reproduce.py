@@ -39,7 +39,7 @@ class _Setup:
         self.nginx_reason, self.timeout = nginx_reason, timeout
 
 
-def _share(path: str, mode: int = 0o777) -> None:
+def open_to_worker(path: str, mode: int = 0o777) -> None:
     """As root nginx's worker runs as 'nobody': let it through the peer's private directory to the socket."""
     os.chmod(os.path.dirname(path), 0o711)
     if os.path.exists(path):
@@ -142,7 +142,7 @@ def _unix_full():
     from .lab import peers
 
     with peers.unix_full() as p:
-        _share(p.path)
+        open_to_worker(p.path)
         yield _Setup([str(p)], 1)
 
 
@@ -151,7 +151,7 @@ def _unix_missing():
     from .lab import peers
 
     with peers.unix_missing() as p:
-        _share(p.path)
+        open_to_worker(p.path)
         yield _Setup([str(p)], 1)
 
 
@@ -163,7 +163,7 @@ def _unix_stale():
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             path = os.path.join(where, "stale.sock")
             sock.bind(path)
-            _share(path)
+            open_to_worker(path)
             yield _Setup([f"unix:{path}"], 1)
     finally:
         import shutil
@@ -177,7 +177,7 @@ def _unix_forbidden():
     from .lab import peers
 
     with peers.unix_listening() as p:
-        _share(p.path, 0o000 if os.geteuid() != 0 else 0o700)
+        open_to_worker(p.path, 0o000 if os.geteuid() != 0 else 0o700)
         yield _Setup([str(p)], 1)
 
 
