@@ -146,7 +146,7 @@ _KIND_ACTIONS = {
     "files": {"connecting to upstream"}, "setsockopt": {"connecting to upstream"},
     "nonblocking": {"connecting to upstream"}, "bind": {"connecting to upstream"},
     "epoll_ctl": {"connecting to upstream"}, "no_live": {"connecting to upstream"},
-    "timeout": {"connecting to upstream", "reading response header from upstream"},
+    "timeout": {"connecting to upstream", "sending request to upstream", "reading response header from upstream"},
     "disabled": {"connecting to upstream", "sending request to upstream", "reading response header from upstream"},
     "closed": {"reading response header from upstream"},
     "recv": {"reading response header from upstream", "proxying and reading from upstream"},
@@ -224,6 +224,14 @@ _KINDS = {
                            "4306", _NB["10"], ("proxy_read_timeout",) + _NEXT),
 }
 
+#: "upstream timed out" after the connect: the timer is proxy_send_timeout / proxy_read_timeout, not the connect's
+_AFTER_CONNECT_TIMEOUTS = {"sending request to upstream": "timeout_send",
+                           "reading response header from upstream": "timeout_header"}
+_KINDS["timeout_send"] = Kind(STEP_SEND, None, _ERR, None, _FT_TIMEOUT, errors.TIMED_OUT, "ngx_http_upstream.c "
+                              "ngx_http_upstream_send_request_handler line 2304 (c->write->timedout) -> "
+                              "ngx_http_upstream_next(FT_TIMEOUT) line 4306", _NB["10"],
+                              ("proxy_send_timeout",) + _NEXT)
+
 #: the option names nbconn.errors knows setsockopt failures by
 _SETSOCKOPT_OPTION = {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive", "IP_BIND_ADDRESS_NO_PORT": "bind_address_no_port"}
 
@@ -281,6 +289,8 @@ _KERNEL = {
         "fired; nginx closed it without reading SO_ERROR",
     ("timeout_header", _errno.ETIMEDOUT, None): "nothing: the connection was up and the request sent, but no "
         "complete response header arrived within proxy_read_timeout (the backend is slow or stuck)",
+    ("timeout_send", _errno.ETIMEDOUT, None): "nothing: the connection was up but the request could not be "
+        "written within proxy_send_timeout (the peer's receive window stayed shut)",
     ("socket", _errno.EMFILE, None): "the worker process reached its open-file limit, RLIMIT_NOFILE "
         "(worker_rlimit_nofile, ulimit -n) (fs/file.c alloc_fd)",
     ("socket", _errno.ENFILE, None): "the whole system reached fs.file-max open files",
@@ -356,7 +366,7 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
         parts.append(f"HTTP: another peer when '{word}' is in proxy_next_upstream (default: error timeout), tries "
                      f"are left (proxy_next_upstream_tries, at most the number of servers) and "
                      f"proxy_next_upstream_timeout has not passed; otherwise {status}")
-        if kind in ("closed", "recv", "writev", "timeout_header"):
+        if kind in ("closed", "recv", "writev", "timeout_header", "timeout_send"):
             parts.append("the request was sent: a POST/LOCK/PATCH is retried only with 'non_idempotent' "
                          "(ngx_http_upstream_next, line 4364); a connection from the keepalive cache gives its try "
                          "back (u->peer.cached, line 4310)")
@@ -417,8 +427,8 @@ def decode_line(text: str, line: Line) -> dict:
         return outside(text, line)
     if line.action is not None and line.action not in _KIND_ACTIONS[kind]:
         return outside(text, line, f"nginx writes this text while connecting to upstream, not while {line.action}")
-    if kind == "timeout" and line.action == "reading response header from upstream":
-        kind, line = "timeout_header", line._replace(module=HTTP)
+    if kind == "timeout" and line.action in _AFTER_CONNECT_TIMEOUTS:
+        kind, line = _AFTER_CONNECT_TIMEOUTS[line.action], line._replace(module=HTTP)
     row = _KINDS[kind]
     found = m.groupdict()
     err = int(found["err"]) if found.get("err") else None
@@ -440,7 +450,7 @@ def decode_line(text: str, line: Line) -> dict:
 
 def _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected) -> dict:
     name = errors.errno_name(err) if err else None
-    cause = f"{kind}:{name}" if name and kind not in ("timeout", "timeout_header") else kind
+    cause = f"{kind}:{name}" if name and not kind.startswith("timeout") else kind
     level_note = None
     if line.level is not None and expected is not None and line.level != expected:
         level_note = (f"unexpected level: nginx 1.22.1 writes this line at [{expected}], this one is "

@@ -430,6 +430,8 @@ def test_cli_reproduce_prints_both_lines_next_to_the_given_one():
     ("upstream timed out (110: Connection timed out) while reading response header from upstream", "timeout_header",
      why.STEP_HEADER, True),
     ("writev() failed (32: Broken pipe) while sending request to upstream", "writev:EPIPE", why.STEP_SEND, True),
+    ("upstream timed out (110: Connection timed out) while sending request to upstream", "timeout_send",
+     why.STEP_SEND, True),
 ])
 def test_the_other_steps_decode(line, cause, step, tries):
     answer = why.decode(line)
