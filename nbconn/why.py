@@ -316,7 +316,7 @@ _model_cache: dict = {}
 
 def _model(outcome: str, *, single: bool) -> tuple:
     """Ask the upstream model (pure: a hand clock, no I/O) what a failed attempt does: (the request moves on to
-    another peer, the failure counted against max_fails, "upstream server temporarily disabled" logged)."""
+    another peer, the failure is counted against max_fails)."""
     key = (outcome, single)
     if key not in _model_cache:
         from .upstream import Upstream
@@ -325,20 +325,20 @@ def _model(outcome: str, *, single: bool) -> tuple:
         req = up.request()
         peer = req.next_peer()
         req.report(outcome)
-        _model_cache[key] = (req.result is None, peer.fails > 0,
-                             any("temporarily disabled" in line for line in req.log))
+        _model_cache[key] = (req.result is None, peer.fails > 0)
     return _model_cache[key]
 
 
 def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: str | None) -> dict:
     """Whether nginx tries another peer and counts the failure against max_fails, and why."""
     if kind == "no_live":
-        return {"tries_another": False, "counts_against_max_fails": False,
-                "detail": "no server is eligible (all down, or each has failed max_fails times within its "
-                          "fail_timeout, or all were tried); no connect was made, nothing is counted; "
-                          + ("HTTP: 502 (ngx_http_upstream_next FT_NOLIVE)" if module != STREAM else "")
-                          + ("; " if module is None else "")
-                          + ("stream: the session ends, 502 in $status" if module != HTTP else "")}
+        parts = ["no server is eligible (all down, or each has failed max_fails times within its fail_timeout, or "
+                 "all were tried); no connect was made, nothing is counted"]
+        if module != STREAM:
+            parts.append("HTTP: 502 (ngx_http_upstream_next with FT_NOLIVE)")
+        if module != HTTP:
+            parts.append("stream: the session ends, 502 in $status")
+        return {"tries_another": False, "counts_against_max_fails": False, "detail": "; ".join(parts)}
     if kind == "disabled":
         return {"tries_another": None, "counts_against_max_fails": True,
                 "detail": "the failure logged next to this line was the server's max_fails-th within fail_timeout: "
@@ -351,14 +351,14 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
                 "detail": "NGX_ERROR: the request ends with 500 (ngx_http_upstream.c line 1544; stream: "
                           "ngx_stream_proxy_connect line 736); the peer is freed with state 0, so max_fails is "
                           "not touched (ngx_http_upstream_finalize_request line 4484)"}
-    if kind in ("recv",) and module == STREAM:
+    if kind == "recv" and module == STREAM:
         return {"tries_another": False, "counts_against_max_fails": False,
                 "detail": "the stream session is already proxying: the error ends it (ngx_stream_proxy_process "
                           "sets eof), no other peer is tried, the peer is freed with state 0 "
                           "(ngx_stream_proxy_finalize line 1996)"}
     timeout = ngx_next == errors.NGX_HTTP_UPSTREAM_FT_TIMEOUT
-    moves_on, counted, _ = _model("timed_out" if timeout else "refused", single=False)
-    _, single_counted, _ = _model("timed_out" if timeout else "refused", single=True)
+    moves_on, counted = _model("timed_out" if timeout else "refused", single=False)
+    _, single_counted = _model("timed_out" if timeout else "refused", single=True)
     word = "timeout" if timeout else "error"
     status = "504" if timeout else "502"
     parts = []
@@ -445,6 +445,8 @@ def decode_line(text: str, line: Line) -> dict:
             outcome = errors.outcome_for(err)
         if kind == "recv" and line.module == STREAM:
             ngx_next = None  # a stream session that is proxying ends; no next upstream
+            row = row._replace(step=STEP_PROXYING, source="os/unix/ngx_recv.c ngx_unix_recv line 188 "
+                               "(ngx_connection_error); ngx_stream_proxy_module.c ngx_stream_proxy_process line 1699")
     return _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected)
 
 

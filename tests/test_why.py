@@ -83,7 +83,7 @@ CASES = [
     (stream("warn", "upstream server temporarily disabled"), "disabled", why.STEP_ACCOUNTING, None, "warn", None,
      True, "10"),
     (stream("error", "recv() failed (104: Connection reset by peer)", action=" while proxying and reading from upstream"),
-     "recv:ECONNRESET", why.STEP_HEADER, 104, "error", False, False, "10"),
+     "recv:ECONNRESET", why.STEP_PROXYING, 104, "error", False, False, "10"),
 ]
 
 
