@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,23 @@ CASES = [
     (stream("error", "recv() failed (104: Connection reset by peer)", action=" while proxying and reading from upstream"),
      "recv:ECONNRESET", why.STEP_PROXYING, 104, "error", False, False, "10"),
 ]
+
+
+def _stream_twins():
+    """Every HTTP connect-flow case above again with the stream module's context (ngx_stream_proxy_log_error): the
+    same texts from the same functions, so the same cause, step, level, next peer and max_fails accounting."""
+    twins = []
+    for case in CASES:
+        line, cause = case[0], case[1]
+        if "bytes from/to" in line or cause in ("closed", "recv:ECONNRESET"):
+            continue  # already stream, or an HTTP-only line (the stream module proxies bytes, reads no header)
+        head, _, rest = line.partition(", client: ")
+        up = re.search(r'upstream: "http://(.*?):?/"', rest).group(1)
+        twins.append((head + STREAM_TAIL.format(up=up),) + case[1:])
+    return twins
+
+
+CASES += _stream_twins()
 
 
 def run_cli(*args, stdin=None, timeout=60):
