@@ -290,7 +290,9 @@ _KERNEL = {
     ("timeout_header", _errno.ETIMEDOUT, None): "nothing: the connection was up and the request sent, but no "
         "complete response header arrived within proxy_read_timeout (the backend is slow or stuck)",
     ("timeout_send", _errno.ETIMEDOUT, None): "nothing: the connection was up but the request could not be "
-        "written within proxy_send_timeout (the peer's receive window stayed shut)",
+        "written within proxy_send_timeout (the peer's receive window stayed shut) -- or the connect never "
+        "finished: nginx 1.22.1 can take a pending connect for done when one epoll event's handler reuses the "
+        "connection twice (notebook 14, section 5), and the connect timer becomes proxy_send_timeout",
     ("socket", _errno.EMFILE, None): "the worker process reached its open-file limit, RLIMIT_NOFILE "
         "(worker_rlimit_nofile, ulimit -n) (fs/file.c alloc_fd)",
     ("socket", _errno.ENFILE, None): "the whole system reached fs.file-max open files",
