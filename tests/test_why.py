@@ -455,3 +455,15 @@ def test_the_other_steps_decode(line, cause, step, tries):
     answer = why.decode(line)
     assert (answer["cause"], answer["step"], answer["tries_another"]) == (cause, step, tries)
     assert answer["counts_against_max_fails"] is tries
+
+
+def test_bad_input_makes_no_socket_and_no_process():
+    """Rejected before anything exists, --reproduce included: strace sees no socket(), no clone/fork, no unshare."""
+    strace = require_tool("strace")
+    for args in (["--reproduce", ""], ["--reproduce", CASES[0][0], "a\x01b"], ["--log", "/"], ["--burst", "x", "y"]):
+        proc = subprocess.run([strace, "-f", "-qq", "-e", "trace=socket,clone,clone3,fork,vfork,unshare,setns",
+                               sys.executable, "-m", "nbconn", "why", *args], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)
+        calls = [line for line in proc.stderr.splitlines() if re.match(r"(\[pid +\d+\] )?\w+\(", line)]
+        assert proc.returncode == 2 and calls == [], (args, calls)
+        assert proc.stderr.strip().splitlines()[-1].startswith("nbconn: error: ")
