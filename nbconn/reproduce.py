@@ -319,8 +319,11 @@ def reproduce(answer: dict) -> dict:
         with build() as setup:
             model = _produced(_run_model(setup, http), cause)
             reason = setup.nginx_reason or nginx_module.unavailable_reason()
-            nginx = reason if reason else _produced(_run_nginx(setup), cause)
-    except _CannotHere as exc:
+            try:
+                nginx = reason if reason else _produced(_run_nginx(setup), cause)
+            except RuntimeError as exc:  # nginx would not start here: say so, keep the model's answer
+                nginx = f"nginx did not run: {exc}"
+    except (_CannotHere, RuntimeError) as exc:  # no lab namespace here, or a peer could not be built
         return {"made": False, "reason": str(exc)}
     if cause == "connect:EACCES" and os.geteuid() == 0 and (model is None or not model["same"]):
         model = dict(model or {"line": None, "same": False},

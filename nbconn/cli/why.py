@@ -119,7 +119,7 @@ def run(args) -> int:
 
         reproduced = [reproduce.reproduce(a) for a in answers]
     if args.json:
-        out = [dict(a, reproduced=r) if reproduced else a for a, r in zip(answers, reproduced or answers)]
+        out = answers if reproduced is None else [dict(a, reproduced=r) for a, r in zip(answers, reproduced)]
         print(json.dumps({"lines": out}, indent=2))
     else:
         for i, answer in enumerate(answers):
