@@ -7,10 +7,12 @@ connects, nginx's rules) and through a private nginx 1.22.1 (:class:`nbconn.ngin
 the HTTP proxy module), and returns the line each wrote next to the given one.
 "Same" means the produced line decodes to the same cause (addresses differ).
 
-Causes that need what loopback cannot give -- an ICMP error from a router, a
-narrowed port range, the kernel's SYN give-up, no route -- need a lab namespace or
-the impaired link, where nbconn's nginx does not run yet: they say so instead.
-Everything started (peers, nginx, its prefix) is closed on every path.
+Causes that need what loopback cannot give -- no route, an ``unreachable`` route, a
+narrowed port range, the kernel's SYN give-up -- are built in a lab namespace
+(:mod:`nbconn.lab.namespace`), where the model runs but nbconn's nginx does not yet:
+the answer says so.  An ICMP error from a router needs a router the lab does not
+have: those lines are not made, and the answer says why.  Everything started (peers,
+namespaces, nginx and its prefix) is closed on every path.
 """
 
 from __future__ import annotations
