@@ -467,3 +467,20 @@ def test_bad_input_makes_no_socket_and_no_process():
         calls = [line for line in proc.stderr.splitlines() if re.match(r"(\[pid +\d+\] )?\w+\(", line)]
         assert proc.returncode == 2 and calls == [], (args, calls)
         assert proc.stderr.strip().splitlines()[-1].startswith("nbconn: error: ")
+
+
+def test_summary_memory_is_bounded(monkeypatch):
+    """What --log keeps does not grow with the log: upstream names past the cap count as "(other)", the decode
+    cache is cleared when full, and only the largest bursts are kept."""
+    monkeypatch.setattr(why, "MAX_UPSTREAMS", 50)
+    s = why.Summary(burst=2)
+    for i in range(5000):  # more distinct messages than the cache holds (4096)
+        up = f"127.0.{i // 250}.{i % 250}:80"
+        second = f"2026/12/03 03:{i // 600:02d}:{(i // 10) % 60:02d}"  # ten lines a second: a burst every second
+        s.add(f"{second} [error] 1#1: *{i} connect() to {up} failed (111: Connection refused) while connecting to "
+              f'upstream, client: 127.0.0.1, server: _, request: "GET / HTTP/1.1", upstream: "http://{up}/"')
+        assert len(s._cache) <= 4096
+    summary = s.finish()
+    assert len(summary["upstreams"]) == 51 and summary["upstreams"]["(other)"] == {"connect:ECONNREFUSED": 4950}
+    assert summary["bursts_seen"] == 500 and len(summary["bursts"]) == why.MAX_BURSTS
+    assert summary["causes"]["connect:ECONNREFUSED"]["count"] == 5000
