@@ -265,6 +265,50 @@ _NOT_HERE = {
 }
 
 
+def _worker_connections() -> list:
+    """Fill nbconn.nginx's ``worker_connections 64`` until a request's upstream connect finds no free connection.
+
+    Idle clients would not do: nginx reuses (closes) idle connections when it runs short (ngx_drain_connections,
+    "worker_connections are not enough, reusing connections").  A client with an unfinished header and requests
+    waiting on a peer that never answers are not reusable: one of the first, then requests (a client and an
+    upstream connection each) until a client takes the last free connection and its upstream connect fails in
+    ngx_get_connection (ngx_connection.c line 1119).  At most 40 requests."""
+    from .lab import peers
+    from .nginx import Nginx
+
+    held: list = []
+    with peers.listening(hold=True) as up, Nginx([str(up)], connect_timeout=CONNECT_TIMEOUT_S) as nginx:
+        try:
+            partial = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
+            held.append(partial)
+            partial.sendall(b"GET / HTTP/1.0\r\n")  # an unfinished header: not reusable
+            # quickly: the waiting requests end at proxy_read_timeout (5 s) and give their connections back
+            for _ in range(40):
+                client = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
+                held.append(client)
+                client.sendall(b"GET / HTTP/1.0\r\nHost: nbconn\r\n\r\n")
+                lines = _wait_for_lines(nginx, "worker_connections are not enough while", 0.05)
+                if lines:
+                    return lines
+            return _wait_for_lines(nginx, "worker_connections are not enough while", 1.0)
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def _wait_for_lines(nginx, text: str, wait_s: float) -> list:
+    """The error-log lines holding ``text``, looked for every 10 ms for at most ``wait_s`` (nginx writes the
+    line when its worker handles the request, a moment after the client sent it)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [f"[{e.level}] {e.message}" for e in nginx.error_log() if text in e.message]
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.01)
+
+
 def _produced(lines: list, cause: str) -> dict | None:
     """The first line of ``lines`` ("[level] message") that decodes to ``cause``, else the first line."""
     if not lines:
@@ -306,6 +350,14 @@ def reproduce(answer: dict) -> dict:
         return {"made": False, "reason": "outside the connect flow: nothing to build"}
     if cause in _NOT_HERE:
         return {"made": False, "reason": _NOT_HERE[cause]}
+    if cause == "worker_connections":
+        from . import nginx as nginx_module
+
+        reason = nginx_module.unavailable_reason()
+        return {"made": True, "situation": "nbconn.nginx's worker_connections 64 filled by an unfinished request "
+                                           "and requests waiting on a peer that never answers",
+                "given": given, "model": "nbconn's model has no worker_connections: not run",
+                "nginx": reason or _produced(_worker_connections(), cause)}
     if cause not in SITUATIONS:
         return {"made": False, "reason": f"nbconn's lab has no situation for {cause} yet"}
     if answer.get("module") == why.STREAM and cause.startswith("recv:"):

@@ -414,6 +414,16 @@ def test_reproduce_in_a_lab_namespace_runs_the_model(line, no_fd_leak):
     assert "not inside a lab namespace" in rep["nginx"]  # said, not pretended
 
 
+def test_reproduce_worker_connections_with_a_real_nginx(no_fd_leak):
+    from nbconn import reproduce
+
+    require_tool("nginx")
+    rep = reproduce.reproduce(why.decode(CASES[15][0]))  # "1024 worker_connections are not enough"
+    assert rep["made"] and rep["nginx"]["same"], rep
+    assert "worker_connections are not enough while connecting to upstream" in rep["nginx"]["line"]
+    assert "not run" in rep["model"]  # the model has no worker_connections: said, not pretended
+
+
 def test_reproduce_says_what_it_cannot_make_here():
     from nbconn import reproduce
 
