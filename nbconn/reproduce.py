@@ -260,6 +260,8 @@ SITUATIONS = {
 }
 
 _NOT_HERE = {
+    "socket:EMFILE": "needs nginx's worker with a lowered open-file limit (worker_rlimit_nofile, which nbconn.nginx "
+                     "does not write; prlimit() on a worker running as another user needs CAP_SYS_RESOURCE)",
     "so_error:EHOSTUNREACH": _NEEDS_LINK % "an ICMP host unreachable",
     "so_error:ENETUNREACH": _NEEDS_LINK % "an ICMP net unreachable",
 }

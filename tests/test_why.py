@@ -430,6 +430,7 @@ def test_reproduce_says_what_it_cannot_make_here():
     for line in ("connect() failed (113: No route to host) while connecting to upstream",
                  "connect() failed (101: Network is unreachable) while connecting to upstream",
                  "connect() to 10.0.0.1:80 failed (13: Permission denied) while connecting to upstream",
+                 "socket() failed (24: Too many open files) while connecting to upstream",
                  'open() "/x" failed (2: No such file or directory)'):
         rep = reproduce.reproduce(why.decode(line))
         assert rep["made"] is False and rep["reason"]
