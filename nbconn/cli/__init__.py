@@ -30,7 +30,7 @@ import sys
 from .. import validate
 
 #: subcommand modules (nbconn.cli.<name>), in the order ``--help`` lists them
-SUBCOMMANDS = ("connect", "measure", "upstream", "record", "capture")
+SUBCOMMANDS = ("connect", "measure", "upstream", "record", "capture", "why")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

@@ -1,0 +1,388 @@
+"""Make a decoded error-log line happen again: the lab's peers, nbconn's upstream model and a real nginx.
+
+``why --reproduce`` hands each line decoded by :mod:`nbconn.why` to :func:`reproduce`,
+which builds the situation behind its cause with :mod:`nbconn.lab.peers` (loopback
+and AF_UNIX only), sends the same requests through :mod:`nbconn.upstream` (real
+connects, nginx's rules) and through a private nginx 1.22.1 (:class:`nbconn.nginx.Nginx`,
+the HTTP proxy module), and returns the line each wrote next to the given one.
+"Same" means the produced line decodes to the same cause (addresses differ).
+
+Causes that need what loopback cannot give -- no route, an ``unreachable`` route, a
+narrowed port range, the kernel's SYN give-up -- are built in a lab namespace
+(:mod:`nbconn.lab.namespace`), where the model runs but nbconn's nginx does not yet:
+the answer says so.  An ICMP error from a router needs a router the lab does not
+have: those lines are not made, and the answer says why.  Everything started (peers,
+namespaces, nginx and its prefix) is closed on every path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+
+from . import why
+
+#: the connect timer both run with where the situation waits for it (proxy_connect_timeout)
+CONNECT_TIMEOUT_S = 0.3
+
+_NGINX_OUTSIDE = "nbconn's nginx runs on this host's loopback, not inside a lab namespace (not run)"
+
+
+class _Setup:
+    """What a situation hands over: the upstream's server addresses, how many requests to send, and for a
+    situation inside a lab namespace, the namespace (the model's sockets are made there) and why nginx is
+    not run; ``timeout``: proxy_connect_timeout for both."""
+
+    def __init__(self, targets: list, requests: int, *, namespace=None, nginx_reason: str | None = None,
+                 timeout: float = CONNECT_TIMEOUT_S) -> None:
+        self.targets, self.requests, self.namespace = targets, requests, namespace
+        self.nginx_reason, self.timeout = nginx_reason, timeout
+
+
+def open_to_worker(path: str, mode: int = 0o777) -> None:
+    """As root nginx's worker runs as 'nobody': let it through the peer's private directory to the socket."""
+    os.chmod(os.path.dirname(path), 0o711)
+    if os.path.exists(path):
+        os.chmod(path, mode)
+
+
+@contextlib.contextmanager
+def _refused():
+    from .lab import peers
+
+    with peers.refused() as p:
+        yield _Setup([str(p)], 1)
+
+
+@contextlib.contextmanager
+def _two_refused():
+    from .lab import peers
+
+    with peers.refused() as a, peers.refused() as b:
+        yield _Setup([str(a), str(b)], 2)  # the first request disables both (max_fails=1); the second finds none
+
+
+@contextlib.contextmanager
+def _blackhole():
+    from .lab import peers
+
+    with peers.blackhole() as p:
+        yield _Setup([str(p)], 1)
+
+
+@contextlib.contextmanager
+def _acceptor(handle):
+    """A loopback listener whose thread accepts and calls ``handle(conn)``; the connections it keeps are closed
+    at the end.  Bounded: at most 64 connections, a stop flag looked at every 50 ms."""
+    import select
+    import threading
+
+    held: list = []
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+
+        def serve() -> None:
+            while not stop.is_set() and len(held) < 64:
+                if not select.select([listener], [], [], 0.05)[0]:
+                    continue
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                held.append(conn)
+                try:
+                    handle(conn)
+                except OSError:
+                    pass
+
+        thread = threading.Thread(target=serve, name="nbconn-why-peer", daemon=True)
+        thread.start()
+        try:
+            yield _Setup([f"127.0.0.1:{listener.getsockname()[1]}"], 1)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            for conn in held:
+                conn.close()
+
+
+def _half_close(conn: socket.socket) -> None:
+    # FIN at once, the socket kept: not lab.peers.listening's close(), which sends RST instead of FIN when the
+    # request is already in its receive queue (net/ipv4/tcp.c __tcp_close: unread data -> reset), racing with
+    # the request's arrival; half-closing makes end of file the only answer
+    conn.shutdown(socket.SHUT_WR)
+
+
+def _reset_after_request(conn: socket.socket) -> None:
+    # wait for the request, then close with SO_LINGER {1, 0}: RST.  lab.peers.reset resets right after accept,
+    # which races with the client's SO_ERROR read (the line is then "connect() failed (104: ...)")
+    import struct
+
+    conn.settimeout(2.0)
+    try:
+        conn.recv(65536)
+    except OSError:
+        pass
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def _closes():
+    return _acceptor(_half_close)
+
+
+def _reset():
+    return _acceptor(_reset_after_request)
+
+
+@contextlib.contextmanager
+def _unix_full():
+    from .lab import peers
+
+    with peers.unix_full() as p:
+        open_to_worker(p.path)
+        yield _Setup([str(p)], 1)
+
+
+@contextlib.contextmanager
+def _unix_missing():
+    from .lab import peers
+
+    with peers.unix_missing() as p:
+        open_to_worker(p.path)
+        yield _Setup([str(p)], 1)
+
+
+@contextlib.contextmanager
+def _unix_stale():
+    """A socket file nobody listens on: bound, never listen()ed (what a backend that died leaves behind)."""
+    where = tempfile.mkdtemp(prefix="nbconn-")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            path = os.path.join(where, "stale.sock")
+            sock.bind(path)
+            open_to_worker(path)
+            yield _Setup([f"unix:{path}"], 1)
+    finally:
+        import shutil
+
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _unix_forbidden():
+    """A listening unix socket whose file mode refuses writers: the worker meets EACCES."""
+    from .lab import peers
+
+    with peers.unix_listening() as p:
+        open_to_worker(p.path, 0o000 if os.geteuid() != 0 else 0o700)
+        yield _Setup([str(p)], 1)
+
+
+# -- situations inside a lab namespace: the model only (nbconn.lab.namespace, rootless too) -----------------
+
+@contextlib.contextmanager
+def _lab(**kwargs):
+    from .lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        raise _CannotHere(f"needs a lab namespace: {reason}")
+    with namespace.namespace(**kwargs) as ns:
+        yield ns
+
+
+class _CannotHere(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _no_route():
+    with _lab() as ns:  # a fresh namespace has only lo: no route to 198.18.0.0/15 (the lab's own range)
+        yield _Setup(["198.18.0.1:80"], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+
+
+@contextlib.contextmanager
+def _unreachable_route():
+    with _lab(routes=["unreachable 198.18.0.0/15"]) as ns:
+        yield _Setup(["198.18.0.1:80"], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+
+
+@contextlib.contextmanager
+def _no_local_port():
+    """ip_local_port_range narrowed to two ports, one of them held by a kept connection: the next connect
+    to the same listener finds no free local port (notebook 04)."""
+    from .api import connect
+
+    with _lab(sysctls={"net.ipv4.ip_local_port_range": "40000 40001"}) as ns, ns.listening() as target:
+        with ns.using():
+            first = connect(target, keep=True, timeout=2.0)
+        try:
+            yield _Setup([str(target)], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+        finally:
+            first.close()
+
+
+@contextlib.contextmanager
+def _syn_give_up():
+    """tcp_syn_retries=1 inside the namespace and a listener that drops SYNs: the kernel gives up after the
+    first resend (~3 s, notebook 06) while the connect timer is longer."""
+    with _lab(sysctls={"net.ipv4.tcp_syn_retries": "1"}) as ns, ns.blackhole() as target:
+        yield _Setup([str(target)], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE, timeout=10.0)
+
+
+_NEEDS_LINK = "needs the impaired link with a router answering ICMP (%s); nbconn's lab has no such router yet"
+
+#: cause -> (what is built, how, http exchange needed)
+SITUATIONS = {
+    "so_error:ECONNREFUSED": ("a loopback port bound but not listening: RST", _refused, False),
+    "connect:ECONNREFUSED": ("a unix socket file nobody listens on", _unix_stale, False),
+    "connect:EAGAIN": ("a unix socket whose backlog is full", _unix_full, False),
+    "connect:ENOENT": ("a unix socket path nobody created", _unix_missing, False),
+    "connect:EACCES": ("a unix socket the worker may not write to", _unix_forbidden, False),
+    "timeout": ("a loopback listener whose accept queue is full: SYNs dropped, the timer ends it", _blackhole,
+                False),
+    "no_live": ("two refused peers (max_fails=1), two requests: the second finds none", _two_refused, False),
+    "disabled": ("two refused peers (max_fails=1): each failure disables one", _two_refused, False),
+    "recv:ECONNRESET": ("a peer that accepts, reads the request, then resets (SO_LINGER {1, 0})", _reset, True),
+    "closed": ("a peer that accepts and at once half-closes (FIN, no response)", _closes, True),
+    "connect:ENETUNREACH": ("a lab namespace with no route to 198.18.0.1", _no_route, False),
+    "connect:EHOSTUNREACH": ("a lab namespace with `ip route add unreachable 198.18.0.0/15`", _unreachable_route,
+                             False),
+    "connect:EADDRNOTAVAIL": ("a lab namespace with ip_local_port_range \"40000 40001\", one port held",
+                              _no_local_port, False),
+    "so_error:ETIMEDOUT": ("a lab namespace with tcp_syn_retries=1 and a listener that drops SYNs; connect "
+                           "timer 10 s", _syn_give_up, False),
+}
+
+_NOT_HERE = {
+    "socket:EMFILE": "needs nginx's worker with a lowered open-file limit (worker_rlimit_nofile, which nbconn.nginx "
+                     "does not write; prlimit() on a worker running as another user needs CAP_SYS_RESOURCE)",
+    "so_error:EHOSTUNREACH": _NEEDS_LINK % "an ICMP host unreachable",
+    "so_error:ENETUNREACH": _NEEDS_LINK % "an ICMP net unreachable",
+}
+
+
+def _worker_connections() -> list:
+    """Fill nbconn.nginx's ``worker_connections 64`` until a request's upstream connect finds no free connection.
+
+    Idle clients would not do: nginx reuses (closes) idle connections when it runs short (ngx_drain_connections,
+    "worker_connections are not enough, reusing connections").  A client with an unfinished header and requests
+    waiting on a peer that never answers are not reusable: one of the first, then requests (a client and an
+    upstream connection each) until a client takes the last free connection and its upstream connect fails in
+    ngx_get_connection (ngx_connection.c line 1119).  At most 40 requests."""
+    from .lab import peers
+    from .nginx import Nginx
+
+    held: list = []
+    with peers.listening(hold=True) as up, Nginx([str(up)], connect_timeout=CONNECT_TIMEOUT_S) as nginx:
+        try:
+            partial = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
+            held.append(partial)
+            partial.sendall(b"GET / HTTP/1.0\r\n")  # an unfinished header: not reusable
+            # quickly: the waiting requests end at proxy_read_timeout (5 s) and give their connections back
+            for _ in range(40):
+                client = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
+                held.append(client)
+                client.sendall(b"GET / HTTP/1.0\r\nHost: nbconn\r\n\r\n")
+                lines = _wait_for_lines(nginx, "worker_connections are not enough while", 0.05)
+                if lines:
+                    return lines
+            return _wait_for_lines(nginx, "worker_connections are not enough while", 1.0)
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def _wait_for_lines(nginx, text: str, wait_s: float) -> list:
+    """The error-log lines holding ``text``, looked for every 10 ms for at most ``wait_s`` (nginx writes the
+    line when its worker handles the request, a moment after the client sent it)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [f"[{e.level}] {e.message}" for e in nginx.error_log() if text in e.message]
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.01)
+
+
+def _produced(lines: list, cause: str) -> dict | None:
+    """The first line of ``lines`` ("[level] message") that decodes to ``cause``, else the first line."""
+    if not lines:
+        return None
+    for text in lines:
+        if why.decode(text.split("] ", 1)[-1])["cause"] == cause:
+            return {"line": text, "same": True}
+    return {"line": lines[0], "same": False}
+
+
+def _run_model(setup: _Setup, http: bool) -> list:
+    from .upstream import Peer, Upstream, run_requests
+
+    with Upstream([Peer(t) for t in setup.targets]) as up:
+        using = setup.namespace.using() if setup.namespace is not None else contextlib.nullcontext()
+        with using:
+            done = run_requests(up, setup.requests, timeout=setup.timeout, http=http, read_timeout=2.0)
+    return [line for r in done for line in r.log]
+
+
+def _run_nginx(setup: _Setup) -> list:
+    from .nginx import Nginx
+
+    with Nginx(setup.targets, connect_timeout=setup.timeout) as nginx:
+        for _ in range(setup.requests):
+            nginx.request("/", timeout_s=10.0)
+        return [f"[{e.level}] {e.message}" for e in nginx.error_log() if e.level not in ("info", "notice")]
+
+
+def reproduce(answer: dict) -> dict:
+    """Build the situation behind a decoded line and run the model and a real nginx on it.
+
+    Returns ``{"made": False, "reason": ...}`` where it cannot be made here, else ``{"made": True,
+    "situation", "given", "model": {"line", "same"} | None, "nginx": {"line", "same"} | str}`` (a str: why
+    nginx did not run)."""
+    cause = answer["cause"]
+    given = answer["line"]
+    if cause == "outside":
+        return {"made": False, "reason": "outside the connect flow: nothing to build"}
+    if cause in _NOT_HERE:
+        return {"made": False, "reason": _NOT_HERE[cause]}
+    if cause == "worker_connections":
+        from . import nginx as nginx_module
+
+        reason = nginx_module.unavailable_reason()
+        return {"made": True, "situation": "nbconn.nginx's worker_connections 64 filled by an unfinished request "
+                                           "and requests waiting on a peer that never answers",
+                "given": given, "model": "nbconn's model has no worker_connections: not run",
+                "nginx": reason or _produced(_worker_connections(), cause)}
+    if cause not in SITUATIONS:
+        return {"made": False, "reason": f"nbconn's lab has no situation for {cause} yet"}
+    if answer.get("module") == why.STREAM and cause.startswith("recv:"):
+        return {"made": False, "reason": "a stream session's reset while proxying: nbconn's nginx runs the HTTP "
+                                         "proxy only"}
+    situation, build, http = SITUATIONS[cause]
+    from . import nginx as nginx_module
+
+    if cause == "connect:EACCES" and not (answer.get("upstream") or "").startswith("unix:"):
+        return {"made": False, "reason": "EACCES on a TCP connect (a prohibit route, a security module): nbconn "
+                                         "builds the unix socket case only"}
+    try:
+        with build() as setup:
+            model = _produced(_run_model(setup, http), cause)
+            reason = setup.nginx_reason or nginx_module.unavailable_reason()
+            try:
+                nginx = reason if reason else _produced(_run_nginx(setup), cause)
+            except RuntimeError as exc:  # nginx would not start here: say so, keep the model's answer
+                nginx = f"nginx did not run: {exc}"
+    except (_CannotHere, RuntimeError) as exc:  # no lab namespace here, or a peer could not be built
+        return {"made": False, "reason": str(exc)}
+    if cause == "connect:EACCES" and os.geteuid() == 0 and (model is None or not model["same"]):
+        model = dict(model or {"line": None, "same": False},
+                     note="the model runs as root, which no file mode stops; nginx's worker runs as 'nobody'")
+    module_note = " (nginx: the HTTP proxy module)" if answer.get("module") == why.STREAM else ""
+    return {"made": True, "situation": situation + module_note, "given": given, "model": model, "nginx": nginx}
