@@ -56,8 +56,9 @@ class OwnNamespace:
 
     where = "made in this process's own network namespace"
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
-        return socket.socket(family, type, proto)
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0, *,
+               timeout_s: float | None = None) -> socket.socket:
+        return socket.socket(family, type, proto)  # made here: nothing to wait for, timeout_s has no use
 
     def read_netstat(self) -> dict:
         return netstat.read()

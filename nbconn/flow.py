@@ -377,7 +377,8 @@ class Attempt:
         t = result.started_ns = _monotonic_ns()
         try:
             if source is not None:
-                sock = source.socket(target.family, _SOCK_STREAM)
+                # A lab helper answers over a socket: its wait is bounded by this connect's own timer
+                sock = source.socket(target.family, _SOCK_STREAM, timeout_s=plan.timeout_ns / 1e9)
             elif plan.nginx_exact:
                 sock = _CSocket(target.family)
             else:

@@ -37,7 +37,9 @@ class SocketSource:
 
     where: str = ""
 
-    def socket(self, family: int, type: int) -> _socket.socket:
+    def socket(self, family: int, type: int, *, timeout_s: float | None = None) -> _socket.socket:
+        """A new socket; ``timeout_s`` is the connect's timer: a source that must ask another process for the
+        socket (a lab helper) waits at most that long, so a wedged helper never outlasts the caller's deadline."""
         raise NotImplementedError
 
 

@@ -215,18 +215,19 @@ def test_step_one_asks_the_socket_source(no_fd_leak):
         def __init__(self):
             self.calls = []
 
-        def socket(self, family, type):
-            self.calls.append((family, type))
+        def socket(self, family, type, *, timeout_s=None):
+            self.calls.append((family, type, timeout_s))
             return socket.socket(family, type)
 
     src = HereSource()
     with listening() as target, socketsource.using(src):
-        res = nbconn.connect(target)
-    assert res.connected and src.calls == [(socket.AF_INET, socket.SOCK_STREAM)]
+        res = nbconn.connect(target, timeout=0.5)
+    # the connect's timer bounds the source's wait too (a wedged lab helper must not outlast it)
+    assert res.connected and src.calls == [(socket.AF_INET, socket.SOCK_STREAM, 0.5)]
     assert "made by a test's source" in res.steps[0].call
     with refused() as target:
         res = nbconn.connect(target)
-    assert src.calls == [(socket.AF_INET, socket.SOCK_STREAM)]  # outside the block: made here again
+    assert src.calls == [(socket.AF_INET, socket.SOCK_STREAM, 0.5)]  # outside the block: made here again
     assert res.steps[0].call.startswith("socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC")
 
 
@@ -234,7 +235,7 @@ def test_socket_source_failure_is_socket_stage(no_fd_leak):
     class Full:
         where = "a source out of descriptors"
 
-        def socket(self, family, type):
+        def socket(self, family, type, *, timeout_s=None):
             raise OSError(errno.EMFILE, "Too many open files")
 
     with socketsource.using(Full()):
