@@ -41,6 +41,7 @@ from . import validate
 from .flow import Attempt, Plan, check_settings, make_plan
 from .loop import Loop
 from .result import Result
+from .strace import c_escape
 from .targets import Target, parse_target
 
 _monotonic_ns = time.monotonic_ns
@@ -86,7 +87,8 @@ class Race:
         return self.winner is not None
 
     def summary(self) -> str:
-        tried = ", ".join(f"{r.target} {r.outcome}" + (f" ({r.errno})" if r.errno else "") for r in self.attempts)
+        tried = ", ".join(f"{c_escape(r.target)} {r.outcome}" + (f" ({r.errno})" if r.errno else "")
+                          for r in self.attempts)
         head = f"{self.mode}: " + (f"{self.winner} won" if self.winner else "no address connected")
         return f"{head} after {self.elapsed_ms:.1f} ms; attempts: {tried}"
 
@@ -179,7 +181,7 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
             plans[tgt.family] = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger,
                                           keep=keep, trace=trace, nginx_exact=nginx_exact, options=options)
 
-    race = Race(SEQUENTIAL if delay is None else HAPPY_EYEBALLS, delay, [t.text for t in parsed])
+    race = Race(SEQUENTIAL if delay is None else HAPPY_EYEBALLS, delay, [c_escape(t.text) for t in parsed])
     delay_ns = None if delay is None else int(delay * 1e9)
     in_flight: list[Attempt] = []
     failed_since_last_start = [False]  # an attempt failed: the next one may start at once
@@ -187,7 +189,8 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
     t0 = _monotonic_ns()
 
     def event(text: str) -> None:
-        race.events.append((_monotonic_ns() - t0, text))
+        # escaped as strace escapes a path: an AF_UNIX target with a newline or an ESC stays on its line
+        race.events.append((_monotonic_ns() - t0, c_escape(text)))
 
     def done(attempt: Attempt) -> None:
         # Runs inside the loop (or inside start() for an immediate answer): only bookkeeping here,
@@ -247,7 +250,7 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
                 attempt.abort()
             in_flight.clear()
     if winner:
-        race.winner = winner[0].target.text
+        race.winner = c_escape(winner[0].target.text)
         race.sock = winner[0].result.sock
     return race
 
@@ -380,7 +383,7 @@ def plot_races(*races: Race, title: str | None = None):
             ax.plot([begin], [row], marker="|", markersize=16, color="black")
             ax.plot([end], [row], marker="o", markersize=8, color=colour, markeredgecolor="black")
             ax.text(end, row, f"  {label} at {end:.0f} ms", va="center", fontsize="small")
-        ax.set_yticks(range(len(race.attempts)), [r.target for r in race.attempts], fontsize="small")
+        ax.set_yticks(range(len(race.attempts)), [c_escape(r.target) for r in race.attempts], fontsize="small")
         ax.invert_yaxis()
         how = "nginx's sequential walk" if race.delay_s is None else f"happy eyeballs, delay {race.delay_s * 1e3:.0f} ms"
         ax.set_title(f"{how}: {race.winner or 'nobody'} after {race.elapsed_ms:.0f} ms", fontsize="medium")

@@ -124,3 +124,14 @@ def test_an_interrupt_closes_every_attempt():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert open_fds() == before
+
+
+def test_a_unix_path_with_a_newline_and_an_esc_stays_on_its_line(tmp_path):
+    """Issue 24, item 12, in the race's timeline and summary: paths are printed as strace prints them."""
+    from nbconn import eyeballs
+
+    race = eyeballs.sequential([f"unix:{tmp_path}/a\nb\x1b[31mc", f"unix:{tmp_path}/d"], timeout=0.5)
+    text = "\n".join(race.timeline()) if isinstance(race.timeline(), list) else str(race.timeline())
+    text += "\n" + str(race.summary())
+    assert "\x1b" not in text and "a\\nb\\33[31mc" in text, text
+    assert not any(line.startswith("b") for line in text.splitlines()), text
