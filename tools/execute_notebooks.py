@@ -29,6 +29,9 @@ def execute(path: str) -> float:
     # Stored in the form JupyterLab writes back on save: no per-cell timing metadata (JupyterLab records none
     # unless asked) and no widget state (its widget manager saves none by default).  Otherwise the first
     # autosave rewrites every notebook and the learner's next `git pull` conflicts.
+    for cell in nb.cells:  # and none left from an earlier run
+        cell.metadata.pop("execution", None)
+    nb.metadata.pop("widgets", None)
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
                             store_widget_state=False,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
