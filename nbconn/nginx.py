@@ -120,71 +120,180 @@ def _worker_user() -> str | None:
     return f"{user.pw_name} {group}"
 
 
+#: Every kind nginx 1.22.1's proxy_next_upstream takes besides "off" (ngx_http_proxy_next_upstream_masks,
+#: src/http/modules/ngx_http_proxy_module.c).  "updating" is in that table too, but it is the cache's word
+#: (proxy_cache_use_stale shares the table) and means nothing without a cache, so it is not offered.
+PROXY_NEXT_UPSTREAM_KINDS = ("error", "timeout", "invalid_header", "http_500", "http_502", "http_503", "http_504",
+                             "http_403", "http_404", "http_429", "non_idempotent")
+
+#: What construction fixes.  config() writes them into nginx.conf, so after construction they are read-only
+#: (a later ``ng.tries = "1; location /x { alias /etc/; }"`` is refused) and config() checks them again anyway.
+SETTINGS = ("peers", "connect_timeout", "next_upstream", "tries", "next_upstream_timeout", "read_timeout", "keepalive",
+            "proxy_bind", "workers", "worker_connections", "zone", "strace", "strace_syscalls")
+
+#: worker_processes above this is refused: each worker is a process, and a tutorial's machine has a few cores.
+MAX_WORKERS = 32
+#: worker_connections: at least one per listening socket plus one for the master's channel, or nginx refuses to
+#: start ("N worker_connections are not enough for 1 listening sockets", ngx_event_init_conf in
+#: src/event/ngx_event.c); 2 leaves none for a client's upstream connection, which is how to make
+#: "worker_connections are not enough" happen on purpose.  Each is a descriptor and a preallocated ngx_connection_t.
+MIN_WORKER_CONNECTIONS = 2
+MAX_WORKER_CONNECTIONS = 65536
+
+
+def _proxy_bind(value: object) -> str | None:
+    """An IP address without a port, as nginx's ngx_parse_addr reads it (IPv6 bare, no brackets, no scope)."""
+    if value is None:
+        return None
+    import ipaddress
+
+    if not isinstance(value, str):
+        raise TypeError(f"proxy_bind must be an IP address as a str, or None, got {validate.shown(value)}")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        address = None
+    if address is None or "%" in value:
+        raise ValueError(f"proxy_bind={validate.shown(value)} must be an IP address without a port, "
+                         f"e.g. '127.0.0.2' or '::1'")
+    return str(address)
+
+
+def _checked(settings: dict) -> dict:
+    """Every setting checked for type and range (nbconn.validate's one rule), and returned as written."""
+    out = dict(settings)
+    out["peers"] = tuple(_peer_copy(p) for p in settings["peers"])
+    # nginx 1.22.1 takes any proxy_connect_timeout ngx_parse_time reads (ngx_conf_set_msec_slot); the "75 s"
+    # in its documentation is about what the OS may do, not a limit nginx enforces.
+    out["connect_timeout"] = validate.number("connect_timeout", settings["connect_timeout"], 0,
+                                             validate.MAX_TIMEOUT_S, low_open=True)
+    next_upstream = settings["next_upstream"]
+    if isinstance(next_upstream, str) or not isinstance(next_upstream, (tuple, list)):
+        raise TypeError(f"next_upstream must be a tuple of kinds (empty = off), got {validate.shown(next_upstream)}")
+    kinds = tuple(validate.choice("next_upstream", k, PROXY_NEXT_UPSTREAM_KINDS) for k in next_upstream)
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"next_upstream={validate.shown(next_upstream)} names a kind twice")
+    out["next_upstream"] = kinds
+    out["tries"] = validate.integer("tries", settings["tries"], 0, 1000)
+    out["next_upstream_timeout"] = validate.number("next_upstream_timeout", settings["next_upstream_timeout"], 0,
+                                                   validate.MAX_TIMEOUT_S)
+    out["read_timeout"] = validate.number("read_timeout", settings["read_timeout"], 0, validate.MAX_TIMEOUT_S,
+                                          low_open=True)
+    # `keepalive N` in the upstream block, with the two lines it needs to work at all: HTTP/1.1 to the
+    # upstream and no "Connection: close" header (nginx's proxy sends HTTP/1.0 + close by default)
+    out["keepalive"] = validate.integer("keepalive", settings["keepalive"], 0, 10_000)
+    out["proxy_bind"] = _proxy_bind(settings["proxy_bind"])
+    out["workers"] = validate.integer("workers", settings["workers"], 1, MAX_WORKERS)
+    out["worker_connections"] = validate.integer("worker_connections", settings["worker_connections"],
+                                                 MIN_WORKER_CONNECTIONS,
+                                                 MAX_WORKER_CONNECTIONS)
+    out["zone"] = validate.flag("zone", settings["zone"])
+    out["strace"] = validate.flag("strace", settings["strace"])
+    syscalls = settings["strace_syscalls"]
+    if not isinstance(syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", syscalls) is None:
+        raise ValueError(f"strace_syscalls={validate.shown(syscalls)} must be syscall names, comma-separated")
+    return out
+
+
+def _peer_copy(p) -> Peer:
+    """A fresh, checked Peer: the caller's object (or a later change to it) cannot reach nginx.conf unchecked."""
+    if isinstance(p, str):
+        p = Peer.parse(p)
+    elif not isinstance(p, Peer):
+        raise TypeError(f"peer must be a str like '127.0.0.1:8080,weight=2' or a Peer, got {validate.shown(p)}")
+    peer = Peer(p.address, weight=p.weight, max_fails=p.max_fails, fail_timeout=p.fail_timeout, backup=p.backup,
+                down=p.down)
+    config_value("peer address", peer.address, _PLAIN_ADDRESS)
+    return peer
+
+
 class Nginx:
     """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Peer objects).
 
-    ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds
-    for proxy_next_upstream ("error", "timeout"; empty = off); ``tries`` and
-    ``next_upstream_timeout``: proxy_next_upstream_tries / _timeout (0 = unlimited);
-    ``strace``: run nginx under ``strace -f`` and keep the trace (of ``strace_syscalls``);
+    ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds for proxy_next_upstream
+    (any of :data:`PROXY_NEXT_UPSTREAM_KINDS`; an empty tuple = off); ``tries`` and ``next_upstream_timeout``:
+    proxy_next_upstream_tries / _timeout (0 = unlimited); ``read_timeout``: proxy_read_timeout in seconds;
     ``keepalive``: ``keepalive N`` in the upstream block, with ``proxy_http_version 1.1`` and an empty
-    ``Connection`` header (without those two nginx closes every upstream connection anyway).
+    ``Connection`` header (without those two nginx closes every upstream connection anyway);
+    ``proxy_bind``: an IP address without a port (``proxy_bind ADDR;`` -- nginx then sets
+    IP_BIND_ADDRESS_NO_PORT itself); ``workers``: worker_processes; ``worker_connections``: the events block's
+    worker_connections; ``zone``: ``zone backend 64k;`` (the upstream's peers and their failure counts shared
+    by all workers; without it each worker keeps its own); ``strace``: run nginx under ``strace -f`` and keep
+    the trace (of ``strace_syscalls``).
+
+    Every setting is checked when the object is made, before any file or process exists, and is read-only
+    afterwards; :meth:`config` checks them again as it writes them.
     """
 
     def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
-                 next_upstream_timeout: float = 0.0, strace: bool = False, keepalive: int = 0,
+                 next_upstream_timeout: float = 0.0, read_timeout: float = 5.0, strace: bool = False,
+                 keepalive: int = 0, proxy_bind: str | None = None, workers: int = 1, worker_connections: int = 64,
+                 zone: bool = False,
                  strace_syscalls: str = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close") -> None:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
-        self.peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
-        for p in self.peers:  # named here, before any file or process exists
-            config_value("peer address", p.address, _PLAIN_ADDRESS)
-        # Every setting is checked for type and range here: config() writes them into nginx.conf, where a
-        # string such as tries="1; ..." would be more configuration.  nginx caps proxy_connect_timeout at 75 s.
-        self.connect_timeout = validate.number("connect_timeout", connect_timeout, 0, 75, low_open=True)
-        if isinstance(next_upstream, str):
-            raise TypeError(f"next_upstream must be a tuple of kinds, got {validate.shown(next_upstream)}")
-        self.next_upstream = tuple(validate.choice("next_upstream", k, ("error", "timeout")) for k in next_upstream)
-        self.tries = validate.integer("tries", tries, 0, 1000)
-        self.next_upstream_timeout = validate.number("next_upstream_timeout", next_upstream_timeout, 0,
-                                                     validate.MAX_TIMEOUT_S)
-        self.strace = validate.flag("strace", strace)
-        if not isinstance(strace_syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", strace_syscalls) is None:
-            raise ValueError(f"strace_syscalls={validate.shown(strace_syscalls)} must be syscall names, comma-separated")
-        self.strace_syscalls = strace_syscalls
-        # `keepalive N` in the upstream block, with the two lines it needs to work at all: HTTP/1.1 to the
-        # upstream and no "Connection: close" header (nginx's proxy sends HTTP/1.0 + close by default)
-        self.keepalive = validate.integer("keepalive", keepalive, 0, 10_000)
+        if isinstance(peers, (str, bytes)) or not hasattr(peers, "__iter__"):
+            raise TypeError(f"peers must be a list of peers, got {validate.shown(peers)}")
+        peers = list(peers)
+        if not peers:
+            raise ValueError("peers=[] : nginx's upstream block needs at least one server")
+        checked = _checked(dict(
+            peers=peers, connect_timeout=connect_timeout, next_upstream=next_upstream, tries=tries,
+            next_upstream_timeout=next_upstream_timeout, read_timeout=read_timeout, keepalive=keepalive,
+            proxy_bind=proxy_bind, workers=workers, worker_connections=worker_connections, zone=zone, strace=strace,
+            strace_syscalls=strace_syscalls))
+        for name in SETTINGS:
+            object.__setattr__(self, name, checked[name])
         self.prefix = ""
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self._fixed = True
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in SETTINGS and getattr(self, "_fixed", False):
+            raise AttributeError(f"Nginx.{name} is fixed when the object is made (it goes into nginx.conf): "
+                                 f"make a new Nginx(..., {name}=...)")
+        object.__setattr__(self, name, value)
 
     # -- configuration -------------------------------------------------------------
     def config(self) -> str:
-        """The nginx.conf text.  Every value in it is checked by :func:`config_value` (or is a number)."""
+        """The nginx.conf text.  Every value is checked again here, as it is written: by :func:`_checked` (type
+        and range) and :func:`config_value` (addresses), whatever happened to the object since it was made."""
+        s = _checked({name: getattr(self, name) for name in SETTINGS})
         servers = []
-        for p in self.peers:
+        for p in s["peers"]:
             address = config_value("peer address", p.address, _PLAIN_ADDRESS)
-            line = (f"server {address} weight={int(p.weight)} max_fails={int(p.max_fails)} "
-                    f"fail_timeout={int(p.fail_timeout)}s")
+            line = f"server {address} weight={p.weight} max_fails={p.max_fails} fail_timeout={p.fail_timeout}s"
             line += " backup" if p.backup else ""
             line += " down" if p.down else ""
             servers.append(f"        {line};")
-        nu = " ".join(self.next_upstream) or "off"
+        nu = " ".join(s["next_upstream"]) or "off"
         worker = _worker_user()
         user = f"user {worker};\n" if worker else ""
         pre = config_value("nginx prefix (from TMPDIR)", self.prefix) if self.prefix else ""
-        keepalive = f"\n        keepalive {int(self.keepalive)};" if self.keepalive else ""
-        proxy_keepalive = ('\n            proxy_http_version 1.1;\n            proxy_set_header Connection "";'
-                           if self.keepalive else "")
+        port = validate.integer("port", self.port, 0, 65535)
+        upstream_extra = ""
+        if s["zone"]:
+            upstream_extra += "\n        zone backend 64k;"
+        if s["keepalive"]:
+            upstream_extra += f"\n        keepalive {s['keepalive']};"
+        location_extra = ""
+        if s["proxy_bind"]:
+            location_extra += f"\n            proxy_bind {config_value('proxy_bind', s['proxy_bind'])};"
+        if s["keepalive"]:
+            location_extra += '\n            proxy_http_version 1.1;\n            proxy_set_header Connection "";'
+        nut = _duration(s["next_upstream_timeout"]) if s["next_upstream_timeout"] else 0
         return f"""# written by nbconn.nginx: a private instance, not the system service
 {user}daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {s['workers']};
 pid {pre}/nginx.pid;
 error_log {pre}/error.log info;
-events {{ worker_connections 64; use epoll; }}
+events {{
+    worker_connections {s['worker_connections']};
+    use epoll;
+}}
 http {{
     log_format nbconn '{LOG_FORMAT}';
     access_log {pre}/access.log nbconn;
@@ -194,17 +303,17 @@ http {{
     uwsgi_temp_path {pre}/tmp/uwsgi;
     scgi_temp_path {pre}/tmp/scgi;
     upstream backend {{
-{chr(10).join(servers)}{keepalive}
+{chr(10).join(servers)}{upstream_extra}
     }}
     server {{
-        listen 127.0.0.1:{self.port};
+        listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://backend;
-            proxy_connect_timeout {_duration(self.connect_timeout)};
+            proxy_connect_timeout {_duration(s['connect_timeout'])};
             proxy_next_upstream {nu};
-            proxy_next_upstream_tries {self.tries};
-            proxy_next_upstream_timeout {_duration(self.next_upstream_timeout) if self.next_upstream_timeout else 0};
-            proxy_read_timeout 5s;{proxy_keepalive}
+            proxy_next_upstream_tries {s['tries']};
+            proxy_next_upstream_timeout {nut};
+            proxy_read_timeout {_duration(s['read_timeout'])};{location_extra}
         }}
     }}
 }}
@@ -262,6 +371,11 @@ http {{
     def _master_pid(self) -> int:
         with open(os.path.join(self.prefix, "nginx.pid")) as f:
             return int(f.read())
+
+    @property
+    def master_pid(self) -> int:
+        """The nginx master's pid (its workers are its children)."""
+        return self._master_pid() if self.strace else self.proc.pid
 
     def _startup_errors(self) -> str:
         for name in ("startup.log", "error.log"):
