@@ -75,6 +75,7 @@ class Config:
     keepalive: int
     proxy_bind: str | None
     gaps: list  # whole seconds to wait before each request (0: same second if it fits)
+    worker_connections: int = 64  # nbconn.nginx's default; 4 or 5 with keepalive: "not enough"
 
     def describe(self) -> str:
         servers = "; ".join(f"{kind} " + " ".join(f"{k}={v}" for k, v in params.items()
@@ -83,7 +84,7 @@ class Config:
         return (f"seed={self.seed} config={self.index}: servers [{servers}] connect_timeout={self.connect_timeout} "
                 f"next_upstream={' '.join(self.next_upstream) or 'off'} tries={self.tries} "
                 f"next_upstream_timeout={self.next_upstream_timeout} keepalive={self.keepalive} "
-                f"proxy_bind={self.proxy_bind} gaps={self.gaps}")
+                f"proxy_bind={self.proxy_bind} worker_connections={self.worker_connections} gaps={self.gaps}")
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -108,9 +109,12 @@ def draw_config(seed: int, index: int) -> Config:
         nut = round(connect_timeout * rng.choice([1, 2]) + connect_timeout / 2, 3)
     requests = rng.randint(4, 8)
     gaps = [0] + [_pick(rng, {0: 0.55, 1: 0.2, 2: 0.15, 3: 0.1}) for _ in range(requests - 1)]
+    keepalive = rng.choice([0, 0, 0, 1, 2])
+    # a tight pool: the worker's listening socket, channel and client connection take 3, the cache up to keepalive
+    worker_connections = rng.choice([4, 5]) if keepalive and rng.random() < 0.3 else 64
     return Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
-                  rng.choice([0, 0, 0, 1, 2, 3]), nut, rng.choice([0, 0, 0, 1, 2]),
-                  _pick(rng, {None: 0.8, UNREACHABLE_ADDRESS: 0.08, "127.0.0.1": 0.12}), gaps)
+                  rng.choice([0, 0, 0, 1, 2, 3]), nut, keepalive,
+                  _pick(rng, {None: 0.8, UNREACHABLE_ADDRESS: 0.08, "127.0.0.1": 0.12}), gaps, worker_connections)
 
 
 # -- peers -------------------------------------------------------------------------------------------------
@@ -287,7 +291,8 @@ def run_config(config: Config) -> Outcome:
         specs = [_spec(a, p) for a, (_, p) in zip(addresses, config.servers)]
         settings = dict(connect_timeout=config.connect_timeout, next_upstream=config.next_upstream,
                         tries=config.tries, next_upstream_timeout=config.next_upstream_timeout,
-                        keepalive=config.keepalive, proxy_bind=config.proxy_bind, read_timeout=2.0)
+                        keepalive=config.keepalive, proxy_bind=config.proxy_bind, read_timeout=2.0,
+                        worker_connections=config.worker_connections)
         seconds = []
         with Nginx(specs, **settings) as ng:
             access = os.path.join(ng.prefix, "access.log")
@@ -313,7 +318,7 @@ def run_config(config: Config) -> Outcome:
             outcome.compared = len(config.gaps)
         now = [0]
         with Upstream(specs, clock=lambda: now[0], msec_clock=time.monotonic, keepalive=config.keepalive,
-                      name=UPSTREAM_NAME) as up:
+                      name=UPSTREAM_NAME, worker_connections=config.worker_connections) as up:
             for second in seconds:
                 now[0] = second
                 req = run_request(up, timeout=config.connect_timeout, next_upstream=config.next_upstream,

@@ -196,7 +196,15 @@ class Upstream:
     """
 
     def __init__(self, peers, *, clock=None, msec_clock=None, keepalive: int = 0, keepalive_requests: int = 1000,
-                 keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0, name: str = "backend") -> None:
+                 keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0, name: str = "backend",
+                 worker_connections: int = 0, other_connections: int = 3) -> None:
+        # worker_connections: the events block's limit (0: none, the model's default).  ngx_get_connection takes
+        # every connection from one pool per worker: besides the upstream's, nbconn.nginx's worker holds
+        # other_connections -- its listening socket, its channel to the master and the client's connection --
+        # and the idle keepalive connections in the cache (measured with nginx 1.22.1: worker_connections 3
+        # answers every request 500, 4 with one cached connection answers 500 when a new one is needed).
+        self.worker_connections = validate.integer("worker_connections", worker_connections, 0, 1_000_000)
+        self.other_connections = validate.integer("other_connections", other_connections, 0, 1_000_000)
         # name: the upstream block's name; $upstream_addr shows it for a try that found no live upstream
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {shown(name)}")
@@ -675,6 +683,12 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
         if peer is None:
             break
         kept = upstream.keepalive_get(peer.address) if keepalive else None
+        if kept is None and upstream.worker_connections and \
+                upstream.other_connections + len(upstream.cache) + 1 > upstream.worker_connections:
+            # ngx_event_connect_peer: socket(), then ngx_get_connection finds the pool empty -> NGX_ERROR
+            v = verdict("get_connection", None, detail=upstream.worker_connections)
+            req.report_ngx_error(v.log, v.level)
+            break
         if kept is None and proxy_bind is not None and _bind_family_mismatch(peer.address, proxy_bind):
             # nginx calls bind() with proxy_bind's sockaddr on whatever socket it made: the kernel refuses an
             # AF_INET address on an AF_UNIX socket (net/unix/af_unix.c unix_bind: sun_family check) and a

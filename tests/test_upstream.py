@@ -414,3 +414,15 @@ def test_proxy_bind_towards_an_af_unix_peer_is_einval():
     assert reqs[0].log == ["[crit] bind(127.0.0.1) failed (22: Invalid argument) while connecting to upstream"]
     with pytest.raises(ValueError, match="proxy_bind='198.18.0.x'"):
         run_requests(Upstream(["127.0.0.1:1"]), 1, proxy_bind="198.18.0.x")
+
+
+def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none():
+    """What nginx 1.22.1 answered with worker_connections 4, keepalive 2 and peers [closes, keeps]: 200 200 500 200."""
+    from nbconn.httpd import HttpPeer
+
+    with lab.listening(http=True) as closes, HttpPeer() as keeps:
+        with Upstream([str(closes), str(keeps)], keepalive=2, worker_connections=4) as up:
+            reqs = run_requests(up, 4, timeout=0.5)
+    assert [r.result for r in reqs] == ["200", "200", "500", "200"]
+    assert reqs[2].log == ["[alert] 4 worker_connections are not enough while connecting to upstream"]
+    assert reqs[2].upstream_addr == "" and reqs[3].attempts[0].reused
