@@ -45,12 +45,12 @@ from . import validate
 #: The lab's kinds that nginx can reach on loopback, and how often a draw picks each.  Failing kinds
 #: outweigh working ones so that most requests walk two or more peers.
 KINDS = {
-    "listening": 2.0,  # answers HTTP 200, then closes (lab.listening(http=True))
+    "listening": 1.5,  # answers HTTP 200, then closes (lab.listening(http=True))
     "keepalive": 1.0,  # HTTP/1.1 200 and keeps the connection (nbconn.httpd.HttpPeer)
     "refused": 3.0,  # nothing listens: RST -> "connect() failed (111: Connection refused)"
     "blackhole": 1.0,  # the SYN is dropped: "upstream timed out"
     "reset": 2.0,  # accepts, then RST: recv()/writev() failed (104)
-    "http502": 2.0,  # answers "502 Bad Gateway": proxy_next_upstream http_502
+    "http502": 2.5,  # answers "502 Bad Gateway": proxy_next_upstream http_502
     "unix_listening": 1.0,  # AF_UNIX, accepts and closes: "upstream prematurely closed connection"
     "unix_missing": 1.5,  # AF_UNIX path nobody made: "connect() to unix:... failed (2: ...)"
 }
@@ -96,9 +96,10 @@ def draw_config(seed: int, index: int) -> Config:
     """Configuration ``index`` of ``seed``: the same numbers give the same configuration on every machine."""
     rng = random.Random(f"nbconn-oracle-{seed}-{index}")
     servers = []
-    for i in range(rng.choice([1, 2, 2, 3, 3, 3, 4, 4])):
+    for i in range(rng.choice([1, 2, 3, 3, 4, 4, 4])):
         kind = _pick(rng, KINDS)
-        servers.append((kind, {"weight": rng.choice([1, 1, 1, 2, 3]), "max_fails": rng.choice([0, 1, 1, 2, 3]),
+        # max_fails=0 twice as often: a peer never disabled is walked through by every request
+        servers.append((kind, {"weight": rng.choice([1, 1, 1, 2, 3]), "max_fails": rng.choice([0, 0, 1, 1, 2, 3]),
                                "fail_timeout": rng.choice([1, 1, 2, 2, 10]),
                                "backup": i > 0 and rng.random() < 0.15, "down": rng.random() < 0.04}))
     if len([s for s in servers if s[0] == "blackhole"]) > 2:  # keep the worst walk well under a second
@@ -114,7 +115,7 @@ def draw_config(seed: int, index: int) -> Config:
     worker_connections = rng.choice([4, 5]) if keepalive and rng.random() < 0.3 else 64
     return Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
                   rng.choice([0, 0, 0, 1, 2, 3]), nut, keepalive,
-                  _pick(rng, {None: 0.8, UNREACHABLE_ADDRESS: 0.08, "127.0.0.1": 0.12}), gaps, worker_connections)
+                  _pick(rng, {None: 0.85, UNREACHABLE_ADDRESS: 0.05, "127.0.0.1": 0.1}), gaps, worker_connections)
 
 
 # -- peers -------------------------------------------------------------------------------------------------
@@ -191,6 +192,11 @@ class Seen:
 
     def key(self) -> tuple:
         return self.status, self.upstream_addr, tuple(self.log)
+
+    def peers_tried(self) -> int:
+        """Peers this request connected to (or tried to): $upstream_addr's entries, "backend" and the peerless
+        " : " of a failure before connect() not counted."""
+        return sum(1 for name in re.split(r", | : ", self.upstream_addr) if name and name != UPSTREAM_NAME)
 
 
 _RESET_FAMILY = re.compile(r"^\[error\] (?:connect\(\) failed \(104: [^)]*\)|recv\(\) failed \((?:104|32): [^)]*\)|"
@@ -356,7 +362,7 @@ def run(count: int, seed: int = 1, *, first: int = 0, report=None) -> Summary:
         summary.requests += len(outcome.nginx)
         summary.compared += outcome.compared
         summary.disagreeing += len(outcome.disagreements)
-        summary.walked += sum(1 for seen in outcome.nginx if ", " in seen.upstream_addr or " : " in seen.upstream_addr)
+        summary.walked += sum(1 for seen in outcome.nginx if seen.peers_tried() >= 2)
         summary.outcomes.append(outcome)
         if report is not None:
             report(outcome)
@@ -403,6 +409,12 @@ def main(argv: list | None = None) -> int:
     if reason:
         print(f"fuzz-nginx: error: {reason}", file=sys.stderr)
         return 2
+    import signal
+
+    def stop(signum, frame):  # SIGTERM: unwind, so every peer, nginx and temporary directory is cleaned up
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
     def report(outcome: Outcome) -> None:
         if outcome.disagreements:
