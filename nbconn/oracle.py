@@ -23,7 +23,7 @@ a second boundary all the same (a very loaded machine) ends the comparison of it
 counted as not compared, never as agreement.
 
 Nothing leaves the machine: every peer is on 127.0.0.1 or an AF_UNIX path; ``proxy_bind`` uses 198.18.0.5
-(RFC 2544's benchmarking range, which this host lacks: bind() fails before any packet) or 127.0.0.1.
+(RFC 2544's benchmarking range, which this host lacks: bind() fails before any packet), 127.0.0.1 or ::1.
 
 ``python -m nbconn.oracle N [--seed S]`` (``./dev fuzz-nginx``) runs N configurations and prints every
 disagreement with its seed and configuration.
@@ -47,6 +47,7 @@ from . import validate
 KINDS = {
     "listening": 1.5,  # answers HTTP 200, then closes (lab.listening(http=True))
     "keepalive": 1.0,  # HTTP/1.1 200 and keeps the connection (nbconn.httpd.HttpPeer)
+    "listening6": 0.7,  # as listening, on [::1]: proxy_bind of the other family fails (EINVAL / EAFNOSUPPORT)
     "refused": 3.0,  # nothing listens: RST -> "connect() failed (111: Connection refused)"
     "blackhole": 1.0,  # the SYN is dropped: "upstream timed out"
     "reset": 2.0,  # accepts, then RST: recv()/writev() failed (104)
@@ -115,7 +116,7 @@ def draw_config(seed: int, index: int) -> Config:
     worker_connections = rng.choice([4, 5]) if keepalive and rng.random() < 0.3 else 64
     return Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
                   rng.choice([0, 0, 0, 1, 2, 3]), nut, keepalive,
-                  _pick(rng, {None: 0.85, UNREACHABLE_ADDRESS: 0.05, "127.0.0.1": 0.1}), gaps, worker_connections)
+                  _pick(rng, {None: 0.83, UNREACHABLE_ADDRESS: 0.05, "127.0.0.1": 0.09, "::1": 0.03}), gaps, worker_connections)
 
 
 # -- peers -------------------------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ def _peer(kind: str):
     from . import lab
     from .httpd import HttpPeer
 
-    makers = {"listening": lambda: lab.listening(http=True), "keepalive": HttpPeer, "refused": lab.refused,
+    makers = {"listening": lambda: lab.listening(http=True), "listening6": lambda: lab.listening("::1", http=True),
+              "keepalive": HttpPeer, "refused": lab.refused,
               "blackhole": lab.blackhole, "reset": lab.reset, "http502": lambda: status_peer(502),
               "unix_listening": lab.unix_listening, "unix_missing": lab.unix_missing}
     with makers[kind]() as peer, _reachable_by_worker(peer):

@@ -500,7 +500,7 @@ class Request:
 
         ngx_http_upstream_connect (ngx_http_upstream.c 1.22.1, lines 1544-1550) finalizes the request with 500
         at once -- before ``u->state->peer`` is set, so the try is not named in $upstream_addr -- and
-        ngx_http_upstream_finalize_request (line 4441) frees the peer with state 0: a success for the round
+        ngx_http_upstream_finalize_request (line 4484) frees the peer with state 0: a success for the round
         robin, no failure counted, whatever ``proxy_next_upstream`` says."""
         peer, up = self.current, self.upstream
         if peer is None:
@@ -636,11 +636,18 @@ def _errno_outcome(number: int | None) -> str:
     return {errno.ECONNRESET: "reset", errno.EPIPE: "reset", errno.ECONNREFUSED: "refused"}.get(number, "error")
 
 
-def _bind_family_mismatch(address: str, proxy_bind: str) -> bool:
-    """proxy_bind's address cannot be bound on this peer's socket: an AF_UNIX peer, or another IP family."""
-    if address.startswith("unix:"):
-        return True
-    return address.startswith("[") != (":" in proxy_bind)
+#: bind() of proxy_bind's address on a socket of another family: (peer's family, proxy_bind's family) -> errno.
+#: nginx makes the socket for the peer and binds proxy_bind's sockaddr to it whatever its family; the kernel
+#: (measured here, tests/test_upstream.py checks it live): an AF_UNIX socket refuses any other family
+#: (net/unix/af_unix.c, unix_bind: sun_family check) and an AF_INET6 one a 16-byte sockaddr_in
+#: (net/ipv6/af_inet6.c, __inet6_bind: addr_len < SIN6_LEN_RFC2133), EINVAL both; an AF_INET socket takes the
+#: length of a sockaddr_in6 but not its family (net/ipv4/af_inet.c, the sin_family check): EAFNOSUPPORT.
+BIND_FAMILY_ERRNO = {("unix", "ipv4"): 22, ("unix", "ipv6"): 22, ("ipv6", "ipv4"): 22, ("ipv4", "ipv6"): 97}
+
+
+def _families(address: str, proxy_bind: str) -> tuple:
+    peer = "unix" if address.startswith("unix:") else "ipv6" if address.startswith("[") else "ipv4"
+    return peer, "ipv6" if ":" in proxy_bind else "ipv4"
 
 
 def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_UPSTREAM_KINDS, tries: int = 0,
@@ -655,10 +662,9 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     used when there is one for the picked peer (the attempt says ``reused``; no connect was made).
     ``proxy_bind``: a local IP address (no port) every connect binds to first, as nginx's ``proxy_bind``;
     a bind() that fails -- an address this host lacks (99: EADDRNOTAVAIL), or any address towards an AF_UNIX
-    peer or a peer of the other IP family (22: EINVAL) -- ends the request with 500 (:meth:`Request.report_ngx_error`).
+    peer or a peer of the other IP family (22: EINVAL, 97: EAFNOSUPPORT; :data:`BIND_FAMILY_ERRNO`) -- ends the
+    request with 500 (:meth:`Request.report_ngx_error`).
     """
-    import errno
-
     from .api import connect
     from .errors import errno_number, verdict
 
@@ -689,12 +695,10 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
             v = verdict("get_connection", None, detail=upstream.worker_connections)
             req.report_ngx_error(v.log, v.level)
             break
-        if kept is None and proxy_bind is not None and _bind_family_mismatch(peer.address, proxy_bind):
-            # nginx calls bind() with proxy_bind's sockaddr on whatever socket it made: the kernel refuses an
-            # AF_INET address on an AF_UNIX socket (net/unix/af_unix.c unix_bind: sun_family check) and a
-            # 16-byte sockaddr_in on an AF_INET6 one (net/ipv6/af_inet6.c __inet6_bind: addr_len check), EINVAL
-            # both; nbconn.connect refuses that pairing by name before any socket, so the model says it here.
-            v = verdict("bind", errno.EINVAL, detail=proxy_bind)
+        if kept is None and proxy_bind is not None and _families(peer.address, proxy_bind) in BIND_FAMILY_ERRNO:
+            # nginx binds proxy_bind's sockaddr on whatever socket it made; nbconn.connect refuses that pairing by
+            # name before any socket, so the model takes the kernel's answer from BIND_FAMILY_ERRNO
+            v = verdict("bind", BIND_FAMILY_ERRNO[_families(peer.address, proxy_bind)], detail=proxy_bind)
             req.report_ngx_error(v.log, v.level)
             break
         if kept is None:

@@ -58,6 +58,14 @@ def test_proxy_bind_towards_af_unix_peers(need_nginx):
     assert [s.status for s in outcome.nginx] == ["500", "200", "500"]  # no failure counted: the round robin goes on
 
 
+def test_proxy_bind_of_the_other_ip_family(need_nginx):
+    outcome = run_config(handmade(8, [server("listening6"), server("listening")], [0, 0, 0], proxy_bind="::1"))
+    assert_agree(outcome)
+    assert [s.status for s in outcome.nginx] == ["200", "500", "200"]
+    assert outcome.nginx[1].log == ["[crit] bind(::1) failed (97: Address family not supported by protocol) while "
+                                    "connecting to upstream"]
+
+
 def test_http_502_next_upstream_and_the_last_try(need_nginx):
     kinds = ("error", "timeout", "http_502")
     outcome = run_config(handmade(4, [server("http502"), server("listening")], [0, 0], next_upstream=kinds))
@@ -101,7 +109,7 @@ def test_draws_cover_every_dimension():
     assert {p["max_fails"] for c in configs for _, p in c.servers} == {0, 1, 2, 3}
     assert any(p["backup"] for c in configs for _, p in c.servers)
     assert {c.next_upstream for c in configs} >= {(), ("error", "timeout"), ("error", "timeout", "http_502")}
-    assert {c.proxy_bind for c in configs} == {None, "127.0.0.1", oracle.UNREACHABLE_ADDRESS}
+    assert {c.proxy_bind for c in configs} == {None, "127.0.0.1", "::1", oracle.UNREACHABLE_ADDRESS}
     assert {c.tries for c in configs} == {0, 1, 2, 3} and any(c.keepalive for c in configs)
     assert any(c.next_upstream_timeout for c in configs)
     # gaps that land on fail_timeout's edge (still out) and one second past it (back)

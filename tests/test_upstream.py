@@ -426,3 +426,32 @@ def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none
     assert [r.result for r in reqs] == ["200", "200", "500", "200"]
     assert reqs[2].log == ["[alert] 4 worker_connections are not enough while connecting to upstream"]
     assert reqs[2].upstream_addr == "" and reqs[3].attempts[0].reused
+
+
+@pytest.mark.parametrize("pair", sorted(__import__("nbconn.upstream").upstream.BIND_FAMILY_ERRNO))
+def test_bind_family_errnos_are_the_kernels(pair):
+    """The table the model answers proxy_bind-towards-another-family with, checked against this kernel: bind() of
+    the other family's sockaddr (nginx's length for it) on the peer's kind of socket."""
+    import ctypes
+    import socket
+    import struct
+
+    from nbconn.upstream import BIND_FAMILY_ERRNO
+
+    sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 0) + socket.inet_aton("127.0.0.1") + bytes(8)
+    sin6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 0) + bytes(4)
+            + socket.inet_pton(socket.AF_INET6, "::1") + bytes(4))
+    family = {"unix": socket.AF_UNIX, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}[pair[0]]
+    raw = sin if pair[1] == "ipv4" else sin6
+    libc = ctypes.CDLL(None, use_errno=True)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        assert libc.bind(sock.fileno(), raw, len(raw)) == -1
+        assert ctypes.get_errno() == BIND_FAMILY_ERRNO[pair]
+
+
+def test_proxy_bind_v6_towards_a_v4_peer_is_eafnosupport():
+    with lab.listening(http=True) as upp:
+        (req,) = run_requests(Upstream([str(upp)]), 1, timeout=0.5, http=True, proxy_bind="::1")
+    assert req.result == "500"
+    assert req.log == ["[crit] bind(::1) failed (97: Address family not supported by protocol) while connecting to "
+                       "upstream"]
