@@ -45,18 +45,18 @@ from . import validate
 #: The lab's kinds that nginx can reach on loopback, and how often a draw picks each.  Failing kinds
 #: outweigh working ones so that most requests walk two or more peers.
 KINDS = {
-    "listening": 1.5,  # answers HTTP 200, then closes (lab.listening(http=True))
-    "keepalive": 1.0,  # HTTP/1.1 200 and keeps the connection (nbconn.httpd.HttpPeer)
-    "listening6": 0.7,  # as listening, on [::1]: proxy_bind of the other family fails (EINVAL / EAFNOSUPPORT)
-    "refused": 3.0,  # nothing listens: RST -> "connect() failed (111: Connection refused)"
+    "listening": 1.0,  # answers HTTP 200, then closes (lab.listening(http=True))
+    "keepalive": 0.7,  # HTTP/1.1 200 and keeps the connection (nbconn.httpd.HttpPeer)
+    "listening6": 0.4,  # as listening, on [::1]: proxy_bind of the other family fails (EINVAL / EAFNOSUPPORT)
+    "refused": 3.5,  # nothing listens: RST -> "connect() failed (111: Connection refused)"
     "blackhole": 1.0,  # the SYN is dropped: "upstream timed out"
     "reset": 2.0,  # accepts, then RST: recv()/writev() failed (104)
-    "http502": 2.5,  # answers "502 Bad Gateway": proxy_next_upstream http_502
+    "http502": 3.0,  # answers "502 Bad Gateway": proxy_next_upstream http_502
     "unix_listening": 1.0,  # AF_UNIX, accepts and closes: "upstream prematurely closed connection"
     "unix_missing": 1.5,  # AF_UNIX path nobody made: "connect() to unix:... failed (2: ...)"
 }
-NEXT_UPSTREAM_DRAWS = [(("error", "timeout"), 4), (("error", "timeout", "http_502"), 3), (("error",), 1),
-                       (("timeout",), 0.5), ((), 1), (("error", "http_502", "http_503"), 1)]
+NEXT_UPSTREAM_DRAWS = [(("error", "timeout"), 2.5), (("error", "timeout", "http_502"), 6), (("error",), 0.7),
+                       (("timeout",), 0.3), ((), 0.5), (("error", "http_502", "http_503"), 1.5)]
 UNREACHABLE_ADDRESS = "198.18.0.5"  # RFC 2544 benchmarking range: not on this host, never contacted
 UPSTREAM_NAME = "backend"  # nbconn.nginx's upstream block
 MAX_CONFIGS = 1000
@@ -97,10 +97,10 @@ def draw_config(seed: int, index: int) -> Config:
     """Configuration ``index`` of ``seed``: the same numbers give the same configuration on every machine."""
     rng = random.Random(f"nbconn-oracle-{seed}-{index}")
     servers = []
-    for i in range(rng.choice([1, 2, 3, 3, 4, 4, 4])):
+    for i in range(_pick(rng, {1: 0.3, 2: 2, 3: 3, 4: 4})):
         kind = _pick(rng, KINDS)
-        # max_fails=0 twice as often: a peer never disabled is walked through by every request
-        servers.append((kind, {"weight": rng.choice([1, 1, 1, 2, 3]), "max_fails": rng.choice([0, 0, 1, 1, 2, 3]),
+        # max_fails=0 more often than not: a failing peer never disabled is walked through by every request
+        servers.append((kind, {"weight": rng.choice([1, 1, 1, 2, 3]), "max_fails": rng.choice([0, 0, 0, 0, 1, 2, 3]),
                                "fail_timeout": rng.choice([1, 1, 2, 2, 10]),
                                "backup": i > 0 and rng.random() < 0.15, "down": rng.random() < 0.04}))
     if len([s for s in servers if s[0] == "blackhole"]) > 2:  # keep the worst walk well under a second
@@ -115,7 +115,7 @@ def draw_config(seed: int, index: int) -> Config:
     # a tight pool: the worker's listening socket, channel and client connection take 3, the cache up to keepalive
     worker_connections = rng.choice([4, 5]) if keepalive and rng.random() < 0.3 else 64
     return Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
-                  rng.choice([0, 0, 0, 1, 2, 3]), nut, keepalive,
+                  _pick(rng, {0: 6, 1: 0.3, 2: 1, 3: 1}), nut, keepalive,
                   _pick(rng, {None: 0.83, UNREACHABLE_ADDRESS: 0.05, "127.0.0.1": 0.09, "::1": 0.03}), gaps, worker_connections)
 
 

@@ -95,7 +95,7 @@ def test_worker_connections_are_not_enough(need_nginx):
     assert outcome.nginx[2].log == ["[alert] 4 worker_connections are not enough while connecting to upstream"]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_seeded_random_configurations_agree(need_nginx, index):
     outcome = run_config(draw_config(19, index))
     assert_agree(outcome)
@@ -143,3 +143,18 @@ def test_dev_names_fuzz_nginx():
     with open(os.path.join(ROOT, "dev")) as f:
         text = f.read()
     assert "fuzz-nginx)" in text and "-m nbconn.oracle" in text
+
+
+def test_the_oracle_catches_the_old_model(need_nginx, monkeypatch):
+    """The model before issue 19 treated a failing bind() as an ordinary error try (next peer, failure counted,
+    502, then "no live upstreams").  Put that back: the oracle must disagree on every request."""
+    from nbconn import upstream
+
+    def as_before(self, nginx_log, level):
+        self.report("error", nginx_log=nginx_log, level=level)
+
+    monkeypatch.setattr(upstream.Request, "report_ngx_error", as_before)
+    outcome = run_config(handmade(9, [server("refused"), server("listening")], [0, 0, 0],
+                                  proxy_bind=oracle.UNREACHABLE_ADDRESS))
+    assert outcome.compared == 3, outcome.skipped_reason
+    assert [i for i, _, _ in outcome.disagreements] == [1, 2, 3]
