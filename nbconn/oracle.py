@@ -388,22 +388,27 @@ def main(argv: list | None = None) -> int:
 
     from .nginx import unavailable_reason
 
-    parser = argparse.ArgumentParser(prog="fuzz-nginx", description="Compare nbconn.upstream with a real nginx "
-                                     "over N random upstream configurations.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+            raise ValueError(message)
+
+    parser = Parser(prog="fuzz-nginx", description="Compare nbconn.upstream with a real nginx over N random "
+                    "upstream configurations.")
     parser.add_argument("count", metavar="N")
     parser.add_argument("--seed", default="1", metavar="S")
     parser.add_argument("--first", default="0", metavar="I", help="start at configuration I of the seed")
     parser.add_argument("--verbose", action="store_true", help="print every configuration, not only disagreements")
-    args = parser.parse_args(argv)
+
+    def whole(name: str, text: str, low: int, high: int) -> int:
+        if not (text.isascii() and text.isdigit() and len(text) <= 12 and low <= int(text) <= high):
+            raise ValueError(f"{name} {validate.shown(text)} must be a whole number in {low}..{high}")
+        return int(text)
+
     try:
-        values = {}
-        for name, text, high in (("N", args.count, MAX_CONFIGS), ("--seed", args.seed, 2**31),
-                                 ("--first", args.first, 2**31)):
-            if not (text.isascii() and text.isdigit()) or not (name != "N" or 1 <= int(text) <= high) \
-                    or int(text) > high:
-                raise ValueError(f"{name} {validate.shown(text)} must be a whole number"
-                                 + (f" in 1..{high}" if name == "N" else f" in 0..{high}"))
-            values[name] = int(text)
+        args = parser.parse_args(argv)
+        count = whole("N", args.count, 1, MAX_CONFIGS)
+        seed = whole("--seed", args.seed, 0, 2**31)
+        first = whole("--first", args.first, 0, 2**31)
     except ValueError as exc:
         print(f"fuzz-nginx: error: {exc}", file=sys.stderr)
         return 2
@@ -428,7 +433,7 @@ def main(argv: list | None = None) -> int:
         if outcome.skipped_reason:
             print(f"  not compared after: {outcome.skipped_reason}", flush=True)
 
-    summary = run(values["N"], values["--seed"], first=values["--first"], report=report)
+    summary = run(count, seed, first=first, report=report)
     print(summary.line())
     return 1 if summary.disagreeing else 0
 

@@ -132,7 +132,7 @@ def test_normalise_merges_only_the_reset_race():
 
 
 @pytest.mark.parametrize("args, words", [(["x"], "N 'x'"), (["0"], "N '0'"), (["2", "--seed", "-1"], "--seed '-1'"),
-                                         (["1001"], "N '1001'")])
+                                         (["1001"], "N '1001'"), ([], "required: N"), (["1", "--bogus"], "--bogus")])
 def test_cli_bad_input_is_one_line_exit_2(args, words):
     out = subprocess.run([sys.executable, "-m", "nbconn.oracle", *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
