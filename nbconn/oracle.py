@@ -310,7 +310,16 @@ def run_config(config: Config) -> Outcome:
             for i, gap in enumerate(config.gaps, 1):
                 _start_in_second(gap, last, worst_s)
                 start = int(time.time())
-                status = ng.request(timeout_s=10.0)
+                try:
+                    # nginx's worst walk: 4 peers x (connect + proxy_read_timeout 2 s); far more is a hang
+                    status = ng.request(timeout_s=30.0)
+                except OSError as exc:
+                    if outcome.skipped_reason is None:
+                        lines, offset = _new_error_lines(errors, offset)
+                        outcome.skipped_reason = (f"request {i}: no answer from nginx ({exc.__class__.__name__}: "
+                                                  f"{exc}); its error log: {lines}")
+                        outcome.compared = i - 1
+                    break
                 end = int(time.time())
                 if not _wait_until(lambda: len(_access_lines(access)) >= i, 5.0):
                     raise RuntimeError(f"nginx wrote no access-log line for request {i} within 5 s")
@@ -324,6 +333,8 @@ def run_config(config: Config) -> Outcome:
                     outcome.compared = i - 1
         if outcome.skipped_reason is None:
             outcome.compared = len(config.gaps)
+        if not seconds:
+            return outcome
         now = [0]
         with Upstream(specs, clock=lambda: now[0], msec_clock=time.monotonic, keepalive=config.keepalive,
                       name=UPSTREAM_NAME, worker_connections=config.worker_connections) as up:
@@ -344,12 +355,13 @@ class Summary:
     compared: int = 0
     disagreeing: int = 0
     walked: int = 0  # requests in which nginx tried two or more peers
+    cut_short: int = 0  # configurations whose comparison ended early (see Outcome.skipped_reason)
     outcomes: list = field(default_factory=list)
 
     def line(self) -> str:
         return (f"seed {self.seed}: {self.configs} configurations, {self.requests} requests ({self.walked} walked "
                 f"2+ peers), {self.compared} compared, {self.compared - self.disagreeing} agree, "
-                f"{self.disagreeing} disagree")
+                f"{self.disagreeing} disagree; {self.cut_short} configurations cut short")
 
 
 def run(count: int, seed: int = 1, *, first: int = 0, report=None) -> Summary:
@@ -363,6 +375,7 @@ def run(count: int, seed: int = 1, *, first: int = 0, report=None) -> Summary:
         summary.configs += 1
         summary.requests += len(outcome.nginx)
         summary.compared += outcome.compared
+        summary.cut_short += outcome.skipped_reason is not None
         summary.disagreeing += len(outcome.disagreements)
         summary.walked += sum(1 for seen in outcome.nginx if seen.peers_tried() >= 2)
         summary.outcomes.append(outcome)
