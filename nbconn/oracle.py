@@ -77,6 +77,7 @@ class Config:
     proxy_bind: str | None
     gaps: list  # whole seconds to wait before each request (0: same second if it fits)
     worker_connections: int = 64  # nbconn.nginx's default; 4 or 5 with keepalive: "not enough"
+    workers: int = 1  # 2 only with `zone` (one round-robin state for both) and no keepalive (a cache per worker)
 
     def describe(self) -> str:
         servers = "; ".join(f"{kind} " + " ".join(f"{k}={v}" for k, v in params.items()
@@ -85,7 +86,8 @@ class Config:
         return (f"seed={self.seed} config={self.index}: servers [{servers}] connect_timeout={self.connect_timeout} "
                 f"next_upstream={' '.join(self.next_upstream) or 'off'} tries={self.tries} "
                 f"next_upstream_timeout={self.next_upstream_timeout} keepalive={self.keepalive} "
-                f"proxy_bind={self.proxy_bind} worker_connections={self.worker_connections} gaps={self.gaps}")
+                f"proxy_bind={self.proxy_bind} worker_connections={self.worker_connections} "
+                f"workers={self.workers}{' zone' if self.workers > 1 else ''} gaps={self.gaps}")
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -114,9 +116,14 @@ def draw_config(seed: int, index: int) -> Config:
     keepalive = rng.choice([0, 0, 0, 1, 2])
     # a tight pool: the worker's listening socket, channel and client connection take 3, the cache up to keepalive
     worker_connections = rng.choice([4, 5]) if keepalive and rng.random() < 0.3 else 64
-    return Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
-                  _pick(rng, {0: 6, 1: 0.3, 2: 1, 3: 1}), nut, keepalive,
-                  _pick(rng, {None: 0.83, UNREACHABLE_ADDRESS: 0.05, "127.0.0.1": 0.09, "::1": 0.03}), gaps, worker_connections)
+    config = Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
+                    _pick(rng, {0: 6, 1: 0.3, 2: 1, 3: 1}), nut, keepalive,
+                    _pick(rng, {None: 0.83, UNREACHABLE_ADDRESS: 0.05, "127.0.0.1": 0.09, "::1": 0.03}), gaps,
+                    worker_connections)
+    # two workers sharing the peers' state through `zone`: the model's one state must still be nginx's
+    # (drawn last, so that adding it left every earlier draw of a seed as it was)
+    config.workers = 2 if not keepalive and rng.random() < 0.2 else 1
+    return config
 
 
 # -- peers -------------------------------------------------------------------------------------------------
@@ -300,7 +307,8 @@ def run_config(config: Config) -> Outcome:
         settings = dict(connect_timeout=config.connect_timeout, next_upstream=config.next_upstream,
                         tries=config.tries, next_upstream_timeout=config.next_upstream_timeout,
                         keepalive=config.keepalive, proxy_bind=config.proxy_bind, read_timeout=2.0,
-                        worker_connections=config.worker_connections)
+                        worker_connections=config.worker_connections, workers=config.workers,
+                        zone=config.workers > 1)
         seconds = []
         with Nginx(specs, **settings) as ng:
             access = os.path.join(ng.prefix, "access.log")

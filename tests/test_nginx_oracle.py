@@ -112,6 +112,7 @@ def test_draws_cover_every_dimension():
     assert {c.proxy_bind for c in configs} == {None, "127.0.0.1", "::1", oracle.UNREACHABLE_ADDRESS}
     assert {c.tries for c in configs} == {0, 1, 2, 3} and any(c.keepalive for c in configs)
     assert any(c.next_upstream_timeout for c in configs)
+    assert {c.workers for c in configs} == {1, 2} and {c.worker_connections for c in configs} == {4, 5, 64}
     # gaps that land on fail_timeout's edge (still out) and one second past it (back)
     edges = {(gap, p["fail_timeout"]) for c in configs for gap in c.gaps[1:] for _, p in c.servers}
     assert {(1, 1), (2, 1), (2, 2), (3, 2)} <= edges
