@@ -228,9 +228,16 @@ class Upstream:
         self.msec_clock = msec_clock if msec_clock is not None else (clock or time.monotonic)
         # ngx_http_upstream_init_round_robin: single = one primary server and no backup
         self.single = len(self.primary) == 1 and not self.backup
+        # seconds nginx would have waited that the model only counted (run_request: proxy_send_timeout in the
+        # stale-event corner); both clocks read that much later, as nginx's would
+        self.unwaited_s = 0.0
 
     def now(self) -> int:
-        return int(self.clock())  # ngx_time(): whole wall-clock seconds
+        return int(self.clock() + self.unwaited_s)  # ngx_time(): whole wall-clock seconds
+
+    def msec_now(self) -> float:
+        """ngx_current_msec, in seconds: ``msec_clock`` plus the seconds the model counted without waiting."""
+        return self.msec_clock() + self.unwaited_s
 
     @property
     def tries(self) -> int:
@@ -413,7 +420,7 @@ class Request:
         self.timeout_s = validate.number("next-upstream timeout", self.timeout_s, 0, validate.MAX_TIMEOUT_S)
         budget = self.upstream.tries
         self.remaining = min(budget, self.tries) if self.tries else budget
-        self.started = self.upstream.msec_clock()
+        self.started = self.upstream.msec_now()
         self._tried: set = set()
         self._group = self.upstream.primary
         self.current: Peer | None = None
@@ -513,8 +520,9 @@ class Request:
         self.result = "500"
 
     def _out_of_time(self) -> bool:
-        """proxy_next_upstream_timeout has passed (ngx_current_msec - u->peer.start_time >= timeout)."""
-        return bool(self.timeout_s) and self.upstream.msec_clock() - self.started >= self.timeout_s
+        """proxy_next_upstream_timeout has passed (ngx_current_msec - u->peer.start_time >= timeout); time nginx
+        would have waited that the model only counted (``Upstream.unwaited_s``, see :func:`run_request`) included."""
+        return bool(self.timeout_s) and self.upstream.msec_now() - self.started >= self.timeout_s
 
     @property
     def upstream_addr(self) -> str:
@@ -650,9 +658,21 @@ def _families(address: str, proxy_bind: str) -> tuple:
     return peer, "ipv6" if ":" in proxy_bind else "ipv4"
 
 
+def _in_read_handler(res, stage: str | None, outcome: str) -> bool:
+    """This attempt's failure was judged in the upstream connection's read handler, with an EPOLLOUT of the same
+    epoll event still to be dispatched: a connect refused or reset after EINPROGRESS (an RST gives
+    EPOLLERR|EPOLLHUP|EPOLLIN|EPOLLOUT, and ngx_epoll_process_events runs the read handler first), or an answer or
+    error met while reading the response header.  Not a timer (no epoll event), not a write-side failure."""
+    if outcome == "timed_out":
+        return False
+    if stage is None:  # judged at the connect: SO_ERROR after NGX_AGAIN
+        return res is not None and res.ngx_connect == "NGX_AGAIN" and not res.connected
+    return stage == READING
+
+
 def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_UPSTREAM_KINDS, tries: int = 0,
                 next_upstream_timeout: float = 0.0, http: bool = False, read_timeout: float = 5.0,
-                proxy_bind: str | None = None, **options) -> Request:
+                proxy_bind: str | None = None, send_timeout: float = 60.0, **options) -> Request:
     """One request: connect to peers as nginx would until one works or the request gives up.
 
     ``http=False`` stops at the connect: a connected peer is a success.  ``http=True`` goes on as nginx
@@ -664,7 +684,21 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     a bind() that fails -- an address this host lacks (99: EADDRNOTAVAIL), or any address towards an AF_UNIX
     peer or a peer of the other IP family (22: EINVAL, 97: EAFNOSUPPORT; :data:`BIND_FAMILY_ERRNO`) -- ends the
     request with 500 (:meth:`Request.report_ngx_error`).
+
+    ``send_timeout`` (proxy_send_timeout) matters in one nginx 1.22.1 corner, which the model follows: the
+    one-bit stale-event check.  ngx_get_connection flips a connection slot's ``instance`` bit each time it hands
+    the slot out (src/core/ngx_connection.c, lines 1142-1148), and ngx_epoll_process_events drops an event whose
+    bit differs (src/event/modules/ngx_epoll_module.c, lines 844 and 909).  When a failure is judged in an
+    upstream connection's read handler, the EPOLLOUT half of the same event is dispatched after it.  If within
+    that handler the freed slot is handed out twice -- a next peer whose connect() fails at once (NGX_DECLINED,
+    e.g. a missing AF_UNIX path), then one whose connect() is pending -- the bit is back where it was, and the old
+    EPOLLOUT runs the new connection's write handler: nginx takes the pending connect for a finished one, reads
+    SO_ERROR 0, writes into SYN-SENT (EAGAIN) and waits ``proxy_send_timeout`` instead of
+    ``proxy_connect_timeout``: "upstream timed out (110: Connection timed out) while sending request to upstream"
+    (measured: 60 s, nginx's default).  The model does not wait those seconds; it counts them
+    (``Upstream.unwaited_s``): its ngx_time() and ngx_current_msec read that much later from then on.
     """
+    send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
     from .api import connect
     from .errors import errno_number, verdict
 
@@ -684,6 +718,9 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     http = http or keepalive  # keepalive needs the exchange: it decides whether the connection is kept
     req = upstream.request(next_upstream=next_upstream, tries=tries, timeout_s=next_upstream_timeout)
     limit = 2 * (len(upstream.primary) + len(upstream.backup)) + 1  # each peer at most twice (a cached try)
+    # slot_handouts: None, or how often the slot freed by a failure judged in a read handler has been handed out
+    # again since, inside that same handler (see the docstring: the one-bit stale-event check)
+    slot_handouts = None
     for _ in range(limit):
         peer = req.next_peer()
         if peer is None:
@@ -704,7 +741,27 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
         if kept is None:
             if proxy_bind is not None:
                 options["bind"] = proxy_bind
+            if slot_handouts is not None:
+                slot_handouts += 1
             res = connect(peer.address, timeout=timeout, keep=http, **options)
+            stale_write = slot_handouts is not None and slot_handouts % 2 == 0
+            if res.ngx_connect == "NGX_DECLINED":
+                pass  # failed at once, inside the same handler: the chain goes on
+            elif stale_write or not _in_read_handler(res, None, res.outcome):
+                slot_handouts = None
+            else:
+                slot_handouts = 0
+            if stale_write and res.outcome == "timed_out":
+                # the stale EPOLLOUT: nginx writes into the pending connect and waits proxy_send_timeout
+                if res.sock is not None:
+                    res.sock.close()
+                    res.sock = None
+                upstream.unwaited_s += max(0.0, send_timeout - timeout)
+                req.report("timed_out", None, nginx_log=f"upstream timed out (110: Connection timed out) while "
+                           f"{SENDING}", level="error", stage=SENDING)
+                if req.result is not None:
+                    break
+                continue
             if res.ngx_decision == "NGX_ERROR" and res.ngx_next is None:
                 # a step before connect() failed: NGX_ERROR.  nginx names proxy_bind's address as configured
                 # (pc->local->name: "bind(198.18.0.5) failed"), without the ":0" nbconn's bind() text carries.
@@ -734,6 +791,8 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
         if to_close is not None:
             to_close.close()
         req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused, status=status)
+        failed_in_reader = req.attempts[-1].failure is not None and _in_read_handler(None, stage, outcome)
+        slot_handouts = 0 if failed_in_reader else None
         if req.result is not None:
             break
     return req

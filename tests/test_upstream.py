@@ -455,3 +455,24 @@ def test_proxy_bind_v6_towards_a_v4_peer_is_eafnosupport():
     assert req.result == "500"
     assert req.log == ["[crit] bind(::1) failed (97: Address family not supported by protocol) while connecting to "
                        "upstream"]
+
+
+@pytest.mark.parametrize("first", ["refused", "http502"])
+def test_stale_epollout_after_two_handouts_of_a_slot_waits_send_timeout(first):
+    """nginx 1.22.1's one-bit stale-event check (run_request's docstring), found by the oracle: a failure judged in
+    a read handler, then a connect() failing at once (a missing AF_UNIX path), then a pending connect (a black
+    hole): the old event's EPOLLOUT runs the new connection's write handler, and nginx waits proxy_send_timeout."""
+    from nbconn.oracle import status_peer
+
+    maker = lab.refused if first == "refused" else (lambda: status_peer(502))
+    with maker() as bad, lab.unix_missing() as missing, lab.blackhole() as hole:
+        up = Upstream([f"{bad},weight=2,max_fails=0", f"{missing},max_fails=0", f"{hole},max_fails=0"], clock=Clock())
+        req = run_requests(up, 1, timeout=0.1, http=True, next_upstream=("error", "timeout", "http_502"))[0]
+        assert [a.peer for a in req.attempts] == [str(bad), str(missing), str(hole)]
+        assert req.log[-1] == "[error] upstream timed out (110: Connection timed out) while sending request to upstream"
+        assert req.attempts[-1].stage == "sending request to upstream" and up.unwaited_s == pytest.approx(59.9)
+        assert up.now() == 1000 + 59  # the model's ngx_time() reads the 60 s nginx waited
+        # one handout (no missing path in between): the bit differs, the stale event is dropped, the timer decides
+        up = Upstream([f"{bad},weight=2,max_fails=0", f"{hole},max_fails=0"], clock=Clock())
+        req = run_requests(up, 1, timeout=0.1, http=True, next_upstream=("error", "timeout", "http_502"))[0]
+        assert req.log[-1] == "[error] upstream timed out (110: Connection timed out) while connecting to upstream"
