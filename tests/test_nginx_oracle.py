@@ -35,32 +35,34 @@ def handmade(index, servers, gaps, *, next_upstream=("error", "timeout"), tries=
                   proxy_bind, gaps, worker_connections)
 
 
-def assert_agree(outcome):
-    assert outcome.compared == len(outcome.config.gaps), outcome.skipped_reason  # a loaded machine: rerun
+def agreeing(config):
+    """Run ``config`` and check every request agrees.  A request that crossed a second boundary (a very loaded
+    machine: nginx's clock and the model's would differ) makes the comparison unsure: run it once more."""
+    outcome = run_config(config)
+    if outcome.compared < len(config.gaps):
+        outcome = run_config(config)
+    assert outcome.compared == len(config.gaps), outcome.skipped_reason
     assert not outcome.disagreements, oracle.format_disagreement(outcome)
+    return outcome
 
 
 def test_proxy_bind_to_an_address_the_host_lacks(need_nginx):
-    outcome = run_config(handmade(1, [server("refused"), server("listening")], [0, 0, 0],
-                                  proxy_bind=oracle.UNREACHABLE_ADDRESS))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(1, [server("refused"), server("listening")], [0, 0, 0],
+                                proxy_bind=oracle.UNREACHABLE_ADDRESS))
     line = "[crit] bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream"
     assert [(s.status, s.upstream_addr, s.log) for s in outcome.nginx] == [("500", "", [line])] * 3
 
 
 def test_proxy_bind_towards_af_unix_peers(need_nginx):
-    outcome = run_config(handmade(2, [server("refused"), server("unix_listening")], [0, 0], proxy_bind="127.0.0.1"))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(2, [server("refused"), server("unix_listening")], [0, 0], proxy_bind="127.0.0.1"))
     first = outcome.nginx[0]
     assert first.status == "500" and first.upstream_addr.endswith(" : ")  # the peerless try: nginx's " : "
-    outcome = run_config(handmade(3, [server("unix_missing"), server("listening")], [0, 0, 0], proxy_bind="127.0.0.1"))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(3, [server("unix_missing"), server("listening")], [0, 0, 0], proxy_bind="127.0.0.1"))
     assert [s.status for s in outcome.nginx] == ["500", "200", "500"]  # no failure counted: the round robin goes on
 
 
 def test_proxy_bind_of_the_other_ip_family(need_nginx):
-    outcome = run_config(handmade(8, [server("listening6"), server("listening")], [0, 0, 0], proxy_bind="::1"))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(8, [server("listening6"), server("listening")], [0, 0, 0], proxy_bind="::1"))
     assert [s.status for s in outcome.nginx] == ["200", "500", "200"]
     assert outcome.nginx[1].log == ["[crit] bind(::1) failed (97: Address family not supported by protocol) while "
                                     "connecting to upstream"]
@@ -68,18 +70,15 @@ def test_proxy_bind_of_the_other_ip_family(need_nginx):
 
 def test_http_502_next_upstream_and_the_last_try(need_nginx):
     kinds = ("error", "timeout", "http_502")
-    outcome = run_config(handmade(4, [server("http502"), server("listening")], [0, 0], next_upstream=kinds))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(4, [server("http502"), server("listening")], [0, 0], next_upstream=kinds))
     assert outcome.nginx[0].status == "200" and ", " in outcome.nginx[0].upstream_addr
-    outcome = run_config(handmade(5, [server("http502"), server("http502", max_fails=0)], [0, 0], next_upstream=kinds))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(5, [server("http502"), server("http502", max_fails=0)], [0, 0], next_upstream=kinds))
     assert outcome.nginx[0].status == "502"
 
 
 def test_timeout_then_no_live_upstreams_is_502(need_nginx):
     """19.A1: NGX_HTTP_UPSTREAM_FT_NOLIVE is in no proxy_next_upstream mask: the request ends 502, not 504."""
-    outcome = run_config(handmade(6, [server("refused"), server("blackhole")], [0, 0], next_upstream=("timeout",)))
-    assert_agree(outcome)
+    outcome = agreeing(handmade(6, [server("refused"), server("blackhole")], [0, 0], next_upstream=("timeout",)))
     second = outcome.nginx[1]
     assert second.status == "502" and second.upstream_addr.endswith(", backend")
     assert second.log[-1] == "[error] no live upstreams while connecting to upstream"
@@ -88,17 +87,15 @@ def test_timeout_then_no_live_upstreams_is_502(need_nginx):
 def test_worker_connections_are_not_enough(need_nginx):
     """19.A8: ngx_get_connection finds no free connection -> NGX_ERROR -> 500.  With worker_connections 4 the
     worker's listening socket, channel and client connection leave one; a cached keepalive connection takes it."""
-    outcome = run_config(handmade(7, [server("listening"), server("keepalive")], [0, 0, 0, 0], keepalive=2,
+    outcome = agreeing(handmade(7, [server("listening"), server("keepalive")], [0, 0, 0, 0], keepalive=2,
                                   worker_connections=4))
-    assert_agree(outcome)
     assert [s.status for s in outcome.nginx] == ["200", "200", "500", "200"]
     assert outcome.nginx[2].log == ["[alert] 4 worker_connections are not enough while connecting to upstream"]
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_seeded_random_configurations_agree(need_nginx, index):
-    outcome = run_config(draw_config(19, index))
-    assert_agree(outcome)
+    outcome = agreeing(draw_config(19, index))
 
 
 def test_draws_cover_every_dimension():
@@ -155,7 +152,9 @@ def test_the_oracle_catches_the_old_model(need_nginx, monkeypatch):
         self.report("error", nginx_log=nginx_log, level=level)
 
     monkeypatch.setattr(upstream.Request, "report_ngx_error", as_before)
-    outcome = run_config(handmade(9, [server("refused"), server("listening")], [0, 0, 0],
-                                  proxy_bind=oracle.UNREACHABLE_ADDRESS))
+    config = handmade(9, [server("refused"), server("listening")], [0, 0, 0], proxy_bind=oracle.UNREACHABLE_ADDRESS)
+    outcome = run_config(config)
+    if outcome.compared < 3:  # crossed a second boundary on a loaded machine: once more
+        outcome = run_config(config)
     assert outcome.compared == 3, outcome.skipped_reason
     assert [i for i, _, _ in outcome.disagreements] == [1, 2, 3]
