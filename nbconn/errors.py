@@ -14,9 +14,16 @@ The rules are nginx 1.22.1's, read from its source (tag ``release-1.22.1``):
     line 47), ``setsockopt(SO_RCVBUF)`` (ALERT, ``goto failed``, line 70),
     ``ioctl(FIONBIO)`` (ALERT, line 89), ``bind()`` (CRIT, line 153), or
     ``epoll_ctl(EPOLL_CTL_ADD)`` (``ngx_epoll_add_connection`` in
-    src/event/modules/ngx_epoll_module.c, ALERT, line 712).  The HTTP upstream
-    then answers 500 (``ngx_http_upstream_connect``, src/http/ngx_http_upstream.c
-    line 1544): no next peer is tried.
+    src/event/modules/ngx_epoll_module.c, ALERT, line 712); also
+    ``ngx_get_connection`` finding no free connection ("N worker_connections are
+    not enough", src/core/ngx_connection.c line 1118, ALERT, no errno; line 53
+    of ngx_event_connect.c returns NGX_ERROR) -- the most common of them in
+    practice -- and ``proxy_bind ... transparent``'s
+    ``setsockopt(IP_TRANSPARENT)`` (``ngx_event_connect_set_transparent``,
+    ALERT, line 362; ``goto failed``, line 100).  The HTTP upstream then answers
+    500 (``ngx_http_upstream_connect``, src/http/ngx_http_upstream.c line 1544):
+    no next peer is tried, and ``ngx_http_upstream_finalize_request`` frees the
+    peer as a success (line 4484, state 0): no failure is counted.
   - A failing ``setsockopt(SO_KEEPALIVE)`` is logged "failed, ignored" (ALERT,
     line 83) and the connect goes on; so is ``IP_BIND_ADDRESS_NO_PORT`` (line
     122), silently when the errno is EOPNOTSUPP or ENOPROTOOPT.
@@ -213,6 +220,9 @@ Rule = namedtuple("Rule", [
 VERDICT_TABLE: dict[str, Rule] = {
     "socket": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "socket() failed",
                    "ngx_event_connect.c ngx_event_connect_peer line 47"),
+    # no errno: nginx logs with err 0, so the line has no "(N: text)"; detail is worker_connections
+    "get_connection": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "{detail} worker_connections are not enough",
+                           "ngx_connection.c ngx_get_connection line 1118; ngx_event_connect.c line 61"),
     "nonblocking": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "{detail} failed",
                         "ngx_event_connect.c ngx_event_connect_peer line 89 (ngx_nonblocking_n)"),
     "bind": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_CRIT, "bind({detail}) failed",
@@ -242,15 +252,17 @@ _SETSOCKOPT_RULES: dict[str, Rule] = {
                    "ngx_event_connect.c ngx_event_connect_peer line 70"),
     "keepalive": Rule(None, None, frozenset(), NGX_LOG_ALERT, "setsockopt(SO_KEEPALIVE) failed, ignored",
                       "ngx_event_connect.c ngx_event_connect_peer line 83"),
+    # proxy_bind ADDR transparent: fatal, unlike SO_KEEPALIVE (EPERM without CAP_NET_ADMIN/CAP_NET_RAW)
     "transparent": Rule(NGX_ERROR, None, frozenset(), NGX_LOG_ALERT, "setsockopt(IP_TRANSPARENT) failed",
-                        "ngx_event_connect.c ngx_event_connect_set_transparent lines 359-365"),
+                        "ngx_event_connect.c ngx_event_connect_set_transparent line 362; goto failed line 100"),
     "bind_address_no_port": Rule(None, None, frozenset(), NGX_LOG_ALERT,
                                  "setsockopt(IP_BIND_ADDRESS_NO_PORT) failed, ignored",
                                  "ngx_event_connect.c ngx_event_connect_peer lines 119-127"),
 }
 _SETSOCKOPT_QUIET = {"bind_address_no_port": frozenset({_errno.EOPNOTSUPP, _errno.ENOPROTOOPT})}
 
-STAGES = ("socket", "setsockopt", "nonblocking", "bind", "epoll_ctl", "connect", "so_error", "timer")
+STAGES = ("socket", "get_connection", "setsockopt", "nonblocking", "bind", "epoll_ctl", "connect", "so_error",
+          "timer")
 
 _TAIL = " while connecting to upstream"
 _CONNECTED = Verdict(CONNECTED, NGX_OK, None, None, None)
@@ -274,9 +286,11 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
 
     ``stage`` is one of :data:`STAGES`.  ``detail`` fills the log line: the peer's
     name for "connect" (``127.0.0.1:80``, ``unix:/path``), the option name for
-    "setsockopt" (``rcvbuf``), the local address for "bind", the descriptor for
-    "epoll_ctl", the call for "nonblocking" (``ioctl(FIONBIO)``).  For "timer",
-    ``err`` is ignored: the timer firing is the failure (ETIMEDOUT in the log).
+    "setsockopt" (``rcvbuf``), the local address for "bind" (as proxy_bind names it:
+    nginx logs ``pc->local->name``, ``bind(198.18.0.5) failed``), the descriptor for
+    "epoll_ctl", the call for "nonblocking" (``ioctl(FIONBIO)``), worker_connections
+    for "get_connection".  For "timer" and "get_connection", ``err`` is ignored: the
+    timer firing (ETIMEDOUT in the log) or the empty connection pool is the failure.
     """
     fast = _FAST.get((stage, err))
     if fast is not None:
@@ -284,6 +298,10 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
     if stage == "timer":
         rule = VERDICT_TABLE["timer"]
         err = _errno.ETIMEDOUT
+    elif stage == "get_connection":
+        # not a syscall: no free ngx_connection_t; ``err`` is ignored, ``detail`` is worker_connections
+        rule = VERDICT_TABLE[stage]
+        return Verdict(ERROR, rule.ngx_code, None, rule.level, f"{rule.text.format(detail=detail)}{_TAIL}")
     else:
         if not err:
             # connect() returned 0, SO_ERROR read 0: usable.  Any earlier step: go on to the next one.

@@ -5,26 +5,41 @@
 This module is that machinery, read from nginx's
 ``src/http/ngx_http_upstream_round_robin.c`` and ``src/http/ngx_http_upstream.c``:
 
-* **Smooth weighted round robin** (``ngx_http_upstream_get_peer``): every
-  eligible peer's ``current_weight`` grows by its ``effective_weight``; the
-  largest wins and pays back the total.  Weights 5, 1, 1 give the order
-  a a b a c a a -- spread out, not a a a a a b c.
+* **Smooth weighted round robin** (``ngx_http_upstream_get_peer``): on each pick,
+  every eligible peer's ``current_weight`` rises by its own ``effective_weight``
+  (and that ``effective_weight`` climbs back by one towards ``weight``); the peer
+  with the largest ``current_weight`` wins and pays back the sum of all eligible
+  ``effective_weight`` values.  Weights 5, 1, 1 give the order a a b a c a a --
+  spread out, not a a a a a b c.  Every request's first peer and every next
+  peer is such a pick (the peers already tried in this request left out).
 * **Failures** (``ngx_http_upstream_free_round_robin_peer``): a failed attempt
   bumps ``fails`` and lowers ``effective_weight`` by ``weight / max_fails``;
   at ``max_fails`` failures the peer is left out for ``fail_timeout`` seconds
   ("upstream server temporarily disabled").  After that it gets one chance;
-  a success clears ``fails``.  Each successful pick raises ``effective_weight``
-  by one again, back up to ``weight``.
+  a success clears ``fails``.
 * **A single peer** is never marked down: with one server and no backup,
   nginx skips the failure accounting altogether and allows one try per request.
 * **Backup** peers are used only when no primary peer is eligible.
 * **Next upstream** (``ngx_http_upstream_next``): after a connect error
-  (``error``) or a connect timeout (``timeout``) the request tries the next peer
-  if that kind of failure is listed in ``proxy_next_upstream``, tries are left
-  (``proxy_next_upstream_tries``, at most the number of peers) and
-  ``proxy_next_upstream_timeout`` has not passed.  Otherwise it ends with 502
-  (error) or 504 (timeout).  When no peer is eligible at all: "no live
-  upstreams", 502.
+  (``error``), a timeout (``timeout``), or an answer whose status is listed
+  (``http_502`` and the other ``http_*`` kinds, ``ngx_http_upstream_test_next``)
+  the request tries the next peer if that kind is listed in
+  ``proxy_next_upstream``, tries are left (``proxy_next_upstream_tries``, at most
+  the number of peers) and ``proxy_next_upstream_timeout`` has not passed.
+  Otherwise it ends: 502 after an error, 504 after a timeout, and an answer
+  nginx did not retry goes to the client as it is.
+* **No live upstreams** (``NGX_BUSY``): when no peer is eligible the request
+  ends with 502 at once -- even after a timeout: NGX_HTTP_UPSTREAM_FT_NOLIVE is
+  in no ``proxy_next_upstream`` mask, so ``ngx_http_upstream_next`` finalizes
+  with its default status, 502.
+* **A failure before connect()** (``socket()``, ``setsockopt(SO_RCVBUF)``,
+  ``ioctl(FIONBIO)``, ``bind()`` for ``proxy_bind``, ``epoll_ctl``, and
+  ``ngx_get_connection``'s "worker_connections are not enough") makes
+  ``ngx_event_connect_peer`` return NGX_ERROR: ``ngx_http_upstream_connect``
+  finalizes with 500 at once, no next peer, and
+  ``ngx_http_upstream_finalize_request`` frees the peer as a *success*
+  (``peer.free(.., 0)``): no failure is counted.  Its try is not in
+  ``$upstream_addr`` (``u->state->peer`` is set only after that check).
 
 The state machine (:class:`Upstream`, :class:`Request`) does no I/O and takes
 its clock as a parameter, so tests can step time by hand (the h11 way).
@@ -41,7 +56,19 @@ from . import validate
 from .targets import parse_target
 from .validate import shown
 
+#: proxy_next_upstream's default in nginx 1.22.1 ("error timeout", ngx_http_proxy_merge_loc_conf).
 NEXT_UPSTREAM_KINDS = ("error", "timeout")
+#: Every kind proxy_next_upstream takes in 1.22.1 (ngx_http_proxy_next_upstream_masks, ngx_http_proxy_module.c);
+#: "off" is the empty tuple.  "invalid_header" and "non_idempotent" are accepted; the model never meets them
+#: (its peers send valid headers, its requests are GETs).
+NEXT_UPSTREAM_ALL = ("error", "timeout", "invalid_header", "http_500", "http_502", "http_503", "http_504",
+                     "http_403", "http_404", "http_429", "non_idempotent")
+#: ngx_http_upstream_next_errors (ngx_http_upstream.c 1.22.1): the statuses ngx_http_upstream_test_next may retry.
+HTTP_NEXT_KINDS = {500: "http_500", 502: "http_502", 503: "http_503", 504: "http_504", 403: "http_403",
+                   404: "http_404", 429: "http_429"}
+#: ngx_http_upstream_next's status when the request ends after a failure of that kind (its switch on ft_type).
+_FINAL_STATUS = {"timeout": "504", "http_504": "504", "http_500": "500", "http_503": "503", "http_403": "403",
+                 "http_404": "404", "http_429": "429"}  # anything else (error, http_502, no live upstreams): 502
 MAX_WEIGHT = 1000  # not nginx's limit (any ngx_atoi number): keeps the smooth round robin's sums small
 MAX_FAILS = 1_000_000
 MAX_FAIL_TIMEOUT_S = int(validate.MAX_TIMEOUT_S)
@@ -169,7 +196,19 @@ class Upstream:
     """
 
     def __init__(self, peers, *, clock=None, msec_clock=None, keepalive: int = 0, keepalive_requests: int = 1000,
-                 keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0) -> None:
+                 keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0, name: str = "backend",
+                 worker_connections: int = 0, other_connections: int = 3) -> None:
+        # worker_connections: the events block's limit (0: none, the model's default).  ngx_get_connection takes
+        # every connection from one pool per worker: besides the upstream's, nbconn.nginx's worker holds
+        # other_connections -- its listening socket, its channel to the master and the client's connection --
+        # and the idle keepalive connections in the cache (measured with nginx 1.22.1: worker_connections 3
+        # answers every request 500, 4 with one cached connection answers 500 when a new one is needed).
+        self.worker_connections = validate.integer("worker_connections", worker_connections, 0, 1_000_000)
+        self.other_connections = validate.integer("other_connections", other_connections, 0, 1_000_000)
+        # name: the upstream block's name; $upstream_addr shows it for a try that found no live upstream
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {shown(name)}")
+        self.name = name
         # keepalive: `keepalive N` in the upstream block -- at most N idle connections cached per worker, for
         # all peers together (ngx_http_upstream_keepalive_module); the other three are its directives, with
         # nginx 1.22.1's defaults (keepalive_module.c, lines 160-162).
@@ -189,9 +228,16 @@ class Upstream:
         self.msec_clock = msec_clock if msec_clock is not None else (clock or time.monotonic)
         # ngx_http_upstream_init_round_robin: single = one primary server and no backup
         self.single = len(self.primary) == 1 and not self.backup
+        # seconds nginx would have waited that the model only counted (run_request: proxy_send_timeout in the
+        # stale-event corner); both clocks read that much later, as nginx's would
+        self.unwaited_s = 0.0
 
     def now(self) -> int:
-        return int(self.clock())  # ngx_time(): whole wall-clock seconds
+        return int(self.clock() + self.unwaited_s)  # ngx_time(): whole wall-clock seconds
+
+    def msec_now(self) -> float:
+        """ngx_current_msec, in seconds: ``msec_clock`` plus the seconds the model counted without waiting."""
+        return self.msec_clock() + self.unwaited_s
 
     @property
     def tries(self) -> int:
@@ -337,12 +383,16 @@ class Attempt:
     stage: str = CONNECTING  # where it ended (nginx's log action)
     level: str | None = None  # the level of nginx_log
     reused: bool = False  # a cached keepalive connection: no socket(), no connect()
+    status: int | None = None  # the upstream's HTTP status, when an answer arrived
+    retried_as: str | None = None  # "http_502" etc.: ngx_http_upstream_test_next sent the request on
+    ngx_error: bool = False  # a step before connect() failed: NGX_ERROR, 500, not in $upstream_addr
 
     @property
     def failure(self) -> str | None:
-        """nginx's next-upstream kind of this attempt: None (it worked), "error" or "timeout"."""
+        """nginx's next-upstream kind of this attempt: None (it worked, or its answer went to the client),
+        "error", "timeout", or the http_* kind it was retried as."""
         if self.outcome in ("connected", "ok"):
-            return None
+            return self.retried_as
         return "timeout" if self.outcome == "timed_out" else "error"
 
 
@@ -355,19 +405,22 @@ class Request:
     tries: int = 0
     timeout_s: float = 0.0
     attempts: list = field(default_factory=list)
-    result: str | None = None  # "200" when connected, "502", "504", "500", or None while running
+    # the status nginx answers the client: "200" when connected (or the upstream's own status, passed on),
+    # "502", "504", "500" (a failure before connect()), ...; None while running
+    result: str | None = None
     log: list = field(default_factory=list)  # the error-log lines nginx would write: "[level] message"
+    nolive: bool = False  # it ended with "no live upstreams" (NGX_BUSY)
 
     def __post_init__(self) -> None:
         if isinstance(self.next_upstream, str):
             raise TypeError(f"next_upstream must be a tuple of kinds, got {shown(self.next_upstream)}")
         for kind in self.next_upstream:
-            validate.choice("next_upstream", kind, NEXT_UPSTREAM_KINDS)
+            validate.choice("next_upstream", kind, NEXT_UPSTREAM_ALL)
         self.tries = validate.integer("tries", self.tries, 0, MAX_FAILS)
         self.timeout_s = validate.number("next-upstream timeout", self.timeout_s, 0, validate.MAX_TIMEOUT_S)
         budget = self.upstream.tries
         self.remaining = min(budget, self.tries) if self.tries else budget
-        self.started = self.upstream.msec_clock()
+        self.started = self.upstream.msec_now()
         self._tried: set = set()
         self._group = self.upstream.primary
         self.current: Peer | None = None
@@ -387,57 +440,118 @@ class Request:
                 self.current = up._pick(self._group, self._tried)
         if self.current is None:
             # ngx_http_upstream_connect: rc == NGX_BUSY (ngx_http_upstream.c 1.22.1, line 1553)
+            # and ngx_http_upstream_next(FT_NOLIVE): in no proxy_next_upstream mask, so it finalizes with its
+            # default status, 502 -- also when the try before it timed out
             self.log.append(f"[error] no live upstreams while {CONNECTING}")
+            self.nolive = True
             self.result = "502"
             return None
         self._tried.add(id(self.current))
         return self.current
 
     def report(self, outcome: str, connect_ms: float | None = None, *, nginx_log: str | None = None,
-               level: str | None = "error", stage: str = CONNECTING, reused: bool = False) -> None:
+               level: str | None = "error", stage: str = CONNECTING, reused: bool = False,
+               status: int | None = None) -> None:
         """What the attempt on the current peer did: "connected" or "ok" (it worked), "timed_out", or any
         other outcome (an error); ``nginx_log``/``level``: the line nginx writes for that failure;
-        ``stage``: where it ended (CONNECTING, SENDING or READING)."""
+        ``stage``: where it ended (CONNECTING, SENDING or READING); ``status``: the upstream's HTTP status
+        when an answer arrived ("ok")."""
         peer, up = self.current, self.upstream
         if peer is None:
             raise RuntimeError("report() without a peer from next_peer()")
         attempt = Attempt(peer.address, outcome, connect_ms, nginx_log, False, stage,
-                          level if nginx_log else None, reused)
-        failed = attempt.failure is not None
-        attempt.disabled = up._free(peer, failed=failed)
+                          level if nginx_log else None, reused, status)
+        if attempt.failure is None and status in HTTP_NEXT_KINDS:
+            # ngx_http_upstream_test_next (ngx_http_upstream.c 1.22.1, lines 2510-2545): the answer is retried
+            # only when its kind is listed, this is not the last try (u->peer.tries > 1: checked *before* free
+            # lowers it) and proxy_next_upstream_timeout has not passed; otherwise it goes to the client as is,
+            # and counts as a success.
+            kind = HTTP_NEXT_KINDS[status]
+            if kind in self.next_upstream and self.remaining > 1 and not self._out_of_time():
+                attempt.retried_as = kind
+        kind = attempt.failure
+        # ngx_http_upstream_next (lines 4285-4297): 403 and 404 free the peer with NGX_PEER_NEXT, which the
+        # round robin does not count as a failure; every other kind with NGX_PEER_FAILED.
+        attempt.disabled = up._free(peer, failed=kind is not None and kind not in ("http_403", "http_404"))
         self.attempts.append(attempt)
         # The order nginx writes them in.  An error is logged where it happens (ngx_event_connect_peer,
         # ngx_http_upstream_test_connect, recv()/writev()), then ngx_http_upstream_next() calls peer.free
         # (ngx_http_upstream.c 1.22.1, line 4301), which logs the [warn].  A timeout is logged by
         # ngx_http_upstream_next itself, *after* peer.free (line 4307): the [warn] comes first.
+        # A retried answer (http_502 ...) logs nothing but the [warn].
         lines = []
         if nginx_log:
             lines.append(f"[{attempt.level}] {nginx_log}")
         if attempt.disabled:
             warn = f"[warn] upstream server temporarily disabled while {stage}"
-            lines.insert(0 if attempt.failure == "timeout" else len(lines), warn)
+            lines.insert(0 if kind == "timeout" else len(lines), warn)
         self.log.extend(lines)
         self.current = None
-        if not failed:
-            self.result = "200"
+        if kind is None:
+            self.result = str(status) if status else "200"
             return
         if up.single:
             self.remaining = 0  # free_round_robin_peer: pc->tries = 0 for a single peer (line 625)
         elif self.remaining:
             self.remaining -= 1
-        if reused and attempt.failure == "error":
+        if reused and kind == "error":
             # ngx_http_upstream_next (ngx_http_upstream.c 1.22.1, lines 4310-4313): "if (u->peer.cached && ft_type ==
             # NGX_HTTP_UPSTREAM_FT_ERROR) u->peer.tries++" -- a cached connection that failed gives its try back
             self.remaining += 1
-        status = "504" if attempt.failure == "timeout" else "502"
-        out_of_time = self.timeout_s and up.msec_clock() - self.started >= self.timeout_s
-        if self.remaining == 0 or attempt.failure not in self.next_upstream or out_of_time:
-            self.result = status
+        if self.remaining == 0 or kind not in self.next_upstream or self._out_of_time():
+            self.result = _FINAL_STATUS.get(kind, "502")
+
+    def report_ngx_error(self, nginx_log: str, level: str) -> None:
+        """A step before connect() failed on the current peer (socket(), SO_RCVBUF, ioctl, bind() for
+        proxy_bind, epoll_ctl, ngx_get_connection): ngx_event_connect_peer returned NGX_ERROR.
+
+        ngx_http_upstream_connect (ngx_http_upstream.c 1.22.1, lines 1544-1550) finalizes the request with 500
+        at once -- before ``u->state->peer`` is set, so the try is not named in $upstream_addr -- and
+        ngx_http_upstream_finalize_request (line 4484) frees the peer with state 0: a success for the round
+        robin, no failure counted, whatever ``proxy_next_upstream`` says."""
+        peer, up = self.current, self.upstream
+        if peer is None:
+            raise RuntimeError("report_ngx_error() without a peer from next_peer()")
+        up._free(peer, failed=False)
+        self.attempts.append(Attempt(peer.address, "error", None, nginx_log, False, CONNECTING, level,
+                                     ngx_error=True))
+        self.log.append(f"[{level}] {nginx_log}")
+        self.current = None
+        self.result = "500"
+
+    def _out_of_time(self) -> bool:
+        """proxy_next_upstream_timeout has passed (ngx_current_msec - u->peer.start_time >= timeout); time nginx
+        would have waited that the model only counted (``Upstream.unwaited_s``, see :func:`run_request`) included."""
+        return bool(self.timeout_s) and self.upstream.msec_now() - self.started >= self.timeout_s
+
+    @property
+    def upstream_addr(self) -> str:
+        """``$upstream_addr`` as nginx 1.22.1 writes it (ngx_http_upstream_addr_variable, lines 5415-5475):
+        one entry per try, ", " between them; "no live upstreams" names the upstream ("backend"); a try that
+        failed before connect() has no peer, and nginx writes the group separator " : " in its place."""
+        names = [None if a.ngx_error else a.peer for a in self.attempts] + ([self.upstream.name] if self.nolive else [])
+        if not names:
+            return "-"
+        out, i = [], 0
+        while True:
+            if names[i]:
+                out.append(names[i])
+            i += 1
+            if i == len(names):
+                break
+            if names[i]:
+                out.append(", ")
+            else:
+                out.append(" : ")
+                i += 1
+                if i == len(names):
+                    break
+        return "".join(out)
 
     def to_dict(self) -> dict:
         return {"attempts": [{"peer": a.peer, "outcome": a.outcome, "connect_ms": a.connect_ms, "stage": a.stage,
                               "disabled": a.disabled, "reused": a.reused} for a in self.attempts],
-                "result": self.result, "log": list(self.log)}
+                "result": self.result, "upstream_addr": self.upstream_addr, "log": list(self.log)}
 
 
 # -- driving the model with real connects ---------------------------------------------------------------
@@ -452,7 +566,8 @@ MAX_HEADER = 65536
 def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     """Send the request and read the response header on a connected socket, as nginx's upstream does next
     (ngx_http_upstream_send_request, then ngx_http_upstream_process_header).  Returns
-    (outcome, stage, level, nginx_log, reusable); outcome "ok" when a response header arrived; reusable
+    (outcome, stage, level, nginx_log, reusable, status); outcome "ok" when a response header arrived (status:
+    its HTTP status code, else None); reusable
     when the connection may go back to the keepalive cache (u->keepalive in nginx's proxy module: an
     HTTP/1.1 status line, no "Connection: close", and the whole body read)."""
     import os
@@ -467,24 +582,33 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     try:
         sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
     except socket.timeout:
-        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", False
+        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", \
+            False, None
     except OSError as exc:  # ngx_writev_chain.c 1.22.1, line 210: ngx_connection_error(c, err, "writev() failed")
         return _errno_outcome(exc.errno), SENDING, "error", \
-            f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False
+            f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
     data = b""
     while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
         try:
             chunk = sock.recv(4096)
         except socket.timeout:  # process_header: c->read->timedout -> next(FT_TIMEOUT), logged there
             return "timed_out", READING, "error", \
-                f"upstream timed out (110: Connection timed out) while {READING}", False
+                f"upstream timed out (110: Connection timed out) while {READING}", False, None
         except OSError as exc:  # ngx_recv.c 1.22.1, line 188: ngx_connection_error(c, err, "recv() failed")
             return _errno_outcome(exc.errno), READING, "error", \
-                f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False
+                f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False, None
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
-            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False
+            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, None
         data += chunk
-    return "ok", READING, None, None, keepalive and _read_body(sock, data)
+    return "ok", READING, None, None, keepalive and _read_body(sock, data), _status_code(data)
+
+
+def _status_code(data: bytes) -> int | None:
+    """The status of ``HTTP/1.x NNN ...``, or None."""
+    parts = data.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and len(parts[1]) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    return None
 
 
 def _read_body(sock, data: bytes) -> bool:
@@ -520,9 +644,35 @@ def _errno_outcome(number: int | None) -> str:
     return {errno.ECONNRESET: "reset", errno.EPIPE: "reset", errno.ECONNREFUSED: "refused"}.get(number, "error")
 
 
+#: bind() of proxy_bind's address on a socket of another family: (peer's family, proxy_bind's family) -> errno.
+#: nginx makes the socket for the peer and binds proxy_bind's sockaddr to it whatever its family; the kernel
+#: (measured here, tests/test_upstream.py checks it live): an AF_UNIX socket refuses any other family
+#: (net/unix/af_unix.c, unix_bind: sun_family check) and an AF_INET6 one a 16-byte sockaddr_in
+#: (net/ipv6/af_inet6.c, __inet6_bind: addr_len < SIN6_LEN_RFC2133), EINVAL both; an AF_INET socket takes the
+#: length of a sockaddr_in6 but not its family (net/ipv4/af_inet.c, the sin_family check): EAFNOSUPPORT.
+BIND_FAMILY_ERRNO = {("unix", "ipv4"): 22, ("unix", "ipv6"): 22, ("ipv6", "ipv4"): 22, ("ipv4", "ipv6"): 97}
+
+
+def _families(address: str, proxy_bind: str) -> tuple:
+    peer = "unix" if address.startswith("unix:") else "ipv6" if address.startswith("[") else "ipv4"
+    return peer, "ipv6" if ":" in proxy_bind else "ipv4"
+
+
+def _in_read_handler(res, stage: str | None, outcome: str) -> bool:
+    """This attempt's failure was judged in the upstream connection's read handler, with an EPOLLOUT of the same
+    epoll event still to be dispatched: a connect refused or reset after EINPROGRESS (an RST gives
+    EPOLLERR|EPOLLHUP|EPOLLIN|EPOLLOUT, and ngx_epoll_process_events runs the read handler first), or an answer or
+    error met while reading the response header.  Not a timer (no epoll event), not a write-side failure."""
+    if outcome == "timed_out":
+        return False
+    if stage is None:  # judged at the connect: SO_ERROR after NGX_AGAIN
+        return res is not None and res.ngx_connect == "NGX_AGAIN" and not res.connected
+    return stage == READING
+
+
 def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_UPSTREAM_KINDS, tries: int = 0,
                 next_upstream_timeout: float = 0.0, http: bool = False, read_timeout: float = 5.0,
-                **options) -> Request:
+                proxy_bind: str | None = None, send_timeout: float = 60.0, **options) -> Request:
     """One request: connect to peers as nginx would until one works or the request gives up.
 
     ``http=False`` stops at the connect: a connected peer is a success.  ``http=True`` goes on as nginx
@@ -530,22 +680,97 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     then resets fails with "recv() failed (104: ...)" or "writev() failed", as nginx would log it.
     With ``Upstream(keepalive=N)`` the request is HTTP/1.1 and a connection from the keepalive cache is
     used when there is one for the picked peer (the attempt says ``reused``; no connect was made).
+    ``proxy_bind``: a local IP address (no port) every connect binds to first, as nginx's ``proxy_bind``;
+    a bind() that fails -- an address this host lacks (99: EADDRNOTAVAIL), or any address towards an AF_UNIX
+    peer or a peer of the other IP family (22: EINVAL, 97: EAFNOSUPPORT; :data:`BIND_FAMILY_ERRNO`) -- ends the
+    request with 500 (:meth:`Request.report_ngx_error`).
+
+    ``send_timeout`` (proxy_send_timeout) matters in one nginx 1.22.1 corner, which the model follows: the
+    one-bit stale-event check.  ngx_get_connection flips a connection slot's ``instance`` bit each time it hands
+    the slot out (src/core/ngx_connection.c, lines 1142-1148), and ngx_epoll_process_events drops an event whose
+    bit differs (src/event/modules/ngx_epoll_module.c, lines 844 and 909).  When a failure is judged in an
+    upstream connection's read handler, the EPOLLOUT half of the same event is dispatched after it.  If within
+    that handler the freed slot is handed out twice -- a next peer whose connect() fails at once (NGX_DECLINED,
+    e.g. a missing AF_UNIX path), then one whose connect() is pending -- the bit is back where it was, and the old
+    EPOLLOUT runs the new connection's write handler: nginx takes the pending connect for a finished one, reads
+    SO_ERROR 0, writes into SYN-SENT (EAGAIN) and waits ``proxy_send_timeout`` instead of
+    ``proxy_connect_timeout``: "upstream timed out (110: Connection timed out) while sending request to upstream"
+    (measured: 60 s, nginx's default).  The model does not wait those seconds; it counts them
+    (``Upstream.unwaited_s``): its ngx_time() and ngx_current_msec read that much later from then on.
     """
+    send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
     from .api import connect
+    from .errors import errno_number, verdict
 
     validate.flag("http", http)
+    if proxy_bind is not None:
+        if not isinstance(proxy_bind, str):
+            raise TypeError(f"proxy_bind must be an IP address as text, got {shown(proxy_bind)}")
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(proxy_bind)
+        except ValueError:
+            raise ValueError(f"proxy_bind={shown(proxy_bind)} is not an IP address (nbconn takes no port or "
+                             f"variables here)") from None
     read_timeout = validate.number("read_timeout", read_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
     keepalive = bool(upstream.keepalive)
     http = http or keepalive  # keepalive needs the exchange: it decides whether the connection is kept
     req = upstream.request(next_upstream=next_upstream, tries=tries, timeout_s=next_upstream_timeout)
     limit = 2 * (len(upstream.primary) + len(upstream.backup)) + 1  # each peer at most twice (a cached try)
+    # slot_handouts: None, or how often the slot freed by a failure judged in a read handler has been handed out
+    # again since, inside that same handler (see the docstring: the one-bit stale-event check)
+    slot_handouts = None
     for _ in range(limit):
         peer = req.next_peer()
         if peer is None:
             break
         kept = upstream.keepalive_get(peer.address) if keepalive else None
+        if kept is None and upstream.worker_connections and \
+                upstream.other_connections + len(upstream.cache) + 1 > upstream.worker_connections:
+            # ngx_event_connect_peer: socket(), then ngx_get_connection finds the pool empty -> NGX_ERROR
+            v = verdict("get_connection", None, detail=upstream.worker_connections)
+            req.report_ngx_error(v.log, v.level)
+            break
+        if kept is None and proxy_bind is not None and _families(peer.address, proxy_bind) in BIND_FAMILY_ERRNO:
+            # nginx binds proxy_bind's sockaddr on whatever socket it made; nbconn.connect refuses that pairing by
+            # name before any socket, so the model takes the kernel's answer from BIND_FAMILY_ERRNO
+            v = verdict("bind", BIND_FAMILY_ERRNO[_families(peer.address, proxy_bind)], detail=proxy_bind)
+            req.report_ngx_error(v.log, v.level)
+            break
         if kept is None:
+            if proxy_bind is not None:
+                options["bind"] = proxy_bind
+            if slot_handouts is not None:
+                slot_handouts += 1
             res = connect(peer.address, timeout=timeout, keep=http, **options)
+            stale_write = slot_handouts is not None and slot_handouts % 2 == 0
+            if res.ngx_connect == "NGX_DECLINED":
+                pass  # failed at once, inside the same handler: the chain goes on
+            elif stale_write or not _in_read_handler(res, None, res.outcome):
+                slot_handouts = None
+            else:
+                slot_handouts = 0
+            if stale_write and res.outcome == "timed_out":
+                # the stale EPOLLOUT: nginx writes into the pending connect and waits proxy_send_timeout
+                if res.sock is not None:
+                    res.sock.close()
+                    res.sock = None
+                upstream.unwaited_s += max(0.0, send_timeout - timeout)
+                req.report("timed_out", None, nginx_log=f"upstream timed out (110: Connection timed out) while "
+                           f"{SENDING}", level="error", stage=SENDING)
+                if req.result is not None:
+                    break
+                continue
+            if res.ngx_decision == "NGX_ERROR" and res.ngx_next is None:
+                # a step before connect() failed: NGX_ERROR.  nginx names proxy_bind's address as configured
+                # (pc->local->name: "bind(198.18.0.5) failed"), without the ":0" nbconn's bind() text carries.
+                line, level = res.ngx_log, res.ngx_level
+                if proxy_bind is not None and line and line.startswith("bind("):
+                    v = verdict("bind", errno_number(res.errno), detail=proxy_bind)
+                    line, level = v.log, v.level
+                req.report_ngx_error(line, level)
+                break
             if not (http and res.connected):
                 req.report(res.outcome, res.handshake_ms, nginx_log=res.ngx_log, level=res.ngx_level)
                 if req.result is not None:
@@ -558,14 +783,16 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
             connect_ms = 0.0  # $upstream_connect_time of a cached connection
         reused = kept.requests > 1
         try:
-            outcome, stage, level, line, reusable = _exchange(kept.sock, read_timeout, keepalive=keepalive)
+            outcome, stage, level, line, reusable, status = _exchange(kept.sock, read_timeout, keepalive=keepalive)
         except BaseException:
             kept.close()
             raise
         to_close = upstream.keepalive_free(kept) if reusable else kept
         if to_close is not None:
             to_close.close()
-        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused)
+        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused, status=status)
+        failed_in_reader = req.attempts[-1].failure is not None and _in_read_handler(None, stage, outcome)
+        slot_handouts = 0 if failed_in_reader else None
         if req.result is not None:
             break
     return req

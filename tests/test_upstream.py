@@ -183,7 +183,8 @@ def test_cli_json_shape():
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     first = data["requests"][0]
-    assert set(first) == {"attempts", "result", "log"}
+    assert set(first) == {"attempts", "result", "upstream_addr", "log"}
+    assert first["upstream_addr"] == str(upp) and data["requests"][1]["upstream_addr"] == f"{down}, {upp}"
     assert set(first["attempts"][0]) == {"peer", "outcome", "connect_ms", "stage", "disabled", "reused"}
     assert first["log"] == [] and data["requests"][1]["log"] == ["[error] connect() failed (111: Connection refused) while connecting to upstream",
                             "[warn] upstream server temporarily disabled while connecting to upstream"]
@@ -224,7 +225,7 @@ def test_cli_json_log_disabled_and_no_live_upstreams():
         "[warn] upstream server temporarily disabled while connecting to upstream",
         "[warn] upstream server temporarily disabled while connecting to upstream",
         "[error] upstream timed out (110: Connection timed out) while connecting to upstream"]
-    assert second == {"attempts": [], "result": "502",
+    assert second == {"attempts": [], "result": "502", "upstream_addr": "backend",
                       "log": ["[error] no live upstreams while connecting to upstream"]}
 
 
@@ -299,3 +300,179 @@ def test_http_peer_leaves_no_thread_or_socket():
     assert threading.active_count() == before
     with pytest.raises(ValueError, match="loopback"):
         HttpPeer("192.0.2.1")
+
+
+# -- issue 19: what nginx 1.22.1 does that the model got wrong or could not say ----------------------------------
+
+def test_failure_before_connect_is_500_at_once_and_counts_no_failure():
+    """ngx_event_connect_peer's NGX_ERROR (here bind() for proxy_bind): ngx_http_upstream_connect finalizes with 500,
+    no next peer; finalize_request frees the peer with state 0, so the next request does not see it disabled."""
+    a, b = Peer("127.0.0.1:1"), Peer("127.0.0.1:2")
+    up = Upstream([a, b], clock=Clock())
+    req = up.request()
+    assert req.next_peer() is a
+    req.report_ngx_error("bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream",
+                         "crit")
+    assert req.result == "500" and req.next_peer() is None and len(req.attempts) == 1
+    assert a.fails == 0 and not req.attempts[0].disabled
+    assert req.log == ["[crit] bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to "
+                       "upstream"]
+    assert req.upstream_addr == ""  # u->state->peer is set only after the NGX_ERROR check
+    again = up.request()
+    assert again.next_peer() is b and again.log == []  # round robin goes on; no "no live upstreams"
+
+
+def test_upstream_addr_writes_a_peerless_try_as_the_group_separator():
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock())
+    req = up.request()
+    req.next_peer()
+    req.report("refused", nginx_log="connect() failed (111: Connection refused) while connecting to upstream")
+    req.next_peer()
+    req.report_ngx_error("bind(127.0.0.1) failed (22: Invalid argument) while connecting to upstream", "crit")
+    assert req.result == "500" and req.upstream_addr == "127.0.0.1:1 : "  # as nginx 1.22.1 logged it
+
+
+def test_no_live_upstreams_after_a_timeout_ends_502_not_504():
+    """NGX_HTTP_UPSTREAM_FT_NOLIVE is in no proxy_next_upstream mask: ngx_http_upstream_next finalizes with 502."""
+    up = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock())
+    first = up.request()
+    first.next_peer()
+    first.report("refused")  # 127.0.0.1:1 out for fail_timeout
+    first.next_peer()
+    first.report("connected")
+    req = up.request()
+    assert req.next_peer().address == "127.0.0.1:2"
+    req.report("timed_out", nginx_log="upstream timed out (110: Connection timed out) while connecting to upstream")
+    assert req.result is None and req.next_peer() is None
+    assert req.result == "502" and req.nolive and req.upstream_addr == "127.0.0.1:2, backend"
+    assert req.log[-1] == "[error] no live upstreams while connecting to upstream"
+
+
+def test_http_502_is_retried_only_when_listed_and_not_on_the_last_try():
+    """ngx_http_upstream_test_next: the 502 goes on to the next peer (a failure for the round robin, [warn] when it
+    disables) while u->peer.tries > 1; on the last try the 502 goes to the client and counts as a success."""
+    a, b = Peer("127.0.0.1:1"), Peer("127.0.0.1:2")
+    up = Upstream([a, b], clock=Clock())
+    req = up.request(next_upstream=("error", "timeout", "http_502"))
+    req.next_peer()
+    req.report("ok", stage="reading response header from upstream", status=502)
+    assert req.result is None and a.fails == 1 and req.attempts[0].failure == "http_502"
+    assert req.log == ["[warn] upstream server temporarily disabled while reading response header from upstream"]
+    req.next_peer()
+    req.report("ok", stage="reading response header from upstream", status=502)  # the last try: passed on
+    assert req.result == "502" and b.fails == 0 and req.upstream_addr == "127.0.0.1:1, 127.0.0.1:2"
+    plain = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock()).request()  # http_502 not listed
+    plain.next_peer()
+    plain.report("ok", status=502)
+    assert plain.result == "502" and len(plain.attempts) == 1
+    ok = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock()).request(next_upstream=("http_503",))
+    ok.next_peer()
+    ok.report("ok", status=503)
+    ok.next_peer()
+    ok.report("ok", status=200)
+    assert ok.result == "200"
+
+
+def test_http_403_and_404_go_on_without_counting_a_failure():
+    a = Peer("127.0.0.1:1")
+    up = Upstream([a, Peer("127.0.0.1:2"), Peer("127.0.0.1:3")], clock=Clock())
+    req = up.request(next_upstream=("http_404",))
+    req.next_peer()
+    req.report("ok", status=404)
+    assert req.result is None and a.fails == 0 and req.log == []  # NGX_PEER_NEXT
+    req.next_peer()
+    req.report("refused")
+    assert req.result == "502"  # error is not listed
+
+
+def test_each_next_peer_is_a_smooth_weighted_pick_not_the_listed_order():
+    """Weights 2, 1; max_fails=0 (never disabled); every try fails.  nginx's get_peer, restated by hand:
+    request 1 picks a (cw a=2 b=1), then b; request 2 picks b (a=1 b=2) then a; request 3 a then b."""
+    up = Upstream(["127.0.0.1:1,weight=2,max_fails=0", "127.0.0.1:2,max_fails=0"], clock=Clock())
+    walks = []
+    for _ in range(3):
+        req = up.request()
+        while req.next_peer() is not None:
+            req.report("refused")
+        walks.append([a.peer[-1] for a in req.attempts])
+    assert walks == [["1", "2"], ["2", "1"], ["1", "2"]]
+
+
+def test_proxy_bind_to_an_address_the_host_lacks_answers_500_with_nginx_line():
+    """Measured with nginx 1.22.1: `proxy_bind 198.18.0.5` -> 500, empty $upstream_addr, one
+    `[crit] bind(198.18.0.5) failed (99: ...)` per request, no failure counted (every request fails the same way)."""
+    with lab.refused() as down, lab.listening(http=True) as upp:
+        reqs = run_requests(Upstream([str(down), str(upp)]), 3, timeout=0.5, http=True, proxy_bind="198.18.0.5")
+    line = "[crit] bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream"
+    assert [(r.result, r.upstream_addr, r.log) for r in reqs] == [("500", "", [line])] * 3
+
+
+def test_proxy_bind_towards_an_af_unix_peer_is_einval():
+    with lab.unix_missing() as missing, lab.listening(http=True) as upp:
+        reqs = run_requests(Upstream([str(missing), str(upp)]), 3, timeout=0.5, http=True, proxy_bind="127.0.0.1")
+    assert [r.result for r in reqs] == ["500", "200", "500"]  # as nginx 1.22.1 answered
+    assert reqs[0].log == ["[crit] bind(127.0.0.1) failed (22: Invalid argument) while connecting to upstream"]
+    with pytest.raises(ValueError, match="proxy_bind='198.18.0.x'"):
+        run_requests(Upstream(["127.0.0.1:1"]), 1, proxy_bind="198.18.0.x")
+
+
+def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none():
+    """What nginx 1.22.1 answered with worker_connections 4, keepalive 2 and peers [closes, keeps]: 200 200 500 200."""
+    from nbconn.httpd import HttpPeer
+
+    with lab.listening(http=True) as closes, HttpPeer() as keeps:
+        with Upstream([str(closes), str(keeps)], keepalive=2, worker_connections=4) as up:
+            reqs = run_requests(up, 4, timeout=0.5)
+    assert [r.result for r in reqs] == ["200", "200", "500", "200"]
+    assert reqs[2].log == ["[alert] 4 worker_connections are not enough while connecting to upstream"]
+    assert reqs[2].upstream_addr == "" and reqs[3].attempts[0].reused
+
+
+@pytest.mark.parametrize("pair", sorted(__import__("nbconn.upstream").upstream.BIND_FAMILY_ERRNO))
+def test_bind_family_errnos_are_the_kernels(pair):
+    """The table the model answers proxy_bind-towards-another-family with, checked against this kernel: bind() of
+    the other family's sockaddr (nginx's length for it) on the peer's kind of socket."""
+    import ctypes
+    import socket
+    import struct
+
+    from nbconn.upstream import BIND_FAMILY_ERRNO
+
+    sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 0) + socket.inet_aton("127.0.0.1") + bytes(8)
+    sin6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 0) + bytes(4)
+            + socket.inet_pton(socket.AF_INET6, "::1") + bytes(4))
+    family = {"unix": socket.AF_UNIX, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}[pair[0]]
+    raw = sin if pair[1] == "ipv4" else sin6
+    libc = ctypes.CDLL(None, use_errno=True)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        assert libc.bind(sock.fileno(), raw, len(raw)) == -1
+        assert ctypes.get_errno() == BIND_FAMILY_ERRNO[pair]
+
+
+def test_proxy_bind_v6_towards_a_v4_peer_is_eafnosupport():
+    with lab.listening(http=True) as upp:
+        (req,) = run_requests(Upstream([str(upp)]), 1, timeout=0.5, http=True, proxy_bind="::1")
+    assert req.result == "500"
+    assert req.log == ["[crit] bind(::1) failed (97: Address family not supported by protocol) while connecting to "
+                       "upstream"]
+
+
+@pytest.mark.parametrize("first", ["refused", "http502"])
+def test_stale_epollout_after_two_handouts_of_a_slot_waits_send_timeout(first):
+    """nginx 1.22.1's one-bit stale-event check (run_request's docstring), found by the oracle: a failure judged in
+    a read handler, then a connect() failing at once (a missing AF_UNIX path), then a pending connect (a black
+    hole): the old event's EPOLLOUT runs the new connection's write handler, and nginx waits proxy_send_timeout."""
+    from nbconn.oracle import status_peer
+
+    maker = lab.refused if first == "refused" else (lambda: status_peer(502))
+    with maker() as bad, lab.unix_missing() as missing, lab.blackhole() as hole:
+        up = Upstream([f"{bad},weight=2,max_fails=0", f"{missing},max_fails=0", f"{hole},max_fails=0"], clock=Clock())
+        req = run_requests(up, 1, timeout=0.1, http=True, next_upstream=("error", "timeout", "http_502"))[0]
+        assert [a.peer for a in req.attempts] == [str(bad), str(missing), str(hole)]
+        assert req.log[-1] == "[error] upstream timed out (110: Connection timed out) while sending request to upstream"
+        assert req.attempts[-1].stage == "sending request to upstream" and up.unwaited_s == pytest.approx(59.9)
+        assert up.now() == 1000 + 59  # the model's ngx_time() reads the 60 s nginx waited
+        # one handout (no missing path in between): the bit differs, the stale event is dropped, the timer decides
+        up = Upstream([f"{bad},weight=2,max_fails=0", f"{hole},max_fails=0"], clock=Clock())
+        req = run_requests(up, 1, timeout=0.1, http=True, next_upstream=("error", "timeout", "http_502"))[0]
+        assert req.log[-1] == "[error] upstream timed out (110: Connection timed out) while connecting to upstream"

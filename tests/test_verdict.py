@@ -98,10 +98,23 @@ def test_ignored_setsockopt_failures_go_on_with_a_log_line():
     assert verdict("setsockopt", E.EINVAL, detail="nodelay").ngx_code is None
 
 
-@pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("connect", "so_error", "timer")])
+@pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("connect", "so_error", "timer", "get_connection")])
 def test_success_before_connect_goes_on(stage):
     assert verdict(stage, 0) == (None,) * 5
 
 
 def test_outcome_colours_cover_every_outcome():
     assert set(errors.OUTCOME_COLOURS) == set(errors.OUTCOMES)
+
+
+def test_no_free_connection_is_ngx_error_500_without_errno():
+    """ngx_get_connection (ngx_connection.c 1.22.1): "%ui worker_connections are not enough", ALERT, err 0."""
+    v = verdict("get_connection", None, detail=64)
+    assert (v.outcome, v.ngx_code, v.ngx_next, v.level) == ("error", "NGX_ERROR", None, "alert")
+    assert v.log == "64 worker_connections are not enough while connecting to upstream"
+
+
+def test_proxy_bind_transparent_failure_is_fatal():
+    v = verdict("setsockopt", E.EPERM, detail="transparent")
+    assert (v.outcome, v.ngx_code, v.ngx_next, v.level) == ("error", "NGX_ERROR", None, "alert")
+    assert v.log == f"setsockopt(IP_TRANSPARENT) failed ({E.EPERM}: {os.strerror(E.EPERM)}) while connecting to upstream"

@@ -11,18 +11,18 @@ NAME = "upstream"
 
 
 def next_upstream_arg(text: str) -> tuple:
-    """``error,timeout`` / ``error`` / ``off`` (proxy_next_upstream): the kinds, or () for off."""
+    """``error,timeout`` / ``error,http_502`` / ``off`` (proxy_next_upstream): the kinds, or () for off."""
     from argparse import ArgumentTypeError
 
-    from ..upstream import NEXT_UPSTREAM_KINDS
+    from ..upstream import NEXT_UPSTREAM_ALL
 
     if text == "off":
         return ()
     kinds = text.split(",")
     for kind in kinds:
-        if kind not in NEXT_UPSTREAM_KINDS:
+        if kind not in NEXT_UPSTREAM_ALL:
             raise ArgumentTypeError(f"--next-upstream {validate.shown(text)}: {validate.shown(kind)} is not one of "
-                                    f"{', '.join(NEXT_UPSTREAM_KINDS)} (or 'off' alone)")
+                                    f"{', '.join(NEXT_UPSTREAM_ALL)} (or 'off' alone)")
     if len(set(kinds)) != len(kinds):
         raise ArgumentTypeError(f"--next-upstream {validate.shown(text)} names a kind twice")
     return tuple(kinds)
@@ -44,7 +44,11 @@ def add(subparsers) -> None:
     p.add_argument("--next-upstream-timeout", type=float_arg("--next-upstream-timeout"), default=0.0, metavar="S",
                    help="proxy_next_upstream_timeout in seconds (0 = no limit)")
     p.add_argument("--next-upstream", type=next_upstream_arg, default=("error", "timeout"), metavar="KINDS",
-                   help="comma-separated: error, timeout; or off (proxy_next_upstream); default error,timeout")
+                   help="comma-separated: error, timeout, http_502 (and nginx's other kinds); or off "
+                        "(proxy_next_upstream); default error,timeout")
+    p.add_argument("--proxy-bind", metavar="ADDR", default=None,
+                   help="proxy_bind: bind() every connect to this local IP address first; a bind() that fails "
+                        "ends the request with 500 (nginx's NGX_ERROR)")
     p.add_argument("--http", action="store_true",
                    help="after connecting, send the request and read the response header as nginx does before "
                         "it decides (a peer that accepts then resets fails: recv() failed (104: ...))")
@@ -54,7 +58,8 @@ def add(subparsers) -> None:
                    help="`keepalive N` in the upstream block: cache up to N idle connections (HTTP/1.1 to the peers; "
                         "implies --http); each attempt says reused: true|false")
     p.add_argument("--json", action="store_true",
-                   help="per request: attempts (peer, outcome, connect_ms, stage, disabled, reused), result, and "
+                   help="per request: attempts (peer, outcome, connect_ms, stage, disabled, reused), result, "
+                        "upstream_addr (as nginx logs $upstream_addr), and "
                         "log: the error-log lines nginx would write, \"[level] message\"")
     p.set_defaults(func=run)
 
@@ -64,10 +69,18 @@ def run(args) -> int:
     from ..upstream import Peer, Upstream, run_requests
 
     check_timeout(args.timeout)
+    if args.proxy_bind is not None:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(args.proxy_bind)
+        except ValueError:
+            raise ValueError(f"--proxy-bind {validate.shown(args.proxy_bind)} is not an IP address") from None
     with Upstream([Peer.parse(spec) for spec in args.peer], keepalive=args.keepalive) as up:
         upstream_requests = run_requests(up, args.requests, timeout=args.timeout, next_upstream=args.next_upstream,
                                          tries=args.tries, next_upstream_timeout=args.next_upstream_timeout,
-                                         http=args.http, read_timeout=args.read_timeout)
+                                         http=args.http, read_timeout=args.read_timeout,
+                                         proxy_bind=args.proxy_bind)
     if args.json:
         print(json.dumps({"requests": [r.to_dict() for r in upstream_requests]}, indent=2))
     else:
