@@ -3,7 +3,7 @@
 People meet the connect flow first as a line in nginx's error log::
 
     2026/12/03 03:00:00 [error] 811#811: *52 connect() failed (111: Connection refused) while connecting
-    to upstream, client: 10.0.0.7, server: _, request: "GET / HTTP/1.1", upstream: "http://10.0.0.9:8080/"
+    to upstream, client: 192.0.2.7, server: _, request: "GET / HTTP/1.1", upstream: "http://192.0.2.9:8080/"
 
 :func:`decode` names, for such a line: the step it comes from, the errno and what the
 kernel did to produce it, nginx's code and next-upstream kind, whether nginx tries
@@ -81,7 +81,7 @@ Line = namedtuple("Line", ["time", "level", "message", "action", "module", "upst
 Line.__doc__ = """One error-log line taken apart: ``time`` ("2026/12/03 03:00:00") and ``level`` ("error") are None
 for a bare message; ``message`` is nginx's text before " while"; ``action`` the text after it (or None);
 ``module`` "http", "stream" or None (the context does not say); ``upstream`` the peer or group named in the
-context ("10.0.0.9:8080", "unix:/run/app.sock", "backend"), or None."""
+context ("192.0.2.9:8080", "unix:/run/app.sock", "backend"), or None."""
 
 
 def split(text: str, *, bare: bool = True) -> Line | None:

@@ -187,12 +187,13 @@ def test_notebook_09_panel_in_chromium(jupyterlab):
                                    ".find(t => t.includes(' not started'))")
             assert " finished (timed_out" in status and "error" not in status, status
             shot("3-stopped")
-            panel.locator(".jupyter-widget-Collapse-header", has_text="distribution").first.click()
-            page.wait_for_timeout(500)
+            # Run N opens "distribution" itself, and "one connect" stays open beside it (two accordions: opening
+            # one no longer folds the other away)
+            page.wait_for_function("[...document.querySelectorAll('img.widget-image, .widget-image img')].some(i => i.naturalWidth > 0 "
+                                   "&& i.getBoundingClientRect().height > 0)", timeout=15_000)
             shot("5-distribution")
             page.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-dropdown")).last.screenshot(
                 path=os.path.join(ARTIFACTS, "lab09-5-compact.png"))  # the unused compact slice: no broken image
-            panel.locator(".jupyter-widget-Collapse-header", has_text="one connect").first.click()
 
             # 7. scenarios that need a word: the reset's first read, the slow acceptor's burst, the impaired link
             scenario_tab = panel.locator(".lm-TabBar-tabLabel", has_text="scenario").first

@@ -19,18 +19,18 @@ from .conftest import require_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = "2026/12/03 03:00:00"
-HTTP_TAIL = ', client: 10.0.0.7, server: _, request: "GET / HTTP/1.1", upstream: "http://{up}/", host: "example"'
-STREAM_TAIL = ', client: 10.0.0.7, server: 0.0.0.0:9000, upstream: "{up}", bytes from/to client:0/0, ' \
+HTTP_TAIL = ', client: 192.0.2.7, server: _, request: "GET / HTTP/1.1", upstream: "http://{up}/", host: "example"'
+STREAM_TAIL = ', client: 192.0.2.7, server: 0.0.0.0:9000, upstream: "{up}", bytes from/to client:0/0, ' \
               'bytes from/to upstream:0/0'
 WHILE = " while connecting to upstream"
 
 
-def http(level, message, up="10.0.0.9:8080", action=WHILE):
+def http(level, message, up="192.0.2.9:8080", action=WHILE):
     shown = up if not up.startswith("unix:") else up + ":"  # ngx_http_log_error_handler's uri_separator
     return f"{T} [{level}] 811#811: *52 {message}{action}" + HTTP_TAIL.format(up=shown)
 
 
-def stream(level, message, up="10.0.0.9:8080", action=WHILE):
+def stream(level, message, up="192.0.2.9:8080", action=WHILE):
     return f"{T} [{level}] 811#811: *52 {message}{action}" + STREAM_TAIL.format(up=up)
 
 
@@ -130,7 +130,7 @@ def test_every_listed_line_decodes(line, cause, step, err, level, tries, counts,
 
 
 def test_upstream_and_module_are_read_from_the_context():
-    assert why.decode(CASES[0][0])["upstream"] == "10.0.0.9:8080"
+    assert why.decode(CASES[0][0])["upstream"] == "192.0.2.9:8080"
     assert why.decode(CASES[9][0])["upstream"] == UNIX  # "http://unix:/run/app.sock:/"
     assert why.decode(http("error", "connect() failed (111: Connection refused)", "[::1]:8080"))["upstream"] \
         == "[::1]:8080"
@@ -200,7 +200,7 @@ def mixed_log(n_bursty: int = 12) -> tuple[list[str], dict]:
     lines = []
     for i in range(n_bursty):  # a burst: 12 refusals in one second from one upstream
         lines.append(http("error", "connect() failed (111: Connection refused)").replace(T, "2026/12/03 03:00:01"))
-    lines.append(http("error", "upstream timed out (110: Connection timed out)", "10.0.0.10:8080")
+    lines.append(http("error", "upstream timed out (110: Connection timed out)", "192.0.2.10:8080")
                  .replace(T, "2026/12/03 03:00:02"))
     lines.append("this is not an nginx line")
     lines.append("\x00\x01\x02 binary junk \xff")
@@ -222,7 +222,7 @@ def check_summary(summary: dict, expected: dict) -> None:
         assert summary["causes"][cause]["count"] == expected[cause], cause
     refused = summary["causes"]["so_error:ECONNREFUSED"]
     assert (refused["first"], refused["last"]) == ("2026/12/03 03:00:01", "2026/12/03 03:00:09")
-    assert summary["upstreams"]["10.0.0.9:8080"] == {"so_error:ECONNREFUSED": expected["so_error:ECONNREFUSED"]}
+    assert summary["upstreams"]["192.0.2.9:8080"] == {"so_error:ECONNREFUSED": expected["so_error:ECONNREFUSED"]}
     assert summary["upstreams"][UNIX] == {"connect:ENOENT": 1}
     assert summary["upstreams"]["backend"] == {"no_live": 1}
     assert summary["bursts"] == [{"count": 12, "second": "2026/12/03 03:00:01", "cause": "so_error:ECONNREFUSED"}]
@@ -392,9 +392,9 @@ def test_reproduce_makes_the_same_cause_in_the_model_and_a_real_nginx(line, no_f
 
 
 IN_A_NAMESPACE = [
-    "connect() to 10.0.0.9:80 failed (101: Network is unreachable) while connecting to upstream",
-    "connect() to 10.0.0.9:80 failed (113: No route to host) while connecting to upstream",
-    "connect() to 10.0.0.9:80 failed (99: Cannot assign requested address) while connecting to upstream",
+    "connect() to 192.0.2.9:80 failed (101: Network is unreachable) while connecting to upstream",
+    "connect() to 192.0.2.9:80 failed (113: No route to host) while connecting to upstream",
+    "connect() to 192.0.2.9:80 failed (99: Cannot assign requested address) while connecting to upstream",
     "connect() failed (110: Connection timed out) while connecting to upstream",
 ]
 
@@ -429,7 +429,7 @@ def test_reproduce_says_what_it_cannot_make_here():
 
     for line in ("connect() failed (113: No route to host) while connecting to upstream",
                  "connect() failed (101: Network is unreachable) while connecting to upstream",
-                 "connect() to 10.0.0.1:80 failed (13: Permission denied) while connecting to upstream",
+                 "connect() to 192.0.2.1:80 failed (13: Permission denied) while connecting to upstream",
                  "socket() failed (24: Too many open files) while connecting to upstream",
                  'open() "/x" failed (2: No such file or directory)'):
         rep = reproduce.reproduce(why.decode(line))
@@ -448,7 +448,7 @@ def test_cli_reproduce_prints_both_lines_next_to_the_given_one():
      "setsockopt:EINVAL", why.STEP_OPTIONS, False),
     ("setsockopt(SO_RCVBUF) failed (22: Invalid argument) while connecting to upstream", "setsockopt:EINVAL",
      why.STEP_OPTIONS, False),
-    ("bind(10.9.9.9) failed (99: Cannot assign requested address) while connecting to upstream", "bind:EADDRNOTAVAIL",
+    ("bind(192.0.2.99) failed (99: Cannot assign requested address) while connecting to upstream", "bind:EADDRNOTAVAIL",
      why.STEP_BIND, False),
     ("ioctl(FIONBIO) failed (9: Bad file descriptor) while connecting to upstream", "nonblocking:EBADF",
      why.STEP_OPTIONS, False),
