@@ -251,7 +251,10 @@ class Result:
         # a pending handshake shows both: NGX_AGAIN, then what the write event or the timer decided
         same = self.ngx_decision is None or self.ngx_decision == self.ngx_connect
         nginx = f"{self.ngx_connect}" if same else f"{self.ngx_connect} -> {self.ngx_decision}"
-        if self.ngx_next:
+        if self.ngx_decision is not None and self.ngx_decision == self.ngx_next:
+            # the timer: no function returns a code there, the next-upstream kind is the whole decision
+            nginx = f"{self.ngx_connect} -> the connect timer: next upstream {self.ngx_next}"
+        elif self.ngx_next:
             nginx += f", next upstream: {self.ngx_next}"
         parts.append(f"(nginx: {nginx})")
         return " ".join(parts)
