@@ -1,0 +1,83 @@
+"""lab.impaired(router=...): the server namespace as a router whose route for 198.19.0.0/24 answers (or not).
+
+One SYN and an ICMP error back for ``unreachable``/``prohibit`` (SO_ERROR EHOSTUNREACH, nginx's
+"connect() failed (113: No route to host)"); SYNs and nothing back for ``blackhole`` (the connect timer
+decides).  The packet counts come from the forwarder (every packet crosses it) and from a packet socket
+on the client's TUN device (nbconn.experiments.nb04).  Skipped where the wire cannot run.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from nbconn import errors
+from nbconn.experiments import nb04
+from nbconn.lab.wire import impaired, wire_unavailable_reason
+from nbconn.lab.wire.params import check
+
+from .conftest import open_fds
+
+REASON = wire_unavailable_reason()
+needs_wire = pytest.mark.skipif(REASON is not None, reason=f"the impairment wire cannot run here: {REASON}")
+
+
+@pytest.mark.parametrize("bad", ["Unreachable", "throw", "", 1, True])
+def test_router_refuses_a_bad_route_type_before_anything_exists(bad):
+    before = open_fds()
+    with pytest.raises(ValueError, match="router="):
+        with impaired(router=bad):
+            pass  # pragma: no cover - never reached
+    assert open_fds() == before
+
+
+def test_router_none_is_the_plain_link():
+    assert check().router is None
+    assert check(router="blackhole").router == "blackhole"
+
+
+@needs_wire
+@pytest.mark.parametrize("router, icmp", [("unreachable", (3, 1)), ("prohibit", (3, 13))])
+def test_icmp_error_ends_the_handshake_with_ehostunreach(router, icmp):
+    shot, stats = nb04.through_router(router, delay_ms=5.0, timeout=5.0)
+    res = shot.result
+    # one SYN out, one ICMP back, nothing else on the wire
+    assert (stats["out_forwarded"], stats["back_forwarded"]) == (1, 1)
+    assert [p.flags for p in shot.packets] == ["S", "ICMP %d/%d" % icmp]
+    assert shot.packets[1].dir == "in" and shot.packets[1].icmp == icmp
+    assert "quoting TCP" in shot.packets[1].text  # it answers our SYN
+    # the kernel made it SO_ERROR, read after the event; nginx's verdict
+    assert res.connect_returned == "EINPROGRESS"
+    assert (res.outcome, res.errno) == ("unreachable", "EHOSTUNREACH")
+    assert "EPOLLERR" in res.events and "EPOLLOUT" in res.events
+    assert not res.timer_fired
+    assert (res.ngx_decision, res.ngx_next, res.ngx_level) == ("NGX_ERROR", "NGX_HTTP_UPSTREAM_FT_ERROR", "error")
+    assert res.ngx_log == "connect() failed (113: No route to host) while connecting to upstream"
+    assert errors.verdict("so_error", errno.EHOSTUNREACH).log == res.ngx_log
+    # a round trip (2 x 5 ms) at least, and long before the first SYN retransmission (1 s)
+    assert 10.0 <= res.handshake_ms < 1000.0
+
+
+@needs_wire
+def test_blackhole_route_sends_nothing_back_and_the_timer_decides():
+    shot, stats = nb04.through_router("blackhole", delay_ms=5.0, timeout=1.3)
+    res = shot.result
+    assert stats["back_forwarded"] == 0
+    assert all(p.flags == "S" and p.dir == "out" for p in shot.packets)
+    # the first SYN and its retransmission about 1 s later (both before the 1.3 s timer)
+    assert stats["out_forwarded"] == len(shot.packets) == 2
+    assert [p.retransmission for p in shot.packets] == [False, True]
+    assert res.timer_fired and (res.outcome, res.ngx_decision) == ("timed_out", "NGX_HTTP_UPSTREAM_FT_TIMEOUT")
+    assert res.ngx_log == "upstream timed out (110: Connection timed out) while connecting to upstream"
+
+
+@needs_wire
+def test_router_routes_are_in_place():
+    with impaired(delay_ms=1.0, router="unreachable") as link:
+        assert link.far_addr == "198.19.0.1" and link.far_prefix == "198.19.0.0/24"
+        assert link.server_ns.sysctl("net.ipv4.ip_forward") == "1"
+        assert link.client_ns.sysctl("net.ipv4.ip_forward") == "0"  # the client only routes via the wire
+    with impaired(delay_ms=1.0) as plain:
+        assert plain.far_addr is None and plain.router is None
+        assert plain.server_ns.sysctl("net.ipv4.ip_forward") == "0"
