@@ -277,8 +277,8 @@ def impaired(delay_ms: float | tuple = 10.0, jitter_ms: float = 0.0, loss: float
     (198.19.0.0/24): the client routes it across the wire, the server namespace forwards and holds a
     route of that type for it -- a SYN to ``link.far_addr`` gets ICMP host unreachable (unreachable),
     ICMP administratively prohibited (prohibit), or nothing at all (blackhole).  The router sends
-    those ICMP errors at the kernel's rate: ``ip_error`` (net/ipv4/route.c) lets a burst of 5 per
-    source through, then one a second.  Everything is checked before anything is built, and torn
+    those ICMP errors at the kernel's rate: ``ip_error`` (net/ipv4/route.c) spends a per-source token
+    bucket (``net.ipv4.route.error_burst`` / ``error_cost``: by default 5 at once, then one a second).  Everything is checked before anything is built, and torn
     down when the block exits, however it exits.
     """
     params = _params.check(delay_ms, jitter_ms, loss, seed, syn_linear_timeouts, router)
