@@ -137,6 +137,14 @@ class WireCapture:
         return new
 
 
+def round_trip_floor_ms(delay_ms: float) -> float:
+    """The shortest a SYN's answer can take over the wire: two one-way delays, each released at most
+    ``MAX_WAKE_ALLOWANCE_S`` early by the forwarder (:mod:`nbconn.lab.wire.forwarder`)."""
+    from ..lab.wire.forwarder import MAX_WAKE_ALLOWANCE_S
+
+    return 2 * max(0.0, delay_ms - MAX_WAKE_ALLOWANCE_S * 1000.0)
+
+
 def through_router(router: str, *, delay_ms: float = 5.0, timeout: float = 1.5, port: int = 80):
     """One nbconn connect to an address behind the lab's router (``lab.impaired(router=router)``).
 
