@@ -81,3 +81,24 @@ def test_router_routes_are_in_place():
     with impaired(delay_ms=1.0) as plain:
         assert plain.far_addr is None and plain.router is None
         assert plain.server_ns.sysctl("net.ipv4.ip_forward") == "0"
+
+
+@needs_wire
+@pytest.mark.parametrize("router, upstream_status, line", [
+    ("unreachable", "502", ("error", "connect() failed (113: No route to host) while connecting to upstream")),
+    ("blackhole", "504", ("error", "upstream timed out (110: Connection timed out) while connecting to upstream")),
+])
+def test_real_nginx_behind_the_router_logs_what_the_verdict_table_says(router, upstream_status, line):
+    from nbconn import nginx
+
+    reason = nginx.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    seen = nb04.nginx_through_router(router, delay_ms=5.0, connect_timeout=1.0)
+    assert seen["status"] == "200"  # the second server answered
+    assert seen["tried"][0] == "198.19.0.1:80" and len(seen["tried"]) == 2
+    assert seen["upstream_status"] == [upstream_status, "200"]
+    assert line in [(e.level, e.message) for e in seen["error_log"]]
+    err = errno.EHOSTUNREACH if router == "unreachable" else None
+    expected = errors.verdict("so_error", err) if err else errors.verdict("timer", None)
+    assert (expected.level, expected.log) == line

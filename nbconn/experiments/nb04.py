@@ -168,3 +168,31 @@ def through_router(router: str, *, delay_ms: float = 5.0, timeout: float = 1.5, 
                  f"{router} route; packet socket on the client's TUN device, {link.client_ns.where}")
     shot = capture.Shot(f"router:{router}", result, cap.packets, [result], cap.packets, where, cap.offset_error_ns)
     return shot, stats
+
+
+def nginx_through_router(router: str, *, delay_ms: float = 5.0, connect_timeout: float = 1.0) -> dict:
+    """nginx 1.22.1 itself in the link's client namespace, in front of two peers: ``link.far_addr:80``
+    (behind the router) first, then an HTTP peer listening in the server namespace.  One request.
+
+    Returns {"status", "tried" (the access log's $upstream_addr), "upstream_status", "error_log"
+    (nbconn.nginx.ErrorEntry list)}.  Round robin with equal weights picks the first server first.
+    """
+    from ..lab import peers as lab_peers
+    from ..lab.wire import impaired
+    from ..nginx import Nginx
+
+    with impaired(delay_ms=delay_ms, router=router) as link, \
+            lab_peers.listening(link.server_addr, http=True, source=link.server_ns) as up:
+        with Nginx([f"{link.far_addr}:80", f"{link.server_addr}:{up.port}"], netns=link.client_ns,
+                   connect_timeout=connect_timeout) as ng:
+            status = ng.request()
+            entries = []
+            deadline = time.monotonic() + 2.0  # the access log line is written as the request ends
+            while not entries and time.monotonic() < deadline:
+                entries = ng.access_log()
+                if not entries:
+                    time.sleep(0.01)
+            errors_seen = ng.error_log()
+    entry = entries[0] if entries else None
+    return {"status": status, "tried": entry.upstream_addr if entry else [],
+            "upstream_status": entry.upstream_status if entry else [], "error_log": errors_seen}
