@@ -73,7 +73,10 @@ def test_blackhole_route_sends_nothing_back_and_the_timer_decides():
 
 
 @needs_wire
-def test_router_routes_are_in_place():
+def test_router_routes_are_in_place_and_nothing_is_left_behind():
+    from .test_wire import helper_processes
+
+    before = open_fds()
     with impaired(delay_ms=1.0, router="unreachable") as link:
         assert link.far_addr == "198.19.0.1" and link.far_prefix == "198.19.0.0/24"
         assert link.server_ns.sysctl("net.ipv4.ip_forward") == "1"
@@ -81,6 +84,7 @@ def test_router_routes_are_in_place():
     with impaired(delay_ms=1.0) as plain:
         assert plain.far_addr is None and plain.router is None
         assert plain.server_ns.sysctl("net.ipv4.ip_forward") == "0"
+    assert open_fds() == before and helper_processes() == []
 
 
 @needs_wire
