@@ -47,6 +47,7 @@ def test_icmp_error_ends_the_handshake_with_ehostunreach(router, icmp):
     assert [p.flags for p in shot.packets] == ["S", "ICMP %d/%d" % icmp]
     assert shot.packets[1].dir == "in" and shot.packets[1].icmp == icmp
     assert "quoting TCP" in shot.packets[1].text  # it answers our SYN
+    assert [p["flags"] for p in shot.to_dict()["packets"]] == ["S", "ICMP %d/%d" % icmp]
     # the kernel made it SO_ERROR, read after the event; nginx's verdict
     assert res.connect_returned == "EINPROGRESS"
     assert (res.outcome, res.errno) == ("unreachable", "EHOSTUNREACH")

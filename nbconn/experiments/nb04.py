@@ -45,6 +45,11 @@ class WirePacket:
     retransmission: bool = False
     icmp: tuple | None = None  # (type, code) of an ICMP error
 
+    def to_dict(self, t0_ns: int = 0) -> dict:
+        """As :meth:`nbconn.lab.capture.Packet.to_dict` (so ``Shot.to_dict()`` works), plus the ICMP kind."""
+        return {"t_ns": self.t_ns - t0_ns, "dir": self.dir, "flags": self.flags, "src": self.src, "dst": self.dst,
+                "text": self.text, "retransmission": self.retransmission, "icmp": self.icmp}
+
     def __str__(self) -> str:
         arrow = "->" if self.dir == "out" else "<-"
         return f"{arrow} {self.src} > {self.dst}  {self.text}" + (" (again)" if self.retransmission else "")
