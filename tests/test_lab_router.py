@@ -107,3 +107,26 @@ def test_real_nginx_behind_the_router_logs_what_the_verdict_table_says(router, u
     err = errno.EHOSTUNREACH if router == "unreachable" else None
     expected = errors.verdict("so_error", err) if err else errors.verdict("timer", None)
     assert (expected.level, expected.log) == line
+
+
+def _ipv4(proto: int, src: str, dst: str, body: bytes) -> bytes:
+    import socket
+    import struct
+
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, proto, 0,
+                       socket.inet_aton(src), socket.inet_aton(dst)) + body
+
+
+def test_parse_reads_a_syn_and_the_icmp_error_quoting_it():
+    import struct
+
+    syn = _ipv4(6, "198.18.0.1", "198.19.0.1", struct.pack("!HHIIBBHHH", 40000, 80, 7, 0, 0x50, 0x02, 0, 0, 0))
+    icmp = _ipv4(1, "198.18.0.2", "198.18.0.1", bytes([3, 1, 0, 0, 0, 0, 0, 0]) + syn[:28])
+    seen: set = set()
+    first = nb04.parse(syn, 1, "out", seen)
+    again = nb04.parse(syn, 2, "out", seen)
+    back = nb04.parse(icmp, 3, "in", seen)
+    assert (first.flags, first.retransmission, again.retransmission) == ("S", False, True)
+    assert back.icmp == (3, 1) and back.flags == "ICMP 3/1"
+    assert back.text == "ICMP 3/1 host unreachable, quoting TCP 198.18.0.1:40000 > 198.19.0.1:80"
+    assert nb04.parse(b"\x60" + bytes(39), 4, "in", seen) is None  # IPv6: not on this wire
