@@ -278,8 +278,8 @@ def impaired(delay_ms: float | tuple = 10.0, jitter_ms: float = 0.0, loss: float
     route of that type for it -- a SYN to ``link.far_addr`` gets ICMP host unreachable (unreachable),
     ICMP administratively prohibited (prohibit), or nothing at all (blackhole).  The router sends
     those ICMP errors at the kernel's rate: ``ip_error`` (net/ipv4/route.c) spends a per-source token
-    bucket (``net.ipv4.route.error_burst`` / ``error_cost``: by default 5 at once, then one a second).  Everything is checked before anything is built, and torn
-    down when the block exits, however it exits.
+    bucket (``net.ipv4.route.error_burst`` / ``error_cost``: by default 5 at once, then one a second).
+    Everything is checked before anything is built, and torn down when the block exits, however it exits.
     """
     params = _params.check(delay_ms, jitter_ms, loss, seed, syn_linear_timeouts, router)
     from ..probe import wire_unavailable_reason
