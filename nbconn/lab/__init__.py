@@ -8,8 +8,9 @@ unix_listening, unix_full, unix_missing (context managers yielding a target).
 the lab's own, as a normal user too (user + network namespace, "root" inside); its
 sockets are made inside and passed out over SCM_RIGHTS (a socket source for step 1),
 with per-namespace sysctls, its TCP counters, and peers listening inside.
-:mod:`nbconn.lab.wire` -- ``impaired(delay_ms=, jitter_ms=, loss=)``: a link with
-real delay, jitter and loss between two network namespaces.
+:mod:`nbconn.lab.wire` -- ``impaired(delay_ms=, jitter_ms=, loss=, router=)``: a link with
+real delay, jitter and loss between two network namespaces; with ``router=`` the server
+namespace also routes 198.19.0.0/24 to an unreachable, prohibit or blackhole route.
 """
 
 import importlib

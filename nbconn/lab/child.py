@@ -11,6 +11,7 @@ nbconn and nothing outside the standard library).  It
 2. brings ``lo`` up, writes the per-namespace sysctls it was given, adds routes;
 3. for the impairment wire, unshares a second network namespace (the server side),
    creates one TUN device in each namespace, gives them point-to-point addresses,
+   adds the routes that name those devices (the server namespace as a router),
    and forks the forwarder (:mod:`nbconn.lab.wire.forwarder`), which drops every
    capability before it touches a packet;
 4. answers requests on its control socket (``SOCK_SEQPACKET``, one JSON message per
@@ -191,7 +192,10 @@ class Helper:
             self._setup_side("server", wire["server"])
             tuns.append(_create_tun(wire["server_ifname"]))
             _point_to_point(wire["server_ifname"], wire["server_addr"], wire["client_addr"])
+            # Routes that name the devices: only now that both exist (the server namespace acting as a router).
+            self._add_routes(wire.get("server_routes", []))
             self.enter("client")
+            self._add_routes(wire.get("client_routes", []))
             self.forwarder_pid = self._fork_forwarder(tuns, wire)
         return {"pid": os.getpid(), "forwarder_pid": self.forwarder_pid,
                 "ns_inodes": {side: os.fstat(fd).st_ino for side, fd in self.ns_fds.items()}}
@@ -202,7 +206,11 @@ class Helper:
         _link_up("lo")
         for name, value in cfg.get("sysctls", {}).items():
             sysctl_set(name, value)
-        for route in cfg.get("routes", []):
+        self._add_routes(cfg.get("routes", []))
+
+    def _add_routes(self, routes: list) -> None:
+        """``ip route add`` each one in the current namespace."""
+        for route in routes:
             self._ip(["route", "add", *route.split()])
 
     def _ip(self, args: list) -> None:

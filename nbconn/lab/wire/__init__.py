@@ -34,6 +34,13 @@ from the RFC 2544 benchmarking range, so nothing here can collide with or
 leak to a real network).  A packet from a client socket to the server address
 can then only leave through the client's TUN device.
 
+*A router, on request.*  ``impaired(router="unreachable")`` (or ``"prohibit"``,
+``"blackhole"``) routes 198.19.0.0/24 (``FAR_PREFIX``) from the client via 198.18.0.2;
+the server namespace forwards (``ip_forward=1``) and holds a route of that type for
+it.  A SYN to ``link.far_addr`` then crosses the wire and meets the route there: the
+kernel answers ICMP host unreachable or administratively prohibited (``ip_error``,
+net/ipv4/route.c), or drops it without a word (blackhole).
+
 *The forwarder.*  One small process (:mod:`.forwarder`, forked by the helper, every
 capability dropped) holds both TUN fds.  It reads a
 packet from one, decides its fate, and later writes it, unchanged, into the

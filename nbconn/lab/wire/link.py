@@ -37,6 +37,11 @@ from .forwarder import QUEUE_LIMIT
 
 CLIENT_ADDR = "198.18.0.1"  # RFC 2544 benchmarking range, never routed
 SERVER_ADDR = "198.18.0.2"
+# With router=: a prefix beyond the server namespace, still inside RFC 2544's 198.18.0.0/15.  The client
+# routes it via SERVER_ADDR; the server namespace forwards (ip_forward=1) and holds a route of the
+# chosen type for it, so no host answers there: only the router does, or nobody.
+FAR_PREFIX = "198.19.0.0/24"
+FAR_ADDR = "198.19.0.1"
 CLIENT_IFNAME = "nbwire-c"
 SERVER_IFNAME = "nbwire-s"
 HOLD_LIMIT = 4096
@@ -44,7 +49,7 @@ _FORWARDER_START_S = 10.0
 _FORWARDER_REPLY_S = 2.0
 _FORWARDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forwarder.py")
 
-__all__ = ["Link", "impaired", "CLIENT_ADDR", "SERVER_ADDR", "QUEUE_LIMIT"]
+__all__ = ["Link", "impaired", "CLIENT_ADDR", "SERVER_ADDR", "FAR_ADDR", "FAR_PREFIX", "QUEUE_LIMIT"]
 
 
 class Link:
@@ -53,7 +58,9 @@ class Link:
     Attributes: ``client_addr``, ``server_addr``; ``client_ns``, ``server_ns``
     (:class:`nbconn.lab.namespace.Namespace`: ``socket()``, ``sysctl()``,
     ``read_netstat()``); ``delay_ms`` (out, back), ``jitter_ms``, ``loss`` (out, back),
-    ``seed``, ``syn_linear_timeouts``; ``pid`` (the helper), ``setup_s``.  If the helper or the
+    ``seed``, ``syn_linear_timeouts``; ``router`` (the route type the server namespace holds for
+    ``far_prefix``, or None) and ``far_addr`` (an address there, None without a router); ``pid`` (the
+    helper), ``setup_s``.  If the helper or the
     forwarder dies or is stopped, the next socket asked for, or the end of the ``with`` block, raises
     :class:`nbconn.lab.control.LabHelperError` naming it.
     """
@@ -67,6 +74,9 @@ class Link:
         self.loss = params.loss
         self.seed = params.seed
         self.syn_linear_timeouts = params.syn_linear_timeouts
+        self.router = params.router
+        self.far_prefix = FAR_PREFIX if params.router else None
+        self.far_addr = FAR_ADDR if params.router else None
         self.process: LabProcess | None = None
         self.client_ns: Namespace | None = None
         self.server_ns: Namespace | None = None
@@ -93,9 +103,19 @@ class Link:
         client = dict(common)
         if self.syn_linear_timeouts is not None:
             client[_params.SYN_LINEAR_SYSCTL] = str(self.syn_linear_timeouts)
+        server = dict(common)
+        client_routes, server_routes = [], []
+        if self.router is not None:
+            # The server namespace becomes the client's next hop for FAR_PREFIX.  ip_forward=1 matters twice:
+            # the SYN is routed, not delivered; and net/ipv4/route.c ip_error sends ICMP for an unreachable or
+            # prohibit route only when the input device forwards (without it: counted, dropped, silent).
+            server["net.ipv4.ip_forward"] = "1"
+            client_routes = [f"{FAR_PREFIX} via {SERVER_ADDR} dev {CLIENT_IFNAME}"]
+            server_routes = [f"{self.router} {FAR_PREFIX}"]
         return {"sysctls": client, "routes": [], "wire": {
             "client_ifname": CLIENT_IFNAME, "server_ifname": SERVER_IFNAME,
-            "client_addr": CLIENT_ADDR, "server_addr": SERVER_ADDR, "server": {"sysctls": common},
+            "client_addr": CLIENT_ADDR, "server_addr": SERVER_ADDR, "server": {"sysctls": server},
+            "client_routes": client_routes, "server_routes": server_routes,
             "forwarder_path": _FORWARDER, "control_fd": control_fd,
             "params": self._params.forwarder(to_nobody=not userns)}}
 
@@ -244,17 +264,24 @@ atexit.register(_close_live_links)
 
 @contextlib.contextmanager
 def impaired(delay_ms: float | tuple = 10.0, jitter_ms: float = 0.0, loss: float | tuple = 0.0,
-             seed: int | None = None, syn_linear_timeouts: int | None = None) -> Iterator[Link]:
+             seed: int | None = None, syn_linear_timeouts: int | None = None,
+             router: str | None = None) -> Iterator[Link]:
     """A client/server namespace pair joined by an impaired wire (as a normal user too).
 
     ``delay_ms`` is the one-way delay (or an ``(out, back)`` pair, out being client ->
     server), ``jitter_ms`` a uniform +-jitter added per packet (at most the delay),
     ``loss`` the independent drop probability per packet per direction (or a pair),
     ``seed`` seeds the drop/jitter RNG and ``syn_linear_timeouts`` sets
-    ``net.ipv4.tcp_syn_linear_timeouts`` in the client namespace.  Everything is checked
-    before anything is built, and torn down when the block exits, however it exits.
+    ``net.ipv4.tcp_syn_linear_timeouts`` in the client namespace.  ``router`` ("unreachable",
+    "prohibit" or "blackhole") makes the server namespace a router for ``link.far_prefix``
+    (198.19.0.0/24): the client routes it across the wire, the server namespace forwards and holds a
+    route of that type for it -- a SYN to ``link.far_addr`` gets ICMP host unreachable (unreachable),
+    ICMP administratively prohibited (prohibit), or nothing at all (blackhole).  The router sends
+    those ICMP errors at the kernel's rate: ``ip_error`` (net/ipv4/route.c) spends a per-source token
+    bucket (``net.ipv4.route.error_burst`` / ``error_cost``: by default 5 at once, then one a second).
+    Everything is checked before anything is built, and torn down when the block exits, however it exits.
     """
-    params = _params.check(delay_ms, jitter_ms, loss, seed, syn_linear_timeouts)
+    params = _params.check(delay_ms, jitter_ms, loss, seed, syn_linear_timeouts, router)
     from ..probe import wire_unavailable_reason
 
     reason = wire_unavailable_reason()

@@ -10,6 +10,12 @@ from ... import validate
 MAX_DELAY_MS = 60_000.0  # one way; keeps every timer finite and small
 MAX_SYN_LINEAR_TIMEOUTS = 127  # the kernel's MAX_TCP_SYNCNT
 SYN_LINEAR_SYSCTL = "net.ipv4.tcp_syn_linear_timeouts"
+#: The route types the server namespace may hold for the far prefix when it acts as a router, and what
+#: the kernel does with a forwarded packet that meets one (net/ipv4/fib_semantics.c fib_props gives the
+#: error, net/ipv4/route.c ip_error turns it into ICMP): unreachable -> EHOSTUNREACH -> ICMP host
+#: unreachable; prohibit -> EACCES -> ICMP communication administratively prohibited (code 13);
+#: blackhole -> EINVAL -> dropped, nothing sent.
+ROUTER_ROUTE_TYPES = ("unreachable", "prohibit", "blackhole")
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,7 @@ class Params:
     loss: tuple
     seed: int | None
     syn_linear_timeouts: int | None
+    router: str | None = None  # the route type the server namespace holds for the far prefix (None: no router)
 
     def forwarder(self, to_nobody: bool) -> dict:
         """What the forwarder child needs (JSON-able)."""
@@ -39,7 +46,7 @@ def _pair(name: str, value: object, low: float, high: float) -> tuple:
 
 
 def check(delay_ms: object = 10.0, jitter_ms: object = 0.0, loss: object = 0.0, seed: object = None,
-          syn_linear_timeouts: object = None) -> Params:
+          syn_linear_timeouts: object = None, router: object = None) -> Params:
     """Every argument of :func:`nbconn.lab.impaired`; TypeError/ValueError naming the value."""
     delays = _pair("delay_ms", delay_ms, 0.0, MAX_DELAY_MS)
     jitter = validate.number("jitter_ms", jitter_ms, 0.0, MAX_DELAY_MS)
@@ -53,5 +60,11 @@ def check(delay_ms: object = 10.0, jitter_ms: object = 0.0, loss: object = 0.0, 
         syn_linear_timeouts = validate.integer("syn_linear_timeouts", syn_linear_timeouts, 0, MAX_SYN_LINEAR_TIMEOUTS)
         if not os.path.exists("/proc/sys/" + SYN_LINEAR_SYSCTL.replace(".", "/")):
             raise ValueError(f"syn_linear_timeouts: this kernel has no {SYN_LINEAR_SYSCTL} sysctl (Linux 6.5+)")
+    if router is not None:
+        router = validate.choice("router", router, ROUTER_ROUTE_TYPES)
+        from ..control import ip_binary
+
+        if ip_binary() is None:
+            raise ValueError("router: the routes need iproute2's ip, which is not installed (apt-get install iproute2)")
     return Params(delay_s=(delays[0] / 1000.0, delays[1] / 1000.0), jitter_s=jitter / 1000.0, loss=losses,
-                  seed=seed, syn_linear_timeouts=syn_linear_timeouts)
+                  seed=seed, syn_linear_timeouts=syn_linear_timeouts, router=router)
