@@ -19,12 +19,37 @@ from .stats import percentile  # nbconn's one percentile rule (nearest rank)
 
 #: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
 SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
+#: One colour per run label, the same in every figure: the links of the 07/08 series keep theirs from one figure
+#: to the next ("20 ms RTT" is orange in the distributions and in the round-trip scatter alike).  Labels not in
+#: the table take :data:`OTHER_COLOURS` in the order a figure meets them, so they never borrow a link's colour.
+RUN_COLOURS = {
+    "loopback": "#1f77b4",
+    "20 ms RTT": "#ff7f0e",
+    "20 ms RTT, jitter 2 ms": "#2ca02c",
+    "20 ms RTT, 2% loss": "#d62728",
+}
+OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#264653", "#f4a261")
 SIZE = (7.0, 3.6)
 WIDE = (10.0, 3.6)
 
 
 def _runs(m_or_list) -> list:
     return list(m_or_list) if isinstance(m_or_list, (list, tuple)) else [m_or_list]
+
+
+def run_colours(labels) -> dict:
+    """``{label: colour}`` for the runs of one figure: a label of :data:`RUN_COLOURS` gets its own colour,
+    any other the next of :data:`OTHER_COLOURS` (cycling after eight)."""
+    colours, others = {}, 0
+    for label in labels:
+        if label in colours:
+            continue
+        if label in RUN_COLOURS:
+            colours[label] = RUN_COLOURS[label]
+        else:
+            colours[label] = OTHER_COLOURS[others % len(OTHER_COLOURS)]
+            others += 1
+    return colours
 
 
 def _figure(size=SIZE, ncols: int = 1):
@@ -49,8 +74,9 @@ def histogram(m_or_list, *, column: str = "handshake_ms", log_x: bool = False, b
         ax.set_xscale("log")
     else:
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, bins + 1)
+    colours = run_colours(m.label for m in runs)
     for m, v in zip(runs, values):
-        ax.hist(v, bins=edges, histtype="bar" if len(runs) == 1 else "step", linewidth=1.5,
+        ax.hist(v, bins=edges, histtype="bar" if len(runs) == 1 else "step", linewidth=1.5, color=colours[m.label],
                 alpha=0.8 if len(runs) == 1 else 1.0, label=f"{m.label} (n={v.size})")
     ax.set_xlabel(_axis_label(column))
     ax.set_ylabel("connects")
@@ -71,6 +97,7 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
 
     runs = _runs(m_or_list)
     fig, ax = (ax.figure, ax) if ax is not None else _figure()
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         v = np.sort(m.array(column))
         if not v.size:
@@ -79,7 +106,7 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
         marks = [(p, percentile(v, p)) for p in percentiles]
         # percentile values go into the legend: text next to the curves overprints when runs sit close together
         label = f"{m.label} (n={v.size}" + "".join(f", p{p:g} {_fmt_ms(x)}" for p, x in marks) + ")"
-        (line,) = ax.step(v, y, where="post", label=label)
+        (line,) = ax.step(v, y, where="post", label=label, color=colours[m.label])
         for p, x in marks:
             ax.plot([x], [p / 100], marker="o", color=line.get_color(), markersize=4)
     if log_x:
@@ -97,6 +124,7 @@ def _share_hist(ax, runs, column, edges, *, label_p50: bool = True) -> None:
     """Overlaid outline histograms, each bar the *share* of its run (runs of different n compare)."""
     import numpy as np
 
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         v = m.array(column)
         if not v.size:
@@ -105,7 +133,8 @@ def _share_hist(ax, runs, column, edges, *, label_p50: bool = True) -> None:
         if label_p50:
             p50 = float(percentile(np.sort(v), 50))
             label = f"{m.label}: p50 {_fmt_ms(p50)} (n={v.size})"
-        ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size), histtype="step", linewidth=1.5, label=label)
+        ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size), histtype="step", linewidth=1.5, label=label,
+                color=colours[m.label])
     ax.set_ylabel("share of connects per bin")
 
 
@@ -160,13 +189,14 @@ def distributions(runs, *, zoom_ms=(15.0, 25.0), title: str | None = None) -> Fi
     mid.set_xlim(*zoom_ms)
     mid.set_xlabel(f"handshake time (ms), {zoom_ms[0]:g}-{zoom_ms[1]:g} ms only")
     mid.set_title("the round trip, linear", fontsize="medium")
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         v = np.sort(m.array("handshake_ms"))
         if not v.size:
             continue
         slower = 1 - np.arange(1, v.size + 1) / v.size
         keep = slower > 0  # the slowest connect has nothing slower: log(0) has no place on the axis
-        right.step(v[keep], slower[keep], where="post", label=m.label)
+        right.step(v[keep], slower[keep], where="post", label=m.label, color=colours[m.label])
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("handshake time x (ms, log)")
@@ -244,11 +274,12 @@ def outcomes(m_or_list, *, title: str | None = None) -> Figure:
     fig, ax = _figure()
     names = [o for o in OUTCOME_COLOURS if any(o in m.outcome_counts() for m in runs)]
     width = 0.8 / max(len(runs), 1)
+    colours = run_colours(m.label for m in runs)
     for i, m in enumerate(runs):
         counts = m.outcome_counts()
         xs = [j + i * width for j in range(len(names))]
         bars = ax.bar(xs, [counts.get(n, 0) for n in names], width=width, label=m.label,
-                      color=[OUTCOME_COLOURS[n] for n in names] if len(runs) == 1 else None)
+                      color=[OUTCOME_COLOURS[n] for n in names] if len(runs) == 1 else colours[m.label])
         ax.bar_label(bars, fontsize="x-small")
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names)
     ax.set_ylabel("connects")
@@ -329,10 +360,11 @@ def scaling(rows, *, ideal_rtt_ms: dict | None = None, title: str | None = None)
     """
     fig, (left, right) = _figure((10.0, 4.2), ncols=2)
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    colours = run_colours(labels)
     for label in labels:
         mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["concurrency"])
         cs = [r["concurrency"] for r in mine]
-        (line,) = left.plot(cs, [r["connects_per_s"] for r in mine], marker="o", label=label)
+        (line,) = left.plot(cs, [r["connects_per_s"] for r in mine], marker="o", label=label, color=colours[label])
         if ideal_rtt_ms and label in ideal_rtt_ms:
             rtt_s = ideal_rtt_ms[label] / 1e3
             left.plot(cs, [c / rtt_s for c in cs], linestyle="--", color=line.get_color(), linewidth=1,
@@ -366,6 +398,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
 
     runs = _runs(m_or_list)
     fig, ax = _figure()
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         pairs = [(h, r) for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans)
                  if h is not None and r is not None and not t]
@@ -373,7 +406,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
             continue
         h, r = np.asarray(pairs).T
         gap_us = (h - r) * 1e3
-        ax.scatter(r, gap_us, s=8, alpha=0.6,
+        ax.scatter(r, gap_us, s=8, alpha=0.6, color=colours[m.label],
                    label=f"{m.label}: p50 {percentile(np.sort(gap_us), 50):.0f} µs (n={len(pairs)})")
     ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("TCP_INFO tcpi_rtt (ms)")

@@ -154,3 +154,29 @@ def test_rtt_vs_handshake_draws_only_unretransmitted_connects():
     # y is the difference handshake - tcpi_rtt in µs, for the same connects
     kept = [(h - r) * 1e3 for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans) if not t]
     assert list(offsets[:, 1]) == pytest.approx(kept)
+
+
+def _synthetic(label, handshakes_ms, rtts_ms):
+    return Measurement(label=label, scenario="impaired", timeout_s=5.0, concurrency=1, outcome=["connected"] * len(
+        handshakes_ms), handshake_ms=list(handshakes_ms), tcpi_rtt_ms=list(rtts_ms),
+        tcpi_total_retrans=[0] * len(handshakes_ms))
+
+
+def test_a_link_keeps_its_colour_from_one_figure_to_the_next():
+    """08 draws the loopback run and three links, then only the links: "20 ms RTT" was orange, then blue."""
+    from matplotlib.colors import to_hex
+
+    loopback = _synthetic("loopback", [0.01, 0.02, 0.03], [0.01, 0.01, 0.01])
+    links = [_synthetic(label, [20.1, 20.4, 21.0], [20.0, 20.1, 20.2])
+             for label in ("20 ms RTT", "20 ms RTT, jitter 2 ms", "20 ms RTT, 2% loss")]
+    dist = plots.distributions([loopback, *links], zoom_ms=(15, 25))
+    tail = {line.get_label(): to_hex(line.get_color()) for line in dist.axes[2].lines}
+    scatter = plots.rtt_vs_handshake(links)
+    dots = {c.get_label().split(":")[0]: to_hex(c.get_facecolor()[0]) for c in scatter.axes[0].collections}
+    assert set(dots) == {m.label for m in links}
+    for label, colour in dots.items():
+        assert tail[label] == colour == plots.RUN_COLOURS[label], label
+    # a label the table does not know never takes a link's colour
+    others = plots.run_colours(["a", "b", "20 ms RTT"])
+    assert others["20 ms RTT"] == plots.RUN_COLOURS["20 ms RTT"]
+    assert others["a"] != others["b"] and not {others["a"], others["b"]} & set(plots.RUN_COLOURS.values())
