@@ -209,8 +209,9 @@ def distributions(runs, *, zoom_ms=(15.0, 25.0), title: str | None = None) -> Fi
 
 
 def timeline(result, *, title: str | None = None) -> Figure:
-    """One connect, step by step: one row per recorded step, a dot where the call returned and a bar for the
-    time the call itself took (like ``strace -T``), on a time axis in µs since ``socket()``.
+    """One connect, step by step: one row per recorded step, each call a bar from the moment it was called to
+    the moment it returned (as ``strace -T`` times it), on a time axis in µs since ``socket()`` was called;
+    the timer's events (armed, fired) are instants, a tick and a cross.
 
     The steps before the handshake take microseconds and a timer can take a second, so
     one linear axis would pile their labels up at 0: each step has its own row (its
@@ -223,8 +224,12 @@ def timeline(result, *, title: str | None = None) -> Figure:
         number = s.ngx_step.number if s.ngx_step else None
         colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
         start, end = (s.t_start_ns - t0) / 1e3, (s.t_ns - t0) / 1e3
-        ax.plot([start, end], [row, row], color=colour, linewidth=4, solid_capstyle="butt", zorder=2)
-        ax.plot([end], [row], marker="o", color=colour, markersize=6, zorder=3)
+        if s.name in ("timer", "timeout"):  # events, not calls: no duration to draw
+            ax.plot([start], [row], marker="|" if s.name == "timer" else "X", markersize=10, markeredgewidth=2,
+                    color=colour, zorder=3, gid="event")
+        else:  # a 0.3 µs call still shows: drawn at least 0.3 µs wide (linear part) or 5% of its time (log part)
+            ax.plot([start, max(end, start + 0.3, start * 1.05)], [row, row], color=colour, linewidth=8,
+                    solid_capstyle="butt", zorder=2, gid="call")
     ax.set_yticks(range(len(steps)), [s.name if not s.ngx_step else f"{s.ngx_step.number}. {s.name}" for s in steps],
                   fontsize="small")
     ax.set_ylim(len(steps) - 0.5, -0.5)
@@ -236,7 +241,8 @@ def timeline(result, *, title: str | None = None) -> Figure:
         fig.legend(fontsize="small", loc="outside lower center")
     ax.set_xscale("symlog", linthresh=10.0, linscale=0.5)
     ax.set_xlim(left=0)
-    ax.set_xlabel("time since socket() (µs; linear to 10 µs, logarithmic beyond); bar = the call's own duration")
+    ax.set_xlabel("time since socket() was called (µs; linear to 10 µs, logarithmic beyond)\n"
+                  "bar: a call, from its start to its return")
     ax.set_title(title or f"one connect to {result.target}: {result.outcome}" +
                  (f" ({result.errno})" if result.errno else ""))
     return fig
@@ -446,3 +452,197 @@ def accept_queue(b: dict, *, title: str | None = None) -> Figure:
     ax.set_title(title or f"{b['count']} connects against listen({b['backlog']}): the client's view and the server's")
     fig.legend(fontsize="small", loc="outside lower center", ncols=3)
     return fig
+
+
+# -- one connect's syscalls next to its packets (notebook 11) ---------------------------------------
+
+#: The rows of a packet panel, top to bottom: which recorded steps each row draws (only rows with something to
+#: draw are shown).  The setup calls share a row: they take microseconds and tell no story of their own.
+PACKET_ROWS = (
+    ("socket() .. epoll_ctl()", ("socket", "setsockopt", "getsockopt", "nonblocking", "bind", "epoll_ctl")),
+    ("connect()", ("connect",)),
+    ("timer", ("timer", "timeout")),
+    ("epoll_wait()", ("epoll_wait",)),
+    ("SO_ERROR", ("so_error",)),
+)
+PACKET_OUT, PACKET_IN, PACKET_AGAIN = "#264653", "#2a9d8f", "#d62828"
+#: what a seed step's colour means, for the legend
+SEED_STEP_NAMES = {1: "1 socket()", 2: "2 options", 3: "3 non-blocking", 4: "4 epoll add", 5: "5 connect, decide"}
+#: the decision: SO_ERROR read, or the timer fired (a connect() that failed at once decides itself)
+_DECISIONS = ("so_error", "timeout")
+
+
+def shot_events(result, packets) -> tuple[list, list]:
+    """The steps and segments of one connect up to its decision, as (steps, packets).
+
+    What comes after the decision (TCP_INFO, EPOLL_CTL_DEL, close; the FIN that close sends) is the
+    connection's end, not its handshake.
+    """
+    steps = list(result.steps)
+    decided = next((i for i, s in enumerate(steps) if s.name in _DECISIONS), None)
+    if decided is None:
+        decided = next((i for i, s in enumerate(steps) if s.name == "connect"), len(steps) - 1)
+    steps = steps[:decided + 1]
+    last = max((s.t_ns for s in steps), default=0)
+    return steps, [p for p in packets if p.t_ns <= last]
+
+
+def time_segments(instants) -> list[tuple[int, int]]:
+    """The stretches of one time axis to draw: one ``(lo, hi)``, or two when one axis would squeeze a part.
+
+    ``instants``: times (ns since socket()) of every call's start and end and every segment.  A SYN sent
+    50 µs after socket() and its SYN-ACK 20 ms later do not fit one linear axis: the calls before the
+    gap would be one pixel.  The axis breaks at the first gap of at least 30% of the span when what comes
+    before it is squeezed into a tenth of the axis (three instants or more: the setup and connect()), or
+    at a gap of at least 85% of the span (a socket() made by the lab's helper, long beside the handshake).
+    A pure function: the decision is testable without a figure.
+    """
+    t = sorted(set(int(x) for x in instants))
+    if not t:
+        return [(0, 0)]
+    span = t[-1] - t[0]
+    for i in range(len(t) - 1):
+        gap = t[i + 1] - t[i]
+        if span and gap >= 0.3 * span:
+            squeezed = i + 1 >= 3 and t[i] - t[0] < 0.1 * span
+            if squeezed or gap >= 0.85 * span:
+                return [(t[0], t[i]), (t[i + 1], t[-1])]
+            break  # only the first large gap is a candidate: later ones are the story (SYNs a second apart)
+    return [(t[0], t[-1])]
+
+
+def _time_unit(hi_ns: int) -> tuple[str, float]:
+    return ("µs", 1e3) if hi_ns < 2e6 else ("ms", 1e6) if hi_ns < 2e9 else ("s", 1e9)
+
+
+def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
+    """Syscalls and packets of connects, one panel per connect, each on its own time axis since socket().
+
+    ``shots``: objects with ``scenario``, ``result`` (a :class:`nbconn.result.Result`), ``packets`` (segments
+    with ``t_ns``, ``dir`` "out"/"in", ``flags``, ``retransmission``) and ``note`` -- the
+    :class:`nbconn.lab.capture.Shot` of :func:`nbconn.lab.capture.shoot`.
+
+    Each call is a bar from the moment it was called to the moment it returned (as ``strace -T`` times
+    it), so a segment the kernel sent *during* connect() sits inside connect()'s bar.  Time 0 is the
+    call to socket(), for root and normal users alike (a normal user's socket() is made by the lab's
+    helper and takes longer: its bar says so).  Where one linear axis would squeeze the calls into a
+    pixel (a 20 ms link, a SYN sent again a second later) the panel breaks its axis in two
+    (:func:`time_segments`), each part linear in its own unit.  ``width`` (inches): the figure is
+    narrow and tall, so a phone showing it 360 px wide still shows text.
+    """
+    import textwrap
+
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import ScalarFormatter
+
+    shots = list(shots)
+    prepared = []
+    for shot in shots:
+        steps, segs = shot_events(shot.result, shot.packets)
+        t0 = shot.result.started_ns  # right before socket(): the first step's t_start_ns
+        rows = [(name, kinds) for name, kinds in PACKET_ROWS if any(s.name in kinds for s in steps)]
+        heading = textwrap.fill(f"{shot.scenario}: {shot.result.summary()}", 62)
+        if getattr(shot, "note", ""):
+            heading += "\n" + textwrap.fill(shot.note, 72)
+        prepared.append((shot, steps, segs, t0, rows, heading))
+    heights = [0.9 + 0.26 * (len(rows) + 2) + 0.17 * heading.count("\n") for *_, rows, heading in prepared]
+    fig = Figure(figsize=(width, 0.55 + sum(heights)), layout="constrained")
+    subfigs = fig.subfigures(len(shots), 1, height_ratios=heights, squeeze=False)[:, 0] if shots else []
+    seen_steps: set = set()
+    seen_again = False
+    for sub, (shot, steps, segs, t0, rows, heading) in zip(subfigs, prepared):
+        instants = [x - t0 for s in steps for x in (s.t_start_ns, s.t_ns)] + [p.t_ns - t0 for p in segs]
+        parts = time_segments(instants)
+        span = max(hi - lo for lo, hi in parts) or 1
+        windows = []
+        for lo, hi in parts:  # a part that is one instant (socket() called, then a long wait): a sliver after it
+            windows.append((lo - (hi - lo) * 0.04, hi + (hi - lo) * 0.04) if hi > lo else (lo - span * 0.004,
+                                                                                          lo + span * 0.1))
+        ratios = [1.0] if len(parts) == 1 else [0.35 if parts[0][1] == parts[0][0] else 1.0, 1.3]
+        axes = sub.subplots(1, len(parts), sharey=True, width_ratios=ratios, squeeze=False)[0]
+        n_rows = len(rows) + 2
+        y_out, y_in = len(rows), len(rows) + 1
+        for k, (ax, (lo, hi)) in enumerate(zip(axes, windows)):
+            unit, scale = _time_unit(max(abs(hi), abs(lo)))
+            for row, (_, kinds) in enumerate(rows):
+                for s in steps:
+                    if s.name not in kinds:
+                        continue
+                    number = s.ngx_step.number if s.ngx_step else None
+                    seen_steps.add(number)
+                    colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
+                    a, b = (s.t_start_ns - t0) / scale, (s.t_ns - t0) / scale
+                    if s.name == "timer":  # armed: an instant, no call of its own
+                        ax.plot([a], [row], marker="|", markersize=12, markeredgewidth=2, color=colour)
+                    elif s.name == "timeout":
+                        ax.plot([a], [row], marker="X", markersize=9, color=colour)
+                    else:  # at least 0.6% of the window wide: a 0.3 µs getsockopt next to a 20 ms wait is still seen
+                        b = max(b, a + (hi - lo) * 0.006 / scale)
+                        ax.plot([a, b], [row, row], color=colour, linewidth=7, solid_capstyle="butt")
+            for p in segs:
+                x = (p.t_ns - t0) / scale
+                y = y_out if p.dir == "out" else y_in
+                colour = PACKET_AGAIN if p.retransmission else PACKET_OUT if p.dir == "out" else PACKET_IN
+                seen_again |= p.retransmission
+                ax.plot([x], [y], marker=">" if p.dir == "out" else "<", color=colour, markersize=9, zorder=3)
+                if lo <= p.t_ns - t0 <= hi:
+                    ax.annotate(p.flags, (x, y), xytext=(0, 6), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=9, color=colour, gid="packet-flags", in_layout=False)
+            ax.set_xlim(lo / scale, hi / scale)
+            ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+            if parts[k][0] == parts[k][1]:
+                ax.set_xticks([parts[k][0] / scale])
+            else:
+                ax.locator_params(axis="x", nbins=4)
+            ax.tick_params(labelsize=9)
+            ax.set_xlabel(f"{unit} since socket()", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+            if len(axes) == 2:  # the break: no spine between the parts, a slash on each side
+                side = "right" if k == 0 else "left"
+                ax.spines[side].set_visible(False)
+                x_mark = 1 if k == 0 else 0
+                ax.plot([x_mark, x_mark], [0, 1], transform=ax.transAxes, linestyle="none", marker=[(-1, -1), (1, 1)],
+                        markersize=10, color="k", clip_on=False, mec="k", mew=1)
+                if k == 1:
+                    ax.tick_params(axis="y", left=False)
+        axes[0].set_yticks(range(n_rows), [name for name, _ in rows] + ["segment out", "segment in"], fontsize=9)
+        axes[0].set_ylim(n_rows - 0.4, -0.7)
+        sub.suptitle(heading, fontsize=9, x=0.02, ha="left")
+    handles = [Line2D([], [], color=SEED_STEP_COLOURS[n], linewidth=7, label=f"step {SEED_STEP_NAMES[n]}")
+               for n in sorted(k for k in seen_steps if k is not None)]
+    handles += [Line2D([], [], color="k", linewidth=0, marker="|", markersize=12, markeredgewidth=2,
+                       label="timer armed"),
+                Line2D([], [], color="k", linewidth=0, marker="X", markersize=8, label="timer fired"),
+                Line2D([], [], color=PACKET_OUT, linewidth=0, marker=">", markersize=9, label="segment out"),
+                Line2D([], [], color=PACKET_IN, linewidth=0, marker="<", markersize=9, label="segment in")]
+    if seen_again:
+        handles.append(Line2D([], [], color=PACKET_AGAIN, linewidth=0, marker=">", markersize=9, label="sent again"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8,
+               title="bar: a call, from its start to its return", title_fontsize=8)
+    if title:
+        fig.suptitle(title)
+    # the flags go where they overprint nothing, measured once the layout is final (they take no part in it)
+    fig.draw_without_rendering()
+    _unpile_labels(fig)
+    return fig
+
+
+#: where a segment's flags may go, in points from its marker, in order of preference
+_LABEL_SPOTS = ((6, "bottom"), (-6, "top"), (15, "bottom"), (-15, "top"))
+
+
+def _unpile_labels(fig) -> None:
+    """Flags of segments close in time would overprint: each label takes the first spot (above its marker,
+    below it, then further out) where it touches no label already placed in its row."""
+    renderer = fig._get_renderer()
+    for ax in fig.axes:
+        placed: dict = {}
+        for text in sorted((t for t in ax.texts if t.get_gid() == "packet-flags"), key=lambda t: t.xy[0]):
+            row = placed.setdefault(text.xy[1], [])
+            for dy, va in _LABEL_SPOTS:
+                text.set_position((0, dy))
+                text.set_va(va)
+                box = text.get_window_extent(renderer)
+                if not any(box.overlaps(other) for other in row):
+                    break
+            row.append(text.get_window_extent(renderer))

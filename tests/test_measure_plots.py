@@ -56,8 +56,16 @@ def test_timeline_has_one_marker_per_step_and_gantt_one_bar_per_connect():
     with lab.refused() as target:
         res = nbconn.connect(target)
     fig = plots.timeline(res)
-    markers = [line for line in fig.axes[0].lines if line.get_marker() == "o"]
-    assert len(markers) == len(res.steps)
+    calls = [line for line in fig.axes[0].lines if line.get_gid() == "call"]
+    events = [line for line in fig.axes[0].lines if line.get_gid() == "event"]
+    assert len(calls) + len(events) == len(res.steps)
+    # each call a bar from the moment it was called to the moment it returned (a dot at the return put
+    # connect() after the packets it sent)
+    t0 = res.started_ns
+    for line, step in zip(calls, [s for s in res.steps if s.name not in ("timer", "timeout")]):
+        start, end = line.get_xdata()
+        assert start == (step.t_start_ns - t0) / 1e3 and end >= (step.t_ns - t0) / 1e3
+    assert calls[0].get_xdata()[0] == 0  # time 0 is the call to socket()
     # one row per step, labelled with its name: nothing piles up at 0
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == len(res.steps) and labels[0].endswith("socket")
