@@ -573,18 +573,19 @@ def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
                     colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
                     a, b = (s.t_start_ns - t0) / scale, (s.t_ns - t0) / scale
                     if s.name == "timer":  # armed: an instant, no call of its own
-                        ax.plot([a], [row], marker="|", markersize=12, markeredgewidth=2, color=colour)
+                        ax.plot([a], [row], marker="|", markersize=12, markeredgewidth=2, color=colour, gid="timer")
                     elif s.name == "timeout":
-                        ax.plot([a], [row], marker="X", markersize=9, color=colour)
+                        ax.plot([a], [row], marker="X", markersize=9, color=colour, gid="timeout")
                     else:  # at least 0.6% of the window wide: a 0.3 µs getsockopt next to a 20 ms wait is still seen
                         b = max(b, a + (hi - lo) * 0.006 / scale)
-                        ax.plot([a, b], [row, row], color=colour, linewidth=7, solid_capstyle="butt")
+                        ax.plot([a, b], [row, row], color=colour, linewidth=7, solid_capstyle="butt", gid=s.name)
             for p in segs:
                 x = (p.t_ns - t0) / scale
                 y = y_out if p.dir == "out" else y_in
                 colour = PACKET_AGAIN if p.retransmission else PACKET_OUT if p.dir == "out" else PACKET_IN
                 seen_again |= p.retransmission
-                ax.plot([x], [y], marker=">" if p.dir == "out" else "<", color=colour, markersize=9, zorder=3)
+                ax.plot([x], [y], marker=">" if p.dir == "out" else "<", color=colour, markersize=9, zorder=3,
+                        gid=f"segment {p.dir} {p.flags}")
                 if lo <= p.t_ns - t0 <= hi:
                     ax.annotate(p.flags, (x, y), xytext=(0, 6), textcoords="offset points", ha="center",
                                 va="bottom", fontsize=9, color=colour, gid="packet-flags", in_layout=False)
@@ -627,22 +628,24 @@ def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
     return fig
 
 
-#: where a segment's flags may go, in points from its marker, in order of preference
-_LABEL_SPOTS = ((6, "bottom"), (-6, "top"), (15, "bottom"), (-15, "top"))
+#: where a segment's flags may go, in points from its marker, in order of preference: above, below, beside,
+#: then further up, a step at a time
+_LABEL_SPOTS = ((0, 6, "center", "bottom"), (0, -6, "center", "top"), (8, 0, "left", "center"),
+                (-8, 0, "right", "center"), *((0, 6 + 12 * k, "center", "bottom") for k in range(1, 6)))
 
 
 def _unpile_labels(fig) -> None:
-    """Flags of segments close in time would overprint: each label takes the first spot (above its marker,
-    below it, then further out) where it touches no label already placed in its row."""
-    renderer = fig._get_renderer()
+    """Flags of segments close in time would overprint: each label takes the first spot of
+    :data:`_LABEL_SPOTS` where it touches no label already placed in its panel."""
+    renderer = fig._get_renderer()  # the figure's own (Agg) renderer, as savefig and the inline backend use
     for ax in fig.axes:
-        placed: dict = {}
+        placed: list = []
         for text in sorted((t for t in ax.texts if t.get_gid() == "packet-flags"), key=lambda t: t.xy[0]):
-            row = placed.setdefault(text.xy[1], [])
-            for dy, va in _LABEL_SPOTS:
-                text.set_position((0, dy))
+            for dx, dy, ha, va in _LABEL_SPOTS:
+                text.set_position((dx, dy))
+                text.set_ha(ha)
                 text.set_va(va)
                 box = text.get_window_extent(renderer)
-                if not any(box.overlaps(other) for other in row):
+                if not any(box.overlaps(other) for other in placed):
                     break
-            row.append(text.get_window_extent(renderer))
+            placed.append(text.get_window_extent(renderer))
