@@ -515,7 +515,7 @@ def _time_unit(hi_ns: int) -> tuple[str, float]:
     return ("µs", 1e3) if hi_ns < 2e6 else ("ms", 1e6) if hi_ns < 2e9 else ("s", 1e9)
 
 
-def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
+def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
     """Syscalls and packets of connects, one panel per connect, each on its own time axis since socket().
 
     ``shots``: objects with ``scenario``, ``result`` (a :class:`nbconn.result.Result`), ``packets`` (segments
@@ -541,11 +541,11 @@ def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
         steps, segs = shot_events(shot.result, shot.packets)
         t0 = shot.result.started_ns  # right before socket(): the first step's t_start_ns
         rows = [(name, kinds) for name, kinds in PACKET_ROWS if any(s.name in kinds for s in steps)]
-        heading = textwrap.fill(f"{shot.scenario}: {shot.result.summary()}", 62)
+        heading = textwrap.fill(f"{shot.scenario}: {shot.result.summary()}", 56)
         if getattr(shot, "note", ""):
-            heading += "\n" + textwrap.fill(shot.note, 72)
+            heading += "\n" + textwrap.fill(shot.note, 60)
         prepared.append((shot, steps, segs, t0, rows, heading))
-    heights = [0.9 + 0.26 * (len(rows) + 2) + 0.17 * heading.count("\n") for *_, rows, heading in prepared]
+    heights = [1.0 + 0.3 * (len(rows) + 2) + 0.19 * heading.count("\n") for *_, rows, heading in prepared]
     fig = Figure(figsize=(width, 0.55 + sum(heights)), layout="constrained")
     subfigs = fig.subfigures(len(shots), 1, height_ratios=heights, squeeze=False)[:, 0] if shots else []
     seen_steps: set = set()
@@ -588,15 +588,15 @@ def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
                         gid=f"segment {p.dir} {p.flags}")
                 if lo <= p.t_ns - t0 <= hi:
                     ax.annotate(p.flags, (x, y), xytext=(0, 6), textcoords="offset points", ha="center",
-                                va="bottom", fontsize=9, color=colour, gid="packet-flags", in_layout=False)
+                                va="bottom", fontsize=10, color=colour, gid="packet-flags", in_layout=False)
             ax.set_xlim(lo / scale, hi / scale)
             ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
             if parts[k][0] == parts[k][1]:
                 ax.set_xticks([parts[k][0] / scale])
             else:
                 ax.locator_params(axis="x", nbins=4)
-            ax.tick_params(labelsize=9)
-            ax.set_xlabel(f"{unit} since socket()", fontsize=9)
+            ax.tick_params(labelsize=10)
+            ax.set_xlabel(f"{unit} since socket()", fontsize=10)
             ax.grid(axis="x", alpha=0.3)
             if len(axes) == 2:  # the break: no spine between the parts, a slash on each side
                 side = "right" if k == 0 else "left"
@@ -606,9 +606,9 @@ def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
                         markersize=10, color="k", clip_on=False, mec="k", mew=1)
                 if k == 1:
                     ax.tick_params(axis="y", left=False)
-        axes[0].set_yticks(range(n_rows), [name for name, _ in rows] + ["segment out", "segment in"], fontsize=9)
+        axes[0].set_yticks(range(n_rows), [name for name, _ in rows] + ["segment out", "segment in"], fontsize=10)
         axes[0].set_ylim(n_rows - 0.4, -0.7)
-        sub.suptitle(heading, fontsize=9, x=0.02, ha="left")
+        sub.suptitle(heading, fontsize=10, x=0.02, ha="left")
     handles = [Line2D([], [], color=SEED_STEP_COLOURS[n], linewidth=7, label=f"step {SEED_STEP_NAMES[n]}")
                for n in sorted(k for k in seen_steps if k is not None)]
     handles += [Line2D([], [], color="k", linewidth=0, marker="|", markersize=12, markeredgewidth=2,
@@ -618,8 +618,8 @@ def packets(shots, *, title: str | None = None, width: float = 6.4) -> Figure:
                 Line2D([], [], color=PACKET_IN, linewidth=0, marker="<", markersize=9, label="segment in")]
     if seen_again:
         handles.append(Line2D([], [], color=PACKET_AGAIN, linewidth=0, marker=">", markersize=9, label="sent again"))
-    fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8,
-               title="bar: a call, from its start to its return", title_fontsize=8)
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=9,
+               title="bar: a call, from its start to its return", title_fontsize=9)
     if title:
         fig.suptitle(title)
     # the flags go where they overprint nothing, measured once the layout is final (they take no part in it)
