@@ -243,7 +243,7 @@ def _shot(scenario, steps, segments, note=""):
     connect = next(s for s in steps if s[0] == "connect")
     res.handshake_ns = (steps[-1][2] - connect[1]) * US
     for name, start, end in steps:
-        res.recorder()((name, "", 0, base + start * US, base + end * US))
+        res.recorder()((name, name + "(...)", 0, base + start * US, base + end * US))
     packets = [capture.Packet(base + t * US, d, flags, "127.0.0.1", "127.0.0.1", 1, 2, 0, 0, 0, again)
                for d, flags, t, again in segments]
     return capture.Shot(scenario, res, packets, [res], packets, "synthetic", 0, note)
@@ -339,3 +339,13 @@ def test_packet_figure_of_real_connects_overprints_nothing(no_fd_leak):
         (_, syn), = _line(sub, "segment out S")
         start, end = connect.get_xdata()
         assert start <= syn.get_xdata()[0] <= end
+
+
+def test_merged_timeline_starts_at_socket_and_lists_the_handshake_inside_connect():
+    """The text timeline began at "2230.4 µs socket(...)" for a normal user: the time socket() *returned*."""
+    lines = _shot("listening", *_calls(2230)).timeline().splitlines()
+    assert lines[1].split()[:4] == ["0.0", "µs", "2230.0", "µs"] and "socket(" in lines[1]
+    connect = next(i for i, line in enumerate(lines) if "connect(" in line)
+    called, returned = float(lines[connect].split()[0]), float(lines[connect].split()[2])
+    wire = [float(line.split()[0]) for line in lines if "[wire]" in line]
+    assert len(wire) == 3 and all(called < t < returned for t in wire)  # the FIN after the decision is not listed

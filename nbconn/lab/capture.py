@@ -431,12 +431,18 @@ class Shot:
                         for p in self.packets if p.t_ns <= last)
 
     def timeline(self) -> str:
-        """Syscalls and packets merged in time order, in µs since socket()."""
-        rows = [(s.t_ns, f"{s.call}") for s in self.result.steps]
+        """Syscalls and packets merged in time order, in µs since socket() was called (for root and normal
+        users alike): each call at the moment it was called, with the moment it returned beside it, so a
+        segment sent during connect() is listed between connect()'s two times; each segment when it crossed
+        the interface."""
+        t0 = self.t0_ns
+        rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e3:10.1f} µs  {s.call}" if s.t_ns > s.t_start_ns or s.name
+                 not in ("timer", "timeout") else f"{'':13}  {s.call}") for s in self.result.steps]
         last = max(s.t_ns for s in self.result.steps)
-        rows += [(p.t_ns, f"    [wire] {p}") for p in self.packets if p.t_ns <= last]
+        rows += [(p.t_ns, f"{'':13}      [wire] {p}") for p in self.packets if p.t_ns <= last]
         rows.sort(key=lambda row: row[0])
-        return "\n".join(f"{(t - self.t0_ns) / 1e3:12.1f} µs  {text}" for t, text in rows)
+        head = f"{'called':>13}  {'returned':>13}"
+        return "\n".join([head] + [f"{(t - t0) / 1e3:10.1f} µs  {text}" for t, text in rows])
 
 
 def _client_port(result) -> int | None:
