@@ -593,8 +593,8 @@ def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
             ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
             if parts[k][0] == parts[k][1]:
                 ax.set_xticks([parts[k][0] / scale])
-            else:
-                ax.locator_params(axis="x", nbins=4)
+            else:  # half a panel holds three labels like "1012.75" side by side, not four
+                ax.locator_params(axis="x", nbins=4 if len(parts) == 1 else 3)
             ax.tick_params(labelsize=10)
             ax.set_xlabel(f"{unit} since socket()", fontsize=10)
             ax.grid(axis="x", alpha=0.3)

@@ -319,7 +319,12 @@ def test_packet_figure_has_a_legend_and_no_label_overprints_another():
                     [("out", "S", 12, False), ("out", "S", 1_016_900, True), ("in", "SA", 1_016_901, False),
                      ("out", "A", 1_016_902, False), ("out", "PA", 1_016_903, False)],
                     note="a long note about the server's counters, " * 6)
-    fig = capture.plot_shots([crowded, _shot("listening", *_calls(10))])
+    # a late part 0.35 ms wide at 1012 ms: tick labels like "1012.75" side by side
+    narrow = _shot("slow-accept", [("socket", 0, 3), ("connect", 10, 14), ("timer", 14, 14),
+                                   ("epoll_wait", 300, 1_012_800), ("so_error", 1_012_990, 1_012_991)],
+                   [("out", "S", 12, False), ("out", "S", 1_012_650, True), ("in", "SA", 1_012_760, False),
+                    ("out", "A", 1_012_761, False)])
+    fig = capture.plot_shots([crowded, narrow, _shot("listening", *_calls(10))])
     assert _overlaps(fig) == []
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     for entry in ("segment out", "segment in", "sent again", "timer armed", "step 1 socket()"):
