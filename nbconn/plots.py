@@ -549,6 +549,7 @@ def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
     fig = Figure(figsize=(width, 0.55 + sum(heights)), layout="constrained")
     subfigs = fig.subfigures(len(shots), 1, height_ratios=heights, squeeze=False)[:, 0] if shots else []
     seen_steps: set = set()
+    seen_events: set = set()
     seen_again = False
     for sub, (shot, steps, segs, t0, rows, heading) in zip(subfigs, prepared):
         instants = [x - t0 for s in steps for x in (s.t_start_ns, s.t_ns)] + [p.t_ns - t0 for p in segs]
@@ -570,6 +571,7 @@ def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
                         continue
                     number = s.ngx_step.number if s.ngx_step else None
                     seen_steps.add(number)
+                    seen_events.add(s.name)
                     colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
                     a, b = (s.t_start_ns - t0) / scale, (s.t_ns - t0) / scale
                     if s.name == "timer":  # armed: an instant, no call of its own
@@ -611,10 +613,12 @@ def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
         sub.suptitle(heading, fontsize=10, x=0.02, ha="left")
     handles = [Line2D([], [], color=SEED_STEP_COLOURS[n], linewidth=7, label=f"step {SEED_STEP_NAMES[n]}")
                for n in sorted(k for k in seen_steps if k is not None)]
-    handles += [Line2D([], [], color="k", linewidth=0, marker="|", markersize=12, markeredgewidth=2,
-                       label="timer armed"),
-                Line2D([], [], color="k", linewidth=0, marker="X", markersize=8, label="timer fired"),
-                Line2D([], [], color=PACKET_OUT, linewidth=0, marker=">", markersize=9, label="segment out"),
+    if "timer" in seen_events:
+        handles.append(Line2D([], [], color="k", linewidth=0, marker="|", markersize=12, markeredgewidth=2,
+                              label="timer armed"))
+    if "timeout" in seen_events:
+        handles.append(Line2D([], [], color="k", linewidth=0, marker="X", markersize=8, label="timer fired"))
+    handles += [Line2D([], [], color=PACKET_OUT, linewidth=0, marker=">", markersize=9, label="segment out"),
                 Line2D([], [], color=PACKET_IN, linewidth=0, marker="<", markersize=9, label="segment in")]
     if seen_again:
         handles.append(Line2D([], [], color=PACKET_AGAIN, linewidth=0, marker=">", markersize=9, label="sent again"))
