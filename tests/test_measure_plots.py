@@ -188,3 +188,20 @@ def test_a_link_keeps_its_colour_from_one_figure_to_the_next():
     others = plots.run_colours(["a", "b", "20 ms RTT"])
     assert others["20 ms RTT"] == plots.RUN_COLOURS["20 ms RTT"]
     assert others["a"] != others["b"] and not {others["a"], others["b"]} & set(plots.RUN_COLOURS.values())
+
+
+def test_time_segments_break_the_axis_only_where_one_linear_axis_squeezes_the_calls():
+    us, ms, s = 1_000, 1_000_000, 1_000_000_000
+    loopback = [0, 10 * us, 12 * us, 20 * us, 27 * us, 49 * us, 65 * us, 78 * us, 115 * us, 167 * us, 174 * us]
+    assert plots.time_segments(loopback) == [(0, 174 * us)]
+    # a normal user's socket() from the lab's helper: 211 µs of 357 is drawn as it is, 2230 µs of 2376 is not
+    assert len(plots.time_segments([0, *(x + 211 * us for x in loopback[1:]), 357 * us])) == 1
+    helper = [0, *(2230 * us + x for x in loopback[1:])]
+    assert plots.time_segments(helper) == [(0, 0), (2230 * us + 10 * us, helper[-1])]
+    # a 20 ms link: the calls up to connect() in one part, the SYN-ACK and the decision in the other
+    link = [0, 10 * us, 20 * us, 30 * us, 60 * us, 80 * us, 20 * ms, 20 * ms + 30 * us, 20 * ms + 60 * us]
+    assert plots.time_segments(link) == [(0, 80 * us), (20 * ms, 20 * ms + 60 * us)]
+    # a black hole: the break falls before the first resent SYN, never between SYNs a second apart
+    hole = [0, 10 * us, 20 * us, 44 * us, 60 * us, 1 * s + 9 * ms, 2 * s + 30 * ms, 2 * s + 500 * ms]
+    assert plots.time_segments(hole) == [(0, 60 * us), (1 * s + 9 * ms, 2 * s + 500 * ms)]
+    assert plots.time_segments([]) == [(0, 0)]
