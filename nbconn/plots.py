@@ -19,12 +19,37 @@ from .stats import percentile  # nbconn's one percentile rule (nearest rank)
 
 #: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
 SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
+#: One colour per run label, the same in every figure: the links of the 07/08 series keep theirs from one figure
+#: to the next ("20 ms RTT" is orange in the distributions and in the round-trip scatter alike).  Labels not in
+#: the table take :data:`OTHER_COLOURS` in the order a figure meets them, so they never borrow a link's colour.
+RUN_COLOURS = {
+    "loopback": "#1f77b4",
+    "20 ms RTT": "#ff7f0e",
+    "20 ms RTT, jitter 2 ms": "#2ca02c",
+    "20 ms RTT, 2% loss": "#d62728",
+}
+OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#264653", "#f4a261")
 SIZE = (7.0, 3.6)
 WIDE = (10.0, 3.6)
 
 
 def _runs(m_or_list) -> list:
     return list(m_or_list) if isinstance(m_or_list, (list, tuple)) else [m_or_list]
+
+
+def run_colours(labels) -> dict:
+    """``{label: colour}`` for the runs of one figure: a label of :data:`RUN_COLOURS` gets its own colour,
+    any other the next of :data:`OTHER_COLOURS` (cycling after eight)."""
+    colours, others = {}, 0
+    for label in labels:
+        if label in colours:
+            continue
+        if label in RUN_COLOURS:
+            colours[label] = RUN_COLOURS[label]
+        else:
+            colours[label] = OTHER_COLOURS[others % len(OTHER_COLOURS)]
+            others += 1
+    return colours
 
 
 def _figure(size=SIZE, ncols: int = 1):
@@ -49,8 +74,9 @@ def histogram(m_or_list, *, column: str = "handshake_ms", log_x: bool = False, b
         ax.set_xscale("log")
     else:
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, bins + 1)
+    colours = run_colours(m.label for m in runs)
     for m, v in zip(runs, values):
-        ax.hist(v, bins=edges, histtype="bar" if len(runs) == 1 else "step", linewidth=1.5,
+        ax.hist(v, bins=edges, histtype="bar" if len(runs) == 1 else "step", linewidth=1.5, color=colours[m.label],
                 alpha=0.8 if len(runs) == 1 else 1.0, label=f"{m.label} (n={v.size})")
     ax.set_xlabel(_axis_label(column))
     ax.set_ylabel("connects")
@@ -71,6 +97,7 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
 
     runs = _runs(m_or_list)
     fig, ax = (ax.figure, ax) if ax is not None else _figure()
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         v = np.sort(m.array(column))
         if not v.size:
@@ -79,7 +106,7 @@ def ecdf(m_or_list, *, column: str = "handshake_ms", percentiles=(50, 90, 99), l
         marks = [(p, percentile(v, p)) for p in percentiles]
         # percentile values go into the legend: text next to the curves overprints when runs sit close together
         label = f"{m.label} (n={v.size}" + "".join(f", p{p:g} {_fmt_ms(x)}" for p, x in marks) + ")"
-        (line,) = ax.step(v, y, where="post", label=label)
+        (line,) = ax.step(v, y, where="post", label=label, color=colours[m.label])
         for p, x in marks:
             ax.plot([x], [p / 100], marker="o", color=line.get_color(), markersize=4)
     if log_x:
@@ -97,6 +124,7 @@ def _share_hist(ax, runs, column, edges, *, label_p50: bool = True) -> None:
     """Overlaid outline histograms, each bar the *share* of its run (runs of different n compare)."""
     import numpy as np
 
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         v = m.array(column)
         if not v.size:
@@ -105,7 +133,8 @@ def _share_hist(ax, runs, column, edges, *, label_p50: bool = True) -> None:
         if label_p50:
             p50 = float(percentile(np.sort(v), 50))
             label = f"{m.label}: p50 {_fmt_ms(p50)} (n={v.size})"
-        ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size), histtype="step", linewidth=1.5, label=label)
+        ax.hist(v, bins=edges, weights=np.full(v.size, 1 / v.size), histtype="step", linewidth=1.5, label=label,
+                color=colours[m.label])
     ax.set_ylabel("share of connects per bin")
 
 
@@ -160,13 +189,14 @@ def distributions(runs, *, zoom_ms=(15.0, 25.0), title: str | None = None) -> Fi
     mid.set_xlim(*zoom_ms)
     mid.set_xlabel(f"handshake time (ms), {zoom_ms[0]:g}-{zoom_ms[1]:g} ms only")
     mid.set_title("the round trip, linear", fontsize="medium")
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         v = np.sort(m.array("handshake_ms"))
         if not v.size:
             continue
         slower = 1 - np.arange(1, v.size + 1) / v.size
         keep = slower > 0  # the slowest connect has nothing slower: log(0) has no place on the axis
-        right.step(v[keep], slower[keep], where="post", label=m.label)
+        right.step(v[keep], slower[keep], where="post", label=m.label, color=colours[m.label])
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("handshake time x (ms, log)")
@@ -179,8 +209,9 @@ def distributions(runs, *, zoom_ms=(15.0, 25.0), title: str | None = None) -> Fi
 
 
 def timeline(result, *, title: str | None = None) -> Figure:
-    """One connect, step by step: one row per recorded step, a dot where the call returned and a bar for the
-    time the call itself took (like ``strace -T``), on a time axis in µs since ``socket()``.
+    """One connect, step by step: one row per recorded step, each call a bar from the moment it was called to
+    the moment it returned (as ``strace -T`` times it), on a time axis in µs since ``socket()`` was called;
+    the timer's events (armed, fired) are instants, a tick and a cross.
 
     The steps before the handshake take microseconds and a timer can take a second, so
     one linear axis would pile their labels up at 0: each step has its own row (its
@@ -193,8 +224,12 @@ def timeline(result, *, title: str | None = None) -> Figure:
         number = s.ngx_step.number if s.ngx_step else None
         colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
         start, end = (s.t_start_ns - t0) / 1e3, (s.t_ns - t0) / 1e3
-        ax.plot([start, end], [row, row], color=colour, linewidth=4, solid_capstyle="butt", zorder=2)
-        ax.plot([end], [row], marker="o", color=colour, markersize=6, zorder=3)
+        if s.name in ("timer", "timeout"):  # events, not calls: no duration to draw
+            ax.plot([start], [row], marker="|" if s.name == "timer" else "X", markersize=10, markeredgewidth=2,
+                    color=colour, zorder=3, gid="event")
+        else:  # a 0.3 µs call still shows: drawn at least 0.3 µs wide (linear part) or 5% of its time (log part)
+            ax.plot([start, max(end, start + 0.3, start * 1.05)], [row, row], color=colour, linewidth=8,
+                    solid_capstyle="butt", zorder=2, gid="call")
     ax.set_yticks(range(len(steps)), [s.name if not s.ngx_step else f"{s.ngx_step.number}. {s.name}" for s in steps],
                   fontsize="small")
     ax.set_ylim(len(steps) - 0.5, -0.5)
@@ -206,7 +241,8 @@ def timeline(result, *, title: str | None = None) -> Figure:
         fig.legend(fontsize="small", loc="outside lower center")
     ax.set_xscale("symlog", linthresh=10.0, linscale=0.5)
     ax.set_xlim(left=0)
-    ax.set_xlabel("time since socket() (µs; linear to 10 µs, logarithmic beyond); bar = the call's own duration")
+    ax.set_xlabel("time since socket() was called (µs; linear to 10 µs, logarithmic beyond)\n"
+                  "bar: a call, from its start to its return")
     ax.set_title(title or f"one connect to {result.target}: {result.outcome}" +
                  (f" ({result.errno})" if result.errno else ""))
     return fig
@@ -244,11 +280,12 @@ def outcomes(m_or_list, *, title: str | None = None) -> Figure:
     fig, ax = _figure()
     names = [o for o in OUTCOME_COLOURS if any(o in m.outcome_counts() for m in runs)]
     width = 0.8 / max(len(runs), 1)
+    colours = run_colours(m.label for m in runs)
     for i, m in enumerate(runs):
         counts = m.outcome_counts()
         xs = [j + i * width for j in range(len(names))]
         bars = ax.bar(xs, [counts.get(n, 0) for n in names], width=width, label=m.label,
-                      color=[OUTCOME_COLOURS[n] for n in names] if len(runs) == 1 else None)
+                      color=[OUTCOME_COLOURS[n] for n in names] if len(runs) == 1 else colours[m.label])
         ax.bar_label(bars, fontsize="x-small")
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names)
     ax.set_ylabel("connects")
@@ -329,10 +366,11 @@ def scaling(rows, *, ideal_rtt_ms: dict | None = None, title: str | None = None)
     """
     fig, (left, right) = _figure((10.0, 4.2), ncols=2)
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    colours = run_colours(labels)
     for label in labels:
         mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["concurrency"])
         cs = [r["concurrency"] for r in mine]
-        (line,) = left.plot(cs, [r["connects_per_s"] for r in mine], marker="o", label=label)
+        (line,) = left.plot(cs, [r["connects_per_s"] for r in mine], marker="o", label=label, color=colours[label])
         if ideal_rtt_ms and label in ideal_rtt_ms:
             rtt_s = ideal_rtt_ms[label] / 1e3
             left.plot(cs, [c / rtt_s for c in cs], linestyle="--", color=line.get_color(), linewidth=1,
@@ -366,6 +404,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
 
     runs = _runs(m_or_list)
     fig, ax = _figure()
+    colours = run_colours(m.label for m in runs)
     for m in runs:
         pairs = [(h, r) for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans)
                  if h is not None and r is not None and not t]
@@ -373,7 +412,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
             continue
         h, r = np.asarray(pairs).T
         gap_us = (h - r) * 1e3
-        ax.scatter(r, gap_us, s=8, alpha=0.6,
+        ax.scatter(r, gap_us, s=8, alpha=0.6, color=colours[m.label],
                    label=f"{m.label}: p50 {percentile(np.sort(gap_us), 50):.0f} µs (n={len(pairs)})")
     ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("TCP_INFO tcpi_rtt (ms)")
@@ -413,3 +452,204 @@ def accept_queue(b: dict, *, title: str | None = None) -> Figure:
     ax.set_title(title or f"{b['count']} connects against listen({b['backlog']}): the client's view and the server's")
     fig.legend(fontsize="small", loc="outside lower center", ncols=3)
     return fig
+
+
+# -- one connect's syscalls next to its packets (notebook 11) ---------------------------------------
+
+#: The rows of a packet panel, top to bottom: which recorded steps each row draws (only rows with something to
+#: draw are shown).  The setup calls share a row: they take microseconds and tell no story of their own.
+PACKET_ROWS = (
+    ("socket() .. epoll_ctl()", ("socket", "setsockopt", "getsockopt", "nonblocking", "bind", "epoll_ctl")),
+    ("connect()", ("connect",)),
+    ("timer", ("timer", "timeout")),
+    ("epoll_wait()", ("epoll_wait",)),
+    ("SO_ERROR", ("so_error",)),
+)
+PACKET_OUT, PACKET_IN, PACKET_AGAIN = "#264653", "#2a9d8f", "#d62828"
+#: what a seed step's colour means, for the legend
+SEED_STEP_NAMES = {1: "1 socket()", 2: "2 options", 3: "3 non-blocking", 4: "4 epoll add", 5: "5 connect, decide"}
+#: the decision: SO_ERROR read, or the timer fired (a connect() that failed at once decides itself)
+_DECISIONS = ("so_error", "timeout")
+
+
+def shot_events(result, packets) -> tuple[list, list]:
+    """The steps and segments of one connect up to its decision, as (steps, packets).
+
+    What comes after the decision (TCP_INFO, EPOLL_CTL_DEL, close; the FIN that close sends) is the
+    connection's end, not its handshake.
+    """
+    steps = list(result.steps)
+    decided = next((i for i, s in enumerate(steps) if s.name in _DECISIONS), None)
+    if decided is None:
+        decided = next((i for i, s in enumerate(steps) if s.name == "connect"), len(steps) - 1)
+    steps = steps[:decided + 1]
+    last = max((s.t_ns for s in steps), default=0)
+    return steps, [p for p in packets if p.t_ns <= last]
+
+
+def time_segments(instants) -> list[tuple[int, int]]:
+    """The stretches of one time axis to draw: one ``(lo, hi)``, or two when one axis would squeeze a part.
+
+    ``instants``: times (ns since socket()) of every call's start and end and every segment.  A SYN sent
+    50 µs after socket() and its SYN-ACK 20 ms later do not fit one linear axis: the calls before the
+    gap would be one pixel.  The axis breaks at the first gap of at least 30% of the span when what comes
+    before it is squeezed into a tenth of the axis (three instants or more: the setup and connect()), or
+    at a gap of at least 85% of the span (a socket() made by the lab's helper, long beside the handshake).
+    A pure function: the decision is testable without a figure.
+    """
+    t = sorted(set(int(x) for x in instants))
+    if not t:
+        return [(0, 0)]
+    span = t[-1] - t[0]
+    for i in range(len(t) - 1):
+        gap = t[i + 1] - t[i]
+        if span and gap >= 0.3 * span:
+            squeezed = i + 1 >= 3 and t[i] - t[0] < 0.1 * span
+            if squeezed or gap >= 0.85 * span:
+                return [(t[0], t[i]), (t[i + 1], t[-1])]
+            break  # only the first large gap is a candidate: later ones are the story (SYNs a second apart)
+    return [(t[0], t[-1])]
+
+
+def _time_unit(hi_ns: int) -> tuple[str, float]:
+    return ("µs", 1e3) if hi_ns < 2e6 else ("ms", 1e6) if hi_ns < 2e9 else ("s", 1e9)
+
+
+def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
+    """Syscalls and packets of connects, one panel per connect, each on its own time axis since socket().
+
+    ``shots``: objects with ``scenario``, ``result`` (a :class:`nbconn.result.Result`), ``packets`` (segments
+    with ``t_ns``, ``dir`` "out"/"in", ``flags``, ``retransmission``) and ``note`` -- the
+    :class:`nbconn.lab.capture.Shot` of :func:`nbconn.lab.capture.shoot`.
+
+    Each call is a bar from the moment it was called to the moment it returned (as ``strace -T`` times
+    it), so a segment the kernel sent *during* connect() sits inside connect()'s bar.  Time 0 is the
+    call to socket(), for root and normal users alike (a normal user's socket() is made by the lab's
+    helper and takes longer: its bar says so).  Where one linear axis would squeeze the calls into a
+    pixel (a 20 ms link, a SYN sent again a second later) the panel breaks its axis in two
+    (:func:`time_segments`), each part linear in its own unit.  ``width`` (inches): the figure is
+    narrow and tall, so a phone showing it 360 px wide still shows text.
+    """
+    import textwrap
+
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import ScalarFormatter
+
+    shots = list(shots)
+    prepared = []
+    for shot in shots:
+        steps, segs = shot_events(shot.result, shot.packets)
+        t0 = shot.result.started_ns  # right before socket(): the first step's t_start_ns
+        rows = [(name, kinds) for name, kinds in PACKET_ROWS if any(s.name in kinds for s in steps)]
+        heading = textwrap.fill(f"{shot.scenario}: {shot.result.summary()}", 56)
+        if getattr(shot, "note", ""):
+            heading += "\n" + textwrap.fill(shot.note, 60)
+        prepared.append((shot, steps, segs, t0, rows, heading))
+    heights = [1.0 + 0.3 * (len(rows) + 2) + 0.19 * heading.count("\n") for *_, rows, heading in prepared]
+    fig = Figure(figsize=(width, 0.55 + sum(heights)), layout="constrained")
+    subfigs = fig.subfigures(len(shots), 1, height_ratios=heights, squeeze=False)[:, 0] if shots else []
+    seen_steps: set = set()
+    seen_events: set = set()
+    seen_again = False
+    for sub, (shot, steps, segs, t0, rows, heading) in zip(subfigs, prepared):
+        instants = [x - t0 for s in steps for x in (s.t_start_ns, s.t_ns)] + [p.t_ns - t0 for p in segs]
+        parts = time_segments(instants)
+        span = max(hi - lo for lo, hi in parts) or 1
+        windows = []
+        for lo, hi in parts:  # a part that is one instant (socket() called, then a long wait): a sliver after it
+            windows.append((lo - (hi - lo) * 0.04, hi + (hi - lo) * 0.04) if hi > lo else (lo - span * 0.004,
+                                                                                          lo + span * 0.1))
+        ratios = [1.0] if len(parts) == 1 else [0.35 if parts[0][1] == parts[0][0] else 1.0, 1.3]
+        axes = sub.subplots(1, len(parts), sharey=True, width_ratios=ratios, squeeze=False)[0]
+        n_rows = len(rows) + 2
+        y_out, y_in = len(rows), len(rows) + 1
+        for k, (ax, (lo, hi)) in enumerate(zip(axes, windows)):
+            unit, scale = _time_unit(max(abs(hi), abs(lo)))
+            for row, (_, kinds) in enumerate(rows):
+                for s in steps:
+                    if s.name not in kinds:
+                        continue
+                    number = s.ngx_step.number if s.ngx_step else None
+                    seen_steps.add(number)
+                    seen_events.add(s.name)
+                    colour = SEED_STEP_COLOURS.get(number, SEED_STEP_COLOURS[None])
+                    a, b = (s.t_start_ns - t0) / scale, (s.t_ns - t0) / scale
+                    if s.name == "timer":  # armed: an instant, no call of its own
+                        ax.plot([a], [row], marker="|", markersize=12, markeredgewidth=2, color=colour, gid="timer")
+                    elif s.name == "timeout":
+                        ax.plot([a], [row], marker="X", markersize=9, color=colour, gid="timeout")
+                    else:  # at least 0.6% of the window wide: a 0.3 µs getsockopt next to a 20 ms wait is still seen
+                        b = max(b, a + (hi - lo) * 0.006 / scale)
+                        ax.plot([a, b], [row, row], color=colour, linewidth=7, solid_capstyle="butt", gid=s.name)
+            for p in segs:
+                x = (p.t_ns - t0) / scale
+                y = y_out if p.dir == "out" else y_in
+                colour = PACKET_AGAIN if p.retransmission else PACKET_OUT if p.dir == "out" else PACKET_IN
+                seen_again |= p.retransmission
+                ax.plot([x], [y], marker=">" if p.dir == "out" else "<", color=colour, markersize=9, zorder=3,
+                        gid=f"segment {p.dir} {p.flags}")
+                if lo <= p.t_ns - t0 <= hi:
+                    ax.annotate(p.flags, (x, y), xytext=(0, 6), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=10, color=colour, gid="packet-flags", in_layout=False)
+            ax.set_xlim(lo / scale, hi / scale)
+            ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+            if parts[k][0] == parts[k][1]:
+                ax.set_xticks([parts[k][0] / scale])
+            else:  # half a panel holds three labels like "1012.75" side by side, not four
+                ax.locator_params(axis="x", nbins=4 if len(parts) == 1 else 3)
+            ax.tick_params(labelsize=10)
+            ax.set_xlabel(f"{unit} since socket()", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+            if len(axes) == 2:  # the break: no spine between the parts, a slash on each side
+                side = "right" if k == 0 else "left"
+                ax.spines[side].set_visible(False)
+                x_mark = 1 if k == 0 else 0
+                ax.plot([x_mark, x_mark], [0, 1], transform=ax.transAxes, linestyle="none", marker=[(-1, -1), (1, 1)],
+                        markersize=10, color="k", clip_on=False, mec="k", mew=1)
+                if k == 1:
+                    ax.tick_params(axis="y", left=False)
+        axes[0].set_yticks(range(n_rows), [name for name, _ in rows] + ["segment out", "segment in"], fontsize=10)
+        axes[0].set_ylim(n_rows - 0.4, -0.7)
+        sub.suptitle(heading, fontsize=10, x=0.02, ha="left")
+    handles = [Line2D([], [], color=SEED_STEP_COLOURS[n], linewidth=7, label=f"step {SEED_STEP_NAMES[n]}")
+               for n in sorted(k for k in seen_steps if k is not None)]
+    if "timer" in seen_events:
+        handles.append(Line2D([], [], color="k", linewidth=0, marker="|", markersize=12, markeredgewidth=2,
+                              label="timer armed"))
+    if "timeout" in seen_events:
+        handles.append(Line2D([], [], color="k", linewidth=0, marker="X", markersize=8, label="timer fired"))
+    handles += [Line2D([], [], color=PACKET_OUT, linewidth=0, marker=">", markersize=9, label="segment out"),
+                Line2D([], [], color=PACKET_IN, linewidth=0, marker="<", markersize=9, label="segment in")]
+    if seen_again:
+        handles.append(Line2D([], [], color=PACKET_AGAIN, linewidth=0, marker=">", markersize=9, label="sent again"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=9,
+               title="bar: a call, from its start to its return", title_fontsize=9)
+    if title:
+        fig.suptitle(title)
+    # the flags go where they overprint nothing, measured once the layout is final (they take no part in it)
+    fig.draw_without_rendering()
+    _unpile_labels(fig)
+    return fig
+
+
+#: where a segment's flags may go, in points from its marker, in order of preference: above, below, beside,
+#: then further up, a step at a time
+_LABEL_SPOTS = ((0, 6, "center", "bottom"), (0, -6, "center", "top"), (8, 0, "left", "center"),
+                (-8, 0, "right", "center"), *((0, 6 + 12 * k, "center", "bottom") for k in range(1, 6)))
+
+
+def _unpile_labels(fig) -> None:
+    """Flags of segments close in time would overprint: each label takes the first spot of
+    :data:`_LABEL_SPOTS` where it touches no label already placed in its panel."""
+    renderer = fig._get_renderer()  # the figure's own (Agg) renderer, as savefig and the inline backend use
+    for ax in fig.axes:
+        placed: list = []
+        for text in sorted((t for t in ax.texts if t.get_gid() == "packet-flags"), key=lambda t: t.xy[0]):
+            for dx, dy, ha, va in _LABEL_SPOTS:
+                text.set_position((dx, dy))
+                text.set_ha(ha)
+                text.set_va(va)
+                box = text.get_window_extent(renderer)
+                if not any(box.overlaps(other) for other in placed):
+                    break
+            placed.append(text.get_window_extent(renderer))

@@ -226,3 +226,131 @@ def test_cli_connect_bad_happy_eyeballs_one_line():
         proc = cli("connect", "127.0.0.1:1", "127.0.0.1:2", "--happy-eyeballs", *args)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
         assert "--happy-eyeballs" in proc.stderr
+
+
+# -- the packet figure (notebook 11): plots.packets, through capture.plot_shots ------------------------
+
+US = 1000  # ns
+
+
+def _shot(scenario, steps, segments, note=""):
+    """A Shot from recorded steps ``(name, start_us, end_us)`` and segments ``(dir, flags, t_us, again)``."""
+    from nbconn.result import Result
+
+    base = 10**12
+    res = Result(target="127.0.0.1:1", family="AF_INET", outcome="connected")
+    res.started_ns = base + steps[0][1] * US
+    connect = next(s for s in steps if s[0] == "connect")
+    res.handshake_ns = (steps[-1][2] - connect[1]) * US
+    for name, start, end in steps:
+        res.recorder()((name, name + "(...)", 0, base + start * US, base + end * US))
+    packets = [capture.Packet(base + t * US, d, flags, "127.0.0.1", "127.0.0.1", 1, 2, 0, 0, 0, again)
+               for d, flags, t, again in segments]
+    return capture.Shot(scenario, res, packets, [res], packets, "synthetic", 0, note)
+
+
+def _calls(socket_us):
+    """socket() taking ``socket_us``, then the rest of a loopback connect; the handshake inside connect()."""
+    s = socket_us
+    return [("socket", 0, s), ("nonblocking", s + 1, s + 6), ("epoll_ctl", s + 7, s + 12),
+            ("connect", s + 13, s + 100), ("timer", s + 100, s + 100), ("epoll_wait", s + 120, s + 130),
+            ("so_error", s + 132, s + 135), ("tcp_info", s + 140, s + 145)], \
+        [("out", "S", s + 40, False), ("in", "SA", s + 55, False), ("out", "A", s + 70, False),
+         ("out", "FA", s + 300, False)]
+
+
+def _line(fig, gid):
+    return [(ax, line) for ax in fig.axes for line in ax.lines if line.get_gid() == gid]
+
+
+def _texts(fig):
+    """Every piece of text drawn, with its box: flags, tick labels in view, axis labels, titles, the legend."""
+    fig.draw_without_rendering()
+    renderer = fig._get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        lo, hi = sorted(ax.get_xlim())
+        shown = [t for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= x <= hi]
+        for t in [*ax.texts, *shown, *ax.get_yticklabels(), ax.xaxis.label]:
+            if t.get_visible() and t.get_text():
+                boxes.append((t.get_text(), t.get_window_extent(renderer)))
+    for sub in fig.subfigs:
+        boxes.append((sub._suptitle.get_text(), sub._suptitle.get_window_extent(renderer)))
+    boxes += [("legend", legend.get_window_extent(renderer)) for legend in fig.legends]
+    return boxes
+
+
+def _overlaps(fig):
+    boxes = _texts(fig)
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+
+
+def test_packet_figure_time_zero_is_socket_for_root_and_for_a_normal_user():
+    """As a normal user socket() is made by the lab's helper (2230 µs in the issue): the axis still starts at
+    the call to socket(), not ~300 µs before the first dot, and the handshake is not squeezed into a sliver."""
+    root = _shot("listening", *_calls(10))
+    user = _shot("listening", *_calls(2230))
+    fig = capture.plot_shots([root, user])
+    (ax_root, bar_root), = _line(fig.subfigs[0], "socket")
+    (ax_user, bar_user), *_ = _line(fig.subfigs[1], "socket")
+    for ax, bar in ((ax_root, bar_root), (ax_user, bar_user)):
+        left, right = ax.get_xlim()
+        assert bar.get_xdata()[0] == 0  # socket() was called at time 0
+        assert -0.05 * (right - left) <= left <= 0, (left, right)
+    # the normal user's panel breaks its axis: the calls after socket() get a part of their own
+    assert len(fig.subfigs[0].axes) == 1 and len(fig.subfigs[1].axes) == 2
+
+
+def test_packet_figure_draws_calls_from_start_to_return_so_the_syn_sits_inside_connect():
+    fig = capture.plot_shots([_shot("listening", *_calls(10))])
+    (ax, connect), = _line(fig, "connect")
+    (_, syn), = _line(fig, "segment out S")
+    start, end = connect.get_xdata()
+    assert (start, end) == (23, 110)  # µs since socket(): called at 23, returned at 110
+    assert start < syn.get_xdata()[0] < end
+    # after the decision (SO_ERROR) nothing is drawn: no TCP_INFO, no FIN of the close
+    assert not _line(fig, "tcp_info") and not _line(fig, "segment out FA")
+
+
+def test_packet_figure_has_a_legend_and_no_label_overprints_another():
+    """11 showed "connect()" over "SO_ERROR" and "S again" over "A": segments microseconds apart."""
+    crowded = _shot("slow-accept", [("socket", 0, 3), ("connect", 10, 14), ("timer", 14, 14),
+                                    ("epoll_wait", 300, 1_020_900), ("so_error", 1_021_000, 1_021_001)],
+                    [("out", "S", 12, False), ("out", "S", 1_016_900, True), ("in", "SA", 1_016_901, False),
+                     ("out", "A", 1_016_902, False), ("out", "PA", 1_016_903, False)],
+                    note="a long note about the server's counters, " * 6)
+    # a late part 0.35 ms wide at 1012 ms: tick labels like "1012.75" side by side
+    narrow = _shot("slow-accept", [("socket", 0, 3), ("connect", 10, 14), ("timer", 14, 14),
+                                   ("epoll_wait", 300, 1_012_800), ("so_error", 1_012_990, 1_012_991)],
+                   [("out", "S", 12, False), ("out", "S", 1_012_650, True), ("in", "SA", 1_012_760, False),
+                    ("out", "A", 1_012_761, False)])
+    fig = capture.plot_shots([crowded, narrow, _shot("listening", *_calls(10))])
+    assert _overlaps(fig) == []
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    for entry in ("segment out", "segment in", "sent again", "timer armed", "step 1 socket()"):
+        assert entry in legend
+    # a phone shows the figure 358-760 px wide: it is drawn narrow, so its text is not shrunk much
+    assert fig.get_figwidth() <= 6.5
+
+
+def test_packet_figure_of_real_connects_overprints_nothing(no_fd_leak):
+    need_some_capture()
+    shots = rootless_or_skip(lambda: [capture.shoot("listening"), capture.shoot("refused")])
+    fig = capture.plot_shots(shots)
+    assert _overlaps(fig) == []
+    # on loopback the SYN leaves inside connect(), in each panel
+    for sub in fig.subfigs:
+        (_, connect), = _line(sub, "connect")
+        (_, syn), = _line(sub, "segment out S")
+        start, end = connect.get_xdata()
+        assert start <= syn.get_xdata()[0] <= end
+
+
+def test_merged_timeline_starts_at_socket_and_lists_the_handshake_inside_connect():
+    """The text timeline began at "2230.4 µs socket(...)" for a normal user: the time socket() *returned*."""
+    lines = _shot("listening", *_calls(2230)).timeline().splitlines()
+    assert lines[1].split()[:4] == ["0.0", "µs", "2230.0", "µs"] and "socket(" in lines[1]
+    connect = next(i for i, line in enumerate(lines) if "connect(" in line)
+    called, returned = float(lines[connect].split()[0]), float(lines[connect].split()[2])
+    wire = [float(line.split()[0]) for line in lines if "[wire]" in line]
+    assert len(wire) == 3 and all(called < t < returned for t in wire)  # the FIN after the decision is not listed

@@ -56,8 +56,16 @@ def test_timeline_has_one_marker_per_step_and_gantt_one_bar_per_connect():
     with lab.refused() as target:
         res = nbconn.connect(target)
     fig = plots.timeline(res)
-    markers = [line for line in fig.axes[0].lines if line.get_marker() == "o"]
-    assert len(markers) == len(res.steps)
+    calls = [line for line in fig.axes[0].lines if line.get_gid() == "call"]
+    events = [line for line in fig.axes[0].lines if line.get_gid() == "event"]
+    assert len(calls) + len(events) == len(res.steps)
+    # each call a bar from the moment it was called to the moment it returned (a dot at the return put
+    # connect() after the packets it sent)
+    t0 = res.started_ns
+    for line, step in zip(calls, [s for s in res.steps if s.name not in ("timer", "timeout")]):
+        start, end = line.get_xdata()
+        assert start == (step.t_start_ns - t0) / 1e3 and end >= (step.t_ns - t0) / 1e3
+    assert calls[0].get_xdata()[0] == 0  # time 0 is the call to socket()
     # one row per step, labelled with its name: nothing piles up at 0
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(labels) == len(res.steps) and labels[0].endswith("socket")
@@ -154,3 +162,46 @@ def test_rtt_vs_handshake_draws_only_unretransmitted_connects():
     # y is the difference handshake - tcpi_rtt in µs, for the same connects
     kept = [(h - r) * 1e3 for h, r, t in zip(m.handshake_ms, m.tcpi_rtt_ms, m.tcpi_total_retrans) if not t]
     assert list(offsets[:, 1]) == pytest.approx(kept)
+
+
+def _synthetic(label, handshakes_ms, rtts_ms):
+    return Measurement(label=label, scenario="impaired", timeout_s=5.0, concurrency=1, outcome=["connected"] * len(
+        handshakes_ms), handshake_ms=list(handshakes_ms), tcpi_rtt_ms=list(rtts_ms),
+        tcpi_total_retrans=[0] * len(handshakes_ms))
+
+
+def test_a_link_keeps_its_colour_from_one_figure_to_the_next():
+    """08 draws the loopback run and three links, then only the links: "20 ms RTT" was orange, then blue."""
+    from matplotlib.colors import to_hex
+
+    loopback = _synthetic("loopback", [0.01, 0.02, 0.03], [0.01, 0.01, 0.01])
+    links = [_synthetic(label, [20.1, 20.4, 21.0], [20.0, 20.1, 20.2])
+             for label in ("20 ms RTT", "20 ms RTT, jitter 2 ms", "20 ms RTT, 2% loss")]
+    dist = plots.distributions([loopback, *links], zoom_ms=(15, 25))
+    tail = {line.get_label(): to_hex(line.get_color()) for line in dist.axes[2].lines}
+    scatter = plots.rtt_vs_handshake(links)
+    dots = {c.get_label().split(":")[0]: to_hex(c.get_facecolor()[0]) for c in scatter.axes[0].collections}
+    assert set(dots) == {m.label for m in links}
+    for label, colour in dots.items():
+        assert tail[label] == colour == plots.RUN_COLOURS[label], label
+    # a label the table does not know never takes a link's colour
+    others = plots.run_colours(["a", "b", "20 ms RTT"])
+    assert others["20 ms RTT"] == plots.RUN_COLOURS["20 ms RTT"]
+    assert others["a"] != others["b"] and not {others["a"], others["b"]} & set(plots.RUN_COLOURS.values())
+
+
+def test_time_segments_break_the_axis_only_where_one_linear_axis_squeezes_the_calls():
+    us, ms, s = 1_000, 1_000_000, 1_000_000_000
+    loopback = [0, 10 * us, 12 * us, 20 * us, 27 * us, 49 * us, 65 * us, 78 * us, 115 * us, 167 * us, 174 * us]
+    assert plots.time_segments(loopback) == [(0, 174 * us)]
+    # a normal user's socket() from the lab's helper: 211 µs of 357 is drawn as it is, 2230 µs of 2376 is not
+    assert len(plots.time_segments([0, *(x + 211 * us for x in loopback[1:]), 357 * us])) == 1
+    helper = [0, *(2230 * us + x for x in loopback[1:])]
+    assert plots.time_segments(helper) == [(0, 0), (2230 * us + 10 * us, helper[-1])]
+    # a 20 ms link: the calls up to connect() in one part, the SYN-ACK and the decision in the other
+    link = [0, 10 * us, 20 * us, 30 * us, 60 * us, 80 * us, 20 * ms, 20 * ms + 30 * us, 20 * ms + 60 * us]
+    assert plots.time_segments(link) == [(0, 80 * us), (20 * ms, 20 * ms + 60 * us)]
+    # a black hole: the break falls before the first resent SYN, never between SYNs a second apart
+    hole = [0, 10 * us, 20 * us, 44 * us, 60 * us, 1 * s + 9 * ms, 2 * s + 30 * ms, 2 * s + 500 * ms]
+    assert plots.time_segments(hole) == [(0, 60 * us), (1 * s + 9 * ms, 2 * s + 500 * ms)]
+    assert plots.time_segments([]) == [(0, 0)]

@@ -431,12 +431,18 @@ class Shot:
                         for p in self.packets if p.t_ns <= last)
 
     def timeline(self) -> str:
-        """Syscalls and packets merged in time order, in µs since socket()."""
-        rows = [(s.t_ns, f"{s.call}") for s in self.result.steps]
+        """Syscalls and packets merged in time order, in µs since socket() was called (for root and normal
+        users alike): each call at the moment it was called, with the moment it returned beside it, so a
+        segment sent during connect() is listed between connect()'s two times; each segment when it crossed
+        the interface."""
+        t0 = self.t0_ns
+        rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e3:10.1f} µs  {s.call}" if s.t_ns > s.t_start_ns or s.name
+                 not in ("timer", "timeout") else f"{'':13}  {s.call}") for s in self.result.steps]
         last = max(s.t_ns for s in self.result.steps)
-        rows += [(p.t_ns, f"    [wire] {p}") for p in self.packets if p.t_ns <= last]
+        rows += [(p.t_ns, f"{'':13}      [wire] {p}") for p in self.packets if p.t_ns <= last]
         rows.sort(key=lambda row: row[0])
-        return "\n".join(f"{(t - self.t0_ns) / 1e3:12.1f} µs  {text}" for t, text in rows)
+        head = f"{'called':>13}  {'returned':>13}"
+        return "\n".join([head] + [f"{(t - t0) / 1e3:10.1f} µs  {text}" for t, text in rows])
 
 
 def _client_port(result) -> int | None:
@@ -735,48 +741,8 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
 # -- the plot --------------------------------------------------------------------------------------
 
 def plot_shots(shots, *, title: str | None = None):
-    """One panel per scenario: syscalls (top row) and packets out / in (rows below) on one time axis."""
-    from matplotlib.figure import Figure
+    """One panel per scenario: each call a bar from its start to its return, the segments out and in below,
+    on one time axis since socket() (drawn by :func:`nbconn.plots.packets`, the one home of the figure)."""
+    from ..plots import packets
 
-    from ..plots import SEED_STEP_COLOURS
-
-    shots = list(shots)
-    fig = Figure(figsize=(10.0, 2.1 * len(shots) + 0.4), layout="constrained")
-    axes = fig.subplots(len(shots), 1, squeeze=False)[:, 0]
-    # Only the calls that mark the story get a label; the others are dots in their seed step's colour.
-    labels = {"connect": "connect()", "so_error": "SO_ERROR", "timeout": "timer fired", "epoll_wait": "epoll_wait"}
-    for ax, shot in zip(axes, shots):
-        t0 = shot.t0_ns
-        last_step = max(s.t_ns for s in shot.result.steps)
-        packets = [p for p in shot.packets if p.t_ns <= last_step]  # the handshake, not the close after it
-        end = max([last_step] + [p.t_ns for p in packets]) - t0
-        unit, scale = ("s", 1e9) if end > 2e9 else ("ms", 1e6) if end > 2e6 else ("µs", 1e3)
-        labelled = 0
-        for step in shot.result.steps:
-            x = (step.t_ns - t0) / scale
-            number = step.ngx_step.number if step.ngx_step else None
-            ax.plot([x], [2], marker="o", color=SEED_STEP_COLOURS.get(number, "grey"), markersize=6)
-            if step.name in labels:
-                ax.annotate(labels[step.name], (x, 2), xytext=(0, 6 + 9 * (labelled % 2)),
-                            textcoords="offset points", fontsize="x-small", ha="center")
-                labelled += 1
-        for j, packet in enumerate(packets):
-            x = (packet.t_ns - t0) / scale
-            y = 1 if packet.dir == "out" else 0
-            colour = "#d62828" if packet.retransmission else ("#264653" if packet.dir == "out" else "#2a9d8f")
-            ax.plot([x], [y], marker=">" if packet.dir == "out" else "<", color=colour, markersize=9)
-            ax.annotate(packet.flags + (" again" if packet.retransmission else ""), (x, y),
-                        xytext=(0, 7 + 8 * (j % 2)), textcoords="offset points", fontsize="small", ha="center",
-                        color=colour)
-        ax.set_yticks([0, 1, 2], ["in", "out", "syscalls"])
-        ax.set_ylim(-0.6, 3.0)
-        ax.set_xlim(-0.03 * end / scale, end / scale * 1.05)
-        ax.set_xlabel(f"{unit} since socket()", fontsize="small")
-        title_text = f"{shot.scenario}: {shot.result.summary()}"
-        if shot.note:
-            title_text += f"\n{shot.note}"
-        ax.set_title(title_text, fontsize="small", loc="left")
-        ax.grid(axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return packets(shots, title=title)
