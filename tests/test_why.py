@@ -400,7 +400,10 @@ IN_A_NAMESPACE = [
 
 
 @pytest.mark.parametrize("line", IN_A_NAMESPACE, ids=[why.decode(x)["cause"] for x in IN_A_NAMESPACE])
-def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(line, no_fd_leak):
+def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(line, no_fd_leak, monkeypatch):
+    import shutil
+    import tempfile
+
     from nbconn import reproduce
     from nbconn.lab import namespace
 
@@ -408,8 +411,16 @@ def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(l
     if reason:
         pytest.skip(reason)
     require_tool("nginx")
-    answer = why.decode(line)
-    rep = reproduce.reproduce(answer)
+    private = tempfile.mkdtemp(prefix="why-")  # nginx's prefix goes here: gone afterwards
+    os.chmod(private, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", private)
+    try:
+        answer = why.decode(line)
+        rep = reproduce.reproduce(answer)
+        left = os.listdir(private)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    assert left == []
     assert rep["made"], rep
     assert rep["model"]["same"], rep
     assert isinstance(rep["nginx"], dict) and rep["nginx"]["same"], rep  # nginx ran inside the namespace
