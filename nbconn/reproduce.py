@@ -9,10 +9,11 @@ the HTTP proxy module), and returns the line each wrote next to the given one.
 
 Causes that need what loopback cannot give -- no route, an ``unreachable`` route, a
 narrowed port range, the kernel's SYN give-up -- are built in a lab namespace
-(:mod:`nbconn.lab.namespace`), where the model runs but nbconn's nginx does not yet:
-the answer says so.  An ICMP error from a router needs a router the lab does not
-have: those lines are not made, and the answer says why.  Everything started (peers,
-namespaces, nginx and its prefix) is closed on every path.
+(:mod:`nbconn.lab.namespace`), and both run in there: the model's sockets are made
+inside (``ns.using()``) and nginx runs inside (``Nginx(..., netns=ns)``), so its
+connects meet the namespace's routes and sysctls.  An ICMP error from a router needs
+a router the lab does not have: those lines are not made, and the answer says why.
+Everything started (peers, namespaces, nginx and its prefix) is closed on every path.
 """
 
 from __future__ import annotations
@@ -27,18 +28,17 @@ from . import why
 #: the connect timer both run with where the situation waits for it (proxy_connect_timeout)
 CONNECT_TIMEOUT_S = 0.3
 
-_NGINX_OUTSIDE = "nbconn's nginx runs on this host's loopback, not inside a lab namespace (not run)"
-
-
 class _Setup:
     """What a situation hands over: the upstream's server addresses, how many requests to send, and for a
-    situation inside a lab namespace, the namespace (the model's sockets are made there) and why nginx is
-    not run; ``timeout``: proxy_connect_timeout for both."""
+    situation inside a lab namespace, the namespace (the model's sockets and nginx are made there);
+    ``timeout``: proxy_connect_timeout for both; ``ready``: a context manager entered after nginx has started
+    and before either runs (what would stop nginx from starting, e.g. a port range with no port left for its
+    listener, is done there)."""
 
-    def __init__(self, targets: list, requests: int, *, namespace=None, nginx_reason: str | None = None,
-                 timeout: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, targets: list, requests: int, *, namespace=None, timeout: float = CONNECT_TIMEOUT_S,
+                 ready=None) -> None:
         self.targets, self.requests, self.namespace = targets, requests, namespace
-        self.nginx_reason, self.timeout = nginx_reason, timeout
+        self.timeout, self.ready = timeout, ready
 
 
 def open_to_worker(path: str, mode: int = 0o777) -> None:
@@ -183,7 +183,7 @@ def _unix_forbidden():
         yield _Setup([str(p)], 1)
 
 
-# -- situations inside a lab namespace: the model only (nbconn.lab.namespace, rootless too) -----------------
+# -- situations inside a lab namespace: the model and nginx both in there (rootless too) -----------------------
 
 @contextlib.contextmanager
 def _lab(**kwargs):
@@ -203,28 +203,39 @@ class _CannotHere(Exception):
 @contextlib.contextmanager
 def _no_route():
     with _lab() as ns:  # a fresh namespace has only lo: no route to 198.18.0.0/15 (the lab's own range)
-        yield _Setup(["198.18.0.1:80"], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+        yield _Setup(["198.18.0.1:80"], 1, namespace=ns)
 
 
 @contextlib.contextmanager
 def _unreachable_route():
     with _lab(routes=["unreachable 198.18.0.0/15"]) as ns:
-        yield _Setup(["198.18.0.1:80"], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
+        yield _Setup(["198.18.0.1:80"], 1, namespace=ns)
 
 
 @contextlib.contextmanager
 def _no_local_port():
-    """ip_local_port_range narrowed to two ports, one of them held by a kept connection: the next connect
-    to the same listener finds no free local port (notebook 04)."""
+    """ip_local_port_range narrowed to two ports, both held by kept connections to the listener: the next
+    connect to it finds no free local port (notebook 04).  The range is narrowed only once nginx listens
+    (``ready``): its listener's bind() to port 0 would find none left either.  A connect to another address
+    (the client's to nginx) may still share a held port: the kernel's check is on the four-tuple
+    (net/ipv4/inet_hashtables.c __inet_hash_connect)."""
     from .api import connect
 
-    with _lab(sysctls={"net.ipv4.ip_local_port_range": "40000 40001"}) as ns, ns.listening() as target:
-        with ns.using():
-            first = connect(target, keep=True, timeout=2.0)
-        try:
-            yield _Setup([str(target)], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE)
-        finally:
-            first.close()
+    with _lab() as ns, ns.listening() as target:
+        @contextlib.contextmanager
+        def ready():
+            ns.set_sysctl("net.ipv4.ip_local_port_range", "40000 40001")
+            held = []
+            try:
+                with ns.using():
+                    for _ in range(2):
+                        held.append(connect(target, keep=True, timeout=2.0))
+                yield
+            finally:
+                for r in held:
+                    r.close()
+
+        yield _Setup([str(target)], 1, namespace=ns, ready=ready)
 
 
 @contextlib.contextmanager
@@ -232,7 +243,7 @@ def _syn_give_up():
     """tcp_syn_retries=1 inside the namespace and a listener that drops SYNs: the kernel gives up after the
     first resend (~3 s, notebook 06) while the connect timer is longer."""
     with _lab(sysctls={"net.ipv4.tcp_syn_retries": "1"}) as ns, ns.blackhole() as target:
-        yield _Setup([str(target)], 1, namespace=ns, nginx_reason=_NGINX_OUTSIDE, timeout=10.0)
+        yield _Setup([str(target)], 1, namespace=ns, timeout=10.0)
 
 
 _NEEDS_LINK = "needs the impaired link with a router answering ICMP (%s); nbconn's lab has no such router yet"
@@ -253,7 +264,7 @@ SITUATIONS = {
     "connect:ENETUNREACH": ("a lab namespace with no route to 198.18.0.1", _no_route, False),
     "connect:EHOSTUNREACH": ("a lab namespace with `ip route add unreachable 198.18.0.0/15`", _unreachable_route,
                              False),
-    "connect:EADDRNOTAVAIL": ("a lab namespace with ip_local_port_range \"40000 40001\", one port held",
+    "connect:EADDRNOTAVAIL": ("a lab namespace with ip_local_port_range \"40000 40001\", both ports held",
                               _no_local_port, False),
     "so_error:ETIMEDOUT": ("a lab namespace with tcp_syn_retries=1 and a listener that drops SYNs; connect "
                            "timer 10 s", _syn_give_up, False),
@@ -331,13 +342,24 @@ def _run_model(setup: _Setup, http: bool) -> list:
     return [line for r in done for line in r.log]
 
 
-def _run_nginx(setup: _Setup) -> list:
-    from .nginx import Nginx
+def _run_nginx(nginx, setup: _Setup) -> list:
+    for _ in range(setup.requests):
+        nginx.request("/", timeout_s=setup.timeout + 10.0)
+    return [f"[{e.level}] {e.message}" for e in nginx.error_log() if e.level not in ("info", "notice")]
 
-    with Nginx(setup.targets, connect_timeout=setup.timeout) as nginx:
-        for _ in range(setup.requests):
-            nginx.request("/", timeout_s=10.0)
-        return [f"[{e.level}] {e.message}" for e in nginx.error_log() if e.level not in ("info", "notice")]
+
+def _started_nginx(stack: contextlib.ExitStack, setup: _Setup):
+    """A real nginx in front of the situation's targets (inside its namespace, if any), or why not."""
+    from . import nginx as nginx_module
+
+    reason = nginx_module.unavailable_reason()
+    if reason:
+        return reason
+    try:
+        return stack.enter_context(nginx_module.Nginx(setup.targets, connect_timeout=setup.timeout,
+                                                      netns=setup.namespace))
+    except RuntimeError as exc:  # nginx would not start here: say so, keep the model's answer
+        return f"nginx did not run: {exc}"
 
 
 def reproduce(answer: dict) -> dict:
@@ -366,19 +388,21 @@ def reproduce(answer: dict) -> dict:
         return {"made": False, "reason": "a stream session's reset while proxying: nbconn's nginx runs the HTTP "
                                          "proxy only"}
     situation, build, http = SITUATIONS[cause]
-    from . import nginx as nginx_module
-
     if cause == "connect:EACCES" and not (answer.get("upstream") or "").startswith("unix:"):
         return {"made": False, "reason": "EACCES on a TCP connect (a prohibit route, a security module): nbconn "
                                          "builds the unix socket case only"}
     try:
-        with build() as setup:
+        # nginx's block inside the situation's: a process inside keeps a lab namespace alive
+        with build() as setup, contextlib.ExitStack() as stack:
+            nginx = _started_nginx(stack, setup)
+            if setup.ready is not None:
+                stack.enter_context(setup.ready())
             model = _produced(_run_model(setup, http), cause)
-            reason = setup.nginx_reason or nginx_module.unavailable_reason()
-            try:
-                nginx = reason if reason else _produced(_run_nginx(setup), cause)
-            except RuntimeError as exc:  # nginx would not start here: say so, keep the model's answer
-                nginx = f"nginx did not run: {exc}"
+            if not isinstance(nginx, str):
+                try:
+                    nginx = _produced(_run_nginx(nginx, setup), cause)
+                except OSError as exc:  # its client could not reach it: say so, keep the model's answer
+                    nginx = f"nginx's client failed: {exc}"
     except (_CannotHere, RuntimeError) as exc:  # no lab namespace here, or a peer could not be built
         return {"made": False, "reason": str(exc)}
     if cause == "connect:EACCES" and os.geteuid() == 0 and (model is None or not model["same"]):

@@ -400,18 +400,33 @@ IN_A_NAMESPACE = [
 
 
 @pytest.mark.parametrize("line", IN_A_NAMESPACE, ids=[why.decode(x)["cause"] for x in IN_A_NAMESPACE])
-def test_reproduce_in_a_lab_namespace_runs_the_model(line, no_fd_leak):
+def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(line, no_fd_leak, monkeypatch):
+    import shutil
+    import tempfile
+
     from nbconn import reproduce
     from nbconn.lab import namespace
 
     reason = namespace.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    answer = why.decode(line)
-    rep = reproduce.reproduce(answer)
+    require_tool("nginx")
+    private = tempfile.mkdtemp(prefix="why-")  # nginx's prefix goes here: gone afterwards
+    os.chmod(private, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", private)
+    try:
+        answer = why.decode(line)
+        rep = reproduce.reproduce(answer)
+        left = os.listdir(private)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    assert left == []
     assert rep["made"], rep
     assert rep["model"]["same"], rep
-    assert "not inside a lab namespace" in rep["nginx"]  # said, not pretended
+    assert isinstance(rep["nginx"], dict) and rep["nginx"]["same"], rep  # nginx ran inside the namespace
+    produced = rep["nginx"]["line"].split("] ", 1)[1]
+    assert why.decode(produced)["cause"] == answer["cause"]
+    assert f"({answer['errno']}: " in produced, produced  # the same errno, from nginx's own connect
 
 
 def test_reproduce_worker_connections_with_a_real_nginx(no_fd_leak):
