@@ -18,7 +18,14 @@ held back ``rtt_ms``, and the first answer on a new connection ``2 * rtt_ms``
 It is a delay added by this server, not a network: the kernel still completes
 the handshake at once, and strace still shows loopback's microseconds.
 
-Only 127.0.0.0/8 and ::1.  One thread accepts; one thread per connection (at most
+``source`` -- a lab namespace (``nbconn.lab.namespace()``, an impaired link's
+``server_ns``): the listener is made in there (the accept loop runs here, on the
+passed descriptor), so the peer sits behind the lab's link and a client in the
+link's client namespace -- a real nginx with ``netns=link.client_ns`` -- pays real
+handshakes over it; no ``rtt_ms`` stand-in needed.
+
+Only 127.0.0.0/8 and ::1, or any address inside a lab namespace (where only the
+lab's addresses exist).  One thread accepts; one thread per connection (at most
 ``max_connections``); :meth:`stop` (or leaving the ``with``) closes every
 socket and joins every thread, each wait bounded.
 """
@@ -54,10 +61,21 @@ class Served:
 
 class HttpPeer:
     def __init__(self, host: str = "127.0.0.1", *, rtt_ms: float = 0.0, journal: list | None = None,
-                 idle_timeout_s: float = 60.0, max_connections: int = 256) -> None:
-        if not isinstance(host, str) or not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"host={validate.shown(host)} must be a loopback address")
+                 idle_timeout_s: float = 60.0, max_connections: int = 256, source=None) -> None:
+        if source is not None and not callable(getattr(source, "socket", None)):
+            raise TypeError(f"source must be a lab namespace (nbconn.lab.namespace(), a link's server_ns), "
+                            f"got {validate.shown(source)}")
+        if not isinstance(host, str):
+            raise TypeError(f"host must be an IP address as a str, got {validate.shown(host)}")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"host={validate.shown(host)} is not an IP address") from None
+        if source is None and not address.is_loopback:
+            raise ValueError(f"host={validate.shown(host)} must be a loopback address (or give source=, a lab "
+                             f"namespace, to listen on one of its addresses)")
         self.host = host
+        self.source = source
         self.rtt_s = validate.number("rtt_ms", rtt_ms, 0, 10_000) / 1000
         self.idle_timeout_s = validate.number("idle_timeout_s", idle_timeout_s, 0, 3600, low_open=True)
         self.max_connections = validate.integer("max_connections", max_connections, 1, 10_000)
@@ -85,7 +103,10 @@ class HttpPeer:
     # -- lifetime -------------------------------------------------------------------------
     def start(self) -> "HttpPeer":
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        if self.source is not None:
+            sock = self.source.socket(family, socket.SOCK_STREAM)  # made inside the lab namespace
+        else:
+            sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.bind((self.host, 0))
             sock.listen(128)

@@ -14,26 +14,38 @@ lab peers and read what it did from its own logs:
 
 :class:`Nginx` runs a private instance from a temporary prefix: its own
 configuration, pid file, logs and temp directories, ``daemon off``, listening on
-a free 127.0.0.1 port.  It never touches the system service.  It is stopped
-(SIGQUIT, then SIGKILL) and its prefix removed on every exit path.
+a free 127.0.0.1 port -- on the host's loopback, or inside a lab namespace
+(``netns=``).  It never touches the system service.  ``stop()`` ends it (SIGQUIT,
+then SIGKILL to its process group) and removes its prefix; and it never outlives
+the process that started it: nginx is the child of a small guard
+(:mod:`nbconn.nginx_guard`) that ends nginx's process group and removes the prefix
+when this process exits, however it exits.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 
 from . import systools, validate
 from .upstream import Peer
 
 LOG_FORMAT = "$status|$upstream_addr|$upstream_connect_time|$upstream_status"
+#: The guard process that ties nginx's life to ours (run by path, as ``python -I -S``: it imports no nbconn).
+_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx_guard.py")
+#: How long the guard may take to answer (a fresh interpreter on a loaded machine).
+_GUARD_ANSWER_S = 10.0
 
 
 def find_nginx() -> str | None:
@@ -69,6 +81,20 @@ class ErrorEntry:
     level: str
     message: str  # e.g. "connect() failed (111: Connection refused) while connecting to upstream"
     upstream: str | None  # the peer, e.g. "127.0.0.1:40123"
+
+
+def _killpg(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass  # gone already
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
@@ -129,14 +155,15 @@ PROXY_NEXT_UPSTREAM_KINDS = ("error", "timeout", "invalid_header", "http_500", "
 #: What construction fixes.  config() writes them into nginx.conf, so after construction they are read-only
 #: (a later ``ng.tries = "1; location /x { alias /etc/; }"`` is refused) and config() checks them again anyway.
 SETTINGS = ("peers", "connect_timeout", "next_upstream", "tries", "next_upstream_timeout", "read_timeout", "keepalive",
-            "proxy_bind", "workers", "worker_connections", "zone", "strace", "strace_syscalls")
+            "proxy_bind", "workers", "worker_connections", "zone", "strace", "strace_syscalls", "netns")
 
 #: worker_processes above this is refused: each worker is a process, and a tutorial's machine has a few cores.
 MAX_WORKERS = 32
 #: worker_connections: at least one per listening socket plus one for the master's channel, or nginx refuses to
 #: start ("N worker_connections are not enough for 1 listening sockets", ngx_event_init_conf in
-#: src/event/ngx_event.c); 2 leaves none for a client's upstream connection, which is how to make
-#: "worker_connections are not enough" happen on purpose.  Each is a descriptor and a preallocated ngx_connection_t.
+#: src/event/ngx_event.c).  2 leaves none for a client (nginx accepts and resets it: "[alert] 2 worker_connections
+#: are not enough"); 3 none for the upstream connect (ngx_get_connection fails: 500, "[alert] 3 worker_connections
+#: are not enough while connecting to upstream", measured).  Each is a descriptor and a preallocated ngx_connection_t.
 MIN_WORKER_CONNECTIONS = 2
 MAX_WORKER_CONNECTIONS = 65536
 
@@ -189,6 +216,11 @@ def _checked(settings: dict) -> dict:
                                                  MAX_WORKER_CONNECTIONS)
     out["zone"] = validate.flag("zone", settings["zone"])
     out["strace"] = validate.flag("strace", settings["strace"])
+    netns = settings["netns"]
+    is_lab_namespace = callable(getattr(netns, "socket", None)) and isinstance(getattr(netns, "pid", None), int)
+    if netns is not None and not is_lab_namespace:
+        raise TypeError(f"netns must be a lab namespace (nbconn.lab.namespace(), or a link's client/server), "
+                        f"got {validate.shown(netns)}")
     syscalls = settings["strace_syscalls"]
     if not isinstance(syscalls, str) or re.fullmatch(r"[a-z0-9_]+(,[a-z0-9_]+)*", syscalls) is None:
         raise ValueError(f"strace_syscalls={validate.shown(syscalls)} must be syscall names, comma-separated")
@@ -219,7 +251,10 @@ class Nginx:
     IP_BIND_ADDRESS_NO_PORT itself); ``workers``: worker_processes; ``worker_connections``: the events block's
     worker_connections; ``zone``: ``zone backend 64k;`` (the upstream's peers and their failure counts shared
     by all workers; without it each worker keeps its own); ``strace``: run nginx under ``strace -f`` and keep
-    the trace (of ``strace_syscalls``).
+    the trace (of ``strace_syscalls``); ``netns``: a lab namespace (``nbconn.lab.namespace()``, or an impaired
+    link's ``client`` / ``server``) to run nginx in -- its listener and its upstream connects are then made in
+    there, meeting the lab's peers, sysctls, routes and link; :meth:`request` connects from inside too.  Leave
+    nginx's ``with`` block before the namespace's (a process inside keeps a namespace alive).
 
     Every setting is checked when the object is made, before any file or process exists, and is read-only
     afterwards; :meth:`config` checks them again as it writes them.
@@ -228,7 +263,7 @@ class Nginx:
     def __init__(self, peers, *, connect_timeout: float = 0.2, next_upstream=("error", "timeout"), tries: int = 0,
                  next_upstream_timeout: float = 0.0, read_timeout: float = 5.0, strace: bool = False,
                  keepalive: int = 0, proxy_bind: str | None = None, workers: int = 1, worker_connections: int = 64,
-                 zone: bool = False,
+                 zone: bool = False, netns=None,
                  strace_syscalls: str = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,close") -> None:
         reason = unavailable_reason()
         if reason:
@@ -242,12 +277,14 @@ class Nginx:
             peers=peers, connect_timeout=connect_timeout, next_upstream=next_upstream, tries=tries,
             next_upstream_timeout=next_upstream_timeout, read_timeout=read_timeout, keepalive=keepalive,
             proxy_bind=proxy_bind, workers=workers, worker_connections=worker_connections, zone=zone, strace=strace,
-            strace_syscalls=strace_syscalls))
+            strace_syscalls=strace_syscalls, netns=netns))
         for name in SETTINGS:
             object.__setattr__(self, name, checked[name])
         self.prefix = ""
         self.port = 0
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None  # the guard (nbconn.nginx_guard), nginx's parent
+        self._child = 0  # the guard's child: nginx's master (or strace), and its process group
+        self._buffer = b""
         self._fixed = True
 
     def __setattr__(self, name: str, value) -> None:
@@ -320,9 +357,28 @@ http {{
 """
 
     # -- lifetime -----------------------------------------------------------------
+    # nginx is started by nbconn.nginx_guard, a small process of its own that kills nginx's process group and
+    # removes the prefix when this process exits, however it exits (SIGKILL, SIGTERM, SIGHUP, a crash), when
+    # this object's pipe to it is closed (stop(), or the object is garbage-collected), or when it is signalled.
     def start(self) -> "Nginx":
-        self.prefix = tempfile.mkdtemp(prefix="nbconn-nginx-")
+        if self.proc is not None:
+            raise RuntimeError("this Nginx is running already: stop() it first, or make another")
+        self._owner = os.getpid()
+        self._buffer, self._child = b"", 0
+        enter: dict = {}
         try:
+            if self.netns is not None:
+                enter = self._namespace_descriptors()
+            # its own session: a terminal's SIGINT/SIGHUP to our process group does not end the guard first
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", _GUARD, str(os.getpid()),
+                                          tempfile.gettempdir()],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                                         pass_fds=[fd for fd in (enter.get("netns_socket"), enter.get("userns"))
+                                                   if fd is not None])
+            # Dropped without stop(), this object closes the guard's pipe when it is collected: the guard then
+            # ends nginx and removes the prefix.  (Popen keeps a running child's object, and so the pipe, alive.)
+            weakref.finalize(self, _close_quietly, self.proc.stdin)
+            self.prefix = self._expect("prefix", _GUARD_ANSWER_S)
             config_value("nginx prefix (from TMPDIR)", self.prefix)
             os.makedirs(os.path.join(self.prefix, "tmp"))
             if _worker_user():
@@ -330,7 +386,7 @@ http {{
                 # and reopen its logs; it needs to pass through the 0700 prefix, not list or write it.
                 os.chmod(self.prefix, 0o711)
             for _ in range(3):  # the free port may be taken between the probe and nginx's bind: retry
-                self.port = _free_port()
+                self.port = self._free_port()
                 conf = os.path.join(self.prefix, "nginx.conf")
                 with open(conf, "w") as f:
                     f.write(self.config())
@@ -339,8 +395,8 @@ http {{
                     argv = [systools.find("strace") or "strace", "-f", "-qq", "-tt", "-o",
                             os.path.join(self.prefix, "strace.log"),
                             "-e", f"trace={self.strace_syscalls}", "-s", "40", *argv]
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE)
+                self._send("run " + json.dumps(dict(enter, argv=argv)))
+                self._child = int(self._expect("pid", _GUARD_ANSWER_S))
                 if self._wait_ready(5.0):
                     return self
                 self._kill()
@@ -348,20 +404,99 @@ http {{
         except BaseException:
             self.stop()
             raise
+        finally:
+            for fd in (enter.get("netns_socket"), enter.get("userns")):
+                if fd is not None:
+                    os.close(fd)  # the guard has its own copies
+
+    def _namespace_descriptors(self) -> dict:
+        """What nginx's child needs to join ``netns`` (see nbconn.nginx_guard._enter_namespaces): a socket made
+        in there, and -- when the lab made a user namespace (a normal user) -- that user namespace."""
+        sock = self.netns.socket()
+        enter = {"netns_socket": sock.detach(), "userns": None, "uid": os.getuid(), "gid": os.getgid()}
+        try:
+            userns = os.open(f"/proc/{self.netns.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            if os.fstat(userns).st_ino == os.stat("/proc/self/ns/user").st_ino:
+                os.close(userns)  # real root: the lab made a network namespace only
+            else:
+                enter["userns"] = userns
+        except BaseException:
+            os.close(enter["netns_socket"])
+            raise
+        return enter
+
+    def _socket_to_nginx(self, timeout_s: float) -> socket.socket:
+        """A TCP connection to nginx's listener: from inside the lab namespace when nginx runs in one."""
+        if self.netns is None:
+            return socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s)
+        sock = self.netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _free_port(self) -> int:
+        """A port free on 127.0.0.1 where nginx will listen (inside the lab namespace when it runs in one)."""
+        if self.netns is None:
+            return _free_port()
+        with self.netns.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    # the guard's protocol: we send "run ARGV_JSON"; it answers "prefix PATH", "pid N", "exited STATUS", "error ..."
+    def _send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def _guard_line(self, timeout_s: float) -> str | None:
+        """The guard's next line, or None if none came within ``timeout_s`` (0: only what has arrived)."""
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            data = os.read(fd, 4096)
+            if not data:
+                raise RuntimeError(f"nginx's guard ended (exit status {self.proc.poll()}); "
+                                   f"nginx is stopped and its prefix removed")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        word, _, rest = line.decode().partition(" ")
+        if word == "exited":
+            self._child = 0
+        elif word == "error":
+            raise RuntimeError(f"nginx's guard: {rest}")
+        return line.decode()
+
+    def _expect(self, word: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self._guard_line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise RuntimeError(f"nginx's guard did not say {word!r} within {timeout_s:g} s")
+            got, _, rest = line.partition(" ")
+            if got == word:
+                return rest
 
     def _wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            while self._child and self._guard_line(0) is not None:
+                pass  # take in what the guard said: "exited" means nginx did not start
+            if not self._child:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with self._socket_to_nginx(0.2):
                     pass
                 # the probe connection itself is logged as a 400; start the logs clean
                 time.sleep(0.05)
                 for name in ("access.log", "error.log"):
                     open(os.path.join(self.prefix, name), "w").close()
-                os.kill(self.proc.pid if not self.strace else self._master_pid(), signal.SIGUSR1)  # reopen logs
+                os.kill(self.master_pid, signal.SIGUSR1)  # reopen logs
                 time.sleep(0.05)
                 return True
             except OSError:
@@ -374,8 +509,10 @@ http {{
 
     @property
     def master_pid(self) -> int:
-        """The nginx master's pid (its workers are its children)."""
-        return self._master_pid() if self.strace else self.proc.pid
+        """The nginx master's pid (its workers are its children); under strace it is strace's child."""
+        if not self._child:
+            raise RuntimeError("nginx is not running")
+        return self._master_pid() if self.strace else self._child
 
     def _startup_errors(self) -> str:
         for name in ("startup.log", "error.log"):
@@ -388,28 +525,55 @@ http {{
         return "no error logged"
 
     def _kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
+        """Stop nginx, keep the guard and the prefix: SIGQUIT to the master (a graceful stop, so its logs and
+        strace's are complete), then SIGKILL to its process group if it has not gone within 5 s."""
+        if not self._child or self.proc is None:
             return
-        if proc.poll() is None:
-            try:
-                pid = self._master_pid() if self.strace else proc.pid
-                os.kill(pid, signal.SIGQUIT)
-            except (OSError, ValueError):
-                proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
+        group = self._child
+        try:
+            os.kill(self.master_pid, signal.SIGQUIT)
+        except (OSError, ValueError):  # no pid file yet (under strace): the whole group, now
+            _killpg(group, signal.SIGKILL)
+        for sig in (signal.SIGKILL, None):
+            deadline = time.monotonic() + 5.0
+            while self._child and time.monotonic() < deadline:
+                self._guard_line(max(0.0, deadline - time.monotonic()))
+            if not self._child or sig is None:
+                break
+            _killpg(group, sig)
 
     def stop(self) -> None:
-        self._kill()
-        if self.prefix:
-            shutil.rmtree(self.prefix, ignore_errors=True)
-            self.prefix = ""
+        """Stop nginx and remove its prefix.  In a forked child of the owner it does nothing: the owner's nginx is
+        the owner's (a child leaving a copied ``with`` block must not stop it)."""
+        if getattr(self, "_owner", os.getpid()) != os.getpid():
+            return
+        proc, group = self.proc, self._child
+        try:
+            if proc is not None and proc.poll() is None:
+                self._kill()
+        except RuntimeError:
+            pass  # the guard has gone: it removed everything on its way out
+        finally:
+            self.proc, self._child = None, 0
+            if proc is not None and group and proc.poll() is not None and proc.returncode < 0:
+                # the guard was killed from outside (SIGKILL): its PR_SET_PDEATHSIG took nginx's master, but
+                # the workers, now orphans, still hold the group: end them here
+                _killpg(group, signal.SIGKILL)
+            if proc is not None:
+                # end of file: the guard kills what is left of nginx's group, removes the prefix and exits
+                for stream in (proc.stdin, proc.stdout):
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+                try:
+                    proc.wait(timeout=_GUARD_ANSWER_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=_GUARD_ANSWER_S)
+            if self.prefix:
+                shutil.rmtree(self.prefix, ignore_errors=True)
+                self.prefix = ""
 
     def __enter__(self) -> "Nginx":
         return self.start()
@@ -422,7 +586,7 @@ http {{
         """One HTTP/1.0 GET through nginx; returns the status code as a string."""
         if not isinstance(path, str) or re.fullmatch(r"/[\x21-\x7e]*", path) is None:
             raise ValueError(f"path={validate.shown(path)} must start with / and hold printable ASCII, no spaces")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s) as s:
+        with self._socket_to_nginx(timeout_s) as s:
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: nbconn\r\n\r\n".encode())
             data = b""
             while len(data) < 1 << 20:

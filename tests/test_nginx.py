@@ -465,3 +465,348 @@ def test_real_nginx_runs_the_new_settings():
             ps = subprocess.run(["ps", "-o", "args=", "--ppid", str(ng.master_pid)], capture_output=True,
                                 text=True, timeout=10).stdout
     assert sum("worker process" in line for line in ps.splitlines()) == 2, ps
+
+
+# -- nginx ends with its owner (issue 24 item 1) ---------------------------------------------------------
+
+OWNER = r"""
+import os, sys, threading, time
+from nbconn import nginx
+
+how = sys.argv[2]
+if how == "thread":  # started from a thread that then ends: nginx must live on with the process
+    box = []
+    t = threading.Thread(target=lambda: box.append(nginx.Nginx([sys.argv[1]]).start()))
+    t.start()
+    t.join()
+    ng = box[0]
+else:
+    ng = nginx.Nginx([sys.argv[1]]).start()
+if how == "fork" and os.fork() == 0:  # a forked child holds every inherited descriptor, then outlives us
+    os.close(1)
+    time.sleep(30)
+    os._exit(0)
+print(ng.prefix, ng.port, ng.master_pid, ng.proc.pid, flush=True)
+time.sleep(60)  # bounded: the test kills this process long before
+"""
+
+
+def _alive(pid: int) -> bool:
+    """A process with this pid that is not a zombie (a reaped or reused pid is not nginx's: checked by name)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return state != "Z" and (name == "nginx" or name.startswith("python") or name == "strace")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _start_owner(how: str, *extra):
+    import os
+    import select
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    owner = subprocess.Popen([*extra, sys.executable, "-c", OWNER, "127.0.0.1:1", how], cwd=root,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    ready, _, _ = select.select([owner.stdout], [], [], 60)
+    line = owner.stdout.readline() if ready else ""
+    if not line:
+        owner.kill()
+        owner.wait(10)
+        pytest.fail("the owner did not start nginx")
+    prefix, port, master, guard = line.split()
+    return owner, prefix, int(port), int(master), int(guard)
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("how, signum", [
+    ("plain", "SIGKILL"), ("plain", "SIGTERM"), ("plain", "SIGHUP"),
+    ("fork", "SIGKILL"),  # a forked child of the owner, still alive, does not keep nginx alive
+])
+def test_nginx_ends_with_its_owner(how, signum, late_tolerance_ms):
+    import os
+    import signal
+
+    from .test_lab_reliability import wait_for
+
+    owner, prefix, port, master, guard = _start_owner(how)
+    forked = [p for p in _children(owner.pid) if p != guard]
+    try:
+        workers = _children(master)
+        assert workers and _alive(master) and os.path.isdir(prefix)
+        os.kill(owner.pid, getattr(signal, signum))
+        owner.wait(10)
+        bound_s = late_tolerance_ms(1000) / 1000
+        everything = [master, guard, *workers]
+        assert wait_for(lambda: not any(_alive(p) for p in everything) and not os.path.exists(prefix), bound_s), \
+            ([p for p in everything if _alive(p)], os.path.exists(prefix), bound_s)
+        import socket
+
+        with pytest.raises(OSError):  # nothing answers on nginx's port any more
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if how == "fork":
+            assert forked and all(_alive(p) for p in forked)  # it is the owner's death that counted
+    finally:
+        for p in forked:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+
+
+def test_nginx_lives_on_when_the_thread_that_started_it_ends():
+    """PR_SET_PDEATHSIG fires when the parent *thread* ends; nginx's life follows the owner *process*."""
+    import os
+    import signal
+    import time
+
+    owner, prefix, port, master, guard = _start_owner("thread")
+    try:
+        time.sleep(0.3)  # the starting thread ended before the owner printed; give a wrong PDEATHSIG time to act
+        assert _alive(master) and _alive(guard) and os.path.isdir(prefix)
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        owner.kill()
+        owner.wait(10)
+    from .test_lab_reliability import wait_for
+
+    assert wait_for(lambda: not _alive(master) and not os.path.exists(prefix), 10)
+
+
+def test_a_forked_child_leaving_the_with_block_does_not_stop_the_owners_nginx():
+    import os
+
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)]) as ng:
+            pid = os.fork()
+            if pid == 0:  # the child runs the with block's exit (stop()) on its copy
+                try:
+                    ng.stop()
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            assert ng.request() == "200" and os.path.isdir(ng.prefix)
+
+
+def test_a_guard_killed_from_outside_takes_nginx_with_it_at_stop():
+    """SIGKILL to the guard: its death signal ends nginx's master; stop() ends the orphaned workers and the prefix."""
+    import os
+    import signal
+
+    from .test_lab_reliability import wait_for
+
+    ng = nginx.Nginx(["127.0.0.1:1"]).start()
+    try:
+        master, prefix = ng.master_pid, ng.prefix
+        workers = _children(master)
+        assert workers
+        os.kill(ng.proc.pid, signal.SIGKILL)
+        assert wait_for(lambda: not _alive(master), 10)
+    finally:
+        ng.stop()
+    assert wait_for(lambda: not any(_alive(p) for p in workers), 10)
+    assert not os.path.exists(prefix)
+
+
+# -- the real nginx inside a lab namespace (issue 22) ------------------------------------------------------
+
+def _lab_namespace_or_skip():
+    reason = lab.namespace_unavailable_reason()
+    if reason:
+        pytest.skip(f"a lab namespace cannot be made here: {reason}")
+
+
+def test_nginx_runs_inside_a_lab_namespace():
+    """Its listener and its upstream connects are made in the namespace: it reaches peers that exist only in
+    there (the host's loopback has no listener on their ports), the namespace counts its connects, and its
+    lifetime guard still removes everything."""
+    import os
+
+    _lab_namespace_or_skip()
+    with lab.namespace() as ns, ns.listening(http=True) as up, ns.refused() as down:
+        before = ns.read_netstat()["Tcp"]["ActiveOpens"]
+        with nginx.Nginx([str(down), str(up)], netns=ns) as ng:
+            prefix, master = ng.prefix, ng.master_pid
+            assert os.stat(f"/proc/{master}/ns/net").st_ino == os.stat(f"/proc/{ns.pid}/ns/net").st_ino
+            assert os.stat(f"/proc/{master}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+            assert [ng.request() for _ in range(3)] == ["200"] * 3
+            time.sleep(0.05)
+            access, errors = ng.access_log(), ng.error_log()
+            workers = _children(master)
+            users = {os.stat(f"/proc/{p}").st_uid for p in workers}
+        opened = ns.read_netstat()["Tcp"]["ActiveOpens"] - before
+    assert access[0].upstream_addr == [str(down), str(up)] and access[0].status == "200", access
+    assert any(e.upstream == str(down) and e.message.startswith("connect() failed (111: Connection refused)")
+               for e in errors), errors
+    assert [e for e in errors if e.level in ("emerg", "alert", "crit")] == []  # e.g. no initgroups() failure
+    # 3 requests: the refused try, then the listening peer (the readiness probe's and requests' own
+    # connections to nginx count too)
+    assert opened >= 4, opened
+    assert users == ({65534} if os.geteuid() == 0 else {os.geteuid()}), users  # nobody as root, else the caller
+    assert not os.path.exists(prefix)
+
+
+def test_nginx_in_a_namespace_ends_with_its_owner():
+    """The owner, holding a lab namespace with nginx inside, is SIGKILLed: nginx, its guard and prefix go."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .test_lab_reliability import wait_for
+
+    _lab_namespace_or_skip()
+    code = r"""
+import sys, time
+from nbconn import lab, nginx
+with lab.namespace() as ns, ns.listening(http=True) as up:
+    ng = nginx.Nginx([str(up)], netns=ns).start()
+    assert ng.request() == "200"
+    print(ng.prefix, ng.master_pid, ng.proc.pid, flush=True)
+    time.sleep(60)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        line = owner.stdout.readline()
+        assert line, "the owner did not start nginx"
+        prefix, master, guard = line.split()
+        everything = [int(master), int(guard), *_children(int(master))]
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        assert wait_for(lambda: not any(_alive(p) for p in everything) and not os.path.exists(prefix), 10)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+
+
+def test_netns_must_be_a_lab_namespace():
+    with pytest.raises(TypeError, match="netns"):
+        nginx.Nginx(["127.0.0.1:1"], netns="/proc/1/ns/net")
+
+
+def test_nginx_in_the_client_namespace_connects_across_the_impaired_link():
+    """nginx in the link's client namespace, the peer in the server namespace: every connect crosses the wire,
+    so $upstream_connect_time holds the link's round trip (a lower bound: load can only add to it)."""
+    from nbconn.lab import peers as lab_peers
+    from nbconn.lab import probe
+
+    reason = probe.wire_unavailable_reason()
+    if reason:
+        pytest.skip(f"the impairment wire cannot run here: {reason}")
+    with lab.impaired(delay_ms=15) as link, \
+            lab_peers.listening(link.server_addr, http=True, source=link.server_ns) as up:
+        with nginx.Nginx([f"{link.server_addr}:{up.port}"], netns=link.client_ns, connect_timeout=2) as ng:
+            assert [ng.request() for _ in range(2)] == ["200"] * 2
+            time.sleep(0.05)
+            access = ng.access_log()
+    times = [entry.connect_time[0] for entry in access]
+    assert len(times) == 2 and all(t is not None and t >= 0.029 for t in times), times  # 15 ms out + 15 ms back
+
+
+def test_an_nginx_dropped_without_stop_ends_when_collected():
+    import gc
+    import os
+
+    from .test_lab_reliability import wait_for
+
+    ng = nginx.Nginx(["127.0.0.1:1"]).start()
+    master, guard, prefix = ng.master_pid, ng.proc.pid, ng.prefix
+    del ng
+    gc.collect()
+    assert wait_for(lambda: not _alive(master) and not _alive(guard) and not os.path.exists(prefix), 10)
+
+
+def test_too_few_worker_connections_give_nginx_500_with_its_alert():
+    """worker_connections 3: the listener, the channel and the client's connection leave none for the upstream;
+    ngx_get_connection fails in ngx_event_connect_peer: NGX_ERROR, 500 at once, an [alert] line (issue 19 A8)."""
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)], worker_connections=3) as ng:
+            assert [ng.request() for _ in range(2)] == ["500", "500"]
+            time.sleep(0.05)
+            errors, access = ng.error_log(), ng.access_log()
+    assert [(e.level, e.message) for e in errors] == \
+        [("alert", "3 worker_connections are not enough while connecting to upstream")] * 2
+    assert [a.status for a in access] == ["500", "500"]
+
+
+def test_proxy_bind_reaches_nginx():
+    """proxy_bind to an address this host lacks: bind() fails locally (no packet leaves), nginx answers 500 with
+    one [crit] line naming the address without a port; to a loopback address it proxies as usual."""
+    with peers("up") as (up,):
+        with nginx.Nginx([str(up)], proxy_bind="198.18.0.5") as ng:
+            assert ng.request() == "500"
+            time.sleep(0.05)
+            errors = ng.error_log()
+        with nginx.Nginx([str(up)], proxy_bind="127.0.0.2") as ng:
+            assert ng.request() == "200"
+    assert [(e.level, e.message) for e in errors] == [
+        ("crit", "bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream")]
+
+
+def test_nginx_in_a_namespace_meets_its_sysctls():
+    """ip_local_port_range narrowed to two ports inside the namespace: nginx's first two upstream connections hold
+    them (the peer accepts and never answers; read_timeout ends each with 504, and nginx, closing first, keeps the
+    port in TIME_WAIT), the third connect() fails at once with EADDRNOTAVAIL, which nginx 1.22.1 logs at crit as
+    "connect() to PEER failed (99: ...)" (ngx_event_connect_peer) and answers 502."""
+    _lab_namespace_or_skip()
+    with lab.namespace() as ns, ns.listening(hold=True) as held:
+        with nginx.Nginx([str(held)], netns=ns, read_timeout=0.1, next_upstream=()) as ng:
+            ns.set_sysctl("net.ipv4.ip_local_port_range", "40000 40001")  # after nginx's listener took its port
+            statuses = [ng.request() for _ in range(3)]
+            time.sleep(0.05)
+            errors = [(e.level, e.message) for e in ng.error_log()]
+    assert statuses == ["504", "504", "502"], (statuses, errors)
+    timed_out = ("error", "upstream timed out (110: Connection timed out) while reading response header from upstream")
+    no_port = ("crit", f"connect() to {held} failed (99: Cannot assign requested address) while connecting to upstream")
+    assert errors == [timed_out, timed_out, no_port], errors
+
+
+def test_keepalive_over_the_impaired_link_with_real_handshakes():
+    """HttpPeer in the link's server namespace, nginx in its client namespace: a new upstream connection pays the
+    link's round trip in $upstream_connect_time, a reused one nothing ("0.000") -- no rtt_ms stand-in."""
+    from nbconn.httpd import HttpPeer
+    from nbconn.lab import probe
+
+    reason = probe.wire_unavailable_reason()
+    if reason:
+        pytest.skip(f"the impairment wire cannot run here: {reason}")
+    with lab.impaired(delay_ms=10) as link, HttpPeer(link.server_addr, source=link.server_ns) as peer:
+        with nginx.Nginx([str(peer)], netns=link.client_ns, keepalive=4, connect_timeout=2) as ng:
+            assert [ng.request() for _ in range(4)] == ["200"] * 4
+            time.sleep(0.05)
+            times = [entry.connect_time[0] for entry in ng.access_log()]
+        reused = [s.reused for s in peer.journal]
+    assert reused == [False, True, True, True], reused
+    assert times[0] >= 0.019 and times[1:] == [0.0, 0.0, 0.0], times  # 10 ms out + 10 ms back, then none
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"host": "198.18.0.2"}, ValueError, "loopback"),      # outside a lab namespace: loopback only
+    ({"host": "localhost"}, ValueError, "not an IP address"),
+    ({"host": 1}, TypeError, "host"),
+    ({"source": "/proc/1/ns/net"}, TypeError, "source"),
+])
+def test_http_peer_refuses_bad_host_or_source_by_name(kwargs, error, words):
+    from nbconn.httpd import HttpPeer
+
+    with pytest.raises(error, match=words):
+        HttpPeer(**kwargs)
