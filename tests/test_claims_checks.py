@@ -80,3 +80,28 @@ def test_13_three_peers_in_turn_reuse_with_keepalive_3_not_2(keepalive, expected
         require_tool("nginx")
     theirs, ours = _reuse_pattern((1, 1, 1), keepalive)
     assert theirs == expected and ours == expected, (theirs, ours)
+
+
+def test_11_an_accept_thread_in_the_measuring_process_adds_to_the_loopback_handshake():
+    """Row 11/accuracy-read: a lab peer's accept thread lives in this process; woken by the handshake while our
+    thread is still inside connect(), it takes the GIL, and our thread's wait for it is counted as handshake
+    time.  A listener nobody accepts from (notebook 11's) has no such thread.  Interleaved runs of one connect
+    at a time; medians, so the machine's load moves both alike."""
+    import statistics
+
+    from nbconn import api
+    from nbconn.lab.capture import _quiet_listener
+
+    def handshakes(target, n=50):
+        return [r.handshake_ns for r in api.connect_many([target] * n, concurrency=1, timeout=5.0)
+                if r.handshake_ns is not None]
+
+    with lab.listening() as threaded, _quiet_listener("127.0.0.1") as quiet:
+        quiet_target = f"127.0.0.1:{quiet.getsockname()[1]}"
+        with_thread, without = [], []
+        for _ in range(6):
+            with_thread += handshakes(str(threaded))
+            without += handshakes(quiet_target)
+    assert len(with_thread) >= 250 and len(without) >= 250
+    a, b = statistics.median(with_thread), statistics.median(without)
+    assert a > 1.2 * b, f"handshake p50 with an accept thread {a / 1e3:.1f} µs, without {b / 1e3:.1f} µs"
