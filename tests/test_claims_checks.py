@@ -6,6 +6,7 @@ kernel's own timers allow; lower bounds are the kernel's (timers never fire earl
 """
 
 import contextlib
+import re
 
 import pytest
 
@@ -211,3 +212,66 @@ def test_07_accepted_climbs_after_the_connects_and_the_stall_is_at_the_first_rea
     assert len(connected) == 30, c["outcomes"]  # syncookies: every client connects
     waited = [i for i in connected if c["first_byte_ms"][i] is None or c["first_byte_ms"][i] > 5.0]
     assert waited, c["first_byte_ms"]  # connected, then waited at the first read
+
+
+def test_10_nginx_logs_loopback_connect_times_in_whole_milliseconds():
+    """Row 10/b7c656aa: $upstream_connect_time has millisecond resolution; a loopback connect logs as 0 ms."""
+    import time
+
+    if nginx.unavailable_reason():
+        require_tool("nginx")
+    with lab.listening(http=True) as up:
+        with nginx.Nginx([str(up)]) as ng:
+            assert [ng.request() for _ in range(20)] == ["200"] * 20
+            time.sleep(0.05)  # the access log line is written after the answer
+            ms = [e.connect_time[0] * 1e3 for e in ng.access_log()]
+    assert len(ms) == 20
+    assert all(abs(t - round(t)) < 1e-6 for t in ms), ms
+    assert sum(round(t) == 0 for t in ms) >= 15, ms  # loaded machine: a scheduling delay may show as 1 ms
+
+
+def _first_request_through(order):
+    """Notebook 14's first_request: one request through peers in ``order``, nginx under strace; the answer and
+    the worker's calls from the black hole's connect() to the next epoll_wait()."""
+    import time
+
+    from nbconn import reproduce
+
+    with lab.refused() as down, lab.unix_full() as full, lab.blackhole() as hole, \
+            lab.listening(http=True) as up:
+        reproduce.open_to_worker(full.path)
+        named = {"refused": down, "unix_full": full, "blackhole": hole, "up": up}
+        with nginx.Nginx([str(named[n]) for n in order], connect_timeout=0.3, strace=True,
+                         strace_syscalls="connect,getsockopt,writev,epoll_wait") as ng:
+            try:
+                status = ng.request(timeout_s=1.0)
+            except TimeoutError:
+                status = "none"
+            time.sleep(0.1)  # strace writes the worker's last lines after the answer
+            calls = ng.strace_lines()
+    at = next(i for i, c in enumerate(calls) if re.search(rf"connect\(.*htons\({hole.port}\)", c))
+    after = []
+    for c in calls[at:]:
+        m = re.search(r"\s(connect|getsockopt|writev|epoll_wait)\(.*\)\s+= -?\d+(?: (E[A-Z]+))?", c)
+        if m:
+            so_error = re.search(r"SO_ERROR, \[(\w+)\]", c)
+            after.append(f"getsockopt(SO_ERROR) -> {so_error.group(1)}" if so_error else
+                         m.group(1) + (f" -> {m.group(2)}" if m.group(2) else ""))
+            if m.group(1) == "epoll_wait":
+                break
+    return status, after
+
+
+def test_14_a_stale_write_event_makes_nginx_write_to_a_peer_that_never_answered_the_syn():
+    """Row 14/stale: refused TCP port, full unix socket, then a SYN-dropping peer: nginx 1.22.1 reads SO_ERROR 0
+    right after the third connect() returned EINPROGRESS, writes the request (writev EAGAIN), and its 300 ms
+    connect timer does not end the try (no answer within 1 s); with the first two swapped the timer fires."""
+    require_tool("strace")
+    if nginx.unavailable_reason():
+        require_tool("nginx")
+    status, after = _first_request_through(["refused", "unix_full", "blackhole", "up"])
+    assert status == "none", (status, after)
+    assert after[:4] == ["connect -> EINPROGRESS", "getsockopt(SO_ERROR) -> 0", "writev -> EAGAIN", "epoll_wait"], after
+    status, after = _first_request_through(["unix_full", "refused", "blackhole", "up"])
+    assert status == "200", (status, after)
+    assert after == ["connect -> EINPROGRESS", "epoll_wait"], after
