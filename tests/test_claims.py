@@ -81,13 +81,16 @@ def functions_in(path: str) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def cell_ids(number: str) -> frozenset[str] | None:
+def cell_outputs(number: str) -> dict[str, str] | None:
+    """{cell id: the text the cell printed as stored} of notebook ``number`` (markdown cells: None), or None."""
     import nbformat
 
     paths = glob.glob(os.path.join(ROOT, "notebooks", f"{number}_*.ipynb"))
     if not paths:
         return None
-    return frozenset(c.get("id") for c in nbformat.read(paths[0], as_version=4).cells)
+    return {c.get("id"): None if c.cell_type != "code" else "".join(
+        o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in c.get("outputs", []))
+        for c in nbformat.read(paths[0], as_version=4).cells}
 
 
 def counts(rows: list[dict]) -> dict:
@@ -160,7 +163,7 @@ def test_every_named_test_exists():
         pytest.fail("\n".join(problems), pytrace=False)
 
 
-def test_every_named_cell_exists():
+def test_every_named_cell_exists_and_prints_a_number():
     problems = []
     for row in ledger():
         for what, value in checks(row):
@@ -168,13 +171,17 @@ def test_every_named_cell_exists():
                 continue
             m = CELL.fullmatch(value)
             number = (m.group(1) if m else None) or row["notebook"]
-            ids = cell_ids(number) if re.fullmatch(r"\d\d", number) else None
+            outputs = cell_outputs(number) if re.fullmatch(r"\d\d", number) else None
             if not m:
                 problems.append(f"{where(row)}: {value!r} is not CELLID or NN/CELLID")
-            elif ids is None:
+            elif outputs is None:
                 problems.append(f"{where(row)}: 'cell: {value}' but there is no notebook {number}")
-            elif m.group(2) not in ids:
+            elif m.group(2) not in outputs:
                 problems.append(f"{where(row)}: notebook {number} has no cell {m.group(2)!r}")
+            elif not re.search(r"\d", outputs[m.group(2)] or ""):
+                # a check prints its number (next to its bound): a markdown cell or a silent one checks nothing
+                problems.append(f"{where(row)}: cell {number}/{m.group(2)} prints no number; name the code "
+                                f"cell that prints the measurement and its bound")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 
