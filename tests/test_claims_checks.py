@@ -275,3 +275,11 @@ def test_14_a_stale_write_event_makes_nginx_write_to_a_peer_that_never_answered_
     status, after = _first_request_through(["unix_full", "refused", "blackhole", "up"])
     assert status == "200", (status, after)
     assert after == ["connect -> EINPROGRESS", "epoll_wait"], after
+
+
+def test_01_a_tiny_so_rcvbuf_is_doubled_then_raised_to_the_kernels_minimum():
+    """Rows 01/readback, 09/92455b94 (exercise 3): SO_RCVBUF 1024 reads back as 2304, the kernel's minimum
+    (SOCK_MIN_RCVBUF), not 2048; 4096 reads back doubled."""
+    rows = {r[0]: r[1:3] for r in explain.rcvbuf_readback(values=(1024, 4096)).rows}
+    assert rows["1024"] == ["2304", "raised to the kernel's minimum"], rows
+    assert rows["4096"] == ["8192", "doubled"], rows
