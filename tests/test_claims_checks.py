@@ -283,3 +283,23 @@ def test_01_a_tiny_so_rcvbuf_is_doubled_then_raised_to_the_kernels_minimum():
     rows = {r[0]: r[1:3] for r in explain.rcvbuf_readback(values=(1024, 4096)).rows}
     assert rows["1024"] == ["2304", "raised to the kernel's minimum"], rows
     assert rows["4096"] == ["8192", "doubled"], rows
+
+
+def test_00_with_no_other_try_allowed_the_status_is_the_last_tries():
+    """Row 00/flow-diagram (final status): a real nginx 1.22.1 answers 504 after a timed-out try and 502 after a
+    refused one when no other try is allowed -- no peer left, the kind not in proxy_next_upstream, or
+    proxy_next_upstream_tries spent -- and moves on (200) when one is."""
+    if nginx.unavailable_reason():
+        require_tool("nginx")
+
+    def first_status(peers, **kw):
+        with nginx.Nginx([str(p) for p in peers], connect_timeout=0.2, **kw) as ng:
+            return ng.request(timeout_s=5.0)
+
+    with lab.blackhole() as hole, lab.refused() as down, lab.listening(http=True) as up:
+        assert first_status([hole]) == "504"  # the only peer timed out
+        assert first_status([down]) == "502"  # the only peer refused
+        assert first_status([hole, up], next_upstream=("error",)) == "504"  # timeout not in the mask
+        assert first_status([down, up], next_upstream=("timeout",)) == "502"  # error not in the mask
+        assert first_status([hole, up], tries=1) == "504"  # proxy_next_upstream_tries 1: spent
+        assert first_status([hole, up]) == "200"  # another try allowed: the next peer answers
