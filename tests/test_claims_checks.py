@@ -303,3 +303,18 @@ def test_00_with_no_other_try_allowed_the_status_is_the_last_tries():
         assert first_status([down, up], next_upstream=("timeout",)) == "502"  # error not in the mask
         assert first_status([hole, up], tries=1) == "504"  # proxy_next_upstream_tries 1: spent
         assert first_status([hole, up]) == "200"  # another try allowed: the next peer answers
+
+
+def test_11_on_loopback_the_syn_ack_arrives_before_connect_returns():
+    """Rows 11/listening-timeline, 00/sequence-diagram: on loopback the peer's SYN-ACK is on the wire before
+    connect() returns EINPROGRESS (it is generated inside the call); notebook 11 prints the share of 1000
+    connects ("at least 99 %")."""
+    from nbconn.lab import capture
+
+    from .test_capture import need_some_capture, rootless_or_skip
+
+    need_some_capture()
+    acc = rootless_or_skip(lambda: capture.accuracy(50, batch=25))
+    s = acc.summary()
+    assert s["count"] >= 45, s
+    assert s["synack_inside_connect"] >= 0.95 * s["count"], s
