@@ -318,3 +318,27 @@ def test_11_on_loopback_the_syn_ack_arrives_before_connect_returns():
     s = acc.summary()
     assert s["count"] >= 45, s
     assert s["synack_inside_connect"] >= 0.95 * s["count"], s
+
+
+@pytest.mark.parametrize("abort, interval_s", [(0, 0.005), (1, 0.2)], ids=["abort_on_overflow=0", "abort_on_overflow=1"])
+def test_07_without_syncookies_the_overflow_is_timeouts_and_abort_on_overflow_resets(abort, interval_s):
+    """Row 07/a7c3e915: with tcp_syncookies=0 a burst against a small listen queue shows as connect timeouts
+    (SYNs dropped with the SYN queue full: TCPReqQFullDrop); tcp_abort_on_overflow=1 adds resets where a final
+    ACK meets a full accept queue with a request socket (a slow acceptor): EmbryonicRsts."""
+    from nbconn import acceptq
+    from nbconn.lab.namespace import namespace, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with namespace(sysctls={"net.ipv4.tcp_syncookies": 0, "net.ipv4.tcp_abort_on_overflow": abort}) as ns:
+        # the notebook's burst: 100 at once against listen(8), a timer past the first SYN retransmission (1 s):
+        # a first SYN meets the full accept queue (ListenOverflows), the resent one the full SYN queue
+        b = acceptq.burst(ns, count=100, backlog=8, interval_s=interval_s, connect_timeout_s=1.2,
+                          read_timeout_s=0.1)
+    outcomes, k = b["client"]["outcomes"], b["counters"]["during_connects"]
+    assert outcomes.count("timed_out") > 0 and k["TCPReqQFullDrop"] > 0, (outcomes, k)
+    if abort:
+        assert outcomes.count("reset") > 0 and k["EmbryonicRsts"] > 0, (outcomes, k)
+    else:
+        assert outcomes.count("reset") == 0 and k["EmbryonicRsts"] == 0, (outcomes, k)
