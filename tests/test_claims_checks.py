@@ -342,3 +342,44 @@ def test_07_without_syncookies_the_overflow_is_timeouts_and_abort_on_overflow_re
         assert outcomes.count("reset") > 0 and k["EmbryonicRsts"] > 0, (outcomes, k)
     else:
         assert outcomes.count("reset") == 0 and k["EmbryonicRsts"] == 0, (outcomes, k)
+
+
+def test_12_asyncio_and_trio_start_the_second_address_after_their_250_ms_delay():
+    """Row 12/four-clients: with the first address ([::1]) black-holed, asyncio open_connection and trio
+    open_tcp_stream (happy_eyeballs_delay=0.25) connect to the second just after 250 ms, nginx's walk after its
+    500 ms timer.  One sample each; the notebook prints six with their bounds."""
+    import asyncio
+    import time
+
+    import trio
+
+    from nbconn import eyeballs
+
+    async def asyncio_once(name):
+        asyncio.get_running_loop().getaddrinfo = name.asyncio_getaddrinfo  # the lab's answer for its name
+        start = time.perf_counter()
+        reader, writer = await asyncio.open_connection(name.name, name.port, happy_eyeballs_delay=0.25)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        writer.close()
+        await writer.wait_closed()
+        return elapsed_ms
+
+    async def trio_once(name):
+        trio.socket.set_custom_hostname_resolver(name.trio_resolver())
+        try:
+            start = time.perf_counter()
+            stream = await trio.open_tcp_stream(name.name, name.port, happy_eyeballs_delay=0.25)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            await stream.aclose()
+        finally:
+            trio.socket.set_custom_hostname_resolver(None)
+        return elapsed_ms
+
+    with eyeballs.lab_name() as name:
+        walk_ms = eyeballs.sequential(name.targets, timeout=0.5).elapsed_ms
+        asyncio_ms = asyncio.run(asyncio_once(name))
+        trio_ms = trio.run(trio_once, name)
+    # lower bounds are the timers' (never early); upper bounds generous for a loaded machine
+    assert 500 <= walk_ms < 1500, walk_ms
+    assert 250 <= asyncio_ms < 1000, asyncio_ms
+    assert 250 <= trio_ms < 1000, trio_ms
