@@ -87,7 +87,10 @@ def test_11_an_accept_thread_in_the_measuring_process_adds_to_the_loopback_hands
     """Row 11/accuracy-read: a lab peer's accept thread lives in this process; woken by the handshake while our
     thread is still inside connect(), it takes the GIL, and our thread's wait for it is counted as handshake
     time.  A listener nobody accepts from (notebook 11's) has no such thread.  Interleaved runs of one connect
-    at a time; medians, so the machine's load moves both alike."""
+    at a time, compared by their medians.  The hand-off needs a CPU free for the woken thread: with none (other
+    work on every other CPU) the thread runs only after our measurement, so up to three rounds are tried, and a
+    machine that stayed busy throughout skips instead of failing."""
+    import os
     import statistics
 
     from nbconn import api
@@ -97,15 +100,23 @@ def test_11_an_accept_thread_in_the_measuring_process_adds_to_the_loopback_hands
         return [r.handshake_ns for r in api.connect_many([target] * n, concurrency=1, timeout=5.0)
                 if r.handshake_ns is not None]
 
+    rounds = []
     with lab.listening() as threaded, _quiet_listener("127.0.0.1") as quiet:
         quiet_target = f"127.0.0.1:{quiet.getsockname()[1]}"
-        with_thread, without = [], []
-        for _ in range(6):
-            with_thread += handshakes(str(threaded))
-            without += handshakes(quiet_target)
-    assert len(with_thread) >= 250 and len(without) >= 250
-    a, b = statistics.median(with_thread), statistics.median(without)
-    assert a > 1.2 * b, f"handshake p50 with an accept thread {a / 1e3:.1f} µs, without {b / 1e3:.1f} µs"
+        for _ in range(3):
+            with_thread, without = [], []
+            for _ in range(6):
+                with_thread += handshakes(str(threaded))
+                without += handshakes(quiet_target)
+            assert len(with_thread) >= 250 and len(without) >= 250
+            rounds.append((statistics.median(with_thread), statistics.median(without), os.getloadavg()[0]))
+            if rounds[-1][0] > 1.2 * rounds[-1][1]:
+                return
+    shown = "; ".join(f"{a / 1e3:.1f} µs with the thread, {b / 1e3:.1f} µs without" for a, b, _ in rounds)
+    busy = min(load for _, _, load in rounds)
+    if busy >= (os.cpu_count() or 1) - 0.5:
+        pytest.skip(f"no CPU free for the accept thread (load average {busy:.1f} on {os.cpu_count()} CPUs): {shown}")
+    pytest.fail(f"an accept thread added nothing to the handshake p50 on an idle machine: {shown}")
 
 
 def test_07_black_holes_in_every_slot_stop_new_connects_for_one_timeout():
