@@ -31,6 +31,8 @@ PINS = (re.compile(r"NG/\S+#L\d+"),
         re.compile(r"git grep .+ release-[\d.]+"),
         re.compile(r"linux v\d+\.\d+ [\w/.-]+\.[ch] \w+"),
         re.compile(r"RFC \d+ section \d+"))
+# the sentence as it stands in the README, wrapped at any space
+COUNTS_SENTENCE = re.compile(r"The\s+ledger\s+holds\s+\d+\s+claims:.*?pinned\s+to\s+a\s+source\s+line\.", re.S)
 WHAT_TO_ADD = ("add two columns at its end: ' behaviour | test: tests/FILE.py::TEST_NAME |' (or 'cell: CELLID' of a "
                "cell that prints the number next to its bound), or, only where nothing can be measured, "
                "' attribution | source: NG/FILE#L<n> |' (see the Format section of docs/claims.md)")
@@ -78,6 +80,17 @@ def functions_in(path: str) -> frozenset[str]:
         tree = ast.parse(f.read(), path)
     return frozenset(node.name for node in ast.walk(tree)
                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+@functools.lru_cache(maxsize=None)
+def collected_ids(path: str) -> frozenset[str]:
+    """The test ids pytest collects from one file (only asked for when a row names a parametrised case)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", path],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return frozenset(line.strip() for line in proc.stdout.splitlines() if "::" in line)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,6 +172,8 @@ def test_every_named_test_exists():
                 problems.append(f"{where(row)}: {m.group(1)} has no function {m.group(2)}")
             elif not m.group(2).startswith("test_"):
                 problems.append(f"{where(row)}: {m.group(2)} is not a test")
+            elif m.group(3) and value not in collected_ids(m.group(1)):
+                problems.append(f"{where(row)}: {m.group(1)} has no parametrised case {m.group(2)}{m.group(3)}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 
@@ -203,7 +218,9 @@ def test_readme_states_the_counts_computed_here():
     print(sentence(c))
     with open(README) as f:
         readme = f.read()
-    assert sentence(c) in readme.replace("\n", " "), (
+    stated = [" ".join(s.split()) for s in COUNTS_SENTENCE.findall(readme)]
+    assert len(stated) <= 1, f"README.md states the counts {len(stated)} times: keep one sentence"
+    assert stated == [sentence(c)], (
         f"README.md's claims paragraph must state: {sentence(c)!r} (run `python -m tests.test_claims` to write it)")
 
 
@@ -212,10 +229,9 @@ def update_readme() -> str:
     text = sentence(counts(ledger()))
     with open(README) as f:
         readme = f.read()
-    pattern = re.compile(r"The ledger holds \d+ claims: .*?pinned to a source line\.", re.S)
     wrapped = textwrap.fill(text, width=115)
-    if pattern.search(readme):
-        readme = pattern.sub(lambda _: wrapped, readme, count=1)
+    if COUNTS_SENTENCE.search(readme):
+        readme = COUNTS_SENTENCE.sub(lambda _: wrapped, readme, count=1)
     else:
         anchor = "Every claim the notebooks make is listed in [`docs/claims.md`](docs/claims.md)"
         start = readme.index(anchor)
