@@ -197,7 +197,7 @@ def claim_rows() -> list[dict]:
     with open(CLAIMS) as f:
         for line in f:
             cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
-            if len(cells) != 5 or cells[0] in ("notebook", "") or set(cells[0]) <= {"-", ":"}:
+            if len(cells) not in (5, 7) or cells[0] in ("notebook", "") or set(cells[0]) <= {"-", ":"}:
                 continue
             rows.append(dict(zip(("notebook", "cell", "claim", "shown_by", "evidence"), cells)))
     return rows
