@@ -595,7 +595,8 @@ def strace_side_by_side(target) -> Table | str:
 _EXTRAS = (
     ("getsockopt", "option read-back: getsockopt after each setsockopt",
      "to show what the kernel kept (notebook 01)"),
-    ("tcp_info", "getsockopt(TCP_INFO) once connected", "the kernel's RTT estimate, for notebook 08"),
+    ("tcp_info", "getsockopt(TCP_INFO) once connected, or when the timer ends the handshake",
+     "the kernel's RTT estimate (notebook 08), or the SYNs sent before the timer fired"),
     ("unregister", "epoll_ctl(EPOLL_CTL_DEL) before close()",
      "nginx closes without it: the registration goes with the last reference to the open file (notebook 03)"),
 )

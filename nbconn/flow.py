@@ -105,7 +105,7 @@ from .options import OPTIONS, Bind, plan_options
 from .result import Result
 from .strace import format_ns, sockaddr_len, sockaddr_text
 from .targets import Target, sockaddr_bytes
-from .tcpinfo import read_tcp_info_raw, rtt_us
+from .tcpinfo import read_tcp_info_raw, rtt_us, total_retrans
 
 # Re-exported for callers that took the choices from here; their home is nbconn.validate.
 NONBLOCKING_METHODS = validate.NONBLOCKING_METHODS
@@ -610,12 +610,18 @@ class Attempt:
         result.ngx_log = answer.log
         result.ngx_level = answer.level
         plan = self.plan
-        if err == 0 and plan.tcp_info and self.target.family != _AF_UNIX:
+        if plan.tcp_info and self.target.family != _AF_UNIX and (err == 0 or result.timer_fired):
+            # connected: the kernel's RTT estimate; ended by the timer: how many SYNs went out before it fired
+            # (tcpi_total_retrans counts the resent ones) -- TCP_SYNCNT counts retransmissions, not SYNs
             t = self._clock()
             raw = result._tcp_info = read_tcp_info_raw(self.sock)  # parsed when somebody reads Result.tcp_info
             if self._record:
-                self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
-                              0, t, self._clock(), self.fd, rtt_us(raw)))
+                if err == 0:
+                    self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_rtt={}}}, [232])",
+                                  0, t, self._clock(), self.fd, rtt_us(raw)))
+                else:
+                    self._record(("tcp_info", "getsockopt({}, SOL_TCP, TCP_INFO, {{tcpi_total_retrans={}}}, [232])",
+                                  0, t, self._clock(), self.fd, total_retrans(raw)))
         self._release(keep=err == 0 and plan.keep)
 
     def _fail_before_connect(self, stage: str, err: int, detail: object = "") -> None:

@@ -131,7 +131,8 @@ class Result:
     - ``started_ns`` / ``finished_ns``: right before socket(), and after the close
     - ``requested`` / ``effective``: socket options asked for, and read back
       (``effective`` stays empty in nginx-exact mode: nginx reads nothing back)
-    - ``tcp_info``: rtt_us, rttvar_us, total_retrans of a connected TCP socket
+    - ``tcp_info``: rtt_us, rttvar_us, total_retrans of a TCP socket that connected, or that the timer
+      ended (``syns_sent`` = 1 + total_retrans)
     - ``events``: the epoll event mask that woke the decision, e.g. "EPOLLOUT"
     - ``ngx_handler``: the nginx handler that would run ngx_http_upstream_test_connect (read SO_ERROR):
       "ngx_http_upstream_process_header" (the read handler: the event carried EPOLLIN, EPOLLERR or EPOLLHUP,
@@ -194,11 +195,18 @@ class Result:
 
     @property
     def tcp_info(self) -> dict | None:
-        """rtt_us, rttvar_us, retransmits, total_retrans, state of a connected TCP socket (None otherwise)."""
+        """rtt_us, rttvar_us, retransmits, total_retrans, state of a TCP socket that connected or that the connect
+        timer ended (None otherwise; never in nginx-exact mode)."""
         info = self._tcp_info
         if type(info) is bytes:
             info = self._tcp_info = parse_tcp_info(info)
         return info
+
+    @property
+    def syns_sent(self) -> int | None:
+        """How many SYNs this attempt sent (1 + the kernel's tcpi_total_retrans), where TCP_INFO was read."""
+        info = self.tcp_info
+        return None if info is None else 1 + info["total_retrans"]
 
     @property
     def connected(self) -> bool:

@@ -54,6 +54,11 @@ def read_tcp_info_raw(sock: socket.socket) -> bytes:
     return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232)
 
 
+def total_retrans(raw: bytes) -> int:
+    """tcpi_total_retrans alone, from the raw struct (for a handshake: the SYNs sent again)."""
+    return struct.unpack_from("I", raw, _TCPI_TOTAL_RETRANS)[0] if len(raw) >= _TCPI_TOTAL_RETRANS + 4 else 0
+
+
 _RTT = struct.Struct("I")
 
 

@@ -518,7 +518,9 @@ class LabPanel:
         outcome = (
             f"<b style='color:{colour}'>{html.escape(res.summary())}</b><br>"
             f"connect() returned <code>{res.connect_returned}</code>"
-            + (f"<br>nginx would log: <code>{html.escape(res.ngx_log)}</code>" if res.ngx_log else ""))
+            + (f"<br>nginx would log: <code>{html.escape(res.ngx_log)}</code>" if res.ngx_log else "")
+            + (f"<br>SYNs sent before the timer fired: {res.syns_sent} (TCP_INFO's tcpi_total_retrans + 1; "
+               "TCP_SYNCNT counts only the resent ones)" if res.timer_fired and res.syns_sent else ""))
         if first_read is not None:
             why = (" -- the peer's RST arrived after the handshake had completed, so connect() could not see it"
                    if "ECONNRESET" in first_read else "")

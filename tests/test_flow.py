@@ -61,7 +61,7 @@ def test_blackhole_times_out_within_50ms_of_deadline(no_fd_leak, late_tolerance_
     assert 300e6 <= res.handshake_ns, res.handshake_ns
     assert "so_error" not in names(res)  # nginx closes on a timer without reading SO_ERROR
     assert res.ngx_log.startswith("upstream timed out (110: Connection timed out)")
-    assert names(res)[-3:] == ["timeout", "unregister", "close"]
+    assert names(res)[-4:] == ["timeout", "tcp_info", "unregister", "close"]  # TCP_INFO: the SYNs sent
     assert res.handshake_ns <= 300e6 + late_tolerance_ms(50) * 1e6, res.handshake_ns
 
 
@@ -328,3 +328,15 @@ def test_a_connect_that_fails_at_once_reads_no_so_error(no_fd_leak):
     with unix_missing() as target:
         res = nbconn.connect(target)
     assert res.ngx_handler is None and "so_error" not in names(res)
+
+
+def test_the_timer_reads_tcp_info_for_the_syns_sent_and_nginx_exact_does_not(no_fd_leak):
+    """Default mode: when the timer ends a handshake, TCP_INFO says how many SYNs went out (1 + total_retrans)."""
+    from nbconn import lab
+
+    with lab.scenario("blackhole") as (target, client_side), client_side():
+        res = nbconn.connect(target, timeout=1.3)
+        exact = nbconn.connect(target, timeout=0.2, nginx_exact=True)
+    assert res.timer_fired and res.syns_sent == 2 and res.tcp_info["state"] == "SYN_SENT"
+    assert any("tcpi_total_retrans=1" in s.call for s in res.steps)
+    assert exact.timer_fired and exact.syns_sent is None and not any(s.name == "tcp_info" for s in exact.steps)

@@ -393,3 +393,13 @@ def test_timeline_step_labels_do_not_overprint(panel):
     overlapping = [(labels[i].get_text(), labels[j].get_text()) for i, a in enumerate(boxes)
                    for j, b in enumerate(boxes) if i < j and a.overlaps(b)]
     assert overlapping == []
+
+
+def test_a_timed_out_connect_says_how_many_syns_went_out(panel):
+    """TCP_SYNCNT counts retransmissions; the result shows the SYNs themselves (issue 21)."""
+    panel.scenario.value = BLACK_HOLE
+    panel.timeout.value = 1.5
+    panel.syncnt.value = "1"
+    panel.connect()
+    assert panel.result.timer_fired and panel.result.syns_sent == 2  # the first at 0 s, the resend at ~1 s
+    assert "SYNs sent before the timer fired: 2" in panel.outcome.value
