@@ -162,8 +162,14 @@ CONNECT_ERRNOS = tuple(sorted({
 #: Every errno getsockopt(SO_ERROR) can report after a pending connect on Linux: the handshake's own
 #: failures (RST -> ECONNREFUSED, SYNs unanswered -> ETIMEDOUT, a reset -> ECONNRESET), the ICMP errors
 #: the kernel converts (net/ipv4/icmp.c icmp_err_convert[]: ENETUNREACH, EHOSTUNREACH, ENOPROTOOPT,
-#: ECONNREFUSED, EMSGSIZE, EOPNOTSUPP, ENONET, EHOSTDOWN, EACCES), a netfilter verdict (EPERM), EPROTO,
-#: and the local ones (ENETDOWN, EADDRNOTAVAIL, ENOBUFS, EPIPE).
+#: ECONNREFUSED, EMSGSIZE, EOPNOTSUPP, ENONET, EHOSTDOWN), EPROTO, and the local ones (ENETDOWN,
+#: EADDRNOTAVAIL, ENOBUFS, EPIPE).  A SYN resend whose route lookup fails (net/ipv4/af_inet.c
+#: inet_sk_rebuild_header) keeps that errno in sk_err_soft, and tcp_write_err reports it instead of ETIMEDOUT
+#: when the retries run out: ENETUNREACH (the route went), EHOSTUNREACH (an unreachable route), EACCES (a
+#: prohibit route) and EPERM (an IPsec policy with action block; tests/test_why.py measures it).  EPERM is not
+#: a netfilter verdict: tcp_connect (net/ipv4/tcp_output.c) passes on only -ECONNREFUSED from sending the
+#: first SYN, a resend's transmit error is not stored in sk_err or sk_err_soft, so a netfilter DROP looks like
+#: a lost SYN and the connect ends ETIMEDOUT.
 SO_ERROR_ERRNOS = tuple(sorted({
     _errno.ECONNREFUSED, _errno.ETIMEDOUT, _errno.ECONNRESET, _errno.ENETUNREACH, _errno.EHOSTUNREACH,
     _errno.ENOPROTOOPT, _errno.EMSGSIZE, _errno.EOPNOTSUPP, _errno.ENONET, _errno.EHOSTDOWN, _errno.EACCES,
