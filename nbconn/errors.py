@@ -149,8 +149,10 @@ NGX_CONNECTION_ERROR_ERR_ERRNOS = frozenset({
 # -- what each call can answer (used by the table tests, and to read the table) ----------
 
 #: Every errno a non-blocking connect() on Linux can fail with at once: connect(2)'s ERRORS section, plus
-#: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), resets and AF_UNIX paths
-#: (ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG), and memory (ENOBUFS, ENOMEM).
+#: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), AF_UNIX paths (ENOENT, ENOTDIR,
+#: ELOOP, ENAMETOOLONG) and memory (ENOBUFS, ENOMEM), and ECONNRESET, which nginx's level table names: for TCP
+#: it is no reply to the handshake -- a reply is processed in release_sock after connect() chose EINPROGRESS,
+#: and an RST in SYN-SENT is ECONNREFUSED (net/ipv4/tcp_input.c tcp_reset) -- so nbconn.why says so.
 CONNECT_ERRNOS = tuple(sorted({
     _errno.EACCES, _errno.EPERM, _errno.EADDRINUSE, _errno.EADDRNOTAVAIL, _errno.EAFNOSUPPORT, _errno.EAGAIN,
     _errno.EALREADY, _errno.EBADF, _errno.ECONNREFUSED, _errno.EFAULT, _errno.EINTR, _errno.EISCONN,
