@@ -263,7 +263,8 @@ _KERNEL = {
     # Not netfilter: tcp_connect (net/ipv4/tcp_output.c) hands back only -ECONNREFUSED from tcp_transmit_skb; the
     # -EPERM of an NF_DROP on the first SYN is taken for a lost SYN (connect() says EINPROGRESS, the SYN is resent,
     # the connect ends in ETIMEDOUT or nginx's timer).  Passing that EPERM up is a netdev patch of November 2025,
-    # later than 6.18.  Measured here (xfrm block policy in a namespace): connect() -> EPERM at once.
+    # later than 6.18.  Measured here, each in a namespace: an xfrm block policy makes connect() fail with EPERM at
+    # once; an nftables output drop gives EINPROGRESS, then ETIMEDOUT; reject gives ECONNREFUSED / EHOSTUNREACH.
     ("connect", _errno.EPERM, None): "something refused the connect before any SYN was built: a cgroup BPF "
         "connect4/connect6 program (net/ipv4/tcp_ipv4.c tcp_v4_pre_connect -> BPF_CGROUP_RUN_PROG_INET4_CONNECT; "
         "kernel/bpf/cgroup.c __cgroup_bpf_run_filter_sock_addr), a security module (net/socket.c "
@@ -272,7 +273,9 @@ _KERNEL = {
         "net/xfrm/xfrm_policy.c xfrm_lookup_with_ifid via ip_route_connect); nothing was sent. Not a netfilter "
         "rule on Linux 6.18: tcp_connect (net/ipv4/tcp_output.c) passes on only ECONNREFUSED from sending the SYN, "
         "so a netfilter DROP of the SYN looks like a lost SYN -- connect() returns EINPROGRESS, the SYN is resent, "
-        "and the line you get is 'upstream timed out' or SO_ERROR ETIMEDOUT",
+        "and the line you get is 'upstream timed out' or SO_ERROR ETIMEDOUT; a REJECT comes back as SO_ERROR "
+        "ECONNREFUSED (tcp reset, port unreachable) or EHOSTUNREACH (host unreachable, admin prohibited) (measured "
+        "here with nftables output rules in a namespace)",
     ("connect", _errno.EADDRNOTAVAIL, None): "no free local port toward this address and port: every port of "
         "net.ipv4.ip_local_port_range is in use (many connections, or TIME-WAIT) (net/ipv4/inet_hashtables.c "
         "__inet_hash_connect -> -EADDRNOTAVAIL); nothing was sent",

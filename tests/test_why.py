@@ -597,3 +597,48 @@ def test_eperm_from_an_ipsec_block_policy_at_connect_and_via_so_error():
     if float(before) >= 0.9:
         pytest.skip(f"the policy went in {before} s after connect(): too late for the first resend on this load")
     assert so_error == "EPERM"
+
+
+_NFT_PROBE = r"""
+import errno, select, socket, subprocess, sys, time
+def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
+run("ip", "link", "set", "lo", "up")
+run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0"); run("ip", "link", "set", "v0", "up"); run("ip", "link", "set", "v1", "up")
+run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
+run("nft", "add", "table", "ip", "f")
+run("nft", "add", "chain", "ip", "f", "out", "{ type filter hook output priority 0 ; }")
+for name, verdict in (("drop", "drop"), ("reset", "reject with tcp reset"),
+                      ("prohibited", "reject with icmp type admin-prohibited")):
+    run("nft", "flush", "chain", "ip", "f", "out")
+    run("nft", "add", "rule", "ip", "f", "out", "ip", "daddr", "10.77.0.9", "tcp", "dport", "80", *verdict.split())
+    s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+    r = s.connect_ex(("10.77.0.9", 80))
+    ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
+    ready = bool(ep.poll(30))
+    print(name, errno.errorcode.get(r, "0"), ready, errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
+    s.close(); ep.close()
+"""
+
+
+def test_netfilter_verdicts_on_the_syn_never_make_eperm():
+    """Finding 1, measured: an nftables output rule on the SYN never makes connect() fail at once.  drop: EINPROGRESS,
+    the SYN is resent, SO_ERROR ETIMEDOUT (TCP_SYNCNT 1: about 3 s); reject: EINPROGRESS, then ECONNREFUSED (tcp
+    reset) or EHOSTUNREACH (admin prohibited) through SO_ERROR.  In a network namespace of its own."""
+    import shutil
+
+    from nbconn.lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if not shutil.which("nft") or not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("needs nft (nftables), ip and unshare")
+    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _NFT_PROBE], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0 and "nft" in proc.stderr:
+        pytest.skip(f"no nf_tables here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    assert got == {"drop": ["EINPROGRESS", "True", "ETIMEDOUT"], "reset": ["EINPROGRESS", "True", "ECONNREFUSED"],
+                   "prohibited": ["EINPROGRESS", "True", "EHOSTUNREACH"]}, got
