@@ -305,7 +305,9 @@ _KERNEL = {
         "127 s is only the time budget). nginx has no 75 s cap (that figure in its docs is about the OS), so this "
         "line means either proxy_connect_timeout is longer than that, or the kernel's limit was shortened: "
         "net.ipv4.tcp_syn_retries, tcp_syn_linear_timeouts or tcp_rto_max_ms (6.15+) lowered, or TCP_SYNCNT / "
-        "TCP_USER_TIMEOUT set on the socket",
+        "TCP_USER_TIMEOUT set on the socket (measured here: tcp_rto_max_ms 1000 in a namespace, the rest default, "
+        "ends it after about 7 s and six resends: every timer is capped at 1 s and so is tcp_model_timeout's "
+        "budget)",
     ("so_error", _errno.EHOSTUNREACH, None): "an ICMP host unreachable came back for the SYN (a router, or this "
         "host's own ARP/neighbour resolution failed for an on-link peer) (net/ipv4/icmp.c icmp_err_convert[], "
         "net/ipv4/tcp_ipv4.c tcp_v4_err: in SYN-SENT the error ends the connect); or, with no ICMP, the route to "

@@ -642,3 +642,43 @@ def test_netfilter_verdicts_on_the_syn_never_make_eperm():
     got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
     assert got == {"drop": ["EINPROGRESS", "True", "ETIMEDOUT"], "reset": ["EINPROGRESS", "True", "ECONNREFUSED"],
                    "prohibited": ["EINPROGRESS", "True", "EHOSTUNREACH"]}, got
+
+
+_RTO_MAX_PROBE = r"""
+import errno, select, socket, struct, subprocess
+def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
+run("ip", "link", "set", "lo", "up")
+run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0"); run("ip", "link", "set", "v0", "up"); run("ip", "link", "set", "v1", "up")
+run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
+with open("/proc/sys/net/ipv4/tcp_rto_max_ms", "w") as f:
+    f.write("1000")
+s = socket.socket(); s.setblocking(False)
+r = s.connect_ex(("10.77.0.9", 80))
+ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
+ready = bool(ep.poll(60))  # the default schedule would need 131 s
+info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+print(errno.errorcode.get(r, "0"), ready, errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"),
+      struct.unpack_from("I", info, 100)[0])
+"""
+
+
+def test_tcp_rto_max_ms_shortens_the_syn_give_up():
+    """Finding 2, measured: with tcp_rto_max_ms lowered to 1000 (Linux 6.15+) and tcp_syn_retries untouched, the kernel
+    ends a connect to a silent peer with ETIMEDOUT after six resends (about 7 s), not at 131 s -- one way a
+    "connect() failed (110: ...)" line appears with unchanged SYN retries.  In a network namespace of its own."""
+    import shutil
+
+    from nbconn.lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if not os.path.exists("/proc/sys/net/ipv4/tcp_rto_max_ms"):
+        pytest.skip("no net.ipv4.tcp_rto_max_ms before Linux 6.15")
+    if not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("needs ip and unshare")
+    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _RTO_MAX_PROBE], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["EINPROGRESS", "True", "ETIMEDOUT", "6"], proc.stdout
