@@ -285,6 +285,9 @@ _KERNEL = {
     ("connect", _errno.EHOSTUNREACH, None): "the route to the address is of type unreachable (measured here: "
         "`ip route add unreachable` makes connect() fail at once with EHOSTUNREACH; net/ipv4/fib_semantics.c "
         "fib_props[RTN_UNREACHABLE]); nothing was sent",
+    ("connect", _errno.EINVAL, False): "the route to the address is of type blackhole (measured here: `ip route "
+        "add blackhole` makes connect() fail at once with EINVAL; net/ipv4/fib_semantics.c fib_props[RTN_BLACKHOLE]); "
+        "nothing was sent",
     ("connect", _errno.ECONNRESET, None): "not a reply to the handshake: for a non-blocking TCP socket connect() "
         "chooses its answer (EINPROGRESS) before any reply is processed -- a reply that arrives meanwhile waits in "
         "the socket's backlog until release_sock (net/core/sock.c) -- and an RST in SYN-SENT gives ECONNREFUSED, "
@@ -320,6 +323,19 @@ _KERNEL = {
         "(net/ipv4/af_inet.c inet_sk_rebuild_header; IPv6 inet6_sk_rebuild_header), the errno was kept in "
         "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (notebook 05 "
         "measures this: ENETUNREACH after about 3 s with TCP_SYNCNT 1)",
+    # A SYN resend's failed route lookup, kept in sk_err_soft (measured here, each in a namespace, TCP_SYNCNT 1: the
+    # route deleted -> ENETUNREACH, replaced by unreachable -> EHOSTUNREACH, prohibit -> EACCES, blackhole -> EINVAL,
+    # an xfrm block policy added -> EPERM; each at give-up, about 3 s).  icmp_err_convert[] has no EACCES/EINVAL/EPERM.
+    ("so_error", _errno.EACCES, None): "no ICMP: the route to the peer became a prohibit route between SYN resends: "
+        "the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
+        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (measured here); net/ipv4/icmp.c icmp_err_convert[] never gives EACCES",
+    ("so_error", _errno.EINVAL, None): "no ICMP: the route to the peer became a blackhole route between SYN resends: "
+        "the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
+        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (measured here)",
+    ("so_error", _errno.EPERM, None): "no ICMP and not netfilter: an IPsec policy with action block for the peer "
+        "was added between SYN resends (net/xfrm/xfrm_policy.c xfrm_lookup_with_ifid): the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
+        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (measured here); "
+        "a netfilter verdict on a resend is stored nowhere",
     ("so_error", _errno.ECONNRESET, None): "the handshake was reset after connect() returned EINPROGRESS",
     ("so_error", _errno.EHOSTDOWN, None): "an ICMP host unknown came back for the SYN (icmp_err_convert[])",
     ("timeout", _errno.ETIMEDOUT, None): "nothing: the socket was still in SYN-SENT -- SYNs or SYN-ACKs lost, a "

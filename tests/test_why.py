@@ -682,3 +682,55 @@ def test_tcp_rto_max_ms_shortens_the_syn_give_up():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["EINPROGRESS", "True", "ETIMEDOUT", "6"], proc.stdout
+
+
+_ROUTE_CHANGE_PROBE = r"""
+import errno, select, socket, subprocess
+def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
+run("ip", "link", "set", "lo", "up")
+run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0"); run("ip", "link", "set", "v0", "up"); run("ip", "link", "set", "v1", "up")
+run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
+run("ip", "route", "add", "10.88.0.0/24", "via", "10.77.0.9")
+for change in ("del", "unreachable", "prohibit", "blackhole"):
+    s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+    r = s.connect_ex(("10.88.0.5", 80))  # the SYN leaves via 10.77.0.9
+    run("ip", "route", "del", "10.88.0.0/24") if change == "del" else run("ip", "route", "replace", change, "10.88.0.0/24")
+    ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
+    ready = bool(ep.poll(30))
+    print(change, errno.errorcode.get(r, "0"), ready, errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
+    s.close(); ep.close()
+    run("ip", "route", "replace", "10.88.0.0/24", "via", "10.77.0.9")
+run("ip", "route", "replace", "blackhole", "10.88.0.0/24")
+s = socket.socket(); s.setblocking(False)
+print("at-once", errno.errorcode.get(s.connect_ex(("10.88.0.5", 80)), "0"))
+"""
+
+
+def test_a_route_changed_between_syn_resends_ends_the_connect_with_its_errno():
+    """Finding 4, measured: no ICMP needed.  The route changes after the SYN left; the resend's route lookup fails,
+    sk_err_soft keeps the errno and tcp_write_err reports it at give-up (TCP_SYNCNT 1): deleted -> ENETUNREACH,
+    unreachable -> EHOSTUNREACH, prohibit -> EACCES, blackhole -> EINVAL.  A blackhole route at connect() time: EINVAL
+    at once.  Each errno has its cause text in why.py.  In a network namespace of its own."""
+    import shutil
+
+    from nbconn.lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("needs ip and unshare")
+    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _ROUTE_CHANGE_PROBE], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    expected = {"del": "ENETUNREACH", "unreachable": "EHOSTUNREACH", "prohibit": "EACCES", "blackhole": "EINVAL"}
+    for change, name in expected.items():
+        assert got[change] == ["EINPROGRESS", "True", name], (change, got)
+        err = getattr(__import__("errno"), name)
+        text = kernel_text(f"connect() failed ({err}: {os.strerror(err)}) while connecting to upstream")
+        assert "between SYN resends" in text and "sk_err_soft" in text, (name, text)
+    assert got["at-once"] == ["EINVAL"]
+    assert "blackhole" in kernel_text("connect() to 10.88.0.5:80 failed (22: Invalid argument) while connecting to "
+                                      "upstream")
