@@ -238,6 +238,11 @@ _SETSOCKOPT_OPTION = {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive", "IP_BI
 # -- what the kernel did: (kind, errno, unix?) -> text; unix? None matches both -------------------------------
 # Measured here where marked: a lab namespace with `ip route add unreachable|prohibit` and no default route
 # (Linux 6.x): connect() fails at once with EHOSTUNREACH, EACCES, ENETUNREACH respectively.
+#: how a SYN resend's failed route lookup ends a connect (net/ipv4/af_inet.c inet_sk_rebuild_header, then
+#: net/ipv4/tcp_timer.c tcp_write_err)
+_SOFT = ("the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
+         "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out")
+
 _KERNEL = {
     ("connect", _errno.ECONNREFUSED, False): "an RST answered the SYN (no socket listens on that port: "
         "net/ipv4/tcp_ipv4.c tcp_v4_send_reset) and connect() itself reported it -- unusual on Linux for TCP: even "
@@ -298,9 +303,11 @@ _KERNEL = {
     ("connect", _errno.ETIMEDOUT, None): "connect() itself reported ETIMEDOUT: unusual for a non-blocking socket",
     ("so_error", _errno.ECONNREFUSED, None): "an RST answered the SYN after connect() had returned EINPROGRESS: no "
         "socket listens on that port of the remote host (or an ICMP port unreachable: net/ipv4/icmp.c "
-        "icmp_err_convert[]); the kernel set sk_err and closed the socket (net/ipv4/tcp_input.c tcp_reset -> tcp_done), "
+        "icmp_err_convert[]); the kernel set sk_err and closed the socket (net/ipv4/tcp_input.c tcp_reset -> "
+        "tcp_done), "
         "and epoll reported EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP|EPOLLRDHUP (notebook 05 measures it): EPOLLERR from "
-        "sk_err, the rest from the CLOSE state and shutdown both ways that tcp_done set (net/ipv4/tcp.c tcp_poll); EPOLLERR|EPOLLHUP send nginx to the read handler, which reads SO_ERROR",
+        "sk_err, the rest from the CLOSE state and shutdown both ways that tcp_done set (net/ipv4/tcp.c "
+        "tcp_poll); EPOLLERR|EPOLLHUP send nginx to the read handler, which reads SO_ERROR",
     ("so_error", _errno.ETIMEDOUT, None): "the kernel gave up resending the SYN before nginx's "
         "proxy_connect_timeout fired (net/ipv4/tcp_timer.c tcp_write_timeout -> tcp_write_err). With the defaults "
         "(tcp_syn_retries 6, tcp_syn_linear_timeouts 4) the kernel gives up at the timer that fires at 131 s, "
@@ -327,15 +334,12 @@ _KERNEL = {
     # route deleted -> ENETUNREACH, replaced by unreachable -> EHOSTUNREACH, prohibit -> EACCES, blackhole -> EINVAL,
     # an xfrm block policy added -> EPERM; each at give-up, about 3 s).  icmp_err_convert[] has no EACCES/EINVAL/EPERM.
     ("so_error", _errno.EACCES, None): "no ICMP: the route to the peer became a prohibit route between SYN resends: "
-        "the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
-        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (measured here); net/ipv4/icmp.c icmp_err_convert[] never gives EACCES",
+        + _SOFT + " (measured here); net/ipv4/icmp.c icmp_err_convert[] never gives EACCES",
     ("so_error", _errno.EINVAL, None): "no ICMP: the route to the peer became a blackhole route between SYN resends: "
-        "the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
-        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (measured here)",
+        + _SOFT + " (measured here)",
     ("so_error", _errno.EPERM, None): "no ICMP and not netfilter: an IPsec policy with action block for the peer "
-        "was added between SYN resends (net/xfrm/xfrm_policy.c xfrm_lookup_with_ifid): the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
-        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (measured here); "
-        "a netfilter verdict on a resend is stored nowhere",
+        "was added between SYN resends (net/xfrm/xfrm_policy.c xfrm_lookup_with_ifid): " + _SOFT + " (measured "
+        "here); a netfilter verdict on a resend is stored nowhere",
     ("so_error", _errno.ECONNRESET, None): "the handshake was reset after connect() returned EINPROGRESS",
     ("so_error", _errno.EHOSTDOWN, None): "an ICMP host unknown came back for the SYN (icmp_err_convert[])",
     ("timeout", _errno.ETIMEDOUT, None): "nothing: the socket was still in SYN-SENT -- SYNs or SYN-ACKs lost, a "

@@ -549,33 +549,31 @@ def test_econnreset_at_connect_is_not_a_handshake_reply():
     assert "a reset met the handshake before connect() returned" not in text
 
 
-_XFRM_PROBE = r"""
-import errno, select, socket, subprocess, sys, time
-def ip(*a): subprocess.run(("ip",) + a, check=True, timeout=20, capture_output=True)
-ip("link", "set", "lo", "up")
-ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
-ip("addr", "add", "10.77.0.1/24", "dev", "v0"); ip("link", "set", "v0", "up"); ip("link", "set", "v1", "up")
-ip("neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
-block = ("xfrm", "policy", "add", "dir", "out", "dst", "10.77.0.9/32", "action", "block")
-ip(*block)
-s = socket.socket(); s.setblocking(False)
-print("at-once", errno.errorcode.get(s.connect_ex(("10.77.0.9", 80)), "0")); s.close()
-ip("xfrm", "policy", "flush")
-s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
-t = time.monotonic(); r = s.connect_ex(("10.77.0.9", 80))
-ip(*block)  # after the first SYN left, before its resend (1 s later)
-before = time.monotonic() - t
-ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
-ready = ep.poll(30)
-print("pending", errno.errorcode.get(r), "%.3f" % before, bool(ready),
-      errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
+# -- the same, measured: each probe runs in a user + network namespace of its own (`unshare -rn`) -----------------
+
+# A silent peer: 10.77.0.9 behind a veth whose other end nobody reads; its neighbour entry is permanent, so every SYN
+# leaves and nothing ever answers.  10.88.0.0/24 is routed through it.
+_SILENT_PEER = r"""
+import errno, select, socket, struct, subprocess
+def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
+def so_error(s): return errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0")
+def pending(r): return errno.errorcode.get(r, "0")
+def wait(s, seconds):
+    with select.epoll() as ep:
+        ep.register(s.fileno(), select.EPOLLOUT)
+        return bool(ep.poll(seconds))
+run("ip", "link", "set", "lo", "up")
+run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0")
+run("ip", "link", "set", "v0", "up")
+run("ip", "link", "set", "v1", "up")
+run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")
+run("ip", "route", "add", "10.88.0.0/24", "via", "10.77.0.9")
 """
 
 
-def test_eperm_from_an_ipsec_block_policy_at_connect_and_via_so_error():
-    """Finding 1, measured: an xfrm block policy makes connect() fail with EPERM at once, and a policy added while
-    the SYN is pending ends the connect with EPERM through SO_ERROR (the resend's route lookup fails, sk_err_soft,
-    tcp_write_err) -- the EPERM nbconn.errors.SO_ERROR_ERRNOS lists.  In a network namespace of its own."""
+def in_a_namespace(probe: str, *tools: str) -> subprocess.CompletedProcess:
+    """Run ``probe`` (after _SILENT_PEER) in a user + network namespace of its own; skip where that cannot be."""
     import shutil
 
     from nbconn.lab import namespace
@@ -583,29 +581,47 @@ def test_eperm_from_an_ipsec_block_policy_at_connect_and_via_so_error():
     reason = namespace.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    if not shutil.which("ip") or not shutil.which("unshare"):
-        pytest.skip("needs ip and unshare")
-    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _XFRM_PROBE], capture_output=True, text=True,
-                          timeout=120)
+    missing = [tool for tool in ("ip", "unshare") + tools if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    return subprocess.run(["unshare", "-rn", sys.executable, "-c", _SILENT_PEER + probe], capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_eperm_from_an_ipsec_block_policy_at_connect_and_via_so_error():
+    """Finding 1, measured: an xfrm block policy makes connect() fail with EPERM at once, and a policy added while
+    the SYN is pending ends the connect with EPERM through SO_ERROR (the resend's route lookup fails, sk_err_soft,
+    tcp_write_err) -- the EPERM nbconn.errors.SO_ERROR_ERRNOS lists."""
+    proc = in_a_namespace(r"""
+import time
+block = ("xfrm", "policy", "add", "dir", "out", "dst", "10.77.0.9/32", "action", "block")
+run("ip", *block)
+s = socket.socket(); s.setblocking(False)
+print("at-once", pending(s.connect_ex(("10.77.0.9", 80)))); s.close()
+run("ip", "xfrm", "policy", "flush")
+s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+t = time.monotonic(); r = s.connect_ex(("10.77.0.9", 80))
+run("ip", *block)  # after the first SYN left, before its resend (1 s later)
+before = time.monotonic() - t
+print("pending", pending(r), "%.3f" % before, wait(s, 30), so_error(s))
+""")
     if proc.returncode != 0 and "xfrm" in proc.stderr:
         pytest.skip(f"no xfrm here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert lines["at-once"] == "EPERM"
-    pending, before, ready, so_error = lines["pending"].split()
-    assert pending == "EINPROGRESS" and ready == "True"
+    result, before, ready, err = lines["pending"].split()
+    assert result == "EINPROGRESS" and ready == "True"
     if float(before) >= 0.9:
         pytest.skip(f"the policy went in {before} s after connect(): too late for the first resend on this load")
-    assert so_error == "EPERM"
+    assert err == "EPERM"
 
 
-_NFT_PROBE = r"""
-import errno, select, socket, subprocess, sys, time
-def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
-run("ip", "link", "set", "lo", "up")
-run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0"); run("ip", "link", "set", "v0", "up"); run("ip", "link", "set", "v1", "up")
-run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
+def test_netfilter_verdicts_on_the_syn_never_make_eperm():
+    """Finding 1, measured: an nftables output rule on the SYN never makes connect() fail at once.  drop: EINPROGRESS,
+    the SYN is resent, SO_ERROR ETIMEDOUT (TCP_SYNCNT 1: about 3 s); reject: EINPROGRESS, then ECONNREFUSED (tcp
+    reset) or EHOSTUNREACH (admin prohibited) through SO_ERROR."""
+    proc = in_a_namespace(r"""
 run("nft", "add", "table", "ip", "f")
 run("nft", "add", "chain", "ip", "f", "out", "{ type filter hook output priority 0 ; }")
 for name, verdict in (("drop", "drop"), ("reset", "reject with tcp reset"),
@@ -614,28 +630,9 @@ for name, verdict in (("drop", "drop"), ("reset", "reject with tcp reset"),
     run("nft", "add", "rule", "ip", "f", "out", "ip", "daddr", "10.77.0.9", "tcp", "dport", "80", *verdict.split())
     s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
     r = s.connect_ex(("10.77.0.9", 80))
-    ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
-    ready = bool(ep.poll(30))
-    print(name, errno.errorcode.get(r, "0"), ready, errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
-    s.close(); ep.close()
-"""
-
-
-def test_netfilter_verdicts_on_the_syn_never_make_eperm():
-    """Finding 1, measured: an nftables output rule on the SYN never makes connect() fail at once.  drop: EINPROGRESS,
-    the SYN is resent, SO_ERROR ETIMEDOUT (TCP_SYNCNT 1: about 3 s); reject: EINPROGRESS, then ECONNREFUSED (tcp
-    reset) or EHOSTUNREACH (admin prohibited) through SO_ERROR.  In a network namespace of its own."""
-    import shutil
-
-    from nbconn.lab import namespace
-
-    reason = namespace.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    if not shutil.which("nft") or not shutil.which("ip") or not shutil.which("unshare"):
-        pytest.skip("needs nft (nftables), ip and unshare")
-    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _NFT_PROBE], capture_output=True, text=True,
-                          timeout=120)
+    print(name, pending(r), wait(s, 30), so_error(s))
+    s.close()
+""", "nft")
     if proc.returncode != 0 and "nft" in proc.stderr:
         pytest.skip(f"no nf_tables here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
@@ -644,85 +641,45 @@ def test_netfilter_verdicts_on_the_syn_never_make_eperm():
                    "prohibited": ["EINPROGRESS", "True", "EHOSTUNREACH"]}, got
 
 
-_RTO_MAX_PROBE = r"""
-import errno, select, socket, struct, subprocess
-def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
-run("ip", "link", "set", "lo", "up")
-run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0"); run("ip", "link", "set", "v0", "up"); run("ip", "link", "set", "v1", "up")
-run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
+def test_tcp_rto_max_ms_shortens_the_syn_give_up():
+    """Finding 2, measured: with tcp_rto_max_ms lowered to 1000 (Linux 6.15+) and tcp_syn_retries at its default (a new
+    namespace has 6), the kernel ends a connect to a silent peer with ETIMEDOUT after six resends (about 7 s), not at
+    131 s -- one way a "connect() failed (110: ...)" line appears with unchanged SYN retries."""
+    if not os.path.exists("/proc/sys/net/ipv4/tcp_rto_max_ms"):
+        pytest.skip("no net.ipv4.tcp_rto_max_ms before Linux 6.15")
+    proc = in_a_namespace(r"""
 with open("/proc/sys/net/ipv4/tcp_rto_max_ms", "w") as f:
     f.write("1000")
 s = socket.socket(); s.setblocking(False)
 r = s.connect_ex(("10.77.0.9", 80))
-ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
-ready = bool(ep.poll(60))  # the default schedule would need 131 s
+ready = wait(s, 60)  # the default schedule would need 131 s
 info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-print(errno.errorcode.get(r, "0"), ready, errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"),
-      struct.unpack_from("I", info, 100)[0])
-"""
-
-
-def test_tcp_rto_max_ms_shortens_the_syn_give_up():
-    """Finding 2, measured: with tcp_rto_max_ms lowered to 1000 (Linux 6.15+) and tcp_syn_retries untouched, the kernel
-    ends a connect to a silent peer with ETIMEDOUT after six resends (about 7 s), not at 131 s -- one way a
-    "connect() failed (110: ...)" line appears with unchanged SYN retries.  In a network namespace of its own."""
-    import shutil
-
-    from nbconn.lab import namespace
-
-    reason = namespace.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    if not os.path.exists("/proc/sys/net/ipv4/tcp_rto_max_ms"):
-        pytest.skip("no net.ipv4.tcp_rto_max_ms before Linux 6.15")
-    if not shutil.which("ip") or not shutil.which("unshare"):
-        pytest.skip("needs ip and unshare")
-    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _RTO_MAX_PROBE], capture_output=True, text=True,
-                          timeout=120)
+print(pending(r), ready, so_error(s), struct.unpack_from("I", info, 100)[0])  # tcpi_total_retrans
+""")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["EINPROGRESS", "True", "ETIMEDOUT", "6"], proc.stdout
-
-
-_ROUTE_CHANGE_PROBE = r"""
-import errno, select, socket, subprocess
-def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
-run("ip", "link", "set", "lo", "up")
-run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0"); run("ip", "link", "set", "v0", "up"); run("ip", "link", "set", "v1", "up")
-run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")  # never answers
-run("ip", "route", "add", "10.88.0.0/24", "via", "10.77.0.9")
-for change in ("del", "unreachable", "prohibit", "blackhole"):
-    s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
-    r = s.connect_ex(("10.88.0.5", 80))  # the SYN leaves via 10.77.0.9
-    run("ip", "route", "del", "10.88.0.0/24") if change == "del" else run("ip", "route", "replace", change, "10.88.0.0/24")
-    ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
-    ready = bool(ep.poll(30))
-    print(change, errno.errorcode.get(r, "0"), ready, errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"))
-    s.close(); ep.close()
-    run("ip", "route", "replace", "10.88.0.0/24", "via", "10.77.0.9")
-run("ip", "route", "replace", "blackhole", "10.88.0.0/24")
-s = socket.socket(); s.setblocking(False)
-print("at-once", errno.errorcode.get(s.connect_ex(("10.88.0.5", 80)), "0"))
-"""
 
 
 def test_a_route_changed_between_syn_resends_ends_the_connect_with_its_errno():
     """Finding 4, measured: no ICMP needed.  The route changes after the SYN left; the resend's route lookup fails,
     sk_err_soft keeps the errno and tcp_write_err reports it at give-up (TCP_SYNCNT 1): deleted -> ENETUNREACH,
     unreachable -> EHOSTUNREACH, prohibit -> EACCES, blackhole -> EINVAL.  A blackhole route at connect() time: EINVAL
-    at once.  Each errno has its cause text in why.py.  In a network namespace of its own."""
-    import shutil
-
-    from nbconn.lab import namespace
-
-    reason = namespace.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    if not shutil.which("ip") or not shutil.which("unshare"):
-        pytest.skip("needs ip and unshare")
-    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _ROUTE_CHANGE_PROBE], capture_output=True,
-                          text=True, timeout=180)
+    at once.  Each errno has its cause text in why.py."""
+    proc = in_a_namespace(r"""
+for change in ("del", "unreachable", "prohibit", "blackhole"):
+    s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+    r = s.connect_ex(("10.88.0.5", 80))  # the SYN leaves via 10.77.0.9
+    if change == "del":
+        run("ip", "route", "del", "10.88.0.0/24")
+    else:
+        run("ip", "route", "replace", change, "10.88.0.0/24")
+    print(change, pending(r), wait(s, 30), so_error(s))
+    s.close()
+    run("ip", "route", "replace", "10.88.0.0/24", "via", "10.77.0.9")
+run("ip", "route", "replace", "blackhole", "10.88.0.0/24")
+s = socket.socket(); s.setblocking(False)
+print("at-once", pending(s.connect_ex(("10.88.0.5", 80))))
+""")
     assert proc.returncode == 0, proc.stderr
     got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
     expected = {"del": "ENETUNREACH", "unreachable": "EHOSTUNREACH", "prohibit": "EACCES", "blackhole": "EINVAL"}
