@@ -149,8 +149,10 @@ NGX_CONNECTION_ERROR_ERR_ERRNOS = frozenset({
 # -- what each call can answer (used by the table tests, and to read the table) ----------
 
 #: Every errno a non-blocking connect() on Linux can fail with at once: connect(2)'s ERRORS section, plus
-#: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), resets and AF_UNIX paths
-#: (ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG), and memory (ENOBUFS, ENOMEM).
+#: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), AF_UNIX paths (ENOENT, ENOTDIR,
+#: ELOOP, ENAMETOOLONG) and memory (ENOBUFS, ENOMEM), and ECONNRESET, which nginx's level table names: for TCP
+#: it is no reply to the handshake -- a reply is processed in release_sock after connect() chose EINPROGRESS,
+#: and an RST in SYN-SENT is ECONNREFUSED (net/ipv4/tcp_input.c tcp_reset) -- so nbconn.why says so.
 CONNECT_ERRNOS = tuple(sorted({
     _errno.EACCES, _errno.EPERM, _errno.EADDRINUSE, _errno.EADDRNOTAVAIL, _errno.EAFNOSUPPORT, _errno.EAGAIN,
     _errno.EALREADY, _errno.EBADF, _errno.ECONNREFUSED, _errno.EFAULT, _errno.EINTR, _errno.EISCONN,
@@ -162,8 +164,15 @@ CONNECT_ERRNOS = tuple(sorted({
 #: Every errno getsockopt(SO_ERROR) can report after a pending connect on Linux: the handshake's own
 #: failures (RST -> ECONNREFUSED, SYNs unanswered -> ETIMEDOUT, a reset -> ECONNRESET), the ICMP errors
 #: the kernel converts (net/ipv4/icmp.c icmp_err_convert[]: ENETUNREACH, EHOSTUNREACH, ENOPROTOOPT,
-#: ECONNREFUSED, EMSGSIZE, EOPNOTSUPP, ENONET, EHOSTDOWN, EACCES), a netfilter verdict (EPERM), EPROTO,
-#: and the local ones (ENETDOWN, EADDRNOTAVAIL, ENOBUFS, EPIPE).
+#: ECONNREFUSED, EMSGSIZE, EOPNOTSUPP, ENONET, EHOSTDOWN), EPROTO, and the local ones (ENETDOWN,
+#: EADDRNOTAVAIL, ENOBUFS, EPIPE).  A SYN resend whose route lookup fails (net/ipv4/af_inet.c
+#: inet_sk_rebuild_header) keeps that errno in sk_err_soft, and tcp_write_err reports it instead of ETIMEDOUT
+#: when the retries run out: ENETUNREACH (the route went), EHOSTUNREACH (an unreachable route), EACCES (a
+#: prohibit route) and EPERM (an IPsec policy with action block; tests/test_why.py measures it).  EPERM is not
+#: a netfilter verdict: tcp_connect (net/ipv4/tcp_output.c) passes on only -ECONNREFUSED from sending the
+#: first SYN, a resend's transmit error is not stored in sk_err or sk_err_soft, so a netfilter DROP looks like
+#: a lost SYN and the connect ends ETIMEDOUT.  Missing from the tuple: EINVAL, which a blackhole route met by a
+#: resend leaves the same way (tests/test_why.py measures each route case and the IPsec one).
 SO_ERROR_ERRNOS = tuple(sorted({
     _errno.ECONNREFUSED, _errno.ETIMEDOUT, _errno.ECONNRESET, _errno.ENETUNREACH, _errno.EHOSTUNREACH,
     _errno.ENOPROTOOPT, _errno.EMSGSIZE, _errno.EOPNOTSUPP, _errno.ENONET, _errno.EHOSTDOWN, _errno.EACCES,

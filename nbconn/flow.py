@@ -30,10 +30,14 @@ Why the steps are in this order
    port (so that ``bind()`` reserves no port and ``connect()`` picks one for the
    4-tuple: fewer EADDRINUSE under many connections), then ``bind()``.
 4. The descriptor is registered with epoll for EPOLLIN|EPOLLOUT|EPOLLRDHUP|
-   EPOLLET (``ngx_epoll_add_connection``) *before* ``connect()``.  With
-   edge-triggered epoll, registering first means no readiness change can slip
-   by unseen between ``connect()`` and registration, and one registration
-   serves the whole life of the connection (no later EPOLL_CTL_MOD).
+   EPOLLET (``ngx_epoll_add_connection``) *before* ``connect()``.  Not for
+   correctness: registering after ``connect()`` would lose nothing, edge-triggered
+   or not, because ``epoll_ctl(EPOLL_CTL_ADD)`` polls the file as it inserts it
+   and queues it at once if it is already ready (Linux fs/eventpoll.c
+   ``ep_insert``; notebook 03 cell ``order`` measures both orders).  What the
+   order buys: a failing ``epoll_ctl`` costs nothing outside -- no SYN has been
+   sent -- and one registration serves the whole life of the connection (no
+   later EPOLL_CTL_MOD).
 5. ``connect()``:
 
    - 0: connected already (AF_UNIX with room in the backlog does this): NGX_OK.

@@ -238,6 +238,11 @@ _SETSOCKOPT_OPTION = {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive", "IP_BI
 # -- what the kernel did: (kind, errno, unix?) -> text; unix? None matches both -------------------------------
 # Measured here where marked: a lab namespace with `ip route add unreachable|prohibit` and no default route
 # (Linux 6.x): connect() fails at once with EHOSTUNREACH, EACCES, ENETUNREACH respectively.
+#: how a SYN resend's failed route lookup ends a connect (net/ipv4/af_inet.c inet_sk_rebuild_header, then
+#: net/ipv4/tcp_timer.c tcp_write_err)
+_SOFT = ("the resend's route lookup failed (net/ipv4/af_inet.c inet_sk_rebuild_header), the errno was kept in "
+         "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out")
+
 _KERNEL = {
     ("connect", _errno.ECONNREFUSED, False): "an RST answered the SYN (no socket listens on that port: "
         "net/ipv4/tcp_ipv4.c tcp_v4_send_reset) and connect() itself reported it -- unusual on Linux for TCP: even "
@@ -248,16 +253,34 @@ _KERNEL = {
     ("connect", _errno.EAGAIN, True): "the unix socket's accept backlog is full -- its process does not accept() "
         "fast enough -- and a non-blocking AF_UNIX connect does not wait (net/unix/af_unix.c unix_stream_connect, "
         "unix_recvq_full -> -EAGAIN); nginx treats it like ECONNREFUSED",
-    ("connect", _errno.EAGAIN, False): "for TCP, connect(2)'s rare EAGAIN: the kernel ran out of routing-cache or "
-        "local resources for a new connection",
+    # connect(2)'s "insufficient entries in the routing cache" is obsolete: the IPv4 routing cache was removed in
+    # Linux 3.6, and running out of local ports gives EADDRNOTAVAIL (notebook 04 measures it).
+    ("connect", _errno.EAGAIN, False): "not something Linux 6.x returns from a TCP connect(): connect(2)'s EAGAIN "
+        "'insufficient entries in the routing cache' predates Linux 3.6, which removed the IPv4 routing cache, and "
+        "running out of local ports gives EADDRNOTAVAIL (net/ipv4/inet_hashtables.c __inet_hash_connect; notebook "
+        "04 measures it); look for another socket type or a non-Linux kernel",
     ("connect", _errno.ENOENT, True): "no socket file at that path: the backend has not created it (not running, "
         "another path, or a private /tmp) (net/unix/af_unix.c unix_find_bsd -> kern_path)",
     ("connect", _errno.EACCES, True): "the worker's user (the `user` directive) may not write to the socket file "
         "or search a directory above it (net/unix/af_unix.c unix_find_bsd -> path_permission(MAY_WRITE))",
     ("connect", _errno.EACCES, False): "the route to the address is of type prohibit (measured here: `ip route add "
         "prohibit` makes connect() fail at once with EACCES), or a security module / cgroup BPF program refused it",
-    ("connect", _errno.EPERM, None): "a local firewall rule (netfilter OUTPUT DROP/REJECT) or a security module "
-        "refused the SYN before it left",
+    # Not netfilter: tcp_connect (net/ipv4/tcp_output.c) hands back only -ECONNREFUSED from tcp_transmit_skb; the
+    # -EPERM of an NF_DROP on the first SYN is taken for a lost SYN (connect() says EINPROGRESS, the SYN is resent,
+    # the connect ends in ETIMEDOUT or nginx's timer).  Passing that EPERM up is a netdev patch of November 2025,
+    # later than 6.18.  Measured here, each in a namespace: an xfrm block policy makes connect() fail with EPERM at
+    # once; an nftables output drop gives EINPROGRESS, then ETIMEDOUT; reject gives ECONNREFUSED / EHOSTUNREACH.
+    ("connect", _errno.EPERM, None): "something refused the connect before any SYN was built: a cgroup BPF "
+        "connect4/connect6 program (net/ipv4/tcp_ipv4.c tcp_v4_pre_connect -> BPF_CGROUP_RUN_PROG_INET4_CONNECT; "
+        "kernel/bpf/cgroup.c __cgroup_bpf_run_filter_sock_addr), a security module (net/socket.c "
+        "__sys_connect_file -> security_socket_connect), or an IPsec policy with action block (measured here: `ip "
+        "xfrm policy add dir out dst ADDR action block` makes connect() fail at once with EPERM; "
+        "net/xfrm/xfrm_policy.c xfrm_lookup_with_ifid via ip_route_connect); nothing was sent. Not a netfilter "
+        "rule on Linux 6.18: tcp_connect (net/ipv4/tcp_output.c) passes on only ECONNREFUSED from sending the SYN, "
+        "so a netfilter DROP of the SYN looks like a lost SYN -- connect() returns EINPROGRESS, the SYN is resent, "
+        "and the line you get is 'upstream timed out' or SO_ERROR ETIMEDOUT; a REJECT comes back as SO_ERROR "
+        "ECONNREFUSED (tcp reset, port unreachable) or EHOSTUNREACH (host unreachable, admin prohibited) (measured "
+        "here with nftables output rules in a namespace)",
     ("connect", _errno.EADDRNOTAVAIL, None): "no free local port toward this address and port: every port of "
         "net.ipv4.ip_local_port_range is in use (many connections, or TIME-WAIT) (net/ipv4/inet_hashtables.c "
         "__inet_hash_connect -> -EADDRNOTAVAIL); nothing was sent",
@@ -267,21 +290,56 @@ _KERNEL = {
     ("connect", _errno.EHOSTUNREACH, None): "the route to the address is of type unreachable (measured here: "
         "`ip route add unreachable` makes connect() fail at once with EHOSTUNREACH; net/ipv4/fib_semantics.c "
         "fib_props[RTN_UNREACHABLE]); nothing was sent",
-    ("connect", _errno.ECONNRESET, None): "a reset met the handshake before connect() returned",
+    ("connect", _errno.EINVAL, False): "the route to the address is of type blackhole (measured here: `ip route "
+        "add blackhole` makes connect() fail at once with EINVAL; net/ipv4/fib_semantics.c fib_props[RTN_BLACKHOLE]); "
+        "nothing was sent",
+    ("connect", _errno.ECONNRESET, None): "not a reply to the handshake: for a non-blocking TCP socket connect() "
+        "chooses its answer (EINPROGRESS) before any reply is processed -- a reply that arrives meanwhile waits in "
+        "the socket's backlog until release_sock (net/core/sock.c) -- and an RST in SYN-SENT gives ECONNREFUSED, "
+        "not ECONNRESET (net/ipv4/tcp_input.c tcp_reset); nginx lists ECONNRESET among connect()'s errors for "
+        "other systems; on Linux look for another cause (a socket type other than TCP or AF_UNIX, or a patched "
+        "kernel)",
     ("connect", _errno.ENETDOWN, None): "the interface the route uses is down",
     ("connect", _errno.ETIMEDOUT, None): "connect() itself reported ETIMEDOUT: unusual for a non-blocking socket",
     ("so_error", _errno.ECONNREFUSED, None): "an RST answered the SYN after connect() had returned EINPROGRESS: no "
         "socket listens on that port of the remote host (or an ICMP port unreachable: net/ipv4/icmp.c "
-        "icmp_err_convert[]); the kernel set sk_err and woke epoll with EPOLLOUT|EPOLLERR",
-    ("so_error", _errno.ETIMEDOUT, None): "the kernel gave up resending the SYN (net.ipv4.tcp_syn_retries, or "
-        "TCP_SYNCNT / TCP_USER_TIMEOUT) before nginx's proxy_connect_timeout fired (net/ipv4/tcp_timer.c "
-        "tcp_write_timeout -> tcp_write_err); with the default 6 retries (~127 s) and proxy_connect_timeout at "
-        "most 75 s nginx's timer wins, so this line means the SYN retries were lowered",
+        "icmp_err_convert[]); the kernel set sk_err and closed the socket (net/ipv4/tcp_input.c tcp_reset -> "
+        "tcp_done), "
+        "and epoll reported EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP|EPOLLRDHUP (notebook 05 measures it): EPOLLERR from "
+        "sk_err, the rest from the CLOSE state and shutdown both ways that tcp_done set (net/ipv4/tcp.c "
+        "tcp_poll); EPOLLERR|EPOLLHUP send nginx to the read handler, which reads SO_ERROR",
+    ("so_error", _errno.ETIMEDOUT, None): "the kernel gave up resending the SYN before nginx's "
+        "proxy_connect_timeout fired (net/ipv4/tcp_timer.c tcp_write_timeout -> tcp_write_err). With the defaults "
+        "(tcp_syn_retries 6, tcp_syn_linear_timeouts 4) the kernel gives up at the timer that fires at 131 s, "
+        "late by up to a few seconds of timer-wheel rounding (notebook 06 recorded 133.68 s; tcp_model_timeout's "
+        "127 s is only the time budget). nginx has no 75 s cap (that figure in its docs is about the OS), so this "
+        "line means either proxy_connect_timeout is longer than that, or the kernel's limit was shortened: "
+        "net.ipv4.tcp_syn_retries, tcp_syn_linear_timeouts or tcp_rto_max_ms (6.15+) lowered, or TCP_SYNCNT / "
+        "TCP_USER_TIMEOUT set on the socket (measured here: tcp_rto_max_ms 1000 in a namespace, the rest default, "
+        "ends it after about 7 s and six resends: every timer is capped at 1 s and so is tcp_model_timeout's "
+        "budget)",
     ("so_error", _errno.EHOSTUNREACH, None): "an ICMP host unreachable came back for the SYN (a router, or this "
         "host's own ARP/neighbour resolution failed for an on-link peer) (net/ipv4/icmp.c icmp_err_convert[], "
-        "net/ipv4/tcp_ipv4.c tcp_v4_err: in SYN-SENT the error ends the connect)",
-    ("so_error", _errno.ENETUNREACH, None): "an ICMP net unreachable came back for the SYN from a router on the "
-        "path (net/ipv4/icmp.c icmp_err_convert[], net/ipv4/tcp_ipv4.c tcp_v4_err)",
+        "net/ipv4/tcp_ipv4.c tcp_v4_err: in SYN-SENT the error ends the connect); or, with no ICMP, the route to "
+        "the peer became an unreachable route between SYN resends: the resend's failed route lookup "
+        "(net/ipv4/af_inet.c inet_sk_rebuild_header) kept the errno in sk_err_soft and tcp_write_err reported it "
+        "when the retries ran out",
+    ("so_error", _errno.ENETUNREACH, None): "either an ICMP net unreachable came back for the SYN from a router on "
+        "the path (net/ipv4/icmp.c icmp_err_convert[], net/ipv4/tcp_ipv4.c tcp_v4_err), or, with no ICMP at all, "
+        "the route to the peer disappeared between SYN resends: the resend's route lookup failed "
+        "(net/ipv4/af_inet.c inet_sk_rebuild_header; IPv6 inet6_sk_rebuild_header), the errno was kept in "
+        "sk_err_soft, and tcp_write_err reported it instead of ETIMEDOUT when the retries ran out (notebook 05 "
+        "measures this: ENETUNREACH after about 3 s with TCP_SYNCNT 1)",
+    # A SYN resend's failed route lookup, kept in sk_err_soft (measured here, each in a namespace, TCP_SYNCNT 1: the
+    # route deleted -> ENETUNREACH, replaced by unreachable -> EHOSTUNREACH, prohibit -> EACCES, blackhole -> EINVAL,
+    # an xfrm block policy added -> EPERM; each at give-up, about 3 s).  icmp_err_convert[] has no EACCES/EINVAL/EPERM.
+    ("so_error", _errno.EACCES, None): "no ICMP: the route to the peer became a prohibit route between SYN resends: "
+        + _SOFT + " (measured here); net/ipv4/icmp.c icmp_err_convert[] never gives EACCES",
+    ("so_error", _errno.EINVAL, None): "no ICMP: the route to the peer became a blackhole route between SYN resends: "
+        + _SOFT + " (measured here)",
+    ("so_error", _errno.EPERM, None): "no ICMP and not netfilter: an IPsec policy with action block for the peer "
+        "was added between SYN resends (net/xfrm/xfrm_policy.c xfrm_lookup_with_ifid): " + _SOFT + " (measured "
+        "here); a netfilter verdict on a resend is stored nowhere",
     ("so_error", _errno.ECONNRESET, None): "the handshake was reset after connect() returned EINPROGRESS",
     ("so_error", _errno.EHOSTDOWN, None): "an ICMP host unknown came back for the SYN (icmp_err_convert[])",
     ("timeout", _errno.ETIMEDOUT, None): "nothing: the socket was still in SYN-SENT -- SYNs or SYN-ACKs lost, a "

@@ -510,3 +510,199 @@ def test_summary_memory_is_bounded(monkeypatch):
     assert len(summary["upstreams"]) == 51 and summary["upstreams"]["(other)"] == {"connect:ECONNREFUSED": 4950}
     assert summary["bursts_seen"] == 500 and len(summary["bursts"]) == why.MAX_BURSTS
     assert summary["causes"]["connect:ECONNREFUSED"]["count"] == 5000
+
+
+# -- the kernel-cause texts: issue 19's kernel review (findings 1, 2, 4, 5, 9, 10) -------------------------------
+
+def kernel_text(line: str) -> str:
+    return why.decode(line)["kernel"]
+
+
+def test_eperm_at_connect_is_bpf_lsm_or_xfrm_not_netfilter():
+    """Finding 1: tcp_connect passes on only ECONNREFUSED from sending the SYN, so a netfilter DROP is a lost SYN."""
+    text = kernel_text("connect() to 10.0.0.9:80 failed (1: Operation not permitted) while connecting to upstream")
+    assert "cgroup BPF" in text and "security_socket_connect" in text and "xfrm" in text
+    assert "Not a netfilter rule" in text and "looks like a lost SYN" in text and "EINPROGRESS" in text
+    assert "netfilter OUTPUT DROP/REJECT" not in text
+
+
+def test_etimedout_via_so_error_names_131_s_and_every_knob():
+    """Finding 2: the kernel gives up at 131 s (+ wheel lateness), nginx has no 75 s cap."""
+    text = kernel_text("connect() failed (110: Connection timed out) while connecting to upstream")
+    for word in ("131 s", "133.68 s", "no 75 s cap", "tcp_syn_linear_timeouts", "tcp_rto_max_ms",
+                 "proxy_connect_timeout is longer"):
+        assert word in text, word
+    assert "at most 75 s" not in text and "means the SYN retries were lowered" not in text
+
+
+@pytest.mark.parametrize("err, name", [(101, "Network is unreachable"), (113, "No route to host")])
+def test_unreachable_via_so_error_names_a_route_lost_between_resends(err, name):
+    """Finding 4: no ICMP needed: the resend's failed route lookup is kept in sk_err_soft."""
+    text = kernel_text(f"connect() failed ({err}: {name}) while connecting to upstream")
+    assert "ICMP" in text and "between SYN resends" in text and "sk_err_soft" in text
+    assert "inet_sk_rebuild_header" in text and "tcp_write_err" in text
+
+
+def test_refused_via_so_error_names_every_epoll_bit():
+    """Finding 5 (why.py side): a refusal is EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP|EPOLLRDHUP, not EPOLLOUT|EPOLLERR."""
+    text = kernel_text("connect() failed (111: Connection refused) while connecting to upstream")
+    assert "EPOLLIN|EPOLLOUT|EPOLLERR|EPOLLHUP|EPOLLRDHUP" in text and "read handler" in text
+    assert "woke epoll with EPOLLOUT|EPOLLERR" not in text
+
+
+def test_eagain_for_tcp_names_no_routing_cache():
+    """Finding 9: the IPv4 routing cache went in Linux 3.6; out of ports is EADDRNOTAVAIL."""
+    text = kernel_text("connect() to 10.0.0.9:80 failed (11: Resource temporarily unavailable) while connecting to "
+                       "upstream")
+    assert "3.6" in text and "EADDRNOTAVAIL" in text and "ran out of routing-cache" not in text
+
+
+def test_econnreset_at_connect_is_not_a_handshake_reply():
+    """Finding 10: replies wait for release_sock; an RST in SYN-SENT is ECONNREFUSED (tcp_reset)."""
+    text = kernel_text("connect() to 10.0.0.9:80 failed (104: Connection reset by peer) while connecting to upstream")
+    assert "release_sock" in text and "tcp_reset" in text and "ECONNREFUSED, not ECONNRESET" in text
+    assert "a reset met the handshake before connect() returned" not in text
+
+
+# -- the same, measured: each probe runs in a user + network namespace of its own (`unshare -rn`) -----------------
+
+# A silent peer: 10.77.0.9 behind a veth whose other end nobody reads; its neighbour entry is permanent, so every SYN
+# leaves and nothing ever answers.  10.88.0.0/24 is routed through it.
+_SILENT_PEER = r"""
+import errno, select, socket, struct, subprocess
+def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
+def so_error(s): return errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0")
+def pending(r): return errno.errorcode.get(r, "0")
+def wait(s, seconds):
+    with select.epoll() as ep:
+        ep.register(s.fileno(), select.EPOLLOUT)
+        return bool(ep.poll(seconds))
+run("ip", "link", "set", "lo", "up")
+run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0")
+run("ip", "link", "set", "v0", "up")
+run("ip", "link", "set", "v1", "up")
+run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")
+run("ip", "route", "add", "10.88.0.0/24", "via", "10.77.0.9")
+"""
+
+
+def in_a_namespace(probe: str, *tools: str) -> subprocess.CompletedProcess:
+    """Run ``probe`` (after _SILENT_PEER) in a user + network namespace of its own; skip where that cannot be."""
+    import shutil
+
+    from nbconn.lab import namespace
+
+    reason = namespace.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    missing = [tool for tool in ("ip", "unshare") + tools if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    return subprocess.run(["unshare", "-rn", sys.executable, "-c", _SILENT_PEER + probe], capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_eperm_from_an_ipsec_block_policy_at_connect_and_via_so_error():
+    """Finding 1, measured: an xfrm block policy makes connect() fail with EPERM at once, and a policy added while
+    the SYN is pending ends the connect with EPERM through SO_ERROR (the resend's route lookup fails, sk_err_soft,
+    tcp_write_err) -- the EPERM nbconn.errors.SO_ERROR_ERRNOS lists."""
+    proc = in_a_namespace(r"""
+import time
+block = ("xfrm", "policy", "add", "dir", "out", "dst", "10.77.0.9/32", "action", "block")
+run("ip", *block)
+s = socket.socket(); s.setblocking(False)
+print("at-once", pending(s.connect_ex(("10.77.0.9", 80)))); s.close()
+run("ip", "xfrm", "policy", "flush")
+s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+t = time.monotonic(); r = s.connect_ex(("10.77.0.9", 80))
+run("ip", *block)  # after the first SYN left, before its resend (1 s later)
+before = time.monotonic() - t
+print("pending", pending(r), "%.3f" % before, wait(s, 30), so_error(s))
+""")
+    if proc.returncode != 0 and "xfrm" in proc.stderr:
+        pytest.skip(f"no xfrm here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert lines["at-once"] == "EPERM"
+    result, before, ready, err = lines["pending"].split()
+    assert result == "EINPROGRESS" and ready == "True"
+    if float(before) >= 0.9:
+        pytest.skip(f"the policy went in {before} s after connect(): too late for the first resend on this load")
+    assert err == "EPERM"
+
+
+def test_netfilter_verdicts_on_the_syn_never_make_eperm():
+    """Finding 1, measured: an nftables output rule on the SYN never makes connect() fail at once.  drop: EINPROGRESS,
+    the SYN is resent, SO_ERROR ETIMEDOUT (TCP_SYNCNT 1: about 3 s); reject: EINPROGRESS, then ECONNREFUSED (tcp
+    reset) or EHOSTUNREACH (admin prohibited) through SO_ERROR."""
+    proc = in_a_namespace(r"""
+run("nft", "add", "table", "ip", "f")
+run("nft", "add", "chain", "ip", "f", "out", "{ type filter hook output priority 0 ; }")
+for name, verdict in (("drop", "drop"), ("reset", "reject with tcp reset"),
+                      ("prohibited", "reject with icmp type admin-prohibited")):
+    run("nft", "flush", "chain", "ip", "f", "out")
+    run("nft", "add", "rule", "ip", "f", "out", "ip", "daddr", "10.77.0.9", "tcp", "dport", "80", *verdict.split())
+    s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+    r = s.connect_ex(("10.77.0.9", 80))
+    print(name, pending(r), wait(s, 30), so_error(s))
+    s.close()
+""", "nft")
+    if proc.returncode != 0 and "nft" in proc.stderr:
+        pytest.skip(f"no nf_tables here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    assert got == {"drop": ["EINPROGRESS", "True", "ETIMEDOUT"], "reset": ["EINPROGRESS", "True", "ECONNREFUSED"],
+                   "prohibited": ["EINPROGRESS", "True", "EHOSTUNREACH"]}, got
+
+
+def test_tcp_rto_max_ms_shortens_the_syn_give_up():
+    """Finding 2, measured: with tcp_rto_max_ms lowered to 1000 (Linux 6.15+) and tcp_syn_retries at its default (a new
+    namespace has 6), the kernel ends a connect to a silent peer with ETIMEDOUT after six resends (about 7 s), not at
+    131 s -- one way a "connect() failed (110: ...)" line appears with unchanged SYN retries."""
+    if not os.path.exists("/proc/sys/net/ipv4/tcp_rto_max_ms"):
+        pytest.skip("no net.ipv4.tcp_rto_max_ms before Linux 6.15")
+    proc = in_a_namespace(r"""
+with open("/proc/sys/net/ipv4/tcp_rto_max_ms", "w") as f:
+    f.write("1000")
+s = socket.socket(); s.setblocking(False)
+r = s.connect_ex(("10.77.0.9", 80))
+ready = wait(s, 60)  # the default schedule would need 131 s
+info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+print(pending(r), ready, so_error(s), struct.unpack_from("I", info, 100)[0])  # tcpi_total_retrans
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["EINPROGRESS", "True", "ETIMEDOUT", "6"], proc.stdout
+
+
+def test_a_route_changed_between_syn_resends_ends_the_connect_with_its_errno():
+    """Finding 4, measured: no ICMP needed.  The route changes after the SYN left; the resend's route lookup fails,
+    sk_err_soft keeps the errno and tcp_write_err reports it at give-up (TCP_SYNCNT 1): deleted -> ENETUNREACH,
+    unreachable -> EHOSTUNREACH, prohibit -> EACCES, blackhole -> EINVAL.  A blackhole route at connect() time: EINVAL
+    at once.  Each errno has its cause text in why.py."""
+    proc = in_a_namespace(r"""
+for change in ("del", "unreachable", "prohibit", "blackhole"):
+    s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+    r = s.connect_ex(("10.88.0.5", 80))  # the SYN leaves via 10.77.0.9
+    if change == "del":
+        run("ip", "route", "del", "10.88.0.0/24")
+    else:
+        run("ip", "route", "replace", change, "10.88.0.0/24")
+    print(change, pending(r), wait(s, 30), so_error(s))
+    s.close()
+    run("ip", "route", "replace", "10.88.0.0/24", "via", "10.77.0.9")
+run("ip", "route", "replace", "blackhole", "10.88.0.0/24")
+s = socket.socket(); s.setblocking(False)
+print("at-once", pending(s.connect_ex(("10.88.0.5", 80))))
+""")
+    assert proc.returncode == 0, proc.stderr
+    got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    expected = {"del": "ENETUNREACH", "unreachable": "EHOSTUNREACH", "prohibit": "EACCES", "blackhole": "EINVAL"}
+    for change, name in expected.items():
+        assert got[change] == ["EINPROGRESS", "True", name], (change, got)
+        err = getattr(__import__("errno"), name)
+        text = kernel_text(f"connect() failed ({err}: {os.strerror(err)}) while connecting to upstream")
+        assert "between SYN resends" in text and "sk_err_soft" in text, (name, text)
+    assert got["at-once"] == ["EINVAL"]
+    assert "blackhole" in kernel_text("connect() to 10.88.0.5:80 failed (22: Invalid argument) while connecting to "
+                                      "upstream")
