@@ -436,7 +436,7 @@ class Handshake:
             self.timer = loop.call_at(self.deadline_ns, self)
             if record:
                 record(("timer", f"timer kept: {format_ns(result.timer_left_ns)} left of proxy_connect_timeout "
-                        f"({plan.timeout_ms} ms, armed at connect())", None, now, now))
+                        f"({plan.timeout_ms} ms, armed with the connect)", None, now, now))
         else:
             result.timer = "fresh"
         # ngx_ssl_create_connection + SSL_set_session (+ SNI): CPython's wrap_socket

@@ -277,17 +277,19 @@ def _pki_for(pki: PKI | None):
 
 @contextlib.contextmanager
 def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: bool = True, pki: PKI | None = None,
-               _rogue: bool = False, _scenario: str = "tls_server"):
+               unix: bool = False, _rogue: bool = False, _scenario: str = "tls_server"):
     """A TLS server on loopback with the test CA's certificate (TLS 1.2 and 1.3, or only up to ``version``).
 
     ``tickets=False``: no session tickets (TLS 1.2 then resumes by session id).  ``pki``: certificates from
-    :func:`test_pki` to share between peers (default: made for this peer, removed on exit).
+    :func:`test_pki` to share between peers (default: made for this peer, removed on exit).  ``unix=True``:
+    listen on an AF_UNIX path in a private temporary directory instead (connect() then returns 0).
     """
     peers._check_loopback(host)
     if version is not None:
         validate.choice("version", version, tuple(TLS_VERSIONS))
     tickets = validate.flag("tickets", tickets)
-    with _pki_for(pki) as pki, peers._listener(host, 4096) as sock:
+    unix = validate.flag("unix", unix)
+    with _pki_for(pki) as pki, _listen(host, unix) as sock:
         ctx = server_context(pki, version=version, tickets=tickets, rogue=_rogue)
         target, port = peers._target_for(sock)
         peer = _tls_peer(target, _scenario, port, pki.cafile)
@@ -311,12 +313,32 @@ def tls_untrusted(host: str = "127.0.0.1", *, pki: PKI | None = None):
 
 
 @contextlib.contextmanager
-def tls_silent(host: str = "127.0.0.1", *, pki: PKI | None = None):
+def _listen(host: str, unix: bool):
+    """A listener: TCP on ``host``, or AF_UNIX in a private temporary directory (removed on exit)."""
+    if not unix:
+        with peers._listener(host, 4096) as sock:
+            yield sock
+        return
+    with peers._unix_dir() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(os.path.join(tmp, "tls.sock"))
+        sock.listen(64)
+        yield sock
+
+
+@contextlib.contextmanager
+def tls_silent(host: str = "127.0.0.1", *, pki: PKI | None = None, unix: bool = False):
     """Accepts the TCP connection and holds it, never reading: the ClientHello is never answered.
 
     The TCP handshake completes (the kernel does it), so nginx's connect succeeds and its SSL handshake
-    waits for a ServerHello that never comes: only the connect timer ends it.
+    waits for a ServerHello that never comes: only the connect timer ends it.  ``unix=True``: an AF_UNIX
+    listener that never accepts (connect() returns 0 while its backlog has room, 64 here).
     """
+    unix = validate.flag("unix", unix)
+    if unix:
+        with _pki_for(pki) as pki, _listen(host, True) as sock:
+            target, _ = peers._target_for(sock)
+            yield _tls_peer(target, "tls_silent", None, pki.cafile)
+        return
     with _pki_for(pki) as pki, peers.listening(host, hold=True) as plain:
         peer = _tls_peer(str(plain), "tls_silent", plain.port, pki.cafile)
         yield peer
