@@ -231,6 +231,11 @@ class _Server:
                 peer.resumed += 1
             with contextlib.suppress(OSError, ValueError):
                 tls.recv(1)  # until the client closes (or sends): bounded by _IO_TIMEOUT_S
+            # SSL_shutdown before SSL_free, as a real server does: OpenSSL drops a session from the server's
+            # cache when its connection is freed without one (ssl_clear_bad_session), and TLS 1.2 resumption
+            # by session id would then never happen.  The client is usually gone: errors are expected.
+            with contextlib.suppress(OSError, ValueError):
+                tls.unwrap()
         finally:
             with self.lock:
                 if tls in self.live:

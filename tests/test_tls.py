@@ -1,0 +1,315 @@
+"""The upstream TLS handshake on nbconn's loop (nbconn.tls) against the lab's TLS peers (nbconn.lab.tlspeers).
+
+Real sockets on loopback and AF_UNIX paths, real OpenSSL on both sides; the CA is made at run time.
+No upper time bounds: the timer tests check only what the timer guarantees (it never fires early).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import ssl
+import subprocess
+import sys
+
+import pytest
+
+from nbconn import tls
+from nbconn.errors import NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT
+from nbconn.lab import tlspeers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pki():
+    with tlspeers.test_pki() as made:
+        yield made
+
+
+def _handshake_steps(result):
+    return [s for s in result.steps if s["step"] == "ssl_handshake"]
+
+
+# -- success -----------------------------------------------------------------------------------------
+
+def test_handshake_succeeds_on_the_connects_loop_and_socket(pki, no_fd_leak):
+    with tlspeers.tls_server(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile))
+    assert result.outcome == tls.HANDSHAKED, result.trace()
+    assert (result.ngx_decision, result.ngx_next, result.ngx_log) == ("NGX_OK", None, None)
+    assert result.version == "TLSv1.3" and result.cipher
+    assert result.connect.outcome == "connected"
+    # the SO_ERROR of an https upstream is read by ngx_http_upstream_ssl_init_connection (ngx_http_upstream.c)
+    assert result.connect.ngx_handler == tls.SSL_INIT_CONNECTION
+    # connect() needed EPOLLOUT on TCP: the handshake runs on what is left of the connect's timer
+    assert result.timer == "left" and 0 < result.timer_left_ns <= 5_000_000_000
+    calls = _handshake_steps(result)
+    assert len(calls) == result.calls >= 1
+    assert calls[-1]["ret"] == 1 and all(c["ret"].startswith("-1 SSL_ERROR_WANT_") for c in calls[:-1])
+    # the same descriptor from socket() to close(), never registered with epoll a second time
+    fd = result.connect.fd
+    assert [s["call"] for s in result.steps if s["step"] == "close"] == [f"close({fd})"]
+    assert [s["step"] for s in result.connect.to_dict()["steps"]].count("epoll_ctl") == 1
+    assert result.handshake_ns > 0 and result.total_ns > result.handshake_ns
+    text = result.trace()
+    assert "SSL_do_handshake() = 1" in text and "test_connect in ngx_http_upstream_ssl_init_connection" in text
+    json.dumps(result.to_dict())
+
+
+def test_plain_connect_still_names_send_request():
+    """The https handler name is the TLS attempt's own: a plain connect keeps ngx_http_upstream_send_request."""
+    from nbconn import api
+    from nbconn.lab import peers
+
+    with peers.listening() as peer:
+        result = api.connect(peer)
+    assert result.ngx_handler == "ngx_http_upstream_send_request"
+
+
+def test_no_verification_without_cafile_as_nginx_default(pki):
+    """proxy_ssl_verify is off by default: the rogue certificate is accepted without a CA."""
+    with tlspeers.tls_untrusted(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient())
+    assert result.outcome == tls.HANDSHAKED and result.verify is False
+
+
+# -- untrusted certificate, wrong name ------------------------------------------------------------------
+
+def test_untrusted_certificate_gives_nginx_verify_error(pki, no_fd_leak):
+    with tlspeers.tls_untrusted(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile))
+    assert result.outcome == tls.UNTRUSTED, result.trace()
+    assert result.ngx_next == NGX_HTTP_UPSTREAM_FT_ERROR and result.ngx_level == "error"
+    assert result.ngx_log == ("upstream SSL certificate verify error: (20:unable to get local issuer certificate) "
+                              "while SSL handshaking to upstream")
+
+
+def test_name_mismatch_gives_nginx_does_not_match(pki):
+    with tlspeers.tls_server(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="wrong.example"))
+    assert result.outcome == tls.UNTRUSTED
+    assert result.ngx_log == 'upstream SSL certificate does not match "wrong.example" while SSL handshaking to upstream'
+
+
+def test_server_name_in_the_certificate_verifies(pki):
+    with tlspeers.tls_server(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="nbconn.test"))
+    assert result.outcome == tls.HANDSHAKED
+    assert 'SSL_set_tlsext_host_name("nbconn.test")' in result.trace()
+
+
+# -- the timer: what is left of the connect's, or a fresh one ----------------------------------------------
+
+def test_silent_peer_times_out_on_what_is_left_of_the_connect_timer(pki, no_fd_leak):
+    timeout = 0.3
+    with tlspeers.tls_silent(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile), timeout=timeout)
+    assert result.connect.outcome == "connected"
+    assert result.outcome == tls.TLS_TIMED_OUT and result.timer_fired
+    assert result.timer == "left" and result.timer_left_ns < timeout * 1e9
+    assert result.ngx_decision == result.ngx_next == NGX_HTTP_UPSTREAM_FT_TIMEOUT
+    assert result.ngx_level == "error"
+    assert result.ngx_log == "upstream timed out (110: Connection timed out) while SSL handshaking to upstream"
+    # one timer for connect and handshake together: it fires timeout after connect(), never before
+    assert result.total_ns >= timeout * 1e9
+    assert [s["step"] for s in result.steps].count("timeout") == 1
+
+
+def test_connect_returning_0_gets_a_fresh_timer(pki, no_fd_leak):
+    """AF_UNIX: connect() = 0 (NGX_OK) arms no timer; ngx_http_upstream_ssl_init_connection arms a fresh one
+    after the first NGX_AGAIN, so the whole timeout is the handshake's."""
+    timeout = 0.3
+    with tlspeers.tls_silent(pki=pki, unix=True) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(), timeout=timeout)
+    assert result.connect.connect_returned == 0 and result.connect.outcome == "connected"
+    assert result.outcome == tls.TLS_TIMED_OUT
+    assert result.timer == "fresh" and result.timer_left_ns is None
+    assert result.handshake_ns >= timeout * 1e9
+    assert any("fresh" in s["call"] for s in result.steps if s["step"] == "timer")
+
+
+def test_unix_tls_server_handshakes(pki):
+    with tlspeers.tls_server(pki=pki, unix=True) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="localhost"))
+    assert result.outcome == tls.HANDSHAKED and result.timer == "fresh"
+
+
+def test_verifying_a_unix_peer_needs_a_server_name(pki):
+    with pytest.raises(ValueError, match="server_name"):
+        tls.connect_tls("unix:/nonexistent/x.sock", tls.TLSClient(cafile=pki.cafile))
+
+
+# -- TLS 1.2 only ------------------------------------------------------------------------------------
+
+def test_tls12_only_peer_negotiates_12(pki):
+    with tlspeers.tls12_only(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile))
+    assert result.outcome == tls.HANDSHAKED and result.version == "TLSv1.2"
+
+
+def test_tls13_client_against_tls12_only_peer_fails_with_nginx_line(pki, no_fd_leak):
+    with tlspeers.tls12_only(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, tls_version="1.3"))
+    assert result.outcome == tls.TLS_FAILED, result.trace()
+    assert result.ngx_next == NGX_HTTP_UPSTREAM_FT_ERROR
+    assert result.ngx_level == "error"  # a received alert: one of ngx_ssl_connection_error's handshake failures
+    assert result.ngx_log == ("SSL_do_handshake() failed (SSL: error:0A00042E:SSL routines::tlsv1 alert protocol "
+                              "version:SSL alert number 70) while SSL handshaking to upstream")
+
+
+# -- session reuse -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version,tickets", [("1.3", True), ("1.2", True), ("1.2", False)],
+                         ids=["tls13-psk", "tls12-ticket", "tls12-session-id"])
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse-on", "reuse-off"])
+def test_session_reuse(pki, version, tickets, reuse, no_fd_leak):
+    client = tls.TLSClient(cafile=pki.cafile, tls_version=version, reuse=reuse)
+    with tlspeers.tls_server(pki=pki, tickets=tickets) as peer:
+        first = tls.connect_tls(peer, client)
+        second = tls.connect_tls(peer, client)
+    for result in (first, second):
+        assert result.outcome == tls.HANDSHAKED, result.trace()
+        assert result.version == f"TLSv{version}"
+    assert not first.resumed and not first.session_offered
+    assert first.session_saved is reuse and second.session_offered is reuse
+    assert second.resumed is reuse, second.trace()
+    # with reuse nginx sets TCP_NODELAY before the handshake ("may interact badly with Nagle")
+    assert any("TCP_NODELAY" in s["call"] for s in second.steps) is reuse
+
+
+def test_session_of_one_peer_is_not_offered_to_another(pki):
+    client = tls.TLSClient(cafile=pki.cafile, reuse=True)
+    with tlspeers.tls_server(pki=pki) as one, tlspeers.tls_server(pki=pki) as other:
+        assert tls.connect_tls(one, client).session_saved
+        result = tls.connect_tls(other, client)
+    assert result.outcome == tls.HANDSHAKED and not result.session_offered and not result.resumed
+
+
+# -- nginx-exact ---------------------------------------------------------------------------------------
+
+def test_nginx_exact_reports_upstream_connect_time_including_the_handshake(pki, no_fd_leak):
+    with tlspeers.tls_server(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(), nginx_exact=True)
+    assert result.outcome == tls.HANDSHAKED
+    assert result.ngx_connect_time_ms is not None and result.ngx_connect_time_ms >= 0
+    assert not any(s["step"] == "unregister" for s in result.steps)  # close() takes it out of epoll, as nginx
+
+
+# -- the connect failing first ----------------------------------------------------------------------
+
+def test_refused_connect_is_the_connects_verdict(no_fd_leak):
+    from nbconn.lab import peers
+
+    with peers.refused() as peer:
+        result = tls.connect_tls(peer)
+    assert result.outcome == "refused" and result.steps == []
+    assert "while connecting to upstream" in result.ngx_log
+
+
+# -- the verdict table (pure) -------------------------------------------------------------------------
+
+def test_verdict_levels_follow_ngx_ssl_connection_error():
+    alert = tls.handshake_verdict("ssl", reason="TLSV1_ALERT_UNKNOWN_CA", reason_text="tlsv1 alert unknown ca")
+    assert alert.level == "error"
+    assert "error:0A000418:SSL routines::tlsv1 alert unknown ca:SSL alert number 48" in alert.log
+    other = tls.handshake_verdict("ssl", reason="CERTIFICATE_VERIFY_FAILED", reason_text="certificate verify failed")
+    assert other.level == "crit" and "error:0A000086:" in other.log
+    unknown = tls.handshake_verdict("ssl", reason="SOMETHING_NEW", reason_text="something new")
+    assert unknown.level == "crit" and "error:0A??????:" in unknown.log
+
+
+def test_verdict_peer_closed_uses_ngx_connection_error_levels():
+    eof = tls.handshake_verdict("closed", err=0)
+    assert eof.log == "peer closed connection in SSL handshake while SSL handshaking to upstream"
+    assert eof.level == "error" and eof.outcome == tls.PEER_CLOSED
+    reset = tls.handshake_verdict("closed", err=errno.ECONNRESET)
+    assert reset.level == "error" and "(104: Connection reset by peer)" in reset.log
+    assert tls.handshake_verdict("closed", err=errno.EBADF).level == "alert"
+
+
+def test_classify_maps_python_exceptions():
+    assert tls.classify(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))[0] == "closed"
+    assert tls.classify(ConnectionResetError(errno.ECONNRESET, "reset")) == ("closed", {"err": errno.ECONNRESET})
+    with pytest.raises(ValueError, match="kind"):
+        tls.handshake_verdict("nonsense")
+
+
+# -- bad input: before any socket ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"tls_version": "1.1"}, "tls_version"),
+    ({"server_name": "a b"}, "server_name"),
+    ({"server_name": ""}, "server_name"),
+    ({"reuse": "yes"}, "reuse"),
+    ({"cafile": "/nonexistent/ca.pem"}, "cafile"),
+])
+def test_client_refuses_bad_settings(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tls.TLSClient(**kwargs)
+
+
+def test_connect_tls_refuses_a_non_client():
+    with pytest.raises(TypeError, match="TLSClient"):
+        tls.connect_tls("127.0.0.1:1", client="x")
+
+
+# -- the PKI ----------------------------------------------------------------------------------------------
+
+def test_pki_is_made_at_run_time_and_removed():
+    with tlspeers.test_pki(use="openssl") as made:
+        assert made.made_with == "openssl"
+        names = sorted(os.listdir(made.directory))
+        assert not any(n.endswith("ca.key") for n in names)  # nobody can sign with the CA afterwards
+        assert oct(os.stat(made.keyfile).st_mode & 0o777) == "0o600"
+    assert not os.path.exists(made.directory)
+
+
+def test_pki_with_cryptography_when_installed():
+    pytest.importorskip("cryptography")
+    with tlspeers.test_pki(use="cryptography") as made, tlspeers.tls_server(pki=made) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=made.cafile))
+    assert result.outcome == tls.HANDSHAKED
+    assert not os.path.exists(made.directory)
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "nbconn", "connect", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_tls_json_and_reuse(pki):
+    with tlspeers.tls_server(pki=pki) as peer:
+        done = _cli(peer, "--tls", "--cafile", pki.cafile, "--json")
+        reused = _cli(peer, "--tls", "--cafile", pki.cafile, "--reuse", "--json", "--tls-version", "1.2")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["outcome"] == "handshaked" and data["connect"]["outcome"] == "connected"
+    assert any(s["step"] == "ssl_handshake" for s in data["steps"]) and data["handshake_ns"] > 0
+    assert reused.returncode == 0, reused.stderr
+    both = json.loads(reused.stdout)
+    assert both["resumed"] is True and [a["resumed"] for a in both["attempts"]] == [False, True]
+
+
+def test_cli_tls_failure_exits_1_with_the_nginx_line(pki):
+    with tlspeers.tls_untrusted(pki=pki) as peer:
+        done = _cli(peer, "--tls", "--cafile", pki.cafile)
+    assert done.returncode == 1
+    assert "nginx would log [error]: upstream SSL certificate verify error" in done.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--cafile", "/x"], "add --tls"),
+    (["--reuse"], "add --tls"),
+    (["--tls", "--cafile", "/nonexistent/ca.pem"], "cafile"),
+    (["--tls", "--tls-version", "1.0"], "tls-version"),
+    (["--tls", "--trigger", "level"], "edge-triggered"),
+    (["127.0.0.2:1", "--tls"], "one target"),
+])
+def test_cli_tls_bad_input_exits_2_in_one_line(args, match):
+    done = _cli("127.0.0.1:1", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and match in done.stderr and "Traceback" not in done.stderr
