@@ -181,6 +181,10 @@ def server_context(pki: PKI, *, version: str | None = None, tickets: bool = True
     """The server side's SSL_CTX: the (rogue) server certificate, TLS 1.2 and 1.3 or only ``version``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A client that closes without close_notify (nginx after a failed try, nbconn always) is a plain EOF, as
+    # nginx's own servers treat it (SSL_OP_IGNORE_UNEXPECTED_EOF): otherwise OpenSSL raises a fatal alert on
+    # it, and a fatal alert removes the session from the server's cache (TLS 1.2 by session id never resumes).
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if version is not None:
         ctx.maximum_version = TLS_VERSIONS[version]
     if not tickets:
