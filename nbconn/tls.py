@@ -44,9 +44,12 @@ The steps, in nginx's order
      ``SSL_get_verify_result`` and the name (lines 1776-1792): "upstream SSL certificate verify error:
      (N:text)" or "upstream SSL certificate does not match "name"", ERR, next upstream FT_ERROR.
      nginx's client SSL_CTX verifies with SSL_VERIFY_NONE and a callback that accepts everything, so *its*
-     handshake completes and the check comes after; Python's ``CERT_REQUIRED`` makes OpenSSL stop inside
-     SSL_do_handshake (and send an alert) with the same X509 code (``verify_code``): same verdict, same
-     line, one write of a different record (see the README).
+     handshake completes (the client Finished is written) and the check comes after, with
+     ``proxy_ssl_verify_depth`` 1.  nbconn does the same: CERT_NONE with the CA loaded, then the same two
+     calls through ctypes (:class:`_OpenSSL`; ``TLSClient.verify_like == "nginx"``).  Where that cannot run,
+     CPython's ``CERT_REQUIRED`` makes OpenSSL stop inside SSL_do_handshake and send an alert
+     (``verify_like == "cpython"``): the same kind of verdict, but OpenSSL's *first* error (20 where nginx,
+     whose callback lets verification go on, logs the last one, 21) and an alert written instead of Finished.
    - SSL_ERROR_SSL: "SSL_do_handshake() failed (SSL: error:...)" via ``ngx_ssl_connection_error``
      (lines 3298-3466): ERR for the handshake-failure reasons listed there (an alert from the peer, a
      version mismatch...) as upstream connections log at NGX_ERROR_ERR, CRIT for any other reason.
@@ -71,7 +74,9 @@ cached clock; the TLS part then adds only the wrap's calls named above.
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 -- wrap_socket encodes the server name: not imported inside a trace
 import errno as _errno
+import os
 import re
 import socket
 import ssl
@@ -98,6 +103,8 @@ ACTION = "SSL handshaking to upstream"
 _TAIL = f" while {ACTION}"
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+#: proxy_ssl_verify_depth's default (ngx_http_proxy_module.c line 3740)
+NGX_VERIFY_DEPTH = 1
 
 # -- outcomes of the handshake (the connect's own words stay those of nbconn.errors) ----------------------
 HANDSHAKED = "handshaked"
@@ -154,6 +161,117 @@ def openssl_error_string(reason: str, text: str) -> str:
     if number is not None and number >= 1000:  # a received alert: OpenSSL adds it as the error's data
         line += f":SSL alert number {number - 1000}"
     return line
+
+
+# -- what nginx asks OpenSSL after the handshake: SSL_get_verify_result, X509_check_host -----------------
+
+class _OpenSSL:
+    """ctypes calls on the SSL object CPython's ssl module holds, for the checks nginx makes *after* the handshake.
+
+    nginx's upstream SSL_CTX verifies with SSL_VERIFY_NONE (the client default; ``ngx_ssl_trusted_certificate``
+    keeps the mode and only sets a callback that accepts everything), so OpenSSL verifies the chain, keeps the
+    result and lets the handshake finish; ``ngx_http_upstream_ssl_handshake`` then asks
+    ``SSL_get_verify_result`` and ``ngx_ssl_check_host`` (``X509_check_host``).  CPython's ssl module offers
+    neither call, so this reaches the ``SSL *`` of an ``_ssl._SSLSocket`` (its second field after the object
+    header, in CPython 3.10-3.13) and calls the libssl/libcrypto CPython itself loaded.  The pointer is
+    checked once on a real socket (``SSL_get_fd`` must give the descriptor back) before it is ever used;
+    where that check cannot pass, :class:`TLSClient` verifies the CPython way (``CERT_REQUIRED``: OpenSSL
+    stops inside SSL_do_handshake; same verdict, nearly the same line, see ``TLSClient.verify_like``).
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+        import sys
+
+        if not ((3, 10) <= sys.version_info[:2] <= (3, 13)) or hasattr(sys, "getobjects"):
+            raise OSError("the layout of _ssl._SSLSocket is only known for CPython 3.10-3.13 release builds")
+        paths = {}
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.rstrip().count(" ") >= 5 else ""
+                for lib in ("libssl.so", "libcrypto.so"):
+                    if lib in os.path.basename(path):
+                        paths.setdefault(lib, path)
+        if len(paths) != 2:
+            raise OSError("CPython's libssl/libcrypto are not dynamically loaded here")
+        self.ctypes = ctypes
+        ssl_lib, crypto = ctypes.CDLL(paths["libssl.so"]), ctypes.CDLL(paths["libcrypto.so"])
+        self.get_fd = ssl_lib.SSL_get_fd
+        self.get_fd.argtypes, self.get_fd.restype = [ctypes.c_void_p], ctypes.c_int
+        self.get_verify_result = ssl_lib.SSL_get_verify_result
+        self.get_verify_result.argtypes, self.get_verify_result.restype = [ctypes.c_void_p], ctypes.c_long
+        self.set_verify_depth = ssl_lib.SSL_set_verify_depth
+        self.set_verify_depth.argtypes, self.set_verify_depth.restype = [ctypes.c_void_p, ctypes.c_int], None
+        self.set_verify = ssl_lib.SSL_set_verify
+        self.set_verify.argtypes, self.set_verify.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], None
+        # ngx_ssl_verify_callback returns 1 whatever it is told (ngx_event_openssl.c, line 998): verification
+        # goes on past an error, and SSL_get_verify_result keeps the *last* one (an unknown issuer of a lone
+        # leaf: 20, then 21 "unable to verify the first certificate", which is what nginx logs)
+        self._accept_all = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(lambda ok, store: 1)
+        peer = getattr(ssl_lib, "SSL_get1_peer_certificate", None) or ssl_lib.SSL_get_peer_certificate
+        self.get_peer_certificate = peer
+        peer.argtypes, peer.restype = [ctypes.c_void_p], ctypes.c_void_p
+        self.check_host = crypto.X509_check_host
+        self.check_host.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_void_p]
+        self.check_host.restype = ctypes.c_int
+        self.x509_free = crypto.X509_free
+        self.x509_free.argtypes, self.x509_free.restype = [ctypes.c_void_p], None
+        self.error_string = crypto.X509_verify_cert_error_string
+        self.error_string.argtypes, self.error_string.restype = [ctypes.c_long], ctypes.c_char_p
+        self._probe()
+
+    def pointer(self, tls: ssl.SSLSocket) -> int:
+        """The SSL * of ``tls``, checked: SSL_get_fd must return its descriptor (else OSError)."""
+        obj = tls._sslobj
+        address = self.ctypes.c_void_p.from_address(id(obj) + 3 * self.ctypes.sizeof(self.ctypes.c_void_p)).value
+        if not address or self.get_fd(address) != tls.fileno():
+            raise OSError("the SSL object of a CPython ssl socket could not be reached")
+        return address
+
+    def _probe(self) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        a, b = socket.socketpair()
+        try:
+            with ctx.wrap_socket(a, do_handshake_on_connect=False) as tls:
+                self.pointer(tls)
+        finally:
+            a.close()
+            b.close()
+
+    def verify_like_nginx(self, ssl_ptr: int) -> None:
+        """Before the handshake: SSL_VERIFY_NONE with nginx's accept-everything callback, depth 1."""
+        self.set_verify(ssl_ptr, 0, self.ctypes.cast(self._accept_all, self.ctypes.c_void_p))
+        self.set_verify_depth(ssl_ptr, NGX_VERIFY_DEPTH)  # proxy_ssl_verify_depth 1
+
+    def verify_result(self, ssl_ptr: int) -> tuple[int, str]:
+        code = self.get_verify_result(ssl_ptr)
+        return code, (self.error_string(code) or b"").decode(errors="replace")
+
+    def host_matches(self, ssl_ptr: int, name: str) -> bool:
+        """ngx_ssl_check_host: X509_check_host(peer certificate, name, flags 0) == 1 (DNS names only: an IP
+        literal never matches, as in nginx)."""
+        cert = self.get_peer_certificate(ssl_ptr)
+        if not cert:
+            return False
+        try:
+            raw = name.encode()
+            return self.check_host(cert, raw, len(raw), 0, None) == 1
+        finally:
+            self.x509_free(cert)
+
+
+_OPENSSL: _OpenSSL | None | bool = False  # False: not tried yet; None: not available here
+
+
+def _openssl() -> _OpenSSL | None:
+    global _OPENSSL
+    if _OPENSSL is False:
+        try:
+            _OPENSSL = _OpenSSL()
+        except (OSError, AttributeError, ValueError):
+            _OPENSSL = None
+    return _OPENSSL
 
 
 # -- the verdict, as data ----------------------------------------------------------------------------------
@@ -244,14 +362,23 @@ class TLSClient:
 
     ``cafile``: verify the peer against this CA file (nginx: ``proxy_ssl_verify on`` +
     ``proxy_ssl_trusted_certificate``); None: no verification, nginx's default (``proxy_ssl_verify off``).
-    ``server_name``: the name sent (SNI) and checked; default: the target's host (an IP literal: CPython
-    then sends no SNI, as RFC 6066 and nginx's ngx_http_upstream_ssl_name want, and checks the IP).
-    ``tls_version``: "1.2" or "1.3" only (nginx: ``proxy_ssl_protocols``); None: TLS 1.2 and 1.3.
+    ``server_name``: the name checked (``proxy_ssl_name``), and sent with ``sni``; default: the target's
+    host.  nginx checks it with X509_check_host, which matches DNS names only: an IP literal never matches
+    (nginx's own default, ``$proxy_host``, is the upstream block's name).  ``sni``: send it in the
+    ClientHello (``proxy_ssl_server_name``, off by default; never for an IP literal, RFC 6066).
+    ``tls_version``: "1.2" or "1.3" only (``proxy_ssl_protocols``); None: nginx 1.22.1's default for
+    upstreams, "TLSv1 TLSv1.1 TLSv1.2" (ngx_http_proxy_module.c lines 3726-3728): TLS 1.3 only when asked
+    for (1.0 and 1.1 are refused by this OpenSSL's defaults anyway, and by the lab's peers).
     ``reuse``: offer the peer's saved session and save the new one (``proxy_ssl_session_reuse``).
+
+    ``verify_like``: "nginx" (the handshake runs with SSL_VERIFY_NONE and the CA loaded, then
+    SSL_get_verify_result and X509_check_host are asked, as ngx_http_upstream_ssl_handshake does), or
+    "cpython" where the first cannot run here (see :class:`_OpenSSL`): CERT_REQUIRED, check_hostname, and
+    the name then always goes out as SNI.
     """
 
     def __init__(self, *, cafile: str | None = None, server_name: str | None = None,
-                 tls_version: str | None = None, reuse: bool = False) -> None:
+                 tls_version: str | None = None, reuse: bool = False, sni: bool = False) -> None:
         if cafile is not None and not isinstance(cafile, str):
             raise TypeError(f"cafile must be a path (str), got {validate.shown(cafile)}")
         if server_name is not None:
@@ -262,22 +389,27 @@ class TLSClient:
         if tls_version is not None:
             validate.choice("tls_version", tls_version, tuple(TLS_VERSIONS))
         self.reuse = validate.flag("reuse", reuse)
+        self.sni = validate.flag("sni", sni)
         self.cafile, self.server_name, self.tls_version = cafile, server_name, tls_version
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # as ngx_ssl_create (ngx_event_openssl.c line 379)
-        if cafile is None:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
+        self.verify_like = None
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if cafile is not None:
             try:
                 ctx.load_verify_locations(cafile=cafile)
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cafile {validate.shown(cafile)}: cannot load it "
                                  f"({getattr(exc, 'strerror', None) or exc})") from None
+            self.verify_like = "nginx" if _openssl() is not None else "cpython"
+            if self.verify_like == "cpython":
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.check_hostname = True
         if tls_version is not None:
             ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[tls_version]
         else:
-            ctx.minimum_version, ctx.maximum_version = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
+            ctx.minimum_version, ctx.maximum_version = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2
         self.context = ctx
         #: peer (as nginx names it, "127.0.0.1:8443") -> the saved ssl.SSLSession
         self.sessions: dict[str, ssl.SSLSession] = {}
@@ -285,6 +417,13 @@ class TLSClient:
     @property
     def verify(self) -> bool:
         return self.cafile is not None
+
+    def sni_for(self, name: str | None) -> str | None:
+        """What goes to wrap_socket's server_hostname: the name when it is sent (SNI), or when CPython must
+        check it (``verify_like == "cpython"``); else None."""
+        if name is not None and (self.sni or self.verify_like == "cpython"):
+            return name
+        return None
 
     def name_for(self, target) -> str | None:
         """The server name for a parsed target: ``server_name``, else the host of an IP target, else None."""
@@ -326,6 +465,7 @@ class TLSResult:
     ngx_log: str | None = None
     server_name: str | None = None
     verify: bool = False
+    verify_like: str | None = None
     version: str | None = None
     cipher: str | None = None
     resumed: bool = False
@@ -385,7 +525,7 @@ class TLSResult:
     def to_dict(self) -> dict:
         return {"outcome": self.outcome, "ngx_decision": self.ngx_decision, "ngx_next": self.ngx_next,
                 "ngx_level": self.ngx_level, "ngx_log": self.ngx_log, "server_name": self.server_name,
-                "verify": self.verify, "version": self.version, "cipher": self.cipher, "resumed": self.resumed,
+                "verify": self.verify, "verify_like": self.verify_like, "version": self.version, "cipher": self.cipher, "resumed": self.resumed,
                 "session_offered": self.session_offered, "session_saved": self.session_saved,
                 "timer": self.timer, "timer_left_ns": self.timer_left_ns, "timer_fired": self.timer_fired,
                 "handshake_ns": self.handshake_ns, "total_ns": self.total_ns, "calls": self.calls,
@@ -414,6 +554,7 @@ class Handshake:
         self._t_first = 0
         self._t_connect = 0
         self._decided_ns = 0
+        self._ssl_ptr = 0
         self._record = None
 
     # -- WAITING -> HANDSHAKING: the connect said NGX_OK ------------------------------------------------
@@ -421,7 +562,8 @@ class Handshake:
         """Take over the connected socket from ``attempt`` (nginx: ngx_http_upstream_ssl_init_connection)."""
         plan, loop, client = self.plan, self.loop, self.client
         connect = attempt.result
-        result = self.result = TLSResult(connect=connect, server_name=self.server_name, verify=client.verify)
+        result = self.result = TLSResult(connect=connect, server_name=self.server_name, verify=client.verify,
+                                         verify_like=client.verify_like)
         record = self._record = result._steps.append if plan.trace else None
         self._t_connect = attempt._t_connect
         sock, attempt.sock = attempt.sock, None
@@ -447,7 +589,8 @@ class Handshake:
                 sock = sock.detach_to_socket()  # nginx-exact's C socket: CPython wraps a Python socket
             if sock.gettimeout() != 0.0:
                 sock.setblocking(False)  # the descriptor is non-blocking already; CPython must know it too
-            tls = client.context.wrap_socket(sock, server_hostname=self.server_name, do_handshake_on_connect=False,
+            sent = client.sni_for(self.server_name)
+            tls = client.context.wrap_socket(sock, server_hostname=sent, do_handshake_on_connect=False,
                                              session=session)
         except OSError as exc:
             sock.close()
@@ -455,9 +598,11 @@ class Handshake:
             return self._finish(*classify(exc), when=_monotonic_ns())
         self.tls = tls
         result.session_offered = session is not None
+        if client.verify_like == "nginx":
+            self._ssl_ptr = _OPENSSL.pointer(tls)
+            _OPENSSL.verify_like_nginx(self._ssl_ptr)
         if record:
-            sni = f', SSL_set_tlsext_host_name("{self.server_name}")' if self.server_name and \
-                not _is_ip(self.server_name) else ""
+            sni = f', SSL_set_tlsext_host_name("{sent}")' if sent and not _is_ip(sent) else ""
             offered = ", SSL_set_session(saved)" if session is not None else ""
             record(("wrap", f"SSL_new(), SSL_set_fd({fd}){sni}{offered}  [CPython wrap_socket: "
                     f"getsockopt(SO_TYPE), getsockname, getpeername, ioctl(FIONBIO)]", None, t, _monotonic_ns()))
@@ -502,6 +647,21 @@ class Handshake:
         result.version, result.cipher = tls.version(), (tls.cipher() or (None,))[0]
         result.resumed = tls.session_reused
         self._decided_ns = decided
+        if self._ssl_ptr:
+            # ngx_http_upstream_ssl_handshake, proxy_ssl_verify on (lines 1776-1792): the chain, then the name
+            t = _monotonic_ns()
+            code, message = _OPENSSL.verify_result(self._ssl_ptr)
+            if record:
+                record(("verify", f"SSL_get_verify_result() = {code} ({message})", None, t, _monotonic_ns()))
+            if code != 0:
+                return self._finish("verify", {"verify_code": code, "verify_message": message}, when=decided)
+            t = _monotonic_ns()
+            matches = _OPENSSL.host_matches(self._ssl_ptr, self.server_name or "")
+            if record:
+                record(("check_host", f'X509_check_host(peer certificate, "{c_escape(self.server_name or "")}") '
+                        f'= {int(matches)}', None, t, _monotonic_ns()))
+            if not matches:
+                return self._finish("hostname", {"server_name": self.server_name or ""}, when=decided)
         if self.client.reuse:
             if result.version == "TLSv1.3":
                 # The session to save comes after the handshake, in a NewSessionTicket: read on for it
@@ -607,6 +767,7 @@ class Handshake:
         """Unregister (nginx-exact: leave it to close()) and close without SSL_shutdown (as nginx's
         next-upstream path, no_send_shutdown).  Idempotent."""
         tls, self.tls = self.tls, None
+        self._ssl_ptr = 0  # freed with the socket
         if tls is None:
             return
         record, loop, fd = self._record, self.loop, self.fd

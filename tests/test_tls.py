@@ -36,10 +36,11 @@ def _handshake_steps(result):
 
 def test_handshake_succeeds_on_the_connects_loop_and_socket(pki, no_fd_leak):
     with tlspeers.tls_server(pki=pki) as peer:
-        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile))
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="localhost"))
     assert result.outcome == tls.HANDSHAKED, result.trace()
     assert (result.ngx_decision, result.ngx_next, result.ngx_log) == ("NGX_OK", None, None)
-    assert result.version == "TLSv1.3" and result.cipher
+    # nginx 1.22.1's proxy_ssl_protocols default stops at TLS 1.2 (ngx_http_proxy_module.c lines 3726-3728)
+    assert result.version == "TLSv1.2" and result.cipher
     assert result.connect.outcome == "connected"
     # the SO_ERROR of an https upstream is read by ngx_http_upstream_ssl_init_connection (ngx_http_upstream.c)
     assert result.connect.ngx_handler == tls.SSL_INIT_CONNECTION
@@ -54,6 +55,8 @@ def test_handshake_succeeds_on_the_connects_loop_and_socket(pki, no_fd_leak):
     assert [s["step"] for s in result.connect.to_dict()["steps"]].count("epoll_ctl") == 1
     assert result.handshake_ns > 0 and result.total_ns > result.handshake_ns
     text = result.trace()
+    assert 'SSL_get_verify_result() = 0 (ok)' in text and 'X509_check_host(peer certificate, "localhost") = 1' in text
+    assert "SSL_set_tlsext_host_name" not in text  # proxy_ssl_server_name is off by default: no SNI
     assert "SSL_do_handshake() = 1" in text and "test_connect in ngx_http_upstream_ssl_init_connection" in text
     json.dumps(result.to_dict())
 
@@ -78,12 +81,42 @@ def test_no_verification_without_cafile_as_nginx_default(pki):
 # -- untrusted certificate, wrong name ------------------------------------------------------------------
 
 def test_untrusted_certificate_gives_nginx_verify_error(pki, no_fd_leak):
+    """nginx finishes the handshake (SSL_VERIFY_NONE, a callback accepting everything) and then logs the last
+    verify error: 21 for a lone leaf from an unknown CA (checked against a real nginx 1.22.1, see README)."""
+    client = tls.TLSClient(cafile=pki.cafile, server_name="localhost")
+    if client.verify_like != "nginx":
+        pytest.skip("the SSL object of CPython's ssl module cannot be reached here")
     with tlspeers.tls_untrusted(pki=pki) as peer:
-        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile))
+        result = tls.connect_tls(peer, client)
     assert result.outcome == tls.UNTRUSTED, result.trace()
     assert result.ngx_next == NGX_HTTP_UPSTREAM_FT_ERROR and result.ngx_level == "error"
+    assert result.ngx_log == ("upstream SSL certificate verify error: (21:unable to verify the first certificate) "
+                              "while SSL handshaking to upstream")
+    assert _handshake_steps(result)[-1]["ret"] == 1  # the handshake itself completed, as nginx's does
+
+
+def test_untrusted_certificate_the_cpython_way(pki, monkeypatch):
+    """Where ctypes cannot reach the SSL object: CERT_REQUIRED stops inside SSL_do_handshake, at the first error."""
+    monkeypatch.setattr(tls, "_OPENSSL", None)
+    client = tls.TLSClient(cafile=pki.cafile, server_name="localhost")
+    assert client.verify_like == "cpython"
+    with tlspeers.tls_untrusted(pki=pki) as peer:
+        result = tls.connect_tls(peer, client)
+    assert result.outcome == tls.UNTRUSTED and result.verify_like == "cpython"
     assert result.ngx_log == ("upstream SSL certificate verify error: (20:unable to get local issuer certificate) "
                               "while SSL handshaking to upstream")
+
+
+def test_ip_literal_name_never_matches_as_in_nginx(pki):
+    """ngx_ssl_check_host calls X509_check_host, which compares DNS names only: 127.0.0.1 does not match the
+    certificate's IP SAN (nginx checks $proxy_host, the upstream block's name, by default)."""
+    client = tls.TLSClient(cafile=pki.cafile)
+    if client.verify_like != "nginx":
+        pytest.skip("the SSL object of CPython's ssl module cannot be reached here")
+    with tlspeers.tls_server(pki=pki) as peer:
+        result = tls.connect_tls(peer, client)
+    assert result.outcome == tls.UNTRUSTED
+    assert result.ngx_log == 'upstream SSL certificate does not match "127.0.0.1" while SSL handshaking to upstream'
 
 
 def test_name_mismatch_gives_nginx_does_not_match(pki):
@@ -93,9 +126,9 @@ def test_name_mismatch_gives_nginx_does_not_match(pki):
     assert result.ngx_log == 'upstream SSL certificate does not match "wrong.example" while SSL handshaking to upstream'
 
 
-def test_server_name_in_the_certificate_verifies(pki):
+def test_server_name_in_the_certificate_verifies_and_sni_on_request(pki):
     with tlspeers.tls_server(pki=pki) as peer:
-        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="nbconn.test"))
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="nbconn.test", sni=True))
     assert result.outcome == tls.HANDSHAKED
     assert 'SSL_set_tlsext_host_name("nbconn.test")' in result.trace()
 
@@ -133,7 +166,7 @@ def test_connect_returning_0_gets_a_fresh_timer(pki, no_fd_leak):
 def test_unix_tls_server_handshakes(pki):
     with tlspeers.tls_server(pki=pki, unix=True) as peer:
         result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="localhost"))
-    assert result.outcome == tls.HANDSHAKED and result.timer == "fresh"
+    assert result.outcome == tls.HANDSHAKED and result.timer == "fresh", result.trace()
 
 
 def test_verifying_a_unix_peer_needs_a_server_name(pki):
@@ -145,8 +178,14 @@ def test_verifying_a_unix_peer_needs_a_server_name(pki):
 
 def test_tls12_only_peer_negotiates_12(pki):
     with tlspeers.tls12_only(pki=pki) as peer:
-        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile))
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="localhost"))
     assert result.outcome == tls.HANDSHAKED and result.version == "TLSv1.2"
+
+
+def test_tls13_when_asked_for(pki):
+    with tlspeers.tls_server(pki=pki) as peer:
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=pki.cafile, server_name="localhost", tls_version="1.3"))
+    assert result.outcome == tls.HANDSHAKED and result.version == "TLSv1.3"
 
 
 def test_tls13_client_against_tls12_only_peer_fails_with_nginx_line(pki, no_fd_leak):
@@ -165,7 +204,7 @@ def test_tls13_client_against_tls12_only_peer_fails_with_nginx_line(pki, no_fd_l
                          ids=["tls13-psk", "tls12-ticket", "tls12-session-id"])
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse-on", "reuse-off"])
 def test_session_reuse(pki, version, tickets, reuse, no_fd_leak):
-    client = tls.TLSClient(cafile=pki.cafile, tls_version=version, reuse=reuse)
+    client = tls.TLSClient(cafile=pki.cafile, server_name="localhost", tls_version=version, reuse=reuse)
     with tlspeers.tls_server(pki=pki, tickets=tickets) as peer:
         first = tls.connect_tls(peer, client)
         second = tls.connect_tls(peer, client)
@@ -180,7 +219,7 @@ def test_session_reuse(pki, version, tickets, reuse, no_fd_leak):
 
 
 def test_session_of_one_peer_is_not_offered_to_another(pki):
-    client = tls.TLSClient(cafile=pki.cafile, reuse=True)
+    client = tls.TLSClient(cafile=pki.cafile, server_name="localhost", reuse=True)
     with tlspeers.tls_server(pki=pki) as one, tlspeers.tls_server(pki=pki) as other:
         assert tls.connect_tls(one, client).session_saved
         result = tls.connect_tls(other, client)
@@ -269,7 +308,7 @@ def test_pki_is_made_at_run_time_and_removed():
 def test_pki_with_cryptography_when_installed():
     pytest.importorskip("cryptography")
     with tlspeers.test_pki(use="cryptography") as made, tlspeers.tls_server(pki=made) as peer:
-        result = tls.connect_tls(peer, tls.TLSClient(cafile=made.cafile))
+        result = tls.connect_tls(peer, tls.TLSClient(cafile=made.cafile, server_name="localhost"))
     assert result.outcome == tls.HANDSHAKED
     assert not os.path.exists(made.directory)
 
@@ -283,8 +322,8 @@ def _cli(*args):
 
 def test_cli_tls_json_and_reuse(pki):
     with tlspeers.tls_server(pki=pki) as peer:
-        done = _cli(peer, "--tls", "--cafile", pki.cafile, "--json")
-        reused = _cli(peer, "--tls", "--cafile", pki.cafile, "--reuse", "--json", "--tls-version", "1.2")
+        done = _cli(peer, "--tls", "--cafile", pki.cafile, "--server-name", "localhost", "--json")
+        reused = _cli(peer, "--tls", "--cafile", pki.cafile, "--server-name", "localhost", "--reuse", "--json", "--tls-version", "1.2")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["outcome"] == "handshaked" and data["connect"]["outcome"] == "connected"
@@ -296,7 +335,7 @@ def test_cli_tls_json_and_reuse(pki):
 
 def test_cli_tls_failure_exits_1_with_the_nginx_line(pki):
     with tlspeers.tls_untrusted(pki=pki) as peer:
-        done = _cli(peer, "--tls", "--cafile", pki.cafile)
+        done = _cli(peer, "--tls", "--cafile", pki.cafile, "--server-name", "localhost")
     assert done.returncode == 1
     assert "nginx would log [error]: upstream SSL certificate verify error" in done.stdout
 

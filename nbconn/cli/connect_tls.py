@@ -1,4 +1,4 @@
-"""``connect TARGET --tls``: the connect, then the upstream TLS handshake nginx runs for ``proxy_pass https://``.
+"""``connect TARGET --tls [--cafile FILE] [--server-name NAME] [--sni] [--tls-version 1.2|1.3] [--reuse]``: the connect, then the upstream TLS handshake nginx runs for ``proxy_pass https://``.
 
 Not a subcommand of its own: :mod:`nbconn.cli.connect` registers these flags and hands a ``--tls`` run
 here.  Everything is checked -- flags, the CA file, the server name -- before any socket exists.
@@ -29,9 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="verify the peer against this CA (proxy_ssl_verify on + proxy_ssl_trusted_certificate); "
                             "without it nothing is verified, nginx's default")
     group.add_argument("--server-name", default=None, metavar="NAME",
-                       help="the name sent (SNI) and checked (proxy_ssl_name); default: the target's host")
+                       help="the name the certificate is checked against (proxy_ssl_name); default: the target's "
+                            "host (an IP literal never matches, as in nginx: X509_check_host compares DNS names)")
+    group.add_argument("--sni", action="store_true",
+                       help="send the server name in the ClientHello (proxy_ssl_server_name on; off by default)")
     group.add_argument("--tls-version", choices=TLS_VERSIONS, default=None,
-                       help="this TLS version only (proxy_ssl_protocols); default 1.2 and 1.3")
+                       help="this TLS version only (proxy_ssl_protocols); default: nginx 1.22.1's for upstreams, "
+                            "which stops at TLS 1.2")
     group.add_argument("--reuse", action="store_true",
                        help="proxy_ssl_session_reuse on: handshake twice, the second offering the first's session")
 
@@ -40,7 +44,8 @@ def check(args: argparse.Namespace) -> None:
     """Flags that need --tls, and what --tls does not combine with: ValueError (exit 2) before anything runs."""
     if not args.tls:
         given = [flag for flag, value in (("--cafile", args.cafile), ("--server-name", args.server_name),
-                                          ("--tls-version", args.tls_version), ("--reuse", args.reuse or None))
+                                          ("--tls-version", args.tls_version), ("--reuse", args.reuse or None),
+                                          ("--sni", args.sni or None))
                  if value is not None]
         if given:
             raise ValueError(f"{given[0]} applies to a TLS handshake: add --tls")
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tls import TLSClient, connect_tls
 
     client = TLSClient(cafile=args.cafile, server_name=args.server_name, tls_version=args.tls_version,
-                       reuse=args.reuse)
+                       reuse=args.reuse, sni=args.sni)
     kwargs = {"timeout": args.timeout, "nonblocking": args.nonblocking, "nginx_exact": args.nginx_exact,
               **socket_options(args)}
     results = [connect_tls(args.target[0], client, **kwargs)]
