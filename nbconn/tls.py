@@ -202,6 +202,14 @@ class _OpenSSL:
         self.get_verify_result.argtypes, self.get_verify_result.restype = [ctypes.c_void_p], ctypes.c_long
         self.set_verify_depth = ssl_lib.SSL_set_verify_depth
         self.set_verify_depth.argtypes, self.set_verify_depth.restype = [ctypes.c_void_p, ctypes.c_int], None
+        self.set_read_ahead = ssl_lib.SSL_set_read_ahead
+        self.set_read_ahead.argtypes, self.set_read_ahead.restype = [ctypes.c_void_p, ctypes.c_int], None
+        self.set_shutdown = ssl_lib.SSL_set_shutdown
+        self.set_shutdown.argtypes, self.set_shutdown.restype = [ctypes.c_void_p, ctypes.c_int], None
+        self.shutdown = ssl_lib.SSL_shutdown
+        self.shutdown.argtypes, self.shutdown.restype = [ctypes.c_void_p], ctypes.c_int
+        self.set_quiet_shutdown = ssl_lib.SSL_set_quiet_shutdown
+        self.set_quiet_shutdown.argtypes, self.set_quiet_shutdown.restype = [ctypes.c_void_p, ctypes.c_int], None
         self.set_verify = ssl_lib.SSL_set_verify
         self.set_verify.argtypes, self.set_verify.restype = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], None
         # ngx_ssl_verify_callback returns 1 whatever it is told (ngx_event_openssl.c, line 998): verification
@@ -243,6 +251,17 @@ class _OpenSSL:
         """Before the handshake: SSL_VERIFY_NONE with nginx's accept-everything callback, depth 1."""
         self.set_verify(ssl_ptr, 0, self.ctypes.cast(self._accept_all, self.ctypes.c_void_p))
         self.set_verify_depth(ssl_ptr, NGX_VERIFY_DEPTH)  # proxy_ssl_verify_depth 1
+
+    def close_notify(self, ssl_ptr: int, *, send: bool) -> int:
+        """ngx_ssl_shutdown after a completed handshake (ngx_event_openssl.c): never wait for the peer's
+        close_notify (SSL_RECEIVED_SHUTDOWN); ``send`` False adds SSL_SENT_SHUTDOWN and quiet shutdown (nothing
+        written).  Returns what SSL_shutdown() returned."""
+        mode = 2  # SSL_RECEIVED_SHUTDOWN
+        if not send:
+            mode |= 1  # SSL_SENT_SHUTDOWN
+            self.set_quiet_shutdown(ssl_ptr, 1)
+        self.set_shutdown(ssl_ptr, mode)
+        return self.shutdown(ssl_ptr)
 
     def verify_result(self, ssl_ptr: int) -> tuple[int, str]:
         code = self.get_verify_result(ssl_ptr)
@@ -393,6 +412,7 @@ class TLSClient:
         self.cafile, self.server_name, self.tls_version = cafile, server_name, tls_version
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # as ngx_ssl_create (ngx_event_openssl.c line 379)
+        ctx.set_ciphers("DEFAULT")  # proxy_ssl_ciphers' default (ngx_http_proxy_module.c line 3731)
         self.verify_like = None
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -555,6 +575,8 @@ class Handshake:
         self._t_connect = 0
         self._decided_ns = 0
         self._ssl_ptr = 0
+        self._handshaked = False
+        self.last_try = True
         self._record = None
 
     # -- WAITING -> HANDSHAKING: the connect said NGX_OK ------------------------------------------------
@@ -598,9 +620,15 @@ class Handshake:
             return self._finish(*classify(exc), when=_monotonic_ns())
         self.tls = tls
         result.session_offered = session is not None
-        if client.verify_like == "nginx":
-            self._ssl_ptr = _OPENSSL.pointer(tls)
-            _OPENSSL.verify_like_nginx(self._ssl_ptr)
+        openssl = _openssl()
+        if openssl is not None:
+            ptr = openssl.pointer(tls)
+            # ngx_ssl_create: SSL_CTX_set_read_ahead(ctx, 1) (ngx_event_openssl.c line 390): OpenSSL then reads
+            # up to a whole buffer per read(), as nginx's strace shows, not a 5-byte header and then the record
+            openssl.set_read_ahead(ptr, 1)
+            self._ssl_ptr = ptr
+            if client.verify_like == "nginx":
+                openssl.verify_like_nginx(ptr)
         if record:
             sni = f', SSL_set_tlsext_host_name("{sent}")' if sent and not _is_ip(sent) else ""
             offered = ", SSL_set_session(saved)" if session is not None else ""
@@ -647,7 +675,8 @@ class Handshake:
         result.version, result.cipher = tls.version(), (tls.cipher() or (None,))[0]
         result.resumed = tls.session_reused
         self._decided_ns = decided
-        if self._ssl_ptr:
+        self._handshaked = True
+        if self._ssl_ptr and self.client.verify_like == "nginx":
             # ngx_http_upstream_ssl_handshake, proxy_ssl_verify on (lines 1776-1792): the chain, then the name
             t = _monotonic_ns()
             code, message = _OPENSSL.verify_result(self._ssl_ptr)
@@ -767,10 +796,21 @@ class Handshake:
         """Unregister (nginx-exact: leave it to close()) and close without SSL_shutdown (as nginx's
         next-upstream path, no_send_shutdown).  Idempotent."""
         tls, self.tls = self.tls, None
-        self._ssl_ptr = 0  # freed with the socket
+        ptr, self._ssl_ptr = self._ssl_ptr, 0  # freed with the socket
         if tls is None:
             return
         record, loop, fd = self._record, self.loop, self.fd
+        if ptr and self._handshaked and self.state is FINISHED:
+            # A completed handshake is shut down as nginx does (ngx_ssl_shutdown; never during a handshake,
+            # SSL_in_init): the last try is finalized with a close_notify sent and not waited for
+            # (ngx_http_upstream_finalize_request, line 4502); a try followed by another peer closes quietly
+            # (ngx_http_upstream_next, lines 4413-4416).
+            t = _monotonic_ns()
+            ret = _OPENSSL.close_notify(ptr, send=self.last_try)
+            if record:
+                what = "close_notify sent, not waited for (last try: finalize)" if self.last_try else \
+                    "quiet: nothing sent (next upstream)"
+                record(("ssl_shutdown", f"SSL_shutdown() [{what}]", ret, t, _monotonic_ns()))
         if loop.handler_of(fd) is self:
             if self.plan.nginx_exact:
                 loop.forget(fd)
@@ -816,11 +856,13 @@ class _TLSAttempt(Attempt):
 
 
 def connect_tls(target, client: TLSClient | None = None, *, timeout: float = 5.0, nonblocking: str = "ioctl",
-                trace: bool = True, nginx_exact: bool = False, **options) -> TLSResult:
+                trace: bool = True, nginx_exact: bool = False, last_try: bool = True, **options) -> TLSResult:
     """Connect nginx's way, then run the upstream TLS handshake on the same socket and epoll loop.
 
     ``client``: a :class:`TLSClient` (default: ``TLSClient()``, no verification, no reuse).  ``timeout``:
     proxy_connect_timeout, bounding connect and handshake together when connect() needed EPOLLOUT.  The
+    ``last_try``: how a completed handshake is closed: nginx sends close_notify when it finalizes the request
+    (this was the last peer to try), and nothing when it moves on to the next peer (False).  The
     other arguments are :func:`nbconn.connect`'s (edge-triggered epoll only: nginx's, and the one mode in
     which the registration made before connect() serves the handshake unchanged).  Everything opened is
     closed before this returns.
@@ -831,6 +873,7 @@ def connect_tls(target, client: TLSClient | None = None, *, timeout: float = 5.0
         raise TypeError(f"client must be a TLSClient, got {validate.shown(client)}")
     check_settings(timeout=timeout, nonblocking=nonblocking, trigger="edge", options=options,
                    nginx_exact=nginx_exact)
+    last_try = validate.flag("last_try", last_try)
     tgt = parse_target(target)
     if client.verify and client.name_for(tgt) is None:
         raise ValueError(f"target {validate.shown(target)}: verifying an AF_UNIX peer needs server_name "
@@ -839,6 +882,7 @@ def connect_tls(target, client: TLSClient | None = None, *, timeout: float = 5.0
                      trace=trace, tcp_info=False, nginx_exact=nginx_exact, options=options)
     with Loop(max_events=8, nginx_clock=nginx_exact) as loop:
         handshake = Handshake(client, tgt, loop, plan)
+        handshake.last_try = last_try
         attempt = _TLSAttempt(tgt, plan, loop)
         attempt.handshake = handshake
         try:
