@@ -19,6 +19,8 @@ from nbconn import tls
 from nbconn.errors import NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT
 from nbconn.lab import tlspeers
 
+from .conftest import require_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -352,3 +354,103 @@ def test_cli_tls_bad_input_exits_2_in_one_line(args, match):
     done = _cli("127.0.0.1:1", *args)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and match in done.stderr and "Traceback" not in done.stderr
+
+
+# -- next to a real nginx 1.22.1 (proxy_pass https://, proxy_ssl_verify on) ---------------------------------
+
+_SYSCALLS = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,setsockopt,read,write,writev,close"
+
+
+def _record_tokens(lines: list[str]) -> list[str]:
+    """The handshake's record I/O on the upstream descriptor, after its getsockopt(SO_ERROR): each write() and
+    each read() that returned data, named by its first record's content type (22 handshake, 21 alert), up to
+    the request (its SSL_write(): a write of application data, 23) or the close().  Reads that found nothing (EAGAIN) and the epoll_waits between are
+    left out: how often the worker finds the socket empty depends on how fast the peer answers."""
+    import re
+
+    tokens, started = [], False
+    for line in lines:
+        if "SO_ERROR" in line:
+            started = True
+            continue
+        if not started:
+            continue
+        if line.startswith(("writev(", "close(")):
+            break
+        m = re.match(r'(read|write)\(\d+, "\\(\d+)', line)
+        if m:
+            token = f"{m.group(1)}:{int(m.group(2), 8)}"
+            if token == "write:23":  # application data: SSL_write() of the request, after the handshake
+                break
+            tokens.append(token)
+    return tokens
+
+
+class _HTTPSNginx:
+    """nbconn.nginx.Nginx with proxy_pass https://: verify against the lab CA, the name "localhost", no SNI (the
+    default), no session reuse (so every request makes a full handshake)."""
+
+    @staticmethod
+    def make(peer, cafile: str, timeout: float):
+        from nbconn.nginx import Nginx
+
+        class HTTPSNginx(Nginx):
+            def config(self):
+                https = ("proxy_pass https://backend;\n"
+                         "            proxy_ssl_verify on;\n"
+                         f"            proxy_ssl_trusted_certificate {cafile};\n"
+                         "            proxy_ssl_name localhost;\n"
+                         "            proxy_ssl_session_reuse off;")
+                text = super().config()
+                assert "proxy_pass http://backend;" in text
+                return text.replace("proxy_pass http://backend;", https)
+
+        return HTTPSNginx([str(peer)], connect_timeout=timeout, read_timeout=1.0, next_upstream=(), strace=True,
+                          strace_syscalls=_SYSCALLS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["success", "untrusted", "timeout"])
+def test_handshake_matches_a_real_nginx(pki, case):
+    """The same peer, a real nginx 1.22.1 worker and `nbconn connect --tls --nginx-exact`, both under strace:
+    the same record writes and reads on the upstream socket, the same error-log line, level and response."""
+    from nbconn import nginx as nginx_mod
+
+    require_tool("strace")
+    if nginx_mod.unavailable_reason():
+        pytest.skip(nginx_mod.unavailable_reason())
+    if tls.TLSClient(cafile=pki.cafile).verify_like != "nginx":
+        pytest.skip("the SSL object of CPython's ssl module cannot be reached here")
+    timeout = 0.5
+    maker = {"success": tlspeers.tls_server, "untrusted": tlspeers.tls_untrusted, "timeout": tlspeers.tls_silent}
+    with maker[case](pki=pki) as peer:
+        with _HTTPSNginx.make(peer, pki.cafile, timeout) as real:
+            status = real.request("/")
+            lines = real.strace_lines()
+            errors = [e for e in real.error_log() if e.level != "info"]
+        nginx_calls = nginx_mod.upstream_connect_syscalls(lines, peer.port)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "nbconn.strace")
+            done = subprocess.run(["strace", "-f", "-qq", "-o", out, "-e", f"trace={_SYSCALLS}", "-s", "40",
+                                   sys.executable, "-m", "nbconn", "connect", str(peer), "--tls", "--nginx-exact",
+                                   "--cafile", pki.cafile, "--server-name", "localhost", "--timeout", str(timeout),
+                                   "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            with open(out) as f:
+                ours_calls = nginx_mod.upstream_connect_syscalls(f.read().splitlines(), peer.port)
+    ours = json.loads(done.stdout)
+    theirs, mine = _record_tokens(nginx_calls), _record_tokens(ours_calls)
+    assert theirs and mine, (nginx_calls, ours_calls)
+    if case == "success":
+        # nginx goes on to write the request; nbconn ends there with the close_notify of a finalized try
+        assert mine[-1] == "write:21" and mine[:-1] == theirs, (theirs, mine)
+        assert status == "502"  # the peer speaks no HTTP: nginx's handshake succeeded, its request got no answer
+        assert ours["outcome"] == "handshaked" and ours["ngx_log"] is None
+        assert not any("SSL handshaking" in e.message for e in errors), errors
+        return
+    assert mine == theirs, (theirs, mine)
+    [line] = [e for e in errors if "SSL handshaking" in e.message]
+    assert (ours["ngx_level"], ours["ngx_log"]) == (line.level, line.message)
+    assert status == {"untrusted": "502", "timeout": "504"}[case]
+    assert ours["ngx_next"] == {"untrusted": "NGX_HTTP_UPSTREAM_FT_ERROR", "timeout": "NGX_HTTP_UPSTREAM_FT_TIMEOUT"}[case]
