@@ -88,8 +88,8 @@ from . import validate
 from .errors import (CONNECTED, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR,
                      NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_OK, errno_name,
                      strerror)
-from .flow import PROCESS_HEADER, DONE, Attempt, make_plan, check_settings
-from .loop import Loop
+from .flow import DONE, Attempt, check_settings, make_plan
+from .loop import Loop, event_names
 from .result import Result
 from .strace import c_escape, format_ns
 from .targets import parse_target
@@ -545,7 +545,8 @@ class TLSResult:
     def to_dict(self) -> dict:
         return {"outcome": self.outcome, "ngx_decision": self.ngx_decision, "ngx_next": self.ngx_next,
                 "ngx_level": self.ngx_level, "ngx_log": self.ngx_log, "server_name": self.server_name,
-                "verify": self.verify, "verify_like": self.verify_like, "version": self.version, "cipher": self.cipher, "resumed": self.resumed,
+                "verify": self.verify, "verify_like": self.verify_like, "version": self.version,
+                "cipher": self.cipher, "resumed": self.resumed,
                 "session_offered": self.session_offered, "session_saved": self.session_saved,
                 "timer": self.timer, "timer_left_ns": self.timer_left_ns, "timer_fired": self.timer_fired,
                 "handshake_ns": self.handshake_ns, "total_ns": self.total_ns, "calls": self.calls,
@@ -575,6 +576,7 @@ class Handshake:
         self._t_connect = 0
         self._decided_ns = 0
         self._ssl_ptr = 0
+        self._sock = None
         self._handshaked = False
         self.last_try = True
         self._record = None
@@ -588,7 +590,8 @@ class Handshake:
                                          verify_like=client.verify_like)
         record = self._record = result._steps.append if plan.trace else None
         self._t_connect = attempt._t_connect
-        sock, attempt.sock = attempt.sock, None
+        sock = self._sock = attempt.sock  # held here until wrapped: close() closes it on any path
+        attempt.sock = None
         self.fd = fd = attempt.fd
         self.state = HANDSHAKING
         loop.hand_over(fd, self)  # the registration made before connect() serves the handshake too
@@ -615,10 +618,11 @@ class Handshake:
             tls = client.context.wrap_socket(sock, server_hostname=sent, do_handshake_on_connect=False,
                                              session=session)
         except OSError as exc:
+            self._sock = None
             sock.close()
             loop.forget(fd)
             return self._finish(*classify(exc), when=_monotonic_ns())
-        self.tls = tls
+        self.tls, self._sock = tls, None
         result.session_offered = session is not None
         openssl = _openssl()
         if openssl is not None:
@@ -752,8 +756,6 @@ class Handshake:
         loop, record = self.loop, self._record
         self.result.waits += 1
         if record:
-            from .loop import event_names
-
             record(("epoll_wait", f"epoll_wait({loop.epoll_fd}, [{{events={event_names(events)}, "
                     f"data={{u32={self.fd}}}}}], {loop.max_events}, {loop.last_wait_ms})", 1,
                     loop.last_wait_started_ns, loop.last_wait_returned_ns))
@@ -797,6 +799,10 @@ class Handshake:
         next-upstream path, no_send_shutdown).  Idempotent."""
         tls, self.tls = self.tls, None
         ptr, self._ssl_ptr = self._ssl_ptr, 0  # freed with the socket
+        sock, self._sock = self._sock, None
+        if sock is not None:  # interrupted before the wrap: the plain socket is still ours
+            self.loop.forget(self.fd)
+            sock.close()
         if tls is None:
             return
         record, loop, fd = self._record, self.loop, self.fd
@@ -903,4 +909,4 @@ def connect_tls(target, client: TLSClient | None = None, *, timeout: float = 5.0
 
 __all__ = ["TLSClient", "TLSResult", "Handshake", "connect_tls", "handshake_verdict", "classify",
            "openssl_error_string", "TLS_OUTCOMES", "HANDSHAKED", "TLS_TIMED_OUT", "UNTRUSTED", "TLS_FAILED",
-           "PEER_CLOSED", "SSL_INIT_CONNECTION", "PROCESS_HEADER"]
+           "PEER_CLOSED", "SSL_INIT_CONNECTION"]

@@ -325,7 +325,8 @@ def _cli(*args):
 def test_cli_tls_json_and_reuse(pki):
     with tlspeers.tls_server(pki=pki) as peer:
         done = _cli(peer, "--tls", "--cafile", pki.cafile, "--server-name", "localhost", "--json")
-        reused = _cli(peer, "--tls", "--cafile", pki.cafile, "--server-name", "localhost", "--reuse", "--json", "--tls-version", "1.2")
+        reused = _cli(peer, "--tls", "--cafile", pki.cafile, "--server-name", "localhost", "--reuse", "--json",
+                      "--tls-version", "1.2")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["outcome"] == "handshaked" and data["connect"]["outcome"] == "connected"
@@ -364,8 +365,9 @@ _SYSCALLS = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,setsockopt,rea
 def _record_tokens(lines: list[str]) -> list[str]:
     """The handshake's record I/O on the upstream descriptor, after its getsockopt(SO_ERROR): each write() and
     each read() that returned data, named by its first record's content type (22 handshake, 21 alert), up to
-    the request (its SSL_write(): a write of application data, 23) or the close().  Reads that found nothing (EAGAIN) and the epoll_waits between are
-    left out: how often the worker finds the socket empty depends on how fast the peer answers."""
+    the request (its SSL_write(): a write of application data, 23) or the close().  Reads that found nothing
+    (EAGAIN) and the epoll_waits between are left out: how often the worker finds the socket empty depends on
+    how fast the peer answers."""
     import re
 
     tokens, started = [], False
@@ -453,4 +455,4 @@ def test_handshake_matches_a_real_nginx(pki, case):
     [line] = [e for e in errors if "SSL handshaking" in e.message]
     assert (ours["ngx_level"], ours["ngx_log"]) == (line.level, line.message)
     assert status == {"untrusted": "502", "timeout": "504"}[case]
-    assert ours["ngx_next"] == {"untrusted": "NGX_HTTP_UPSTREAM_FT_ERROR", "timeout": "NGX_HTTP_UPSTREAM_FT_TIMEOUT"}[case]
+    assert ours["ngx_next"] == {"untrusted": NGX_HTTP_UPSTREAM_FT_ERROR, "timeout": NGX_HTTP_UPSTREAM_FT_TIMEOUT}[case]

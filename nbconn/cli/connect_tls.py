@@ -1,4 +1,6 @@
-"""``connect TARGET --tls [--cafile FILE] [--server-name NAME] [--sni] [--tls-version 1.2|1.3] [--reuse]``: the connect, then the upstream TLS handshake nginx runs for ``proxy_pass https://``.
+"""``connect TARGET --tls``: the connect, then the upstream TLS handshake nginx runs for ``proxy_pass https://``.
+
+Flags: ``[--cafile FILE] [--server-name NAME] [--sni] [--tls-version 1.2|1.3] [--reuse]``.
 
 Not a subcommand of its own: :mod:`nbconn.cli.connect` registers these flags and hands a ``--tls`` run
 here.  Everything is checked -- flags, the CA file, the server name -- before any socket exists.
