@@ -66,7 +66,9 @@ The steps, in nginx's order
    NewSessionTicket arrives *after* it -- nginx reads it with the response.  Here a handshake that will
    save its session reads on (SSL_read, on the same loop and timer) until the ticket is there.  The next
    handshake to that peer offers it; ``TLSResult.resumed`` says whether the server took it
-   (``SSL_session_reused``).
+   (``SSL_session_reused``).  The verdict and ``handshake_ns`` are those of SSL_do_handshake() = 1; only the
+   socket's close waits for the ticket, at most until the timer (a TLS 1.3 server that sends no ticket keeps
+   it that long, and ``session_saved`` stays False).
 
 ``nginx_exact``: the connect makes exactly nginx's syscalls (:mod:`nbconn.flow`) and the timers keep nginx's
 cached clock; the TLS part then adds only the wrap's calls named above.

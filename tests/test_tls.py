@@ -456,3 +456,21 @@ def test_handshake_matches_a_real_nginx(pki, case):
     assert (ours["ngx_level"], ours["ngx_log"]) == (line.level, line.message)
     assert status == {"untrusted": "502", "timeout": "504"}[case]
     assert ours["ngx_next"] == {"untrusted": NGX_HTTP_UPSTREAM_FT_ERROR, "timeout": NGX_HTTP_UPSTREAM_FT_TIMEOUT}[case]
+
+
+def test_interrupt_during_the_handshake_leaves_nothing_open(pki, no_fd_leak):
+    """Ctrl-C while the handshake waits (the silent peer): the socket and the epoll instance are closed."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    with tlspeers.tls_silent(pki=pki) as peer:
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(KeyboardInterrupt):
+                tls.connect_tls(peer, tls.TLSClient(), timeout=30)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
