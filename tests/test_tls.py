@@ -474,3 +474,8 @@ def test_interrupt_during_the_handshake_leaves_nothing_open(pki, no_fd_leak):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+
+
+def test_cli_tls_bad_target_is_refused_before_the_ca_is_used(pki):
+    done = _cli("127.0.0.1:99999", "--tls", "--cafile", pki.cafile, "--server-name", "localhost")
+    assert done.returncode == 2 and "99999" in done.stderr and done.stderr.count("\n") == 1

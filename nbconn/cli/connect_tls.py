@@ -60,8 +60,13 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..flow import check_settings
+    from ..targets import parse_target
     from ..tls import TLSClient, connect_tls
 
+    # the target and the connect's settings first: TLSClient probes CPython's SSL object on a socketpair
+    check_settings(timeout=args.timeout, nonblocking=args.nonblocking, trigger="edge", options=socket_options(args))
+    parse_target(args.target[0])
     client = TLSClient(cafile=args.cafile, server_name=args.server_name, tls_version=args.tls_version,
                        reuse=args.reuse, sni=args.sni)
     kwargs = {"timeout": args.timeout, "nonblocking": args.nonblocking, "nginx_exact": args.nginx_exact,
