@@ -393,7 +393,7 @@ class _HTTPSNginx:
     default), no session reuse (so every request makes a full handshake)."""
 
     @staticmethod
-    def make(peer, cafile: str, timeout: float):
+    def make(peer, cafile: str, timeout: float, protocols: str = ""):
         from nbconn.nginx import Nginx
 
         class HTTPSNginx(Nginx):
@@ -402,7 +402,8 @@ class _HTTPSNginx:
                          "            proxy_ssl_verify on;\n"
                          f"            proxy_ssl_trusted_certificate {cafile};\n"
                          "            proxy_ssl_name localhost;\n"
-                         "            proxy_ssl_session_reuse off;")
+                         "            proxy_ssl_session_reuse off;"
+                         + (f"\n            proxy_ssl_protocols {protocols};" if protocols else ""))
                 text = super().config()
                 assert "proxy_pass http://backend;" in text
                 return text.replace("proxy_pass http://backend;", https)
@@ -412,10 +413,11 @@ class _HTTPSNginx:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["success", "untrusted", "timeout"])
+@pytest.mark.parametrize("case", ["success", "untrusted", "timeout", "version"])
 def test_handshake_matches_a_real_nginx(pki, case):
     """The same peer, a real nginx 1.22.1 worker and `nbconn connect --tls --nginx-exact`, both under strace:
-    the same record writes and reads on the upstream socket, the same error-log line, level and response."""
+    the same record writes and reads on the upstream socket, the same error-log line, level and response.
+    "version": proxy_ssl_protocols TLSv1.3 against a TLS 1.2-only peer: "SSL_do_handshake() failed (SSL: ...)"."""
     from nbconn import nginx as nginx_mod
 
     require_tool("strace")
@@ -424,9 +426,11 @@ def test_handshake_matches_a_real_nginx(pki, case):
     if tls.TLSClient(cafile=pki.cafile).verify_like != "nginx":
         pytest.skip("the SSL object of CPython's ssl module cannot be reached here")
     timeout = 0.5
-    maker = {"success": tlspeers.tls_server, "untrusted": tlspeers.tls_untrusted, "timeout": tlspeers.tls_silent}
+    maker = {"success": tlspeers.tls_server, "untrusted": tlspeers.tls_untrusted, "timeout": tlspeers.tls_silent,
+             "version": tlspeers.tls12_only}  # version: a TLS 1.3-only client, a TLS 1.2-only peer
+    version = case == "version"
     with maker[case](pki=pki) as peer:
-        with _HTTPSNginx.make(peer, pki.cafile, timeout) as real:
+        with _HTTPSNginx.make(peer, pki.cafile, timeout, "TLSv1.3" if version else "") as real:
             status = real.request("/")
             lines = real.strace_lines()
             errors = [e for e in real.error_log() if e.level != "info"]
@@ -438,7 +442,8 @@ def test_handshake_matches_a_real_nginx(pki, case):
             done = subprocess.run(["strace", "-f", "-qq", "-o", out, "-e", f"trace={_SYSCALLS}", "-s", "40",
                                    sys.executable, "-m", "nbconn", "connect", str(peer), "--tls", "--nginx-exact",
                                    "--cafile", pki.cafile, "--server-name", "localhost", "--timeout", str(timeout),
-                                   "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                                   "--json", *(["--tls-version", "1.3"] if version else [])],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
             with open(out) as f:
                 ours_calls = nginx_mod.upstream_connect_syscalls(f.read().splitlines(), peer.port)
     ours = json.loads(done.stdout)
@@ -454,8 +459,9 @@ def test_handshake_matches_a_real_nginx(pki, case):
     assert mine == theirs, (theirs, mine)
     [line] = [e for e in errors if "SSL handshaking" in e.message]
     assert (ours["ngx_level"], ours["ngx_log"]) == (line.level, line.message)
-    assert status == {"untrusted": "502", "timeout": "504"}[case]
-    assert ours["ngx_next"] == {"untrusted": NGX_HTTP_UPSTREAM_FT_ERROR, "timeout": NGX_HTTP_UPSTREAM_FT_TIMEOUT}[case]
+    assert status == {"untrusted": "502", "timeout": "504", "version": "502"}[case]
+    assert ours["ngx_next"] == {"untrusted": NGX_HTTP_UPSTREAM_FT_ERROR, "timeout": NGX_HTTP_UPSTREAM_FT_TIMEOUT,
+                                "version": NGX_HTTP_UPSTREAM_FT_ERROR}[case]
 
 
 def test_interrupt_during_the_handshake_leaves_nothing_open(pki, no_fd_leak):
