@@ -485,3 +485,70 @@ def test_interrupt_during_the_handshake_leaves_nothing_open(pki, no_fd_leak):
 def test_cli_tls_bad_target_is_refused_before_the_ca_is_used(pki):
     done = _cli("127.0.0.1:99999", "--tls", "--cafile", pki.cafile, "--server-name", "localhost")
     assert done.returncode == 2 and "99999" in done.stderr and done.stderr.count("\n") == 1
+
+
+def _connects(lines: list[str], port: int) -> list[list[str]]:
+    """From an strace -f: per connect() to ``port``, the calls on its descriptor up to its close()."""
+    import re
+
+    found, current, fd = [], None, None
+    for raw in lines:
+        m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
+        if not m:
+            continue
+        call = re.sub(r"\s+= ", " = ", m.group(2))
+        opened = re.match(rf"connect\((\d+), .*htons\({port}\)", call)
+        if opened:
+            current, fd = [], opened.group(1)
+            found.append(current)
+        if current is not None and re.match(rf"\w+\({fd}[,)]", call):
+            current.append(call)
+            if call.startswith(f"close({fd})"):
+                current = None
+    return found
+
+
+@pytest.mark.slow
+def test_session_reuse_matches_a_real_nginx(pki):
+    """proxy_ssl_session_reuse on (nginx's default), TLS 1.2 (nginx 1.22.1's default upper version): two requests
+    through a real nginx and `nbconn connect --tls --reuse`: TCP_NODELAY before each handshake, a full
+    handshake then an abbreviated one (the server's CCS and Finished answer the ClientHello: one round trip)."""
+    from nbconn import nginx as nginx_mod
+    from nbconn.nginx import Nginx
+
+    require_tool("strace")
+    if nginx_mod.unavailable_reason():
+        pytest.skip(nginx_mod.unavailable_reason())
+    if tls.TLSClient(cafile=pki.cafile).verify_like != "nginx":
+        pytest.skip("the SSL object of CPython's ssl module cannot be reached here")
+
+    class ReuseNginx(Nginx):
+        def config(self):
+            return super().config().replace("proxy_pass http://backend;", "proxy_pass https://backend;")
+
+    import tempfile
+
+    with tlspeers.tls_server(pki=pki) as peer:
+        with ReuseNginx([str(peer)], connect_timeout=1.0, read_timeout=1.0, next_upstream=(), strace=True,
+                        strace_syscalls=_SYSCALLS) as real:
+            statuses = [real.request("/"), real.request("/")]
+            theirs = _connects(real.strace_lines(), peer.port)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "nbconn.strace")
+            done = subprocess.run(["strace", "-f", "-qq", "-o", out, "-e", f"trace={_SYSCALLS}", "-s", "40",
+                                   sys.executable, "-m", "nbconn", "connect", str(peer), "--tls", "--nginx-exact",
+                                   "--reuse", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            with open(out) as f:
+                mine = _connects(f.read().splitlines(), peer.port)
+    assert statuses == ["502", "502"]  # the peer speaks no HTTP; the handshakes are what is compared
+    ours = json.loads(done.stdout)
+    assert [a["resumed"] for a in ours["attempts"]] == [False, True]
+    assert len(theirs) == len(mine) == 2, (theirs, mine)
+    for nginx_calls, our_calls in zip(theirs, mine):
+        for calls in (nginx_calls, our_calls):
+            nodelay = [i for i, c in enumerate(calls) if "TCP_NODELAY" in c]
+            first_write = next(i for i, c in enumerate(calls) if c.startswith("write("))
+            assert nodelay and nodelay[0] < first_write, calls
+        assert _record_tokens(our_calls)[:-1] == _record_tokens(nginx_calls), (nginx_calls, our_calls)
+    # the resumed handshake: ClientHello, then the server's ServerHello+CCS+Finished, then the client's CCS+Finished
+    assert _record_tokens(theirs[1]) == ["write:22", "read:22", "write:20"]
