@@ -21,7 +21,11 @@ The steps, in nginx's order
    1706-1724; ``ngx_tcp_nodelay`` leaves AF_UNIX alone).  Here: ``SSLContext.wrap_socket`` on the
    connected socket -- CPython's _ssl module also calls SSL_set_fd, so the handshake's read() and write()
    are OpenSSL's own, as nginx's are.  The wrap itself costs CPython a few calls nginx does not make
-   (getsockopt(SO_TYPE), getsockname, getpeername, ioctl(FIONBIO)); the trace says so.
+   (getsockopt(SO_TYPE), getsockname, getpeername, ioctl(FIONBIO)), and every do_handshake() one more
+   ioctl(FIONBIO) (CPython sets the BIO's blocking mode before each call); the trace says so at the wrap.
+   nginx's SSL_CTX settings that show in the syscalls are copied: read-ahead (``SSL_CTX_set_read_ahead``,
+   ngx_event_openssl.c line 390: one read() of up to a buffer, not a 5-byte header and then the record),
+   ``proxy_ssl_ciphers`` DEFAULT, and ``proxy_ssl_protocols``' default, which stops at TLS 1.2.
 3. The log action becomes "SSL handshaking to upstream" (line 1727) and ``ngx_ssl_handshake`` runs
    ``SSL_do_handshake()`` (ngx_event_openssl.c line 1733).  SSL_ERROR_WANT_READ / SSL_ERROR_WANT_WRITE
    return NGX_AGAIN to the event loop with ``ngx_ssl_handshake_handler`` on both events (lines 1803-1831):
@@ -53,12 +57,15 @@ The steps, in nginx's order
    - SSL_ERROR_SSL: "SSL_do_handshake() failed (SSL: error:...)" via ``ngx_ssl_connection_error``
      (lines 3298-3466): ERR for the handshake-failure reasons listed there (an alert from the peer, a
      version mismatch...) as upstream connections log at NGX_ERROR_ERR, CRIT for any other reason.
-     nginx closes without SSL_shutdown (``no_send_shutdown``, ngx_http_upstream_next line 4414).
+     A handshake that did not complete is closed with nothing sent: ngx_ssl_shutdown returns at once while
+     ``SSL_in_init``.  A completed one (a certificate check failed) gets a close_notify, not waited for, when
+     this was the last try (ngx_http_upstream_finalize_request, line 4502), nothing when the next peer
+     follows (ngx_http_upstream_next, lines 4413-4416): ``connect_tls(last_try=)``.
    - the peer closed (or reset) before the handshake ended and OpenSSL queued no error: "peer closed
      connection in SSL handshake" via ``ngx_connection_error`` (lines 1838-1845): ERR for 0, ECONNRESET
      and the other errnos of its list, else ALERT.  nginx sets SSL_OP_IGNORE_UNEXPECTED_EOF (line 379),
      and so does :class:`TLSClient`, so an EOF is this line, not "unexpected eof while reading".
-   - All failures: next upstream NGX_HTTP_UPSTREAM_FT_ERROR (line 1813), the timer FT_TIMEOUT.
+   - All failures: next upstream NGX_HTTP_UPSTREAM_FT_ERROR (line 1814), the timer FT_TIMEOUT.
 
 6. Session reuse (``proxy_ssl_session_reuse``): nginx keeps one session per peer
    (``u->peer.set_session`` / ``save_session``), saved by OpenSSL's new-session callback when a session
@@ -71,7 +78,9 @@ The steps, in nginx's order
    it that long, and ``session_saved`` stays False).
 
 ``nginx_exact``: the connect makes exactly nginx's syscalls (:mod:`nbconn.flow`) and the timers keep nginx's
-cached clock; the TLS part then adds only the wrap's calls named above.
+cached clock; the TLS part then adds only CPython's calls named in step 2.  tests/test_tls.py compares the
+records written and read with a real nginx 1.22.1 worker's (success, untrusted certificate, timeout, version
+mismatch, session reuse).
 """
 
 from __future__ import annotations
@@ -105,7 +114,7 @@ ACTION = "SSL handshaking to upstream"
 _TAIL = f" while {ACTION}"
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-#: proxy_ssl_verify_depth's default (ngx_http_proxy_module.c line 3740)
+#: proxy_ssl_verify_depth's default (ngx_http_proxy_module.c lines 3739-3740)
 NGX_VERIFY_DEPTH = 1
 
 # -- outcomes of the handshake (the connect's own words stay those of nbconn.errors) ----------------------
@@ -303,13 +312,13 @@ _OK = TLSVerdict(HANDSHAKED, NGX_OK, None, None, None)
 
 #: kind -> where nginx 1.22.1 decides it (for the docs and tests; the lines are built by handshake_verdict)
 VERDICT_SOURCES = {
-    "ok": "ngx_event_openssl.c ngx_ssl_handshake line 1735 (n == 1): NGX_OK",
+    "ok": "ngx_event_openssl.c ngx_ssl_handshake line 1737 (n == 1): NGX_OK",
     "timer": "ngx_event_openssl.c ngx_ssl_handshake_handler line 2071; ngx_http_upstream.c "
              "ngx_http_upstream_ssl_handshake line 1808, ngx_http_upstream_next line 4306",
     "ssl": "ngx_event_openssl.c ngx_ssl_handshake line 1857, ngx_ssl_connection_error lines 3298-3466; "
-           "ngx_http_upstream.c line 1813",
+           "ngx_http_upstream.c line 1814",
     "closed": "ngx_event_openssl.c ngx_ssl_handshake lines 1838-1845 (ngx_connection_error); "
-              "ngx_http_upstream.c line 1813",
+              "ngx_http_upstream.c line 1814",
     "verify": "ngx_http_upstream.c ngx_http_upstream_ssl_handshake lines 1776-1784",
     "hostname": "ngx_http_upstream.c ngx_http_upstream_ssl_handshake lines 1786-1792",
 }
