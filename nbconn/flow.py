@@ -348,6 +348,11 @@ class Attempt:
     __slots__ = ("target", "plan", "loop", "on_done", "state", "result", "sock", "fd", "timer",
                  "_t_connect", "_t_returned", "_t_armed", "_record", "_clock")
 
+    #: The nginx handler whose test_connect reads SO_ERROR when the socket is writable (EPOLLOUT alone, or
+    #: connect() returned 0): ngx_http_upstream_send_request for plain HTTP.  For an https upstream
+    #: nbconn.tls's attempt names ngx_http_upstream_ssl_init_connection, which runs it there instead.
+    WRITE_HANDLER = SEND_REQUEST
+
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
         self.target = target
         self.plan = plan
@@ -466,8 +471,8 @@ class Attempt:
             decided = _monotonic_ns()
             if record:
                 self._record_connect()
-                record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, SEND_REQUEST))
-            result.ngx_handler = SEND_REQUEST
+                record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, self.WRITE_HANDLER))
+            result.ngx_handler = self.WRITE_HANDLER
             if plan.nginx_exact:
                 result.ngx_connect_time_ms = 0  # same cached clock as u->start_time: no epoll_wait in between
             return self._decide(verdict("so_error", err), err, decided)
@@ -572,14 +577,17 @@ class Attempt:
         decided = _monotonic_ns()
         loop, fd, result, record = self.loop, self.fd, self.result, self._record
         result.events = event_names(events)
-        handler = result.ngx_handler = handler_reading_so_error(events)
+        handler = handler_reading_so_error(events)
+        if handler is SEND_REQUEST:
+            handler = self.WRITE_HANDLER
+        result.ngx_handler = handler
         if record:
             self._record_connect()
             record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
                     1, loop.last_wait_started_ns, loop.last_wait_returned_ns, loop.epoll_fd, result.events, fd,
                     loop.max_events, loop.last_wait_ms))
             record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, handler))
-        if self.plan.nginx_exact and handler is SEND_REQUEST:
+        if self.plan.nginx_exact and handler is not PROCESS_HEADER:
             # $upstream_connect_time: ngx_http_upstream_send_request sets it (before test_connect) from the
             # cached clock of this epoll_wait's return; process_header never does, so a try decided there
             # logs "-" (ngx_http_upstream.c, line 2073)

@@ -118,6 +118,14 @@ class Loop:
         """The handler registered for ``fd``, or None."""
         return self._handlers.get(fd)
 
+    def hand_over(self, fd: int, handler) -> None:
+        """Give a registered descriptor a new handler, with no syscall: nginx changes ``c->read->handler``
+        and ``c->write->handler`` (e.g. to ngx_ssl_handshake_handler) and keeps the epoll registration made
+        before connect().  KeyError if ``fd`` is not registered here."""
+        if fd not in self._handlers:
+            raise KeyError(f"descriptor {fd} is not registered with this loop")
+        self._handlers[fd] = handler
+
     def forget(self, fd: int) -> None:
         """Drop the handler only: the caller closes the descriptor, and close() takes it out of the epoll set
         (nginx's way: ngx_close_connection never calls EPOLL_CTL_DEL for a socket it closes)."""

@@ -5,6 +5,9 @@ walks its peers under ``proxy_next_upstream``; with ``--happy-eyeballs SECONDS``
 RFC 8305's way instead (:mod:`nbconn.eyeballs`).  ``--json`` then prints
 ``{"winner": "HOST:PORT" or null, "elapsed_ms": ..., "attempts": [Result dicts]}``.
 
+With ``--tls`` the connect is followed by the upstream TLS handshake nginx runs for ``proxy_pass https://``
+(:mod:`nbconn.cli.connect_tls`, :mod:`nbconn.tls`).
+
 Exit 0 connected, 1 the connect failed or timed out (the trace says how).
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import EXIT_FAILED, EXIT_OK, add_socket_options, float_arg, socket_options
+from . import EXIT_FAILED, EXIT_OK, add_socket_options, connect_tls, float_arg, socket_options
 
 NAME = "connect"
 
@@ -33,6 +36,7 @@ def add(subparsers) -> None:
                         "default) or as soon as one fails; the first to connect wins")
     p.add_argument("--json", action="store_true", help="print Result.to_dict() as JSON (several targets: winner, "
                                                        "elapsed_ms, attempts)")
+    connect_tls.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -42,6 +46,9 @@ def connect_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    connect_tls.check(args)
+    if args.tls:
+        return connect_tls.run(args)
     if len(args.target) > 1 or args.happy_eyeballs is not None:
         return run_race(args)
     from ..api import connect
