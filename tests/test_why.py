@@ -520,7 +520,7 @@ def kernel_text(line: str) -> str:
 
 def test_eperm_at_connect_is_bpf_lsm_or_xfrm_not_netfilter():
     """Finding 1: tcp_connect passes on only ECONNREFUSED from sending the SYN, so a netfilter DROP is a lost SYN."""
-    text = kernel_text("connect() to 10.0.0.9:80 failed (1: Operation not permitted) while connecting to upstream")
+    text = kernel_text("connect() to 192.0.2.9:80 failed (1: Operation not permitted) while connecting to upstream")
     assert "cgroup BPF" in text and "security_socket_connect" in text and "xfrm" in text
     assert "Not a netfilter rule" in text and "looks like a lost SYN" in text and "EINPROGRESS" in text
     assert "netfilter OUTPUT DROP/REJECT" not in text
@@ -552,22 +552,22 @@ def test_refused_via_so_error_names_every_epoll_bit():
 
 def test_eagain_for_tcp_names_no_routing_cache():
     """Finding 9: the IPv4 routing cache went in Linux 3.6; out of ports is EADDRNOTAVAIL."""
-    text = kernel_text("connect() to 10.0.0.9:80 failed (11: Resource temporarily unavailable) while connecting to "
+    text = kernel_text("connect() to 192.0.2.9:80 failed (11: Resource temporarily unavailable) while connecting to "
                        "upstream")
     assert "3.6" in text and "EADDRNOTAVAIL" in text and "ran out of routing-cache" not in text
 
 
 def test_econnreset_at_connect_is_not_a_handshake_reply():
     """Finding 10: replies wait for release_sock; an RST in SYN-SENT is ECONNREFUSED (tcp_reset)."""
-    text = kernel_text("connect() to 10.0.0.9:80 failed (104: Connection reset by peer) while connecting to upstream")
+    text = kernel_text("connect() to 192.0.2.9:80 failed (104: Connection reset by peer) while connecting to upstream")
     assert "release_sock" in text and "tcp_reset" in text and "ECONNREFUSED, not ECONNRESET" in text
     assert "a reset met the handshake before connect() returned" not in text
 
 
 # -- the same, measured: each probe runs in a user + network namespace of its own (`unshare -rn`) -----------------
 
-# A silent peer: 10.77.0.9 behind a veth whose other end nobody reads; its neighbour entry is permanent, so every SYN
-# leaves and nothing ever answers.  10.88.0.0/24 is routed through it.
+# A silent peer: 198.18.77.9 behind a veth whose other end nobody reads; its neighbour entry is permanent, so every SYN
+# leaves and nothing ever answers.  198.18.88.0/24 is routed through it.
 _SILENT_PEER = r"""
 import errno, select, socket, struct, subprocess
 def run(*a): subprocess.run(a, check=True, timeout=20, capture_output=True)
@@ -579,11 +579,11 @@ def wait(s, seconds):
         return bool(ep.poll(seconds))
 run("ip", "link", "set", "lo", "up")
 run("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-run("ip", "addr", "add", "10.77.0.1/24", "dev", "v0")
+run("ip", "addr", "add", "198.18.77.1/24", "dev", "v0")
 run("ip", "link", "set", "v0", "up")
 run("ip", "link", "set", "v1", "up")
-run("ip", "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")
-run("ip", "route", "add", "10.88.0.0/24", "via", "10.77.0.9")
+run("ip", "neigh", "add", "198.18.77.9", "lladdr", "02:00:00:00:00:09", "dev", "v0", "nud", "permanent")
+run("ip", "route", "add", "198.18.88.0/24", "via", "198.18.77.9")
 """
 
 
@@ -609,13 +609,13 @@ def test_eperm_from_an_ipsec_block_policy_at_connect_and_via_so_error():
     tcp_write_err) -- the EPERM nbconn.errors.SO_ERROR_ERRNOS lists."""
     proc = in_a_namespace(r"""
 import time
-block = ("xfrm", "policy", "add", "dir", "out", "dst", "10.77.0.9/32", "action", "block")
+block = ("xfrm", "policy", "add", "dir", "out", "dst", "198.18.77.9/32", "action", "block")
 run("ip", *block)
 s = socket.socket(); s.setblocking(False)
-print("at-once", pending(s.connect_ex(("10.77.0.9", 80)))); s.close()
+print("at-once", pending(s.connect_ex(("198.18.77.9", 80)))); s.close()
 run("ip", "xfrm", "policy", "flush")
 s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
-t = time.monotonic(); r = s.connect_ex(("10.77.0.9", 80))
+t = time.monotonic(); r = s.connect_ex(("198.18.77.9", 80))
 run("ip", *block)  # after the first SYN left, before its resend (1 s later)
 before = time.monotonic() - t
 print("pending", pending(r), "%.3f" % before, wait(s, 30), so_error(s))
@@ -642,9 +642,9 @@ run("nft", "add", "chain", "ip", "f", "out", "{ type filter hook output priority
 for name, verdict in (("drop", "drop"), ("reset", "reject with tcp reset"),
                       ("prohibited", "reject with icmp type admin-prohibited")):
     run("nft", "flush", "chain", "ip", "f", "out")
-    run("nft", "add", "rule", "ip", "f", "out", "ip", "daddr", "10.77.0.9", "tcp", "dport", "80", *verdict.split())
+    run("nft", "add", "rule", "ip", "f", "out", "ip", "daddr", "198.18.77.9", "tcp", "dport", "80", *verdict.split())
     s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
-    r = s.connect_ex(("10.77.0.9", 80))
+    r = s.connect_ex(("198.18.77.9", 80))
     print(name, pending(r), wait(s, 30), so_error(s))
     s.close()
 """, "nft")
@@ -666,7 +666,7 @@ def test_tcp_rto_max_ms_shortens_the_syn_give_up():
 with open("/proc/sys/net/ipv4/tcp_rto_max_ms", "w") as f:
     f.write("1000")
 s = socket.socket(); s.setblocking(False)
-r = s.connect_ex(("10.77.0.9", 80))
+r = s.connect_ex(("198.18.77.9", 80))
 ready = wait(s, 60)  # the default schedule would need 131 s
 info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
 print(pending(r), ready, so_error(s), struct.unpack_from("I", info, 100)[0])  # tcpi_total_retrans
@@ -683,17 +683,17 @@ def test_a_route_changed_between_syn_resends_ends_the_connect_with_its_errno():
     proc = in_a_namespace(r"""
 for change in ("del", "unreachable", "prohibit", "blackhole"):
     s = socket.socket(); s.setblocking(False); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
-    r = s.connect_ex(("10.88.0.5", 80))  # the SYN leaves via 10.77.0.9
+    r = s.connect_ex(("198.18.88.5", 80))  # the SYN leaves via 198.18.77.9
     if change == "del":
-        run("ip", "route", "del", "10.88.0.0/24")
+        run("ip", "route", "del", "198.18.88.0/24")
     else:
-        run("ip", "route", "replace", change, "10.88.0.0/24")
+        run("ip", "route", "replace", change, "198.18.88.0/24")
     print(change, pending(r), wait(s, 30), so_error(s))
     s.close()
-    run("ip", "route", "replace", "10.88.0.0/24", "via", "10.77.0.9")
-run("ip", "route", "replace", "blackhole", "10.88.0.0/24")
+    run("ip", "route", "replace", "198.18.88.0/24", "via", "198.18.77.9")
+run("ip", "route", "replace", "blackhole", "198.18.88.0/24")
 s = socket.socket(); s.setblocking(False)
-print("at-once", pending(s.connect_ex(("10.88.0.5", 80))))
+print("at-once", pending(s.connect_ex(("198.18.88.5", 80))))
 """)
     assert proc.returncode == 0, proc.stderr
     got = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
@@ -704,5 +704,5 @@ print("at-once", pending(s.connect_ex(("10.88.0.5", 80))))
         text = kernel_text(f"connect() failed ({err}: {os.strerror(err)}) while connecting to upstream")
         assert "between SYN resends" in text and "sk_err_soft" in text, (name, text)
     assert got["at-once"] == ["EINVAL"]
-    assert "blackhole" in kernel_text("connect() to 10.88.0.5:80 failed (22: Invalid argument) while connecting to "
+    assert "blackhole" in kernel_text("connect() to 198.18.88.5:80 failed (22: Invalid argument) while connecting to "
                                       "upstream")
