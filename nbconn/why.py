@@ -129,7 +129,8 @@ _PATTERNS = (
     ("socket", re.compile(rf"socket\(\) failed {_ERR}")),
     ("worker_connections", re.compile(r"(\d+) worker_connections are not enough")),
     ("files", re.compile(r"the new socket has number (\d+), but only (\d+) files are available")),
-    ("setsockopt", re.compile(rf"setsockopt\((?P<detail>SO_RCVBUF|SO_KEEPALIVE|IP_BIND_ADDRESS_NO_PORT)\) failed"
+    ("setsockopt", re.compile(rf"setsockopt\((?P<detail>SO_RCVBUF|SO_KEEPALIVE|IP_TRANSPARENT|IP_BIND_ADDRESS_NO_PORT)\)"
+                              rf" failed"
                               rf"(?:, ignored)? {_ERR}")),
     ("nonblocking", re.compile(rf"(?P<detail>ioctl\(FIONBIO\)|fcntl\(O_NONBLOCK\)) failed {_ERR}")),
     ("bind", re.compile(rf"bind\((?P<detail>.+)\) failed {_ERR}")),
@@ -186,7 +187,8 @@ _KINDS = {
     "files": Kind(STEP_SOCKET, None, _ALERT, errors.NGX_ERROR, None, errors.ERROR,
                   "ngx_connection.c ngx_get_connection line 1106, called by ngx_event_connect_peer line 53",
                   _NB["07"], ("worker_rlimit_nofile",)),
-    "setsockopt": _step(STEP_OPTIONS, "setsockopt", "ngx_event_connect.c ngx_event_connect_peer lines 70, 83, 122",
+    "setsockopt": _step(STEP_OPTIONS, "setsockopt", "ngx_event_connect.c ngx_event_connect_peer lines 70, 83, 122; "
+                        "ngx_event_connect_set_transparent line 362 (proxy_bind ... transparent)",
                         _NB["01"], ("proxy_socket_keepalive",)),
     "nonblocking": _step(STEP_OPTIONS, "nonblocking", "ngx_event_connect.c ngx_event_connect_peer line 89",
                          _NB["02"], ()),
@@ -233,7 +235,8 @@ _KINDS["timeout_send"] = Kind(STEP_SEND, None, _ERR, None, _FT_TIMEOUT, errors.T
                               ("proxy_send_timeout",) + _NEXT)
 
 #: the option names nbconn.errors knows setsockopt failures by
-_SETSOCKOPT_OPTION = {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive", "IP_BIND_ADDRESS_NO_PORT": "bind_address_no_port"}
+_SETSOCKOPT_OPTION = {"SO_RCVBUF": "rcvbuf", "SO_KEEPALIVE": "keepalive", "IP_TRANSPARENT": "transparent",
+                      "IP_BIND_ADDRESS_NO_PORT": "bind_address_no_port"}
 
 # -- what the kernel did: (kind, errno, unix?) -> text; unix? None matches both -------------------------------
 # Measured here where marked: a lab namespace with `ip route add unreachable|prohibit` and no default route
@@ -357,6 +360,9 @@ _KERNEL = {
     ("socket", _errno.ENOBUFS, None): "the kernel had no memory for a new socket",
     ("socket", _errno.ENOMEM, None): "the kernel had no memory for a new socket",
     ("socket", _errno.EAFNOSUPPORT, None): "the address family is not available (IPv6 disabled in this kernel)",
+    ("setsockopt", _errno.EPERM, None): "IP_TRANSPARENT (proxy_bind ... transparent) needs CAP_NET_RAW or "
+        "CAP_NET_ADMIN in the socket's network namespace, and the worker process lacks both (net/ipv4/ip_sockglue.c "
+        "do_ip_setsockopt, IP_TRANSPARENT): nginx ends the request with 500",
     ("bind", _errno.EADDRNOTAVAIL, None): "proxy_bind names an address that is not on this host (add "
         "`transparent`, or an address the host has)",
     ("bind", _errno.EADDRINUSE, None): "no free local port on the proxy_bind address (bind() picks the port when "
@@ -401,8 +407,12 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
         return {"tries_another": False, "counts_against_max_fails": False, "detail": "; ".join(parts)}
     if kind == "disabled":
         return {"tries_another": None, "counts_against_max_fails": True,
-                "detail": "the failure logged next to this line was the server's max_fails-th within fail_timeout: "
-                          "the round robin skips it for fail_timeout seconds, then gives it one try"}
+                "detail": "the failure logged next to this line brought the server's fails to max_fails (or "
+                          "beyond: while fails >= max_fails every failure logs this again). fails is no count within "
+                          "a time window: only a success on a try made after fail_timeout had passed clears it "
+                          "(accessed < checked). The round robin skips the server until fail_timeout has passed "
+                          "since its last failure, then gives it one try (ngx_http_upstream_round_robin.c "
+                          "ngx_http_upstream_free_round_robin_peer lines 591-593, 630-640; get_peer 487-511)"}
     if kind == "setsockopt" and ngx_code is None:
         return {"tries_another": False, "counts_against_max_fails": False,
                 "detail": "\"failed, ignored\": nginx logs it and the connect goes on with this socket"}

@@ -706,3 +706,16 @@ print("at-once", pending(s.connect_ex(("198.18.88.5", 80))))
     assert got["at-once"] == ["EINVAL"]
     assert "blackhole" in kernel_text("connect() to 198.18.88.5:80 failed (22: Invalid argument) while connecting to "
                                       "upstream")
+
+
+def test_ip_transparent_failure_is_in_the_flow_and_ends_with_500():
+    """nginx review finding 8: nginx 1.22.1 writes this line (ngx_event_connect_set_transparent) and answers 500."""
+    d = why.decode("setsockopt(IP_TRANSPARENT) failed (1: Operation not permitted) while connecting to upstream")
+    assert d["cause"] == "setsockopt:EPERM" and d["step"] == why.STEP_OPTIONS
+    assert d["tries_another"] is False and "500" in d["detail"] and "CAP_NET_RAW" in d["kernel"]
+
+
+def test_disabled_says_fails_is_no_count_within_a_window():
+    """nginx review finding 2: only a success after fail_timeout clears fails (accessed < checked)."""
+    d = why.decode("upstream server temporarily disabled while connecting to upstream")
+    assert "no count within a time window" in d["detail"] and "accessed < checked" in d["detail"]
