@@ -351,7 +351,7 @@ def test_slices_for_other_notebooks():
     t.connect()
     assert t.result.outcome == "timed_out"
     s = widgets.scenario_picker_panel()
-    assert len(s.scenario.options) == len(widgets.SCENARIOS)
+    assert len(s.scenario.options) == len(widgets.SCENARIO_BY_LABEL)
 
 
 def test_a_control_changed_during_a_run_labels_the_connect_result(panel):

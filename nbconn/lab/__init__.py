@@ -6,7 +6,7 @@ The public surface (everything a notebook, a test or the CLI needs), by job:
   :func:`reset`, :func:`slow_accept`, :func:`unix_listening`, :func:`unix_full`,
   :func:`unix_missing` -- context managers yielding a target; :class:`Peer` is what they yield.
 - scenarios (:mod:`nbconn.lab.scenarios`): :data:`SCENARIO_PEERS` (scenario name ->
-  how to start it, keyed by :data:`nbconn.validate.SCENARIOS`) and :func:`scenario`
+  how to start it; the names' one home is :data:`nbconn.validate.SCENARIOS`) and :func:`scenario`
   ``(name, **wire)``: start one, yielding (target, client-side context).
 - a namespace of the lab's own (:mod:`nbconn.lab.namespace`): :func:`namespace`
   ``(sysctls=, routes=)``, as a normal user too (user + network namespace, "root" inside);
@@ -35,9 +35,9 @@ from .peers import (
     unix_listening,
     unix_missing,
 )
-from .scenarios import SCENARIOS, scenario
+from .scenarios import SCENARIO_PEERS, scenario
 from .wire import impaired, wire_unavailable_reason
 
-__all__ = ["SCENARIOS", "scenario", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept", "unix_full",
+__all__ = ["SCENARIO_PEERS", "scenario", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept", "unix_full",
            "unix_listening", "unix_missing", "impaired", "wire", "wire_unavailable_reason", "namespace",
            "namespace_unavailable_reason"]
