@@ -65,3 +65,20 @@ def test_colours_and_tool_lookups_have_one_home():
             if "shutil.which(" in line and path != "nbconn/systools.py":
                 where.append(f"{path}:{n}: {line.strip()}")
     assert not where, where
+
+
+#: test modules other helpers were editing this session; their own polling helper goes in a later step (issue 20)
+POLLING_HELPER_EXCEPTIONS = {"tests/test_nginx_exact.py"}
+
+
+def test_tests_poll_through_the_one_helper():
+    """tests/conftest.py's wait_for is the one polling helper: no test module defines its own."""
+    where = []
+    for path, text in _sources("tests"):
+        if path == "tests/conftest.py" or path in POLLING_HELPER_EXCEPTIONS:
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in ("wait_for", "until", "wait_until",
+                                                                                "poll", "eventually"):
+                where.append(f"{path}:{node.lineno} def {node.name}")
+    assert not where, where

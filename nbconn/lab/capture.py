@@ -620,7 +620,7 @@ class Accuracy:
         return [a - b for a, b in zip(self.nbconn, self.wire)]
 
     def summary(self) -> dict:
-        from ..measure import percentiles
+        from ..stats import percentiles
 
         def us(values):
             return {k: v / 1e3 for k, v in percentiles(values, (50, 99)).items()}
