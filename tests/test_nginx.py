@@ -131,8 +131,12 @@ def test_strace_same_syscall_order_as_nginx(kind, expected):
     with peers(kind) as (peer,):
         with nginx.Nginx([str(peer)], connect_timeout=0.2, strace=True) as ng:
             ng.request()
-            time.sleep(0.2)
-            theirs = nginx.upstream_connect_syscalls(ng.strace_lines(), peer.port)
+
+            def theirs_so_far():  # strace writes a call when it returns: wait for the lines, not a while
+                return nginx.upstream_connect_syscalls(ng.strace_lines(), peer.port)
+
+            wait_for(lambda: len(_shape(theirs_so_far())) >= len(expected), 10)
+            theirs = theirs_so_far()
         ours = _nbconn_strace(str(peer), 0.2)
     assert "EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET" in theirs[2] and "EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET" in ours[2]
     assert _shape(theirs)[:len(expected)] == expected, theirs
@@ -324,9 +328,12 @@ def test_keepalive_nginx_makes_one_connect_for_many_requests():
             with nginx.Nginx([str(peer)], keepalive=keepalive, strace=True) as ng:
                 for _ in range(5):
                     ng.request()
-                time.sleep(0.2)
-                counts[keepalive] = sum(1 for line in ng.strace_lines()
-                                        if "connect(" in line and f"htons({peer.port})" in line)
+
+                def connects():  # strace writes a call when it returns: wait for the lines, not a while
+                    return sum(1 for line in ng.strace_lines() if "connect(" in line and f"htons({peer.port})" in line)
+
+                wait_for(lambda: connects() >= (5 if keepalive == 0 else 1), 10)
+                counts[keepalive] = connects()
     assert counts == {0: 5, 4: 1}, counts
 
 

@@ -36,10 +36,6 @@ TCPI_RTT_OFFSET = 68  # u32 tcpi_rtt (microseconds) in struct tcp_info
 # --------------------------------------------------------------------------
 
 
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def nbconn_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("nbconn-")]
 

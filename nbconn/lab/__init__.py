@@ -38,6 +38,6 @@ from .peers import (
 from .scenarios import SCENARIO_PEERS, scenario
 from .wire import impaired, wire_unavailable_reason
 
-__all__ = ["SCENARIO_PEERS", "scenario", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept", "unix_full",
-           "unix_listening", "unix_missing", "impaired", "wire", "wire_unavailable_reason", "namespace",
+__all__ = ["SCENARIO_PEERS", "scenario", "Peer", "blackhole", "listening", "refused", "reset", "slow_accept",
+           "unix_full", "unix_listening", "unix_missing", "impaired", "wire", "wire_unavailable_reason", "namespace",
            "namespace_unavailable_reason"]
