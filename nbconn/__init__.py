@@ -18,7 +18,7 @@ Quick start::
 The public surface here: :func:`connect`, :func:`connect_many` (:mod:`nbconn.api`),
 :class:`Result`, :class:`Step` (:mod:`nbconn.result`), :class:`Target`,
 :func:`parse_target` (:mod:`nbconn.targets`).  Everything else is a module of its own,
-imported by name (``from nbconn import lab, measure, plots``); README.md's ARCHITECTURE
+imported by name (``from nbconn import lab, measure, plots``); README.md's Architecture
 section says which module may import which.
 
 Why the names load on first use (PEP 562 ``__getattr__``) rather than with ``import``
