@@ -56,10 +56,15 @@ __all__ = ["Link", "impaired", "CLIENT_ADDR", "SERVER_ADDR", "FAR_ADDR", "FAR_PR
 def _summarize_lateness(stats: dict) -> dict:
     """The forwarder's reply with ``recent_lateness_ns`` turned into ``p50_lateness_us`` and ``p99_lateness_us``
     (nbconn.stats's nearest rank; 0.0 before any packet was forwarded)."""
-    recent = sorted(stats.pop("recent_lateness_ns", ()))
-    for p in (50, 99):
-        stats[f"p{p}_lateness_us"] = percentile(recent, p) / 1e3 if recent else 0.0
-    return stats
+    out = {}
+    for key, value in stats.items():  # the percentiles take the samples' place: the keys keep their order
+        if key == "recent_lateness_ns":
+            recent = sorted(value)
+            for p in (50, 99):
+                out[f"p{p}_lateness_us"] = percentile(recent, p) / 1e3 if recent else 0.0
+        else:
+            out[key] = value
+    return out
 
 
 class Link:
