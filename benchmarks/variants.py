@@ -53,25 +53,14 @@ class Clock:
         return {"elapsed_ns": elapsed, "user_s": usage.ru_utime - self._user, "sys_s": usage.ru_stime - self._sys}
 
 
-def _load_stats():
-    """nbconn.stats (the one percentile rule), loaded from its file: importing the nbconn package would
-    add its import time to the bare variants' process time."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "nbconn" / "stats.py"
-    spec = importlib.util.spec_from_file_location("_nbconn_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def summarize(handshakes: list[int]) -> dict:
     """p50, p99, min, max by nearest rank (nbconn.stats.percentile, the rule connect_storm.c uses too)."""
     ordered = sorted(handshakes)
     if not ordered:
         return {}
-    percentile = _load_stats().percentile
+    # nbconn/__init__.py imports nothing, so this adds nbconn.stats alone (math) to a bare variant's process
+    from nbconn.stats import percentile
+
     return {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99), "min": ordered[0], "max": ordered[-1]}
 
 

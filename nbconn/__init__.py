@@ -15,44 +15,50 @@ Quick start::
         res = nbconn.connect(target)
         print(res.trace())
 
-Where things live: :mod:`nbconn.flow` (one attempt, the five steps),
-:mod:`nbconn.loop` (epoll + timer heap), :mod:`nbconn.options`,
-:mod:`nbconn.errors` (errno -> outcome, nginx's codes), :mod:`nbconn.targets`,
-:mod:`nbconn.lab` (local peers that behave or misbehave on purpose).
+The public surface here: :func:`connect`, :func:`connect_many` (:mod:`nbconn.api`),
+:class:`Result`, :class:`Step` (:mod:`nbconn.result`), :class:`Target`,
+:func:`parse_target` (:mod:`nbconn.targets`).  Everything else is a module of its own,
+imported by name (``from nbconn import lab, measure, plots``); README.md's Architecture
+section says which module may import which.
 
-``import nbconn`` stays light: matplotlib and ipywidgets load only when you use
-the plots or widgets.
+Why the names load on first use (PEP 562 ``__getattr__``) rather than with ``import``
+statements here: ``python -m nbconn`` imports this package before ``nbconn.__main__``
+can catch a Ctrl-C, so this file imports nothing -- a Ctrl-C at start-up lands in
+``__main__``'s handler (one line, exit 130), and ``import nbconn`` stays light
+(matplotlib and ipywidgets load only when you use the plots or widgets).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-
-try:
-    from .api import connect, connect_many
-    from .result import Result, Step
-    from .targets import Target, parse_target
-except KeyboardInterrupt:
-    # Ctrl-C while `python -m nbconn` (argv[0] is "-m" while Python locates the module) or the `nbconn`
-    # script is still importing: one line and exit 130, as nbconn.cli.main does later.  A library
-    # import (a notebook, pytest) gets its KeyboardInterrupt back untouched.
-    if sys.argv[:1] == ["-m"] or sys.argv[0].rsplit("/", 1)[-1] == "nbconn":
-        sys.stderr.write("nbconn: interrupted\n")
-        raise SystemExit(130) from None
-    raise
-
 __version__ = "0.1.0"
 
-__all__ = ["connect", "connect_many", "Result", "Step", "Target", "parse_target", "__version__"]
+#: public name -> the module that defines it
+_PUBLIC = {
+    "connect": "api", "connect_many": "api",
+    "Result": "result", "Step": "result",
+    "Target": "targets", "parse_target": "targets",
+}
 
-_LAZY_SUBMODULES = ("lab", "measure", "plots", "widgets", "data", "upstream", "nginx", "cli")
+__all__ = [*_PUBLIC, "__version__"]
+
+
+#: submodules reachable as attributes after a bare ``import nbconn`` (``nbconn.lab.listening()``)
+_SUBMODULES = ("lab", "measure", "plots", "widgets", "data", "upstream", "nginx", "cli")
 
 
 def __getattr__(name: str):
-    """Load heavier submodules on first use: ``nbconn.lab``, ``nbconn.plots``, ..."""
-    if name in _LAZY_SUBMODULES:
-        module = importlib.import_module(f".{name}", __name__)
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'nbconn' has no attribute {name!r}")
+    """``nbconn.connect`` etc. from their modules, and ``nbconn.lab`` etc., on first use."""
+    import importlib
+
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'nbconn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

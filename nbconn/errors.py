@@ -75,16 +75,6 @@ ERROR = "error"
 
 OUTCOMES = (CONNECTED, REFUSED, TIMED_OUT, RESET, UNREACHABLE, ERROR)
 
-#: One colour per outcome, the same in every plot and widget.
-OUTCOME_COLOURS = {
-    CONNECTED: "#2a9d8f",
-    REFUSED: "#e76f51",
-    TIMED_OUT: "#6c757d",
-    RESET: "#f4a261",
-    UNREACHABLE: "#9b5de5",
-    ERROR: "#d62828",
-}
-
 _OUTCOME_BY_ERRNO = {
     _errno.ECONNREFUSED: REFUSED,
     # Linux: a full AF_UNIX backlog makes a non-blocking connect() fail with EAGAIN;

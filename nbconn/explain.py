@@ -14,7 +14,6 @@ import html
 import os
 import platform
 import select
-import shutil
 import socket
 import subprocess
 import struct
@@ -22,7 +21,7 @@ import sys
 import termios
 import time
 
-from . import validate
+from . import systools, validate
 from .errors import errno_name
 from .strace import format_ns as duration  # the one duration formatter: µs, ms from 1 ms, s from 1 s
 from .loop import event_names
@@ -119,7 +118,7 @@ _METHOD_SNIPPETS = {
 
 def nonblocking_syscalls() -> Table | str:
     """Run each way of making a socket non-blocking under strace and show the syscalls it made."""
-    strace = shutil.which("strace")
+    strace = systools.find("strace")
     if strace is None:
         return "strace is not installed here (apt-get install strace): this demonstration is skipped."
     rows = []
@@ -549,7 +548,7 @@ def syscalls_on_the_socket(strace_text: str) -> list[tuple]:
 
 def strace_python(code: str, *, timeout_s: float = 60.0) -> list[tuple]:
     """Run ``code`` in a fresh interpreter under strace; :func:`syscalls_on_the_socket` of what it saw."""
-    strace = shutil.which("strace") or ("/usr/bin/strace" if os.access("/usr/bin/strace", os.X_OK) else None)
+    strace = systools.find("strace")
     if strace is None:
         raise FileNotFoundError("strace is not installed here (apt-get install strace)")
     proc = subprocess.run([strace, "-qq", "-e", _STRACE_SET, sys.executable, "-c", code],

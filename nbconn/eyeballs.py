@@ -401,7 +401,7 @@ def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: s
     """
     from matplotlib.figure import Figure
 
-    from .measure import percentiles
+    from .stats import percentiles
 
     fig = Figure(figsize=(9.0, 1.0 + 0.7 * len(samples)), layout="constrained")
     ax = fig.subplots()

@@ -25,8 +25,6 @@ from .stats import PERCENTILES, percentiles  # measure.percentiles: the one rule
 from .strace import c_escape
 from .validate import shown
 
-#: scenarios :func:`run` understands by name (besides any target); their one home is nbconn.validate
-SCENARIOS = validate.SCENARIOS
 MAX_COUNT = validate.MAX_COUNT
 
 
@@ -187,7 +185,7 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
     """Connect ``count`` times and return the :class:`Measurement`.
 
     ``target_or_scenario``: a target ("127.0.0.1:8080", a lab Peer, ...) or a
-    scenario name from :data:`SCENARIOS` (the peer is started and stopped
+    scenario name from :data:`nbconn.validate.SCENARIOS` (the peer is started and stopped
     around the run; "impaired" builds the wire with ``delay_ms``,
     ``jitter_ms``, ``loss``, ``seed``).  ``concurrency=1`` connects one after
     another; more runs them through :func:`nbconn.connect_many`.
@@ -203,7 +201,7 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
                    nginx_exact=nginx_exact)
     wire = {k: v for k, v in (("delay_ms", delay_ms), ("jitter_ms", jitter_ms), ("loss", loss), ("seed", seed))
             if v is not None}
-    is_scenario = isinstance(target_or_scenario, str) and target_or_scenario in SCENARIOS
+    is_scenario = isinstance(target_or_scenario, str) and target_or_scenario in validate.SCENARIOS
     if wire and not (is_scenario and target_or_scenario == "impaired"):
         raise ValueError(f"{', '.join(wire)} only apply to the 'impaired' scenario, not {shown(target_or_scenario)}")
     if not is_scenario:
@@ -212,7 +210,7 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         try:
             parse_target(target_or_scenario)  # named errors before anything starts
         except ValueError as exc:
-            raise ValueError(f"{shown(target_or_scenario)} is neither a scenario ({', '.join(SCENARIOS)}) "
+            raise ValueError(f"{shown(target_or_scenario)} is neither a scenario ({', '.join(validate.SCENARIOS)}) "
                              f"nor a target: {exc}") from None
     if is_scenario:
         # Family-dependent settings (bind, and TCP-only options such as syncnt on a unix- scenario) are checked

@@ -14,8 +14,23 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from .errors import OUTCOME_COLOURS  # one colour per outcome, the same in every plot and widget
+from . import errors
 from .stats import percentile  # nbconn's one percentile rule (nearest rank)
+
+# -- the palette: the one home of every colour that means something (the widgets import it from here) --------
+
+#: One colour per outcome, the same in every plot and widget.
+OUTCOME_COLOURS = {
+    errors.CONNECTED: "#2a9d8f",
+    errors.REFUSED: "#e76f51",
+    errors.TIMED_OUT: "#6c757d",
+    errors.RESET: "#f4a261",
+    errors.UNREACHABLE: "#9b5de5",
+    errors.ERROR: "#d62828",
+}
+#: Something went wrong or was given up on: the error outcome's red, also for a failed SYN, the connect timer's
+#: expiry line, a packet sent again and the panel's error message.
+ALERT_COLOUR = OUTCOME_COLOURS[errors.ERROR]
 
 #: one colour per seed step (1 socket, 2 options, 3 non-blocking, 4 epoll, 5 connect/decide)
 SEED_STEP_COLOURS = {1: "#264653", 2: "#2a9d8f", 3: "#e9c46a", 4: "#f4a261", 5: "#e76f51", None: "#8d99ae"}
@@ -319,7 +334,7 @@ def syn_timeline(runs, *, title: str | None = None) -> Figure:
                     label="ETIMEDOUT predicted (bar: how late the timer wheel may be)" if row == 0 else None)
         failed = run.get("failed_s")
         if failed is not None:
-            ax.plot([failed], [row], "X", color="#d62828", markersize=9,
+            ax.plot([failed], [row], "X", color=ALERT_COLOUR, markersize=9,
                     label="ETIMEDOUT measured" if row == 0 else None)
     ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
     ticks = [t for t in (0, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 200) if t <= max(
@@ -347,7 +362,7 @@ def timer_lateness(runs, *, title: str | None = None) -> Figure:
         late = m.array("handshake_ms") - m.timeout_s * 1e3
         ax.plot(late, row + np.linspace(-0.15, 0.15, late.size) if late.size > 1 else [row] * late.size, "o",
                 color=OUTCOME_COLOURS["timed_out"], markersize=6, alpha=0.8)
-    ax.axvline(0, color="#d62828", linewidth=1, linestyle=":")
+    ax.axvline(0, color=ALERT_COLOUR, linewidth=1, linestyle=":")
     ax.set_yticks(range(len(runs)), [m.label for m in runs])
     ax.set_ylim(len(runs) - 0.5, -0.5)
     ax.set_xlim(left=min(-0.2, ax.get_xlim()[0]))
@@ -465,7 +480,7 @@ PACKET_ROWS = (
     ("epoll_wait()", ("epoll_wait",)),
     ("SO_ERROR", ("so_error",)),
 )
-PACKET_OUT, PACKET_IN, PACKET_AGAIN = "#264653", "#2a9d8f", "#d62828"
+PACKET_OUT, PACKET_IN, PACKET_AGAIN = "#264653", "#2a9d8f", ALERT_COLOUR
 #: what a seed step's colour means, for the legend
 SEED_STEP_NAMES = {1: "1 socket()", 2: "2 options", 3: "3 non-blocking", 4: "4 epoll add", 5: "5 connect, decide"}
 #: the decision: SO_ERROR read, or the timer fired (a connect() that failed at once decides itself)

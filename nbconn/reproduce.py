@@ -187,12 +187,12 @@ def _unix_forbidden():
 
 @contextlib.contextmanager
 def _lab(**kwargs):
-    from .lab import namespace
+    from .lab import namespace, namespace_unavailable_reason
 
-    reason = namespace.unavailable_reason()
+    reason = namespace_unavailable_reason()
     if reason:
         raise _CannotHere(f"needs a lab namespace: {reason}")
-    with namespace.namespace(**kwargs) as ns:
+    with namespace(**kwargs) as ns:
         yield ns
 
 

@@ -42,13 +42,13 @@ import ipywidgets as w
 
 from . import lab, validate
 from .api import connect_many
-from .errors import OUTCOME_COLOURS
+from .plots import ALERT_COLOUR, OUTCOME_COLOURS  # the one palette
 from .flow import check_settings
 from .measure import Measurement
 from .strace import format_ns
 
-#: what the dropdown shows -> the scenario name of nbconn.validate.SCENARIOS
-SCENARIOS = {
+#: what the dropdown shows -> the scenario's name (one of nbconn.validate.SCENARIOS)
+SCENARIO_BY_LABEL = {
     "listening peer": "listening",
     "refused (closed port)": "refused",
     "black hole (SYNs dropped)": "blackhole",
@@ -57,7 +57,7 @@ SCENARIOS = {
     "AF_UNIX backlog full": "unix-full",
     "impaired link (delay/jitter/loss)": "impaired",
 }
-assert set(SCENARIOS.values()) <= set(validate.SCENARIOS)  # one list of scenarios: validate's
+assert set(SCENARIO_BY_LABEL.values()) <= set(validate.SCENARIOS)  # one list of scenarios: validate's
 
 #: Run N's limits in the panel (tighter than the API's: a panel run should end while someone watches)
 MAX_RUN = 5000
@@ -141,9 +141,9 @@ class LabPanel:
 
     def __init__(self, *, scenarios=None, compact: bool = False, scenario: str = "listening peer",
                  timeout: float = 1.0) -> None:
-        names = list(scenarios or SCENARIOS)
+        names = list(scenarios or SCENARIO_BY_LABEL)
         self.compact = compact
-        self.wire_reason = lab.wire_unavailable_reason() if "impaired" in {SCENARIOS[n] for n in names} else None
+        self.wire_reason = lab.wire_unavailable_reason() if "impaired" in {SCENARIO_BY_LABEL[n] for n in names} else None
         wide = {"description_width": "170px"}
         row = {"width": "520px"}
         self.scenario = w.Dropdown(options=names, value=scenario, description="scenario", style=wide, layout=row)
@@ -336,7 +336,7 @@ class LabPanel:
         return opts
 
     def _scenario_name(self) -> str:
-        return SCENARIOS[self.scenario.value]
+        return SCENARIO_BY_LABEL[self.scenario.value]
 
     def _target(self):
         """Start the chosen peer; a context manager yielding (target, context manager for the client side)."""
@@ -353,7 +353,7 @@ class LabPanel:
 
     def _say(self, message: str, *, error: bool = False, busy: bool = False) -> None:
         self.status_is_error = error
-        colour = "#d62828" if error else "#333"
+        colour = ALERT_COLOUR if error else "#333"
         weight = "font-weight:600;" if busy else ""  # a job is running: the line that changes stands out
         self.status.value = f"<span style='color:{colour};{weight}'>{html.escape(message)}</span>"
 

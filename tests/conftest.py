@@ -1,4 +1,5 @@
-"""Shared test helpers: descriptor counting and "this test needs tool X".
+"""Shared test helpers: the one polling helper (:func:`wait_for`), the one descriptor count (:func:`open_fds`,
+:func:`fds_left`, the ``no_fd_leak`` fixture), and "this test needs tool X".
 
 No test mocks the kernel: every socket is real and every peer listens on
 loopback, an AF_UNIX path or inside a network namespace the test made.
@@ -10,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import time
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -26,9 +28,38 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
                                  or ("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "dev"))
 
 
+def wait_for(predicate, timeout_s: float = 10.0, *, interval_s: float = 0.01):
+    """The one polling helper: ``predicate()`` until it is truthy or ``timeout_s`` has passed, bounded in count
+    and time.  Returns the last value, so ``assert wait_for(...)`` fails when the event never came.  Poll only
+    for what has no event to wait on (another thread's or process's progress, a file being written)."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / interval_s) + 2):
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval_s)
+    return predicate()
+
+
 def open_fds() -> set[int]:
-    """The descriptors this process holds right now."""
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    """The descriptors this process holds right now (not the listing's own directory descriptor, which shows
+    up in the listing and is closed by the time we look)."""
+    return {int(name) for name in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{name}")}
+
+
+def fds_left(before: set[int], within_s: float = 2.0) -> set[int]:
+    """Descriptors open now that were not in ``before``, waiting up to ``within_s`` for the set to empty: the lab
+    peers' accept threads close what they accepted a moment later.  (Descriptors of ``before`` that are gone --
+    the peers' transient ones -- do not count.)"""
+    left: set[int] = set()
+
+    def none_left() -> bool:
+        left.clear()
+        left.update(open_fds() - before)
+        return not left
+
+    wait_for(none_left, within_s)
+    return left
 
 
 def require_tool(name: str) -> str:
@@ -90,9 +121,7 @@ def no_fd_leak():
     import gc
 
     gc.collect()
-    leaked = open_fds() - before
-    # /proc listing itself may briefly show its own directory fd: re-check once.
-    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    leaked = fds_left(before)
     assert not leaked, f"descriptors leaked: {sorted(leaked)} -> {[os.readlink(f'/proc/self/fd/{fd}') for fd in leaked]}"
 
 

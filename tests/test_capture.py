@@ -15,7 +15,7 @@ import pytest
 import nbconn
 from nbconn.lab import capture, listening, refused
 
-from .conftest import open_fds
+from .conftest import open_fds, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,14 +70,18 @@ def test_the_filter_is_a_valid_program_for_both_link_layouts():
         assert len(prog) % 8 == 0 and len(prog) // 8 == 21
 
 
+def read_until(cap, enough, timeout_s: float = 5.0) -> bool:
+    """Read the capture until ``enough(cap.packets)``: the packets are the event, not a sleep."""
+    return wait_for(lambda: cap.read() is not None and enough(cap.packets), timeout_s)
+
+
 def test_handshake_packets_on_the_trace_clock(no_fd_leak):
     need_packet_socket()
     with listening(hold=True) as peer, capture.Capture(peer.port) as cap:
         res = nbconn.connect(peer, keep=True)
         client_port = res.sock.getsockname()[1]
         res.close()
-        time.sleep(0.02)
-        cap.read()
+        assert read_until(cap, lambda packets: len(capture.for_client_port(packets, client_port)) >= 3)
     packets = capture.for_client_port(cap.packets, client_port)
     assert [(p.dir, p.flags) for p in packets][:3] == [("out", "S"), ("in", "SA"), ("out", "A")]
     connect_called = res.started_ns
@@ -92,17 +96,18 @@ def test_refused_is_syn_then_rst_ack():
     need_packet_socket()
     with refused() as peer, capture.Capture(peer.port) as cap:
         res = nbconn.connect(peer)
-        time.sleep(0.02)
-        cap.read()
+        assert read_until(cap, lambda packets: len(packets) >= 2)
     assert res.outcome == "refused"
     assert [(p.dir, p.flags) for p in cap.packets] == [("out", "S"), ("in", "RA")]
 
 
 def test_other_ports_are_filtered_out():
     need_packet_socket()
-    with listening() as mine, listening() as other, capture.Capture(mine.port) as cap:
+    with listening() as mine, listening() as other, capture.Capture(mine.port) as cap, \
+            capture.Capture(other.port) as witness:
         nbconn.connect(other)
-        time.sleep(0.02)
+        # the witness on the other port saw the handshake: by then this capture had its chance to see it too
+        assert read_until(witness, lambda packets: len(packets) >= 3)
         cap.read()
     assert cap.packets == []
 

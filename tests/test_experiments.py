@@ -64,13 +64,13 @@ def test_nginx_inside_the_burst_namespace_logs_connect_then_a_stalled_header(no_
     """A burst through a real nginx inside the namespace: every upstream connect succeeds (cookies on), and the
     stall shows after it, in $upstream_header_time: some requests wait at least one data resend (TCP_RTO_MIN)."""
     from nbconn.experiments import nb07
-    from nbconn.lab import namespace
+    from nbconn.lab import namespace, namespace_unavailable_reason
 
     require_tool("nginx")
-    reason = namespace.unavailable_reason()
+    reason = namespace_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with namespace.namespace(sysctls={"net.ipv4.tcp_syncookies": 1, "net.ipv4.tcp_abort_on_overflow": 0}) as ns:
+    with namespace(sysctls={"net.ipv4.tcp_syncookies": 1, "net.ipv4.tcp_abort_on_overflow": 0}) as ns:
         seen = nb07.nginx_burst(ns, count=30, backlog=2, interval_s=0.005, connect_timeout_s=5.0,
                                 read_timeout_s=3.0)
     t = seen["timings"]

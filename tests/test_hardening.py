@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 import nbconn
 from nbconn.lab import blackhole, listening, refused, reset
 
-from .conftest import open_fds, require_root, require_tool, sigint_default, would_query_dns
+from .conftest import fds_left, open_fds, require_root, require_tool, sigint_default, wait_for, would_query_dns
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTCOMES = {"connected", "refused", "timed_out", "reset", "unreachable", "error"}
@@ -56,32 +56,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _left_open(before: set[int], within_s: float = 2.0) -> set[int]:
-    """Descriptors open now that were not in ``before``.
-
-    The lab peers' accept threads close what they accepted a moment later, so
-    this waits up to ``within_s`` for the set to empty.  (Descriptors that were
-    in ``before`` and are gone now -- the peers' transient ones -- do not count.)
-    """
-    deadline = time.monotonic() + within_s
-    while True:
-        # (the listing's own directory descriptor shows up in it, then is gone: not ours)
-        new = {fd for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
-        if not new or time.monotonic() > deadline:
-            return new
-        time.sleep(0.01)
-
-
 def _warm(*peers) -> None:
     """Connect to each accepting peer once and wait until its thread accepted: from then on the
     thread's own descriptors (its epoll) exist, and only connects can change the descriptor table."""
     for peer in peers:
         seen = peer.accepted
         nbconn.connect(peer, keep=False, trace=False)
-        deadline = time.monotonic() + 5
-        while peer.accepted == seen and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert peer.accepted > seen, f"the {peer.scenario} peer's thread did not accept"
+        assert wait_for(lambda: peer.accepted > seen, 5), f"the {peer.scenario} peer's thread did not accept"
 
 
 def _run_child(code: str, *args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
@@ -124,7 +105,7 @@ def test_soak_100k_mixed_connects_fd_count_returns_and_rss_stays_flat():
             if batch == 0:
                 rss_after_first = _rss_bytes()
         rss_growth = _rss_bytes() - rss_after_first
-        left = _left_open(before)
+        left = fds_left(before)
     assert sum(totals.values()) == batches * per_batch
     assert set(totals) <= {"connected", "refused", "timed_out", "reset"}, totals
     assert totals["connected"] >= 0.9 * batches * per_batch * 30 / 50, totals  # the listening share, nearly all
@@ -308,7 +289,7 @@ def test_interrupts_at_many_points_of_connect_many_leave_no_fd():
                     time.sleep(0)  # a pending handler runs here at the latest, still inside the try
                 except KeyboardInterrupt:
                     interrupted += 1
-                left = _left_open(before)
+                left = fds_left(before)
                 assert not left, f"left open after an interrupt: {sorted(left)}"
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)

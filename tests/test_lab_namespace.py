@@ -17,12 +17,13 @@ import time
 import pytest
 
 from nbconn import socketsource
-from nbconn.lab import namespace as nsmod  # the module (also callable: lab.namespace(...))
+from nbconn.lab import namespace_unavailable_reason
+from nbconn.lab.control import ip_binary
 from nbconn.lab.namespace import namespace
 
 from .conftest import open_fds
 
-REASON = nsmod.unavailable_reason()
+REASON = namespace_unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no lab namespace here: {REASON}")
 
 
@@ -114,7 +115,7 @@ def test_b_no_route_and_no_local_port_fail_at_once():
 
 
 def test_b_routes_are_added_inside():
-    if nsmod.ip_binary() is None:
+    if ip_binary() is None:
         pytest.skip("routes need iproute2's ip (apt-get install iproute2)")
     with namespace(routes=["unreachable 198.18.0.0/15"]) as ns, ns.socket() as s:
         s.setblocking(False)

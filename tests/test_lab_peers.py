@@ -24,7 +24,7 @@ from .conftest import open_fds
 ])
 def test_each_scenario_yields_its_outcome(scenario, outcomes):
     before = open_fds()
-    with lab.SCENARIOS[scenario]() as peer:
+    with lab.SCENARIO_PEERS[scenario]() as peer:
         assert isinstance(peer, str) and peer.scenario
         results = nbconn.connect_many([peer] * 5, concurrency=5, timeout=0.2)
     assert {r.outcome for r in results} <= outcomes, [r.summary() for r in results]
@@ -43,7 +43,7 @@ def test_slow_accept_burst_overflows_the_queue_and_leaves_a_syn_retransmission_t
 
 def test_peers_clean_up_on_exceptions():
     before = open_fds()
-    for name, factory in lab.SCENARIOS.items():
+    for name, factory in lab.SCENARIO_PEERS.items():
         if name == "impaired":
             continue  # tests/test_wire.py
         with pytest.raises(RuntimeError):
@@ -84,7 +84,7 @@ def test_listening_http_answers_one_request():
 def test_one_scenarios_mapping_keyed_by_validate():
     from nbconn import validate
 
-    assert tuple(lab.SCENARIOS) == validate.SCENARIOS
+    assert tuple(lab.SCENARIO_PEERS) == validate.SCENARIOS
 
 
 @pytest.mark.parametrize(("name", "wire", "error", "fragment"), [

@@ -24,7 +24,7 @@ import nbconn
 from nbconn import lab
 from nbconn.lab import probe
 
-from .conftest import open_fds, require_tool
+from .conftest import open_fds, require_tool, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIRE = probe.wire_unavailable_reason()
@@ -59,15 +59,6 @@ def namespace_holders(inode: int) -> list[int]:
         except OSError:
             continue
     return holders
-
-
-def wait_for(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # -- signals to `python -m nbconn measure impaired` ---------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from nbconn import lab, nginx
 from nbconn.upstream import Upstream, run_request, run_requests
 
-from .conftest import require_tool
+from .conftest import require_tool, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -19,10 +19,16 @@ def _need_nginx():
         require_tool("nginx")
 
 
+def wait_for_access_log(ng, requests: int) -> None:
+    """nginx writes a request's access-log line in its log phase, after the response went out, and a request's
+    error lines before it: once all ``requests`` lines are there, both logs are complete (an event, not a sleep)."""
+    assert wait_for(lambda: len(ng.access_log()) >= requests, 10), (requests, ng.access_log())
+
+
 def side_by_side(peers, requests, *, connect_timeout=0.2, **kw):
     with nginx.Nginx(peers, connect_timeout=connect_timeout, **kw) as ng:
         statuses = [ng.request() for _ in range(requests)]
-        time.sleep(0.05)
+        wait_for_access_log(ng, requests)
         access, errors = ng.access_log(), ng.error_log()
     ours = run_requests(Upstream(peers), requests, timeout=connect_timeout)
     return statuses, access, errors, ours
@@ -125,8 +131,12 @@ def test_strace_same_syscall_order_as_nginx(kind, expected):
     with peers(kind) as (peer,):
         with nginx.Nginx([str(peer)], connect_timeout=0.2, strace=True) as ng:
             ng.request()
-            time.sleep(0.2)
-            theirs = nginx.upstream_connect_syscalls(ng.strace_lines(), peer.port)
+
+            def theirs_so_far():  # strace writes a call when it returns: wait for the lines, not a while
+                return nginx.upstream_connect_syscalls(ng.strace_lines(), peer.port)
+
+            wait_for(lambda: len(_shape(theirs_so_far())) >= len(expected), 10)
+            theirs = theirs_so_far()
         ours = _nbconn_strace(str(peer), 0.2)
     assert "EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET" in theirs[2] and "EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET" in ours[2]
     assert _shape(theirs)[:len(expected)] == expected, theirs
@@ -186,7 +196,7 @@ def test_accept_then_reset_fails_in_both_with_a_line_nginx_writes():
         specs = [str(rst)]
         with nginx.Nginx(specs, connect_timeout=0.5) as ng:
             statuses = [ng.request() for _ in range(n)]
-            time.sleep(0.05)
+            wait_for_access_log(ng, n)
             theirs = {line for line in _nginx_lines(ng.error_log())}
         ours = run_requests(Upstream(specs), n, timeout=0.5, http=True)
     assert statuses == ["502"] * n and [r.result for r in ours] == ["502"] * n
@@ -224,7 +234,7 @@ def test_fail_timeout_on_ngx_time_agrees_on_one_real_time_schedule():
                 ng.request()
                 ours.append([x.peer for x in run_request(model, timeout=0.5).attempts] or ["backend"])
                 theirs_old.append([x.peer for x in run_request(old, timeout=0.5).attempts] or ["backend"])
-            time.sleep(0.05)
+            wait_for_access_log(ng, 3)
             theirs = [e.upstream_addr for e in ng.access_log()]
     assert theirs == ours, (theirs, ours)
     assert ours[1] == ["backend"] and len(ours[2]) == 2, ours
@@ -281,7 +291,7 @@ def test_worker_runs_unprivileged_as_root():
             assert ng.request() == "200"  # the worker can still proxy, write its logs and use its temp paths
             ps = subprocess.run(["ps", "-o", "user=,args=", "--ppid", str(ng.master_pid)], capture_output=True,
                                 text=True).stdout
-            time.sleep(0.05)
+            wait_for_access_log(ng, 1)
             assert len(ng.access_log()) == 1
     workers = [line for line in ps.splitlines() if "worker process" in line]
     assert workers and all(line.split()[0] == "nobody" for line in workers), ps
@@ -318,9 +328,12 @@ def test_keepalive_nginx_makes_one_connect_for_many_requests():
             with nginx.Nginx([str(peer)], keepalive=keepalive, strace=True) as ng:
                 for _ in range(5):
                     ng.request()
-                time.sleep(0.2)
-                counts[keepalive] = sum(1 for line in ng.strace_lines()
-                                        if "connect(" in line and f"htons({peer.port})" in line)
+
+                def connects():  # strace writes a call when it returns: wait for the lines, not a while
+                    return sum(1 for line in ng.strace_lines() if "connect(" in line and f"htons({peer.port})" in line)
+
+                wait_for(lambda: connects() >= (5 if keepalive == 0 else 1), 10)
+                counts[keepalive] = connects()
     assert counts == {0: 5, 4: 1}, counts
 
 
@@ -646,7 +659,7 @@ def test_nginx_runs_inside_a_lab_namespace():
             assert os.stat(f"/proc/{master}/ns/net").st_ino == os.stat(f"/proc/{ns.pid}/ns/net").st_ino
             assert os.stat(f"/proc/{master}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
             assert [ng.request() for _ in range(3)] == ["200"] * 3
-            time.sleep(0.05)
+            wait_for_access_log(ng, 3)
             access, errors = ng.access_log(), ng.error_log()
             workers = _children(master)
             users = {os.stat(f"/proc/{p}").st_uid for p in workers}
@@ -716,7 +729,7 @@ def test_nginx_in_the_client_namespace_connects_across_the_impaired_link():
             lab_peers.listening(link.server_addr, http=True, source=link.server_ns) as up:
         with nginx.Nginx([f"{link.server_addr}:{up.port}"], netns=link.client_ns, connect_timeout=2) as ng:
             assert [ng.request() for _ in range(2)] == ["200"] * 2
-            time.sleep(0.05)
+            wait_for_access_log(ng, 2)
             access = ng.access_log()
     times = [entry.connect_time[0] for entry in access]
     assert len(times) == 2 and all(t is not None and t >= 0.029 for t in times), times  # 15 ms out + 15 ms back
@@ -741,7 +754,7 @@ def test_too_few_worker_connections_give_nginx_500_with_its_alert():
     with peers("up") as (up,):
         with nginx.Nginx([str(up)], worker_connections=3) as ng:
             assert [ng.request() for _ in range(2)] == ["500", "500"]
-            time.sleep(0.05)
+            wait_for_access_log(ng, 2)
             errors, access = ng.error_log(), ng.access_log()
     assert [(e.level, e.message) for e in errors] == \
         [("alert", "3 worker_connections are not enough while connecting to upstream")] * 2
@@ -754,7 +767,7 @@ def test_proxy_bind_reaches_nginx():
     with peers("up") as (up,):
         with nginx.Nginx([str(up)], proxy_bind="198.18.0.5") as ng:
             assert ng.request() == "500"
-            time.sleep(0.05)
+            wait_for_access_log(ng, 1)
             errors = ng.error_log()
         with nginx.Nginx([str(up)], proxy_bind="127.0.0.2") as ng:
             assert ng.request() == "200"
@@ -772,7 +785,7 @@ def test_nginx_in_a_namespace_meets_its_sysctls():
         with nginx.Nginx([str(held)], netns=ns, read_timeout=0.1, next_upstream=()) as ng:
             ns.set_sysctl("net.ipv4.ip_local_port_range", "40000 40001")  # after nginx's listener took its port
             statuses = [ng.request() for _ in range(3)]
-            time.sleep(0.05)
+            wait_for_access_log(ng, 3)
             errors = [(e.level, e.message) for e in ng.error_log()]
     assert statuses == ["504", "504", "502"], (statuses, errors)
     timed_out = ("error", "upstream timed out (110: Connection timed out) while reading response header from upstream")
@@ -792,7 +805,7 @@ def test_keepalive_over_the_impaired_link_with_real_handshakes():
     with lab.impaired(delay_ms=10) as link, HttpPeer(link.server_addr, source=link.server_ns) as peer:
         with nginx.Nginx([str(peer)], netns=link.client_ns, keepalive=4, connect_timeout=2) as ng:
             assert [ng.request() for _ in range(4)] == ["200"] * 4
-            time.sleep(0.05)
+            wait_for_access_log(ng, 4)
             times = [entry.connect_time[0] for entry in ng.access_log()]
         reused = [s.reused for s in peer.journal]
     assert reused == [False, True, True, True], reused

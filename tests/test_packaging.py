@@ -74,3 +74,27 @@ def test_no_far_addresses_in_code_or_notebooks():
                             if far.search(line) and "noqa: far" not in line:
                                 hits.append(f"{path}:{n}")
     assert not hits, hits
+
+
+def test_package_init_is_plain_code():
+    """nbconn/__init__.py neither reads sys.argv nor catches anything while importing (issue 20): it imports no
+    module of its own, so a Ctrl-C at start-up lands in __main__'s handler, and `import nbconn` loads only itself."""
+    import ast
+
+    with open(os.path.join(ROOT, "nbconn", "__init__.py")) as f:
+        tree = ast.parse(f.read())
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.Try)]
+    assert "sys" not in {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    code = "import sys, nbconn; print(sorted(m for m in sys.modules if m.startswith('nbconn')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.stdout.strip() == "['nbconn']", out.stdout + out.stderr
+
+
+def test_lab_namespace_is_a_function_and_its_module_a_plain_module():
+    """No callable-module trick (issue 20): lab.namespace is the function, whoever imported the module first."""
+    code = ("import inspect, sys, types; import nbconn.lab.wire.link; from nbconn import lab; "
+            "from nbconn.lab.namespace import namespace; "
+            "print(inspect.isfunction(lab.namespace), lab.namespace is namespace, "
+            "type(sys.modules['nbconn.lab.namespace']) is types.ModuleType)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr

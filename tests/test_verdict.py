@@ -104,7 +104,9 @@ def test_success_before_connect_goes_on(stage):
 
 
 def test_outcome_colours_cover_every_outcome():
-    assert set(errors.OUTCOME_COLOURS) == set(errors.OUTCOMES)
+    from nbconn import plots
+
+    assert set(plots.OUTCOME_COLOURS) == set(errors.OUTCOMES)
 
 
 def test_no_free_connection_is_ngx_error_500_without_errno():

@@ -405,9 +405,9 @@ def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(l
     import tempfile
 
     from nbconn import reproduce
-    from nbconn.lab import namespace
+    from nbconn.lab import namespace_unavailable_reason
 
-    reason = namespace.unavailable_reason()
+    reason = namespace_unavailable_reason()
     if reason:
         pytest.skip(reason)
     require_tool("nginx")

@@ -36,10 +36,6 @@ TCPI_RTT_OFFSET = 68  # u32 tcpi_rtt (microseconds) in struct tcp_info
 # --------------------------------------------------------------------------
 
 
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def nbconn_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("nbconn-")]
 
@@ -378,3 +374,15 @@ def test_cleanup_after_exception(error):
                 raise error("inside the block")
     assert_cleaned_up(link, before_fds)
     assert socketsource.current() is None
+
+
+def test_lateness_percentiles_follow_nbconn_stats_in_the_parent():
+    """The forwarder sends its recent lateness samples; the parent takes p50/p99 by nbconn.stats's nearest rank
+    (one rule: the forwarder kept a copy of its own before), in the keys' old place."""
+    from nbconn.lab.wire.link import _summarize_lateness
+
+    out = _summarize_lateness({"mean_lateness_us": 2.5, "recent_lateness_ns": [3000, 1000, 2000, 4000],
+                               "max_lateness_us": 4.0})
+    assert list(out) == ["mean_lateness_us", "p50_lateness_us", "p99_lateness_us", "max_lateness_us"]
+    assert (out["p50_lateness_us"], out["p99_lateness_us"]) == (2.0, 4.0)
+    assert _summarize_lateness({"recent_lateness_ns": []}) == {"p50_lateness_us": 0.0, "p99_lateness_us": 0.0}

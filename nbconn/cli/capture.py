@@ -14,18 +14,17 @@ import argparse
 import json
 import sys
 
+from .. import validate
 from . import EXIT_FAILED, EXIT_OK, float_arg, int_arg
 
 NAME = "capture"
-#: the scenarios, as :data:`nbconn.lab.capture.CAPTURE_SCENARIOS` (repeated here so --help imports nothing)
-SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept", "syncookie")
 
 
 def add(subparsers) -> None:
     p = subparsers.add_parser(NAME, help="capture a connect's packets (SYN, SYN-ACK, RST...) next to its syscalls",
                               description="Run one lab scenario with an AF_PACKET capture around it and print "
                                           "syscalls and packets on one clock.")
-    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("scenario", choices=validate.CAPTURE_SCENARIOS)
     p.add_argument("--delay-ms", type=float_arg("--delay-ms"), default=10.0, metavar="MS",
                    help="one-way delay of the impaired link (default 10: a 20 ms round trip)")
     p.add_argument("--timeout", type=float_arg("--timeout"), default=None, metavar="S",
@@ -37,7 +36,6 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import validate
     from ..lab import capture
 
     # every value checked before anything is opened

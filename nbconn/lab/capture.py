@@ -386,9 +386,6 @@ __all__ = ["Capture", "Packet", "clock_offset_ns", "tcp_port_filter", "flags_tex
 
 # -- scenarios: one connect (or one burst) with its packets ------------------------------------------
 
-#: What `python -m nbconn capture` and :func:`shoot` can show.
-CAPTURE_SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept", "syncookie")
-
 #: the server namespace's TcpExt counters a syncookie run reports (as deltas)
 OVERFLOW_COUNTERS = ("TCPReqQFullDoCookies", "SyncookiesSent", "SyncookiesRecv", "ListenOverflows", "ListenDrops")
 
@@ -467,7 +464,7 @@ def shoot(scenario: str, *, delay_ms: float = 10.0, timeout: float | None = None
     from .. import api
     from . import peers
 
-    validate.choice("scenario", scenario, CAPTURE_SCENARIOS)
+    validate.choice("scenario", scenario, validate.CAPTURE_SCENARIOS)
     delay_ms = validate.number("delay_ms", delay_ms, 0, 1000)
     if timeout is None:
         timeout = 2.5 if scenario == "blackhole" else 3.0
@@ -623,7 +620,7 @@ class Accuracy:
         return [a - b for a, b in zip(self.nbconn, self.wire)]
 
     def summary(self) -> dict:
-        from ..measure import percentiles
+        from ..stats import percentiles
 
         def us(values):
             return {k: v / 1e3 for k, v in percentiles(values, (50, 99)).items()}

@@ -53,7 +53,6 @@ import ipaddress
 import os
 import re
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -310,17 +309,3 @@ def close_lab(process: LabProcess, *namespaces, report: bool = False) -> None:
     if problem is not None:
         raise LabHelperError(problem)
 
-
-class _CallableModule(type(contextlib)):
-    """``nbconn.lab.namespace`` is this module *and* the call ``nbconn.lab.namespace(...)``.
-
-    Importing a submodule sets it as an attribute of its package (``nbconn.lab.namespace``
-    becomes this module as soon as anything imports it, e.g. the wire), which would hide the
-    function of the same name that ``nbconn.lab`` offers.  Calling the module calls the function.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return namespace(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,6 +1,6 @@
-"""The lab's scenarios by name: one mapping, keyed by :data:`nbconn.validate.SCENARIOS`, and one way to start one.
+"""The lab's scenarios by name: what starts each one (keyed by :data:`nbconn.validate.SCENARIOS`), and one way to start one.
 
-``SCENARIOS[name]`` is a context manager factory yielding a :class:`~nbconn.lab.peers.Peer`
+``SCENARIO_PEERS[name]`` is a context manager factory yielding a :class:`~nbconn.lab.peers.Peer`
 (the target string with counters).  :func:`scenario` starts one and also says how the
 client side must connect: for the lab peers on loopback, from right here; for
 ``"impaired"``, with step 1 in the link's client namespace (``link.client``).
@@ -28,8 +28,8 @@ def impaired_peer(*, backlog: int = 4096, **wire) -> Iterator[peers.Peer]:
         yield peer
 
 
-#: scenario name (as the CLI spells it) -> context manager factory yielding a Peer
-SCENARIOS = {
+#: scenario name (one of nbconn.validate.SCENARIOS) -> context manager factory yielding a Peer
+SCENARIO_PEERS = {
     "listening": peers.listening,
     "refused": peers.refused,
     "blackhole": peers.blackhole,
@@ -40,10 +40,10 @@ SCENARIOS = {
     "unix-missing": peers.unix_missing,
     "impaired": impaired_peer,
 }
-assert tuple(SCENARIOS) == validate.SCENARIOS, "nbconn.validate.SCENARIOS is the one list of names"
+assert tuple(SCENARIO_PEERS) == validate.SCENARIOS, "nbconn.validate.SCENARIOS is the one list of names"
 
 #: the address family each scenario's target has (what family-dependent settings such as bind are checked for)
-FAMILY = {name: (socket.AF_UNIX if name.startswith("unix-") else socket.AF_INET) for name in SCENARIOS}
+FAMILY = {name: (socket.AF_UNIX if name.startswith("unix-") else socket.AF_INET) for name in validate.SCENARIOS}
 
 WIRE_KEYS = ("delay_ms", "jitter_ms", "loss", "seed", "syn_linear_timeouts")
 
@@ -66,5 +66,5 @@ def scenario(name: str, **wire) -> Iterator[tuple]:
         with impaired_peer(**wire) as peer:
             yield peer, peer.link.client
         return
-    with SCENARIOS[name]() as peer:
+    with SCENARIO_PEERS[name]() as peer:
         yield peer, contextlib.nullcontext

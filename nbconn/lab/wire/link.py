@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterator
 
 from ... import socketsource, validate
+from ...stats import percentile
 from ..control import LabHelperError, LabProcess, needs_userns
 from ..namespace import Namespace
 from . import params as _params
@@ -50,6 +51,20 @@ _FORWARDER_REPLY_S = 2.0
 _FORWARDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forwarder.py")
 
 __all__ = ["Link", "impaired", "CLIENT_ADDR", "SERVER_ADDR", "FAR_ADDR", "FAR_PREFIX", "QUEUE_LIMIT"]
+
+
+def _summarize_lateness(stats: dict) -> dict:
+    """The forwarder's reply with ``recent_lateness_ns`` turned into ``p50_lateness_us`` and ``p99_lateness_us``
+    (nbconn.stats's nearest rank; 0.0 before any packet was forwarded)."""
+    out = {}
+    for key, value in stats.items():  # the percentiles take the samples' place: the keys keep their order
+        if key == "recent_lateness_ns":
+            recent = sorted(value)
+            for p in (50, 99):
+                out[f"p{p}_lateness_us"] = percentile(recent, p) / 1e3 if recent else 0.0
+        else:
+            out[key] = value
+    return out
 
 
 class Link:
@@ -182,9 +197,9 @@ class Link:
                 try:
                     self._fwd.send(b"stats")
                     if select.select([self._fwd], [], [], _FORWARDER_REPLY_S)[0]:
-                        reply = self._fwd.recv(1 << 16)
+                        reply = self._fwd.recv(1 << 18)  # 4096 lateness samples fit with room to spare
                         if reply:
-                            self._last_stats = json.loads(reply)
+                            self._last_stats = _summarize_lateness(json.loads(reply))
                 except OSError:
                     pass
             result = dict(self._last_stats)

@@ -1,0 +1,140 @@
+"""The layering of README.md's ARCHITECTURE section, enforced from the import graph.
+
+Every ``import`` of an nbconn module anywhere in nbconn/ -- at module level and inside functions alike, read
+with ``ast`` -- may only go to the same layer or one below.  A new module must be given a layer here (the test
+names it).  Where today's code still goes up a layer, the import is listed in :data:`EXCEPTIONS`, each with
+the issue that will move it; an exception that no longer happens fails too, so the list only shrinks.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: lowest first: a module may import its own layer and the ones before it, never one after
+LAYERS = ("core", "lab", "nginx", "experiments", "view", "cli")
+
+#: module (without "nbconn.") -> layer; a package name covers everything under it
+LAYER_OF = {
+    # core: what nginx does to connect, and the numbers about it (no matplotlib, no lab, no subprocess)
+    "": "core",  # nbconn/__init__.py: the public names, loaded on first use
+    **{name: "core" for name in ("api", "connect_nonb", "errors", "flow", "loop", "options", "result",
+                                 "socketsource", "stats", "strace", "systools", "targets", "tcpinfo", "validate")},
+    # lab: the instruments -- peers, namespaces, the wire, the packet capture, counters
+    "lab": "lab", "netstat": "lab",
+    # the nginx side: the upstream model and the real nginx next to it
+    **{name: "nginx" for name in ("httpd", "nginx", "nginx_guard", "oracle", "reproduce", "tls", "upstream",
+                                  "why")},
+    # experiments: what the notebooks run with the instruments
+    **{name: "experiments" for name in ("acceptq", "data", "experiments", "explain", "eyeballs", "measure",
+                                        "record", "synretry")},
+    # view: figures and the widget panel
+    "plots": "view", "widgets": "view",
+    # the command line: nothing else imports it
+    "cli": "cli", "__main__": "cli",
+}
+
+#: (importer, imported) -> why it is still allowed, with the issue that removes it
+EXCEPTIONS = {
+    # notebook 11 calls capture.plot_shots, a one-line forward to plots.packets; the capture's shots and the
+    # figure leave lab/ in the layout move (issue 20: experiments/ and view/)
+    ("lab.capture", "plots"): "issue 20",
+    # notebook 12 calls eyeballs.plot_races; the figure moves to the view in the layout move (issue 20)
+    ("eyeballs", "plots"): "issue 20",
+}
+
+#: what core modules must not import at all (the core runs anywhere: no figures, no processes)
+CORE_FORBIDDEN = ("matplotlib", "ipywidgets", "numpy", "subprocess", "IPython")
+
+
+def _modules() -> dict[str, str]:
+    """module name without "nbconn." ("" for the package, "lab.wire.link", ...) -> its file."""
+    found = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "nbconn")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, os.path.join(ROOT, "nbconn"))[:-3].replace(os.sep, ".")
+                found["" if rel == "__init__" else rel.removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(module: str, path: str, modules: dict) -> list[tuple[str, int]]:
+    """Every nbconn module ``module`` imports, anywhere in the file: (imported module, line)."""
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name == "nbconn" or a.name.startswith("nbconn.")]
+            out += [(name.removeprefix("nbconn").lstrip("."), node.lineno) for name in names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".") if package else []
+                base = parts[:len(parts) - (node.level - 1)]
+                base = ".".join(base + ([node.module] if node.module else []))
+            elif node.module == "nbconn" or (node.module or "").startswith("nbconn."):
+                base = node.module.removeprefix("nbconn").lstrip(".")
+            else:
+                continue
+            for alias in node.names:  # "from . import lab" imports the module nbconn.lab
+                sub = f"{base}.{alias.name}" if base else alias.name
+                out.append((sub if sub in modules else base, node.lineno))
+    return [(name, line) for name, line in out if name != module]
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".") if module else [""]
+    for n in range(len(parts), 0, -1):
+        layer = LAYER_OF.get(".".join(parts[:n]))
+        if layer:
+            return layer
+    return None
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in _modules() if _layer(m) is None] == []
+
+
+def test_no_import_goes_up_a_layer():
+    modules = _modules()
+    up, seen_exceptions = [], set()
+    for module, path in sorted(modules.items()):
+        mine = LAYERS.index(_layer(module) or "core")
+        for imported, line in _imports(module, path, modules):
+            theirs = _layer(imported)
+            if theirs is None or LAYERS.index(theirs) <= mine:
+                continue
+            if (module, imported) in EXCEPTIONS:
+                seen_exceptions.add((module, imported))
+                continue
+            up.append(f"nbconn/{os.path.relpath(path, os.path.join(ROOT, 'nbconn'))}:{line}: "
+                      f"{module or 'nbconn'} ({_layer(module)}) imports {imported} ({theirs})")
+    assert up == [], "\n".join(up)
+    assert set(EXCEPTIONS) - seen_exceptions == set(), "exceptions that no longer happen: remove them"
+
+
+def test_core_imports_no_figures_and_starts_no_processes():
+    bad = []
+    for module, path in _modules().items():
+        if _layer(module) != "core":
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{module}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in CORE_FORBIDDEN]
+    assert bad == [], bad
+
+
+def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
+    """The checker itself: an import inside a function, relative two levels up, is found and placed."""
+    path = tmp_path / "capture.py"
+    path.write_text("def f():\n    from ..plots import packets\n    import nbconn.widgets\n")
+    found = _imports("lab.capture", str(path), {"plots": "", "widgets": ""})
+    assert found == [("plots", 2), ("widgets", 3)]
+    assert [_layer(m) for m, _ in found] == ["view", "view"] and _layer("lab.wire.link") == "lab"
