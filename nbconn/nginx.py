@@ -665,7 +665,9 @@ def compare_sequences(nginx_entries: list[AccessEntry], nbconn_requests) -> list
     """Per request: the peers nginx tried and the peers nbconn.upstream tried, and whether they match."""
     rows = []
     for i, (entry, req) in enumerate(zip(nginx_entries, nbconn_requests), 1):
-        ours = [a.peer for a in req.attempts] or ["backend"]
+        # the model's $upstream_addr, split as the access log's is: a try that failed before connect() names no
+        # peer there (a proxy_bind 500 logs an empty address), so no list of tried peers is rebuilt here
+        ours = [a.strip() for a in req.upstream_addr.split(",")]
         rows.append({"request": i, "nginx": entry.upstream_addr, "nbconn": ours, "nginx_status": entry.status,
                      "nbconn_result": req.result, "same": entry.upstream_addr == ours and entry.status == req.result})
     return rows

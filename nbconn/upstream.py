@@ -698,11 +698,11 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     (measured: 60 s, nginx's default).  The model does not wait those seconds; it counts them
     (``Upstream.unwaited_s``): its ngx_time() and ngx_current_msec read that much later from then on.
     """
-    send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
     from .api import connect
     from .errors import errno_number, verdict
 
     validate.flag("http", http)
+    send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
     if proxy_bind is not None:
         if not isinstance(proxy_bind, str):
             raise TypeError(f"proxy_bind must be an IP address as text, got {shown(proxy_bind)}")

@@ -230,7 +230,9 @@ def test_cli_json_log_disabled_and_no_live_upstreams():
 
 
 def test_cli_help_lists_down_and_http_mode_sees_the_reset():
-    assert ",down" in _cli("--help").stdout
+    help_text = _cli("--help").stdout
+    assert ",down" in help_text and "http_502" in help_text and "--proxy-bind" in help_text
+    assert "500ms" not in help_text  # fail_timeout is whole seconds: ngx_parse_time(&s, 1) refuses ms
     with lab.reset() as rst, lab.listening(http=True) as up:
         out = _cli("--peer", str(rst), "--peer", str(up), "--http", "--json")
     assert out.returncode == 0, out.stderr

@@ -117,4 +117,5 @@ def test_no_free_connection_is_ngx_error_500_without_errno():
 def test_proxy_bind_transparent_failure_is_fatal():
     v = verdict("setsockopt", E.EPERM, detail="transparent")
     assert (v.outcome, v.ngx_code, v.ngx_next, v.level) == ("error", "NGX_ERROR", None, "alert")
-    assert v.log == f"setsockopt(IP_TRANSPARENT) failed ({E.EPERM}: {os.strerror(E.EPERM)}) while connecting to upstream"
+    assert v.log == (f"setsockopt(IP_TRANSPARENT) failed ({E.EPERM}: {os.strerror(E.EPERM)}) while connecting to "
+                     f"upstream")

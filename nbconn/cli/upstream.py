@@ -34,8 +34,8 @@ def add(subparsers) -> None:
                                           "round robin and proxy_next_upstream would.")
     p.add_argument("--peer", action="append", required=True,
                    metavar="HOST[:PORT][,weight=N][,max_fails=N][,fail_timeout=T][,backup][,down]",
-                   help="an upstream server line (repeat for more); PORT defaults to 80; T in nginx's units "
-                        "(10, 10s, 500ms, 1m)")
+                   help="an upstream server line (repeat for more); PORT defaults to 80; T in nginx's units, "
+                        "whole seconds (10, 10s, 1m, 1h30m)")
     p.add_argument("--requests", type=int_arg("--requests"), default=1, metavar="R")
     p.add_argument("--timeout", type=float_arg("--timeout"), default=1.0, metavar="S",
                    help="connect timeout per attempt (proxy_connect_timeout)")
