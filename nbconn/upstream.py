@@ -13,13 +13,22 @@ This module is that machinery, read from nginx's
   spread out, not a a a a a b c.  Every request's first peer and every next
   peer is such a pick (the peers already tried in this request left out).
 * **Failures** (``ngx_http_upstream_free_round_robin_peer``): a failed attempt
-  bumps ``fails`` and lowers ``effective_weight`` by ``weight / max_fails``;
-  at ``max_fails`` failures the peer is left out for ``fail_timeout`` seconds
-  ("upstream server temporarily disabled").  After that it gets one chance;
-  a success clears ``fails``.
+  bumps ``fails``, sets ``accessed`` and ``checked`` to now and lowers
+  ``effective_weight`` by ``weight / max_fails``; from ``fails >= max_fails`` on,
+  every failure logs "upstream server temporarily disabled" (round_robin.c 1.22.1,
+  line 639) and the peer is left out until ``fail_timeout`` seconds have passed
+  since its last failure.  ``fails`` is not counted in a time window: it only
+  grows, and only a success clears it -- and only a success on a pick made after
+  ``fail_timeout`` had passed (the pick sets ``checked``, lines 591-593; the
+  success clears ``fails`` when ``accessed < checked``, lines 653-660).  A
+  success soon after a failure clears nothing, so with ``max_fails=2`` a failure,
+  a success in the same second and a failure later disable the peer.
 * **A single peer** is never marked down: with one server and no backup,
   nginx skips the failure accounting altogether and allows one try per request.
-* **Backup** peers are used only when no primary peer is eligible.
+* **Backup** peers are used once no primary peer is left to pick for this
+  request: every primary is down, disabled, or already tried by it (the
+  ``failed:`` branch of ``ngx_http_upstream_get_round_robin_peer``, lines
+  487-511) -- so a request whose primaries all failed goes on to a backup.
 * **Next upstream** (``ngx_http_upstream_next``): after a connect error
   (``error``), a timeout (``timeout``), or an answer whose status is listed
   (``http_502`` and the other ``http_*`` kinds, ``ngx_http_upstream_test_next``)
