@@ -720,6 +720,14 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     ``proxy_connect_timeout``: "upstream timed out (110: Connection timed out) while sending request to upstream"
     (measured: 60 s, nginx's default).  The model does not wait those seconds; it counts them
     (``Upstream.unwaited_s``): its ngx_time() and ngx_current_msec read that much later from then on.
+    Scope: this needs the handlers run as each event is taken from epoll_wait, as with nginx 1.22.1's default
+    ``accept_mutex off`` (src/event/ngx_event.c, line 1338).  A worker holding the accept mutex posts its events
+    (line 229) and ngx_close_connection deletes a closed connection's posted events (src/core/ngx_connection.c,
+    lines 1210-1216): there the stale half never runs, and the model, which follows the default, would differ.
+    The model covers the connect that stays pending to the end (a peer that drops SYNs: the send timeout above).
+    Once the request counts as sent (``u->request_sent``) later events skip test_connect (ngx_http_upstream.c,
+    line 2076): a peer that answers the SYN late -- over a link with real delay -- with an RST would show up as
+    a recv() failure, not "connect() failed"; the model, on loopback, does not meet that case.
     """
     from .api import connect
     from .errors import errno_number, verdict
