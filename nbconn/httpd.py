@@ -5,7 +5,7 @@ connection the upstream keeps open: an HTTP/1.1 response with a length and no
 ``Connection: close``.  The lab's HTTP peer closes after every answer, so the
 keepalive experiments (notebook 13, ``nbconn upstream --keepalive``) use this one.
 
-:class:`HttpPeer` answers every request with ``200 ok`` and keeps the
+:class:`HttpPeer` answers every request with ``200 ok`` (or ``status``/``body``) and keeps the
 connection until the client closes it (or ``idle_timeout_s``).  It records, for
 every request, which connection it came on and whether it was that
 connection's first: the upstream's own view of "reused or new", independent of
@@ -61,7 +61,8 @@ class Served:
 
 class HttpPeer:
     def __init__(self, host: str = "127.0.0.1", *, rtt_ms: float = 0.0, journal: list | None = None,
-                 idle_timeout_s: float = 60.0, max_connections: int = 256, source=None) -> None:
+                 idle_timeout_s: float = 60.0, max_connections: int = 256, source=None, status: int = 200,
+                 body: bytes = b"ok\n") -> None:
         if source is not None and not callable(getattr(source, "socket", None)):
             raise TypeError(f"source must be a lab namespace (nbconn.lab.namespace(), a link's server_ns), "
                             f"got {validate.shown(source)}")
@@ -79,6 +80,16 @@ class HttpPeer:
         self.rtt_s = validate.number("rtt_ms", rtt_ms, 0, 10_000) / 1000
         self.idle_timeout_s = validate.number("idle_timeout_s", idle_timeout_s, 0, 3600, low_open=True)
         self.max_connections = validate.integer("max_connections", max_connections, 1, 10_000)
+        # status, body: the answer to every request (a keep-alive "502" peer for proxy_next_upstream http_502,
+        # a "404" with or without a body), always with its Content-Length, so the connection can be kept
+        self.status = validate.integer("status", status, 100, 599)
+        if not isinstance(body, bytes) or len(body) > 65536:
+            raise TypeError(f"body must be bytes of at most 64 KiB, got {validate.shown(body)}")
+        self.body = body
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % (
+            self.status, b"OK" if self.status == 200 else b"nbconn", len(body))
+        self._response = head + b"\r\n" + body
+        self._response_close = head + b"Connection: close\r\n\r\n" + body
         self.journal = journal if journal is not None else []
         self.connections = 0
         self._lock = threading.Lock()
@@ -181,7 +192,7 @@ class HttpPeer:
                 if self.rtt_s:  # the stand-in for the link: see the module docstring
                     time.sleep(self.rtt_s * (2 if nth == 1 else 1))
                 close = _wants_close(head)
-                conn.sendall(RESPONSE_CLOSE if close else RESPONSE)
+                conn.sendall(self._response_close if close else self._response)
                 if close:
                     return
         except OSError:

@@ -4,13 +4,15 @@
 hand-picked cases checks what its authors thought of; this module checks what they did not.  From a seed it
 draws configurations -- 1 to 4 servers of the lab's kinds, weights, ``max_fails`` 0-3, ``fail_timeout``,
 ``backup``, ``proxy_connect_timeout``, ``proxy_next_upstream`` (incl. ``off`` and ``http_502``), its tries and
-timeout, ``keepalive``, ``proxy_bind`` -- and a request schedule, sends the requests through a private nginx
+timeout, ``keepalive`` (with it, half the 502 peers keep their connections), ``proxy_bind`` -- and a request schedule, sends the requests through a private nginx
 (:class:`nbconn.nginx.Nginx`) and through :func:`nbconn.upstream.run_request` against the *same* peers, and
 compares them request by request:
 
 * the status the client got;
 * ``$upstream_addr`` -- the peers tried, as nginx writes the variable;
-* the error-log lines of that request, level and message, in order (normalised: see :func:`normalise`).
+* the error-log lines of that request, level and message, in order (normalised: see :func:`normalise`);
+* the connections each peer accepted during the request, as the peers count them: which tries were new
+  connections and which reused a cached one (``keepalive``), something ``$upstream_addr`` does not tell.
 
 The draws lean towards failing peers, so most requests walk two or more peers, and the gaps between requests
 are whole seconds chosen to land before, on and after ``fail_timeout``'s edge.
@@ -51,12 +53,15 @@ KINDS = {
     "refused": 3.5,  # nothing listens: RST -> "connect() failed (111: Connection refused)"
     "blackhole": 1.0,  # the SYN is dropped: "upstream timed out"
     "reset": 2.0,  # accepts, then RST: recv()/writev() failed (104)
-    "http502": 3.0,  # answers "502 Bad Gateway": proxy_next_upstream http_502
+    "http502": 3.0,  # answers "502 Bad Gateway" and closes: proxy_next_upstream http_502
     "unix_listening": 1.0,  # AF_UNIX, accepts and closes: "upstream prematurely closed connection"
     "unix_missing": 1.5,  # AF_UNIX path nobody made: "connect() to unix:... failed (2: ...)"
 }
 NEXT_UPSTREAM_DRAWS = [(("error", "timeout"), 2.5), (("error", "timeout", "http_502"), 6), (("error",), 0.7),
                        (("timeout",), 0.3), ((), 0.5), (("error", "http_502", "http_503"), 1.5)]
+#: a kind drawn only with keepalive, in place of half the "http502" peers (see draw_config): HTTP/1.1 502 with
+#: Content-Length: 0 and the connection kept (nbconn.httpd.HttpPeer(status=502, body=b""))
+KEEPALIVE_502 = "http502_keepalive"
 UNREACHABLE_ADDRESS = "198.18.0.5"  # RFC 2544 benchmarking range: not on this host, never contacted
 UPSTREAM_NAME = "backend"  # nbconn.nginx's upstream block
 MAX_CONFIGS = 1000
@@ -123,6 +128,12 @@ def draw_config(seed: int, index: int) -> Config:
     # two workers sharing the peers' state through `zone`: the model's one state must still be nginx's
     # (drawn last, so that adding it left every earlier draw of a seed as it was)
     config.workers = 2 if not keepalive and rng.random() < 0.2 else 1
+    # with keepalive, half the 502 peers keep their connections (HTTP/1.1 502, Content-Length: 0): a retried
+    # answer's connection must not be cached (NGX_PEER_FAILED), a peer that closes after each answer cannot show
+    # it.  Drawn after everything else, so every earlier draw of a seed stays as it was.
+    if keepalive:
+        config.servers = [(KEEPALIVE_502 if kind == "http502" and rng.random() < 0.5 else kind, params)
+                          for kind, params in config.servers]
     return config
 
 
@@ -179,9 +190,16 @@ def _peer(kind: str):
     makers = {"listening": lambda: lab.listening(http=True), "listening6": lambda: lab.listening("::1", http=True),
               "keepalive": HttpPeer, "refused": lab.refused,
               "blackhole": lab.blackhole, "reset": lab.reset, "http502": lambda: status_peer(502),
+              "http502_keepalive": lambda: HttpPeer(status=502, body=b""),
               "unix_listening": lab.unix_listening, "unix_missing": lab.unix_missing}
     with makers[kind]() as peer, _reachable_by_worker(peer):
-        yield str(peer)
+        yield peer
+
+
+def _accepted(peers: list) -> tuple:
+    """How many connections each peer has accepted so far (a peer that accepts nothing: 0).  Every peer counts
+    a connection before it answers, resets or closes it, so a request's count is settled when its answer is."""
+    return tuple(p.connections if hasattr(p, "connections") else getattr(p, "accepted", 0) for p in peers)
 
 
 def _spec(address: str, params: dict) -> str:
@@ -198,9 +216,12 @@ class Seen:
     status: str
     upstream_addr: str
     log: list  # "[level] message", normalised
+    # connections each peer accepted during this request (in the configuration's order): a cached connection
+    # reused makes none, so this tells what $upstream_addr cannot -- which tries were new connections
+    opened: tuple = ()
 
     def key(self) -> tuple:
-        return self.status, self.upstream_addr, tuple(self.log)
+        return self.status, self.upstream_addr, tuple(self.log), self.opened
 
     def peers_tried(self) -> int:
         """Peers this request connected to (or tried to): $upstream_addr's entries, "backend" and the peerless
@@ -302,7 +323,8 @@ def run_config(config: Config) -> Outcome:
     holes = sum(kind == "blackhole" for kind, _ in config.servers)
     worst_s = holes * config.connect_timeout + 0.15
     with contextlib.ExitStack() as stack:
-        addresses = [stack.enter_context(_peer(kind)) for kind, _ in config.servers]
+        peers = [stack.enter_context(_peer(kind)) for kind, _ in config.servers]
+        addresses = [str(p) for p in peers]
         specs = [_spec(a, p) for a, (_, p) in zip(addresses, config.servers)]
         settings = dict(connect_timeout=config.connect_timeout, next_upstream=config.next_upstream,
                         tries=config.tries, next_upstream_timeout=config.next_upstream_timeout,
@@ -318,6 +340,7 @@ def run_config(config: Config) -> Outcome:
             for i, gap in enumerate(config.gaps, 1):
                 _start_in_second(gap, last, worst_s)
                 start = int(time.time())
+                before = _accepted(peers)
                 try:
                     # nginx's worst walk: 4 peers x (connect + proxy_read_timeout 2 s), or once proxy_send_timeout's
                     # 60 s (the stale-event corner in nbconn.upstream.run_request); far more is a hang
@@ -334,7 +357,8 @@ def run_config(config: Config) -> Outcome:
                     raise RuntimeError(f"nginx wrote no access-log line for request {i} within 5 s")
                 lines, offset = _new_error_lines(errors, offset)
                 fields = _access_lines(access)[i - 1].split("|")
-                outcome.nginx.append(Seen(status, fields[1], normalise(lines)))
+                opened = tuple(a - b for a, b in zip(_accepted(peers), before))
+                outcome.nginx.append(Seen(status, fields[1], normalise(lines), opened))
                 seconds.append(start)
                 last = start
                 # a request may take proxy_send_timeout's 60 s (the stale-event corner of nbconn.upstream): the
@@ -357,10 +381,12 @@ def run_config(config: Config) -> Outcome:
                 # the recorded second already holds whatever nginx waited: the model's counted-not-waited
                 # seconds (the stale-event corner) start again from zero for each request
                 up.unwaited_s = 0.0
+                before = _accepted(peers)
                 req = run_request(up, timeout=config.connect_timeout, next_upstream=config.next_upstream,
                                   tries=config.tries, next_upstream_timeout=config.next_upstream_timeout,
                                   http=True, read_timeout=2.0, proxy_bind=config.proxy_bind)
-                outcome.model.append(Seen(req.result or "?", req.upstream_addr, normalise(req.log)))
+                opened = tuple(a - b for a, b in zip(_accepted(peers), before))
+                outcome.model.append(Seen(req.result or "?", req.upstream_addr, normalise(req.log), opened))
     return outcome
 
 
@@ -405,8 +431,8 @@ def format_disagreement(outcome: Outcome) -> str:
     lines = [outcome.config.describe()]
     for i, n, m in outcome.disagreements:
         lines.append(f"  request {i}:")
-        lines.append(f"    nginx: {n.status} [{n.upstream_addr}] {n.log}")
-        lines.append(f"    model: {m.status} [{m.upstream_addr}] {m.log}")
+        lines.append(f"    nginx: {n.status} [{n.upstream_addr}] {n.log} new connections {n.opened}")
+        lines.append(f"    model: {m.status} [{m.upstream_addr}] {m.log} new connections {m.opened}")
     return "\n".join(lines)
 
 

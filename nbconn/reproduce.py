@@ -309,6 +309,25 @@ def _worker_connections() -> list:
                 sock.close()
 
 
+def _worker_connections_model() -> list:
+    """The model at the moment nginx's worker meets its limit: ``Upstream(worker_connections=64)`` with all 64
+    held by others (``other_connections=64``: the clients and upstream connections the waiting requests hold).
+    The model runs one request at a time, so it does not fill the pool itself; it counts the pool as nginx's
+    ngx_get_connection does and fails the upstream connect the same way (NGX_ERROR, 500, "[alert]").  No
+    connect() is made: the count fails first, as in nginx, where socket() is the only call before it."""
+    from .lab import peers
+    from .upstream import Peer, Upstream, run_requests
+
+    with peers.listening() as up, Upstream([Peer(str(up))], worker_connections=_NGINX_WORKER_CONNECTIONS,
+                                           other_connections=_NGINX_WORKER_CONNECTIONS) as model:
+        done = run_requests(model, 1, timeout=CONNECT_TIMEOUT_S)
+    return [line for r in done for line in r.log]
+
+
+#: nbconn.nginx's default worker_connections, which _worker_connections fills
+_NGINX_WORKER_CONNECTIONS = 64
+
+
 def _wait_for_lines(nginx, text: str, wait_s: float) -> list:
     """The error-log lines holding ``text``, looked for every 10 ms for at most ``wait_s`` (nginx writes the
     line when its worker handles the request, a moment after the client sent it)."""
@@ -380,7 +399,7 @@ def reproduce(answer: dict) -> dict:
         reason = nginx_module.unavailable_reason()
         return {"made": True, "situation": "nbconn.nginx's worker_connections 64 filled by an unfinished request "
                                            "and requests waiting on a peer that never answers",
-                "given": given, "model": "nbconn's model has no worker_connections: not run",
+                "given": given, "model": _produced(_worker_connections_model(), cause),
                 "nginx": reason or _produced(_worker_connections(), cause)}
     if cause not in SITUATIONS:
         return {"made": False, "reason": f"nbconn's lab has no situation for {cause} yet"}

@@ -13,13 +13,22 @@ This module is that machinery, read from nginx's
   spread out, not a a a a a b c.  Every request's first peer and every next
   peer is such a pick (the peers already tried in this request left out).
 * **Failures** (``ngx_http_upstream_free_round_robin_peer``): a failed attempt
-  bumps ``fails`` and lowers ``effective_weight`` by ``weight / max_fails``;
-  at ``max_fails`` failures the peer is left out for ``fail_timeout`` seconds
-  ("upstream server temporarily disabled").  After that it gets one chance;
-  a success clears ``fails``.
+  bumps ``fails``, sets ``accessed`` and ``checked`` to now and lowers
+  ``effective_weight`` by ``weight / max_fails``; from ``fails >= max_fails`` on,
+  every failure logs "upstream server temporarily disabled" (round_robin.c 1.22.1,
+  line 639) and the peer is left out until ``fail_timeout`` seconds have passed
+  since its last failure.  ``fails`` is not counted in a time window: it only
+  grows, and only a success clears it -- and only a success on a pick made after
+  ``fail_timeout`` had passed (the pick sets ``checked``, lines 591-593; the
+  success clears ``fails`` when ``accessed < checked``, lines 653-660).  A
+  success soon after a failure clears nothing, so with ``max_fails=2`` a failure,
+  a success in the same second and a failure later disable the peer.
 * **A single peer** is never marked down: with one server and no backup,
   nginx skips the failure accounting altogether and allows one try per request.
-* **Backup** peers are used only when no primary peer is eligible.
+* **Backup** peers are used once no primary peer is left to pick for this
+  request: every primary is down, disabled, or already tried by it (the
+  ``failed:`` branch of ``ngx_http_upstream_get_round_robin_peer``, lines
+  487-511) -- so a request whose primaries all failed goes on to a backup.
 * **Next upstream** (``ngx_http_upstream_next``): after a connect error
   (``error``), a timeout (``timeout``), or an answer whose status is listed
   (``http_502`` and the other ``http_*`` kinds, ``ngx_http_upstream_test_next``)
@@ -567,9 +576,9 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     """Send the request and read the response header on a connected socket, as nginx's upstream does next
     (ngx_http_upstream_send_request, then ngx_http_upstream_process_header).  Returns
     (outcome, stage, level, nginx_log, reusable, status); outcome "ok" when a response header arrived (status:
-    its HTTP status code, else None); reusable
-    when the connection may go back to the keepalive cache (u->keepalive in nginx's proxy module: an
-    HTTP/1.1 status line, no "Connection: close", and the whole body read)."""
+    its HTTP status code, else None); reusable: when the connection may go back to the keepalive cache
+    (u->keepalive in nginx's proxy module: an HTTP/1.1 status line, no "Connection: close", and no body or the
+    whole body read -- KEPT_AT_HEADER or KEPT_AFTER_BODY), else None."""
     import os
     import socket
 
@@ -600,7 +609,7 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
             return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, None
         data += chunk
-    return "ok", READING, None, None, keepalive and _read_body(sock, data), _status_code(data)
+    return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
 
 
 def _status_code(data: bytes) -> int | None:
@@ -611,31 +620,45 @@ def _status_code(data: bytes) -> int | None:
     return None
 
 
-def _read_body(sock, data: bytes) -> bool:
-    """Read the rest of a response with Content-Length; True when the connection may be kept."""
+#: When nginx's proxy module sets ``u->keepalive`` (the connection may go back to the keepalive cache).
+#: KEPT_AT_HEADER: with the response header, for a response without a body -- 204, 304, or no chunked encoding
+#: and Content-Length: 0 (ngx_http_proxy_process_header, ngx_http_proxy_module.c 1.22.1, lines 1991-2005) --
+#: so it holds whatever is done with the answer next.  KEPT_AFTER_BODY: only once the body has been read to its
+#: end (the input filters), which nginx does only for an answer it passes to the client; a retried answer's body
+#: is never read, and u->keepalive stays 0.
+KEPT_AT_HEADER, KEPT_AFTER_BODY = "at the header", "after the body"
+
+
+def _read_body(sock, data: bytes) -> str | None:
+    """Read the rest of a response with Content-Length; when the connection may be kept (KEPT_AT_HEADER,
+    KEPT_AFTER_BODY), or None."""
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     if not lines[0].startswith(b"HTTP/1.1 "):
-        return False  # ngx_http_proxy_process_status: below HTTP/1.1 -> connection_close = 1
-    length = None
+        return None  # ngx_http_proxy_process_status: below HTTP/1.1 -> connection_close = 1
+    length, chunked = None, False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name, value = name.strip().lower(), value.strip().lower()
         if name == b"connection" and value == b"close":
-            return False
+            return None
         if name == b"content-length" and value.isdigit() and len(value) < 12:
             length = int(value)
-    if length is None or length > 1 << 20:
-        return False  # the model reads only bodies of a known, small length
+        if name == b"transfer-encoding" and value == b"chunked":
+            chunked = True
+    if _status_code(data) in (204, 304) or (not chunked and length == 0):
+        return KEPT_AT_HEADER
+    if chunked or length is None or length > 1 << 20:
+        return None  # the model reads only bodies of a known, small length
     try:
         while len(body) < length:
             chunk = sock.recv(min(65536, length - len(body)))
             if not chunk:
-                return False
+                return None
             body += chunk
     except OSError:
-        return False
-    return len(body) == length
+        return None
+    return KEPT_AFTER_BODY if len(body) == length else None
 
 
 def _errno_outcome(number: int | None) -> str:
@@ -697,6 +720,14 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     ``proxy_connect_timeout``: "upstream timed out (110: Connection timed out) while sending request to upstream"
     (measured: 60 s, nginx's default).  The model does not wait those seconds; it counts them
     (``Upstream.unwaited_s``): its ngx_time() and ngx_current_msec read that much later from then on.
+    Scope: this needs the handlers run as each event is taken from epoll_wait, as with nginx 1.22.1's default
+    ``accept_mutex off`` (src/event/ngx_event.c, line 1338).  A worker holding the accept mutex posts its events
+    (line 229) and ngx_close_connection deletes a closed connection's posted events (src/core/ngx_connection.c,
+    lines 1210-1216): there the stale half never runs, and the model, which follows the default, would differ.
+    The model covers the connect that stays pending to the end (a peer that drops SYNs: the send timeout above).
+    Once the request counts as sent (``u->request_sent``) later events skip test_connect (ngx_http_upstream.c,
+    line 2076): a peer that answers the SYN late -- over a link with real delay -- with an RST would show up as
+    a recv() failure, not "connect() failed"; the model, on loopback, does not meet that case.
     """
     from .api import connect
     from .errors import errno_number, verdict
@@ -787,10 +818,20 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
         except BaseException:
             kept.close()
             raise
+        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused, status=status)
+        # Whether the keepalive module saves the connection depends on how the answer was judged, so it is asked
+        # after report(): ngx_http_upstream_next frees a retried answer's peer with NGX_PEER_FAILED, except
+        # http_403/http_404 with NGX_PEER_NEXT (ngx_http_upstream.c 1.22.1, lines 4292-4301), and
+        # ngx_http_upstream_free_keepalive_peer saves nothing freed as failed (keepalive_module.c, lines 323-331);
+        # a 403/404 is saved only when u->keepalive was set at its header (no body), for its body is never read.
+        retried = req.attempts[-1].retried_as
+        if retried in ("http_403", "http_404"):
+            reusable = reusable if reusable == KEPT_AT_HEADER else None
+        elif retried is not None:
+            reusable = None
         to_close = upstream.keepalive_free(kept) if reusable else kept
         if to_close is not None:
             to_close.close()
-        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused, status=status)
         failed_in_reader = req.attempts[-1].failure is not None and _in_read_handler(None, stage, outcome)
         slot_handouts = 0 if failed_in_reader else None
         if req.result is not None:

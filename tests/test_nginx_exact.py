@@ -1,4 +1,4 @@
-"""nginx-exact mode makes exactly the syscalls nginx 1.22.1's worker makes for one upstream connect, under strace.
+"""nginx-exact mode makes the syscalls nginx 1.22.1's worker makes on its upstream socket for one connect, under strace.
 
 nginx's own sequence, measured with strace on this machine's nginx 1.22.1 (notes in measured-here.md) and read in
 ngx_event_connect_peer (src/event/ngx_event_connect.c): socket(AF_INET, SOCK_STREAM, IPPROTO_IP) -- no
@@ -6,7 +6,8 @@ SOCK_CLOEXEC -- setsockopt(SO_RCVBUF) when pc->rcvbuf is set (no stock directive
 the call), [SO_KEEPALIVE], ioctl(FIONBIO), [IP_BIND_ADDRESS_NO_PORT, bind() for proxy_bind], epoll_ctl(ADD,
 EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), connect() = -1 EINPROGRESS (0 for AF_UNIX), [epoll_wait],
 getsockopt(SO_ERROR) -- also after connect() = 0 -- and close() without EPOLL_CTL_DEL.  No read-back of the
-option, no TCP_INFO.  The second half of this module runs the real worker next to nginx-exact and compares.
+option, no TCP_INFO.  The second half of this module runs the real worker next to nginx-exact and compares the
+calls on the upstream descriptor (and its epoll_ctl registration); epoll_wait is not among them (see there).
 """
 
 import contextlib
@@ -123,8 +124,13 @@ def test_nginx_exact_many_leaves_no_fd(no_fd_leak):
 #
 # Issue 19 A2/D.  Both run under strace with the same filter; the worker's calls on its upstream descriptor are
 # taken from socket() to the first writev() (nbconn stops before the write), nbconn's from socket() to its decision.
-# Descriptor numbers, the epoll descriptor and epoll's data word differ by nature and are normalised; everything
-# else -- call, order, arguments, socklen, return -- must be the same.
+# What is compared: the calls whose first argument is that descriptor, its socket(), and the epoll_ctl that
+# registers it.  Descriptor numbers, the epoll descriptor and epoll's data word differ by nature and are
+# normalised; everything else -- call, order, arguments, socklen, return -- must be the same.  epoll_wait is not
+# compared (it is not in SYSCALLS, and names no connection): its arguments differ by design -- nbconn's loop asks
+# for at most 8 events where nginx's worker asks for 512 (epoll_events' default, ngx_epoll_init_conf), and the
+# data word it returns is nbconn's descriptor where nginx's is its connection pointer with the instance bit
+# (ngx_epoll_add_event).  The first test of this module checks nbconn's own epoll_wait in nginx-exact mode.
 
 SYSCALLS = "socket,setsockopt,ioctl,bind,epoll_ctl,connect,getsockopt,writev,close,access"
 
@@ -165,7 +171,8 @@ def _normalise(call, fd):
 
 
 def _calls_on_fd(lines, fd):
-    """The calls on descriptor ``fd`` (and its epoll registration), from its socket() on."""
+    """The calls on descriptor ``fd``, from its socket() on: its socket(), the calls whose first argument is ``fd``,
+    and epoll_ctl on ``fd``.  Nothing else -- epoll_wait above all -- is picked, so nothing else is compared."""
     picked = []
     for line in lines:
         line = re.sub(r"\s+= ", " = ", line)

@@ -76,6 +76,21 @@ def test_http_502_next_upstream_and_the_last_try(need_nginx):
     assert outcome.nginx[0].status == "502"
 
 
+def test_a_retried_502_on_a_kept_connection_is_not_cached(need_nginx):
+    """Review finding 1: a 502 peer that keeps its connections (HTTP/1.1, Content-Length: 0), max_fails=0, next
+    to a 200 peer, keepalive 4, http_502 retried.  nginx frees the retried answer's peer as failed and does not
+    cache its connection, so each request that meets the 502 peer makes a new connection to it; the oracle
+    compares the connections each peer accepted per request."""
+    kinds = ("error", "timeout", "http_502")
+    outcome = agreeing(handmade(9, [server(oracle.KEEPALIVE_502, max_fails=0), server("keepalive")], [0, 0, 0, 0],
+                                next_upstream=kinds, keepalive=4))
+    assert [s.status for s in outcome.nginx] == ["200"] * 4
+    # every visit to the 502 peer is a new connection; the 200 peer's one connection is reused
+    visits = sum(", " in s.upstream_addr for s in outcome.nginx)
+    assert sum(s.opened[0] for s in outcome.nginx) == visits >= 2, outcome.nginx
+    assert sum(s.opened[1] for s in outcome.nginx) == 1, outcome.nginx
+
+
 def test_timeout_then_no_live_upstreams_is_502(need_nginx):
     """19.A1: NGX_HTTP_UPSTREAM_FT_NOLIVE is in no proxy_next_upstream mask: the request ends 502, not 504."""
     outcome = agreeing(handmade(6, [server("refused"), server("blackhole")], [0, 0], next_upstream=("timeout",)))
@@ -101,7 +116,8 @@ def test_seeded_random_configurations_agree(need_nginx, index):
 def test_draws_cover_every_dimension():
     configs = [draw_config(1, i) for i in range(300)]
     kinds = {kind for c in configs for kind, _ in c.servers}
-    assert kinds == set(oracle.KINDS)
+    assert kinds == set(oracle.KINDS) | {oracle.KEEPALIVE_502}  # the keep-alive 502 peer: only with keepalive
+    assert all(c.keepalive for c in configs if any(k == oracle.KEEPALIVE_502 for k, _ in c.servers))
     assert {len(c.servers) for c in configs} == {1, 2, 3, 4}
     assert {p["max_fails"] for c in configs for _, p in c.servers} == {0, 1, 2, 3}
     assert any(p["backup"] for c in configs for _, p in c.servers)

@@ -436,7 +436,9 @@ def test_reproduce_worker_connections_with_a_real_nginx(no_fd_leak):
     rep = reproduce.reproduce(why.decode(CASES[15][0]))  # "1024 worker_connections are not enough"
     assert rep["made"] and rep["nginx"]["same"], rep
     assert "worker_connections are not enough while connecting to upstream" in rep["nginx"]["line"]
-    assert "not run" in rep["model"]  # the model has no worker_connections: said, not pretended
+    # the model counts nginx's connection pool too (Upstream(worker_connections=)): the same line, not "not run"
+    assert isinstance(rep["model"], dict) and rep["model"]["same"], rep
+    assert rep["model"]["line"] == "[alert] 64 worker_connections are not enough while connecting to upstream"
 
 
 def test_reproduce_says_what_it_cannot_make_here():
