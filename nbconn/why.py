@@ -45,7 +45,9 @@ STEP_OPTIONS = "options"
 STEP_BIND = "bind"
 STEP_REGISTER = "epoll registration"
 STEP_AT_ONCE = "connect at once"
-STEP_SO_ERROR = "after EPOLLOUT via SO_ERROR"
+# epoll reports the socket (EPOLLOUT for a completed handshake; EPOLLERR|EPOLLHUP with IN and OUT for a refusal,
+# whose read handler -- ngx_http_upstream_process_header -- then reads SO_ERROR): not "after EPOLLOUT" alone
+STEP_SO_ERROR = "after epoll reported the socket, via SO_ERROR"
 STEP_TIMER = "the connect timer"
 STEP_SEND = "after the connect: sending the request"
 STEP_HEADER = "after the connect: reading the header"

@@ -593,9 +593,9 @@ def in_a_namespace(probe: str, *tools: str) -> subprocess.CompletedProcess:
     """Run ``probe`` (after _SILENT_PEER) in a user + network namespace of its own; skip where that cannot be."""
     import shutil
 
-    from nbconn.lab import namespace
+    from nbconn.lab import namespace_unavailable_reason
 
-    reason = namespace.unavailable_reason()
+    reason = namespace_unavailable_reason()
     if reason:
         pytest.skip(reason)
     missing = [tool for tool in ("ip", "unshare") + tools if not shutil.which(tool)]
