@@ -180,8 +180,8 @@ class LabPanel:
         self.numbers: dict[str, w.Text] = {}
         self.unset: dict[str, w.Checkbox] = {}
         for name, label, source in NUMBER_OPTIONS:
-            box = w.Text(value="", placeholder=_kernel_default(source), description=label, style=wide,
-                         layout={"width": "460px"})
+            box = w.Text(value="", placeholder=_kernel_default(source), description=label,
+                         style={"description_width": "220px"}, layout={"width": "560px"})
             unset = w.Checkbox(value=True, description="unset", indent=False, layout={"width": "90px"})
             box.observe(lambda change, u=unset: setattr(u, "value", not change["new"].strip()), names="value")
             unset.observe(lambda change, b=box: change["new"] and setattr(b, "value", ""), names="value")
@@ -784,7 +784,9 @@ def _trace_html(res) -> str:
     return (f"<table class='nbconn-trace' {_TABLE}><thead><tr><th {_NUM}>step</th><th {_NUM}>called at</th>"
             f"<th {_NUM}>took</th><th {_CELL}>syscall</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
             f"<div style='color:#666;font-size:90%;{TEXT}'>step: which of the five steps (notebook 00); times from "
-            "just before socket(); <i>took</i>: how long the call itself ran (for epoll_wait: how long it waited; timer events take no time)</div>")
+            "just before socket(); <i>took</i>: how long the call itself ran (for epoll_wait: how long it waited; timer events take no time). "
+            "The panel's epoll_wait wakes at least every 100 ms to see whether Stop was pressed, so its timeout reads 100 "
+            "or less; nginx's waits until its next timer</div>")
 
 
 def _options_html(res) -> str:

@@ -65,6 +65,19 @@ def _add_mermaid(app: Sphinx, pagename: str, templatename: str, context: dict, d
     app.add_js_file(None, body=MERMAID_START)
 
 
+def _drop_init_directives(app: Sphinx, doctree: nodes.document) -> None:
+    """A diagram's ``%%{init: ...}%%`` line (notebook 00 asks JupyterLab for larger text with one) stops the book's
+    Mermaid bundle from drawing that diagram at all, with no error: the book drops the line (its CSS sizes text)."""
+    from sphinxcontrib.mermaid import mermaid as mermaid_node
+
+    for node in doctree.findall(mermaid_node):
+        code = node.get("code", "")
+        lines = code.splitlines()
+        kept = [line for line in lines if not line.strip().startswith("%%{init")]
+        if len(kept) != len(lines):
+            node["code"] = "\n".join(kept)
+
+
 def _widget_note(app: Sphinx, doctree: nodes.document) -> None:
     for raw in list(doctree.findall(nodes.raw)):
         if raw.get("format") != "html" or WIDGET_VIEW not in raw.astext():
@@ -117,4 +130,5 @@ def setup(app: Sphinx) -> dict:
     app.connect("builder-inited", _use_local_mermaid)
     app.connect("html-page-context", _add_mermaid)
     app.connect("doctree-read", _widget_note)
+    app.connect("doctree-read", _drop_init_directives)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -25,9 +25,14 @@
       if (!pre.dataset.nbconnSource) pre.dataset.nbconnSource = pre.textContent;
     });
   }
+  var drawnDark = null;  // the theme the diagrams were last drawn in
   function redrawMermaid() {
     if (!window.mermaid) return;
     var dark = document.documentElement.dataset.theme === "dark";
+    // The theme script re-announces the same theme while the page settles: redraw only on a real change, never
+    // while the first drawing may still run.
+    if (dark === drawnDark) return;
+    drawnDark = dark;
     window.mermaid.initialize({startOnLoad: false, theme: dark ? "dark" : "default", securityLevel: "strict"});
     var pres = document.querySelectorAll("pre.mermaid");
     var kept = Array.prototype.filter.call(pres, function (pre) { return !!pre.dataset.nbconnSource; });
@@ -42,6 +47,7 @@
   // is watched only after that first drawing (the theme sets data-theme itself while the page loads).
   document.addEventListener("DOMContentLoaded", function () { keepMermaidSources(); linkFigures(); });
   window.addEventListener("load", function () {
+    drawnDark = document.documentElement.dataset.theme === "dark";  // what the first drawing (at load) uses
     setTimeout(function () {
       new MutationObserver(function (changes) {
         if (changes.some(function (c) { return c.attributeName === "data-theme"; })) redrawMermaid();
