@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbconn: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            # Ctrl-C while a class body was being set up: Python 3.10 wraps it ("Error calling __set_name__")
+            print("nbconn: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         # The lab or the wire cannot run here, a lab helper is gone: the inputs were fine, so exit 1 (2 is bad
         # input only), in one line.
         print(f"nbconn: failed: {one_line(str(exc))}", file=sys.stderr)
