@@ -336,6 +336,17 @@ class _CSocket:
         self.close()
 
 
+
+def _take_verdict(result: Result, answer, err: int) -> None:
+    """The verdict table's answer for a decided attempt, written into its Result (one place for both the
+    fresh connect and a reused keepalive connection)."""
+    result.outcome = answer.outcome
+    result.errno = err and errno_name(err) or None
+    result.ngx_decision = answer.ngx_code
+    result.ngx_next = answer.ngx_next
+    result.ngx_log = answer.log
+    result.ngx_level = answer.level
+
 class Attempt:
     """One connect, from socket() to a decision.  Drive it with a :class:`nbconn.loop.Loop`.
 
@@ -615,12 +626,7 @@ class Attempt:
             self.timer = None  # the timer refers to this attempt: drop the cycle so memory frees at once
         result = self.result
         result.handshake_ns = decided_ns - self._t_connect
-        result.outcome = answer.outcome
-        result.errno = err and errno_name(err) or None
-        result.ngx_decision = answer.ngx_code
-        result.ngx_next = answer.ngx_next
-        result.ngx_log = answer.log
-        result.ngx_level = answer.level
+        _take_verdict(result, answer, err)
         plan = self.plan
         if plan.tcp_info and self.target.family != _AF_UNIX and (err == 0 or result.timer_fired):
             # connected: the kernel's RTT estimate; ended by the timer: how many SYNs went out before it fired
@@ -723,10 +729,5 @@ def reuse(kept: Result, *, trace: bool = True) -> Result:
     if trace:
         result.recorder()(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, SEND_REQUEST))
     answer = verdict("so_error", err)
-    result.outcome = answer.outcome
-    result.errno = err and errno_name(err) or None
-    result.ngx_decision = answer.ngx_code
-    result.ngx_next = answer.ngx_next
-    result.ngx_log = answer.log
-    result.ngx_level = answer.level
+    _take_verdict(result, answer, err)
     return result
