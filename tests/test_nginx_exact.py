@@ -22,7 +22,7 @@ import nbconn
 from nbconn import nginx
 from nbconn.lab import blackhole, listening
 
-from .conftest import require_tool
+from .conftest import require_tool, wait_for
 
 CHILD = """
 import os, sys
@@ -148,17 +148,6 @@ if kept is not None:
     kept.close()
 print(res.outcome)
 """
-
-
-def _until(predicate, timeout_s=10.0):
-    """The one polling helper of this module: ``predicate()`` until it is truthy, bounded in count and time."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(10_000):
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
-    return predicate()
 
 
 def _normalise(call, fd):
@@ -299,7 +288,7 @@ def _side_by_side(peer, connect_to, *, extra=(), requests=1, keepalive=0, status
         require_tool("nginx")
     with _Nginx([str(peer)], extra=extra, keepalive=keepalive) as ng:
         assert [ng.request() for _ in range(requests)] == [status] * requests
-        runs = _until(lambda: (r := _worker_calls(ng.strace_lines(), connect_to)) and len(r) >= requests and r)
+        runs = wait_for(lambda: (r := _worker_calls(ng.strace_lines(), connect_to)) and len(r) >= requests and r)
     assert runs and len(runs) >= requests, ng.strace_lines()[-40:]
     return runs
 
@@ -481,8 +470,8 @@ def _nginx_handler_and_events(peer, port):
             handler = re.search(r"http upstream (process header|send request handler)", rest)
             return ev and handler and (int(ev.group(1), 16), handler.group(1))
 
-        found = _until(parsed)
-        connect_time = _until(ng.access_log)[0].connect_time[0]  # $upstream_connect_time, None for "-"
+        found = wait_for(parsed)
+        connect_time = wait_for(ng.access_log)[0].connect_time[0]  # $upstream_connect_time, None for "-"
     assert found, "no upstream event in nginx's debug log"
     return (*found, connect_time)
 
