@@ -161,12 +161,13 @@ CONNECT_ERRNOS = tuple(sorted({
 #: prohibit route) and EPERM (an IPsec policy with action block; tests/test_why.py measures it).  EPERM is not
 #: a netfilter verdict: tcp_connect (net/ipv4/tcp_output.c) passes on only -ECONNREFUSED from sending the
 #: first SYN, a resend's transmit error is not stored in sk_err or sk_err_soft, so a netfilter DROP looks like
-#: a lost SYN and the connect ends ETIMEDOUT.  Missing from the tuple: EINVAL, which a blackhole route met by a
-#: resend leaves the same way (tests/test_why.py measures each route case and the IPsec one).
+#: a lost SYN and the connect ends ETIMEDOUT.  A blackhole route met by a resend leaves EINVAL the same way
+#: (tests/test_why.py measures each route case and the IPsec one).
 SO_ERROR_ERRNOS = tuple(sorted({
     _errno.ECONNREFUSED, _errno.ETIMEDOUT, _errno.ECONNRESET, _errno.ENETUNREACH, _errno.EHOSTUNREACH,
     _errno.ENOPROTOOPT, _errno.EMSGSIZE, _errno.EOPNOTSUPP, _errno.ENONET, _errno.EHOSTDOWN, _errno.EACCES,
     _errno.EPERM, _errno.EPROTO, _errno.ENETDOWN, _errno.EADDRNOTAVAIL, _errno.ENOBUFS, _errno.EPIPE,
+    _errno.EINVAL,
 }))
 
 
