@@ -417,7 +417,7 @@ def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: s
         ax.text(max(values), row, f"   p50 {median:.1f} ms (n={len(values)})", va="center", fontsize="small")
     for label, ms in (marks or {}).items():
         ax.axvline(ms, color="grey", linestyle="--", linewidth=1)
-        ax.text(ms, -0.75, f" {label}", fontsize="x-small", color="grey", va="bottom")
+        ax.text(ms, -0.75, f" {label}", fontsize="small", color="dimgrey", va="bottom")
     ax.set_yticks(range(len(samples)), list(samples), fontsize="small")
     ax.set_ylim(len(samples) - 0.4, -0.9)
     longest = max((max(v) for v in samples.values() if v), default=1.0)
