@@ -106,8 +106,10 @@ CASES += _stream_twins()
 
 
 def run_cli(*args, stdin=None, timeout=60):
+    # no input: stdin is /dev/null, not whatever pytest was given (a pipe into `why` is read as the log)
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
     return subprocess.run([sys.executable, "-m", "nbconn", "why", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, input=stdin)
+                          timeout=timeout, cwd=ROOT, **feed)
 
 
 @pytest.mark.parametrize("line, cause, step, err, level, tries, counts, notebook", CASES,
@@ -281,6 +283,15 @@ def assert_one_line_exit_2(proc, *words):
     assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     for word in words:
         assert word in stderr, stderr
+
+
+def test_a_pipe_into_why_is_read_as_the_log():
+    """`tail error.log | nbconn why` summarises, as --log - does; with nothing piped in it is a usage error."""
+    lines, expected = mixed_log()
+    piped = run_cli("--json", stdin="\n".join(lines) + "\n")
+    assert piped.returncode == 0, piped.stderr
+    check_summary(json.loads(piped.stdout), expected)
+    assert_one_line_exit_2(run_cli(), "give at least one LINE")
 
 
 @pytest.mark.parametrize("args, words", [

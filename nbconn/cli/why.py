@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 
 from . import EXIT_OK, UsageError, int_arg
@@ -97,11 +98,22 @@ def log_lines(stream):
         yield raw.decode("utf-8", "replace")
 
 
+def _stdin_is_piped() -> bool:
+    """A pipe or a file redirected into stdin (not a terminal, not /dev/null, not closed)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # closed, or replaced by an object without a descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def run(args) -> int:
     if args.log is not None and args.lines:
         raise UsageError("give LINEs or --log FILE, not both")
     if args.log is None and not args.lines:
-        raise UsageError("give at least one LINE, or --log FILE (- for stdin)")
+        if not _stdin_is_piped():
+            raise UsageError("give at least one LINE, or --log FILE (- for stdin)")
+        args.log = "-"  # `tail error.log | nbconn why`: what a pipe into it means
     if not 1 <= args.burst <= 1_000_000:
         raise UsageError(f"--burst {args.burst} is outside 1..1000000")
     if args.reproduce and args.log is not None:
