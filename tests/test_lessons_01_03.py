@@ -164,6 +164,7 @@ def test_nb02_timeval_is_what_so_sndtimeo_reads_back():
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, nb02.timeval(1.5))
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == nb02.timeval(1.5)
+    assert nb02.timeval(0.9999999) == nb02.timeval(1.0)  # a valid timeval: tv_usec stays below 1000000
     with pytest.raises(ValueError, match="seconds=-1"):
         nb02.timeval(-1)
     assert nb02.spread_ms([0.0012, 0.0117]) == "1.2 ms to 11.7 ms" and nb02.spread_ms([]) == "n/a"

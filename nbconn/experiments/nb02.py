@@ -37,7 +37,8 @@ def timeval(seconds: float) -> bytes:
     """A ``struct timeval`` for SO_SNDTIMEO / SO_RCVTIMEO (socket(7))."""
     if not 0 <= seconds < 1e6:
         raise ValueError(f"seconds={seconds!r} is outside 0..1e6")
-    return struct.pack("ll", int(seconds), round((seconds % 1) * 1e6))
+    whole, micro = divmod(round(seconds * 1e6), 1_000_000)  # 0.9999999 s is 1 s 0 µs, never 0 s 1000000 µs
+    return struct.pack("ll", whole, micro)
 
 
 def cpu_wait_ns() -> int | None:
