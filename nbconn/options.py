@@ -150,8 +150,9 @@ class Bind:
     text: str
 
 
-def parse_bind(value: object, family: int) -> Bind:
-    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"``, ``"[::1]"`` or ``(host, port)`` -> Bind for ``family``."""
+def parse_bind(value: object, family: int | None) -> Bind:
+    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"``, ``"[::1]"`` or ``(host, port)`` -> Bind for ``family``
+    (``None``: the address's own family; :func:`check_bind_family` then checks it against a target's)."""
     if isinstance(value, tuple) and len(value) == 2:
         host, port = value
     elif isinstance(value, str):
@@ -184,7 +185,7 @@ def parse_bind(value: object, family: int) -> Bind:
     if not 0 <= port <= 65535:
         raise ValueError(f"option bind={shown(value)}: port {shown(port)} is outside 0..65535")
     want = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    if family != want:
+    if family is not None and family != want:
         raise ValueError(f"option bind={shown(value)} is {want.name} but the target is "
                          f"{socket.AddressFamily(family).name}")
     # text: the address as nginx names it in "bind(...) failed" -- proxy_bind's value as written
@@ -200,8 +201,10 @@ def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSp
     """Validate keyword options for a target of ``family``.
 
     Returns the (spec, value) pairs in application order and the parsed bind
-    address.  With ``family=None`` only the family-independent checks run.  ``None`` means "leave the kernel's default": nothing is set, just
-    as nginx skips an option it was not configured with.  ``False`` sets 0.
+    address.  With ``family=None`` only the family-independent checks run (what
+    :class:`nbconn.settings.Settings` runs once); :func:`fit_family` is the rest.
+    ``None`` means "leave the kernel's default": nothing is set, just as nginx skips
+    an option it was not configured with.  ``False`` sets 0.
     """
     unknown = [name for name in options if name not in OPTIONS and name not in FLOW_SETTINGS]
     if unknown:
@@ -210,15 +213,23 @@ def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSp
     planned = []
     for name, spec in OPTIONS.items():
         value = options.get(name)
-        if value is None:
-            continue
-        value = spec.validate(value)
-        if family is not None and family not in spec.families:
-            raise ValueError(f"option {name} does not apply to a {socket.AddressFamily(family).name} target")
-        planned.append((spec, value))
+        if value is not None:
+            planned.append((spec, spec.validate(value)))
     bind = options.get("bind")
-    if bind is not None and family is not None:
+    if family is None:
+        return planned, None
+    return fit_family(planned, None if bind is None else parse_bind(bind, None), family)
+
+
+def fit_family(planned: list, bind: Bind | None, family: int) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:
+    """The checks that need the target's family, on options already validated: ValueError naming the option."""
+    for spec, _ in planned:
+        if family not in spec.families:
+            raise ValueError(f"option {spec.name} does not apply to a {socket.AddressFamily(family).name} target")
+    if bind is not None:
         if family == socket.AF_UNIX:
-            raise ValueError(f"option bind={shown(bind)} does not apply to an AF_UNIX target")
-        bind = parse_bind(bind, family)
+            raise ValueError(f"option bind={shown(bind.text)} does not apply to an AF_UNIX target")
+        if bind.family != family:
+            raise ValueError(f"option bind={shown(bind.text)} is {socket.AddressFamily(bind.family).name} but the "
+                             f"target is {socket.AddressFamily(family).name}")
     return planned, bind

@@ -61,7 +61,7 @@ def test_false_sets_zero_and_none_leaves_default():
         ({"syncnt": 128}, "syncnt=128"),
         ({"keepalive": "yes"}, "keepalive must be True or False"),
         ({"linger": -1}, "linger=-1"),
-        ({"nosuch": 1}, "unknown socket option 'nosuch'"),
+        ({"nosuch": 1}, "unknown setting 'nosuch'"),
         ({"bind": "::1"}, "AF_INET6 but the target is AF_INET"),
         ({"bind": "127.0.0.1:99999"}, "99999"),
         ({"bind": "nope"}, "'nope' is not an IP address"),
@@ -154,9 +154,10 @@ def test_transparent_comes_first_in_the_local_address_block_and_its_failure_is_n
 
     from nbconn.flow import DONE, Attempt, make_plan
     from nbconn.loop import Loop
+    from nbconn.settings import Settings
     from nbconn.targets import parse_target
 
-    plan = make_plan(socket.AF_INET, options={"bind": "127.0.0.2", "transparent": True}, nginx_exact=True)
+    plan = make_plan(socket.AF_INET, Settings(bind="127.0.0.2", transparent=True, nginx_exact=True))
     assert [spec.name for spec, *_ in plan.local_args] == ["transparent", "bind_address_no_port"]
     spec = OPTIONS["transparent"]
     bad = dataclasses.replace(plan, local_args=((spec, b"", "[]", 0), *plan.local_args[1:]))
