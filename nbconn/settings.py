@@ -89,7 +89,8 @@ class Settings:
     def __setattr__(self, name, value):
         raise AttributeError(f"Settings are immutable: use settings.replace({name}=...) for a changed copy")
 
-    __delattr__ = __setattr__
+    def __delattr__(self, name):
+        raise AttributeError(f"Settings are immutable: {name} cannot be deleted")
 
     # -- as keywords -------------------------------------------------------------------------
     def keywords(self) -> dict:

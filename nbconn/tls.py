@@ -890,7 +890,8 @@ def connect_tls(target, client: TLSClient | None = None, settings: Settings | No
     if client is None:
         client = TLSClient()
     elif not isinstance(client, TLSClient):
-        raise TypeError(f"client must be a TLSClient, got {validate.shown(client)}")
+        raise TypeError(f"client must be a TLSClient, got {validate.shown(client)}"
+                        + (" (a Settings goes third, or as settings=)" if isinstance(client, Settings) else ""))
     if settings.trigger != "edge":
         raise ValueError(f"connect_tls runs on edge-triggered epoll only (nginx's EPOLLET), not "
                          f"trigger={validate.shown(settings.trigger)}")
