@@ -35,9 +35,11 @@ is why every option is *read back* with getsockopt and both values are kept
 (nginx reads nothing back, and neither does nginx-exact mode).
 
 Each option is described once in :data:`OPTIONS` (name, level, optname, value
-kind, range).  :func:`plan_options` validates a user's keyword arguments
+kind, range).  :func:`check_options` validates a user's keyword arguments
 against that table -- a ValueError/TypeError naming the bad value, before any
-socket exists -- and returns the ordered list the flow applies.
+socket exists -- and returns the ordered list the flow applies; it runs once, when a
+:class:`nbconn.settings.Settings` is made.  :func:`fit_family` adds the checks that
+need the target's family, when :func:`nbconn.flow.make_plan` compiles the Settings.
 """
 
 from __future__ import annotations
@@ -137,10 +139,6 @@ OPTIONS: dict[str, OptionSpec] = {
     )
 }
 
-#: Keyword arguments of the flow that are not setsockopt calls.
-FLOW_SETTINGS = ("bind",)
-
-
 @dataclass(frozen=True)
 class Bind:
     """A local address to bind() before connect() (nginx: proxy_bind)."""
@@ -197,28 +195,14 @@ def parse_bind(value: object, family: int | None) -> Bind:
     return Bind(want, (str(ip), port, 0, 0), text)
 
 
-def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:
-    """Validate keyword options for a target of ``family``.
+def check_options(options: dict) -> list[tuple[OptionSpec, object]]:
+    """Each socket option given, validated by its spec, as (spec, value) pairs in :data:`OPTIONS` order.
 
-    Returns the (spec, value) pairs in application order and the parsed bind
-    address.  With ``family=None`` only the family-independent checks run (what
-    :class:`nbconn.settings.Settings` runs once); :func:`fit_family` is the rest.
-    ``None`` means "leave the kernel's default": nothing is set, just as nginx skips
-    an option it was not configured with.  ``False`` sets 0.
+    The names must be OPTIONS' (:class:`nbconn.settings.Settings` refuses any other first).  ``None`` means
+    "leave the kernel's default": nothing is set, just as nginx skips an option it was not configured with.
+    ``False`` sets 0.  What needs the target's family is :func:`fit_family`'s.
     """
-    unknown = [name for name in options if name not in OPTIONS and name not in FLOW_SETTINGS]
-    if unknown:
-        known = ", ".join([*OPTIONS, *FLOW_SETTINGS])
-        raise TypeError(f"unknown socket option {shown(unknown[0])} (known: {known})")
-    planned = []
-    for name, spec in OPTIONS.items():
-        value = options.get(name)
-        if value is not None:
-            planned.append((spec, spec.validate(value)))
-    bind = options.get("bind")
-    if family is None:
-        return planned, None
-    return fit_family(planned, None if bind is None else parse_bind(bind, None), family)
+    return [(spec, spec.validate(options[name])) for name, spec in OPTIONS.items() if options.get(name) is not None]
 
 
 def fit_family(planned: list, bind: Bind | None, family: int) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from . import validate
-from .options import OPTIONS, Bind, parse_bind, plan_options
+from .options import OPTIONS, check_options, parse_bind
 
 #: The settings of the flow itself (not socket options), with their defaults, in the order repr shows them.
 FLOW_DEFAULTS = {"timeout": 5.0, "nonblocking": "ioctl", "trigger": "edge", "keep": False, "trace": True,
@@ -69,7 +69,7 @@ class Settings:
         if unknown:
             raise TypeError(f"unknown setting {validate.shown(unknown[0])} (settings: {', '.join(FLOW_DEFAULTS)}; "
                             f"socket options: {', '.join(OPTIONS)}, bind)")
-        planned, _ = plan_options(options, None)  # types and ranges; what needs the family: make_plan
+        planned = check_options(options)  # types and ranges; what needs the family: make_plan
         local = None if bind is None else parse_bind(bind, None)  # its syntax; whether it fits the target: make_plan
         set_ = object.__setattr__
         set_(self, "timeout", timeout)
@@ -127,7 +127,7 @@ class Settings:
     def __repr__(self) -> str:
         # only what differs from the defaults: Settings(timeout=1.0, rcvbuf=4096)
         parts = [f"{name}={getattr(self, name)!r}" for name, default in FLOW_DEFAULTS.items()
-                 if getattr(self, name) != default or type(getattr(self, name)) is not type(default)]
+                 if getattr(self, name) != default]
         parts += [f"{name}={value!r}" for name, value in self.options.items()]
         if self.bind is not None:
             parts.append(f"bind={self.bind!r}")
