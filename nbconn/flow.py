@@ -205,15 +205,18 @@ def make_plan(family: int, settings: Settings) -> Plan:
     timeout_ns = int(settings.timeout * 1e9)
     if nginx_exact:
         _load_libc()
-    return Plan(family, tuple(planned), bind, settings.nonblocking, mask, timeout_ns, settings.keep, settings.trace,
-                settings.tcp_info and not nginx_exact, settings.requested(),
-                nginx_exact, socket.AddressFamily(family).name, event_names(mask),
-                tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
-                timeout_ns // 1_000_000,
-                # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
-                ("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
-                 (socket.AddressFamily(family).name, "0" if family == _AF_UNIX else "IPPROTO_IP")),
-                tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in local))
+    family_name = socket.AddressFamily(family).name
+    return Plan(
+        family=family, options=tuple(planned), bind=bind, nonblocking=settings.nonblocking, mask=mask,
+        timeout_ns=timeout_ns, keep=settings.keep, trace=settings.trace,
+        tcp_info=settings.tcp_info and not nginx_exact, requested=settings.requested(), nginx_exact=nginx_exact,
+        family_name=family_name, mask_names=event_names(mask),
+        setsockopt_args=tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
+        timeout_ms=timeout_ns // 1_000_000,
+        # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
+        socket_call=("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
+                     (family_name, "0" if family == _AF_UNIX else "IPPROTO_IP")),
+        local_args=tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in local))
 
 
 def plans_by_family(targets, settings: Settings) -> dict:
