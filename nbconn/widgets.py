@@ -140,12 +140,16 @@ class LabPanel:
     """The panel.  ``panel.widget`` is the VBox to display; the panel also displays itself."""
 
     def __init__(self, *, scenarios=None, compact: bool = False, scenario: str = "listening peer",
-                 timeout: float = 1.0, settings: Settings | None = None) -> None:
-        # settings=: the controls start from a Settings (its timer replaces ``timeout``); what the panel has no
-        # control for is refused here, naming it, before any widget exists
+                 timeout: float | None = None, settings: Settings | None = None) -> None:
+        # settings=: the controls start from a Settings; what the panel has no control for is refused here,
+        # naming it, before any widget exists.  timeout= alone sets the timer (1 s when neither is given).
         if settings is not None:
+            if timeout is not None:
+                raise TypeError("LabPanel: pass a Settings or timeout=, not both (settings.replace(timeout=...))")
             _check_shown_by_panel(settings)
             timeout = settings.timeout
+        elif timeout is None:
+            timeout = 1.0
         names = list(scenarios or SCENARIO_BY_LABEL)
         self.compact = compact
         self.wire_reason = lab.wire_unavailable_reason() if "impaired" in {SCENARIO_BY_LABEL[n] for n in names} else None

@@ -215,6 +215,11 @@ def test_nginx_exact_through_the_panel():  # (the timeline's figure opens matplo
         panel.connect()
         assert panel.result is not None and panel.result.connected, panel.status_text
         assert _exact(panel.result) and "nginx-exact" in panel.result_header.value
+        panel.count.value, panel.concurrency.value = "4", "2"
+        panel.run()  # Run N: connect_many with the same Settings
+        run = panel.runs[-1]
+        assert run.outcome == ["connected"] * 4, panel.status_text
+        assert run.settings["nginx_exact"] is True and run.tcpi_rtt_ms == [None] * 4  # nginx reads no TCP_INFO
     finally:
         panel.stop()
         assert panel.wait(15)
@@ -222,6 +227,8 @@ def test_nginx_exact_through_the_panel():  # (the timeline's figure opens matplo
         widgets.LabPanel(settings=Settings(linger=0))
     with pytest.raises(ValueError, match="keepalive=False has no control"):
         widgets.LabPanel(settings=Settings(keepalive=False))
+    with pytest.raises(TypeError, match="LabPanel: pass a Settings or timeout=, not both"):
+        widgets.LabPanel(settings=Settings(), timeout=2.0)
 
 
 def _cli(*args):
