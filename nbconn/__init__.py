@@ -16,6 +16,7 @@ Quick start::
         print(res.trace())
 
 The public surface here: :func:`connect`, :func:`connect_many` (:mod:`nbconn.api`),
+:class:`Settings` (:mod:`nbconn.settings`: how to connect, validated once; every entry point takes one),
 :class:`Result`, :class:`Step` (:mod:`nbconn.result`), :class:`Target`,
 :func:`parse_target` (:mod:`nbconn.targets`).  Everything else is a module of its own,
 imported by name (``from nbconn import lab, measure, plots``); README.md's Architecture
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _PUBLIC = {
-    "connect": "api", "connect_many": "api",
+    "connect": "api", "connect_many": "api", "Settings": "settings",
     "Result": "result", "Step": "result",
     "Target": "targets", "parse_target": "targets",
 }

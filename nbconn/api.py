@@ -1,7 +1,7 @@
 """The two calls most users need: :func:`connect` and :func:`connect_many`.
 
-Both validate everything first -- targets, timeout, options -- so bad input
-raises ValueError/TypeError naming the value before any socket exists.  Then
+Both take a :class:`nbconn.settings.Settings` (or build one from their keywords) and parse every
+target first, so bad input raises ValueError/TypeError naming the value before any socket exists.  Then
 they drive :class:`nbconn.flow.Attempt` objects on one :class:`nbconn.loop.Loop`,
 the way one nginx worker drives all its upstream connects on one epoll
 instance.  Every descriptor they open is closed before they return (unless you
@@ -13,9 +13,10 @@ from __future__ import annotations
 import itertools
 
 from . import validate
-from .flow import DONE, Attempt, Plan, check_settings, make_plan
+from .flow import DONE, Attempt, make_plan, plans_by_family
 from .loop import Loop
 from .result import Result
+from .settings import Settings, given
 from .targets import Target, parse_target
 
 MAX_CONCURRENCY = validate.MAX_CONCURRENCY
@@ -31,32 +32,21 @@ MAX_CONCURRENCY = validate.MAX_CONCURRENCY
 _START_BATCH = 16
 
 
-def connect(target, *, timeout: float = 5.0, nonblocking: str = "ioctl", trigger: str = "edge",
-            keep: bool = False, trace: bool = True, tcp_info: bool = True, nginx_exact: bool = False,
-            **options) -> Result:
+def connect(target, settings: Settings | None = None, **keywords) -> Result:
     """Connect once, nginx's way, and return the :class:`~nbconn.result.Result`.
 
     ``target``: "HOST:PORT", "[V6ADDR]:PORT", "unix:/path" or (host, port).
-    ``timeout``: the connect timer in seconds (nginx: proxy_connect_timeout).
-    ``nonblocking``: "ioctl" (FIONBIO, nginx's way), "fcntl" (O_NONBLOCK) or "setblocking".
-    ``trigger``: "edge" (EPOLLET, nginx's way) or "level".
-    ``keep``: keep a connected socket in ``result.sock`` (use the Result as a
-    context manager, or call ``result.close()``).  Off by default: a notebook's
-    ``Out[]`` history holds every Result, and with it every kept descriptor.
-    ``trace``: record every step with its duration (``result.trace()``).
-    ``tcp_info``: read TCP_INFO from a connected TCP socket.
-    ``nginx_exact``: make exactly nginx's syscalls (no SOCK_CLOEXEC, no option
-    read-back, no TCP_INFO, no EPOLL_CTL_DEL before close), see :mod:`nbconn.flow`.
-    ``**options``: socket options, see :data:`nbconn.options.OPTIONS` (rcvbuf=,
-    sndbuf=, keepalive=, nodelay=, reuseaddr=, linger=, syncnt=, user_timeout=,
-    bind_address_no_port=) and ``bind="HOST[:PORT]"``.
+    ``settings``: a :class:`~nbconn.settings.Settings`, or its keywords here instead (not both):
+    ``timeout`` (5 s: proxy_connect_timeout), ``nonblocking`` ("ioctl", nginx's FIONBIO), ``trigger``
+    ("edge", nginx's EPOLLET), ``keep`` (keep a connected socket in ``result.sock``; off by default: a
+    notebook's ``Out[]`` history holds every Result, and with it every kept descriptor), ``trace``,
+    ``tcp_info``, ``nginx_exact`` (exactly nginx's syscalls, see :mod:`nbconn.flow`), the socket options
+    of :data:`nbconn.options.OPTIONS` (rcvbuf=, keepalive=, ...) and ``bind="HOST[:PORT]"``.
     """
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
-                   nginx_exact=nginx_exact)
+    settings = given(settings, keywords, "connect")
     tgt = parse_target(target)
-    plan = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger, keep=keep,
-                     trace=trace, tcp_info=tcp_info, nginx_exact=nginx_exact, options=options)
-    with Loop(max_events=8, nginx_clock=nginx_exact) as loop:
+    plan = make_plan(tgt.family, settings)
+    with Loop(max_events=8, nginx_clock=settings.nginx_exact) as loop:
         attempt = Attempt(tgt, plan, loop)
         try:
             attempt.start()
@@ -68,32 +58,25 @@ def connect(target, *, timeout: float = 5.0, nonblocking: str = "ioctl", trigger
     return attempt.result
 
 
-def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblocking: str = "ioctl",
-                 trigger: str = "edge", keep: bool = False, trace: bool = True, tcp_info: bool = True,
-                 nginx_exact: bool = False, on_result=None, stop=None, **options) -> list[Result]:
+def connect_many(targets, settings: Settings | None = None, *, concurrency: int = 64, on_result=None, stop=None,
+                 **keywords) -> list[Result]:
     """Connect to every target with at most ``concurrency`` handshakes in flight on one epoll loop.
 
-    Returns one Result per target, in target order.  Sockets are closed unless
-    ``keep=True`` (then connected Results hold theirs).  ``on_result(i, result)``
-    is called as each attempt is decided (progress bars use it).  ``stop`` is
+    ``settings``: as for :func:`connect` (a Settings, or its keywords).  Returns one Result per target, in
+    target order.  Sockets are closed unless ``keep=True`` (then connected Results hold theirs).
+    ``on_result(i, result)`` is called as each attempt is decided (progress bars use it).  ``stop`` is
     an optional callable; when it returns True no new attempt starts and the
     ones in flight are aborted (a Stop button uses it); their Results and those
     never started have outcome "error" and errno "ECANCELED".
     """
+    settings = given(settings, keywords, "connect_many")
     validate.integer("concurrency", concurrency, 1, MAX_CONCURRENCY)
     if on_result is not None and not callable(on_result):
         raise TypeError(f"on_result must be callable, got {validate.shown(on_result)}")
     if stop is not None and not callable(stop):
         raise TypeError(f"stop must be callable, got {validate.shown(stop)}")
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
-                   nginx_exact=nginx_exact)
     parsed = _parse_all(_take(targets))
-    plans: dict[int, Plan] = {}
-    for tgt in parsed:
-        if tgt.family not in plans:
-            plans[tgt.family] = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger,
-                                          keep=keep, trace=trace, tcp_info=tcp_info, nginx_exact=nginx_exact,
-                                          options=options)
+    plans = plans_by_family(parsed, settings)
 
     n = len(parsed)
     results: list[Result | None] = [None] * n
@@ -109,7 +92,7 @@ def connect_many(targets, *, concurrency: int = 64, timeout: float = 5.0, nonblo
     # Every pending attempt has a timer, so waiting always ends within `timeout`; with a
     # stop callable, wake at least every 100 ms to ask it.
     max_wait_ns = 100_000_000 if stop is not None else None
-    with Loop(nginx_clock=nginx_exact) as loop:
+    with Loop(nginx_clock=settings.nginx_exact) as loop:
         next_index = 0
         try:
             while next_index < n or in_flight:

@@ -568,15 +568,10 @@ def _shown(call: tuple | None) -> str:
 
 def strace_side_by_side(target) -> Table | str:
     """connect_nonb and nbconn.connect(nginx_exact=True) under strace against ``target``, next to nginx's worker."""
-    import inspect
-
-    from .api import connect
-
     host, port = target.rsplit(":", 1)
-    exact = "nginx_exact" in inspect.signature(connect).parameters
     try:
         plain = strace_python(f"from nbconn.connect_nonb import connect_nonb; connect_nonb({host!r}, {int(port)})")
-        ours = strace_python(f"import nbconn; nbconn.connect({target!r}{', nginx_exact=True' if exact else ''})")
+        ours = strace_python(f"import nbconn; nbconn.connect({target!r}, nginx_exact=True)")
     except FileNotFoundError as exc:
         return f"{exc}: this comparison is skipped (the test suite runs it where strace exists)."
     worker = list(NGINX_WORKER_CALLS)
@@ -585,8 +580,7 @@ def strace_side_by_side(target) -> Table | str:
         cells = [c[i] if i < len(c) else None for c in (plain, ours, worker)]
         rows.append([_shown(c) for c in cells] + ["yes" if cells[0] == cells[1] == cells[2] else "NO"])
     same = sum(r[3] == "yes" for r in rows)
-    title = (f"syscalls on the socket, in order: {same} of {len(rows)} rows identical in all three"
-             + ("" if exact else " (nbconn.connect without nginx_exact on this version)"))
+    title = f"syscalls on the socket, in order: {same} of {len(rows)} rows identical in all three"
     return Table(["connect_nonb (this notebook)", "nbconn.connect(nginx_exact=True)",
                   "nginx 1.22.1 worker (recorded)", "same"], rows, title=title, highlight=lambda r: r[3] != "yes")
 

@@ -38,9 +38,10 @@ import time
 from dataclasses import dataclass, field
 
 from . import validate
-from .flow import Attempt, Plan, check_settings, make_plan
+from .flow import Attempt, plans_by_family
 from .loop import Loop
 from .result import Result
+from .settings import Settings, given
 from .strace import c_escape
 from .targets import Target, parse_target
 
@@ -120,31 +121,29 @@ class Race:
         self.close()
 
 
-def sequential(targets, *, timeout: float = 5.0, keep: bool = False, trace: bool = True, nonblocking: str = "ioctl",
-               trigger: str = "edge", nginx_exact: bool = False, **options) -> Race:
+def sequential(targets, settings: Settings | None = None, **keywords) -> Race:
     """nginx's walk: connect to each address in turn, the next only after the previous failed or timed out.
 
-    Each attempt is nginx's connect with ``timeout`` as its proxy_connect_timeout, so an
-    address that drops SYNs costs the whole timeout before the next one starts.
+    Each attempt is nginx's connect with the settings' ``timeout`` as its proxy_connect_timeout, so an
+    address that drops SYNs costs the whole timeout before the next one starts.  ``settings``: a
+    :class:`~nbconn.settings.Settings` or its keywords, as for :func:`nbconn.connect`.
     """
-    return _race(targets, None, timeout=timeout, keep=keep, trace=trace, nonblocking=nonblocking, trigger=trigger,
-                 nginx_exact=nginx_exact, options=options)
+    return _race(targets, None, given(settings, keywords, "sequential"))
 
 
-def happy_eyeballs(targets, *, delay: float = DEFAULT_DELAY, timeout: float = 5.0, keep: bool = False,
-                   trace: bool = True, nonblocking: str = "ioctl", trigger: str = "edge", nginx_exact: bool = False,
-                   **options) -> Race:
+def happy_eyeballs(targets, settings: Settings | None = None, *, delay: float = DEFAULT_DELAY, **keywords) -> Race:
     """RFC 8305 section 5: stagger the attempts by ``delay`` seconds; the first to connect wins.
 
     The next address starts ``delay`` after the previous one started, or at once when an
     attempt fails, whichever comes first.  Every attempt still has its own connect timer
-    (``timeout``).  The losers are cancelled (unregistered and closed) as soon as one wins.
-    ``nginx_exact=True``: every attempt makes exactly nginx's syscalls (a loser is then closed without
+    (the settings' ``timeout``).  The losers are cancelled (unregistered and closed) as soon as one wins.
+    ``settings``: a :class:`~nbconn.settings.Settings` or its keywords, as for :func:`nbconn.connect`;
+    with ``nginx_exact=True`` every attempt makes exactly nginx's syscalls (a loser is then closed without
     EPOLL_CTL_DEL, as nginx closes).
     """
+    settings = given(settings, keywords, "happy_eyeballs")
     delay = validate.number("delay", delay, 0, validate.MAX_TIMEOUT_S)
-    return _race(targets, delay, timeout=timeout, keep=keep, trace=trace, nonblocking=nonblocking, trigger=trigger,
-                 nginx_exact=nginx_exact, options=options)
+    return _race(targets, delay, settings)
 
 
 def _parse_targets(targets) -> list[Target]:
@@ -167,19 +166,10 @@ class _Stagger:
         self.fired = True
 
 
-def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bool, nonblocking: str, trigger: str,
-          nginx_exact: bool, options: dict) -> Race:
-    # Everything is checked before any socket exists.
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
-                   nginx_exact=nginx_exact)
-    validate.flag("keep", keep)
-    validate.flag("trace", trace)
+def _race(targets, delay: float | None, settings: Settings) -> Race:
+    # Everything is checked before any socket exists: the settings by the caller, the targets and families here.
     parsed = _parse_targets(targets)
-    plans: dict[int, Plan] = {}
-    for tgt in parsed:
-        if tgt.family not in plans:
-            plans[tgt.family] = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger=trigger,
-                                          keep=keep, trace=trace, nginx_exact=nginx_exact, options=options)
+    plans = plans_by_family(parsed, settings)
 
     race = Race(SEQUENTIAL if delay is None else HAPPY_EYEBALLS, delay, [c_escape(t.text) for t in parsed])
     delay_ns = None if delay is None else int(delay * 1e9)
@@ -208,7 +198,7 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
             race.elapsed_ns = _monotonic_ns() - t0
             event(f"{result.target} {result.outcome}" + (f" ({result.errno})" if result.errno else ""))
 
-    with Loop(max_events=max(8, len(parsed)), nginx_clock=nginx_exact) as loop:
+    with Loop(max_events=max(8, len(parsed)), nginx_clock=settings.nginx_exact) as loop:
         stagger, stagger_timer = None, None
         next_index = 0
         try:

@@ -105,16 +105,12 @@ from dataclasses import dataclass
 from . import socketsource, validate
 from .errors import ERROR, errno_name, verdict
 from .loop import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, NGINX_MASK, event_names
-from .options import OPTIONS, Bind, plan_options
+from .options import OPTIONS, Bind, fit_family
 from .result import Result
+from .settings import Settings
 from .strace import format_ns, sockaddr_len, sockaddr_text
 from .targets import Target, sockaddr_bytes
 from .tcpinfo import read_tcp_info_raw, rtt_us, total_retrans
-
-# Re-exported for callers that took the choices from here; their home is nbconn.validate.
-NONBLOCKING_METHODS = validate.NONBLOCKING_METHODS
-TRIGGERS = validate.TRIGGERS
-MAX_TIMEOUT = validate.MAX_TIMEOUT_S
 
 _FIONBIO, _FIONBIO_ON = termios.FIONBIO, struct.pack("i", 1)
 _monotonic_ns = time.monotonic_ns
@@ -172,7 +168,8 @@ INIT, CONNECTING, DONE = State.INIT, State.CONNECTING, State.DONE
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything about *how* to connect, validated once, shared by many attempts."""
+    """A :class:`~nbconn.settings.Settings` compiled for one address family (:func:`make_plan`): what its
+    attempts read, precomputed (the trace's texts, the encoded option values), shared by all of them."""
 
     family: int
     options: tuple  # ((OptionSpec, value), ...) in application order
@@ -193,48 +190,42 @@ class Plan:
     local_args: tuple = ()  # IP_BIND_ADDRESS_NO_PORT, set after ioctl(FIONBIO) and before bind(): as setsockopt_args
 
 
-def check_timeout(timeout: object) -> float:
-    """The connect timer in seconds: a number > 0 and at most a day (ValueError/TypeError naming it)."""
-    return validate.number("timeout", timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
+def make_plan(family: int, settings: Settings) -> Plan:
+    """Compile ``settings`` for a target of ``family``: the Plan its attempts share.
 
-
-def check_settings(*, timeout: object, nonblocking: object, trigger: object, options: dict,
-                   nginx_exact: object = False) -> None:
-    """The checks that do not depend on the target's family: run them before resolving anything."""
-    check_timeout(timeout)
-    validate.choice("nonblocking", nonblocking, validate.NONBLOCKING_METHODS)
-    validate.choice("trigger", trigger, validate.TRIGGERS)
-    if validate.flag("nginx_exact", nginx_exact) and (nonblocking, trigger) != ("ioctl", "edge"):
-        raise ValueError(f"nginx_exact=True makes nginx's calls: nonblocking='ioctl', trigger='edge' "
-                         f"(got nonblocking={validate.shown(nonblocking)}, trigger={validate.shown(trigger)})")
-    plan_options({k: v for k, v in options.items() if k != "bind"}, None)
-
-
-def make_plan(family: int, *, timeout: object = 5.0, nonblocking: str = "ioctl", trigger: str = "edge",
-              keep: bool = False, trace: bool = True, tcp_info: bool = True, nginx_exact: bool = False,
-              options: dict | None = None) -> Plan:
-    """Validate the settings of a connect for a target of ``family``; raise before any socket exists."""
-    options = dict(options or {})
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
-                   nginx_exact=nginx_exact)
-    for name, value in (("keep", keep), ("trace", trace), ("tcp_info", tcp_info)):
-        validate.flag(name, value)
-    timeout_ns = int(check_timeout(timeout) * 1e9)
-    planned, bind = plan_options(options, family)
+    The Settings was validated when it was made; only what needs the family is checked here (an option
+    that does not apply to it, a bind address of the other family): ValueError naming it, before any socket.
+    """
+    planned, bind = fit_family([(OPTIONS[name], value) for name, value in settings.options.items()],
+                               settings.local, family)
     local = local_address_options(planned, bind)
     planned = [(spec, value) for spec, value in planned if spec.name not in LOCAL_ADDRESS_OPTIONS]
-    mask = NGINX_MASK if trigger == "edge" else NGINX_MASK & ~EPOLLET
+    nginx_exact = settings.nginx_exact
+    mask = NGINX_MASK if settings.trigger == "edge" else NGINX_MASK & ~EPOLLET
+    timeout_ns = int(settings.timeout * 1e9)
     if nginx_exact:
         _load_libc()
-    return Plan(family, tuple(planned), bind, nonblocking, mask, timeout_ns, keep, trace,
-                tcp_info and not nginx_exact, {k: v for k, v in options.items() if v is not None},
-                nginx_exact, socket.AddressFamily(family).name, event_names(mask),
-                tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
-                timeout_ns // 1_000_000,
-                # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
-                ("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
-                 (socket.AddressFamily(family).name, "0" if family == _AF_UNIX else "IPPROTO_IP")),
-                tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in local))
+    family_name = socket.AddressFamily(family).name
+    return Plan(
+        family=family, options=tuple(planned), bind=bind, nonblocking=settings.nonblocking, mask=mask,
+        timeout_ns=timeout_ns, keep=settings.keep, trace=settings.trace,
+        tcp_info=settings.tcp_info and not nginx_exact, requested=settings.requested(), nginx_exact=nginx_exact,
+        family_name=family_name, mask_names=event_names(mask),
+        setsockopt_args=tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in planned),
+        timeout_ms=timeout_ns // 1_000_000,
+        # strace names protocol 0 IPPROTO_IP for AF_INET/AF_INET6, and prints 0 for AF_UNIX
+        socket_call=("socket({}, SOCK_STREAM, {})" if nginx_exact else "socket({}, SOCK_STREAM|SOCK_CLOEXEC, {})",
+                     (family_name, "0" if family == _AF_UNIX else "IPPROTO_IP")),
+        local_args=tuple((spec, spec.encode(value), spec.show(value), spec.size) for spec, value in local))
+
+
+def plans_by_family(targets, settings: Settings) -> dict:
+    """One Plan per address family among ``targets`` (parsed Targets): what connect_many and a race share."""
+    plans: dict[int, Plan] = {}
+    for target in targets:
+        if target.family not in plans:
+            plans[target.family] = make_plan(target.family, settings)
+    return plans
 
 
 #: Options nginx sets in the local-address block of ngx_event_connect_peer, after ngx_nonblocking and before

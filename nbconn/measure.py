@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from . import validate
 from .api import connect_many
 from .errors import OUTCOMES
-from .flow import check_settings
+from .flow import make_plan
+from .settings import Settings, given
 from .stats import PERCENTILES, percentiles  # measure.percentiles: the one rule lives in nbconn.stats
 from .strace import c_escape
 from .validate import shown
@@ -49,9 +50,9 @@ class Measurement:
 
     @classmethod
     def from_results(cls, results, *, label: str, scenario: str, timeout_s: float, concurrency: int,
-                     settings: dict | None = None) -> "Measurement":
+                     settings: dict | Settings | None = None) -> "Measurement":
         m = cls(label=label, scenario=scenario, timeout_s=timeout_s, concurrency=concurrency,
-                settings=dict(settings or {}))
+                settings=settings.to_dict() if isinstance(settings, Settings) else dict(settings or {}))
         t0 = min((r.started_ns for r in results if r.started_ns), default=0)
         for r in results:
             m.outcome.append(r.outcome)
@@ -179,9 +180,9 @@ def scenario_target(scenario: str, **wire):
     return _scenario(scenario, **wire)
 
 
-def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: float = 1.0,
+def run(target_or_scenario, settings: Settings | None = None, *, count: int = 100, concurrency: int = 1,
         progress: bool = False, label: str | None = None, delay_ms=None, jitter_ms=None, loss=None, seed=None,
-        nonblocking: str = "ioctl", trigger: str = "edge", nginx_exact: bool = False, **options) -> Measurement:
+        **keywords) -> Measurement:
     """Connect ``count`` times and return the :class:`Measurement`.
 
     ``target_or_scenario``: a target ("127.0.0.1:8080", a lab Peer, ...) or a
@@ -189,16 +190,19 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
     around the run; "impaired" builds the wire with ``delay_ms``,
     ``jitter_ms``, ``loss``, ``seed``).  ``concurrency=1`` connects one after
     another; more runs them through :func:`nbconn.connect_many`.
-    ``progress=True`` shows a tqdm bar (a widget in notebooks).  ``nginx_exact=True`` makes exactly
-    nginx's syscalls (see :mod:`nbconn.flow`); it is kept in ``settings`` only when on.
+    ``settings``: a :class:`~nbconn.settings.Settings` or its keywords, as for :func:`nbconn.connect`
+    (here the timer defaults to 1 s, and no socket is kept: ``keep=True`` is refused).
+    ``progress=True`` shows a tqdm bar (a widget in notebooks).  ``Measurement.settings`` keeps
+    :meth:`Settings.to_dict` (``nginx_exact`` only when on) and the wire's arguments.
     """
+    settings = given(settings, keywords, "measure.run", timeout=1.0)
+    if settings.keep:
+        raise ValueError("measure.run keeps no socket (a Measurement holds no Result): keep=True does not apply")
     count = validate.integer("count", count, 1, MAX_COUNT)
     concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
     validate.flag("progress", progress)
     if label is not None and not isinstance(label, str):
         raise TypeError(f"label must be a str, got {shown(label)}")
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger=trigger, options=options,
-                   nginx_exact=nginx_exact)
     wire = {k: v for k, v in (("delay_ms", delay_ms), ("jitter_ms", jitter_ms), ("loss", loss), ("seed", seed))
             if v is not None}
     is_scenario = isinstance(target_or_scenario, str) and target_or_scenario in validate.SCENARIOS
@@ -216,17 +220,12 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
         # Family-dependent settings (bind, and TCP-only options such as syncnt on a unix- scenario) are checked
         # for the scenario's family now: connect_many would refuse them only after the peer -- sockets, a
         # temporary directory, an acceptor thread -- was built.
-        from .flow import make_plan
         from .lab.scenarios import FAMILY
 
-        make_plan(FAMILY[target_or_scenario], timeout=timeout, nonblocking=nonblocking, trigger=trigger,
-                  nginx_exact=nginx_exact, options=options)
+        make_plan(FAMILY[target_or_scenario], settings)
     scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")
     # a target's own text as the default label, escaped as the trace escapes a path (a newline stays one line)
     label = label or (scenario if is_scenario else c_escape(str(target_or_scenario)))
-    settings = {"timeout": timeout, "nonblocking": nonblocking, "trigger": trigger, **options, **wire}
-    if nginx_exact:
-        settings["nginx_exact"] = True
 
     with contextlib.ExitStack() as stack:
         if is_scenario:
@@ -238,21 +237,22 @@ def run(target_or_scenario, *, count: int = 100, concurrency: int = 1, timeout: 
             stack.callback(bar.close)
         on_result = (lambda i, r: bar.update(1)) if bar is not None else None
         with client_side():
-            results = connect_many([target] * count, concurrency=concurrency, timeout=timeout,
-                                   nonblocking=nonblocking, trigger=trigger, nginx_exact=nginx_exact,
-                                   on_result=on_result, **options)
-    return Measurement.from_results(results, label=label, scenario=scenario, timeout_s=float(timeout),
-                                    concurrency=concurrency, settings=settings)
+            results = connect_many([target] * count, settings, concurrency=concurrency, on_result=on_result)
+    return Measurement.from_results(results, label=label, scenario=scenario, timeout_s=settings.timeout,
+                                    concurrency=concurrency, settings={**settings.to_dict(), **wire})
 
 
-def scaling(target_or_scenario, concurrencies, *, count: int = 1000, timeout: float = 2.0, **kwargs) -> list[dict]:
-    """Throughput and latency against concurrency: one :func:`run` per concurrency.
+def scaling(target_or_scenario, concurrencies, *, count: int = 1000, **kwargs) -> list[dict]:
+    """Throughput and latency against concurrency: one :func:`run` per concurrency (``kwargs``: :func:`run`'s,
+    a Settings included; the timer defaults to 2 s).
 
     Returns rows {"label", "concurrency", "count", "connects_per_s", "p50_ms", "p99_ms", "wall_s"}.
     """
+    if kwargs.get("settings") is None:
+        kwargs.setdefault("timeout", 2.0)
     rows = []
     for c in concurrencies:
-        m = run(target_or_scenario, count=count, concurrency=c, timeout=timeout, **kwargs)
+        m = run(target_or_scenario, count=count, concurrency=c, **kwargs)
         p = percentiles(m.handshake_ms)
         rows.append({"label": m.label, "concurrency": c, "count": len(m), "connects_per_s": m.rate_per_s,
                      "p50_ms": p.get("p50"), "p99_ms": p.get("p99"), "wall_s": m.wall_s})

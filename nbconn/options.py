@@ -35,9 +35,11 @@ is why every option is *read back* with getsockopt and both values are kept
 (nginx reads nothing back, and neither does nginx-exact mode).
 
 Each option is described once in :data:`OPTIONS` (name, level, optname, value
-kind, range).  :func:`plan_options` validates a user's keyword arguments
+kind, range).  :func:`check_options` validates a user's keyword arguments
 against that table -- a ValueError/TypeError naming the bad value, before any
-socket exists -- and returns the ordered list the flow applies.
+socket exists -- and returns the ordered list the flow applies; it runs once, when a
+:class:`nbconn.settings.Settings` is made.  :func:`fit_family` adds the checks that
+need the target's family, when :func:`nbconn.flow.make_plan` compiles the Settings.
 """
 
 from __future__ import annotations
@@ -137,10 +139,6 @@ OPTIONS: dict[str, OptionSpec] = {
     )
 }
 
-#: Keyword arguments of the flow that are not setsockopt calls.
-FLOW_SETTINGS = ("bind",)
-
-
 @dataclass(frozen=True)
 class Bind:
     """A local address to bind() before connect() (nginx: proxy_bind)."""
@@ -150,8 +148,9 @@ class Bind:
     text: str
 
 
-def parse_bind(value: object, family: int) -> Bind:
-    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"``, ``"[::1]"`` or ``(host, port)`` -> Bind for ``family``."""
+def parse_bind(value: object, family: int | None) -> Bind:
+    """``"127.0.0.2"``, ``"127.0.0.2:0"``, ``"[::1]:0"``, ``"[::1]"`` or ``(host, port)`` -> Bind for ``family``
+    (``None``: the address's own family; :func:`check_bind_family` then checks it against a target's)."""
     if isinstance(value, tuple) and len(value) == 2:
         host, port = value
     elif isinstance(value, str):
@@ -184,7 +183,7 @@ def parse_bind(value: object, family: int) -> Bind:
     if not 0 <= port <= 65535:
         raise ValueError(f"option bind={shown(value)}: port {shown(port)} is outside 0..65535")
     want = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    if family != want:
+    if family is not None and family != want:
         raise ValueError(f"option bind={shown(value)} is {want.name} but the target is "
                          f"{socket.AddressFamily(family).name}")
     # text: the address as nginx names it in "bind(...) failed" -- proxy_bind's value as written
@@ -196,29 +195,25 @@ def parse_bind(value: object, family: int) -> Bind:
     return Bind(want, (str(ip), port, 0, 0), text)
 
 
-def plan_options(options: dict, family: int | None) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:
-    """Validate keyword options for a target of ``family``.
+def check_options(options: dict) -> list[tuple[OptionSpec, object]]:
+    """Each socket option given, validated by its spec, as (spec, value) pairs in :data:`OPTIONS` order.
 
-    Returns the (spec, value) pairs in application order and the parsed bind
-    address.  With ``family=None`` only the family-independent checks run.  ``None`` means "leave the kernel's default": nothing is set, just
-    as nginx skips an option it was not configured with.  ``False`` sets 0.
+    The names must be OPTIONS' (:class:`nbconn.settings.Settings` refuses any other first).  ``None`` means
+    "leave the kernel's default": nothing is set, just as nginx skips an option it was not configured with.
+    ``False`` sets 0.  What needs the target's family is :func:`fit_family`'s.
     """
-    unknown = [name for name in options if name not in OPTIONS and name not in FLOW_SETTINGS]
-    if unknown:
-        known = ", ".join([*OPTIONS, *FLOW_SETTINGS])
-        raise TypeError(f"unknown socket option {shown(unknown[0])} (known: {known})")
-    planned = []
-    for name, spec in OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        value = spec.validate(value)
-        if family is not None and family not in spec.families:
-            raise ValueError(f"option {name} does not apply to a {socket.AddressFamily(family).name} target")
-        planned.append((spec, value))
-    bind = options.get("bind")
-    if bind is not None and family is not None:
+    return [(spec, spec.validate(options[name])) for name, spec in OPTIONS.items() if options.get(name) is not None]
+
+
+def fit_family(planned: list, bind: Bind | None, family: int) -> tuple[list[tuple[OptionSpec, object]], Bind | None]:
+    """The checks that need the target's family, on options already validated: ValueError naming the option."""
+    for spec, _ in planned:
+        if family not in spec.families:
+            raise ValueError(f"option {spec.name} does not apply to a {socket.AddressFamily(family).name} target")
+    if bind is not None:
         if family == socket.AF_UNIX:
-            raise ValueError(f"option bind={shown(bind)} does not apply to an AF_UNIX target")
-        bind = parse_bind(bind, family)
+            raise ValueError(f"option bind={shown(bind.text)} does not apply to an AF_UNIX target")
+        if bind.family != family:
+            raise ValueError(f"option bind={shown(bind.text)} is {socket.AddressFamily(bind.family).name} but the "
+                             f"target is {socket.AddressFamily(family).name}")
     return planned, bind

@@ -93,15 +93,16 @@ import socket
 import ssl
 import time
 from collections import namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import validate
 from .errors import (CONNECTED, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR,
                      NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_OK, errno_name,
                      strerror)
-from .flow import DONE, Attempt, check_settings, make_plan
+from .flow import DONE, Attempt, make_plan
 from .loop import Loop, event_names
 from .result import Result
+from .settings import Settings, given
 from .strace import c_escape, format_ns
 from .targets import parse_target
 
@@ -872,32 +873,37 @@ class _TLSAttempt(Attempt):
         super()._release(keep=keep)
 
 
-def connect_tls(target, client: TLSClient | None = None, *, timeout: float = 5.0, nonblocking: str = "ioctl",
-                trace: bool = True, nginx_exact: bool = False, last_try: bool = True, **options) -> TLSResult:
+def connect_tls(target, client: TLSClient | None = None, settings: Settings | None = None, *, last_try: bool = True,
+                **keywords) -> TLSResult:
     """Connect nginx's way, then run the upstream TLS handshake on the same socket and epoll loop.
 
-    ``client``: a :class:`TLSClient` (default: ``TLSClient()``, no verification, no reuse).  ``timeout``:
-    proxy_connect_timeout, bounding connect and handshake together when connect() needed EPOLLOUT.  The
-    ``last_try``: how a completed handshake is closed: nginx sends close_notify when it finalizes the request
-    (this was the last peer to try), and nothing when it moves on to the next peer (False).  The
-    other arguments are :func:`nbconn.connect`'s (edge-triggered epoll only: nginx's, and the one mode in
-    which the registration made before connect() serves the handshake unchanged).  Everything opened is
-    closed before this returns.
+    ``client``: a :class:`TLSClient` (default: ``TLSClient()``, no verification, no reuse).
+    ``settings``: a :class:`~nbconn.settings.Settings` or its keywords, as for :func:`nbconn.connect`;
+    its ``timeout`` is proxy_connect_timeout, bounding connect and handshake together when connect()
+    needed EPOLLOUT.  Edge-triggered epoll only (nginx's, and the one mode in which the registration made
+    before connect() serves the handshake unchanged); no ``keep`` (everything opened is closed before this
+    returns); no TCP_INFO is read.  ``last_try``: how a completed handshake is closed: nginx sends
+    close_notify when it finalizes the request (this was the last peer to try), and nothing when it moves
+    on to the next peer (False).
     """
+    settings = given(settings, keywords, "connect_tls")
     if client is None:
         client = TLSClient()
     elif not isinstance(client, TLSClient):
-        raise TypeError(f"client must be a TLSClient, got {validate.shown(client)}")
-    check_settings(timeout=timeout, nonblocking=nonblocking, trigger="edge", options=options,
-                   nginx_exact=nginx_exact)
+        raise TypeError(f"client must be a TLSClient, got {validate.shown(client)}"
+                        + (" (a Settings goes third, or as settings=)" if isinstance(client, Settings) else ""))
+    if settings.trigger != "edge":
+        raise ValueError(f"connect_tls runs on edge-triggered epoll only (nginx's EPOLLET), not "
+                         f"trigger={validate.shown(settings.trigger)}")
+    if settings.keep:
+        raise ValueError("connect_tls closes what it opens: keep=True does not apply")
     last_try = validate.flag("last_try", last_try)
     tgt = parse_target(target)
     if client.verify and client.name_for(tgt) is None:
         raise ValueError(f"target {validate.shown(target)}: verifying an AF_UNIX peer needs server_name "
                          "(the name to check the certificate against)")
-    plan = make_plan(tgt.family, timeout=timeout, nonblocking=nonblocking, trigger="edge", keep=False,
-                     trace=trace, tcp_info=False, nginx_exact=nginx_exact, options=options)
-    with Loop(max_events=8, nginx_clock=nginx_exact) as loop:
+    plan = replace(make_plan(tgt.family, settings), tcp_info=False)  # the handshake reads none
+    with Loop(max_events=8, nginx_clock=settings.nginx_exact) as loop:
         handshake = Handshake(client, tgt, loop, plan)
         handshake.last_try = last_try
         attempt = _TLSAttempt(tgt, plan, loop)

@@ -43,8 +43,8 @@ import ipywidgets as w
 from . import lab, validate
 from .api import connect_many
 from .plots import ALERT_COLOUR, OUTCOME_COLOURS  # the one palette
-from .flow import check_settings
 from .measure import Measurement
+from .settings import Settings
 from .strace import format_ns
 
 #: what the dropdown shows -> the scenario's name (one of nbconn.validate.SCENARIOS)
@@ -140,7 +140,16 @@ class LabPanel:
     """The panel.  ``panel.widget`` is the VBox to display; the panel also displays itself."""
 
     def __init__(self, *, scenarios=None, compact: bool = False, scenario: str = "listening peer",
-                 timeout: float = 1.0) -> None:
+                 timeout: float | None = None, settings: Settings | None = None) -> None:
+        # settings=: the controls start from a Settings; what the panel has no control for is refused here,
+        # naming it, before any widget exists.  timeout= alone sets the timer (1 s when neither is given).
+        if settings is not None:
+            if timeout is not None:
+                raise TypeError("LabPanel: pass a Settings or timeout=, not both (settings.replace(timeout=...))")
+            _check_shown_by_panel(settings)
+            timeout = settings.timeout
+        elif timeout is None:
+            timeout = 1.0
         names = list(scenarios or SCENARIO_BY_LABEL)
         self.compact = compact
         self.wire_reason = lab.wire_unavailable_reason() if "impaired" in {SCENARIO_BY_LABEL[n] for n in names} else None
@@ -173,6 +182,8 @@ class LabPanel:
                                        description="epoll", style=wide)
         self.nonblocking = w.Dropdown(options=[(NONBLOCKING_LABELS[m], m) for m in validate.NONBLOCKING_METHODS],
                                       value="ioctl", description="non-blocking via", style=wide, layout=row)
+        self.nginx_exact = w.Checkbox(description="nginx-exact: only nginx's syscalls (no read-back, no TCP_INFO)",
+                                      indent=False, layout={"width": "520px"})
         # A numeric option is either unset (the kernel's default: nothing is passed) or a value the API checks;
         # 0 is not a stand-in for "default" (the API rejects rcvbuf=0).  An unset box is empty, with the
         # kernel's default as its grey placeholder: typing anything un-ticks "unset" (even the value that was
@@ -236,6 +247,8 @@ class LabPanel:
         for control in self._inputs():
             control.observe(lambda _: self._inputs_changed(), names="value")
         self._sync_scenario()
+        if settings is not None:
+            self._show_settings(settings)
         self.widget = self._layout(compact)
 
     # -- layout ----------------------------------------------------------------------
@@ -249,7 +262,8 @@ class LabPanel:
         wire = w.VBox([self.delay_ms, self.jitter_ms, self.loss, self.wire_note])
         flags = w.VBox(list(self.flags.values()))
         numbers = w.VBox([w.HBox([self.numbers[n], self.unset[n]]) for n, _, _ in NUMBER_OPTIONS])
-        flow = w.VBox([timeout_row, self.trigger, self.nonblocking, self.count, self.concurrency, self.keep_runs])
+        flow = w.VBox([timeout_row, self.trigger, self.nonblocking, self.nginx_exact, self.count, self.concurrency,
+                       self.keep_runs])
         tabs = w.Tab(children=[w.VBox([self.scenario, self.scenario_note, self.use_burst_button, wire]), flow,
                                w.HBox([flags, numbers])])
         for i, title in enumerate(("scenario", "the flow", "socket options")):
@@ -273,7 +287,7 @@ class LabPanel:
     def _inputs(self) -> list:
         """Every control whose value changes what Connect or Run N does."""
         return [self.scenario, self.delay_ms, self.jitter_ms, self.loss, self.timeout, self.trigger,
-                self.nonblocking, *self.flags.values(), *self.numbers.values(), *self.unset.values(),
+                self.nonblocking, self.nginx_exact, *self.flags.values(), *self.numbers.values(), *self.unset.values(),
                 self.count, self.concurrency]
 
     def _sync_scenario(self) -> None:
@@ -318,6 +332,8 @@ class LabPanel:
         """The keyword arguments for nbconn.connect that the controls describe (unset options are left out)."""
         opts: dict = {"timeout": self.timeout.value, "trigger": self.trigger.value,
                       "nonblocking": self.nonblocking.value}
+        if self.nginx_exact.value:
+            opts["nginx_exact"] = True
         for name, box in self.flags.items():
             if box.value:
                 opts[name] = True
@@ -326,14 +342,27 @@ class LabPanel:
                 opts[name] = validate.int_text(name, box.value)
         return opts
 
-    def _checked_options(self) -> dict:
-        """options(), checked by the API's own rule (raises ValueError/TypeError naming the value)."""
-        opts = self.options()
-        check_settings(timeout=opts["timeout"], nonblocking=opts["nonblocking"], trigger=opts["trigger"],
-                       options={k: v for k, v in opts.items() if k not in ("timeout", "nonblocking", "trigger")})
+    def _show_settings(self, settings: Settings) -> None:
+        """Set the controls to ``settings`` (checked by _check_shown_by_panel): settings() then gives it back."""
+        self.trigger.value, self.nonblocking.value = settings.trigger, settings.nonblocking
+        self.nginx_exact.value = settings.nginx_exact
+        for name, box in self.flags.items():
+            box.value = settings.options.get(name) is True
+        for name, box in self.numbers.items():
+            value = settings.options.get(name)
+            self.unset[name].value = value is None
+            box.value = "" if value is None else str(value)
+
+    def settings(self) -> Settings:
+        """The :class:`nbconn.settings.Settings` the controls describe: the panel's one constructor (Settings
+        checks every value and raises ValueError/TypeError naming it)."""
+        return Settings(**self.options())
+
+    def _checked_settings(self) -> Settings:
+        settings = self.settings()
         if self._scenario_name() == "impaired" and self.wire_reason:
             raise RuntimeError(f"the impaired link cannot run here: {self.wire_reason}")
-        return opts
+        return settings
 
     def _scenario_name(self) -> str:
         return SCENARIO_BY_LABEL[self.scenario.value]
@@ -383,11 +412,12 @@ class LabPanel:
         return f" -- {n} click{'s' if n > 1 else ''} ignored while this runs" if n else ""
 
     # -- the result area: fresh, or labelled "previous run" ---------------------------------------------
-    def _describe_inputs(self, opts: dict) -> str:
-        parts = [self.scenario.value, f"timeout {_seconds(opts['timeout'])}", f"epoll {opts['trigger']}",
-                 NONBLOCKING_LABELS[opts["nonblocking"]]]
-        parts += [f"{k}={v}" if v is not True else k for k, v in opts.items()
-                  if k not in ("timeout", "trigger", "nonblocking")]
+    def _describe_inputs(self, settings: Settings) -> str:
+        parts = [self.scenario.value, f"timeout {_seconds(settings.timeout)}", f"epoll {settings.trigger}",
+                 NONBLOCKING_LABELS[settings.nonblocking]]
+        if settings.nginx_exact:
+            parts.append("nginx-exact")
+        parts += [f"{k}={v}" if v is not True else k for k, v in settings.options.items()]
         if self._scenario_name() == "impaired":
             parts.append(f"delay {self.delay_ms.value:g} ms, jitter {self.jitter_ms.value:g} ms, "
                          f"loss {self.loss.value:g}")
@@ -438,18 +468,18 @@ class LabPanel:
         if self._refuse_if_busy():
             return
         try:
-            opts = self._checked_options()
+            settings = self._checked_settings()
         except (ValueError, TypeError, RuntimeError) as exc:
             self._refused("not connected", exc)
             return
-        inputs, header = self._snapshot(), self._describe_inputs(opts)
+        inputs, header = self._snapshot(), self._describe_inputs(settings)
         self.connects_started += 1
         self.ignored_clicks = 0
         self._mark_stale("a new Connect is running")
         self._stop.clear()
         self.connect_button.disabled = self.run_button.disabled = True
         self.stop_button.disabled = False  # a black hole with nginx's default 60 s must not be a minute lost
-        timeout, peer_name = opts["timeout"], self.scenario.value
+        timeout, peer_name = settings.timeout, self.scenario.value
         done = threading.Event()
         started = time.monotonic()
         self._peer_ready_at = None  # set by the job once the peer runs: the connect's own clock starts there
@@ -469,7 +499,7 @@ class LabPanel:
 
         def job() -> None:
             try:
-                self._connect_job(opts, inputs, header, done)
+                self._connect_job(settings, inputs, header, done)
             except Exception as exc:  # a bug must not leave the panel saying "connecting..." for ever
                 with self._lock:
                     done.set()
@@ -488,7 +518,7 @@ class LabPanel:
         else:
             job()
 
-    def _connect_job(self, opts: dict, inputs: dict, header: str, done: threading.Event) -> None:
+    def _connect_job(self, settings: Settings, inputs: dict, header: str, done: threading.Event) -> None:
         # Each final write happens under the lock with `done` set first, so the clock cannot write
         # "connecting..." over the result.
         scenario = self._scenario_name()
@@ -497,8 +527,9 @@ class LabPanel:
                 self._peer_ready_at = time.monotonic()
                 # connect_many of one target: the same attempt as nbconn.connect, with a stop callable that the
                 # loop asks at least every 100 ms (Stop).
-                res = connect_many([target], concurrency=1, keep=scenario == "reset", stop=self._stop.is_set,
-                                   **opts)[0]
+                if scenario == "reset":  # kept for one read: the RST shows there
+                    settings = settings.replace(keep=True)
+                res = connect_many([target], settings, concurrency=1, stop=self._stop.is_set)[0]
                 first_read = _read_once(res) if scenario == "reset" else None
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             with self._lock:
@@ -554,7 +585,7 @@ class LabPanel:
             count = validate.integer("repeat count", validate.int_text("repeat count", self.count.value), 1, MAX_RUN)
             concurrency = validate.integer("concurrency", validate.int_text("concurrency", self.concurrency.value),
                                            1, MAX_PANEL_CONCURRENCY)
-            opts = self._checked_options()
+            settings = self._checked_settings()
         except (ValueError, TypeError, RuntimeError) as exc:
             self._say(f"not run: {exc}", error=True)
             return
@@ -565,14 +596,14 @@ class LabPanel:
         self.run_button.disabled = self.connect_button.disabled = True
         self.stop_button.disabled = False
         self._say(f"running 0/{count}", busy=True)  # replaces whatever the last run said, red or not
-        job = (lambda: self._run(count, concurrency, opts))
+        job = (lambda: self._run(count, concurrency, settings))
         if background:
             self._thread = threading.Thread(target=job, name="nbconn-lab-run", daemon=True)
             self._thread.start()
         else:
             job()
 
-    def _run(self, count: int, concurrency: int, opts: dict) -> None:
+    def _run(self, count: int, concurrency: int, settings: Settings) -> None:
         finished = [0]
         started = time.monotonic()
         last = [0.0]
@@ -587,10 +618,10 @@ class LabPanel:
                           busy=True)
 
         try:
-            timeout = opts.pop("timeout")
+            timeout = settings.timeout
             with self._target() as (target, client_side), client_side():
-                results = connect_many([target] * count, concurrency=concurrency, timeout=timeout,
-                                       on_result=tick, stop=self._stop.is_set, **opts)
+                results = connect_many([target] * count, settings, concurrency=concurrency, on_result=tick,
+                                       stop=self._stop.is_set)
             counts = run_counts(results)
             decided = [r for r in results if r.errno != "ECANCELED"]
             label = f"{self.scenario.value}, timeout {_seconds(timeout)}"
@@ -602,7 +633,7 @@ class LabPanel:
             if any(m.label == label for m in self.runs):  # same settings again: number the repeat
                 label += f" (#{sum(m.label.startswith(label) for m in self.runs) + 1})"
             m = Measurement.from_results(decided, label=label, scenario=self._scenario_name(), timeout_s=timeout,
-                                         concurrency=concurrency, settings=opts)
+                                         concurrency=concurrency, settings=settings)
             with self._lock:
                 self.runs = (self.runs if self.keep_runs.value else []) + [m]
             self._draw_runs()
@@ -789,7 +820,25 @@ def _trace_html(res) -> str:
             "or less; nginx's waits until its next timer</div>")
 
 
+def _check_shown_by_panel(settings: Settings) -> None:
+    """Refuse a Settings the panel's controls cannot show (a TypeError for a non-Settings, a ValueError naming
+    the setting): the panel's settings() must give back what it was given."""
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a nbconn.Settings, got {validate.shown(settings)}")
+    flags, numbers = dict(FLAG_OPTIONS), {name for name, _, _ in NUMBER_OPTIONS}
+    for name, value in settings.options.items():
+        if name not in flags and name not in numbers:
+            raise ValueError(f"the panel has no control for {name} (settings {settings!r})")
+        if name in flags and value is not True:
+            raise ValueError(f"the panel sets {name} or leaves it unset: {name}={value!r} has no control")
+    for name, default in (("keep", False), ("trace", True), ("tcp_info", True), ("bind", None)):
+        if getattr(settings, name) != default:
+            raise ValueError(f"the panel has no control for {name}={getattr(settings, name)!r}")
+
+
 def _options_html(res) -> str:
+    if res.requested and not res.effective:
+        return "<i>socket options set, not read back (nginx-exact: nginx reads nothing back)</i>"
     if not res.effective:
         return "<i>no socket options set: the kernel's defaults</i>"
     rows = []

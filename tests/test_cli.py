@@ -72,7 +72,8 @@ def test_timeout_exit_1_and_json():
         (["upstream", "--peer", "127.0.0.1:1", "--requests", "2", "--requests", "3"], "--requests given twice"),
         (["upstream", "--peer", "127.0.0.1:1", "--timeout", "0"], "timeout=0"),
         (["record", "no-such-dataset"], "no-such-dataset"),
-        (["connect", "127.0.0.1:1", "127.0.0.1:2", "--nginx-exact"], "--nginx-exact"),
+        (["connect", "127.0.0.1:1", "127.0.0.1:2", "--nginx-exact", "--trigger", "level"], "nginx_exact=True"),
+        (["measure", "refused", "--nginx-exact", "--nonblocking", "fcntl"], "nginx_exact=True"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, words):

@@ -176,12 +176,6 @@ def test_connect_nonb_makes_nginx_syscalls_in_nginx_order():
 @pytest.mark.parametrize("peer", ["listening", "refused", "blackhole"])
 def test_connect_nonb_matches_nbconn_in_nginx_exact_mode(peer):
     """Connected, refused (SO_ERROR 111) and timed out (the timer: no SO_ERROR read): the same calls in the same order."""
-    import inspect
-
-    import nbconn
-
-    if "nginx_exact" not in inspect.signature(nbconn.connect).parameters:
-        pytest.skip("nbconn.connect has no nginx_exact mode on this branch yet")
     start = {"listening": lambda: lab.listening(hold=True), "refused": lab.refused, "blackhole": lab.blackhole}[peer]
     with start() as target:
         host, port = target.rsplit(":", 1)

@@ -12,6 +12,7 @@ from nbconn import socketsource
 from nbconn.flow import (CONNECTING, DONE, PROCESS_HEADER, SEND_REQUEST, Attempt, State, handler_reading_so_error,
                          make_plan)
 from nbconn.result import format_ns
+from nbconn.settings import Settings
 from nbconn.lab import blackhole, listening, refused, reset, unix_full, unix_listening, unix_missing
 from nbconn.loop import Loop
 from nbconn.targets import parse_target
@@ -164,7 +165,7 @@ def test_attempt_state_machine_driven_by_hand(no_fd_leak):
     """The loop only says 'ready' or 'deadline passed': drive those transitions directly."""
     with blackhole() as target, Loop() as loop:
         tgt = parse_target(target)
-        attempt = Attempt(tgt, make_plan(tgt.family, timeout=60), loop)
+        attempt = Attempt(tgt, make_plan(tgt.family, Settings(timeout=60)), loop)
         assert attempt.state is State.INIT
         attempt.start()
         assert attempt.state is CONNECTING and loop.pending == 2  # one fd, one timer
@@ -184,7 +185,7 @@ def test_done_is_set_at_the_decision_before_cleanup(no_fd_leak):
     seen = []
     with listening() as target, Loop() as loop:
         tgt = parse_target(target)
-        attempt = Attempt(tgt, make_plan(tgt.family), loop, on_done=lambda a: seen.append(a.state))
+        attempt = Attempt(tgt, make_plan(tgt.family, Settings()), loop, on_done=lambda a: seen.append(a.state))
         attempt.start()
         while attempt.state is not DONE:
             loop.run_once()
@@ -253,7 +254,7 @@ def test_rcvbuf_failure_fails_the_connect_keepalive_failure_is_ignored(no_fd_lea
     from nbconn.options import OPTIONS
 
     spec = OPTIONS["rcvbuf"]
-    plan = make_plan(socket.AF_INET, options={"rcvbuf": 4096})
+    plan = make_plan(socket.AF_INET, Settings(rcvbuf=4096))
     # swap the encoded value for one the kernel refuses (a 1-byte optval: EINVAL), keeping the rest of the Plan
     bad = dataclasses.replace(plan, setsockopt_args=((spec, b"\x01", "[1]", 1),))
     with listening() as target, Loop() as loop:
@@ -266,7 +267,7 @@ def test_rcvbuf_failure_fails_the_connect_keepalive_failure_is_ignored(no_fd_lea
     assert [s.name for s in res.steps] == ["socket", "setsockopt", "close"]
 
     spec = OPTIONS["keepalive"]
-    plan = make_plan(socket.AF_INET, options={"keepalive": True})
+    plan = make_plan(socket.AF_INET, Settings(keepalive=True))
     bad = dataclasses.replace(plan, setsockopt_args=((spec, b"\x01", "[1]", 1),))
     with listening() as target, Loop() as loop:
         attempt = Attempt(parse_target(target), bad, loop)

@@ -21,7 +21,8 @@ LAYER_OF = {
     # core: what nginx does to connect, and the numbers about it (no matplotlib, no lab, no subprocess)
     "": "core",  # nbconn/__init__.py: the public names, loaded on first use
     **{name: "core" for name in ("api", "connect_nonb", "errors", "flow", "loop", "options", "result",
-                                 "socketsource", "stats", "strace", "systools", "targets", "tcpinfo", "validate")},
+                                 "settings", "socketsource", "stats", "strace", "systools", "targets", "tcpinfo",
+                                 "validate")},
     # lab: the instruments -- peers, namespaces, the wire, the packet capture, counters
     "lab": "lab", "netstat": "lab",
     # the nginx side: the upstream model and the real nginx next to it

@@ -118,7 +118,7 @@ def test_measurement_json_round_trip():
     ({"concurrency": 0}, "concurrency=0"),
     ({"timeout": -1}, "timeout=-1"),
     ({"delay_ms": 5}, "only apply to the 'impaired' scenario"),
-    ({"bogus": 1}, "unknown socket option 'bogus'"),
+    ({"bogus": 1}, "unknown setting 'bogus'"),
 ])
 def test_bad_measure_input_named(kwargs, words):
     with pytest.raises((ValueError, TypeError)) as info:

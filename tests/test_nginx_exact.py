@@ -380,15 +380,16 @@ def test_nginx_exact_arms_the_timer_at_the_cached_clock(no_fd_leak):
     """ngx_add_timer: key = ngx_current_msec + timeout; the cached clock was read when epoll_wait last returned,
     so measured from connect() the timer can fire early.  Driven by hand: the loop's clock is 40 ms stale."""
     from nbconn.flow import DONE, Attempt, make_plan
+    from nbconn.settings import Settings
     from nbconn.loop import Loop
     from nbconn.targets import parse_target
 
     with blackhole() as target, Loop() as loop:
         tgt = parse_target(target)
         loop.cached_msec -= 40  # as if the worker had run 40 ms since epoll_wait returned
-        exact = Attempt(tgt, make_plan(tgt.family, timeout=60, nginx_exact=True), loop)
+        exact = Attempt(tgt, make_plan(tgt.family, Settings(timeout=60, nginx_exact=True)), loop)
         exact.start()
-        default = Attempt(tgt, make_plan(tgt.family, timeout=60), loop)
+        default = Attempt(tgt, make_plan(tgt.family, Settings(timeout=60)), loop)
         default.start()
         assert exact.timer[0] == loop.cached_msec * 1_000_000 + 60 * 10**9
         assert exact.result.ngx_start_ns == loop.cached_msec * 1_000_000  # u->start_time, before socket()
@@ -499,13 +500,14 @@ def test_nginx_clock_waits_the_whole_timeout_on_an_idle_loop(no_fd_leak):
     """ngx_event_find_timer reckons epoll_wait's timeout from the cached clock too: an idle worker waits the
     timer's whole length from its epoll_wait call (nginx's strace shows epoll_wait(.., 200) for 200 ms)."""
     from nbconn.flow import Attempt, make_plan
+    from nbconn.settings import Settings
     from nbconn.loop import Loop
     from nbconn.targets import parse_target
 
     with blackhole() as target, Loop(nginx_clock=True) as loop:
         tgt = parse_target(target)
         loop.cached_msec -= 40
-        attempt = Attempt(tgt, make_plan(tgt.family, timeout=0.05, nginx_exact=True), loop)
+        attempt = Attempt(tgt, make_plan(tgt.family, Settings(timeout=0.05, nginx_exact=True)), loop)
         attempt.start()
         loop.run_once()  # nothing is ready in a black hole: this turn waits for the timer
         assert loop.last_wait_ms == 50
@@ -523,6 +525,7 @@ def test_nginx_exact_timer_fires_early_when_another_event_refreshes_the_clock(no
     """Another descriptor's event (here: a timer of another connection) wakes the worker, refreshing the
     cached clock: the connect timer then fires at the stale clock + timeout, early measured from connect()."""
     from nbconn.flow import Attempt, make_plan
+    from nbconn.settings import Settings
     from nbconn.loop import Loop
     from nbconn.targets import parse_target
 
@@ -536,7 +539,7 @@ def test_nginx_exact_timer_fires_early_when_another_event_refreshes_the_clock(no
     with blackhole() as target, Loop(nginx_clock=True) as loop:
         tgt = parse_target(target)
         loop.cached_msec -= 200  # as if the worker had been busy 200 ms since epoll_wait returned
-        attempt = Attempt(tgt, make_plan(tgt.family, timeout=0.6, nginx_exact=True), loop)
+        attempt = Attempt(tgt, make_plan(tgt.family, Settings(timeout=0.6, nginx_exact=True)), loop)
         attempt.start()
         loop.call_at(time.monotonic_ns() + 100_000_000, Other())
         for _ in range(1000):

@@ -6,8 +6,10 @@ import socket
 import pytest
 
 import nbconn
+from nbconn.flow import make_plan
 from nbconn.lab import listening
-from nbconn.options import OPTIONS, plan_options
+from nbconn.options import OPTIONS
+from nbconn.settings import Settings
 
 
 def _rmem_max() -> int:
@@ -61,7 +63,7 @@ def test_false_sets_zero_and_none_leaves_default():
         ({"syncnt": 128}, "syncnt=128"),
         ({"keepalive": "yes"}, "keepalive must be True or False"),
         ({"linger": -1}, "linger=-1"),
-        ({"nosuch": 1}, "unknown socket option 'nosuch'"),
+        ({"nosuch": 1}, "unknown setting 'nosuch'"),
         ({"bind": "::1"}, "AF_INET6 but the target is AF_INET"),
         ({"bind": "127.0.0.1:99999"}, "99999"),
         ({"bind": "nope"}, "'nope' is not an IP address"),
@@ -87,8 +89,9 @@ def test_tcp_options_rejected_for_unix():
 
 
 def test_plan_order_is_table_order():
-    planned, _ = plan_options({"syncnt": 2, "rcvbuf": 1024}, socket.AF_INET)
-    assert [s.name for s, _ in planned] == ["rcvbuf", "syncnt"]
+    settings = Settings(syncnt=2, rcvbuf=1024)
+    assert list(settings.options) == ["rcvbuf", "syncnt"]
+    assert [s.name for s, *_ in make_plan(socket.AF_INET, settings).setsockopt_args] == ["rcvbuf", "syncnt"]
     assert list(OPTIONS)[:3] == ["rcvbuf", "sndbuf", "keepalive"]  # nginx's order in ngx_event_connect_peer
 
 
@@ -152,11 +155,11 @@ def test_transparent_comes_first_in_the_local_address_block_and_its_failure_is_n
     level takes a 1-byte value, not a 0-byte one)."""
     import dataclasses
 
-    from nbconn.flow import DONE, Attempt, make_plan
+    from nbconn.flow import DONE, Attempt
     from nbconn.loop import Loop
     from nbconn.targets import parse_target
 
-    plan = make_plan(socket.AF_INET, options={"bind": "127.0.0.2", "transparent": True}, nginx_exact=True)
+    plan = make_plan(socket.AF_INET, Settings(bind="127.0.0.2", transparent=True, nginx_exact=True))
     assert [spec.name for spec, *_ in plan.local_args] == ["transparent", "bind_address_no_port"]
     spec = OPTIONS["transparent"]
     bad = dataclasses.replace(plan, local_args=((spec, b"", "[]", 0), *plan.local_args[1:]))

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from nbconn import lab, widgets
+from nbconn.settings import Settings
 
 from .conftest import open_fds, wait_for
 
@@ -186,7 +187,7 @@ def test_typed_timeout_is_taken_exactly_and_the_slider_only_fills_it(panel):
     assert panel.options()["timeout"] == 2.5 and panel.timeout.value == 2.5
     panel.timeout_slider.value = 0.05
     assert panel.timeout.value == 0.05 and panel.options()["timeout"] == 0.05
-    assert panel._describe_inputs({"timeout": 3.0, "trigger": "edge", "nonblocking": "ioctl"}).count("3.000 s") == 1
+    assert panel._describe_inputs(Settings(timeout=3.0)).count("3.000 s") == 1
     assert panel.timeout_slider.layout.width == "440px"
 
 

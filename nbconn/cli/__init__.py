@@ -122,16 +122,20 @@ def add_socket_options(parser: argparse.ArgumentParser, *, timeout: float = 5.0)
                       help="how to make the socket non-blocking (step 3); default ioctl(FIONBIO)")
     flow.add_argument("--trigger", choices=validate.TRIGGERS, default="edge",
                       help="epoll EPOLLET (nginx) or level-triggered (step 4)")
+    flow.add_argument("--nginx-exact", action="store_true",
+                      help="exactly nginx's syscalls: no SOCK_CLOEXEC, no option read-back, no TCP_INFO, "
+                           "no EPOLL_CTL_DEL before close")
 
 
-def socket_options(args: argparse.Namespace) -> dict:
-    """The keyword options for nbconn.connect from parsed arguments (None = leave the default)."""
+def settings_from_args(args: argparse.Namespace, **fixed):
+    """The :class:`nbconn.settings.Settings` the flags of :func:`add_socket_options` describe, plus what the
+    command fixes (``keep=False``): the CLI's one constructor; Settings checks every value (exit 2)."""
     from ..options import OPTIONS
+    from ..settings import Settings
 
-    opts = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
-    if getattr(args, "bind", None) is not None:
-        opts["bind"] = args.bind
-    return opts
+    options = {name: getattr(args, name) for name in (*OPTIONS, "bind") if getattr(args, name, None) is not None}
+    return Settings(timeout=args.timeout, nonblocking=args.nonblocking, trigger=args.trigger,
+                    nginx_exact=args.nginx_exact, **options, **fixed)
 
 
 # -- entry point ------------------------------------------------------------------------

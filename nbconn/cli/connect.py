@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import EXIT_FAILED, EXIT_OK, add_socket_options, connect_tls, float_arg, socket_options
+from . import EXIT_FAILED, EXIT_OK, add_socket_options, connect_tls, float_arg, settings_from_args
 
 NAME = "connect"
 
@@ -28,9 +28,6 @@ def add(subparsers) -> None:
     p.add_argument("target", nargs="+", help="HOST:PORT, [V6ADDR]:PORT or unix:/path; several: tried in order, "
                                              "nginx's way (one peer after another)")
     add_socket_options(p)
-    p.add_argument("--nginx-exact", action="store_true",
-                   help="exactly nginx's syscalls: no SOCK_CLOEXEC, no option read-back, no TCP_INFO, "
-                        "no EPOLL_CTL_DEL before close")
     p.add_argument("--happy-eyeballs", type=float_arg("--happy-eyeballs"), default=None, metavar="SECONDS",
                    help="race the targets RFC 8305's way: start the next one after SECONDS (0.25 is the RFC's "
                         "default) or as soon as one fails; the first to connect wins")
@@ -38,11 +35,6 @@ def add(subparsers) -> None:
                                                        "elapsed_ms, attempts)")
     connect_tls.add_arguments(p)
     p.set_defaults(func=run)
-
-
-def connect_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments for nbconn.connect / connect_many from parsed arguments (one place for both)."""
-    return {"timeout": args.timeout, "nonblocking": args.nonblocking, "trigger": args.trigger, **socket_options(args)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return run_race(args)
     from ..api import connect
 
-    result = connect(args.target[0], keep=False, nginx_exact=args.nginx_exact, **connect_kwargs(args))
+    result = connect(args.target[0], settings_from_args(args, keep=False))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -65,18 +57,16 @@ def run(args: argparse.Namespace) -> int:
 
 def run_race(args: argparse.Namespace) -> int:
     """Several addresses: nginx's walk, or happy eyeballs with --happy-eyeballs."""
-    if args.nginx_exact:  # nbconn.eyeballs runs the default flow; say so rather than ignore the flag
-        raise ValueError("--nginx-exact applies to one target; it is not available with several targets or "
-                         "--happy-eyeballs")
     from .. import eyeballs, validate
     from ..strace import c_escape
 
+    settings = settings_from_args(args, keep=False)
     if args.happy_eyeballs is not None:
         validate.number("--happy-eyeballs", args.happy_eyeballs, 0, validate.MAX_TIMEOUT_S)
     if args.happy_eyeballs is None:
-        race = eyeballs.sequential(args.target, keep=False, **connect_kwargs(args))
+        race = eyeballs.sequential(args.target, settings)
     else:
-        race = eyeballs.happy_eyeballs(args.target, delay=args.happy_eyeballs, keep=False, **connect_kwargs(args))
+        race = eyeballs.happy_eyeballs(args.target, settings, delay=args.happy_eyeballs)
     if args.json:
         print(json.dumps(race.to_dict(), indent=2))
     else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import EXIT_FAILED, EXIT_OK, socket_options
+from . import EXIT_FAILED, EXIT_OK, settings_from_args
 
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -60,20 +60,17 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..flow import check_settings
     from ..targets import parse_target
     from ..tls import TLSClient, connect_tls
 
     # the target and the connect's settings first: TLSClient probes CPython's SSL object on a socketpair
-    check_settings(timeout=args.timeout, nonblocking=args.nonblocking, trigger="edge", options=socket_options(args))
+    settings = settings_from_args(args, keep=False)
     parse_target(args.target[0])
     client = TLSClient(cafile=args.cafile, server_name=args.server_name, tls_version=args.tls_version,
                        reuse=args.reuse, sni=args.sni)
-    kwargs = {"timeout": args.timeout, "nonblocking": args.nonblocking, "nginx_exact": args.nginx_exact,
-              **socket_options(args)}
-    results = [connect_tls(args.target[0], client, **kwargs)]
+    results = [connect_tls(args.target[0], client, settings)]
     if args.reuse and results[0].handshaked:
-        results.append(connect_tls(args.target[0], client, **kwargs))
+        results.append(connect_tls(args.target[0], client, settings))
     if args.json:
         if args.reuse:
             print(json.dumps({"attempts": [r.to_dict() for r in results],

@@ -6,7 +6,7 @@ import json
 import sys
 
 from .. import validate
-from . import EXIT_FAILED, EXIT_OK, add_socket_options, float_arg, int_arg, one_line, socket_options
+from . import EXIT_FAILED, EXIT_OK, add_socket_options, float_arg, int_arg, one_line, settings_from_args
 
 NAME = "measure"
 
@@ -31,9 +31,8 @@ def run(args) -> int:
     from ..measure import run as measure_run
 
     try:
-        m = measure_run(args.target, count=args.count, concurrency=args.concurrency, timeout=args.timeout,
-                        nonblocking=args.nonblocking, trigger=args.trigger, delay_ms=args.delay_ms,
-                        jitter_ms=args.jitter_ms, loss=args.loss, seed=args.seed, **socket_options(args))
+        m = measure_run(args.target, settings_from_args(args), count=args.count, concurrency=args.concurrency,
+                        delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, loss=args.loss, seed=args.seed)
     except RuntimeError as exc:  # the lab or the wire cannot run here: the input was fine, so 1 (2 is bad input)
         print(f"nbconn: cannot measure here: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILED

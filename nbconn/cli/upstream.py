@@ -65,7 +65,7 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..flow import check_timeout
+    from ..settings import check_timeout
     from ..upstream import Peer, Upstream, run_requests
 
     check_timeout(args.timeout)
