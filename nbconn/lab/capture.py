@@ -78,6 +78,15 @@ def clock_offset_ns(reads: int = 16) -> tuple[int, int]:
     return r - (m1 + m2) // 2, (m2 - m1 + 1) // 2
 
 
+def _stamped_before(ancdata, t_ns: int) -> bool:
+    """Whether the control messages carry a kernel timestamp (SCM_TIMESTAMPNS) earlier than ``t_ns``."""
+    for level, kind, value in ancdata:
+        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(value) >= 16:
+            sec, nsec = struct.unpack_from("qq", value)
+            return sec * 1_000_000_000 + nsec < t_ns
+    return False
+
+
 def wait_for_packet_timestamps(limit_s: float = 1.0) -> float:
     """Wait until the kernel stamps packets as they arrive; returns how long that took (s).
 
@@ -92,19 +101,20 @@ def wait_for_packet_timestamps(limit_s: float = 1.0) -> float:
         rx.bind(("127.0.0.1", 0))
         rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         rx.settimeout(0.1)
-        while time.monotonic() - start < limit_s:
+        stamped = False
+        for _ in range(int(limit_s / 0.002) + 1):  # bounded in count and in time
+            if stamped or time.monotonic() - start >= limit_s:
+                break
             tx.sendto(b"t", rx.getsockname())
             time.sleep(0.002)
             before_read = time.clock_gettime_ns(time.CLOCK_REALTIME)
             try:
                 _, ancdata, _, _ = rx.recvmsg(16, socket.CMSG_SPACE(16))
             except socket.timeout:
-                continue
-            for level, kind, value in ancdata:
-                if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(value) >= 16:
-                    sec, nsec = struct.unpack_from("qq", value)
-                    if sec * 1_000_000_000 + nsec < before_read - 500_000:  # stamped on arrival, 2 ms ago
-                        return time.monotonic() - start
+                ancdata = []
+            stamped = _stamped_before(ancdata, before_read - 500_000)  # on arrival, 2 ms before it was read
+    if stamped:
+        return time.monotonic() - start
     raise RuntimeError(f"the kernel did not start stamping packets within {limit_s} s")
 
 
