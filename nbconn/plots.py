@@ -535,7 +535,7 @@ def packets(shots, *, title: str | None = None, width: float = 5.6) -> Figure:
 
     ``shots``: objects with ``scenario``, ``result`` (a :class:`nbconn.result.Result`), ``packets`` (segments
     with ``t_ns``, ``dir`` "out"/"in", ``flags``, ``retransmission``) and ``note`` -- the
-    :class:`nbconn.lab.capture.Shot` of :func:`nbconn.lab.capture.shoot`.
+    :class:`nbconn.experiments.nb11.Shot` of :func:`nbconn.experiments.nb11.shoot`.
 
     Each call is a bar from the moment it was called to the moment it returned (as ``strace -T`` times
     it), so a segment the kernel sent *during* connect() sits inside connect()'s bar.  Time 0 is the

@@ -35,7 +35,7 @@ TRIGGERS = ("edge", "level")
 #: The lab's scenarios, by the names the CLI, measure.run and the widgets use (nbconn.lab maps them to peers).
 SCENARIOS = ("listening", "refused", "blackhole", "reset", "slow-accept", "unix-listening", "unix-full",
              "unix-missing", "impaired")
-#: What `python -m nbconn capture` and nbconn.lab.capture.shoot can show: some of SCENARIOS, plus a SYN flood
+#: What `python -m nbconn capture` and nbconn.experiments.nb11.shoot can show: some of SCENARIOS, plus a SYN flood
 #: answered with syncookies ("syncookie").
 CAPTURE_SCENARIOS = ("listening", "refused", "blackhole", "impaired", "slow-accept", "syncookie")
 

@@ -13,6 +13,8 @@ import time
 import pytest
 
 import nbconn
+from nbconn import plots
+from nbconn.experiments import nb11
 from nbconn.lab import capture, listening, refused
 
 from .conftest import open_fds, wait_for
@@ -33,7 +35,7 @@ def need_packet_socket():
 
 
 def need_some_capture():
-    """Root, or a lab namespace (a normal user): what capture.shoot and capture.accuracy need."""
+    """Root, or a lab namespace (a normal user): what nb11.shoot and nb11.accuracy need."""
     if capture.unavailable_reason() is None:
         return
     from nbconn.lab import namespace_unavailable_reason
@@ -114,7 +116,7 @@ def test_other_ports_are_filtered_out():
 
 def test_blackhole_shows_the_syn_sent_again():
     need_some_capture()
-    shot = rootless_or_skip(lambda: capture.shoot("blackhole", timeout=1.3))
+    shot = rootless_or_skip(lambda: nb11.shoot("blackhole", timeout=1.3))
     assert shot.result.outcome == "timed_out"
     syns = [p for p in shot.packets if p.flags == "S"]
     assert len(syns) == 2 and syns[1].retransmission and not syns[0].retransmission
@@ -126,7 +128,7 @@ def test_syncookie_clients_connect_while_the_server_drops_their_final_ack(no_fd_
 
     if wire_unavailable_reason() is not None:
         pytest.skip(wire_unavailable_reason())
-    shot = capture.shoot("syncookie", burst=10, delay_ms=5)
+    shot = nb11.shoot("syncookie", burst=10, delay_ms=5)
     assert all(r.connected for r in shot.results)
     assert shot.counters["SyncookiesSent"] >= 1 and shot.counters["ListenOverflows"] >= 1
     assert [(p.dir, p.flags) for p in shot.packets][:3] == [("out", "S"), ("in", "SA"), ("out", "A")]
@@ -135,7 +137,7 @@ def test_syncookie_clients_connect_while_the_server_drops_their_final_ack(no_fd_
 
 def test_accuracy_compares_every_connect(no_fd_leak):
     need_some_capture()
-    acc = rootless_or_skip(lambda: capture.accuracy(50, batch=20))
+    acc = rootless_or_skip(lambda: nb11.accuracy(50, batch=20))
     assert len(acc.nbconn) + acc.skipped == 50 and acc.skipped <= 5
     assert all(w > 0 for w in acc.wire)
     # the SYN goes out after the clock read before connect(), the SYN-ACK arrives before SO_ERROR returns
@@ -155,9 +157,9 @@ def test_bad_input_before_any_socket():
                           (dict(scenario="blackhole", timeout=0), ValueError),
                           (dict(scenario="slow-accept", burst=1), ValueError)):
         with pytest.raises(error):
-            capture.shoot(**kwargs)
+            nb11.shoot(**kwargs)
     with pytest.raises(ValueError):
-        capture.accuracy(0)
+        nb11.accuracy(0)
     assert open_fds() == before
 
 
@@ -233,7 +235,7 @@ def test_cli_connect_bad_happy_eyeballs_one_line():
         assert "--happy-eyeballs" in proc.stderr
 
 
-# -- the packet figure (notebook 11): plots.packets, through capture.plot_shots ------------------------
+# -- the packet figure (notebook 11): plots.packets of nb11's shots ------------------------------------
 
 US = 1000  # ns
 
@@ -251,7 +253,7 @@ def _shot(scenario, steps, segments, note=""):
         res.recorder()((name, name + "(...)", 0, base + start * US, base + end * US))
     packets = [capture.Packet(base + t * US, d, flags, "127.0.0.1", "127.0.0.1", 1, 2, 0, 0, 0, again)
                for d, flags, t, again in segments]
-    return capture.Shot(scenario, res, packets, [res], packets, "synthetic", 0, note)
+    return nb11.Shot(scenario, res, packets, [res], packets, "synthetic", 0, note)
 
 
 def _calls(socket_us):
@@ -295,7 +297,7 @@ def test_packet_figure_time_zero_is_socket_for_root_and_for_a_normal_user():
     the call to socket(), not ~300 µs before the first dot, and the handshake is not squeezed into a sliver."""
     root = _shot("listening", *_calls(10))
     user = _shot("listening", *_calls(2230))
-    fig = capture.plot_shots([root, user])
+    fig = plots.packets([root, user])
     (ax_root, bar_root), = _line(fig.subfigs[0], "socket")
     (ax_user, bar_user), *_ = _line(fig.subfigs[1], "socket")
     for ax, bar in ((ax_root, bar_root), (ax_user, bar_user)):
@@ -307,7 +309,7 @@ def test_packet_figure_time_zero_is_socket_for_root_and_for_a_normal_user():
 
 
 def test_packet_figure_draws_calls_from_start_to_return_so_the_syn_sits_inside_connect():
-    fig = capture.plot_shots([_shot("listening", *_calls(10))])
+    fig = plots.packets([_shot("listening", *_calls(10))])
     (ax, connect), = _line(fig, "connect")
     (_, syn), = _line(fig, "segment out S")
     start, end = connect.get_xdata()
@@ -329,7 +331,7 @@ def test_packet_figure_has_a_legend_and_no_label_overprints_another():
                                    ("epoll_wait", 300, 1_012_800), ("so_error", 1_012_990, 1_012_991)],
                    [("out", "S", 12, False), ("out", "S", 1_012_650, True), ("in", "SA", 1_012_760, False),
                     ("out", "A", 1_012_761, False)])
-    fig = capture.plot_shots([crowded, narrow, _shot("listening", *_calls(10))])
+    fig = plots.packets([crowded, narrow, _shot("listening", *_calls(10))])
     assert _overlaps(fig) == []
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     for entry in ("segment out", "segment in", "sent again", "timer armed", "step 1 socket()"):
@@ -340,8 +342,8 @@ def test_packet_figure_has_a_legend_and_no_label_overprints_another():
 
 def test_packet_figure_of_real_connects_overprints_nothing(no_fd_leak):
     need_some_capture()
-    shots = rootless_or_skip(lambda: [capture.shoot("listening"), capture.shoot("refused")])
-    fig = capture.plot_shots(shots)
+    shots = rootless_or_skip(lambda: [nb11.shoot("listening"), nb11.shoot("refused")])
+    fig = plots.packets(shots)
     assert _overlaps(fig) == []
     # on loopback the SYN leaves inside connect(), in each panel
     for sub in fig.subfigs:

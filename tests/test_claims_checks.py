@@ -94,14 +94,14 @@ def test_11_an_accept_thread_in_the_measuring_process_adds_to_the_loopback_hands
     import statistics
 
     from nbconn import api
-    from nbconn.lab.capture import _quiet_listener
+    from nbconn.experiments.nb11 import quiet_listener
 
     def handshakes(target, n=50):
         return [r.handshake_ns for r in api.connect_many([target] * n, concurrency=1, timeout=5.0)
                 if r.handshake_ns is not None]
 
     rounds = []
-    with lab.listening() as threaded, _quiet_listener("127.0.0.1") as quiet:
+    with lab.listening() as threaded, quiet_listener("127.0.0.1") as quiet:
         quiet_target = f"127.0.0.1:{quiet.getsockname()[1]}"
         for _ in range(3):
             with_thread, without = [], []
@@ -191,12 +191,12 @@ def test_10_each_worker_without_zone_tries_the_refused_peer_once():
 def test_11_over_the_link_the_instrument_adds_about_one_percent():
     """Row 11/accuracy (link): over the 20 ms link nbconn's handshake time exceeds the wire's SYN -> SYN-ACK by
     about 1 % of the handshake or less at the median (0.14-0.29 ms recorded); bound here 5 %, for load."""
-    from nbconn.lab import capture
+    from nbconn.experiments import nb11
 
     reason = lab.wire_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    s = capture.accuracy(40, impaired=True, batch=20).summary()
+    s = nb11.accuracy(40, impaired=True, batch=20).summary()
     assert s["count"] >= 30, s
     assert 0 < s["difference_us"]["p50"] <= 0.05 * s["wire_us"]["p50"], s
 
@@ -321,12 +321,12 @@ def test_11_on_loopback_the_syn_ack_arrives_before_connect_returns():
     """Rows 11/listening-timeline, 00/sequence-diagram: on loopback the peer's SYN-ACK is on the wire before
     connect() returns EINPROGRESS (it is generated inside the call); notebook 11 prints the share of 1000
     connects ("at least 99 %")."""
-    from nbconn.lab import capture
+    from nbconn.experiments import nb11
 
     from .test_capture import need_some_capture, rootless_or_skip
 
     need_some_capture()
-    acc = rootless_or_skip(lambda: capture.accuracy(50, batch=25))
+    acc = rootless_or_skip(lambda: nb11.accuracy(50, batch=25))
     s = acc.summary()
     assert s["count"] >= 45, s
     assert s["synack_inside_connect"] >= 0.95 * s["count"], s

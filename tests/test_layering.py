@@ -39,9 +39,6 @@ LAYER_OF = {
 
 #: (importer, imported) -> why it is still allowed, with the issue that removes it
 EXCEPTIONS = {
-    # notebook 11 calls capture.plot_shots, a one-line forward to plots.packets; the capture's shots and the
-    # figure leave lab/ in the layout move (issue 20: experiments/ and view/)
-    ("lab.capture", "plots"): "issue 20",
     # notebook 12 calls eyeballs.plot_races; the figure moves to the view in the layout move (issue 20)
     ("eyeballs", "plots"): "issue 20",
 }

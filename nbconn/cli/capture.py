@@ -36,7 +36,7 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lab import capture
+    from ..experiments import nb11
 
     # every value checked before anything is opened
     validate.number("--delay-ms", args.delay_ms, 0, 1000)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         validate.number("--timeout", args.timeout, 0, 60, low_open=True)
     validate.integer("--burst", args.burst, 2, 200)
     try:
-        shot = capture.shoot(args.scenario, delay_ms=args.delay_ms, timeout=args.timeout, burst=args.burst)
+        shot = nb11.shoot(args.scenario, delay_ms=args.delay_ms, timeout=args.timeout, burst=args.burst)
     except (PermissionError, RuntimeError) as exc:
         print(f"nbconn: cannot capture here: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -7,7 +7,7 @@ protocol that quotes the segment it answers.  So this reads the client's TUN dev
 socket and no filter: nothing else crosses that wire (IPv6 is off in both namespaces, nothing
 else runs there).  Each packet is stamped by the kernel (SO_TIMESTAMPNS) and put on the trace's
 clock as the capture does (:func:`nbconn.lab.capture.clock_offset_ns`); the merged timeline is a
-:class:`nbconn.lab.capture.Shot`.
+:class:`nbconn.experiments.nb11.Shot`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .. import validate
 from ..lab import capture
+from .nb11 import Shot
 
 _IPPROTO_ICMP, _IPPROTO_TCP = 1, 6
 #: (type, code) -> name, as RFC 792 / RFC 1812 call them (<linux/icmp.h>: ICMP_DEST_UNREACH = 3, ...)
@@ -31,7 +32,7 @@ _SETTLE_S = 0.05  # the last packet is queued to the packet socket in softirq co
 class WirePacket:
     """One IPv4 packet on the client's TUN device: a TCP segment or an ICMP error quoting one.
 
-    The attributes :class:`nbconn.lab.capture.Shot` reads: ``t_ns`` (CLOCK_MONOTONIC), ``dir``
+    The attributes :class:`nbconn.experiments.nb11.Shot` reads: ``t_ns`` (CLOCK_MONOTONIC), ``dir``
     ("out" from the client, "in" to it), ``flags`` ("S", "SA", "R"..., or "ICMP 3/1"),
     ``retransmission`` (a SYN sent again).
     """
@@ -153,7 +154,7 @@ def round_trip_floor_ms(delay_ms: float) -> float:
 def through_router(router: str, *, delay_ms: float = 5.0, timeout: float = 1.5, port: int = 80):
     """One nbconn connect to an address behind the lab's router (``lab.impaired(router=router)``).
 
-    Returns ``(shot, stats)``: a :class:`nbconn.lab.capture.Shot` (the result, the client wire's
+    Returns ``(shot, stats)``: a :class:`nbconn.experiments.nb11.Shot` (the result, the client wire's
     packets, ``shot.timeline()``) and the forwarder's counters (``out_forwarded``, ``back_forwarded``).
     """
     from .. import api
@@ -171,7 +172,7 @@ def through_router(router: str, *, delay_ms: float = 5.0, timeout: float = 1.5, 
         stats = link.stats()
         where = (f"impaired link, {delay_ms:g} ms each way, the server namespace routing {link.far_prefix} to a "
                  f"{router} route; packet socket on the client's TUN device, {link.client_ns.where}")
-    shot = capture.Shot(f"router:{router}", result, cap.packets, [result], cap.packets, where, cap.offset_error_ns)
+    shot = Shot(f"router:{router}", result, cap.packets, [result], cap.packets, where, cap.offset_error_ns)
     return shot, stats
 
 
@@ -193,10 +194,11 @@ def nginx_through_router(router: str, *, delay_ms: float = 5.0, connect_timeout:
             status = ng.request()
             entries = []
             deadline = time.monotonic() + 2.0  # the access log line is written as the request ends
-            while not entries and time.monotonic() < deadline:
+            for _ in range(400):  # bounded by the deadline and the count
                 entries = ng.access_log()
-                if not entries:
-                    time.sleep(0.01)
+                if entries or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.01)
             errors_seen = ng.error_log()
     entry = entries[0] if entries else None
     return {"status": status, "tried": entry.upstream_addr if entry else [],
