@@ -47,23 +47,27 @@ def data_directions(packets, until_ns: int) -> list:
 
 
 def timeline(result, packets, *, until_ns: int | None = None) -> str:
-    """The syscalls (connect, then TLS) and the segments with their TLS records, in ms since socket()."""
+    """The syscalls (connect, then TLS) and the segments with their TLS records, in ms since socket().  Pure ACKs
+    after the TCP handshake are left out."""
     t0 = result.connect.started_ns
-    rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e6:8.2f}  {s.call}") for s in result.connect.steps]
-    rows += [(t1, f"{(t2 - t0) / 1e6:8.2f}  {call}" + (f" = {ret}" if ret is not None else ""))
+    rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e6:8.2f} ms  {s.call}") for s in result.connect.steps]
+    rows += [(t1, f"{(t2 - t0) / 1e6:8.2f} ms  {call}" + (f" = {ret}" if ret is not None else ""))
              for _name, call, ret, t1, t2 in result._steps]
     records: dict = {}
     for packet, record in tlsrecords.records_of(packets):
         records.setdefault(id(packet), []).append(record)
+    handshake_ack = next((p for p in packets if p.dir == "out" and p.flags == "A"), None)
     for p in packets:
         if until_ns is not None and p.t_ns > until_ns:
             continue
+        if p.flags == "A" and not p.payload and p is not handshake_ack:
+            continue  # a pure ACK after the TCP handshake: sent or not as the delayed-ACK timer decides
         arrow = "->" if p.dir == "out" else "<-"
         what = "; ".join(str(r) for r in records.get(id(p), [])) or (f"{p.payload} bytes" if p.payload else "")
-        rows.append((p.t_ns, f"{'':8}      [wire {arrow}] {p.flags:<2} {what}"))
+        rows.append((p.t_ns, f"{'':11}  [wire {arrow}] {p.flags:<2} {what}"))
     rows.sort(key=lambda row: row[0])
-    head = f"{'called':>8}  {'returned':>8}"
-    return "\n".join([head] + [f"{(t - t0) / 1e6:8.2f}  {text}" for t, text in rows])
+    head = f"{'called':>11}  {'returned':>11}"
+    return "\n".join([head] + [f"{(t - t0) / 1e6:8.2f} ms  {text}" for t, text in rows])
 
 
 def connects_of(lines: list[str], port: int) -> list[list[str]]:
@@ -104,6 +108,28 @@ def record_io(calls: list[str]) -> list[str]:
     return found
 
 
+def condensed(call: str) -> str:
+    """One strace line of nginx's worker, short: the data and addresses left out (they change every run)."""
+    name = call.split("(", 1)[0]
+    ret = call.rsplit(" = ", 1)[1] if " = " in call else "?"
+    if name == "epoll_wait":
+        events = re.findall(r"events=([A-Z|]+)", call)
+        return f"epoll_wait() -> {', '.join(events) or 'nothing'}"
+    if name in ("read", "write"):
+        m = re.match(r'\w+\(\d+, "\\(\d+)', call)
+        kind = tlsrecords.CONTENT_TYPES.get(int(m.group(1), 8), "?") if m else None
+        if ret.startswith("-1"):
+            return f"{name}() = {ret.split(' (')[0].replace('-1 ', '')}"
+        return f"{name}() = {ret} bytes" + (f", first record: {kind}" if kind else "")
+    if name == "setsockopt":
+        return "setsockopt(TCP_NODELAY)" if "TCP_NODELAY" in call else "setsockopt()"
+    if name == "getsockopt":
+        return "getsockopt(SO_ERROR) = 0" if "[0]" in call else f"getsockopt(SO_ERROR) {call.split('SO_ERROR, ')[1]}"
+    if name == "connect":
+        return "connect() = " + ret.split(" (")[0]
+    return f"{name}()"
+
+
 def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeout: float = 1.0):
     """nbconn.nginx.Nginx with ``proxy_pass https://`` to ``peer``, proxy_ssl_verify on against the lab CA,
     the name "localhost", and ``proxy_ssl_session_reuse`` on or off; under strace."""
@@ -125,31 +151,38 @@ def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeou
                       strace=True, strace_syscalls=syscalls)
 
 
-def plot_cases(cases: dict, *, title: str):
-    """One row per case: each connect's TCP handshake and TLS handshake (ms) as points, and their medians."""
+def plot_cases(cases: dict, *, rtt_ms: float, title: str):
+    """One row per case: each connect's TCP handshake (connect() to SO_ERROR) and, for the TLS cases, connect()
+    to SSL_do_handshake() = 1 (ms), as points; bars at the medians; dashed lines at whole round trips."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.55 * len(cases)))
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.6 * len(cases)))
     rng = np.random.default_rng(0)
     labels = list(cases)
+    shown = set()
     for row, label in enumerate(labels):
-        tcp = np.array(cases[label]["tcp_ms"])
-        tls_ms = np.array(cases[label]["tls_ms"]) if cases[label]["tls_ms"] else np.array([])
         y = len(labels) - 1 - row
-        ax.scatter(tcp, y + 0.12 + rng.uniform(-0.06, 0.06, len(tcp)), s=10, color="tab:blue",
-                   label="TCP handshake (connect)" if row == 0 else None)
-        if len(tls_ms):
-            ax.scatter(tls_ms, y - 0.12 + rng.uniform(-0.06, 0.06, len(tls_ms)), s=10, color="tab:orange",
-                       label="TLS handshake (SSL_do_handshake)" if row == 0 else None)
-            ax.plot([np.median(tls_ms)] * 2, [y - 0.3, y + 0.05], color="tab:orange", lw=2)
-        ax.plot([np.median(tcp)] * 2, [y - 0.05, y + 0.3], color="tab:blue", lw=2)
+        for key, color, name, dy in (("tcp_ms", "tab:blue", "TCP handshake: connect() to SO_ERROR", 0.12),
+                                     ("total_ms", "tab:orange", "+ TLS: connect() to SSL_do_handshake() = 1", -0.12)):
+            values = np.array(cases[label].get(key) or [])
+            if not len(values):
+                continue
+            ax.scatter(values, y + dy + rng.uniform(-0.07, 0.07, len(values)), s=10, color=color,
+                       label=None if name in shown else name)
+            shown.add(name)
+            ax.plot([np.median(values)] * 2, [y + dy - 0.17, y + dy + 0.17], color="black", lw=1.5)
+    top = max(max(c.get("total_ms") or c["tcp_ms"]) for c in cases.values())
+    for k in range(1, int(top // rtt_ms) + 2):
+        ax.axvline(k * rtt_ms, color="grey", ls="--", lw=0.8)
+        ax.text(k * rtt_ms + 0.01 * rtt_ms * (int(top // rtt_ms) + 1.3), len(labels) - 0.4, f"{k} RTT", fontsize=8,
+                color="grey", va="center", ha="left")
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(list(reversed(labels)))
-    ax.set_xlabel("ms (bars: medians)")
-    ax.set_xlim(left=0)
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(-0.6, len(labels) - 0.15)
+    ax.set_xlabel("ms since connect() was called (black bars: medians)")
+    ax.set_xlim(0, (int(top // rtt_ms) + 1.3) * rtt_ms)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
