@@ -116,6 +116,35 @@ def test_stream_of_orders_drops_repeats_and_stops_at_a_gap():
     assert tlsrecords.stream_of([(5, b"")]) == []
 
 
+class _Seg:
+    """A captured segment's fields that tlsrecords reads (nbconn.lab.capture.Packet's names)."""
+
+    def __init__(self, direction, seq, data):
+        self.dir, self.seq, self.data, self.payload = direction, seq, data, len(data)
+
+
+def _segments(flights):
+    """The memory-BIO flights as segments, one per flight, with running sequence numbers per direction."""
+    seq, segs = {"out": 1000, "in": 5000}, []
+    for direction, data in flights:
+        segs.append(_Seg(direction, seq[direction], data))
+        seq[direction] += len(data)
+    return segs
+
+
+@pytest.mark.parametrize("version, expected", [("1.3", 1), ("1.2", 2)])
+def test_handshake_round_trips_from_segments_alone(pki, version, expected):
+    """TLS 1.3: out, in, out and then the tickets (in): one round trip; TLS 1.2: two.  A close_notify after the
+    handshake adds none."""
+    flights, _, _ = _handshake(pki, version)
+    segs = _segments(flights)
+    assert tlsrecords.handshake_round_trips(segs) == expected
+    last_out = [seg for seg in segs if seg.dir == "out"][-1]
+    alert = _Seg("out", last_out.seq + len(last_out.data), bytes([21, 3, 3, 0, 2, 1, 0]))
+    assert tlsrecords.handshake_round_trips(segs + [alert]) == expected
+    assert tlsrecords.handshake_round_trips(segs[:1]) is None  # only the ClientHello: not finished
+
+
 def test_round_trips_count_out_then_in_changes():
     assert tlsrecords.round_trips([]) == 0
     assert tlsrecords.round_trips(["out", "in", "out"]) == 1  # TLS 1.3 full, or resumed
@@ -128,7 +157,7 @@ def test_round_trips_count_out_then_in_changes():
 @pytest.mark.slow
 def test_capture_over_the_link_shows_the_records(pki):
     """A real TLS 1.2 handshake across the 20 ms link, captured with payload: the records are read from the
-    segments, and the data flights up to SSL_do_handshake() = 1 make two round trips."""
+    segments, and their data flights up to both Finished messages make two round trips."""
     from nbconn import tls
     from nbconn.experiments import nb15
     from nbconn.lab import wire
@@ -148,5 +177,4 @@ def test_capture_over_the_link_shows_the_records(pki):
     assert result.outcome == "handshaked" and result.version == "TLSv1.2"
     names = [m for _p, r in tlsrecords.records_of(conn) for m in r.messages]
     assert names[:2] == ["ClientHello", "ServerHello"] and "ClientKeyExchange" in names
-    done = nb15.handshake_done_ns(result)
-    assert tlsrecords.round_trips(nb15.data_directions(conn, done)) == 2
+    assert tlsrecords.handshake_round_trips(conn) == 2

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 
 from ..lab import peers, tlspeers, tlsrecords
 
 
 @contextlib.contextmanager
-def tls_server_across(link, pki, *, tickets: bool = True):
-    """The lab's TLS server (:mod:`nbconn.lab.tlspeers`: the test CA's certificate, TLS 1.2 and 1.3) listening
-    in the link's server namespace, so every record crosses the 20 ms wire.  The listener is made there and
-    passed here; the handshakes run in this process's threads, as for the loopback peers."""
-    with peers._listener(link.server_addr, 4096, link.server_ns) as sock:
+def tls_server_in(host: str, source, pki, *, tickets: bool = True):
+    """The lab's TLS server (:mod:`nbconn.lab.tlspeers`: the test CA's certificate, TLS 1.2 and 1.3) listening on
+    ``host`` in the namespace ``source`` (the link's server side, or a lab namespace).  The listener is made there
+    and passed here; the handshakes run in this process's threads, as for the loopback peers."""
+    with peers._listener(host, 4096, source) as sock:
         target, port = peers._target_for(sock)
         peer = tlspeers._tls_peer(target, "tls_server", port, pki.cafile)
         server = tlspeers._Server(tlspeers.server_context(pki, tickets=tickets), peer)
@@ -24,6 +25,48 @@ def tls_server_across(link, pki, *, tickets: bool = True):
                 yield peer
         finally:
             server.close()
+
+
+def tls_server_across(link, pki, *, tickets: bool = True):
+    """:func:`tls_server_in` the link's server namespace: every record crosses the impaired wire."""
+    return tls_server_in(link.server_addr, link.server_ns, pki, tickets=tickets)
+
+
+@dataclass
+class Bench:
+    """Where the notebook measures: the TLS ``peer``, ``client()`` (a context: the connects' sockets are made on
+    the client side), ``capture()`` (a Capture with payload, not yet open, on the client side), the round trip
+    ``rtt_ms`` the path adds, and ``where`` in words."""
+
+    peer: object
+    client: object
+    capture: object
+    rtt_ms: float
+    where: str
+
+
+@contextlib.contextmanager
+def bench(pki, delay_ms: float):
+    """The lab link with ``delay_ms`` each way when it can run here; else, said in ``where``, a lab namespace's own
+    loopback (no delay: the round trips are still counted from the packets, and each takes microseconds)."""
+    from ..lab import wire
+    from ..lab.capture import Capture
+
+    why = wire.wire_unavailable_reason()
+    with contextlib.ExitStack() as stack:
+        if why is None:
+            link = stack.enter_context(wire.impaired(delay_ms=delay_ms))
+            peer = stack.enter_context(tls_server_across(link, pki))
+            yield Bench(peer, link.client,
+                        lambda: Capture(peer.port, interface=None, source=link.client_ns, payload=True),
+                        2 * delay_ms, f"the lab link, {delay_ms:g} ms each way")
+            return
+        from ..lab.namespace import namespace
+
+        ns = stack.enter_context(namespace())
+        peer = stack.enter_context(tls_server_in("127.0.0.1", ns, pki))
+        yield Bench(peer, ns.using, lambda: Capture(peer.port, interface="lo", source=ns, payload=True), 0.0,
+                    f"a lab namespace's loopback, no delay (the link cannot run here: {why})")
 
 
 def connections(packets) -> list:
@@ -39,11 +82,6 @@ def connections(packets) -> list:
 def handshake_done_ns(result) -> int | None:
     """When SSL_do_handshake() returned 1 (CLOCK_MONOTONIC, the capture's clock), or None."""
     return next((t2 for name, _call, ret, _t1, t2 in result._steps if name == "ssl_handshake" and ret == 1), None)
-
-
-def data_directions(packets, until_ns: int) -> list:
-    """"out"/"in" for each segment carrying data, up to ``until_ns`` (the TCP handshake carries none)."""
-    return [p.dir for p in packets if p.payload and p.t_ns <= until_ns]
 
 
 def timeline(result, packets, *, until_ns: int | None = None) -> str:
@@ -173,15 +211,16 @@ def plot_cases(cases: dict, *, rtt_ms: float, title: str):
             shown.add(name)
             ax.plot([np.median(values)] * 2, [y + dy - 0.17, y + dy + 0.17], color="black", lw=1.5)
     top = max(max(c.get("total_ms") or c["tcp_ms"]) for c in cases.values())
-    for k in range(1, int(top // rtt_ms) + 2):
+    rounds = int(top // rtt_ms) + 1 if rtt_ms > 0 else 0  # no delay (the fallback): no round-trip lines
+    for k in range(1, rounds + 1):
         ax.axvline(k * rtt_ms, color="grey", ls="--", lw=0.8)
-        ax.text(k * rtt_ms + 0.01 * rtt_ms * (int(top // rtt_ms) + 1.3), len(labels) - 0.4, f"{k} RTT", fontsize=8,
+        ax.text(k * rtt_ms + 0.01 * rtt_ms * (rounds + 0.3), len(labels) - 0.4, f"{k} RTT", fontsize=8,
                 color="grey", va="center", ha="left")
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(list(reversed(labels)))
     ax.set_ylim(-0.6, len(labels) - 0.15)
     ax.set_xlabel("ms since connect() was called (black bars: medians)")
-    ax.set_xlim(0, (int(top // rtt_ms) + 1.3) * rtt_ms)
+    ax.set_xlim(0, (rounds + 0.3) * rtt_ms if rounds else top * 1.1)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -20,7 +20,7 @@ What can be read without keys:
 
 :func:`flights` and :func:`round_trips` read the conversation's shape from segments that carry data:
 a flight is a run of data segments in one direction; a round trip is the client's flight answered by
-a server flight.
+a server flight.  :func:`handshake_round_trips` counts them up to where the handshake ends for the client.
 """
 
 from __future__ import annotations
@@ -240,5 +240,34 @@ def round_trips(directions) -> int:
     return sum(1 for a, b in zip(runs, runs[1:]) if a[0] == "out" and b[0] == "in")
 
 
-__all__ = ["Record", "Stream", "parse", "stream_of", "records_by_segment", "records_of", "flights", "round_trips",
+def handshake_round_trips(packets) -> int | None:
+    """The round trips of one connection's TLS handshake, from its captured segments alone (``Packet`` with
+    ``data``, capture order): :func:`round_trips` of the data segments up to where the handshake ends for the
+    client -- when it has both sent its Finished and received the server's.  Each side's Finished is its first
+    record after its own change_cipher_spec (TLS 1.2: the encrypted handshake record; TLS 1.3: the first
+    application_data record, the compatibility change_cipher_spec coming just before it; in TLS 1.3 the server's
+    first encrypted record is EncryptedExtensions, in the same flight as its Finished, which ends sooner than the
+    client's Finished in any case).  What follows -- TLS 1.3's session tickets, a close_notify -- is not counted.
+    None when either side's change_cipher_spec is not in the capture (the handshake did not finish)."""
+    pairs = records_of(packets)
+
+    def first_after_ccs(direction):
+        seen = False
+        for packet, record in pairs:
+            if packet.dir != direction:
+                continue
+            if seen:
+                return packet
+            seen = record.content_type == 20
+        return None
+
+    client_finished, server_finished = first_after_ccs("out"), first_after_ccs("in")
+    if client_finished is None or server_finished is None:
+        return None
+    order = {id(p): i for i, p in enumerate(packets)}
+    end = max(order[id(client_finished)], order[id(server_finished)])
+    return round_trips([p.dir for p in packets[:end + 1] if p.payload])
+
+
+__all__ = ["handshake_round_trips", "Record", "Stream", "parse", "stream_of", "records_by_segment", "records_of", "flights", "round_trips",
            "server_hello_version", "CONTENT_TYPES", "HANDSHAKE_TYPES", "VERSIONS"]
