@@ -132,7 +132,7 @@ def _segments(flights):
     return segs
 
 
-@pytest.mark.parametrize("version, expected", [("1.3", 1), ("1.2", 2)])
+@pytest.mark.parametrize("version, expected", [("1.3", 1), ("1.2", 2)], ids=["1.3", "1.2"])
 def test_handshake_round_trips_from_segments_alone(pki, version, expected):
     """TLS 1.3: out, in, out and then the tickets (in): one round trip; TLS 1.2: two.  A close_notify after the
     handshake adds none."""
