@@ -269,5 +269,6 @@ def handshake_round_trips(packets) -> int | None:
     return round_trips([p.dir for p in packets[:end + 1] if p.payload])
 
 
-__all__ = ["handshake_round_trips", "Record", "Stream", "parse", "stream_of", "records_by_segment", "records_of", "flights", "round_trips",
+__all__ = ["handshake_round_trips", "Record", "Stream", "parse", "stream_of", "records_by_segment",
+           "records_of", "flights", "round_trips",
            "server_hello_version", "CONTENT_TYPES", "HANDSHAKE_TYPES", "VERSIONS"]
