@@ -176,7 +176,9 @@ class Packet:
 
     ``t_ns``: CLOCK_MONOTONIC (the trace's clock); ``dir``: "out" (client -> server) or
     "in"; ``flags``: "S", "SA", "A", "R", "RA", "FA", "PA"...; ``seq``/``ack``: raw
-    sequence numbers; ``retransmission``: this SYN (or SYN-ACK) repeats an earlier one.
+    sequence numbers; ``retransmission``: this SYN (or SYN-ACK) repeats an earlier one;
+    ``data``: the TCP payload itself, kept only by ``Capture(payload=True)`` (the TLS records:
+    :mod:`nbconn.lab.tlsrecords`).
     """
 
     t_ns: int
@@ -190,6 +192,7 @@ class Packet:
     ack: int
     payload: int
     retransmission: bool = False
+    data: bytes = b""  # the payload's bytes, when the capture keeps them (``Capture(payload=True)``)
 
     def to_dict(self, t0_ns: int = 0) -> dict:
         return {"t_ns": self.t_ns - t0_ns, "dir": self.dir, "flags": self.flags, "src": f"{self.src}:{self.sport}",
@@ -209,7 +212,7 @@ def flags_text(bits: int) -> str:
 
 
 def _parse(frame: bytes, link_header: int):
-    """(src, dst, sport, dport, seq, ack, flags, payload) of a TCP segment, or None."""
+    """(src, dst, sport, dport, seq, ack, flags, payload length, payload slice) of a TCP segment, or None."""
     ip = frame[link_header:]
     if len(ip) < 20:
         return None
@@ -232,7 +235,8 @@ def _parse(frame: bytes, link_header: int):
         return None
     sport, dport, seq, ack, off, bits = struct.unpack_from("!HHIIBB", tcp, 0)
     payload = max(0, end - start - (off >> 4) * 4)
-    return src, dst, sport, dport, seq, ack, bits, payload
+    first = link_header + start + (off >> 4) * 4
+    return src, dst, sport, dport, seq, ack, bits, payload, slice(first, first + payload)
 
 
 class Capture:
@@ -241,15 +245,18 @@ class Capture:
     ``interface``: bind to this interface ("lo"), or None for every interface of the
     socket's network namespace.  ``source``: an object whose ``socket(family, type, proto)``
     makes the packet socket somewhere else (a lab namespace); None: here, which needs
-    CAP_NET_RAW.  Raises PermissionError when the packet socket cannot be made.
+    CAP_NET_RAW.  Raises PermissionError when the packet socket cannot be made.  ``payload=True``: keep
+    each segment's payload bytes in ``Packet.data`` (for the TLS records; off by default: a burst of
+    connects needs only the headers).
     """
 
-    def __init__(self, port: int, *, interface: str | None = "lo", source=None) -> None:
+    def __init__(self, port: int, *, interface: str | None = "lo", source=None, payload: bool = False) -> None:
         self.port = validate.integer("port", port, 1, 65535)
         if interface is not None and (not isinstance(interface, str) or not 0 < len(interface) < 16):
             raise ValueError(f"interface={validate.shown(interface)} is not an interface name")
         self.interface = interface
         self.source = source
+        self.keep_payload = validate.flag("payload", payload)
         self.sock: socket.socket | None = None
         self.packets: list[Packet] = []
         self.offset_ns = 0  # CLOCK_REALTIME - CLOCK_MONOTONIC when the capture opened
@@ -338,7 +345,7 @@ class Capture:
         parsed = _parse(data, header)
         if parsed is None:
             return None
-        src, dst, sport, dport, seq, ack, bits, payload = parsed
+        src, dst, sport, dport, seq, ack, bits, payload, where = parsed
         direction = "out" if dport == self.port else "in" if sport == self.port else None
         if direction is None:
             return None
@@ -359,7 +366,7 @@ class Capture:
             again = key in self._seen_syn
             self._seen_syn.add(key)
         return Packet(t_real - self.offset_ns, direction, flags_text(bits), src, dst, sport, dport, seq, ack,
-                      payload, again)
+                      payload, again, data[where] if self.keep_payload else b"")
 
 
 # -- what the packets say about one connect --------------------------------------------------------

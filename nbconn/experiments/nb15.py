@@ -1,0 +1,227 @@
+"""Plumbing for notebook 15 (the second handshake): a TLS peer across the lab link, the capture cut per
+connection, the trace and the records on one clock, a real nginx's strace cut per connect.  The
+experiments themselves are on the notebook's page."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+from ..lab import peers, tlspeers, tlsrecords
+
+
+@contextlib.contextmanager
+def tls_server_in(host: str, source, pki, *, tickets: bool = True):
+    """The lab's TLS server (:mod:`nbconn.lab.tlspeers`: the test CA's certificate, TLS 1.2 and 1.3) listening on
+    ``host`` in the namespace ``source`` (the link's server side, or a lab namespace).  The listener is made there
+    and passed here; the handshakes run in this process's threads, as for the loopback peers."""
+    with peers._listener(host, 4096, source) as sock:
+        target, port = peers._target_for(sock)
+        peer = tlspeers._tls_peer(target, "tls_server", port, pki.cafile)
+        server = tlspeers._Server(tlspeers.server_context(pki, tickets=tickets), peer)
+        try:
+            with peers._Acceptor(sock, peer, server.handle):
+                yield peer
+        finally:
+            server.close()
+
+
+def tls_server_across(link, pki, *, tickets: bool = True):
+    """:func:`tls_server_in` the link's server namespace: every record crosses the impaired wire."""
+    return tls_server_in(link.server_addr, link.server_ns, pki, tickets=tickets)
+
+
+@dataclass
+class Bench:
+    """Where the notebook measures: the TLS ``peer``, ``client()`` (a context: the connects' sockets are made on
+    the client side), ``capture()`` (a Capture with payload, not yet open, on the client side), the round trip
+    ``rtt_ms`` the path adds, and ``where`` in words."""
+
+    peer: object
+    client: object
+    capture: object
+    rtt_ms: float
+    where: str
+
+
+@contextlib.contextmanager
+def bench(pki, delay_ms: float):
+    """The lab link with ``delay_ms`` each way when it can run here; else, said in ``where``, a lab namespace's own
+    loopback (no delay: the round trips are still counted from the packets, and each takes microseconds)."""
+    from ..lab import wire
+    from ..lab.capture import Capture
+
+    why = wire.wire_unavailable_reason()
+    with contextlib.ExitStack() as stack:
+        if why is None:
+            link = stack.enter_context(wire.impaired(delay_ms=delay_ms))
+            peer = stack.enter_context(tls_server_across(link, pki))
+            yield Bench(peer, link.client,
+                        lambda: Capture(peer.port, interface=None, source=link.client_ns, payload=True),
+                        2 * delay_ms, f"the lab link, {delay_ms:g} ms each way")
+            return
+        from ..lab.namespace import namespace
+
+        ns = stack.enter_context(namespace())
+        peer = stack.enter_context(tls_server_in("127.0.0.1", ns, pki))
+        yield Bench(peer, ns.using, lambda: Capture(peer.port, interface="lo", source=ns, payload=True), 0.0,
+                    f"a lab namespace's loopback, no delay (the link cannot run here: {why})")
+
+
+def connections(packets) -> list:
+    """The captured segments cut per connection (by the client's port), in the order their SYNs left.  Only
+    connections whose SYN was captured: the tail of one that began before (its FIN, a late ticket) is left out."""
+    by_port: dict = {}
+    for p in packets:
+        by_port.setdefault(p.sport if p.dir == "out" else p.dport, []).append(p)
+    return sorted((segs for segs in by_port.values() if segs[0].dir == "out" and segs[0].flags == "S"),
+                  key=lambda segs: segs[0].t_ns)
+
+
+def handshake_done_ns(result) -> int | None:
+    """When SSL_do_handshake() returned 1 (CLOCK_MONOTONIC, the capture's clock), or None."""
+    return next((t2 for name, _call, ret, _t1, t2 in result._steps if name == "ssl_handshake" and ret == 1), None)
+
+
+def timeline(result, packets, *, until_ns: int | None = None) -> str:
+    """The syscalls (connect, then TLS) and the segments with their TLS records, in ms since socket().  Pure ACKs
+    after the TCP handshake are left out."""
+    t0 = result.connect.started_ns
+    rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e6:8.2f} ms  {s.call}") for s in result.connect.steps]
+    rows += [(t1, f"{(t2 - t0) / 1e6:8.2f} ms  {call}" + (f" = {ret}" if ret is not None else ""))
+             for _name, call, ret, t1, t2 in result._steps]
+    records: dict = {}
+    for packet, record in tlsrecords.records_of(packets):
+        records.setdefault(id(packet), []).append(record)
+    handshake_ack = next((p for p in packets if p.dir == "out" and p.flags == "A"), None)
+    for p in packets:
+        if until_ns is not None and p.t_ns > until_ns:
+            continue
+        if p.flags == "A" and not p.payload and p is not handshake_ack:
+            continue  # a pure ACK after the TCP handshake: sent or not as the delayed-ACK timer decides
+        arrow = "->" if p.dir == "out" else "<-"
+        what = "; ".join(str(r) for r in records.get(id(p), [])) or (f"{p.payload} bytes" if p.payload else "")
+        rows.append((p.t_ns, f"{'':11}  [wire {arrow}] {p.flags:<2} {what}"))
+    rows.sort(key=lambda row: row[0])
+    head = f"{'called':>11}  {'returned':>11}"
+    return "\n".join([head] + [f"{(t - t0) / 1e6:8.2f} ms  {text}" for t, text in rows])
+
+
+def connects_of(lines: list[str], port: int) -> list[list[str]]:
+    """From an ``strace -f`` of nginx: per connect() to ``port``, the worker's calls on that descriptor and
+    its epoll_waits, from connect() to close()."""
+    found, current, fd, pid = [], None, None, None
+    for raw in lines:
+        m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
+        if not m:
+            continue
+        who, call = m.group(1), re.sub(r"\s+= ", " = ", m.group(2))
+        opened = re.match(rf"connect\((\d+), .*htons\({port}\)", call)
+        if opened:
+            current, fd, pid = [], opened.group(1), who
+            found.append(current)
+        if current is not None and who == pid and (re.match(rf"\w+\({fd}[,)]", call)
+                                                    or call.startswith("epoll_wait(")):
+            current.append(call)
+            if call.startswith(f"close({fd})"):
+                current = None
+    return found
+
+
+def record_io(calls: list[str]) -> list[str]:
+    """The TLS record I/O in one connect's calls, up to the request: "write: handshake", "read: handshake",
+    "write: change_cipher_spec"... (each read() or write() that moved data, named by its first record's
+    content type); the request itself, the first write of application data, ends the list."""
+    found = []
+    for call in calls:
+        if call.startswith(("writev(", "close(")):
+            break
+        m = re.match(r'(read|write)\(\d+, "\\(\d+)', call)
+        if m:
+            kind = tlsrecords.CONTENT_TYPES.get(int(m.group(2), 8), "?")
+            if m.group(1) == "write" and kind == "application_data":
+                break
+            found.append(f"{m.group(1)}: {kind}")
+    return found
+
+
+def condensed(call: str) -> str:
+    """One strace line of nginx's worker, short: the data and addresses left out (they change every run)."""
+    name = call.split("(", 1)[0]
+    ret = call.rsplit(" = ", 1)[1] if " = " in call else "?"
+    if name == "epoll_wait":
+        events = re.findall(r"events=([A-Z|]+)", call)
+        return f"epoll_wait() -> {', '.join(events) or 'nothing'}"
+    if name in ("read", "write"):
+        m = re.match(r'\w+\(\d+, "\\(\d+)', call)
+        kind = tlsrecords.CONTENT_TYPES.get(int(m.group(1), 8), "?") if m else None
+        if ret.startswith("-1"):
+            return f"{name}() = {ret.split(' (')[0].replace('-1 ', '')}"
+        return f"{name}() = {ret} bytes" + (f", first record: {kind}" if kind else "")
+    if name == "setsockopt":
+        return "setsockopt(TCP_NODELAY)" if "TCP_NODELAY" in call else "setsockopt()"
+    if name == "getsockopt":
+        return "getsockopt(SO_ERROR) = 0" if "[0]" in call else f"getsockopt(SO_ERROR) {call.split('SO_ERROR, ')[1]}"
+    if name == "connect":
+        return "connect() = " + ret.split(" (")[0]
+    return f"{name}()"
+
+
+def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeout: float = 1.0):
+    """nbconn.nginx.Nginx with ``proxy_pass https://`` to ``peer``, proxy_ssl_verify on against the lab CA,
+    the name "localhost", and ``proxy_ssl_session_reuse`` on or off; under strace."""
+    from ..nginx import Nginx
+
+    class HTTPSNginx(Nginx):
+        def config(self):
+            https = ("proxy_pass https://backend;\n"
+                     "            proxy_ssl_verify on;\n"
+                     f"            proxy_ssl_trusted_certificate {cafile};\n"
+                     "            proxy_ssl_name localhost;\n"
+                     f"            proxy_ssl_session_reuse {'on' if reuse else 'off'};")
+            text = super().config()
+            if "proxy_pass http://backend;" not in text:
+                raise RuntimeError("nbconn.nginx's configuration no longer has the proxy_pass line to replace")
+            return text.replace("proxy_pass http://backend;", https)
+
+    return HTTPSNginx([str(peer)], connect_timeout=connect_timeout, read_timeout=1.0, next_upstream=(),
+                      strace=True, strace_syscalls=syscalls)
+
+
+def plot_cases(cases: dict, *, rtt_ms: float, title: str):
+    """One row per case: each connect's TCP handshake (connect() to SO_ERROR) and, for the TLS cases, connect()
+    to SSL_do_handshake() = 1 (ms), as points; bars at the medians; dashed lines at whole round trips."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.6 * len(cases)))
+    rng = np.random.default_rng(0)
+    labels = list(cases)
+    shown = set()
+    for row, label in enumerate(labels):
+        y = len(labels) - 1 - row
+        for key, color, name, dy in (("tcp_ms", "tab:blue", "TCP handshake: connect() to SO_ERROR", 0.12),
+                                     ("total_ms", "tab:orange", "+ TLS: connect() to SSL_do_handshake() = 1", -0.12)):
+            values = np.array(cases[label].get(key) or [])
+            if not len(values):
+                continue
+            ax.scatter(values, y + dy + rng.uniform(-0.07, 0.07, len(values)), s=10, color=color,
+                       label=None if name in shown else name)
+            shown.add(name)
+            ax.plot([np.median(values)] * 2, [y + dy - 0.17, y + dy + 0.17], color="black", lw=1.5)
+    top = max(max(c.get("total_ms") or c["tcp_ms"]) for c in cases.values())
+    rounds = int(top // rtt_ms) + 1 if rtt_ms > 0 else 0  # no delay (the fallback): no round-trip lines
+    for k in range(1, rounds + 1):
+        ax.axvline(k * rtt_ms, color="grey", ls="--", lw=0.8)
+        ax.text(k * rtt_ms + 0.01 * rtt_ms * (rounds + 0.3), len(labels) - 0.4, f"{k} RTT", fontsize=8,
+                color="grey", va="center", ha="left")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(list(reversed(labels)))
+    ax.set_ylim(-0.6, len(labels) - 0.15)
+    ax.set_xlabel("ms since connect() was called (black bars: medians)")
+    ax.set_xlim(0, (rounds + 0.3) * rtt_ms if rounds else top * 1.1)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
