@@ -22,6 +22,18 @@ def cells(number: str) -> dict:
     return {c.id: c for c in nbformat.read(path, as_version=4).cells}
 
 
+def run_cells(number: str, *ids: str) -> dict:
+    """Execute notebook ``number``'s imports cell, then the cells ``ids``, in one fresh namespace; return it.
+
+    The check of a claim is the notebook's own cell, not a copy of the experiment kept in the library (issue 20).
+    """
+    nb = cells(number)
+    namespace: dict = {}
+    for cid in ("imports", *ids):
+        exec(compile(nb[cid].source, f"notebook {number}, cell {cid}", "exec"), namespace)
+    return namespace
+
+
 def text_output(cell) -> str:
     return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs)
 
