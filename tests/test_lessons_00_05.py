@@ -113,5 +113,5 @@ def test_05_so_error_can_name_a_soft_error_before_anything_ended():
     table = text_output(c["soft-error"])
     if "ENETUNREACH" not in table:
         pytest.skip("the stored run had no lab namespace or IPv6: " + table[:200])
-    assert re.search(r"\(nothing\)\s+SYN_SENT\s+ENETUNREACH", table), "a soft error while nothing was reported"
+    assert re.search(r"\(nothing\),\s+SYN_SENT,\s+SO_ERROR ENETUNREACH", table), "a soft error while nothing was reported"
     assert "sk_err_soft" in c["so-error-reading"].source
