@@ -61,8 +61,12 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def version() -> str:
-    out = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True, timeout=10)
+def version() -> str | None:
+    """This machine's nginx version (``1.22.1``, from ``nginx -v``), or None when there is no nginx."""
+    binary = find_nginx()
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
     return out.stderr.strip().split("/")[-1]
 
 

@@ -10,13 +10,14 @@ import re
 
 import pytest
 
-from nbconn import explain, lab, nginx
+from nbconn import lab, nginx
 
 from .conftest import require_tool
+from .test_lessons_00_05 import run_cells
 
 
 def _seconds(text: str) -> float:
-    """'300.5 ms', '1.02 s', '52.3 µs' (explain.duration's forms) in seconds."""
+    """'300.5 ms', '1.02 s', '52.3 µs' (nbconn.strace.format_ns's forms) in seconds."""
     value, unit = text.split()
     return float(value) * {"s": 1.0, "ms": 1e-3, "µs": 1e-6}[unit]
 
@@ -24,29 +25,27 @@ def _seconds(text: str) -> float:
 def test_01_this_machines_nginx_is_1_22_1():
     """Row 01/imports: the nginx the series runs is 1.22.1 (the notebook prints `nginx -v`)."""
     require_tool("nginx")
-    assert explain.nginx_version() == "nginx/1.22.1"
+    assert nginx.version() == "1.22.1"
 
 
-def test_05_a_signal_does_not_shorten_epoll_poll():
+def test_05_a_signal_does_not_shorten_epoll_poll(capsys):
     """Row 05/eintr: SIGALRM 50 ms into a 300 ms epoll.poll is delivered, and the wait still lasts its 300 ms:
-    CPython retries epoll_wait after EINTR with the time left (PEP 475)."""
-    with lab.blackhole() as target:
-        rows = dict(explain.eintr_during_wait(target, wait_s=0.3, signal_after_s=0.05).rows)
-    delivered = rows["signal (SIGALRM) delivered after"]
-    assert delivered != "(none)", rows
-    assert _seconds(delivered) < _seconds(rows["epoll.poll returned after"]), rows  # the signal came during the wait
+    CPython retries epoll_wait after EINTR with the time left (PEP 475).  Runs notebook 05's own cell."""
+    seen = run_cells("05", "pending-connect", "eintr")
+    assert seen["caught"], "no SIGALRM was delivered"
+    delivered = seen["caught"][0] - seen["t0"]
+    assert delivered < seen["waited"], seen["waited"]  # the signal came during the wait
     # A poll cut short by EINTR would return at ~50 ms; the retried one never before its 300 ms.
-    assert _seconds(rows["epoll.poll returned after"]) >= 0.299, rows
-    assert rows["events"].startswith("none"), rows
+    assert seen["waited"] >= 0.299, seen["waited"]
+    assert seen["events"] == [], seen["events"]  # the black hole never answers: the connect timer's time is up
 
 
 def test_06_user_timeout_500_ends_at_the_first_retransmission_not_at_500_ms():
     """Rows 01/user-timeout, 06/3341e559, 06/604d5d99: TCP_USER_TIMEOUT=500 against a black hole ends with
     ETIMEDOUT only when the first SYN retransmission timer (1 s) runs -- the clamp applies from the first
     retransmission on -- so not at 0.5 s."""
-    with lab.blackhole() as hole:
-        row = explain.user_timeout_in_handshake(hole, values_ms=(500,)).rows[0]
-    assert row[4] == "ETIMEDOUT", row
+    row = run_cells("01", "user-timeout")["rows"][0]  # notebook 01's own cell: 500 ms, then 1500 ms
+    assert row[0] == "500 ms" and row[4] == "ETIMEDOUT", row
     seconds = _seconds(row[3])
     assert seconds >= 0.95, row  # kernel timers do not fire early: the 1 s initial RTO, not the 500 ms
     assert seconds <= 3.0, row  # generous for a loaded machine; a missing clamp would take the 3 s of syn_retries
@@ -291,10 +290,10 @@ def test_14_a_stale_write_event_makes_nginx_write_to_a_peer_that_never_answered_
 
 def test_01_a_tiny_so_rcvbuf_is_doubled_then_raised_to_the_kernels_minimum():
     """Rows 01/readback, 09/92455b94 (exercise 3): SO_RCVBUF 1024 reads back as 2304, the kernel's minimum
-    (SOCK_MIN_RCVBUF), not 2048; 4096 reads back doubled."""
-    rows = {r[0]: r[1:3] for r in explain.rcvbuf_readback(values=(1024, 4096)).rows}
-    assert rows["1024"] == ["2304", "raised to the kernel's minimum"], rows
-    assert rows["4096"] == ["8192", "doubled"], rows
+    (SOCK_MIN_RCVBUF), not 2048; 4096 reads back doubled.  Runs notebook 01's own cell."""
+    rows = {r[0]: r[1:3] for r in run_cells("01", "readback")["rows"]}
+    assert rows[1024] == [2304, "raised to the kernel's minimum"], rows
+    assert rows[4096] == [8192, "doubled"], rows
 
 
 def test_00_with_no_other_try_allowed_the_status_is_the_last_tries():

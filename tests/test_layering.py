@@ -29,8 +29,8 @@ LAYER_OF = {
     **{name: "nginx" for name in ("httpd", "nginx", "nginx_guard", "oracle", "reproduce", "tls", "upstream",
                                   "why")},
     # experiments: what the notebooks run with the instruments
-    **{name: "experiments" for name in ("acceptq", "data", "experiments", "explain", "eyeballs", "measure",
-                                        "record", "synretry")},
+    **{name: "experiments" for name in ("acceptq", "data", "experiments", "eyeballs", "measure", "record",
+                                        "synretry", "table")},
     # view: figures and the widget panel
     "plots": "view", "widgets": "view",
     # the command line: nothing else imports it

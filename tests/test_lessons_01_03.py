@@ -16,10 +16,14 @@ from nbconn.experiments import nb01, nb02, nb03
 
 from .conftest import require_tool
 from .test_claims_checks import _seconds
-from .test_lessons_00_05 import cells
+from .test_lessons_00_05 import cells, run_cells
 
-#: what a cell of 01-03 may still take from nbconn.explain: plumbing (tables, a duration, the kernel's name)
-PLUMBING = {"Table", "duration", "kernel", "nginx_version", "options_table"}
+#: what a cell of 01-03 may still take from nbconn besides nbconn.connect and the lab: plumbing (a table, a duration,
+#: an errno's or an event mask's name, nginx's version, a notebook's own nbNN helpers, synretry's timer-wheel bound)
+PLUMBING = {"nbconn.table": {"Table", "options_table"}, "nbconn.strace": {"format_ns"},
+            "nbconn.errors": {"errno_name"}, "nbconn.loop": {"event_names"},
+            "nbconn.experiments": {"nb01", "nb02", "nb03"}, "nbconn.synretry": {"config_hz", "wheel_lateness_s"},
+            "nbconn": {"lab", "nginx"}}
 #: the calls each notebook's cells must make themselves
 ON_THE_PAGE = {
     "01": ("setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF", "getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF",
@@ -30,21 +34,14 @@ ON_THE_PAGE = {
 }
 
 
-def run_cells(number: str, *ids: str) -> dict:
-    """Execute notebook ``number``'s imports cell, then the cells ``ids``, in one fresh namespace."""
-    nb = cells(number)
-    namespace: dict = {}
-    for cid in ("imports", *ids):
-        exec(compile(nb[cid].source, f"notebook {number}, cell {cid}", "exec"), namespace)
-    return namespace
-
-
 @pytest.mark.parametrize("number", sorted(ON_THE_PAGE))
-def test_the_cells_make_the_socket_calls_and_take_only_plumbing_from_explain(number):
+def test_the_cells_make_the_socket_calls_and_take_only_plumbing_from_nbconn(number):
     code = "\n".join(c.source for c in cells(number).values() if c.cell_type == "code")
-    used = set(re.findall(r"\bexplain\.(\w+)", code)) | set(
-        name.strip() for m in re.findall(r"from nbconn\.explain import ([\w, ]+)", code) for name in m.split(","))
-    assert used <= PLUMBING, f"notebook {number} still calls an experiment in explain: {sorted(used - PLUMBING)}"
+    imported = {(module, name.split(" as ")[0].strip()) for module, names in
+                re.findall(r"^from (nbconn[\w.]*) import ([\w, ]+(?: as \w+)?)$", code, re.M) for name in names.split(",")}
+    assert imported, "the scan found no 'from nbconn... import' line: the regex broke"
+    experiments = sorted(f"{m}.{n}" for m, n in imported if n not in PLUMBING.get(m, set()))
+    assert experiments == [], f"notebook {number} takes an experiment from the library: {experiments}"
     missing = [call for call in ON_THE_PAGE[number] if call not in code]
     assert not missing, f"notebook {number}'s cells do not show {missing}"
 

@@ -48,6 +48,12 @@ def assert_same(access, ours):
         assert row["same"], row
 
 
+def test_version_is_none_where_there_is_no_nginx(monkeypatch):
+    """Notebook 01 prints nginx.version() or a sentence: with no binary found it is None, not a TypeError."""
+    monkeypatch.setattr(nginx, "find_nginx", lambda: None)
+    assert nginx.version() is None
+
+
 def test_refused_first():
     with peers("refused", "up") as (down, up):
         statuses, access, errors, ours = side_by_side([str(down), str(up)], 3)
