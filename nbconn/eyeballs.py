@@ -209,10 +209,14 @@ def _race(targets, delay: float | None, *, timeout: float, keep: bool, trace: bo
             event(f"{result.target} {result.outcome}" + (f" ({result.errno})" if result.errno else ""))
 
     with Loop(max_events=max(8, len(parsed)), nginx_clock=nginx_exact) as loop:
-        stagger, stagger_timer = None, None
-        next_index = 0
         try:
-            while not winner:
+            # (inside the try, and `while True:`: an interrupt at a `continue` below must reach the
+            # finally on every Python, tests/test_interrupt_coverage.py says why)
+            stagger, stagger_timer = None, None
+            next_index = 0
+            while True:
+                if winner:
+                    break
                 # Start the next address: the first one at once; then when an attempt failed
                 # (sequential and happy eyeballs alike), or when the stagger timer fired.
                 start_now = next_index == 0 or failed_since_last_start[0] or (stagger is not None and stagger.fired)

@@ -84,9 +84,22 @@ def _uncovered_jumps(co: types.CodeType) -> list[dis.Instruction]:
             continue
         # the handler the jump is inside of; a jump left out of the table has its loop's (the loop's top)
         meant = _handler(entries, ins.offset) or _handler(entries, ins.argval)
-        if meant is not None and _handler(entries, _looked_up(ins)) != meant:
+        if meant is not None and not _reaches(entries, _handler(entries, _looked_up(ins)), meant):
             found.append(ins)
     return found
+
+
+def _reaches(entries, handler, meant) -> bool:
+    """Whether an exception sent to ``handler`` gets to ``meant``: there, or through the handlers that pass
+    it on outward (an except clause that does not match re-raises to the entry covering its own code).
+    (3.12's jump out of an except clause looks up that clause itself: it does not match, and re-raises.)"""
+    seen = set()
+    while handler is not None and handler not in seen:
+        if handler == meant:
+            return True
+        seen.add(handler)
+        handler = _handler(entries, handler)
+    return False
 
 
 def _cleanup_lines(tree: ast.AST) -> set[int]:

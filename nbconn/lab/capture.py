@@ -93,19 +93,25 @@ def wait_for_packet_timestamps(limit_s: float = 1.0) -> float:
         rx.bind(("127.0.0.1", 0))
         rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         rx.settimeout(0.1)
-        while time.monotonic() - start < limit_s:
-            tx.sendto(b"t", rx.getsockname())
-            time.sleep(0.002)
-            before_read = time.clock_gettime_ns(time.CLOCK_REALTIME)
-            try:
-                _, ancdata, _, _ = rx.recvmsg(16, socket.CMSG_SPACE(16))
-            except socket.timeout:
-                continue
-            for level, kind, value in ancdata:
-                if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(value) >= 16:
-                    sec, nsec = struct.unpack_from("qq", value)
-                    if sec * 1_000_000_000 + nsec < before_read - 500_000:  # stamped on arrival, 2 ms ago
-                        return time.monotonic() - start
+        # (the loop in a function of its own, so that an interrupt in it closes the sockets on every
+        # Python: tests/test_interrupt_coverage.py says why)
+        return _until_stamped(rx, tx, start, limit_s)
+
+
+def _until_stamped(rx: socket.socket, tx: socket.socket, start: float, limit_s: float) -> float:
+    while time.monotonic() - start < limit_s:
+        tx.sendto(b"t", rx.getsockname())
+        time.sleep(0.002)
+        before_read = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        try:
+            _, ancdata, _, _ = rx.recvmsg(16, socket.CMSG_SPACE(16))
+        except socket.timeout:
+            continue
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(value) >= 16:
+                sec, nsec = struct.unpack_from("qq", value)
+                if sec * 1_000_000_000 + nsec < before_read - 500_000:  # stamped on arrival, 2 ms ago
+                    return time.monotonic() - start
     raise RuntimeError(f"the kernel did not start stamping packets within {limit_s} s")
 
 
@@ -704,7 +710,9 @@ def accuracy(count: int = 1000, *, impaired: bool = False, delay_ms: float = 10.
             cap = stack.enter_context(Capture(port, interface="lo", source=ns))
             label = "loopback"  # where: the notebook says (root: the host's lo; else a lab namespace's)
         done = 0
-        while done < count:
+        while True:
+            if done >= count:
+                break
             n = min(batch, count - done)
             with client_side():
                 # one at a time: nothing else on the loop adds to the times compared
