@@ -18,7 +18,8 @@ What each test holds nbconn to, and where that comes from:
   ten-port ``net.ipv4.ip_local_port_range``.
 * KeyboardInterrupt -- a real SIGINT to a child in the middle of connect_many,
   and interrupts raised from a signal handler at many points of an in-process
-  run: every descriptor connect_many opened is closed.
+  run: every descriptor connect_many opened is closed; with keep=True also after
+  the last attempt was decided (the kept sockets, while the traceback lives).
 * hypothesis -- connect_many, connect and the CLI over generated targets,
   options and arguments: a Result (or list of them) or a ValueError/TypeError
   naming what was wrong; never a traceback, never a leaked descriptor.
