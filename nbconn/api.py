@@ -46,16 +46,28 @@ def connect(target, settings: Settings | None = None, **keywords) -> Result:
     settings = given(settings, keywords, "connect")
     tgt = parse_target(target)
     plan = make_plan(tgt.family, settings)
-    with Loop(max_events=8, nginx_clock=settings.nginx_exact) as loop:
-        attempt = Attempt(tgt, plan, loop)
-        try:
-            attempt.start()
-            # Bounded: the connect timer is armed whenever the attempt is pending.
-            while attempt.state is not DONE:
-                loop.run_once()
-        finally:
-            attempt.abort()
+    attempt = None
+    try:
+        with Loop(max_events=8, nginx_clock=settings.nginx_exact) as loop:
+            attempt = Attempt(tgt, plan, loop)
+            try:
+                attempt.start()
+                _run_until_done(attempt, loop)
+            finally:
+                attempt.abort()
+    except BaseException:
+        if attempt is not None:
+            _completely(attempt.result.close)  # an interrupt after the connect was decided: no kept socket escapes
+        raise
     return attempt.result
+
+
+def _run_until_done(attempt: Attempt, loop: Loop) -> None:
+    # Bounded: the connect timer is armed whenever the attempt is pending.  (Every loop that runs
+    # while something must be closed on an interrupt lives in a function called inside the try:
+    # tests/test_interrupt_coverage.py says why.)
+    while attempt.state is not DONE:
+        loop.run_once()
 
 
 def connect_many(targets, settings: Settings | None = None, *, concurrency: int = 64, on_result=None, stop=None,
@@ -78,8 +90,7 @@ def connect_many(targets, settings: Settings | None = None, *, concurrency: int 
     parsed = _parse_all(_take(targets))
     plans = plans_by_family(parsed, settings)
 
-    n = len(parsed)
-    results: list[Result | None] = [None] * n
+    results: list[Result | None] = [None] * len(parsed)
     in_flight: dict[int, Attempt] = {}
 
     def done(attempt: Attempt) -> None:
@@ -89,38 +100,54 @@ def connect_many(targets, settings: Settings | None = None, *, concurrency: int 
         if on_result is not None:
             on_result(index, attempt.result)
 
+    try:
+        with Loop(nginx_clock=settings.nginx_exact) as loop:
+            try:
+                _run_all(parsed, plans, loop, in_flight, done, concurrency, stop)
+            finally:
+                _abort_in_flight(in_flight, results)
+        _fill_cancelled(results, parsed)
+    except BaseException:
+        # wherever the interrupt landed, also after the last attempt was decided, in Loop.__exit__ or
+        # while the never started ones are filled in: no socket outlives the call
+        _abort_in_flight(in_flight, results)
+        _close_kept(results)
+        raise
+    return results  # type: ignore[return-value]
+
+
+def _run_all(parsed: list, plans: dict, loop: Loop, in_flight: dict, done, concurrency: int, stop) -> None:
+    """Start every attempt, at most ``concurrency`` in flight, and run the loop until all are decided.
+
+    Its own function, called inside connect_many's try: see tests/test_interrupt_coverage.py for why."""
+    n = len(parsed)
     # Every pending attempt has a timer, so waiting always ends within `timeout`; with a
     # stop callable, wake at least every 100 ms to ask it.
     max_wait_ns = 100_000_000 if stop is not None else None
-    with Loop(nginx_clock=settings.nginx_exact) as loop:
-        next_index = 0
-        try:
-            while next_index < n or in_flight:
-                if stop is not None and stop():
-                    break
-                started = 0
-                while next_index < n and len(in_flight) < concurrency and started < _START_BATCH:
-                    target = parsed[next_index]
-                    attempt = _IndexedAttempt(target, plans[target.family], loop, done)
-                    attempt.index = next_index
-                    in_flight[next_index] = attempt
-                    next_index += 1
-                    started += 1
-                    attempt.start()
-                if in_flight:
-                    # While more attempts wait to start, only look at what is ready (no sleep).
-                    more = next_index < n and len(in_flight) < concurrency
-                    loop.run_once(0 if more else max_wait_ns)
-        except BaseException:
-            _abort_in_flight(in_flight, results)
-            _close_kept(results)
-            raise
-        finally:
-            _abort_in_flight(in_flight, results)
+    next_index = 0
+    while next_index < n or in_flight:
+        if stop is not None and stop():
+            break
+        started = 0
+        while next_index < n and len(in_flight) < concurrency and started < _START_BATCH:
+            target = parsed[next_index]
+            attempt = _IndexedAttempt(target, plans[target.family], loop, done)
+            attempt.index = next_index
+            in_flight[next_index] = attempt
+            next_index += 1
+            started += 1
+            attempt.start()
+        if in_flight:
+            # While more attempts wait to start, only look at what is ready (no sleep).
+            more = next_index < n and len(in_flight) < concurrency
+            loop.run_once(0 if more else max_wait_ns)
+
+
+def _fill_cancelled(results: list, parsed: list) -> None:
+    """The attempts a stop() never started: outcome "error", errno "ECANCELED"."""
     for i, res in enumerate(results):
         if res is None:
             results[i] = Result(target=parsed[i].text, family=parsed[i].family_name, errno="ECANCELED")
-    return results  # type: ignore[return-value]
 
 
 class _IndexedAttempt(Attempt):
@@ -165,26 +192,41 @@ def _parse_all(targets: list) -> list[Target]:
 
 
 def _abort_in_flight(in_flight: dict, results: list) -> None:
-    """Abort every attempt still in flight; its Result takes its place in ``results``.  Idempotent.
+    """Abort every attempt still in flight; its Result takes its place in ``results``.  Idempotent."""
+    _completely(_abort_each, in_flight, results)
 
-    A Ctrl-C arriving in here must not leave the remaining sockets open: the
-    pass starts over (abort() is a no-op for what is already closed), then the
-    first KeyboardInterrupt is raised.
+
+def _abort_each(in_flight: dict, results: list) -> None:
+    for attempt in list(in_flight.values()):
+        attempt.abort()
+        results[attempt.index] = attempt.result
+
+
+def _close_kept(results: list) -> None:
+    """Close the socket every Result holds.  Idempotent."""
+    _completely(_close_each, results)
+
+
+def _close_each(results: list) -> None:
+    for res in results:
+        if res is not None:
+            res.close()
+
+
+def _completely(step, *args) -> None:
+    """Run ``step`` until one pass ends without an exception, then raise the first one.
+
+    A Ctrl-C arriving in a pass must not leave the remaining sockets open: the pass
+    starts over (closing what is already closed does nothing), then the first
+    KeyboardInterrupt is raised.  The pass is a function of its own, so that an
+    interrupt at the bottom of its loop reaches the except below on every Python.
     """
     error = None
     while True:
         try:
-            for attempt in list(in_flight.values()):
-                attempt.abort()
-                results[attempt.index] = attempt.result
+            step(*args)
             break
         except BaseException as exc:
             error = error or exc
     if error is not None:
         raise error
-
-
-def _close_kept(results: list) -> None:
-    for res in results:
-        if res is not None:
-            res.close()

@@ -198,50 +198,59 @@ def _race(targets, delay: float | None, settings: Settings) -> Race:
             race.elapsed_ns = _monotonic_ns() - t0
             event(f"{result.target} {result.outcome}" + (f" ({result.errno})" if result.errno else ""))
 
-    with Loop(max_events=max(8, len(parsed)), nginx_clock=settings.nginx_exact) as loop:
-        stagger, stagger_timer = None, None
-        next_index = 0
-        try:
-            while not winner:
-                # Start the next address: the first one at once; then when an attempt failed
-                # (sequential and happy eyeballs alike), or when the stagger timer fired.
-                start_now = next_index == 0 or failed_since_last_start[0] or (stagger is not None and stagger.fired)
-                if next_index < len(parsed) and (start_now or not in_flight):
-                    reason = ("first address" if next_index == 0 else
-                              "previous attempt failed" if failed_since_last_start[0] else
-                              f"{delay_ns / 1e6:.0f} ms passed without a winner")
-                    if stagger_timer is not None:
-                        loop.cancel(stagger_timer)
-                        stagger_timer = None
-                    failed_since_last_start[0] = False
-                    target = parsed[next_index]
-                    attempt = Attempt(target, plans[target.family], loop, done)
-                    race.attempts.append(attempt.result)
-                    race.started_ns.append(_monotonic_ns() - t0)
-                    event(f"start {target.text} ({reason})")
-                    next_index += 1
-                    in_flight.append(attempt)
-                    attempt.start()
-                    if delay_ns is not None and next_index < len(parsed):
-                        # RFC 8305: the next attempt starts `delay` after this one did, unless
-                        # an attempt fails first (then at once, see `done`).
-                        stagger = _Stagger()
-                        stagger_timer = loop.call_at(attempt.result.started_ns + delay_ns, stagger)
-                    continue
-                if not in_flight:
-                    break  # every address tried, none connected
-                # Bounded: each attempt in flight has its connect timer armed.
-                loop.run_once()
-        finally:
-            # The losers (and, on an interrupt, everyone): unregister and close, recorded in their traces.
-            for attempt in list(in_flight):
-                if winner:
-                    event(f"cancel {attempt.target.text}: {winner[0].target.text} won")
-                attempt.abort()
-            in_flight.clear()
-    if winner:
-        race.winner = c_escape(winner[0].target.text)
-        race.sock = winner[0].result.sock
+    try:
+        with Loop(max_events=max(8, len(parsed)), nginx_clock=settings.nginx_exact) as loop:
+            try:
+                # (inside the try, and `while True:`: an interrupt at a `continue` below must reach the
+                # finally on every Python, tests/test_interrupt_coverage.py says why)
+                stagger, stagger_timer = None, None
+                next_index = 0
+                while True:
+                    if winner:
+                        break
+                    # Start the next address: the first one at once; then when an attempt failed
+                    # (sequential and happy eyeballs alike), or when the stagger timer fired.
+                    start_now = next_index == 0 or failed_since_last_start[0] or (stagger is not None and stagger.fired)
+                    if next_index < len(parsed) and (start_now or not in_flight):
+                        reason = ("first address" if next_index == 0 else
+                                  "previous attempt failed" if failed_since_last_start[0] else
+                                  f"{delay_ns / 1e6:.0f} ms passed without a winner")
+                        if stagger_timer is not None:
+                            loop.cancel(stagger_timer)
+                            stagger_timer = None
+                        failed_since_last_start[0] = False
+                        target = parsed[next_index]
+                        attempt = Attempt(target, plans[target.family], loop, done)
+                        race.attempts.append(attempt.result)
+                        race.started_ns.append(_monotonic_ns() - t0)
+                        event(f"start {target.text} ({reason})")
+                        next_index += 1
+                        in_flight.append(attempt)
+                        attempt.start()
+                        if delay_ns is not None and next_index < len(parsed):
+                            # RFC 8305: the next attempt starts `delay` after this one did, unless
+                            # an attempt fails first (then at once, see `done`).
+                            stagger = _Stagger()
+                            stagger_timer = loop.call_at(attempt.result.started_ns + delay_ns, stagger)
+                        continue
+                    if not in_flight:
+                        break  # every address tried, none connected
+                    # Bounded: each attempt in flight has its connect timer armed.
+                    loop.run_once()
+            finally:
+                # The losers (and, on an interrupt, everyone): unregister and close, recorded in their traces.
+                for attempt in list(in_flight):
+                    if winner:
+                        event(f"cancel {attempt.target.text}: {winner[0].target.text} won")
+                    attempt.abort()
+                in_flight.clear()
+        if winner:
+            race.winner = c_escape(winner[0].target.text)
+            race.sock = winner[0].result.sock
+    except BaseException:
+        if winner:  # an interrupt after the race was won (in Loop.__exit__, say): its socket goes too
+            winner[0].result.close()
+        raise
     return race
 
 

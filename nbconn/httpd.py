@@ -177,15 +177,13 @@ class HttpPeer:
         try:
             conn.settimeout(self.idle_timeout_s)
             data, nth = b"", 0
-            while not self._stop.is_set():
-                while b"\r\n\r\n" not in data:
-                    if len(data) > MAX_HEADER:
-                        return
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return  # the client closed: the end of this connection
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
+            while True:  # (not `while <condition>:`, tests/test_interrupt_coverage.py says why)
+                if self._stop.is_set():
+                    return
+                request = _read_head(conn, data)
+                if request is None:
+                    return  # the client closed (the end of this connection), or sent too much
+                head, data = request
                 nth += 1
                 with self._lock:
                     self.journal.append(Served(self.address, number, nth, client_port))
@@ -201,6 +199,20 @@ class HttpPeer:
             with self._lock:
                 self._open.discard(conn)
             conn.close()
+
+
+def _read_head(conn: socket.socket, data: bytes):
+    """(a request head, what came after it) from ``data`` and then ``conn``; None when the client closed
+    the connection or the head grew past MAX_HEADER."""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEADER:
+            return None
+        chunk = conn.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
 
 
 def _wants_close(head: bytes) -> bool:

@@ -94,6 +94,12 @@ def _killpg(group: int, sig: int) -> None:
         pass  # gone already
 
 
+def _not_none(*values) -> list:
+    """The values that are not None.  (A comprehension in a with or a try is a loop in that frame:
+    tests/test_interrupt_coverage.py says why nbconn calls one instead.)"""
+    return [v for v in values if v is not None]
+
+
 def _close_quietly(stream) -> None:
     try:
         stream.close()
@@ -377,8 +383,7 @@ http {{
             self.proc = subprocess.Popen([sys.executable, "-I", "-S", _GUARD, str(os.getpid()),
                                           tempfile.gettempdir()],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
-                                         pass_fds=[fd for fd in (enter.get("netns_socket"), enter.get("userns"))
-                                                   if fd is not None])
+                                         pass_fds=_not_none(enter.get("netns_socket"), enter.get("userns")))
             # Dropped without stop(), this object closes the guard's pipe when it is collected: the guard then
             # ends nginx and removes the prefix.  (Popen keeps a running child's object, and so the pipe, alive.)
             weakref.finalize(self, _close_quietly, self.proc.stdin)
@@ -523,7 +528,8 @@ http {{
             path = os.path.join(self.prefix, name)
             if os.path.exists(path):
                 with open(path) as f:
-                    lines = [line.strip() for line in f if "[emerg]" in line or "[alert]" in line]
+                    text = f.read()
+                lines = [line.strip() for line in text.splitlines() if "[emerg]" in line or "[alert]" in line]
                 if lines:
                     return lines[-1]
         return "no error logged"
@@ -593,7 +599,9 @@ http {{
         with self._socket_to_nginx(timeout_s) as s:
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: nbconn\r\n\r\n".encode())
             data = b""
-            while len(data) < 1 << 20:
+            while True:  # (not `while <condition>:` in a with, tests/test_interrupt_coverage.py says why)
+                if len(data) >= 1 << 20:
+                    break
                 chunk = s.recv(65536)
                 if not chunk:
                     break

@@ -278,6 +278,21 @@ _NOT_HERE = {
 }
 
 
+def _request_until_logged(nginx, held: list) -> list:
+    """Send requests, each on a connection of its own kept in ``held``, until nginx logs that its
+    worker_connections are not enough.  (A loop called inside the try, not written in it: see
+    tests/test_interrupt_coverage.py.)"""
+    # quickly: the waiting requests end at proxy_read_timeout (5 s) and give their connections back
+    for _ in range(40):
+        client = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
+        held.append(client)
+        client.sendall(b"GET / HTTP/1.0\r\nHost: nbconn\r\n\r\n")
+        lines = _wait_for_lines(nginx, "worker_connections are not enough while", 0.05)
+        if lines:
+            return lines
+    return _wait_for_lines(nginx, "worker_connections are not enough while", 1.0)
+
+
 def _worker_connections() -> list:
     """Fill nbconn.nginx's ``worker_connections 64`` until a request's upstream connect finds no free connection.
 
@@ -295,15 +310,7 @@ def _worker_connections() -> list:
             partial = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
             held.append(partial)
             partial.sendall(b"GET / HTTP/1.0\r\n")  # an unfinished header: not reusable
-            # quickly: the waiting requests end at proxy_read_timeout (5 s) and give their connections back
-            for _ in range(40):
-                client = socket.create_connection(("127.0.0.1", nginx.port), timeout=2)
-                held.append(client)
-                client.sendall(b"GET / HTTP/1.0\r\nHost: nbconn\r\n\r\n")
-                lines = _wait_for_lines(nginx, "worker_connections are not enough while", 0.05)
-                if lines:
-                    return lines
-            return _wait_for_lines(nginx, "worker_connections are not enough while", 1.0)
+            return _request_until_logged(nginx, held)
         finally:
             for sock in held:
                 sock.close()

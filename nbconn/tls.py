@@ -199,11 +199,12 @@ class _OpenSSL:
             raise OSError("the layout of _ssl._SSLSocket is only known for CPython 3.10-3.13 release builds")
         paths = {}
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1] if line.rstrip().count(" ") >= 5 else ""
-                for lib in ("libssl.so", "libcrypto.so"):
-                    if lib in os.path.basename(path):
-                        paths.setdefault(lib, path)
+            lines = maps.read().splitlines()
+        for line in lines:
+            path = line.split()[-1] if line.rstrip().count(" ") >= 5 else ""
+            for lib in ("libssl.so", "libcrypto.so"):
+                if lib in os.path.basename(path):
+                    paths.setdefault(lib, path)
         if len(paths) != 2:
             raise OSError("CPython's libssl/libcrypto are not dynamically loaded here")
         self.ctypes = ctypes
@@ -910,8 +911,11 @@ def connect_tls(target, client: TLSClient | None = None, settings: Settings | No
         attempt.handshake = handshake
         try:
             attempt.start()
-            # Bounded: a pending connect, and a pending handshake, always has a timer armed.
-            while attempt.state is not DONE or handshake.state in (HANDSHAKING, READING_TICKET):
+            # Bounded: a pending connect, and a pending handshake, always has a timer armed.  (`while True`:
+            # tests/test_interrupt_coverage.py says why.)
+            while True:
+                if attempt.state is DONE and handshake.state not in (HANDSHAKING, READING_TICKET):
+                    break
                 loop.run_once()
         finally:
             attempt.abort()

@@ -101,6 +101,11 @@ def _kernel_default(source) -> str:
     return f"unset: kernel default {value} ({path.rsplit('/', 1)[-1]})"
 
 
+def _decided(result) -> bool:
+    """Not an attempt a Stop cut short or never started."""
+    return result.errno != "ECANCELED"
+
+
 def _seconds(value: float) -> str:
     """A timeout as set: 3 -> "3.000 s", 0.0015 -> "0.0015 s" (never rounded away)."""
     return f"{value:.3f} s" if round(value, 3) == value else f"{value:g} s"
@@ -623,7 +628,7 @@ class LabPanel:
                 results = connect_many([target] * count, settings, concurrency=concurrency, on_result=tick,
                                        stop=self._stop.is_set)
             counts = run_counts(results)
-            decided = [r for r in results if r.errno != "ECANCELED"]
+            decided = list(filter(_decided, results))  # (no comprehension in a try: tests/test_interrupt_coverage.py)
             label = f"{self.scenario.value}, timeout {_seconds(timeout)}"
             if self._scenario_name() == "impaired":  # runs on links differ by the link: say it in the legend
                 label += (f", delay {self.delay_ms.value:g} ms, jitter {self.jitter_ms.value:g} ms, "

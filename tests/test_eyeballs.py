@@ -12,7 +12,7 @@ import pytest
 from nbconn import eyeballs
 from nbconn.lab import blackhole, listening, refused
 
-from .conftest import open_fds
+from .conftest import fds_left, open_fds
 
 
 def test_happy_eyeballs_starts_the_second_address_after_the_delay_and_cancels_the_first(no_fd_leak):
@@ -124,6 +124,29 @@ def test_an_interrupt_closes_every_attempt():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert open_fds() == before
+
+
+def test_an_interrupt_after_the_race_was_won_closes_the_winners_socket(monkeypatch):
+    """keep=True: an interrupt in Loop.__exit__, after a winner was found, closes its socket (checked while the
+    traceback, and with it the race's frame, is still alive: nbconn closes it, not the garbage collector)."""
+    from nbconn import loop
+
+    real_close = loop.Loop.close
+
+    def close_then_interrupt(self):
+        real_close(self)
+        raise KeyboardInterrupt
+
+    with listening() as up:
+        eyeballs.sequential([up], timeout=5.0)  # the peer's thread is up: only the race changes the table now
+        before = open_fds()
+        monkeypatch.setattr(loop.Loop, "close", close_then_interrupt)
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            eyeballs.happy_eyeballs([up, up], delay=0.05, timeout=5.0, keep=True)
+        monkeypatch.undo()
+        left = fds_left(before)
+        assert interrupt.tb is not None
+        assert not left, f"the winner's socket was left open: {sorted(left)}"
 
 
 def test_a_unix_path_with_a_newline_and_an_esc_stays_on_its_line(tmp_path):

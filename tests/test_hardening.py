@@ -18,7 +18,8 @@ What each test holds nbconn to, and where that comes from:
   ten-port ``net.ipv4.ip_local_port_range``.
 * KeyboardInterrupt -- a real SIGINT to a child in the middle of connect_many,
   and interrupts raised from a signal handler at many points of an in-process
-  run: every descriptor connect_many opened is closed.
+  run: every descriptor connect_many opened is closed; with keep=True also after
+  the last attempt was decided (the kept sockets, while the traceback lives).
 * hypothesis -- connect_many, connect and the CLI over generated targets,
   options and arguments: a Result (or list of them) or a ValueError/TypeError
   naming what was wrong; never a traceback, never a leaked descriptor.
@@ -295,6 +296,54 @@ def test_interrupts_at_many_points_of_connect_many_leave_no_fd():
         signal.setitimer(signal.ITIMER_PROF, 0)
         signal.signal(signal.SIGPROF, old)
     assert interrupted >= 10  # most runs were cut short somewhere
+
+
+@pytest.mark.parametrize("where", ["finally", "loop_exit", "fill_cancelled", "connect"])
+def test_an_interrupt_after_the_run_ended_closes_the_kept_sockets(monkeypatch, where):
+    """With keep=True the connected Results hold their sockets: an interrupt that lands after the last
+    attempt was decided -- in the finally that aborts what is left, in Loop.__exit__, or while the
+    attempts a stop() never started are filled in -- must close them, as one during the run does.
+    (Where the interrupt lands is chosen by raising KeyboardInterrupt from that step, after it did its work.)"""
+    from nbconn import api, loop
+
+    def then_interrupt(step):
+        def interrupted(*args, **kwargs):
+            value = step(*args, **kwargs)
+            if not raised:
+                raised.append(step.__name__)
+                raise KeyboardInterrupt
+            return value
+        return interrupted
+
+    def cancelled(**fields):
+        raise KeyboardInterrupt  # the first Result made for an attempt never started
+
+    raised: list = []
+    got: list = []
+    stop = (lambda: len(got) >= 4) if where == "fill_cancelled" else None
+    with listening() as up:
+        _warm(up)
+        before = open_fds()
+        if where == "finally":
+            monkeypatch.setattr(api, "_abort_in_flight", then_interrupt(api._abort_in_flight))
+        elif where in ("loop_exit", "connect"):
+            monkeypatch.setattr(loop.Loop, "close", then_interrupt(loop.Loop.close))
+        else:
+            monkeypatch.setattr(api, "Result", cancelled)
+        # the traceback stays (a notebook keeps it in sys.last_traceback), and with it the frames' Results:
+        # a socket must be closed by nbconn, not by the garbage collector
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            if where == "connect":
+                nbconn.connect(up, keep=True, timeout=5)
+            else:
+                nbconn.connect_many([up] * 12, concurrency=2, keep=True, timeout=5, stop=stop,
+                                    on_result=lambda i, res: got.append(res.connected))
+        assert where == "fill_cancelled" or raised, "the interrupt did not come from the step it is for"
+        assert where != "fill_cancelled" or (len(got) >= 4 and all(got)), got
+        monkeypatch.undo()
+        left = fds_left(before)
+        assert interrupt.tb is not None
+        assert not left, f"kept sockets left open after an interrupt in {where}: {sorted(left)}"
 
 
 # -- targets that are not a list --------------------------------------------------------------------------

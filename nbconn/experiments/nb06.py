@@ -42,8 +42,11 @@ def backoff_after_each_retransmission(syncnt: int = 2, *, poll_s: float = 0.002,
         if err != _errno.EINPROGRESS:
             raise OSError(err, f"connect to the black hole returned {_errno.errorcode.get(err, err)}")
         seen = 0
-        while time.monotonic() - t0 < max_wait_s:
-            if ep.poll(poll_s):  # writable: the kernel gave up (SO_ERROR says why)
+        while True:  # (not `while <condition>:`, tests/test_interrupt_coverage.py says why)
+            if time.monotonic() - t0 >= max_wait_s:
+                break
+            if ep.poll(poll_s):
+  # writable: the kernel gave up (SO_ERROR says why)
                 failed_s = time.monotonic() - t0
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 err_name = _errno.errorcode.get(code, str(code)) if code else None

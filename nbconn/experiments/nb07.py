@@ -74,7 +74,9 @@ def _requests_at_once(ns, port: int, count: int, timeout_s: float) -> int:
                 sel.register(s, selectors.EVENT_READ)
                 answers[s.fileno()] = b""
             open_ = len(socks)
-            while open_ and time.monotonic() < deadline:
+            while True:  # (not `while <condition>:`, tests/test_interrupt_coverage.py says why)
+                if not open_ or time.monotonic() >= deadline:
+                    break
                 for key, _ in sel.select(min(0.5, max(0.0, deadline - time.monotonic()))):
                     try:
                         chunk = key.fileobj.recv(65536)
@@ -91,6 +93,10 @@ def _requests_at_once(ns, port: int, count: int, timeout_s: float) -> int:
     finally:
         for s in socks:
             s.close()
+
+
+def _error_lines(ng) -> list[str]:
+    return [f"[{e.level}] {e.message}" for e in ng.error_log() if e.level not in ("info", "notice")]
 
 
 def nginx_burst(ns, *, count: int = 100, backlog: int = 8, interval_s: float = 0.005,
@@ -121,7 +127,7 @@ def nginx_burst(ns, *, count: int = 100, backlog: int = 8, interval_s: float = 0
             answered = _requests_at_once(ns, ng.port, count, connect_timeout_s + read_timeout_s + 5.0)
             time.sleep(0.05)  # nginx writes the access-log line as it finalizes the request
             timings = ng.timings()
-            errors = [f"[{e.level}] {e.message}" for e in ng.error_log() if e.level not in ("info", "notice")]
+            errors = _error_lines(ng)
         accepted = len(server.accepted)
     after = ns.read_netstat()
     return {"count": count, "backlog": backlog, "interval_s": interval_s, "answered": answered,

@@ -61,8 +61,9 @@ def error_lines_by_worker(ng, text: str) -> dict:
 
     counts: dict = {}
     with open(os.path.join(ng.prefix, "error.log")) as f:
-        for line in f:
-            m = re.match(r"^\S+ \S+ \[\w+\] (\d+)#\d+: ", line)
-            if m and text in line:
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        lines = f.read().splitlines()
+    for line in lines:
+        m = re.match(r"^\S+ \S+ \[\w+\] (\d+)#\d+: ", line)
+        if m and text in line:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts

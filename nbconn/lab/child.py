@@ -390,9 +390,10 @@ def probe(want_tun: bool) -> dict:
 
 def _has_cap_sys_admin() -> bool:
     with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << 21))
+        lines = status.read().splitlines()
+    for line in lines:
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & (1 << 21))
     return False
 
 

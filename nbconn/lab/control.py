@@ -71,11 +71,12 @@ def needs_userns() -> bool:
     """Real root (CAP_SYS_ADMIN here) unshares a network namespace alone; anyone else adds a user namespace."""
     try:
         with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return not int(line.split()[1], 16) & (1 << 21)
+            lines = status.read().splitlines()
     except OSError:
-        pass
+        return True
+    for line in lines:
+        if line.startswith("CapEff:"):
+            return not int(line.split()[1], 16) & (1 << 21)
     return True
 
 
@@ -132,6 +133,16 @@ def _proc_state(pid: int) -> str:
 
 
 _live: weakref.WeakSet = weakref.WeakSet()  # every LabProcess not yet stopped, for the fork handler
+
+
+def _passed_descriptors(ancillary) -> list[int]:
+    """The descriptors SCM_RIGHTS messages carried.  (A loop called inside a with rather than written in
+    it: tests/test_interrupt_coverage.py says why.)"""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+    return fds
 
 
 def _after_fork_in_child() -> None:
@@ -221,9 +232,7 @@ class LabProcess:
                 return {}  # nothing after all (select() raced a close): the caller waits again
             except OSError:
                 return None
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    self._arrived.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+            self._arrived.extend(_passed_descriptors(ancillary))
             if not data:
                 return None
             try:

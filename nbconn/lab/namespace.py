@@ -295,15 +295,19 @@ def namespace(sysctls: dict | None = None, routes=None) -> Iterator[Namespace]:
     close_lab(process, ns, report=True)
 
 
+def _close_each(namespaces) -> None:
+    for ns in namespaces:
+        if ns is not None:
+            ns.close()
+
+
 def close_lab(process: LabProcess, *namespaces, report: bool = False) -> None:
     """Close the sockets made ahead, stop the helper.  With ``report`` (the block ended normally), a helper or
     forwarder that died or was stopped while in use is a LabHelperError after the teardown: what the block
     measured may be wrong, and saying nothing would pass it on as true."""
     problem = process.problem() if report else None
     try:
-        for ns in namespaces:
-            if ns is not None:
-                ns.close()
+        _close_each(namespaces)  # (a call, not the loop itself: tests/test_interrupt_coverage.py says why)
     finally:
         process.stop()
     if problem is not None:

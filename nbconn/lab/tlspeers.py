@@ -218,7 +218,7 @@ class _Server:
                 tls.close()
                 return
             self.live.append(tls)
-            self.threads = [t for t in self.threads if t.is_alive()]
+            self.threads = list(filter(threading.Thread.is_alive, self.threads))  # (no comprehension in a with: see tests/test_interrupt_coverage.py)
             thread = threading.Thread(target=self._serve, args=(tls,), name="nbconn-tls-peer", daemon=True)
             self.threads.append(thread)
         thread.start()
