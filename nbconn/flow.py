@@ -482,7 +482,7 @@ class Attempt:
             decided = _monotonic_ns()
             if record:
                 self._record_connect()
-                record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, self.WRITE_HANDLER))
+                record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err))
             result.ngx_handler = self.WRITE_HANDLER
             if plan.nginx_exact:
                 result.ngx_connect_time_ms = 0  # same cached clock as u->start_time: no epoll_wait in between
@@ -597,7 +597,7 @@ class Attempt:
             record(("epoll_wait", "epoll_wait({}, [{{events={}, data={{u32={}}}}}], {}, {})",
                     1, loop.last_wait_started_ns, loop.last_wait_returned_ns, loop.epoll_fd, result.events, fd,
                     loop.max_events, loop.last_wait_ms))
-            record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, handler))
+            record(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err))
         if self.plan.nginx_exact and handler is not PROCESS_HEADER:
             # $upstream_connect_time: ngx_http_upstream_send_request sets it (before test_connect) from the
             # cached clock of this epoll_wait's return; process_header never does, so a try decided there
@@ -727,7 +727,7 @@ def reuse(kept: Result, *, trace: bool = True) -> Result:
     err = sock.so_error() if type(sock) is _CSocket else sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
     decided = result.finished_ns = _monotonic_ns()
     if trace:
-        result.recorder()(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err, SEND_REQUEST))
+        result.recorder()(("so_error", _SO_ERROR_CALL, 0, t, decided, fd, err))
     answer = verdict("so_error", err)
     _take_verdict(result, answer, err)
     return result
