@@ -104,7 +104,7 @@ def storm_python_epoll(host: str, port: int, k: int, c: int, *, nbconn_syscalls:
     import termios
 
     addr = (host, port)
-    on = struct.pack("i", 1)
+    on = bytearray(struct.pack("i", 1))  # as nbconn.flow passes it: a bytes argument costs ioctl() a failed parse
     mask = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
     ep = select.epoll()
     socks: dict[int, tuple[socket.socket, int]] = {}
@@ -363,7 +363,7 @@ def _bare_connect_once(ep, make_socket, addr: tuple) -> tuple[int, int]:
     try:
         s.setsockopt(_SOL, _LINGER, LINGER_RESET)
         fd = s.fileno()
-        fcntl.ioctl(fd, termios.FIONBIO, struct.pack("i", 1))
+        fcntl.ioctl(fd, termios.FIONBIO, bytearray(struct.pack("i", 1)))
         ep.register(fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
         t = _now()
         err = s.connect_ex(addr)
