@@ -51,7 +51,9 @@ DEFAULT_VARIANTS = ["c", "nbconn", "nbconn-notrace", "nbconn-exact", "python-epo
                     "asyncio-open_connection", "uvloop-sock_connect", "uvloop-open_connection", "trio", "threads"]
 BASELINE_C = "c"
 BASELINE_ASYNCIO = "asyncio-sock_connect"
-GOALS = {"storm_ratio_to_bare": 1.15, "idle_p50_extra_us": 2.0, "import_ms": 60.0, "accuracy_extra_us": 3.0}
+# issue 20: nbconn (trace on) <= 1.20x python-epoll+3, nbconn-exact <= 1.15x python-epoll, in the same run
+GOALS = {"storm_ratio_to_bare": {"nbconn": 1.20, "nbconn-exact": 1.15}, "idle_p50_extra_us": 2.0, "import_ms": 60.0,
+         "accuracy_extra_us": 3.0}
 RUN_TIMEOUT_S = 300
 
 
@@ -292,9 +294,9 @@ def check_goals(rows: list[dict], imports: dict | None, acc: dict | None = None)
         for mine, floor in (("nbconn", "python-epoll+3"), ("nbconn-exact", "python-epoll")):
             row, base = by_key.get((mine, c)), by_key.get((floor, c))
             if row and base and base["median_ms"]:
-                ratio = row["median_ms"] / base["median_ms"]
-                goals.append({"goal": f"{mine} storm time <= {GOALS['storm_ratio_to_bare']}x {floor}, C={c}",
-                              "value": round(ratio, 3), "met": ratio <= GOALS["storm_ratio_to_bare"]})
+                ratio, goal = row["median_ms"] / base["median_ms"], GOALS["storm_ratio_to_bare"][mine]
+                goals.append({"goal": f"{mine} storm time <= {goal}x {floor}, C={c}",
+                              "value": round(ratio, 3), "met": ratio <= goal})
     nb, bare = by_key.get(("nbconn", 1)), by_key.get(("python-epoll+3", 1))
     if nb and bare:
         extra = nb["handshake_p50_us"] - bare["handshake_p50_us"]
