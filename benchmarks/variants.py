@@ -104,7 +104,7 @@ def storm_python_epoll(host: str, port: int, k: int, c: int, *, nbconn_syscalls:
     import termios
 
     addr = (host, port)
-    on = struct.pack("i", 1)
+    on = bytearray(struct.pack("i", 1))  # as nbconn.flow passes it: a bytes argument costs ioctl() a failed parse
     mask = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
     ep = select.epoll()
     socks: dict[int, tuple[socket.socket, int]] = {}
@@ -351,6 +351,107 @@ def available(name: str) -> str | None:
     return None
 
 
+# -- the instrument's own error: handshake time reported against the packets --------------------
+
+def _bare_connect_once(ep, make_socket, addr: tuple) -> tuple[int, int]:
+    """python-epoll's calls for one connect, alone on its epoll: (handshake_ns as it measures it, client port)."""
+    import fcntl
+    import select
+    import termios
+
+    s = make_socket()
+    try:
+        s.setsockopt(_SOL, _LINGER, LINGER_RESET)
+        fd = s.fileno()
+        fcntl.ioctl(fd, termios.FIONBIO, bytearray(struct.pack("i", 1)))
+        ep.register(fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+        t = _now()
+        err = s.connect_ex(addr)
+        if err == errno.EINPROGRESS:
+            ep.poll(5.0, 8)
+            err = s.getsockopt(_SOL, socket.SO_ERROR)
+        handshake = _now() - t
+        port = s.getsockname()[1] if err == 0 else 0
+        ep.unregister(fd)
+    finally:
+        s.close()
+    return handshake, port
+
+
+def accuracy(n: int, batch: int) -> dict:
+    """Each variant's handshake time minus the wire's (SYN out -> SYN-ACK in), connect by connect, on loopback.
+
+    The packets come from an AF_PACKET socket on lo (``nbconn.lab.capture.Capture``, kernel time stamps
+    converted to CLOCK_MONOTONIC): on the host's lo as root (CAP_NET_RAW), otherwise inside a lab network
+    namespace of our own, where an unprivileged user holds CAP_NET_RAW (``nbconn.lab.namespace``: the
+    listener, the client sockets and the packet socket are all made there).  The variants take turns in
+    batches of ``batch`` connects, one connect at a time, against one listener nobody accepts from (no
+    accept thread competes for the GIL): ``nbconn`` is ``connect_many(concurrency=1, keep=True, linger=0)``
+    (``keep`` lets us read each client port; the handshake time ends before), ``nbconn-exact`` the same
+    with nginx_exact=True, ``python-epoll`` the bare loop's calls.  Only connects with exactly one SYN and
+    one SYN-ACK count (``skipped``).
+    """
+    import contextlib
+
+    import nbconn
+    from nbconn.lab import capture as lab_capture
+
+    names = ("nbconn", "nbconn-exact", "python-epoll")
+    diffs: dict[str, list[int]] = {name: [] for name in names}
+    wires: dict[str, list[int]] = {name: [] for name in names}
+    skipped = dict.fromkeys(names, 0)
+    with contextlib.ExitStack() as stack:
+        ns = None
+        where = "the host's lo (root: CAP_NET_RAW)"
+        if lab_capture.unavailable_reason() is not None:
+            from nbconn.lab.namespace import namespace
+
+            ns = stack.enter_context(namespace())
+            where = "lo of a lab network namespace (unprivileged: user + net namespace)"
+        make = (lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)) if ns is None else ns.socket
+        listener = stack.enter_context(make())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)  # nobody accepts: the backlog bounds the connects (n per variant, at most 1300)
+        addr = listener.getsockname()
+        cap = stack.enter_context(lab_capture.Capture(addr[1], interface="lo", source=ns))
+        using = contextlib.nullcontext if ns is None else ns.using
+        ep = stack.enter_context(contextlib.closing(__import__("select").epoll()))
+        target = f"127.0.0.1:{addr[1]}"
+        for _ in range(-(-n // batch)):
+            for name in names:
+                measured = []  # (handshake_ns, client port)
+                if name == "python-epoll":
+                    measured = [_bare_connect_once(ep, make, addr) for _ in range(batch)]
+                else:
+                    with using():
+                        results = nbconn.connect_many([target] * batch, concurrency=1, keep=True, linger=0,
+                                                      nginx_exact=name == "nbconn-exact")
+                    for r in results:
+                        port = r.sock.getsockname()[1] if r.sock is not None else 0
+                        r.close()
+                        measured.append((r.handshake_ns or 0, port))
+                time.sleep(0.005)  # the last segments reach the packet socket from softirq, just after
+                by_port: dict[int, list] = {}
+                for p in cap.read():
+                    by_port.setdefault(p.sport if p.dir == "out" else p.dport, []).append(p)
+                cap.packets.clear()
+                for handshake, port in measured:
+                    packets = by_port.get(port, [])
+                    syns = [p.t_ns for p in packets if p.dir == "out" and p.flags == "S"]
+                    synacks = [p.t_ns for p in packets if p.dir == "in" and p.flags == "SA"]
+                    if not port or len(syns) != 1 or len(synacks) != 1:
+                        skipped[name] += 1
+                        continue
+                    wires[name].append(synacks[0] - syns[0])
+                    diffs[name].append(handshake - (synacks[0] - syns[0]))
+        clock_error_ns = cap.offset_error_ns + abs(cap.clock_drift_ns)
+        dropped = cap.dropped
+    return {"where": where, "n": n, "batch": batch, "clock_error_ns": clock_error_ns, "frames_dropped": dropped,
+            "variants": {name: {"count": len(diffs[name]), "skipped": skipped[name],
+                                "difference_ns": summarize(diffs[name]), "wire_ns": summarize(wires[name])}
+                         for name in names}}
+
+
 # -- memory per in-flight connect ------------------------------------------------------------------
 
 def memory_nbconn(n: int) -> dict:
@@ -462,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     mem = sub.add_parser("memory")
     mem.add_argument("variant", choices=["nbconn", "asyncio-sock_connect"])
     mem.add_argument("--n", type=int, default=2000)
+    acc = sub.add_parser("accuracy")
+    acc.add_argument("--n", type=int, default=1000)
+    acc.add_argument("--batch", type=int, default=100)
     wire = sub.add_parser("wire")
     wire.add_argument("--c", default="1,4,16,64,256")
     wire.add_argument("--rounds", type=int, default=2)
@@ -477,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
                   "outcomes": dict(out["outcomes"]), "handshake_ns": summarize(out["handshakes"])}
     elif args.mode == "memory":
         report = (memory_nbconn if args.variant == "nbconn" else memory_asyncio)(args.n)
+    elif args.mode == "accuracy":
+        if not 1 <= args.batch <= args.n <= 1300:
+            parser.error(f"accuracy: need 1 <= --batch <= --n <= 1300 (got --n {args.n}, --batch {args.batch})")
+        report = accuracy(args.n, args.batch)
     else:
         report = wire_sweep([int(x) for x in args.c.split(",")], args.rounds, args.delay_ms, args.k_per_c,
                             args.k_min)

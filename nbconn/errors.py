@@ -175,7 +175,8 @@ def errno_name(err: int | None) -> str | None:
     """``111`` -> ``"ECONNREFUSED"``; 0 and None -> None (no error); unknown numbers -> ``"E<n>"``."""
     if not err:
         return None
-    return _errno.errorcode.get(err, f"E{err}")
+    name = _errno.errorcode.get(err)  # not .get(err, f"E{err}"): that builds the fallback on every call
+    return name if name is not None else f"E{err}"
 
 
 def errno_number(name: str) -> int:

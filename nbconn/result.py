@@ -1,11 +1,12 @@
 """What one connect left behind: its Result, and the trace of its steps.
 
 This module owns the trace.  A step is recorded by exactly one path, the
-callable :meth:`Result.recorder` returns, as one flat tuple ``(name, fmt, ret,
-t_start_ns, t_end_ns, *args)`` -- one object per step, cheap enough for 20,000
-connects a second -- and becomes a :class:`Step` the first time somebody reads
-:attr:`Result.steps`.  The
-strace-like text of a step is built only when somebody looks at it
+callable :meth:`Result.recorder` returns, given one flat tuple ``(name, fmt, ret,
+t_start_ns, t_end_ns, *args)``.  The recorder lays its items end to end in one
+list per Result, so recording a step leaves no object behind for the cyclic
+garbage collector (see :meth:`Result.recorder`), and the items become a
+:class:`Step` the first time somebody reads :attr:`Result.steps`: a step's
+``args`` are as many as its ``fmt`` has fields.  The strace-like text of a step is built only when somebody looks at it
 (:attr:`Step.call`, via :mod:`nbconn.strace`).
 
 Each step carries two clock reads, before and after its call, so a trace shows
@@ -16,6 +17,7 @@ how long each call took (like ``strace -T``) and where it started relative to
 from __future__ import annotations
 
 import socket
+import string
 from collections import namedtuple
 from dataclasses import dataclass, field
 
@@ -43,6 +45,20 @@ NGX_STEPS = {
     "timeout": NgxStep(5, "connect"),
 }
 
+_FIELD_COUNT: dict[str, int] = {}  # fmt -> how many replacement fields it has; formats are a few literals
+
+
+def _arg_count(fmt: str) -> int:
+    """How many arguments follow ``(name, fmt, ret, t_start_ns, t_end_ns)`` in the recorded items: one per
+    field of the step's format, since the format is what prints them."""
+    fields = _FIELD_COUNT.get(fmt)
+    if fields is None:
+        fields = sum(1 for _, field_name, _, _ in string.Formatter().parse(fmt) if field_name is not None)
+        if len(_FIELD_COUNT) < 4096:
+            _FIELD_COUNT[fmt] = fields
+    return fields
+
+
 #: Steps that are events, not calls: no "= ret" after them.
 _EVENTS = ("timer", "timeout")
 
@@ -62,15 +78,17 @@ class Step:
     - ``ngx_step``: the step of nginx's flow it belongs to, an :class:`NgxStep` or None
     """
 
-    __slots__ = ("name", "_fmt", "_args", "ret", "t_start_ns", "t_ns")
+    __slots__ = ("name", "_fmt", "_args", "ret", "t_start_ns", "t_ns", "ngx_handler")
 
-    def __init__(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_ns: int) -> None:
+    def __init__(self, name: str, fmt: str, args: tuple, ret: object, t_start_ns: int, t_ns: int,
+                 ngx_handler: str | None = None) -> None:
         self.name = name
         self._fmt = fmt
         self._args = args
         self.ret = ret
         self.t_start_ns = t_start_ns
         self.t_ns = t_ns
+        self.ngx_handler = ngx_handler  # for so_error: the nginx handler whose test_connect makes this call
 
     @property
     def duration_ns(self) -> int:
@@ -79,11 +97,6 @@ class Step:
     @property
     def ngx_step(self) -> NgxStep | None:
         return NGX_STEPS.get(self.name)
-
-    @property
-    def ngx_handler(self) -> str | None:
-        """For a getsockopt(SO_ERROR) step: the nginx handler whose test_connect makes this call."""
-        return self._args[2] if self.name == "so_error" and len(self._args) > 2 else None
 
     @property
     def call(self) -> str:
@@ -177,21 +190,34 @@ class Result:
         """The one append path of the trace: a callable taking one record, the flat tuple
         ``(name, fmt, ret, t_start_ns, t_end_ns, *args)`` that :meth:`steps` turns into :class:`Step` objects.
 
-        It is the list's own ``append`` (a C call), and the record is one flat tuple:
-        the flow records about a dozen steps per connect, partly inside the handshake
-        time it reports, and every object made per step is also work for the cyclic
-        garbage collector (measured: a nested args tuple per step cost ~9k CPU
-        instructions per connect under cachegrind).
+        It is the list's own ``extend`` (a C call): the record's items go end to end into one list, and the
+        tuple itself is freed at once.  Why not keep the tuple: the flow records about a dozen steps per
+        connect, and every container kept per step is work for the cyclic garbage collector -- a dozen
+        tuples per connect made it run ~4x as often, and cost 2.5-3.3 µs per connect of a 20,000-connect
+        storm (its own time, measured with gc.callbacks; benchmarks/README.md "Where the time goes").
         """
-        return self._steps.append
+        return self._steps.extend
 
     @property
     def steps(self) -> list[Step]:
-        steps = self._steps
-        for i, step in enumerate(steps):
-            if type(step) is tuple:  # as the recorder stored it: (name, fmt, ret, t_start_ns, t_end_ns, *args)
-                steps[i] = Step(step[0], step[1], step[5:], step[2], step[3], step[4])
-        return steps
+        items = self._steps
+        if not items or type(items[-1]) is Step:
+            return items  # nothing recorded since the last read
+        steps, i, n = [], 0, len(items)
+        while i < n:
+            item = items[i]
+            if type(item) is Step:  # read before
+                steps.append(item)
+                i += 1
+                continue
+            name, fmt, ret, t_start_ns, t_ns = items[i:i + 5]
+            end = i + 5 + _arg_count(fmt)
+            # a connect reads SO_ERROR once, and the Result names the handler that did (ngx_handler)
+            handler = self.ngx_handler if name == "so_error" else None
+            steps.append(Step(name, fmt, tuple(items[i + 5:end]), ret, t_start_ns, t_ns, handler))
+            i = end
+        items[:] = steps
+        return items
 
     @property
     def tcp_info(self) -> dict | None:

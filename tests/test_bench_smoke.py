@@ -27,7 +27,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--k", str(K), "--c", "1,8", "--rounds", "1", "--no-wire",
-         "--memory-n", "100", "--import-repeats", "1", "--out", str(out)],
+         "--memory-n", "100", "--import-repeats", "1", "--accuracy-n", "100", "--out", str(out)],
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = out.glob("*.json")
@@ -83,6 +83,21 @@ def test_markdown_table_ratios_and_extras(smoke_run):
     assert data["machine"]["kernel"] and data["machine"]["python"]
 
 
+def test_the_instruments_error_is_measured_against_the_capture_or_says_why_not(smoke_run):
+    data, md, _ = smoke_run
+    acc = data["accuracy"]
+    assert "## The instrument's own error" in md
+    if "error" in acc:  # no root and no user namespaces here: the reason is in the table instead
+        assert f"Not run: {acc['error']}" in md
+        return
+    assert set(acc["variants"]) == {"nbconn", "nbconn-exact", "python-epoll"}
+    for name, v in acc["variants"].items():
+        # the listener never refuses and the capture is filtered to its port: every connect is matched
+        assert v["count"] + v["skipped"] == 100 and v["count"] > 0, (name, v)
+        assert v["wire_ns"]["min"] > 0, (name, v)
+    assert any(g["goal"].startswith("loopback: (handshake_ns - wire") for g in data["goals"])
+
+
 def test_plots_draw_from_the_result(smoke_run):
     data, _, _ = smoke_run
     plot = _bench_module("plot")
@@ -95,3 +110,6 @@ def test_bad_arguments_are_one_line_errors():
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--variants", "nbconn,bogus", "--k", "5"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "unknown variant 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--accuracy-n", "5000", "--k", "5"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "--accuracy-n 5000" in proc.stderr and "Traceback" not in proc.stderr

@@ -341,3 +341,25 @@ def test_the_timer_reads_tcp_info_for_the_syns_sent_and_nginx_exact_does_not(no_
     assert res.timer_fired and res.syns_sent == 2 and res.tcp_info["state"] == "SYN_SENT"
     assert any("tcpi_total_retrans=1" in s.call for s in res.steps)
     assert exact.timer_fired and exact.syns_sent is None and not any(s.name == "tcp_info" for s in exact.steps)
+
+
+def test_trace_items_are_parsed_into_steps_by_their_format_and_again_after_more_are_recorded():
+    """The recorder keeps flat items (no container per step); a step's args are its format's fields."""
+    from nbconn.result import Result
+
+    res = Result(target="127.0.0.1:1", family="AF_INET")
+    record = res.recorder()
+    record(("epoll_ctl", "epoll_ctl({}, EPOLL_CTL_ADD, {}, {{events={}, data={{u32={}}}}})", 0, 10, 20,
+            3, 5, "EPOLLIN", 5))
+    record(("nonblocking", "fcntl({}, F_SETFL, {:#x}|O_NONBLOCK)", 0, 20, 30, 5, 2))
+    assert all(type(item) in (str, int) for item in res._steps)  # nothing the cyclic GC has to visit
+    first = list(res.steps)
+    assert [s.call for s in first] == ["epoll_ctl(3, EPOLL_CTL_ADD, 5, {events=EPOLLIN, data={u32=5}}) = 0",
+                                       "fcntl(5, F_SETFL, 0x2|O_NONBLOCK) = 0"]
+    res.ngx_handler = SEND_REQUEST
+    record(("so_error", "getsockopt({}, SOL_SOCKET, SO_ERROR, [{}], [4])", 0, 40, 50, 5, 0))
+    steps = res.steps
+    assert steps[:2] == first and [s.name for s in steps] == ["epoll_ctl", "nonblocking", "so_error"]
+    assert steps[2].call == "getsockopt(5, SOL_SOCKET, SO_ERROR, [0], [4]) = 0"
+    assert steps[2].ngx_handler == SEND_REQUEST and steps[0].ngx_handler is None
+    assert res.steps is steps  # nothing new: read as it is
