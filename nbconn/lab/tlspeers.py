@@ -199,8 +199,8 @@ def server_context(pki: PKI, *, version: str | None = None, tickets: bool = True
 class _Server:
     """Per accepted connection, a thread that runs the server's handshake and then waits for the client."""
 
-    def __init__(self, ctx: ssl.SSLContext, peer: peers.Peer) -> None:
-        self.ctx, self.peer = ctx, peer
+    def __init__(self, ctx: ssl.SSLContext, peer: peers.Peer, http: bool = False) -> None:
+        self.ctx, self.peer, self.http = ctx, peer, http
         self.lock = threading.Lock()
         self.live: list[ssl.SSLSocket] = []
         self.threads: list[threading.Thread] = []
@@ -234,7 +234,10 @@ class _Server:
             if tls.session_reused:
                 peer.resumed += 1
             with contextlib.suppress(OSError, ValueError):
-                tls.recv(1)  # until the client closes (or sends): bounded by _IO_TIMEOUT_S
+                if self.http:
+                    _answer_http(tls)
+                else:
+                    tls.recv(1)  # until the client closes (or sends): bounded by _IO_TIMEOUT_S
             # SSL_shutdown before SSL_free, as a real server does: OpenSSL drops a session from the server's
             # cache when its connection is freed without one (ssl_clear_bad_session), and TLS 1.2 resumption
             # by session id would then never happen.  The client is usually gone: errors are expected.
@@ -255,6 +258,21 @@ class _Server:
                 tls.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv(); it then closes
         for thread in threads:
             thread.join(timeout=5)
+
+
+#: what an ``http=True`` peer answers every request with (an HTTP/1.0 request, as nginx's proxy sends by default)
+HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _answer_http(tls: ssl.SSLSocket) -> None:
+    """Read one request header (at most 64 KiB, each read bounded by _IO_TIMEOUT_S) and answer HTTP_ANSWER."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = tls.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+    tls.sendall(HTTP_ANSWER)
 
 
 class _TLSPeer(peers.Peer):
@@ -286,23 +304,26 @@ def _pki_for(pki: PKI | None):
 
 @contextlib.contextmanager
 def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: bool = True, pki: PKI | None = None,
-               unix: bool = False, _rogue: bool = False, _scenario: str = "tls_server"):
+               unix: bool = False, http: bool = False, _rogue: bool = False, _scenario: str = "tls_server"):
     """A TLS server on loopback with the test CA's certificate (TLS 1.2 and 1.3, or only up to ``version``).
 
     ``tickets=False``: no session tickets (TLS 1.2 then resumes by session id).  ``pki``: certificates from
     :func:`test_pki` to share between peers (default: made for this peer, removed on exit).  ``unix=True``:
     listen on an AF_UNIX path in a private temporary directory instead (connect() then returns 0).
+    ``http=True``: after the handshake, read one HTTP request and answer ``200`` (:data:`HTTP_ANSWER`) -- a
+    peer nginx's ``proxy_pass https://`` gets a response from; without it the peer waits for the client to close.
     """
     peers._check_loopback(host)
     if version is not None:
         validate.choice("version", version, tuple(TLS_VERSIONS))
     tickets = validate.flag("tickets", tickets)
     unix = validate.flag("unix", unix)
+    http = validate.flag("http", http)
     with _pki_for(pki) as pki, _listen(host, unix) as sock:
         ctx = server_context(pki, version=version, tickets=tickets, rogue=_rogue)
         target, port = peers._target_for(sock)
         peer = _tls_peer(target, _scenario, port, pki.cafile)
-        server = _Server(ctx, peer)
+        server = _Server(ctx, peer, http)
         try:
             with peers._Acceptor(sock, peer, server.handle):
                 yield peer
@@ -310,15 +331,15 @@ def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: 
             server.close()
 
 
-def tls12_only(host: str = "127.0.0.1", *, tickets: bool = True, pki: PKI | None = None):
+def tls12_only(host: str = "127.0.0.1", *, tickets: bool = True, pki: PKI | None = None, http: bool = False):
     """A TLS server that speaks TLS 1.2 at most: a client that insists on TLS 1.3 gets a protocol_version alert."""
-    return tls_server(host, version="1.2", tickets=tickets, pki=pki, _scenario="tls12_only")
+    return tls_server(host, version="1.2", tickets=tickets, pki=pki, http=http, _scenario="tls12_only")
 
 
-def tls_untrusted(host: str = "127.0.0.1", *, pki: PKI | None = None):
+def tls_untrusted(host: str = "127.0.0.1", *, pki: PKI | None = None, http: bool = False):
     """A TLS server whose certificate was signed by a CA the client does not trust (``peer.cafile`` is the
     good test CA, which a client trusts: its verification then fails)."""
-    return tls_server(host, pki=pki, _rogue=True, _scenario="tls_untrusted")
+    return tls_server(host, pki=pki, http=http, _rogue=True, _scenario="tls_untrusted")
 
 
 @contextlib.contextmanager

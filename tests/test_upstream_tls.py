@@ -1,0 +1,196 @@
+"""The TLS stage of the upstream model (``proxy_pass https://``), by hand and next to a real nginx 1.22.1.
+
+nbconn.upstream.run_request(..., tls=TLSClient) runs the handshake after each connect that succeeds
+(nbconn.tls.connect_tls, its verdict table) and does with a failure what ngx_http_upstream_ssl_handshake does.
+The real-nginx test runs the lab's TLS peers (good, silent after the TCP accept, untrusted certificate, TLS
+1.2-only under a TLS 1.3-only client) through a private nginx and through the model, request by request:
+status, $upstream_addr, the error-log lines with their levels, and what the following requests show of the
+failure counting (the [warn] and the peers skipped).  The same run's raw error-log lines go through
+``nbconn why`` (nbconn.why.decode): real lines, not typed ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nbconn import oracle, tls, upstream, why
+from nbconn.errors import NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT
+from nbconn.lab import tlspeers
+
+TIMEOUT = 0.3  # proxy_connect_timeout: connect and handshake together
+_TIMED_OUT = "[error] upstream timed out (110: Connection timed out) while SSL handshaking to upstream"
+_WARN = "[warn] upstream server temporarily disabled while SSL handshaking to upstream"
+_UNTRUSTED = ("[error] upstream SSL certificate verify error: (21:unable to verify the first certificate) "
+              "while SSL handshaking to upstream")
+_VERSION = ("[error] SSL_do_handshake() failed (SSL: error:0A00042E:SSL routines::tlsv1 alert protocol version:"
+            "SSL alert number 70) while SSL handshaking to upstream")
+
+
+@pytest.fixture(scope="module")
+def pki():
+    with tlspeers.test_pki() as made:
+        yield made
+
+
+def _nginx_like(client: tls.TLSClient) -> None:
+    if client.verify_like != "nginx":
+        pytest.skip("the SSL object of CPython's ssl module cannot be reached here (nginx's verify order)")
+
+
+# -- by hand: the model alone -------------------------------------------------------------------------------
+
+def test_the_stage_text_is_the_handshakes_log_action():
+    """One text: the model's stage and the action nbconn.tls writes into its lines (ngx_http_upstream.c line 1727)."""
+    assert upstream.SSL_HANDSHAKING == tls.ACTION
+
+
+def test_handshake_failures_walk_on_and_count_as_failures(pki, no_fd_leak):
+    """silent (the connect timer fires in the handshake: FT_TIMEOUT), untrusted (FT_ERROR), good: 200.  Both
+    failures free the peer NGX_PEER_FAILED: with max_fails=1 each is disabled ([warn] while SSL handshaking), the
+    timeout's [warn] before its line (ngx_http_upstream_next logs "upstream timed out" after peer.free), the
+    verify error's after (logged in ngx_http_upstream_ssl_handshake before next).  The next request skips both."""
+    client = tls.TLSClient(cafile=pki.cafile, server_name="localhost", reuse=True)
+    _nginx_like(client)
+    with tlspeers.tls_silent(pki=pki) as silent, tlspeers.tls_untrusted(pki=pki, http=True) as rogue, \
+            tlspeers.tls_server(pki=pki, http=True) as good:
+        with upstream.Upstream([str(silent), str(rogue), str(good)]) as up:
+            first = upstream.run_request(up, timeout=TIMEOUT, http=True, tls=client)
+            second = upstream.run_request(up, timeout=TIMEOUT, http=True, tls=client)
+            fails = [p.fails for p in up.primary]
+    assert first.result == "200" and first.upstream_addr == f"{silent}, {rogue}, {good}"
+    assert first.log == [_WARN, _TIMED_OUT, _UNTRUSTED, _WARN]
+    assert [a.failure for a in first.attempts] == ["timeout", "error", None]
+    assert [a.stage for a in first.attempts[:2]] == [upstream.SSL_HANDSHAKING] * 2
+    # the connect timer covered connect and handshake: the silent try took at least proxy_connect_timeout
+    assert first.attempts[0].connect_ms >= TIMEOUT * 1000
+    assert fails == [1, 1, 0]
+    assert second.result == "200" and second.upstream_addr == str(good) and second.log == []
+    assert good.handshakes == 2 and good.resumed == 1  # proxy_ssl_session_reuse: the second one abbreviated
+
+
+def test_a_single_tls_peer_is_never_disabled(pki):
+    with tlspeers.tls_untrusted(pki=pki) as rogue, upstream.Upstream([str(rogue)]) as up:
+        client = tls.TLSClient(cafile=pki.cafile, server_name="localhost")
+        _nginx_like(client)
+        req = upstream.run_request(up, timeout=TIMEOUT, tls=client)
+    assert req.result == "502" and req.log == [_UNTRUSTED] and up.primary[0].fails == 0
+
+
+def test_without_http_a_handshake_is_the_success(pki):
+    with tlspeers.tls_server(pki=pki) as good, upstream.Upstream([str(good)]) as up:
+        req = upstream.run_request(up, timeout=TIMEOUT, tls=tls.TLSClient())
+    assert req.result == "200" and req.attempts[0].outcome == "connected" and req.log == []
+
+
+def test_tls_must_be_a_client():
+    with upstream.Upstream(["127.0.0.1:1"]) as up, pytest.raises(TypeError, match="TLSClient"):
+        upstream.run_request(up, tls="on")
+
+
+# -- next to a real nginx 1.22.1 ----------------------------------------------------------------------------
+
+#: name -> (peers as (maker, server parameters), proxy_ssl_protocols or "", proxy_next_upstream, requests)
+CASES = {
+    # silent (timeout), untrusted with max_fails=2 (counted, disabled at its second failure), good
+    "walk": ([("silent", {"max_fails": 1}), ("untrusted", {"max_fails": 2}), ("good", {"max_fails": 1})],
+             "", ("error", "timeout"), 4),
+    # proxy_ssl_protocols TLSv1.3 against a TLS 1.2-only peer: SSL_do_handshake() failed, then the good one
+    "version": ([("tls12", {"max_fails": 1}), ("good", {"max_fails": 1})], "TLSv1.3", ("error", "timeout"), 2),
+    # proxy_next_upstream off: the first failure ends the request (502 / 504)
+    "off": ([("untrusted", {"max_fails": 1}), ("silent", {"max_fails": 1}), ("good", {"max_fails": 0})], "", (), 3),
+    # one server: never disabled, one try each
+    "single": ([("silent", {"max_fails": 1})], "", ("error", "timeout"), 2),
+}
+
+
+def _peer(kind: str, pki):
+    return {"good": lambda: tlspeers.tls_server(pki=pki, http=True),
+            "untrusted": lambda: tlspeers.tls_untrusted(pki=pki, http=True),
+            "silent": lambda: tlspeers.tls_silent(pki=pki),
+            "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True)}[kind]()
+
+
+def _https_nginx(specs, cafile: str, protocols: str, next_upstream):
+    """nbconn.nginx.Nginx with proxy_pass https://, proxy_ssl_verify on against the lab CA, the name localhost,
+    and nginx 1.22.1's defaults for the rest (proxy_ssl_session_reuse on, no SNI)."""
+    from nbconn.nginx import Nginx, config_value
+
+    class HTTPSNginx(Nginx):
+        def config(self):
+            https = ("proxy_pass https://backend;\n"
+                     "            proxy_ssl_verify on;\n"
+                     f"            proxy_ssl_trusted_certificate {config_value('cafile', cafile)};\n"
+                     "            proxy_ssl_name localhost;"
+                     + (f"\n            proxy_ssl_protocols {protocols};" if protocols else ""))
+            text = super().config()
+            assert "proxy_pass http://backend;" in text
+            return text.replace("proxy_pass http://backend;", https)
+
+    return HTTPSNginx(specs, connect_timeout=TIMEOUT, read_timeout=2.0, next_upstream=next_upstream)
+
+
+def _spec(address: str, params: dict) -> str:
+    return f"{address},max_fails={params['max_fails']},fail_timeout=30"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_tls_stage_matches_a_real_nginx(pki, case):
+    """Status, $upstream_addr, the error-log lines (level and text, in order) of every request, nginx's and
+    the model's, on the same peers; fail_timeout 30 s so that no second boundary matters.  Then ``nbconn why``
+    decodes each of nginx's raw TLS lines: the handshake step, FT_ERROR / FT_TIMEOUT, the level, the peer counted."""
+    from nbconn import nginx as nginx_mod
+
+    if nginx_mod.unavailable_reason():
+        pytest.skip(nginx_mod.unavailable_reason())
+    kinds, protocols, next_upstream, count = CASES[case]
+    client = tls.TLSClient(cafile=pki.cafile, server_name="localhost", reuse=True,
+                           tls_version="1.3" if protocols == "TLSv1.3" else None)
+    _nginx_like(client)
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        peers = [stack.enter_context(_peer(kind, pki)) for kind, _ in kinds]
+        specs = [_spec(str(p), params) for p, (_, params) in zip(peers, kinds)]
+        theirs, raw = [], []
+        with _https_nginx(specs, pki.cafile, protocols, next_upstream) as real:
+            errors = os.path.join(real.prefix, "error.log")
+            access = os.path.join(real.prefix, "access.log")
+            offset = os.path.getsize(errors)
+            for i in range(1, count + 1):
+                status = real.request("/", timeout_s=30.0)
+                assert oracle._wait_until(lambda: len(oracle._access_lines(access)) >= i, 5.0)
+                lines, offset = oracle._new_error_lines(errors, offset)
+                addr = oracle._access_lines(access)[i - 1].split("|")[1]
+                theirs.append((status, addr, lines))
+            with open(errors) as f:
+                raw = [line.rstrip("\n") for line in f if "SSL handshaking to upstream" in line]
+        ours = []
+        with upstream.Upstream(specs, name=oracle.UPSTREAM_NAME) as up:
+            for _ in range(count):
+                req = upstream.run_request(up, timeout=TIMEOUT, http=True, read_timeout=2.0,
+                                           next_upstream=next_upstream, tls=client)
+                ours.append((req.result, req.upstream_addr, req.log))
+    assert ours == theirs, f"\nnginx: {theirs}\nmodel: {ours}"
+    expected_first = {"walk": [_WARN, _TIMED_OUT, _UNTRUSTED], "version": [_VERSION, _WARN],
+                      "off": [_UNTRUSTED, _WARN], "single": [_TIMED_OUT]}[case]
+    assert theirs[0][2] == expected_first  # what the case is about did happen
+    # nbconn why, on nginx's own lines
+    assert raw
+    for text in raw:
+        answer = why.decode(text)
+        assert answer["level_note"] is None, answer  # the level nginx wrote is the one the table expects
+        if "temporarily disabled" in text:  # the round robin's [warn], written while the handshake's action holds
+            assert answer["step"] == why.STEP_ACCOUNTING and answer["counts_against_max_fails"] is True
+            continue
+        assert answer["step"] == why.STEP_TLS, answer
+        timed_out = "timed out" in text
+        assert answer["ngx_next"] == (NGX_HTTP_UPSTREAM_FT_TIMEOUT if timed_out else NGX_HTTP_UPSTREAM_FT_ERROR)
+        assert answer["counts_against_max_fails"] is True and answer["tries_another"] is True
+        assert answer["upstream"] in [str(p) for p in peers]
+        assert answer["cause"] == {"upstream timed out": "tls_timeout", "upstream SSL certificate verify": "tls_verify",
+                                   "SSL_do_handshake() failed": "tls_ssl:TLSV1_ALERT_PROTOCOL_VERSION"}[
+            next(k for k in ("upstream timed out", "upstream SSL certificate verify", "SSL_do_handshake() failed")
+                 if k in text)]
