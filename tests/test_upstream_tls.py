@@ -26,6 +26,9 @@ _UNTRUSTED = ("[error] upstream SSL certificate verify error: (21:unable to veri
               "while SSL handshaking to upstream")
 _VERSION = ("[error] SSL_do_handshake() failed (SSL: error:0A00042E:SSL routines::tlsv1 alert protocol version:"
             "SSL alert number 70) while SSL handshaking to upstream")
+_HANGUP = "[error] peer closed connection in SSL handshake while SSL handshaking to upstream"
+_PLAIN = ("[error] SSL_do_handshake() failed (SSL: error:0A00010B:SSL routines::wrong version number) "
+          "while SSL handshaking to upstream")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,9 @@ CASES = {
     "off": ([("untrusted", {"max_fails": 1}), ("silent", {"max_fails": 1}), ("good", {"max_fails": 0})], "", (), 3),
     # one server: never disabled, one try each
     "single": ([("silent", {"max_fails": 1})], "", ("error", "timeout"), 2),
+    # a peer that hangs up after the ClientHello, a plain HTTP server where TLS was expected
+    "closed": ([("hangup", {"max_fails": 1}), ("plaintext", {"max_fails": 1}), ("good", {"max_fails": 1})], "",
+               ("error", "timeout"), 2),
 }
 
 
@@ -109,7 +115,8 @@ def _peer(kind: str, pki):
     return {"good": lambda: tlspeers.tls_server(pki=pki, http=True),
             "untrusted": lambda: tlspeers.tls_untrusted(pki=pki, http=True),
             "silent": lambda: tlspeers.tls_silent(pki=pki),
-            "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True)}[kind]()
+            "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True),
+            "hangup": tlspeers.tls_hangup, "plaintext": tlspeers.tls_plaintext}[kind]()
 
 
 def _https_nginx(specs, cafile: str, protocols: str, next_upstream):
@@ -175,7 +182,8 @@ def test_tls_stage_matches_a_real_nginx(pki, case):
                 ours.append((req.result, req.upstream_addr, req.log))
     assert ours == theirs, f"\nnginx: {theirs}\nmodel: {ours}"
     expected_first = {"walk": [_WARN, _TIMED_OUT, _UNTRUSTED], "version": [_VERSION, _WARN],
-                      "off": [_UNTRUSTED, _WARN], "single": [_TIMED_OUT]}[case]
+                      "off": [_UNTRUSTED, _WARN], "single": [_TIMED_OUT],
+                      "closed": [_HANGUP, _WARN, _PLAIN, _WARN]}[case]
     assert theirs[0][2] == expected_first  # what the case is about did happen
     # nbconn why, on nginx's own lines
     assert raw
@@ -190,7 +198,9 @@ def test_tls_stage_matches_a_real_nginx(pki, case):
         assert answer["ngx_next"] == (NGX_HTTP_UPSTREAM_FT_TIMEOUT if timed_out else NGX_HTTP_UPSTREAM_FT_ERROR)
         assert answer["counts_against_max_fails"] is True and answer["tries_another"] is True
         assert answer["upstream"] in [str(p) for p in peers]
-        assert answer["cause"] == {"upstream timed out": "tls_timeout", "upstream SSL certificate verify": "tls_verify",
-                                   "SSL_do_handshake() failed": "tls_ssl:TLSV1_ALERT_PROTOCOL_VERSION"}[
-            next(k for k in ("upstream timed out", "upstream SSL certificate verify", "SSL_do_handshake() failed")
-                 if k in text)]
+        causes = {"upstream timed out": "tls_timeout", "upstream SSL certificate verify": "tls_verify",
+                  "tlsv1 alert protocol version": "tls_ssl:TLSV1_ALERT_PROTOCOL_VERSION",
+                  "wrong version number": "tls_ssl:WRONG_VERSION_NUMBER",
+                  "peer closed connection in SSL handshake": "tls_closed"}
+        [cause] = [cause for words, cause in causes.items() if words in text]
+        assert answer["cause"] == cause, answer

@@ -14,6 +14,10 @@ tls_server      listen(), a thread per connection: SSL handshake with the   hand
 tls12_only      tls_server with TLS 1.2 as its highest version              TLS 1.2; a 1.3-only client fails
 tls_untrusted   tls_server presenting the rogue CA's certificate            "certificate verify error"
 tls_silent      accepts TCP and holds it, never reads the ClientHello       the connect timer fires
+tls_hangup      reads the ClientHello, closes (FIN) without a word          "peer closed connection in SSL
+                                                                            handshake"
+tls_plaintext   reads the ClientHello, answers a plain HTTP 400             "SSL_do_handshake() failed (...
+                                                                            wrong version number)"
 ==============  ==========================================================  ================================
 
 Each is a context manager yielding a :class:`~nbconn.lab.peers.Peer` with, besides its counters,
@@ -372,3 +376,46 @@ def tls_silent(host: str = "127.0.0.1", *, pki: PKI | None = None, unix: bool = 
     with _pki_for(pki) as pki, peers.listening(host, hold=True) as plain:
         peer = _tls_peer(str(plain), "tls_silent", plain.port, pki.cafile)
         yield peer
+
+
+def _read_hello_then(answer: bytes):
+    """A handler for an accepted connection: read what the client sent first (its ClientHello; one read,
+    bounded by _IO_TIMEOUT_S), write ``answer`` if any, and close.  Everything sent was read, so the close
+    is a FIN, never an RST."""
+    def handle(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(_IO_TIMEOUT_S)
+            if conn.recv(65536) and answer:
+                conn.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+    return handle
+
+
+#: what tls_plaintext answers a ClientHello with: a plain HTTP server's complaint
+PLAINTEXT_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@contextlib.contextmanager
+def _hello_peer(host: str, scenario: str, answer: bytes):
+    peers._check_loopback(host)
+    with peers._listener(host, 4096) as sock:
+        target, port = peers._target_for(sock)
+        peer = peers.Peer(target, scenario, port=port)
+        with peers._Acceptor(sock, peer, _read_hello_then(answer)):
+            yield peer
+
+
+def tls_hangup(host: str = "127.0.0.1"):
+    """Accepts, reads the ClientHello and closes (FIN) without a word: nginx's SSL_do_handshake() meets EOF with
+    no TLS alert and no OpenSSL error queued -- "peer closed connection in SSL handshake"."""
+    return _hello_peer(host, "tls_hangup", b"")
+
+
+def tls_plaintext(host: str = "127.0.0.1"):
+    """A plain HTTP server where TLS was expected (``proxy_pass https://`` to an http port): it reads the
+    ClientHello and answers :data:`PLAINTEXT_ANSWER` -- not a TLS record: "SSL_do_handshake() failed (SSL: ...
+    wrong version number)"."""
+    return _hello_peer(host, "tls_plaintext", PLAINTEXT_ANSWER)
