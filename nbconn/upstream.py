@@ -752,7 +752,7 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     """
     from .api import connect
     from .errors import CONNECTED, errno_number, verdict
-    from .tls import TLSClient, connect_tls
+    from .tls import TLSClient, connect_tls, handshake_verdict
 
     if tls is not None and not isinstance(tls, TLSClient):
         raise TypeError(f"tls must be an nbconn.tls.TLSClient (proxy_pass https://), got {shown(tls)}")
@@ -817,6 +817,17 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                 slot_handouts = None
             else:
                 slot_handouts = 0
+            if stale_write and res.outcome == "timed_out" and tls is not None:
+                # https: the stale EPOLLOUT runs ngx_http_upstream_send_request_handler, which for a connection
+                # without SSL calls ngx_http_upstream_ssl_init_connection (ngx_http_upstream.c 1.22.1, lines
+                # 2311-2314): SO_ERROR 0, SSL_do_handshake() on the pending connect (its write() of the
+                # ClientHello finds SYN-SENT: EAGAIN, WANT_WRITE), and the connect's timer, still set (line 1733),
+                # ends it as a handshake timeout -- proxy_connect_timeout, not proxy_send_timeout
+                v = handshake_verdict("timer")
+                req.report(v.outcome, None, nginx_log=v.log, level=v.level, stage=SSL_HANDSHAKING)
+                if req.result is not None:
+                    break
+                continue
             if stale_write and res.outcome == "timed_out":
                 # the stale EPOLLOUT: nginx writes into the pending connect and waits proxy_send_timeout
                 if res.sock is not None:
