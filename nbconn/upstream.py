@@ -810,9 +810,15 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                 pass  # failed at once, inside the same handler: the chain goes on
             elif stale_write:
                 slot_handouts = None
-            elif handshaked is not None and res.connected:  # the try ended in the TLS handshake
-                slot_handouts = 0 if _in_read_handler(None, SSL_HANDSHAKING, tried.outcome) and not handshaked \
-                    else None
+            elif handshaked is not None and res.connected and not handshaked and tried.outcome != "timed_out":
+                # the try ended in the TLS handshake, on the event after which SSL_do_handshake() ran last:
+                if tried.waits:  # a record read after a wait: EPOLLIN (with EPOLLOUT), the read handler
+                    slot_handouts = 0 if _in_read_handler(None, SSL_HANDSHAKING, tried.outcome) else None
+                elif res.ngx_connect != "NGX_OK":  # the first call, in the connect's EPOLLOUT handler
+                    slot_handouts = None
+                # else connect() returned 0 and the first call failed: still inside the same handler
+            elif handshaked is not None and res.connected:
+                slot_handouts = None
             elif not _in_read_handler(res, None, res.outcome):
                 slot_handouts = None
             else:

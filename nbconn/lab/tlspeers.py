@@ -42,6 +42,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 from .. import validate
@@ -378,14 +379,17 @@ def tls_silent(host: str = "127.0.0.1", *, pki: PKI | None = None, unix: bool = 
         yield peer
 
 
-def _read_hello_then(answer: bytes):
+def _read_hello_then(answer: bytes, delay_s: float = 0.0):
     """A handler for an accepted connection: read what the client sent first (its ClientHello; one read,
-    bounded by _IO_TIMEOUT_S), write ``answer`` if any, and close.  Everything sent was read, so the close
-    is a FIN, never an RST."""
+    bounded by _IO_TIMEOUT_S), wait ``delay_s``, write ``answer`` if any, and close.  Everything sent was read,
+    so the close is a FIN, never an RST."""
     def handle(conn: socket.socket) -> None:
         try:
             conn.settimeout(_IO_TIMEOUT_S)
-            if conn.recv(65536) and answer:
+            hello = conn.recv(65536)
+            if hello and delay_s:
+                time.sleep(delay_s)  # bounded: a peer's own parameter, at most 1 s
+            if hello and answer:
                 conn.sendall(answer)
         except OSError:
             pass
@@ -399,12 +403,13 @@ PLAINTEXT_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection
 
 
 @contextlib.contextmanager
-def _hello_peer(host: str, scenario: str, answer: bytes):
+def _hello_peer(host: str, scenario: str, answer: bytes, delay_s: float = 0.0):
     peers._check_loopback(host)
+    delay_s = validate.number("delay_s", delay_s, 0, 1.0)
     with peers._listener(host, 4096) as sock:
         target, port = peers._target_for(sock)
         peer = peers.Peer(target, scenario, port=port)
-        with peers._Acceptor(sock, peer, _read_hello_then(answer)):
+        with peers._Acceptor(sock, peer, _read_hello_then(answer, delay_s)):
             yield peer
 
 
@@ -414,8 +419,9 @@ def tls_hangup(host: str = "127.0.0.1"):
     return _hello_peer(host, "tls_hangup", b"")
 
 
-def tls_plaintext(host: str = "127.0.0.1"):
+def tls_plaintext(host: str = "127.0.0.1", *, delay_s: float = 0.0):
     """A plain HTTP server where TLS was expected (``proxy_pass https://`` to an http port): it reads the
     ClientHello and answers :data:`PLAINTEXT_ANSWER` -- not a TLS record: "SSL_do_handshake() failed (SSL: ...
-    wrong version number)"."""
-    return _hello_peer(host, "tls_plaintext", PLAINTEXT_ANSWER)
+    wrong version number)".  ``delay_s`` (at most 1 s): wait that long before answering, so that the client's
+    first SSL_do_handshake() surely finds nothing to read and the failure comes on a later EPOLLIN."""
+    return _hello_peer(host, "tls_plaintext", PLAINTEXT_ANSWER, delay_s)
