@@ -81,6 +81,11 @@ The steps, in nginx's order
 cached clock; the TLS part then adds only CPython's calls named in step 2.  tests/test_tls.py compares the
 records written and read with a real nginx 1.22.1 worker's (success, untrusted certificate, timeout, version
 mismatch, session reuse).
+
+The upstream model (:func:`nbconn.upstream.run_request` with ``tls=``) runs each try through
+:func:`connect_tls` with ``keep=True`` -- a completed handshake's socket then carries the request -- and takes
+its verdict from here; nbconn.why reads these lines back with the same table (tests/test_upstream_tls.py,
+tests/test_why_tls.py).
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ This module is that machinery, read from nginx's
   ``ngx_http_upstream_finalize_request`` frees the peer as a *success*
   (``peer.free(.., 0)``): no failure is counted.  Its try is not in
   ``$upstream_addr`` (``u->state->peer`` is set only after that check).
+* **proxy_pass https://** (``run_request(tls=TLSClient)``): a connect that succeeds is followed by the TLS
+  handshake on the connect's timer; a failed handshake is next-upstream FT_ERROR, its timer FT_TIMEOUT, and both
+  count against ``max_fails`` (``ngx_http_upstream_ssl_handshake``; the verdicts are :mod:`nbconn.tls`'s).
 
 The state machine (:class:`Upstream`, :class:`Request`) does no I/O and takes
 its clock as a parameter, so tests can step time by hand (the h11 way).

@@ -215,3 +215,42 @@ def test_random_https_configurations_agree_with_a_real_nginx(pki):
             outcome = oracle.run_config(config)
         assert outcome.compared == len(config.gaps), outcome.skipped_reason
         assert not outcome.disagreements, oracle.format_disagreement(outcome)
+
+
+# -- the command line: nbconn upstream --tls ----------------------------------------------------------------
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "nbconn", "upstream", *args], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_upstream_tls_walks_past_handshake_failures(pki):
+    import json
+
+    _nginx_like(tls.TLSClient(cafile=pki.cafile))
+    with tlspeers.tls_silent(pki=pki) as silent, tlspeers.tls_untrusted(pki=pki, http=True) as rogue, \
+            tlspeers.tls_server(pki=pki, http=True) as good:
+        done = _cli("--peer", str(silent), "--peer", str(rogue), "--peer", str(good), "--tls", "--cafile",
+                    pki.cafile, "--server-name", "localhost", "--http", "--requests", "2", "--timeout", str(TIMEOUT),
+                    "--json")
+    assert done.returncode == 0, done.stderr
+    first, second = json.loads(done.stdout)["requests"]
+    assert first["result"] == "200" and first["log"] == [_WARN, _TIMED_OUT, _UNTRUSTED, _WARN]
+    assert [a["stage"] for a in first["attempts"][:2]] == [upstream.SSL_HANDSHAKING] * 2
+    assert second["upstream_addr"] == str(good) and second["log"] == []
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--cafile", "/x"], "add --tls"),
+    (["--server-name", "localhost"], "add --tls"),
+    (["--tls", "--cafile", "/nonexistent/ca.pem"], "cafile"),
+    (["--tls", "--tls-version", "1.0"], "tls-version"),
+])
+def test_cli_upstream_tls_bad_input_exits_2_in_one_line(args, match):
+    done = _cli("--peer", "127.0.0.1:1", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and match in done.stderr and "Traceback" not in done.stderr
