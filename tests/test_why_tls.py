@@ -106,3 +106,27 @@ def test_reason_of_code_inverts_openssl_error_string():
         code = tls.openssl_error_string(name, "x").split(":")[1]
         assert tls.reason_of_code(code) == name
     assert tls.reason_of_code("02000000") is None and tls.reason_of_code("zz") is None
+
+
+# -- why --reproduce: the situation built, the model and a real nginx -----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, kwargs", [
+    ("timer", {}),
+    ("verify", {"verify_code": 21, "verify_message": "unable to verify the first certificate"}),
+    ("ssl", {"reason": "TLSV1_ALERT_PROTOCOL_VERSION", "reason_text": "tlsv1 alert protocol version"}),
+    ("ssl", {"reason": "WRONG_VERSION_NUMBER", "reason_text": "wrong version number"}),
+    ("closed", {"err": 0}),
+], ids=["timeout", "verify", "protocol_version", "wrong_version_number", "closed"])
+def test_reproduce_tls_lines_with_the_model_and_a_real_nginx(kind, kwargs, no_fd_leak):
+    from nbconn import nginx, reproduce
+
+    if nginx.unavailable_reason():
+        pytest.skip(nginx.unavailable_reason())
+    if tls._openssl() is None:
+        pytest.skip("the SSL object of CPython's ssl module cannot be reached here (nginx's verify order)")
+    answer = why.decode(tls.handshake_verdict(kind, **kwargs).log)
+    rep = reproduce.reproduce(answer)
+    assert rep["made"], rep
+    assert rep["nginx"]["same"] and rep["model"]["same"], rep
+    assert rep["nginx"]["line"] == rep["model"]["line"] == f"[{answer['expected_level']}] {answer['line']}"
