@@ -371,9 +371,24 @@ def handshake_verdict(kind: str, *, err: int = 0, reason: str = "", reason_text:
         return TLSVerdict(PEER_CLOSED, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, level,
                           f"peer closed connection in SSL handshake{detail}{_TAIL}")
     # "ssl": SSL_ERROR_SSL
+    level, text = _ssl_error("SSL_do_handshake()", reason, reason_text)
+    return TLSVerdict(TLS_FAILED, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, level, text + _TAIL)
+
+
+def _ssl_error(call: str, reason: str, reason_text: str) -> tuple[str, str]:
+    """ngx_ssl_connection_error for SSL_ERROR_SSL (ngx_event_openssl.c lines 3298-3466): ERR for the reasons it
+    lists, CRIT for the others; the text "CALL failed (SSL: error:...)"."""
     level = NGX_LOG_ERR if reason in NGX_SSL_HANDSHAKE_FAILURE_REASONS else NGX_LOG_CRIT
-    return TLSVerdict(TLS_FAILED, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, level,
-                      f"SSL_do_handshake() failed (SSL: {openssl_error_string(reason, reason_text)}){_TAIL}")
+    return level, f"{call} failed (SSL: {openssl_error_string(reason, reason_text)})"
+
+
+def ssl_failure(call: str, exc: ssl.SSLError) -> tuple[str, str]:
+    """(level, text) nginx writes when ``call`` ("SSL_read()", "SSL_write()") fails with this OpenSSL error
+    after the handshake: the same rule as the handshake's ("ssl" in :func:`handshake_verdict`)."""
+    kind, details = classify(exc)
+    if kind != "ssl":
+        details = {"reason": getattr(exc, "reason", "") or "", "reason_text": str(exc)}
+    return _ssl_error(call, details.get("reason", ""), details.get("reason_text", ""))
 
 
 _REASON_TEXT = re.compile(r"^\[[^\]]*\] (.*?)(?: \(_ssl\.c:\d+\))?$")

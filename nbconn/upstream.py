@@ -587,7 +587,10 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     whole body read -- KEPT_AT_HEADER or KEPT_AFTER_BODY), else None."""
     import os
     import socket
+    import ssl
 
+    if isinstance(sock, ssl.SSLSocket):
+        return _exchange_tls(sock, read_timeout, keepalive=keepalive)
     # nginx reads SO_ERROR once, at the writable event, in ngx_http_upstream_send_request just before it writes
     # (ngx_http_upstream_test_connect, ngx_http_upstream.c 1.22.1, line 2076); nbconn.connect read it at the
     # same event.  Between that read and the write, nbconn spends longer than nginx (it returns a Result
@@ -614,6 +617,53 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
                 f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False, None
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
             return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, None
+        data += chunk
+    return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
+
+
+def _exchange_tls(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
+    """:func:`_exchange` on an ssl.SSLSocket (proxy_pass https://): the same request and header, with the errors
+    named as nginx 1.22.1 names them on an SSL connection (src/event/ngx_event_openssl.c).  A write that fails is
+    "SSL_write() failed" (ngx_ssl_write -> ngx_ssl_connection_error).  A read that fails with nothing in
+    OpenSSL's error queue -- a reset, measured: SO_ERROR 104, yet nginx logs no SSL_read() line -- is taken by
+    ngx_ssl_handle_recv for a clean shutdown ("peer shutdown SSL cleanly", NGX_DONE): nginx then says "upstream
+    prematurely closed connection"; only an OpenSSL error (a bad record, an alert) is "SSL_read() failed (SSL:
+    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.tls's table)."""
+    import os
+    import socket
+    import ssl
+
+    from .tls import ssl_failure
+
+    sock.settimeout(read_timeout)
+    try:
+        sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
+    except socket.timeout:
+        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", \
+            False, None
+    except ssl.SSLError as exc:
+        level, text = ssl_failure("SSL_write()", exc)
+        return "error", SENDING, level, f"{text} while {SENDING}", False, None
+    except OSError as exc:
+        return _errno_outcome(exc.errno), SENDING, "error", \
+            f"SSL_write() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
+        try:
+            chunk = sock.recv(4096)
+        except socket.timeout:
+            return "timed_out", READING, "error", \
+                f"upstream timed out (110: Connection timed out) while {READING}", False, None
+        except ssl.SSLError as exc:
+            if getattr(exc, "reason", None):
+                level, text = ssl_failure("SSL_read()", exc)
+                return "error", READING, level, f"{text} while {READING}", False, None
+            chunk = b""  # SSL_ERROR_SYSCALL / EOF with nothing queued: ngx_ssl_handle_recv's clean shutdown
+        except OSError:
+            chunk = b""  # the same: a reset under TLS reads as the end (ngx_ssl_handle_recv, NGX_DONE)
+        if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
+            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, \
+                None
         data += chunk
     return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
 

@@ -26,6 +26,8 @@ _UNTRUSTED = ("[error] upstream SSL certificate verify error: (21:unable to veri
               "while SSL handshaking to upstream")
 _VERSION = ("[error] SSL_do_handshake() failed (SSL: error:0A00042E:SSL routines::tlsv1 alert protocol version:"
             "SSL alert number 70) while SSL handshaking to upstream")
+_PREMATURE = "[error] upstream prematurely closed connection while reading response header from upstream"
+_WARN_READING = "[warn] upstream server temporarily disabled while reading response header from upstream"
 _HANGUP = "[error] peer closed connection in SSL handshake while SSL handshaking to upstream"
 _PLAIN = ("[error] SSL_do_handshake() failed (SSL: error:0A00010B:SSL routines::wrong version number) "
           "while SSL handshaking to upstream")
@@ -108,6 +110,10 @@ CASES = {
     # a peer that hangs up after the ClientHello, a plain HTTP server where TLS was expected
     "closed": ([("hangup", {"max_fails": 1}), ("plaintext", {"max_fails": 1}), ("good", {"max_fails": 1})], "",
                ("error", "timeout"), 2),
+    # after the handshake: a peer that reads the request and resets (RST).  nginx 1.22.1's ngx_ssl_handle_recv
+    # takes SSL_ERROR_SYSCALL with no OpenSSL error queued for a clean shutdown: "prematurely closed", not
+    # "SSL_read() failed"
+    "after": ([("reset", {"max_fails": 1}), ("good", {"max_fails": 1})], "", ("error", "timeout"), 2),
     # nbconn.upstream's stale-event corner, https: a failure read in the read handler (a plain HTTP answer 50 ms
     # after the ClientHello: surely after a wait, on EPOLLIN|EPOLLOUT), a connect() that fails at once (a missing
     # unix path), then a pending one (SYNs dropped): the old event's EPOLLOUT runs the new connection's
@@ -124,6 +130,7 @@ def _peer(kind: str, pki):
             "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True),
             "hangup": tlspeers.tls_hangup, "plaintext": tlspeers.tls_plaintext,
             "plaintext_late": lambda: tlspeers.tls_plaintext(delay_s=0.05),
+            "reset": lambda: tlspeers.tls_server(pki=pki, reset=True),
             "unix_missing": lambda: oracle._peer("unix_missing"),
             "blackhole": lambda: oracle._peer("blackhole")}[kind]()
 
@@ -173,11 +180,12 @@ def test_tls_stage_matches_a_real_nginx(pki, case):
     assert ours == theirs, f"\nnginx: {theirs}\nmodel: {ours}"
     expected_first = {"walk": [_WARN, _TIMED_OUT, _UNTRUSTED], "version": [_VERSION, _WARN],
                       "off": [_UNTRUSTED, _WARN], "single": [_TIMED_OUT],
-                      "closed": [_HANGUP, _WARN, _PLAIN, _WARN], "stale": [_PLAIN, "(unix)", _TIMED_OUT]}[case]
+                      "closed": [_HANGUP, _WARN, _PLAIN, _WARN], "stale": [_PLAIN, "(unix)", _TIMED_OUT],
+                      "after": [_PREMATURE, _WARN_READING]}[case]
     # what the case is about did happen (the missing unix path's line names a path made for this run)
     assert [line if "connect() to unix:" not in line else "(unix)" for line in theirs[0][2]] == expected_first
     # nbconn why, on nginx's own lines
-    assert raw
+    assert raw or case == "after"
     for text in raw:
         answer = why.decode(text)
         assert answer["level_note"] is None, answer  # the level nginx wrote is the one the table expects
@@ -254,3 +262,17 @@ def test_cli_upstream_tls_bad_input_exits_2_in_one_line(args, match):
     done = _cli("--peer", "127.0.0.1:1", *args)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and match in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_openssl_error_after_the_handshake_is_named_as_nginx_names_it():
+    """ngx_ssl_connection_error's rule, after the handshake too: "SSL_read() failed (SSL: ...)", ERR for the
+    reasons it lists (a bad record MAC is one), CRIT otherwise -- one table with the handshake's verdicts."""
+    import ssl
+
+    exc = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac "
+                          "(_ssl.c:2580)")
+    exc.reason = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    assert tls.ssl_failure("SSL_read()", exc) == (
+        "error", "SSL_read() failed (SSL: error:0A000119:SSL routines::decryption failed or bad record mac)")
+    exc.reason = "SOMETHING_NEW"
+    assert tls.ssl_failure("SSL_write()", exc)[0] == "crit"

@@ -204,8 +204,8 @@ def server_context(pki: PKI, *, version: str | None = None, tickets: bool = True
 class _Server:
     """Per accepted connection, a thread that runs the server's handshake and then waits for the client."""
 
-    def __init__(self, ctx: ssl.SSLContext, peer: peers.Peer, http: bool = False) -> None:
-        self.ctx, self.peer, self.http = ctx, peer, http
+    def __init__(self, ctx: ssl.SSLContext, peer: peers.Peer, http: bool = False, reset: bool = False) -> None:
+        self.ctx, self.peer, self.http, self.reset = ctx, peer, http, reset
         self.lock = threading.Lock()
         self.live: list[ssl.SSLSocket] = []
         self.threads: list[threading.Thread] = []
@@ -239,6 +239,11 @@ class _Server:
             if tls.session_reused:
                 peer.resumed += 1
             with contextlib.suppress(OSError, ValueError):
+                if self.reset:
+                    _read_request(tls)
+                    # SO_LINGER {1, 0}: close() sends RST (the request was read: nothing else makes one)
+                    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, peers.LINGER_RESET)
+                    return  # the finally below closes it, without SSL_shutdown
                 if self.http:
                     _answer_http(tls)
                 else:
@@ -269,15 +274,21 @@ class _Server:
 HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
-def _answer_http(tls: ssl.SSLSocket) -> None:
-    """Read one request header (at most 64 KiB, each read bounded by _IO_TIMEOUT_S) and answer HTTP_ANSWER."""
+def _read_request(tls: ssl.SSLSocket) -> bool:
+    """Read one request header (at most 64 KiB, each read bounded by _IO_TIMEOUT_S); False at end of file."""
     data = b""
     while b"\r\n\r\n" not in data and len(data) < 65536:
         chunk = tls.recv(4096)
         if not chunk:
-            return
+            return False
         data += chunk
-    tls.sendall(HTTP_ANSWER)
+    return True
+
+
+def _answer_http(tls: ssl.SSLSocket) -> None:
+    """Read one request header and answer HTTP_ANSWER."""
+    if _read_request(tls):
+        tls.sendall(HTTP_ANSWER)
 
 
 class _TLSPeer(peers.Peer):
@@ -309,7 +320,8 @@ def _pki_for(pki: PKI | None):
 
 @contextlib.contextmanager
 def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: bool = True, pki: PKI | None = None,
-               unix: bool = False, http: bool = False, _rogue: bool = False, _scenario: str = "tls_server"):
+               unix: bool = False, http: bool = False, reset: bool = False, _rogue: bool = False,
+               _scenario: str = "tls_server"):
     """A TLS server on loopback with the test CA's certificate (TLS 1.2 and 1.3, or only up to ``version``).
 
     ``tickets=False``: no session tickets (TLS 1.2 then resumes by session id).  ``pki``: certificates from
@@ -317,6 +329,7 @@ def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: 
     listen on an AF_UNIX path in a private temporary directory instead (connect() then returns 0).
     ``http=True``: after the handshake, read one HTTP request and answer ``200`` (:data:`HTTP_ANSWER`) -- a
     peer nginx's ``proxy_pass https://`` gets a response from; without it the peer waits for the client to close.
+    ``reset=True``: after the handshake, read one request and close with SO_LINGER {1, 0} (an RST, no answer).
     """
     peers._check_loopback(host)
     if version is not None:
@@ -324,11 +337,12 @@ def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: 
     tickets = validate.flag("tickets", tickets)
     unix = validate.flag("unix", unix)
     http = validate.flag("http", http)
+    reset = validate.flag("reset", reset)
     with _pki_for(pki) as pki, _listen(host, unix) as sock:
         ctx = server_context(pki, version=version, tickets=tickets, rogue=_rogue)
         target, port = peers._target_for(sock)
         peer = _tls_peer(target, _scenario, port, pki.cafile)
-        server = _Server(ctx, peer, http)
+        server = _Server(ctx, peer, http, reset)
         try:
             with peers._Acceptor(sock, peer, server.handle):
                 yield peer
