@@ -32,7 +32,7 @@ disagreement with its seed and configuration.
 
 ``--tls`` draws ``proxy_pass https://`` configurations instead (:func:`draw_tls_config`): the lab's TLS peers
 (good, silent after the TCP accept, untrusted certificate, TLS 1.2-only, hang-up after the ClientHello, a plain
-HTTP server) among refused, black-hole and missing-unix ones, ``proxy_ssl_verify on`` against a CA made for the
+HTTP server, a reset after the request) among refused, black-hole and missing-unix ones, ``proxy_ssl_verify on`` against a CA made for the
 run, ``proxy_ssl_protocols`` nginx's default or TLSv1.3, session reuse on (nginx's default); the model runs
 :func:`nbconn.upstream.run_request` with the matching :class:`nbconn.tls.TLSClient`.
 """
@@ -77,6 +77,7 @@ TLS_KINDS = {
     "tls_silent": 0.8,  # accepts TCP, never answers the ClientHello: the connect's timer ends the handshake
     "tls_hangup": 1.0,  # reads the ClientHello, closes: "peer closed connection in SSL handshake"
     "tls_plaintext": 1.0,  # a plain HTTP server: "SSL_do_handshake() failed (SSL: ... wrong version number)"
+    "tls_reset": 0.8,  # handshakes, reads the request, resets: "upstream prematurely closed connection" (over TLS)
     "refused": 1.2, "blackhole": 0.4, "unix_missing": 0.6,
 }
 UNREACHABLE_ADDRESS = "198.18.0.5"  # RFC 2544 benchmarking range: not on this host, never contacted
@@ -274,7 +275,8 @@ def _peer(kind: str, pki=None):
               "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True),
               "tls_untrusted": lambda: tlspeers.tls_untrusted(pki=pki, http=True),
               "tls_silent": lambda: tlspeers.tls_silent(pki=pki),
-              "tls_hangup": tlspeers.tls_hangup, "tls_plaintext": tlspeers.tls_plaintext,"listening": lambda: lab.listening(http=True), "listening6": lambda: lab.listening("::1", http=True),
+              "tls_hangup": tlspeers.tls_hangup, "tls_plaintext": tlspeers.tls_plaintext,
+              "tls_reset": lambda: tlspeers.tls_server(pki=pki, reset=True),"listening": lambda: lab.listening(http=True), "listening6": lambda: lab.listening("::1", http=True),
               "keepalive": HttpPeer, "refused": lab.refused,
               "blackhole": lab.blackhole, "reset": lab.reset, "http502": lambda: status_peer(502),
               "http502_keepalive": lambda: HttpPeer(status=502, body=b""),
