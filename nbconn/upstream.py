@@ -778,9 +778,9 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     says "while SSL handshaking to upstream" (the action is still the handshake's when peer.free runs).  The
     timer is the connect's: ngx_http_upstream_ssl_init_connection arms proxy_connect_timeout only when no timer
     is set (line 1733), so after a connect() that needed EPOLLOUT the handshake gets what is left of it, after a
-    connect() that returned 0 (AF_UNIX) a fresh one.  ``$upstream_connect_time`` covers the handshake.  Not
-    modelled: errors *after* the handshake are named as on a plain connection (nginx writes "SSL_read() failed" /
-    "SSL_write() failed" where the model writes recv() / writev()).
+    connect() that returned 0 (AF_UNIX) a fresh one.  ``$upstream_connect_time`` covers the handshake.  After
+    the handshake, errors are named as on an SSL connection (:func:`_exchange_tls`).  With ``tls.reuse``
+    (proxy_ssl_session_reuse) the peer's session is saved and offered, as nginx's round robin keeps one per peer.
 
     ``send_timeout`` (proxy_send_timeout) matters in one nginx 1.22.1 corner, which the model follows: the
     one-bit stale-event check.  ngx_get_connection flips a connection slot's ``instance`` bit each time it hands
