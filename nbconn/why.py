@@ -265,7 +265,7 @@ _KINDS.update({
                     ("proxy_ssl_protocols", "proxy_ssl_ciphers", "proxy_ssl_conf_command") + _TLS_NEXT),
     "tls_closed": Kind(STEP_TLS, None, None, None, None, None, "ngx_event_openssl.c ngx_ssl_handshake lines 1842-1843 "
                        "(ngx_connection_error); ngx_http_upstream.c " + _TLS_FAILED, _NB["15"],
-                       ("proxy_pass",) + _TLS_NEXT),
+                       ("proxy_connect_timeout",) + _TLS_NEXT),
     "tls_verify": Kind(STEP_TLS, None, None, None, None, None, "ngx_http_upstream.c ngx_http_upstream_ssl_handshake "
                        "line 1780 (proxy_ssl_verify on) -> ngx_http_upstream_next(FT_ERROR) line 1814", _NB["15"],
                        ("proxy_ssl_verify", "proxy_ssl_trusted_certificate", "proxy_ssl_verify_depth") + _TLS_NEXT),
