@@ -29,6 +29,12 @@ Nothing leaves the machine: every peer is on 127.0.0.1 or an AF_UNIX path; ``pro
 
 ``python -m nbconn.oracle N [--seed S]`` (``./dev fuzz-nginx``) runs N configurations and prints every
 disagreement with its seed and configuration.
+
+``--tls`` draws ``proxy_pass https://`` configurations instead (:func:`draw_tls_config`): the lab's TLS peers
+(good, silent after the TCP accept, untrusted certificate, TLS 1.2-only, hang-up after the ClientHello, a plain
+HTTP server, a reset after the request) among refused, black-hole and missing-unix ones, ``proxy_ssl_verify on`` against a CA made for the
+run, ``proxy_ssl_protocols`` nginx's default or TLSv1.3, session reuse on (nginx's default); the model runs
+:func:`nbconn.upstream.run_request` with the matching :class:`nbconn.tls.TLSClient`.
 """
 
 from __future__ import annotations
@@ -62,6 +68,18 @@ NEXT_UPSTREAM_DRAWS = [(("error", "timeout"), 2.5), (("error", "timeout", "http_
 #: a kind drawn only with keepalive, in place of half the "http502" peers (see draw_config): HTTP/1.1 502 with
 #: Content-Length: 0 and the connection kept (nbconn.httpd.HttpPeer(status=502, body=b""))
 KEEPALIVE_502 = "http502_keepalive"
+#: the kinds of a ``proxy_pass https://`` draw (draw_tls_config): the lab's TLS peers and three that fail the
+#: connect before any TLS (refused, black hole, a missing unix path)
+TLS_KINDS = {
+    "tls_good": 1.2,  # handshakes, answers 200 (tlspeers.tls_server(http=True))
+    "tls12": 0.8,  # TLS 1.2 at most: fails under proxy_ssl_protocols TLSv1.3 (protocol_version alert), else good
+    "tls_untrusted": 1.5,  # a certificate from a CA nginx does not trust: "upstream SSL certificate verify error"
+    "tls_silent": 0.8,  # accepts TCP, never answers the ClientHello: the connect's timer ends the handshake
+    "tls_hangup": 1.0,  # reads the ClientHello, closes: "peer closed connection in SSL handshake"
+    "tls_plaintext": 1.0,  # a plain HTTP server: "SSL_do_handshake() failed (SSL: ... wrong version number)"
+    "tls_reset": 0.8,  # handshakes, reads the request, resets: "upstream prematurely closed connection" (over TLS)
+    "refused": 1.2, "blackhole": 0.4, "unix_missing": 0.6,
+}
 UNREACHABLE_ADDRESS = "198.18.0.5"  # RFC 2544 benchmarking range: not on this host, never contacted
 UPSTREAM_NAME = "backend"  # nbconn.nginx's upstream block
 MAX_CONFIGS = 1000
@@ -83,6 +101,8 @@ class Config:
     gaps: list  # whole seconds to wait before each request (0: same second if it fits)
     worker_connections: int = 64  # nbconn.nginx's default; 4 or 5 with keepalive: "not enough"
     workers: int = 1  # 2 only with `zone` (one round-robin state for both) and no keepalive (a cache per worker)
+    tls: str | None = None  # None: proxy_pass http://; else proxy_pass https:// with these proxy_ssl_protocols
+    #                         ("" for nginx's default)
 
     def describe(self) -> str:
         servers = "; ".join(f"{kind} " + " ".join(f"{k}={v}" for k, v in params.items()
@@ -92,7 +112,8 @@ class Config:
                 f"next_upstream={' '.join(self.next_upstream) or 'off'} tries={self.tries} "
                 f"next_upstream_timeout={self.next_upstream_timeout} keepalive={self.keepalive} "
                 f"proxy_bind={self.proxy_bind} worker_connections={self.worker_connections} "
-                f"workers={self.workers}{' zone' if self.workers > 1 else ''} gaps={self.gaps}")
+                f"workers={self.workers}{' zone' if self.workers > 1 else ''} gaps={self.gaps}"
+                + ("" if self.tls is None else f" https proxy_ssl_protocols={self.tls or 'default'}"))
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -135,6 +156,68 @@ def draw_config(seed: int, index: int) -> Config:
         config.servers = [(KEEPALIVE_502 if kind == "http502" and rng.random() < 0.5 else kind, params)
                           for kind, params in config.servers]
     return config
+
+
+def draw_tls_config(seed: int, index: int) -> Config:
+    """Configuration ``index`` of ``seed`` for ``proxy_pass https://``: servers of :data:`TLS_KINDS`, the same
+    server-line, next-upstream and schedule draws as :func:`draw_config`, no keepalive or proxy_bind, and
+    ``proxy_ssl_protocols`` nginx's default (TLS 1.2 at most) or TLSv1.3."""
+    rng = random.Random(f"nbconn-oracle-tls-{seed}-{index}")
+    servers = []
+    for i in range(_pick(rng, {1: 0.3, 2: 2, 3: 3, 4: 4})):
+        servers.append((_pick(rng, TLS_KINDS), {"weight": rng.choice([1, 1, 1, 2, 3]),
+                                                "max_fails": rng.choice([0, 0, 0, 1, 1, 2, 3]),
+                                                "fail_timeout": rng.choice([1, 1, 2, 2, 10]),
+                                                "backup": i > 0 and rng.random() < 0.15,
+                                                "down": rng.random() < 0.04}))
+    # each try on a silent or black-hole peer costs the connect timeout: keep the worst walk well under a second
+    slow = [i for i, (kind, _) in enumerate(servers) if kind in ("tls_silent", "blackhole")]
+    for i in slow[2:]:
+        servers[i] = ("refused", servers[i][1])
+    connect_timeout = rng.choice([0.1, 0.15, 0.2])
+    nut = 0.0
+    if rng.random() < 0.25:
+        nut = round(connect_timeout * rng.choice([1, 2]) + connect_timeout / 2, 3)
+    requests = rng.randint(4, 8)
+    gaps = [0] + [_pick(rng, {0: 0.55, 1: 0.2, 2: 0.15, 3: 0.1}) for _ in range(requests - 1)]
+    return Config(seed, index, servers, connect_timeout, _pick(rng, NEXT_UPSTREAM_DRAWS),
+                  _pick(rng, {0: 6, 1: 0.3, 2: 1, 3: 1}), nut, 0, None, gaps,
+                  tls=_pick(rng, {"": 0.65, "TLSv1.3": 0.35}))
+
+
+def https_nginx(specs: list, *, cafile: str, protocols: str = "", **settings):
+    """:class:`nbconn.nginx.Nginx` with ``proxy_pass https://backend``, ``proxy_ssl_verify on`` against ``cafile``,
+    ``proxy_ssl_name localhost`` (the lab certificates' name), ``proxy_ssl_protocols`` when given, and nginx
+    1.22.1's defaults for the rest (``proxy_ssl_session_reuse on``, no SNI)."""
+    from .nginx import Nginx, config_value
+
+    if protocols not in ("", "TLSv1.2", "TLSv1.3"):
+        raise ValueError(f"protocols {validate.shown(protocols)} must be '', 'TLSv1.2' or 'TLSv1.3'")
+    cafile = config_value("cafile", cafile)
+
+    class HTTPSNginx(Nginx):
+        def config(self) -> str:
+            text = super().config()
+            plain = "proxy_pass http://backend;"
+            if text.count(plain) != 1:
+                raise RuntimeError("nbconn.nginx's configuration no longer has one 'proxy_pass http://backend;'")
+            https = ("proxy_pass https://backend;\n"
+                     "            proxy_ssl_verify on;\n"
+                     f"            proxy_ssl_trusted_certificate {cafile};\n"
+                     "            proxy_ssl_name localhost;"
+                     + (f"\n            proxy_ssl_protocols {protocols};" if protocols else ""))
+            return text.replace(plain, https)
+
+    return HTTPSNginx(specs, **settings)
+
+
+def tls_client(cafile: str, protocols: str = ""):
+    """The :class:`nbconn.tls.TLSClient` that :func:`https_nginx`'s settings make: verify against ``cafile``,
+    the name localhost, session reuse on, TLS 1.3 only under ``protocols="TLSv1.3"``."""
+    from .tls import TLSClient
+
+    version = {"": None, "TLSv1.2": "1.2", "TLSv1.3": "1.3"}[protocols]
+    return TLSClient(cafile=cafile, server_name="localhost", reuse=True, tls_version=version)
 
 
 # -- peers -------------------------------------------------------------------------------------------------
@@ -185,11 +268,17 @@ def _reachable_by_worker(peer):
 
 
 @contextlib.contextmanager
-def _peer(kind: str):
+def _peer(kind: str, pki=None):
     from . import lab
     from .httpd import HttpPeer
+    from .lab import tlspeers
 
-    makers = {"listening": lambda: lab.listening(http=True), "listening6": lambda: lab.listening("::1", http=True),
+    makers = {"tls_good": lambda: tlspeers.tls_server(pki=pki, http=True),
+              "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True),
+              "tls_untrusted": lambda: tlspeers.tls_untrusted(pki=pki, http=True),
+              "tls_silent": lambda: tlspeers.tls_silent(pki=pki),
+              "tls_hangup": tlspeers.tls_hangup, "tls_plaintext": tlspeers.tls_plaintext,
+              "tls_reset": lambda: tlspeers.tls_server(pki=pki, reset=True),"listening": lambda: lab.listening(http=True), "listening6": lambda: lab.listening("::1", http=True),
               "keepalive": HttpPeer, "refused": lab.refused,
               "blackhole": lab.blackhole, "reset": lab.reset, "http502": lambda: status_peer(502),
               "http502_keepalive": lambda: HttpPeer(status=502, body=b""),
@@ -322,10 +411,15 @@ def run_config(config: Config) -> Outcome:
     from .upstream import Upstream, run_request
 
     outcome = Outcome(config)
-    holes = sum(kind == "blackhole" for kind, _ in config.servers)
+    holes = sum(kind in ("blackhole", "tls_silent") for kind, _ in config.servers)
     worst_s = holes * config.connect_timeout + 0.15
     with contextlib.ExitStack() as stack:
-        peers = [stack.enter_context(_peer(kind)) for kind, _ in config.servers]
+        pki = None
+        if config.tls is not None:
+            from .lab import tlspeers
+
+            pki = stack.enter_context(tlspeers.test_pki())
+        peers = [stack.enter_context(_peer(kind, pki)) for kind, _ in config.servers]
         addresses = [str(p) for p in peers]
         specs = [_spec(a, p) for a, (_, p) in zip(addresses, config.servers)]
         settings = dict(connect_timeout=config.connect_timeout, next_upstream=config.next_upstream,
@@ -334,7 +428,13 @@ def run_config(config: Config) -> Outcome:
                         worker_connections=config.worker_connections, workers=config.workers,
                         zone=config.workers > 1)
         seconds = []
-        with Nginx(specs, **settings) as ng:
+        client = None
+        if config.tls is not None:
+            client = tls_client(pki.cafile, config.tls)
+            proxy = https_nginx(specs, cafile=pki.cafile, protocols=config.tls, **settings)
+        else:
+            proxy = Nginx(specs, **settings)
+        with proxy as ng:
             access = os.path.join(ng.prefix, "access.log")
             errors = os.path.join(ng.prefix, "error.log")
             offset = os.path.getsize(errors)
@@ -387,7 +487,7 @@ def run_config(config: Config) -> Outcome:
                 before = _accepted(peers)
                 req = run_request(up, timeout=config.connect_timeout, next_upstream=config.next_upstream,
                                   tries=config.tries, next_upstream_timeout=config.next_upstream_timeout,
-                                  http=True, read_timeout=2.0, proxy_bind=config.proxy_bind)
+                                  http=True, read_timeout=2.0, proxy_bind=config.proxy_bind, tls=client)
                 opened = tuple(a - b for a, b in zip(_accepted(peers), before))
                 outcome.model.append(Seen(req.result or "?", req.upstream_addr, normalise(req.log), opened))
     return outcome
@@ -410,14 +510,16 @@ class Summary:
                 f"{self.disagreeing} disagree; {self.cut_short} configurations cut short")
 
 
-def run(count: int, seed: int = 1, *, first: int = 0, report=None) -> Summary:
-    """Configurations ``first`` .. ``first + count - 1`` of ``seed``; ``report(outcome)`` after each."""
+def run(count: int, seed: int = 1, *, first: int = 0, report=None, tls: bool = False) -> Summary:
+    """Configurations ``first`` .. ``first + count - 1`` of ``seed``; ``report(outcome)`` after each.
+    ``tls``: draw ``proxy_pass https://`` configurations (:func:`draw_tls_config`)."""
     count = validate.integer("count", count, 1, MAX_CONFIGS)
     seed = validate.integer("seed", seed, 0, 2**31)
     first = validate.integer("first", first, 0, 2**31)
+    draw = draw_tls_config if validate.flag("tls", tls) else draw_config
     summary = Summary(seed)
     for index in range(first, first + count):
-        outcome = run_config(draw_config(seed, index))
+        outcome = run_config(draw(seed, index))
         summary.configs += 1
         summary.requests += len(outcome.nginx)
         summary.compared += outcome.compared
@@ -457,6 +559,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--seed", default="1", metavar="S")
     parser.add_argument("--first", default="0", metavar="I", help="start at configuration I of the seed")
     parser.add_argument("--verbose", action="store_true", help="print every configuration, not only disagreements")
+    parser.add_argument("--tls", action="store_true", help="proxy_pass https:// configurations (the lab's TLS peers)")
 
     def whole(name: str, text: str, low: int, high: int) -> int:
         if not (text.isascii() and text.isdigit() and len(text) <= 12 and low <= int(text) <= high):
@@ -492,7 +595,7 @@ def main(argv: list | None = None) -> int:
         if outcome.skipped_reason:
             print(f"  not compared after: {outcome.skipped_reason}", flush=True)
 
-    summary = run(count, seed, first=first, report=report)
+    summary = run(count, seed, first=first, report=report, tls=args.tls)
     print(summary.line())
     return 1 if summary.disagreeing else 0
 

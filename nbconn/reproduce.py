@@ -13,6 +13,8 @@ narrowed port range, the kernel's SYN give-up -- are built in a lab namespace
 inside (``ns.using()``) and nginx runs inside (``Nginx(..., netns=ns)``), so its
 connects meet the namespace's routes and sysctls.  An ICMP error from a router needs
 a router the lab does not have: those lines are not made, and the answer says why.
+The TLS handshake's lines (``proxy_pass https://``) are made with :mod:`nbconn.lab.tlspeers` and a CA made for
+the run: nginx with :func:`nbconn.oracle.https_nginx`, the model with the matching ``TLSClient``.
 Everything started (peers, namespaces, nginx and its prefix) is closed on every path.
 """
 
@@ -36,9 +38,12 @@ class _Setup:
     listener, is done there)."""
 
     def __init__(self, targets: list, requests: int, *, namespace=None, timeout: float = CONNECT_TIMEOUT_S,
-                 ready=None) -> None:
+                 ready=None, pki=None, protocols: str = "") -> None:
         self.targets, self.requests, self.namespace = targets, requests, namespace
         self.timeout, self.ready = timeout, ready
+        # proxy_pass https:// when ``pki`` is given (nbconn.lab.tlspeers.test_pki): verify against its CA,
+        # proxy_ssl_protocols ``protocols`` ("" nginx's default, or "TLSv1.3")
+        self.pki, self.protocols = pki, protocols
 
 
 def open_to_worker(path: str, mode: int = 0o777) -> None:
@@ -246,6 +251,21 @@ def _syn_give_up():
         yield _Setup([str(target)], 1, namespace=ns, timeout=10.0)
 
 
+# -- the TLS handshake (proxy_pass https://) ------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _tls(peer: str, protocols: str = ""):
+    """A CA made for the run and one of nbconn.lab.tlspeers' peers; nginx and the model verify against the CA."""
+    from .lab import tlspeers
+
+    makers = {"silent": lambda pki: tlspeers.tls_silent(pki=pki),
+              "untrusted": lambda pki: tlspeers.tls_untrusted(pki=pki, http=True),
+              "tls12": lambda pki: tlspeers.tls12_only(pki=pki, http=True),
+              "hangup": lambda pki: tlspeers.tls_hangup(), "plaintext": lambda pki: tlspeers.tls_plaintext()}
+    with tlspeers.test_pki() as pki, makers[peer](pki) as p:
+        yield _Setup([str(p)], 1, pki=pki, protocols=protocols)
+
+
 _NEEDS_LINK = "needs the impaired link with a router answering ICMP (%s); nbconn's lab has no such router yet"
 
 #: cause -> (what is built, how, http exchange needed)
@@ -268,6 +288,15 @@ SITUATIONS = {
                               _no_local_port, False),
     "so_error:ETIMEDOUT": ("a lab namespace with tcp_syn_retries=1 and a listener that drops SYNs; connect "
                            "timer 10 s", _syn_give_up, False),
+    "tls_timeout": ("proxy_pass https:// to a peer that accepts TCP and never answers the ClientHello",
+                    lambda: _tls("silent"), False),
+    "tls_verify": ("proxy_pass https://, proxy_ssl_verify on, a peer whose certificate a CA nobody trusts signed",
+                   lambda: _tls("untrusted"), False),
+    "tls_ssl:TLSV1_ALERT_PROTOCOL_VERSION": ("proxy_ssl_protocols TLSv1.3 against a TLS 1.2-only peer",
+                                             lambda: _tls("tls12", "TLSv1.3"), False),
+    "tls_ssl:WRONG_VERSION_NUMBER": ("proxy_pass https:// to a plain HTTP server", lambda: _tls("plaintext"), False),
+    "tls_closed": ("proxy_pass https:// to a peer that reads the ClientHello and closes", lambda: _tls("hangup"),
+                   False),
 }
 
 _NOT_HERE = {
@@ -361,10 +390,15 @@ def _produced(lines: list, cause: str) -> dict | None:
 def _run_model(setup: _Setup, http: bool) -> list:
     from .upstream import Peer, Upstream, run_requests
 
+    client = None
+    if setup.pki is not None:
+        from .oracle import tls_client
+
+        client = tls_client(setup.pki.cafile, setup.protocols)
     with Upstream([Peer(t) for t in setup.targets]) as up:
         using = setup.namespace.using() if setup.namespace is not None else contextlib.nullcontext()
         with using:
-            done = run_requests(up, setup.requests, timeout=setup.timeout, http=http, read_timeout=2.0)
+            done = run_requests(up, setup.requests, timeout=setup.timeout, http=http, read_timeout=2.0, tls=client)
     return [line for r in done for line in r.log]
 
 
@@ -382,6 +416,11 @@ def _started_nginx(stack: contextlib.ExitStack, setup: _Setup):
     if reason:
         return reason
     try:
+        if setup.pki is not None:
+            from .oracle import https_nginx
+
+            return stack.enter_context(https_nginx(setup.targets, cafile=setup.pki.cafile,
+                                                   protocols=setup.protocols, connect_timeout=setup.timeout))
         return stack.enter_context(nginx_module.Nginx(setup.targets, connect_timeout=setup.timeout,
                                                       netns=setup.namespace))
     except RuntimeError as exc:  # nginx would not start here: say so, keep the model's answer

@@ -81,6 +81,11 @@ The steps, in nginx's order
 cached clock; the TLS part then adds only CPython's calls named in step 2.  tests/test_tls.py compares the
 records written and read with a real nginx 1.22.1 worker's (success, untrusted certificate, timeout, version
 mismatch, session reuse).
+
+The upstream model (:func:`nbconn.upstream.run_request` with ``tls=``) runs each try through
+:func:`connect_tls` with ``keep=True`` -- a completed handshake's socket then carries the request -- and takes
+its verdict from here; nbconn.why reads these lines back with the same table (tests/test_upstream_tls.py,
+tests/test_why_tls.py).
 """
 
 from __future__ import annotations
@@ -159,6 +164,21 @@ OTHER_SSL_REASONS = {"CERTIFICATE_VERIFY_FAILED": 134, "PACKET_LENGTH_TOO_LONG":
                      "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": 1120, "TLSV13_ALERT_MISSING_EXTENSION": 1109,
                      "TLSV1_UNRECOGNIZED_NAME": 1112, "TLSV13_ALERT_CERTIFICATE_REQUIRED": 1116}
 _ERR_LIB_SSL = 20  # OpenSSL 3 packs an error code as lib << 23 | reason (ERR_PACK): SSL routines = 0x0A000000
+#: number -> name, for reading a logged code back (nbconn.why: "error:0A00042E" -> TLSV1_ALERT_PROTOCOL_VERSION)
+SSL_REASON_NAMES = {number: name for name, number in {**NGX_SSL_HANDSHAKE_FAILURE_REASONS,
+                                                       **OTHER_SSL_REASONS}.items()}
+
+
+def reason_of_code(code: str) -> str | None:
+    """The reason name of an OpenSSL 3 error code as nginx logs it (``0A00042E``), or None when it is not an
+    SSL-library code this module knows (the inverse of :func:`openssl_error_string`)."""
+    try:
+        number = int(code, 16)
+    except ValueError:
+        return None
+    if number >> 23 != _ERR_LIB_SSL:
+        return None
+    return SSL_REASON_NAMES.get(number & ((1 << 23) - 1))
 _X509_V_ERR_HOSTNAME_MISMATCH = 62
 
 
@@ -353,9 +373,24 @@ def handshake_verdict(kind: str, *, err: int = 0, reason: str = "", reason_text:
         return TLSVerdict(PEER_CLOSED, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, level,
                           f"peer closed connection in SSL handshake{detail}{_TAIL}")
     # "ssl": SSL_ERROR_SSL
+    level, text = _ssl_error("SSL_do_handshake()", reason, reason_text)
+    return TLSVerdict(TLS_FAILED, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, level, text + _TAIL)
+
+
+def _ssl_error(call: str, reason: str, reason_text: str) -> tuple[str, str]:
+    """ngx_ssl_connection_error for SSL_ERROR_SSL (ngx_event_openssl.c lines 3298-3466): ERR for the reasons it
+    lists, CRIT for the others; the text "CALL failed (SSL: error:...)"."""
     level = NGX_LOG_ERR if reason in NGX_SSL_HANDSHAKE_FAILURE_REASONS else NGX_LOG_CRIT
-    return TLSVerdict(TLS_FAILED, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR, level,
-                      f"SSL_do_handshake() failed (SSL: {openssl_error_string(reason, reason_text)}){_TAIL}")
+    return level, f"{call} failed (SSL: {openssl_error_string(reason, reason_text)})"
+
+
+def ssl_failure(call: str, exc: ssl.SSLError) -> tuple[str, str]:
+    """(level, text) nginx writes when ``call`` ("SSL_read()", "SSL_write()") fails with this OpenSSL error
+    after the handshake: the same rule as the handshake's ("ssl" in :func:`handshake_verdict`)."""
+    kind, details = classify(exc)
+    if kind != "ssl":
+        details = {"reason": getattr(exc, "reason", "") or "", "reason_text": str(exc)}
+    return _ssl_error(call, details.get("reason", ""), details.get("reason_text", ""))
 
 
 _REASON_TEXT = re.compile(r"^\[[^\]]*\] (.*?)(?: \(_ssl\.c:\d+\))?$")
@@ -451,6 +486,17 @@ class TLSClient:
     def verify(self) -> bool:
         return self.cafile is not None
 
+    def save(self, peer: str, tls: ssl.SSLSocket) -> bool:
+        """nginx's save_session for ``peer`` (as nginx names it): keep the session of ``tls`` for the next
+        handshake to that peer, when there is one to resume -- a TLS 1.2 session at the end of the handshake,
+        a TLS 1.3 one only once its NewSessionTicket has arrived (OpenSSL's new-session callback,
+        ngx_event_openssl.c line 1602).  Returns whether a session was saved."""
+        session = tls.session
+        if session is None or (tls.version() == "TLSv1.3" and not session.has_ticket):
+            return False
+        self.sessions[peer] = session
+        return True
+
     def sni_for(self, name: str | None) -> str | None:
         """What goes to wrap_socket's server_hostname: the name when it is sent (SNI), or when CPython must
         check it (``verify_like == "cpython"``); else None."""
@@ -512,6 +558,9 @@ class TLSResult:
     calls: int = 0
     waits: int = 0
     ngx_connect_time_ms: int | None = None
+    #: ``connect_tls(keep=True)`` after a completed handshake: the ssl.SSLSocket, still open, for the request
+    #: (the caller closes it); None otherwise
+    sock: object = field(default=None, repr=False)
     _steps: list = field(default_factory=list, repr=False)
 
     @property
@@ -592,6 +641,7 @@ class Handshake:
         self._sock = None
         self._handshaked = False
         self.last_try = True
+        self.keep = False  # connect_tls(keep=True): a completed handshake hands its socket to the result
         self._record = None
 
     # -- WAITING -> HANDSHAKING: the connect said NGX_OK ------------------------------------------------
@@ -708,7 +758,11 @@ class Handshake:
                         f'= {int(matches)}', None, t, _monotonic_ns()))
             if not matches:
                 return self._finish("hostname", {"server_name": self.server_name or ""}, when=decided)
-        if self.client.reuse:
+        if self.client.reuse and self.keep:
+            # the socket goes on to carry the request: a TLS 1.3 ticket is read with the response, as nginx
+            # reads it, and the caller saves it then (TLSClient.save); a TLS 1.2 session is there already
+            result.session_saved = self.client.save(self.target.text, self.tls)
+        elif self.client.reuse:
             if result.version == "TLSv1.3":
                 # The session to save comes after the handshake, in a NewSessionTicket: read on for it
                 self.state = READING_TICKET
@@ -762,6 +816,23 @@ class Handshake:
             self.client.sessions[self.target.text] = session
             self.result.session_saved = True
 
+    def _hand_out(self) -> None:
+        """keep: the completed handshake's socket goes to the result, open, out of this loop (nginx goes on to
+        ngx_http_upstream_send_request on the same connection)."""
+        tls, self.tls, self._ssl_ptr = self.tls, None, 0
+        loop, fd = self.loop, self.fd
+        if loop.handler_of(fd) is self:
+            if self.plan.nginx_exact:
+                loop.forget(fd)
+            else:
+                t = _monotonic_ns()
+                loop.unregister(fd)
+                if self._record:
+                    self._record(("unregister", f"epoll_ctl({loop.epoll_fd}, EPOLL_CTL_DEL, {fd}, NULL)", 0, t,
+                                  _monotonic_ns()))
+        self.result.sock = tls
+        self.result.connect.finished_ns = _monotonic_ns()
+
     # -- loop callbacks ---------------------------------------------------------------------------------
     def on_ready(self, events: int) -> None:
         if self.state not in (HANDSHAKING, READING_TICKET):
@@ -805,6 +876,8 @@ class Handshake:
         if self.plan.nginx_exact and kind == "ok" and result.connect.ngx_start_ns is not None:
             # $upstream_connect_time: ngx_http_upstream_send_request, after the handshake (line 2073)
             result.ngx_connect_time_ms = self.loop.cached_msec - result.connect.ngx_start_ns // 1_000_000
+        if self.keep and kind == "ok" and self.tls is not None:
+            return self._hand_out()
         self.close()
 
     def close(self) -> None:
@@ -882,10 +955,12 @@ def connect_tls(target, client: TLSClient | None = None, settings: Settings | No
     ``settings``: a :class:`~nbconn.settings.Settings` or its keywords, as for :func:`nbconn.connect`;
     its ``timeout`` is proxy_connect_timeout, bounding connect and handshake together when connect()
     needed EPOLLOUT.  Edge-triggered epoll only (nginx's, and the one mode in which the registration made
-    before connect() serves the handshake unchanged); no ``keep`` (everything opened is closed before this
-    returns); no TCP_INFO is read.  ``last_try``: how a completed handshake is closed: nginx sends
-    close_notify when it finalizes the request (this was the last peer to try), and nothing when it moves
-    on to the next peer (False).
+    before connect() serves the handshake unchanged); no TCP_INFO is read.  Everything opened is closed
+    before this returns -- except, with ``keep=True``, the socket of a completed handshake: it is
+    ``TLSResult.sock`` (an ssl.SSLSocket, out of the epoll set), for the caller to send the request on and
+    close (nbconn.upstream does, for ``proxy_pass https://``).  ``last_try``: how a completed handshake is
+    closed: nginx sends close_notify when it finalizes the request (this was the last peer to try), and
+    nothing when it moves on to the next peer (False).
     """
     settings = given(settings, keywords, "connect_tls")
     if client is None:
@@ -896,17 +971,17 @@ def connect_tls(target, client: TLSClient | None = None, settings: Settings | No
     if settings.trigger != "edge":
         raise ValueError(f"connect_tls runs on edge-triggered epoll only (nginx's EPOLLET), not "
                          f"trigger={validate.shown(settings.trigger)}")
-    if settings.keep:
-        raise ValueError("connect_tls closes what it opens: keep=True does not apply")
     last_try = validate.flag("last_try", last_try)
+    keep = settings.keep  # the handshake's socket; the connect itself never keeps one (plan below)
     tgt = parse_target(target)
     if client.verify and client.name_for(tgt) is None:
         raise ValueError(f"target {validate.shown(target)}: verifying an AF_UNIX peer needs server_name "
                          "(the name to check the certificate against)")
-    plan = replace(make_plan(tgt.family, settings), tcp_info=False)  # the handshake reads none
+    plan = replace(make_plan(tgt.family, settings), tcp_info=False, keep=False)  # the handshake reads no TCP_INFO
     with Loop(max_events=8, nginx_clock=settings.nginx_exact) as loop:
         handshake = Handshake(client, tgt, loop, plan)
         handshake.last_try = last_try
+        handshake.keep = keep
         attempt = _TLSAttempt(tgt, plan, loop)
         attempt.handshake = handshake
         try:
@@ -917,6 +992,12 @@ def connect_tls(target, client: TLSClient | None = None, settings: Settings | No
                 if attempt.state is DONE and handshake.state not in (HANDSHAKING, READING_TICKET):
                     break
                 loop.run_once()
+        except BaseException:
+            result = handshake.result
+            if result is not None and result.sock is not None:
+                result.sock.close()
+                result.sock = None
+            raise
         finally:
             attempt.abort()
             handshake.close()

@@ -49,6 +49,9 @@ This module is that machinery, read from nginx's
   ``ngx_http_upstream_finalize_request`` frees the peer as a *success*
   (``peer.free(.., 0)``): no failure is counted.  Its try is not in
   ``$upstream_addr`` (``u->state->peer`` is set only after that check).
+* **proxy_pass https://** (``run_request(tls=TLSClient)``): a connect that succeeds is followed by the TLS
+  handshake on the connect's timer; a failed handshake is next-upstream FT_ERROR, its timer FT_TIMEOUT, and both
+  count against ``max_fails`` (``ngx_http_upstream_ssl_handshake``; the verdicts are :mod:`nbconn.tls`'s).
 
 The state machine (:class:`Upstream`, :class:`Request`) does no I/O and takes
 its clock as a parameter, so tests can step time by hand (the h11 way).
@@ -380,6 +383,9 @@ class KeptConnection:
 CONNECTING = "connecting to upstream"
 SENDING = "sending request to upstream"
 READING = "reading response header from upstream"
+#: ... and for ``proxy_pass https://``, between the connect and the request (ngx_http_upstream_ssl_init_connection,
+#: line 1727); equal to nbconn.tls.ACTION, which writes it into the handshake's lines (tests/test_upstream_tls.py)
+SSL_HANDSHAKING = "SSL handshaking to upstream"
 
 
 @dataclass
@@ -581,7 +587,10 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     whole body read -- KEPT_AT_HEADER or KEPT_AFTER_BODY), else None."""
     import os
     import socket
+    import ssl
 
+    if isinstance(sock, ssl.SSLSocket):
+        return _exchange_tls(sock, read_timeout, keepalive=keepalive)
     # nginx reads SO_ERROR once, at the writable event, in ngx_http_upstream_send_request just before it writes
     # (ngx_http_upstream_test_connect, ngx_http_upstream.c 1.22.1, line 2076); nbconn.connect read it at the
     # same event.  Between that read and the write, nbconn spends longer than nginx (it returns a Result
@@ -608,6 +617,53 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
                 f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False, None
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
             return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, None
+        data += chunk
+    return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
+
+
+def _exchange_tls(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
+    """:func:`_exchange` on an ssl.SSLSocket (proxy_pass https://): the same request and header, with the errors
+    named as nginx 1.22.1 names them on an SSL connection (src/event/ngx_event_openssl.c).  A write that fails is
+    "SSL_write() failed" (ngx_ssl_write -> ngx_ssl_connection_error).  A read that fails with nothing in
+    OpenSSL's error queue -- a reset, measured: SO_ERROR 104, yet nginx logs no SSL_read() line -- is taken by
+    ngx_ssl_handle_recv for a clean shutdown ("peer shutdown SSL cleanly", NGX_DONE): nginx then says "upstream
+    prematurely closed connection"; only an OpenSSL error (a bad record, an alert) is "SSL_read() failed (SSL:
+    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.tls's table)."""
+    import os
+    import socket
+    import ssl
+
+    from .tls import ssl_failure
+
+    sock.settimeout(read_timeout)
+    try:
+        sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
+    except socket.timeout:
+        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", \
+            False, None
+    except ssl.SSLError as exc:
+        level, text = ssl_failure("SSL_write()", exc)
+        return "error", SENDING, level, f"{text} while {SENDING}", False, None
+    except OSError as exc:
+        return _errno_outcome(exc.errno), SENDING, "error", \
+            f"SSL_write() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
+        try:
+            chunk = sock.recv(4096)
+        except socket.timeout:
+            return "timed_out", READING, "error", \
+                f"upstream timed out (110: Connection timed out) while {READING}", False, None
+        except ssl.SSLError as exc:
+            if getattr(exc, "reason", None):
+                level, text = ssl_failure("SSL_read()", exc)
+                return "error", READING, level, f"{text} while {READING}", False, None
+            chunk = b""  # SSL_ERROR_SYSCALL / EOF with nothing queued: ngx_ssl_handle_recv's clean shutdown
+        except OSError:
+            chunk = b""  # the same: a reset under TLS reads as the end (ngx_ssl_handle_recv, NGX_DONE)
+        if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
+            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, \
+                None
         data += chunk
     return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
 
@@ -684,18 +740,21 @@ def _families(address: str, proxy_bind: str) -> tuple:
 def _in_read_handler(res, stage: str | None, outcome: str) -> bool:
     """This attempt's failure was judged in the upstream connection's read handler, with an EPOLLOUT of the same
     epoll event still to be dispatched: a connect refused or reset after EINPROGRESS (an RST gives
-    EPOLLERR|EPOLLHUP|EPOLLIN|EPOLLOUT, and ngx_epoll_process_events runs the read handler first), or an answer or
-    error met while reading the response header.  Not a timer (no epoll event), not a write-side failure."""
+    EPOLLERR|EPOLLHUP|EPOLLIN|EPOLLOUT, and ngx_epoll_process_events runs the read handler first), an answer or
+    error met while reading the response header, or a TLS handshake that failed on a record it read (an alert,
+    the certificate, the server's Finished: EPOLLIN, and with edge-triggered epoll the whole mask, EPOLLOUT too,
+    comes with it; ngx_ssl_handshake_handler is both handlers).  Not a timer (no epoll event), not a write-side
+    failure."""
     if outcome == "timed_out":
         return False
     if stage is None:  # judged at the connect: SO_ERROR after NGX_AGAIN
         return res is not None and res.ngx_connect == "NGX_AGAIN" and not res.connected
-    return stage == READING
+    return stage in (READING, SSL_HANDSHAKING)
 
 
 def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_UPSTREAM_KINDS, tries: int = 0,
                 next_upstream_timeout: float = 0.0, http: bool = False, read_timeout: float = 5.0,
-                proxy_bind: str | None = None, send_timeout: float = 60.0, **options) -> Request:
+                proxy_bind: str | None = None, send_timeout: float = 60.0, tls=None, **options) -> Request:
     """One request: connect to peers as nginx would until one works or the request gives up.
 
     ``http=False`` stops at the connect: a connected peer is a success.  ``http=True`` goes on as nginx
@@ -707,6 +766,21 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     a bind() that fails -- an address this host lacks (99: EADDRNOTAVAIL), or any address towards an AF_UNIX
     peer or a peer of the other IP family (22: EINVAL, 97: EAFNOSUPPORT; :data:`BIND_FAMILY_ERRNO`) -- ends the
     request with 500 (:meth:`Request.report_ngx_error`).
+
+    ``tls``: an :class:`nbconn.tls.TLSClient` -- ``proxy_pass https://`` with its ``proxy_ssl_*`` settings (verify
+    and its CA, the name, protocols, session reuse).  After a connect that succeeds, the TLS handshake runs on the
+    same socket and loop (:func:`nbconn.tls.connect_tls`), and only a completed one goes on to the request.  Its
+    verdict is nbconn.tls's table (:func:`nbconn.tls.handshake_verdict`), and the model does with it what
+    ngx_http_upstream_ssl_handshake does (ngx_http_upstream.c 1.22.1, lines 1771-1815): a failure -- an
+    SSL_do_handshake() error, the peer closing, "upstream SSL certificate verify error" or "does not match" --
+    is ``ngx_http_upstream_next(NGX_HTTP_UPSTREAM_FT_ERROR)``, the timer (``c->write->timedout``, line 1807)
+    FT_TIMEOUT; both free the peer with NGX_PEER_FAILED (line 4301): counted against max_fails, and the [warn]
+    says "while SSL handshaking to upstream" (the action is still the handshake's when peer.free runs).  The
+    timer is the connect's: ngx_http_upstream_ssl_init_connection arms proxy_connect_timeout only when no timer
+    is set (line 1733), so after a connect() that needed EPOLLOUT the handshake gets what is left of it, after a
+    connect() that returned 0 (AF_UNIX) a fresh one.  ``$upstream_connect_time`` covers the handshake.  After
+    the handshake, errors are named as on an SSL connection (:func:`_exchange_tls`).  With ``tls.reuse``
+    (proxy_ssl_session_reuse) the peer's session is saved and offered, as nginx's round robin keeps one per peer.
 
     ``send_timeout`` (proxy_send_timeout) matters in one nginx 1.22.1 corner, which the model follows: the
     one-bit stale-event check.  ngx_get_connection flips a connection slot's ``instance`` bit each time it hands
@@ -730,7 +804,11 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     a recv() failure, not "connect() failed"; the model, on loopback, does not meet that case.
     """
     from .api import connect
-    from .errors import errno_number, verdict
+    from .errors import CONNECTED, errno_number, verdict
+    from .tls import TLSClient, connect_tls, handshake_verdict
+
+    if tls is not None and not isinstance(tls, TLSClient):
+        raise TypeError(f"tls must be an nbconn.tls.TLSClient (proxy_pass https://), got {shown(tls)}")
 
     validate.flag("http", http)
     send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
@@ -774,14 +852,41 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                 options["bind"] = proxy_bind
             if slot_handouts is not None:
                 slot_handouts += 1
-            res = connect(peer.address, timeout=timeout, keep=http, **options)
+            if tls is not None:
+                tried = connect_tls(peer.address, tls, timeout=timeout, keep=http, **options)
+                res, handshaked = tried.connect, tried.handshaked
+            else:
+                tried = res = connect(peer.address, timeout=timeout, keep=http, **options)
+                handshaked = None
             stale_write = slot_handouts is not None and slot_handouts % 2 == 0
             if res.ngx_connect == "NGX_DECLINED":
                 pass  # failed at once, inside the same handler: the chain goes on
-            elif stale_write or not _in_read_handler(res, None, res.outcome):
+            elif stale_write:
+                slot_handouts = None
+            elif handshaked is not None and res.connected and not handshaked and tried.outcome != "timed_out":
+                # the try ended in the TLS handshake, on the event after which SSL_do_handshake() ran last:
+                if tried.waits:  # a record read after a wait: EPOLLIN (with EPOLLOUT), the read handler
+                    slot_handouts = 0 if _in_read_handler(None, SSL_HANDSHAKING, tried.outcome) else None
+                elif res.ngx_connect != "NGX_OK":  # the first call, in the connect's EPOLLOUT handler
+                    slot_handouts = None
+                # else connect() returned 0 and the first call failed: still inside the same handler
+            elif handshaked is not None and res.connected:
+                slot_handouts = None
+            elif not _in_read_handler(res, None, res.outcome):
                 slot_handouts = None
             else:
                 slot_handouts = 0
+            if stale_write and res.outcome == "timed_out" and tls is not None:
+                # https: the stale EPOLLOUT runs ngx_http_upstream_send_request_handler, which for a connection
+                # without SSL calls ngx_http_upstream_ssl_init_connection (ngx_http_upstream.c 1.22.1, lines
+                # 2311-2314): SO_ERROR 0, SSL_do_handshake() on the pending connect (its write() of the
+                # ClientHello finds SYN-SENT: EAGAIN, WANT_WRITE), and the connect's timer, still set (line 1733),
+                # ends it as a handshake timeout -- proxy_connect_timeout, not proxy_send_timeout
+                v = handshake_verdict("timer")
+                req.report(v.outcome, None, nginx_log=v.log, level=v.level, stage=SSL_HANDSHAKING)
+                if req.result is not None:
+                    break
+                continue
             if stale_write and res.outcome == "timed_out":
                 # the stale EPOLLOUT: nginx writes into the pending connect and waits proxy_send_timeout
                 if res.sock is not None:
@@ -802,19 +907,33 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                     line, level = v.log, v.level
                 req.report_ngx_error(line, level)
                 break
-            if not (http and res.connected):
+            if handshaked is not None and res.connected:
+                # proxy_pass https://: the handshake decided this try; $upstream_connect_time includes it
+                connect_ms = tried.total_ns / 1e6 if tried.total_ns is not None else res.handshake_ms
+                if not handshaked or not http:
+                    req.report(CONNECTED if handshaked else tried.outcome, connect_ms, nginx_log=tried.ngx_log,
+                               level=tried.ngx_level, stage=SSL_HANDSHAKING)
+                    if req.result is not None:
+                        break
+                    continue
+                kept = KeptConnection(peer.address, tried.sock, started=upstream.msec_clock())
+                tried.sock = None
+            elif not (http and res.connected):
                 req.report(res.outcome, res.handshake_ms, nginx_log=res.ngx_log, level=res.ngx_level)
                 if req.result is not None:
                     break
                 continue
-            kept = KeptConnection(peer.address, res.sock, started=upstream.msec_clock())
-            res.sock = None  # the KeptConnection owns it now
-            connect_ms = res.handshake_ms
+            else:
+                kept = KeptConnection(peer.address, res.sock, started=upstream.msec_clock())
+                res.sock = None  # the KeptConnection owns it now
+                connect_ms = res.handshake_ms
         else:
             connect_ms = 0.0  # $upstream_connect_time of a cached connection
         reused = kept.requests > 1
         try:
             outcome, stage, level, line, reusable, status = _exchange(kept.sock, read_timeout, keepalive=keepalive)
+            if tls is not None and tls.reuse:
+                tls.save(peer.address, kept.sock)  # a TLS 1.3 ticket arrives with the response, as in nginx
         except BaseException:
             kept.close()
             raise

@@ -53,6 +53,8 @@ STEP_SEND = "after the connect: sending the request"
 STEP_HEADER = "after the connect: reading the header"
 STEP_PROXYING = "after the connect: proxying (stream)"
 STEP_ACCOUNTING = "after a failure: the round robin's accounting"
+# proxy_pass https://: after the connect succeeded, before the request (ngx_http_upstream_ssl_init_connection)
+STEP_TLS = "after the connect: the TLS handshake (proxy_pass https://)"
 
 OUTSIDE = "outside the connect flow"
 
@@ -62,6 +64,8 @@ HTTP, STREAM = "http", "stream"
 # lines 705, 1630): " while <action>" ends the message.
 _ACTIONS = {
     "connecting to upstream",
+    # ngx_http_upstream.c 1.22.1 line 1727; the stream module's too (ngx_stream_proxy_module.c line 1090)
+    "SSL handshaking to upstream",
     "sending request to upstream",
     "reading response header from upstream",
     "proxying and reading from upstream",
@@ -140,6 +144,13 @@ _PATTERNS = (
     ("closed", re.compile(r"upstream prematurely closed connection")),
     ("recv", re.compile(rf"recv\(\) failed {_ERR}")),
     ("writev", re.compile(rf"writev\(\) failed {_ERR}")),
+    # proxy_pass https:// (texts: ngx_event_openssl.c ngx_ssl_handshake, ngx_ssl_set_session; ngx_http_upstream.c
+    # ngx_http_upstream_ssl_handshake); ngx_ssl_error appends " (SSL: " and OpenSSL's queued errors
+    ("tls_ssl", re.compile(r"SSL_do_handshake\(\) failed \(SSL: (?P<detail>.*)\)(?: \((?P<err>\d+): [^)]*\))?")),
+    ("tls_closed", re.compile(rf"peer closed connection in SSL handshake(?: {_ERR})?")),
+    ("tls_verify", re.compile(r"upstream SSL certificate verify error: \((?P<code>\d+):(?P<detail>.*)\)")),
+    ("tls_name", re.compile(r'upstream SSL certificate does not match "(?P<detail>.*)"')),
+    ("tls_set_session", re.compile(r"SSL_set_session\(\) failed(?: \(SSL: (?P<detail>.*)\))?")),
 )
 
 # the actions each kind is written under; a kind met under another action is outside the connect flow
@@ -149,8 +160,14 @@ _KIND_ACTIONS = {
     "files": {"connecting to upstream"}, "setsockopt": {"connecting to upstream"},
     "nonblocking": {"connecting to upstream"}, "bind": {"connecting to upstream"},
     "epoll_ctl": {"connecting to upstream"}, "no_live": {"connecting to upstream"},
-    "timeout": {"connecting to upstream", "sending request to upstream", "reading response header from upstream"},
-    "disabled": {"connecting to upstream", "sending request to upstream", "reading response header from upstream"},
+    "timeout": {"connecting to upstream", "sending request to upstream", "reading response header from upstream",
+                "SSL handshaking to upstream"},
+    "disabled": {"connecting to upstream", "sending request to upstream", "reading response header from upstream",
+                 "SSL handshaking to upstream"},
+    "tls_ssl": {"SSL handshaking to upstream"}, "tls_closed": {"SSL handshaking to upstream"},
+    "tls_verify": {"SSL handshaking to upstream"}, "tls_name": {"SSL handshaking to upstream"},
+    # set_session runs in ngx_http_upstream_ssl_init_connection before the action becomes the handshake's
+    "tls_set_session": {"connecting to upstream"},
     "closed": {"reading response header from upstream"},
     "recv": {"reading response header from upstream", "proxying and reading from upstream"},
     "writev": {"sending request to upstream"},
@@ -167,6 +184,7 @@ _NB = {
     "01": "01_socket_and_options.ipynb", "02": "02_nonblocking.ipynb", "03": "03_epoll.ipynb",
     "04": "04_connect.ipynb", "05": "05_writable_then_so_error.ipynb", "06": "06_timeouts.ipynb",
     "07": "07_many_connects.ipynb", "10": "10_nginx_side_by_side.ipynb", "13": "13_keepalive.ipynb",
+    "15": "15_tls.ipynb",
 }
 _NEXT = ("proxy_next_upstream", "proxy_next_upstream_tries", "proxy_next_upstream_timeout", "max_fails",
          "fail_timeout")
@@ -228,9 +246,43 @@ _KINDS = {
                            "4306", _NB["10"], ("proxy_read_timeout",) + _NEXT),
 }
 
-#: "upstream timed out" after the connect: the timer is proxy_send_timeout / proxy_read_timeout, not the connect's
+#: "upstream timed out" after the connect: the timer is proxy_send_timeout / proxy_read_timeout, not the connect's --
+#: except in the TLS handshake, where it is still the connect's (ngx_http_upstream_ssl_init_connection line 1733)
 _AFTER_CONNECT_TIMEOUTS = {"sending request to upstream": "timeout_send",
-                           "reading response header from upstream": "timeout_header"}
+                           "reading response header from upstream": "timeout_header",
+                           "SSL handshaking to upstream": "tls_timeout"}
+
+# -- the TLS handshake's lines: their verdicts are nbconn.tls.handshake_verdict's (asked in decode_line) ----------
+_TLS_NEXT = ("proxy_next_upstream", "proxy_next_upstream_tries", "max_fails", "fail_timeout")
+#: kind -> the handshake_verdict kind that gives its level, NGX code, next-upstream kind and outcome
+_TLS_VERDICT_KIND = {"tls_ssl": "ssl", "tls_closed": "closed", "tls_verify": "verify", "tls_name": "hostname",
+                     "tls_timeout": "timer"}
+_TLS_FAILED = "ngx_http_upstream_ssl_handshake -> ngx_http_upstream_next(FT_ERROR) line 1814"
+_KINDS.update({
+    "tls_ssl": Kind(STEP_TLS, None, None, None, None, None, "ngx_event_openssl.c ngx_ssl_handshake line 1857 "
+                    "(ngx_ssl_connection_error: ERR for the handshake-failure reasons it lists, else CRIT); "
+                    "ngx_http_upstream.c " + _TLS_FAILED, _NB["15"],
+                    ("proxy_ssl_protocols", "proxy_ssl_ciphers", "proxy_ssl_conf_command") + _TLS_NEXT),
+    "tls_closed": Kind(STEP_TLS, None, None, None, None, None, "ngx_event_openssl.c ngx_ssl_handshake lines 1842-1843 "
+                       "(ngx_connection_error); ngx_http_upstream.c " + _TLS_FAILED, _NB["15"],
+                       ("proxy_connect_timeout",) + _TLS_NEXT),
+    "tls_verify": Kind(STEP_TLS, None, None, None, None, None, "ngx_http_upstream.c ngx_http_upstream_ssl_handshake "
+                       "line 1780 (proxy_ssl_verify on) -> ngx_http_upstream_next(FT_ERROR) line 1814", _NB["15"],
+                       ("proxy_ssl_verify", "proxy_ssl_trusted_certificate", "proxy_ssl_verify_depth") + _TLS_NEXT),
+    "tls_name": Kind(STEP_TLS, None, None, None, None, None, "ngx_http_upstream.c ngx_http_upstream_ssl_handshake "
+                     "line 1787 (ngx_ssl_check_host) -> ngx_http_upstream_next(FT_ERROR) line 1814", _NB["15"],
+                     ("proxy_ssl_name", "proxy_ssl_verify") + _TLS_NEXT),
+    "tls_timeout": Kind(STEP_TLS, None, None, None, None, None, "ngx_http_upstream.c ngx_http_upstream_ssl_handshake "
+                        "line 1807 (c->write->timedout) -> ngx_http_upstream_next(FT_TIMEOUT), which logs it at line "
+                        "4306", _NB["15"], ("proxy_connect_timeout",) + _TLS_NEXT),
+    # proxy_ssl_session_reuse: the only session line nginx 1.22.1 writes for an upstream.  The peer's saved session
+    # is set in ngx_http_upstream_ssl_init_connection (line 1710) before the handshake; a failure finalizes 500.
+    "tls_set_session": Kind(STEP_TLS, None, _ALERT, errors.NGX_ERROR, None, errors.ERROR, "ngx_event_openssl.c "
+                            "ngx_ssl_set_session line 1705, called by ngx_http_upstream_set_round_robin_peer_session "
+                            "(ngx_http_upstream_round_robin.c line 729) from ngx_http_upstream_ssl_init_connection "
+                            "line 1710 -> ngx_http_upstream_finalize_request(500)", _NB["15"],
+                            ("proxy_ssl_session_reuse",)),
+})
 _KINDS["timeout_send"] = Kind(STEP_SEND, None, _ERR, None, _FT_TIMEOUT, errors.TIMED_OUT, "ngx_http_upstream.c "
                               "ngx_http_upstream_send_request_handler line 2304 (c->write->timedout) -> "
                               "ngx_http_upstream_next(FT_TIMEOUT) line 4306", _NB["10"],
@@ -397,8 +449,10 @@ def _model(outcome: str, *, single: bool) -> tuple:
     return _model_cache[key]
 
 
-def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: str | None) -> dict:
-    """Whether nginx tries another peer and counts the failure against max_fails, and why."""
+def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: str | None,
+               outcome: str | None = None) -> dict:
+    """Whether nginx tries another peer and counts the failure against max_fails, and why.  ``outcome``: the
+    failed try's outcome, asked of the model for a TLS line (its failures are the handshake's, not a refusal)."""
     if kind == "no_live":
         parts = ["no server is eligible (all down, or each has failed max_fails times within its fail_timeout, or "
                  "all were tried); no connect was made, nothing is counted"]
@@ -429,8 +483,9 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
                           "sets eof), no other peer is tried, the peer is freed with state 0 "
                           "(ngx_stream_proxy_finalize line 1996)"}
     timeout = ngx_next == errors.NGX_HTTP_UPSTREAM_FT_TIMEOUT
-    moves_on, counted = _model("timed_out" if timeout else "refused", single=False)
-    _, single_counted = _model("timed_out" if timeout else "refused", single=True)
+    asked = outcome if kind.startswith("tls_") and outcome else "timed_out" if timeout else "refused"
+    moves_on, counted = _model(asked, single=False)
+    _, single_counted = _model(asked, single=True)
     word = "timeout" if timeout else "error"
     status = "504" if timeout else "502"
     parts = []
@@ -438,6 +493,10 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
         parts.append(f"HTTP: another peer when '{word}' is in proxy_next_upstream (default: error timeout), tries "
                      f"are left (proxy_next_upstream_tries, at most the number of servers) and "
                      f"proxy_next_upstream_timeout has not passed; otherwise {status}")
+        if kind.startswith("tls_"):
+            parts.append("the request has not been sent, so any method may go on; moving on, nginx closes the "
+                         "handshake's connection without a close_notify (ngx_http_upstream_next, lines 4413-4414); "
+                         "the [warn] of a server this failure disables says 'while SSL handshaking to upstream'")
         if kind in ("closed", "recv", "writev", "timeout_header", "timeout_send"):
             parts.append("the request was sent: a POST/LOCK/PATCH is retried only with 'non_idempotent' "
                          "(ngx_http_upstream_next, line 4364); a connection from the keepalive cache gives its try "
@@ -461,7 +520,50 @@ def _match(message: str) -> tuple:
     return None, None
 
 
+#: What the kernel and OpenSSL said, for the TLS handshake's lines (kind, or "tls_ssl:REASON" first).
+_TLS_SAID = {
+    "tls_timeout": "nothing failed: the TCP connect had succeeded (the kernel completed the handshake; the peer's "
+        "listener queued or accepted it), the ClientHello went out, and no answer completed the handshake before the "
+        "timer fired -- a peer that accepts but does not speak TLS on that port, a stuck TLS server, or a slow one. "
+        "The timer is the connect's: proxy_connect_timeout bounds connect and handshake together when connect() "
+        "returned EINPROGRESS (ngx_http_upstream_ssl_init_connection arms one only if none is set, line 1733), and "
+        "a fresh proxy_connect_timeout covers the handshake alone when connect() returned 0 (AF_UNIX)",
+    "tls_ssl": "OpenSSL's SSL_do_handshake() returned SSL_ERROR_SSL: the handshake broke on a TLS-level error, "
+        "named in the (SSL: ...) part; the TCP connection itself was fine",
+    "tls_ssl:TLSV1_ALERT_PROTOCOL_VERSION": "the peer sent a fatal protocol_version alert (70): no TLS version both "
+        "sides allow -- proxy_ssl_protocols (nginx 1.22.1's default for upstreams stops at TLSv1.2) against the "
+        "server's; measured here: proxy_ssl_protocols TLSv1.3 against a TLS 1.2-only server",
+    "tls_ssl:SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer sent a fatal handshake_failure alert (40): usually no cipher "
+        "or group in common (proxy_ssl_ciphers, the server's list), or the server wants something the client lacks",
+    "tls_ssl:TLSV1_ALERT_UNKNOWN_CA": "the peer sent unknown_ca (48): it verifies a client certificate "
+        "(proxy_ssl_certificate) and does not trust its issuer",
+    "tls_ssl:WRONG_VERSION_NUMBER": "what came back was not a TLS record: the peer does not speak TLS on that port "
+        "(plain HTTP, another protocol)",
+    "tls_ssl:UNSUPPORTED_PROTOCOL": "this side's OpenSSL refused the version the server chose (below "
+        "proxy_ssl_protocols' or OpenSSL's own minimum)",
+    "tls_closed": "the peer closed the TCP connection (recv() returned 0) or reset it (the errno in the line) "
+        "before the handshake ended, with no TLS alert: a server that drops connections it will not serve, a "
+        "process that died, a load balancer in front; OpenSSL queued no error (ngx_ssl_handshake, "
+        "ERR_peek_error() == 0)",
+    "tls_verify": "the handshake completed; OpenSSL's check of the peer's certificate chain against "
+        "proxy_ssl_trusted_certificate (depth proxy_ssl_verify_depth, 1 by default) failed with that X509_V_ERR "
+        "code. nginx verifies with SSL_VERIFY_NONE and a callback that accepts everything, so verification goes on "
+        "past the first error and the *last* one is logged: a lone leaf from an unknown CA gives 21 (unable to verify "
+        "the first certificate), not 20 (measured here against nginx 1.22.1)",
+    "tls_name": "the chain verified, but X509_check_host found proxy_ssl_name (default: the proxy_pass host, "
+        "$proxy_host) in none of the certificate's DNS names (an IP literal never matches: X509_check_host compares "
+        "DNS names only)",
+    "tls_set_session": "OpenSSL refused the peer's saved session (SSL_set_session() returned 0): a session saved "
+        "from another protocol version or context; nothing was sent yet",
+}
+
+
 def _kernel(kind: str, err: int | None, upstream: str | None) -> str:
+    if kind.startswith("tls_"):
+        said = _TLS_SAID.get(kind) or _TLS_SAID[kind.partition(":")[0]]
+        if kind.startswith("tls_closed") and err:
+            said += f"; {errors.errno_name(err)}: " + _KERNEL.get(("recv", err, None), "an error from recv()")
+        return said
     unix = bool(upstream and upstream.startswith("unix:"))
     for key in ((kind, err or 0, unix), (kind, err or 0, None)):
         if key in _KERNEL:
@@ -500,13 +602,22 @@ def decode_line(text: str, line: Line) -> dict:
     if line.action is not None and line.action not in _KIND_ACTIONS[kind]:
         return outside(text, line, f"nginx writes this text while connecting to upstream, not while {line.action}")
     if kind == "timeout" and line.action in _AFTER_CONNECT_TIMEOUTS:
-        kind, line = _AFTER_CONNECT_TIMEOUTS[line.action], line._replace(module=HTTP)
+        kind = _AFTER_CONNECT_TIMEOUTS[line.action]
+        if kind != "tls_timeout":  # the stream module hands shakes too; it sends no request, reads no header
+            line = line._replace(module=HTTP)
     row = _KINDS[kind]
     found = m.groupdict()
     err = int(found["err"]) if found.get("err") else None
     detail = found.get("detail")
     upstream = line.upstream or (detail if kind == "connect" else None)
-    if row.stage is not None:
+    if kind in _TLS_VERDICT_KIND:
+        v = _tls_verdict(kind, found, err)
+        expected, ngx_code, ngx_next, outcome = v.level, v.ngx_code, v.ngx_next, v.outcome
+        if kind == "tls_ssl":
+            reason = _tls_reason(detail)
+            if reason:
+                kind = f"tls_ssl:{reason}"
+    elif row.stage is not None:
         v = errors.verdict(row.stage, err, detail=_SETSOCKOPT_OPTION.get(detail, detail) or "")
         expected, ngx_code, ngx_next, outcome = v.level, v.ngx_code, v.ngx_next, v.outcome
     else:
@@ -522,9 +633,36 @@ def decode_line(text: str, line: Line) -> dict:
     return _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected)
 
 
+_OPENSSL_CODE = re.compile(r"error:([0-9A-F]{8}):")
+
+
+def _tls_reason(detail: str | None) -> str | None:
+    """The first OpenSSL reason name in the "(SSL: error:0A00042E:SSL routines::...)" part, or None."""
+    from .tls import reason_of_code
+
+    found = _OPENSSL_CODE.search(detail or "")
+    return reason_of_code(found.group(1)) if found else None
+
+
+def _tls_verdict(kind: str, found: dict, err: int | None):
+    """nbconn.tls.handshake_verdict for a TLS line: the one table of what nginx makes of a handshake's end."""
+    from .tls import handshake_verdict
+
+    which = _TLS_VERDICT_KIND[kind]
+    if which == "ssl":
+        return handshake_verdict("ssl", reason=_tls_reason(found.get("detail")) or "")
+    if which == "closed":
+        return handshake_verdict("closed", err=err or 0)
+    if which == "verify":
+        return handshake_verdict("verify", verify_code=int(found["code"]), verify_message=found["detail"])
+    if which == "hostname":
+        return handshake_verdict("hostname", server_name=found["detail"])
+    return handshake_verdict("timer")
+
+
 def _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected) -> dict:
     name = errors.errno_name(err) if err else None
-    cause = f"{kind}:{name}" if name and not kind.startswith("timeout") else kind
+    cause = f"{kind}:{name}" if name and not kind.startswith(("timeout", "tls_timeout", "tls_ssl:")) else kind
     level_note = None
     if line.level is not None and expected is not None and line.level != expected:
         level_note = (f"unexpected level: nginx 1.22.1 writes this line at [{expected}], this one is "
@@ -542,7 +680,7 @@ def _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, e
         "outcome": outcome,
         "ngx_code": ngx_code,
         "ngx_next": ngx_next,
-        **_next_peer(kind, ngx_code, ngx_next, line.module),
+        **_next_peer(kind, ngx_code, ngx_next, line.module, outcome),
         "directives": list(row.directives),
         "level": line.level,
         "expected_level": expected,

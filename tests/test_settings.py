@@ -159,8 +159,6 @@ def test_family_checks_stay_in_make_plan_before_any_socket(no_fd_leak):
 def test_what_an_entry_point_cannot_do_is_refused_by_name(no_fd_leak):
     with pytest.raises(ValueError, match="connect_tls runs on edge-triggered epoll only.*trigger='level'"):
         tls.connect_tls("127.0.0.1:9", trigger="level")
-    with pytest.raises(ValueError, match="connect_tls closes what it opens: keep=True"):
-        tls.connect_tls("127.0.0.1:9", settings=Settings(keep=True))
     with pytest.raises(TypeError, match=r"client must be a TLSClient, got Settings\(\) \(a Settings goes third"):
         tls.connect_tls("127.0.0.1:9", Settings())
     with pytest.raises(ValueError, match="measure.run keeps no socket"):

@@ -57,6 +57,17 @@ def add(subparsers) -> None:
     p.add_argument("--keepalive", type=int_arg("--keepalive"), default=0, metavar="N",
                    help="`keepalive N` in the upstream block: cache up to N idle connections (HTTP/1.1 to the peers; "
                         "implies --http); each attempt says reused: true|false")
+    tls = p.add_argument_group("TLS (proxy_pass https://; nbconn.tls)")
+    tls.add_argument("--tls", action="store_true",
+                     help="proxy_pass https://: after each connect, the TLS handshake on the same socket and loop, "
+                          "on what is left of the connect's timer; its failures walk on as nginx's do (stage 'SSL "
+                          "handshaking to upstream'); session reuse on, nginx's default")
+    tls.add_argument("--cafile", default=None, metavar="FILE",
+                     help="with --tls: proxy_ssl_verify on against this CA (proxy_ssl_trusted_certificate)")
+    tls.add_argument("--server-name", default=None, metavar="NAME",
+                     help="with --tls: proxy_ssl_name, the name the certificate is checked against")
+    tls.add_argument("--tls-version", choices=("1.2", "1.3"), default=None,
+                     help="with --tls: this version only (proxy_ssl_protocols); default nginx 1.22.1's, up to TLS 1.2")
     p.add_argument("--json", action="store_true",
                    help="per request: attempts (peer, outcome, connect_ms, stage, disabled, reused), result, "
                         "upstream_addr (as nginx logs $upstream_addr), and "
@@ -69,6 +80,11 @@ def run(args) -> int:
     from ..upstream import Peer, Upstream, run_requests
 
     check_timeout(args.timeout)
+    if not args.tls:
+        given = [flag for flag, value in (("--cafile", args.cafile), ("--server-name", args.server_name),
+                                          ("--tls-version", args.tls_version)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to proxy_pass https://: add --tls")
     if args.proxy_bind is not None:
         import ipaddress
 
@@ -76,11 +92,18 @@ def run(args) -> int:
             ipaddress.ip_address(args.proxy_bind)
         except ValueError:
             raise ValueError(f"--proxy-bind {validate.shown(args.proxy_bind)} is not an IP address") from None
-    with Upstream([Peer.parse(spec) for spec in args.peer], keepalive=args.keepalive) as up:
+    peers = [Peer.parse(spec) for spec in args.peer]
+    client = None
+    if args.tls:
+        from ..tls import TLSClient
+
+        client = TLSClient(cafile=args.cafile, server_name=args.server_name, tls_version=args.tls_version,
+                           reuse=True)
+    with Upstream(peers, keepalive=args.keepalive) as up:
         upstream_requests = run_requests(up, args.requests, timeout=args.timeout, next_upstream=args.next_upstream,
                                          tries=args.tries, next_upstream_timeout=args.next_upstream_timeout,
                                          http=args.http, read_timeout=args.read_timeout,
-                                         proxy_bind=args.proxy_bind)
+                                         proxy_bind=args.proxy_bind, tls=client)
     if args.json:
         print(json.dumps({"requests": [r.to_dict() for r in upstream_requests]}, indent=2))
     else:

@@ -14,6 +14,10 @@ tls_server      listen(), a thread per connection: SSL handshake with the   hand
 tls12_only      tls_server with TLS 1.2 as its highest version              TLS 1.2; a 1.3-only client fails
 tls_untrusted   tls_server presenting the rogue CA's certificate            "certificate verify error"
 tls_silent      accepts TCP and holds it, never reads the ClientHello       the connect timer fires
+tls_hangup      reads the ClientHello, closes (FIN) without a word          "peer closed connection in SSL
+                                                                            handshake"
+tls_plaintext   reads the ClientHello, answers a plain HTTP 400             "SSL_do_handshake() failed (...
+                                                                            wrong version number)"
 ==============  ==========================================================  ================================
 
 Each is a context manager yielding a :class:`~nbconn.lab.peers.Peer` with, besides its counters,
@@ -38,6 +42,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 from .. import validate
@@ -199,8 +204,8 @@ def server_context(pki: PKI, *, version: str | None = None, tickets: bool = True
 class _Server:
     """Per accepted connection, a thread that runs the server's handshake and then waits for the client."""
 
-    def __init__(self, ctx: ssl.SSLContext, peer: peers.Peer) -> None:
-        self.ctx, self.peer = ctx, peer
+    def __init__(self, ctx: ssl.SSLContext, peer: peers.Peer, http: bool = False, reset: bool = False) -> None:
+        self.ctx, self.peer, self.http, self.reset = ctx, peer, http, reset
         self.lock = threading.Lock()
         self.live: list[ssl.SSLSocket] = []
         self.threads: list[threading.Thread] = []
@@ -234,7 +239,15 @@ class _Server:
             if tls.session_reused:
                 peer.resumed += 1
             with contextlib.suppress(OSError, ValueError):
-                tls.recv(1)  # until the client closes (or sends): bounded by _IO_TIMEOUT_S
+                if self.reset:
+                    _read_request(tls)
+                    # SO_LINGER {1, 0}: close() sends RST (the request was read: nothing else makes one)
+                    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, peers.LINGER_RESET)
+                    return  # the finally below closes it, without SSL_shutdown
+                if self.http:
+                    _answer_http(tls)
+                else:
+                    tls.recv(1)  # until the client closes (or sends): bounded by _IO_TIMEOUT_S
             # SSL_shutdown before SSL_free, as a real server does: OpenSSL drops a session from the server's
             # cache when its connection is freed without one (ssl_clear_bad_session), and TLS 1.2 resumption
             # by session id would then never happen.  The client is usually gone: errors are expected.
@@ -255,6 +268,27 @@ class _Server:
                 tls.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv(); it then closes
         for thread in threads:
             thread.join(timeout=5)
+
+
+#: what an ``http=True`` peer answers every request with (an HTTP/1.0 request, as nginx's proxy sends by default)
+HTTP_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _read_request(tls: ssl.SSLSocket) -> bool:
+    """Read one request header (at most 64 KiB, each read bounded by _IO_TIMEOUT_S); False at end of file."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = tls.recv(4096)
+        if not chunk:
+            return False
+        data += chunk
+    return True
+
+
+def _answer_http(tls: ssl.SSLSocket) -> None:
+    """Read one request header and answer HTTP_ANSWER."""
+    if _read_request(tls):
+        tls.sendall(HTTP_ANSWER)
 
 
 class _TLSPeer(peers.Peer):
@@ -286,23 +320,29 @@ def _pki_for(pki: PKI | None):
 
 @contextlib.contextmanager
 def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: bool = True, pki: PKI | None = None,
-               unix: bool = False, _rogue: bool = False, _scenario: str = "tls_server"):
+               unix: bool = False, http: bool = False, reset: bool = False, _rogue: bool = False,
+               _scenario: str = "tls_server"):
     """A TLS server on loopback with the test CA's certificate (TLS 1.2 and 1.3, or only up to ``version``).
 
     ``tickets=False``: no session tickets (TLS 1.2 then resumes by session id).  ``pki``: certificates from
     :func:`test_pki` to share between peers (default: made for this peer, removed on exit).  ``unix=True``:
     listen on an AF_UNIX path in a private temporary directory instead (connect() then returns 0).
+    ``http=True``: after the handshake, read one HTTP request and answer ``200`` (:data:`HTTP_ANSWER`) -- a
+    peer nginx's ``proxy_pass https://`` gets a response from; without it the peer waits for the client to close.
+    ``reset=True``: after the handshake, read one request and close with SO_LINGER {1, 0} (an RST, no answer).
     """
     peers._check_loopback(host)
     if version is not None:
         validate.choice("version", version, tuple(TLS_VERSIONS))
     tickets = validate.flag("tickets", tickets)
     unix = validate.flag("unix", unix)
+    http = validate.flag("http", http)
+    reset = validate.flag("reset", reset)
     with _pki_for(pki) as pki, _listen(host, unix) as sock:
         ctx = server_context(pki, version=version, tickets=tickets, rogue=_rogue)
         target, port = peers._target_for(sock)
         peer = _tls_peer(target, _scenario, port, pki.cafile)
-        server = _Server(ctx, peer)
+        server = _Server(ctx, peer, http, reset)
         try:
             with peers._Acceptor(sock, peer, server.handle):
                 yield peer
@@ -310,15 +350,15 @@ def tls_server(host: str = "127.0.0.1", *, version: str | None = None, tickets: 
             server.close()
 
 
-def tls12_only(host: str = "127.0.0.1", *, tickets: bool = True, pki: PKI | None = None):
+def tls12_only(host: str = "127.0.0.1", *, tickets: bool = True, pki: PKI | None = None, http: bool = False):
     """A TLS server that speaks TLS 1.2 at most: a client that insists on TLS 1.3 gets a protocol_version alert."""
-    return tls_server(host, version="1.2", tickets=tickets, pki=pki, _scenario="tls12_only")
+    return tls_server(host, version="1.2", tickets=tickets, pki=pki, http=http, _scenario="tls12_only")
 
 
-def tls_untrusted(host: str = "127.0.0.1", *, pki: PKI | None = None):
+def tls_untrusted(host: str = "127.0.0.1", *, pki: PKI | None = None, http: bool = False):
     """A TLS server whose certificate was signed by a CA the client does not trust (``peer.cafile`` is the
     good test CA, which a client trusts: its verification then fails)."""
-    return tls_server(host, pki=pki, _rogue=True, _scenario="tls_untrusted")
+    return tls_server(host, pki=pki, http=http, _rogue=True, _scenario="tls_untrusted")
 
 
 @contextlib.contextmanager
@@ -351,3 +391,51 @@ def tls_silent(host: str = "127.0.0.1", *, pki: PKI | None = None, unix: bool = 
     with _pki_for(pki) as pki, peers.listening(host, hold=True) as plain:
         peer = _tls_peer(str(plain), "tls_silent", plain.port, pki.cafile)
         yield peer
+
+
+def _read_hello_then(answer: bytes, delay_s: float = 0.0):
+    """A handler for an accepted connection: read what the client sent first (its ClientHello; one read,
+    bounded by _IO_TIMEOUT_S), wait ``delay_s``, write ``answer`` if any, and close.  Everything sent was read,
+    so the close is a FIN, never an RST."""
+    def handle(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(_IO_TIMEOUT_S)
+            hello = conn.recv(65536)
+            if hello and delay_s:
+                time.sleep(delay_s)  # bounded: a peer's own parameter, at most 1 s
+            if hello and answer:
+                conn.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+    return handle
+
+
+#: what tls_plaintext answers a ClientHello with: a plain HTTP server's complaint
+PLAINTEXT_ANSWER = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@contextlib.contextmanager
+def _hello_peer(host: str, scenario: str, answer: bytes, delay_s: float = 0.0):
+    peers._check_loopback(host)
+    delay_s = validate.number("delay_s", delay_s, 0, 1.0)
+    with peers._listener(host, 4096) as sock:
+        target, port = peers._target_for(sock)
+        peer = peers.Peer(target, scenario, port=port)
+        with peers._Acceptor(sock, peer, _read_hello_then(answer, delay_s)):
+            yield peer
+
+
+def tls_hangup(host: str = "127.0.0.1"):
+    """Accepts, reads the ClientHello and closes (FIN) without a word: nginx's SSL_do_handshake() meets EOF with
+    no TLS alert and no OpenSSL error queued -- "peer closed connection in SSL handshake"."""
+    return _hello_peer(host, "tls_hangup", b"")
+
+
+def tls_plaintext(host: str = "127.0.0.1", *, delay_s: float = 0.0):
+    """A plain HTTP server where TLS was expected (``proxy_pass https://`` to an http port): it reads the
+    ClientHello and answers :data:`PLAINTEXT_ANSWER` -- not a TLS record: "SSL_do_handshake() failed (SSL: ...
+    wrong version number)".  ``delay_s`` (at most 1 s): wait that long before answering, so that the client's
+    first SSL_do_handshake() surely finds nothing to read and the failure comes on a later EPOLLIN."""
+    return _hello_peer(host, "tls_plaintext", PLAINTEXT_ANSWER, delay_s)
