@@ -26,9 +26,9 @@ MAX_CONCURRENCY = validate.MAX_CONCURRENCY
 # of handshakes that already completed and of timers that are due -- both land
 # directly on the handshake times nbconn reports and on how late a timer fires.
 #
-# The cyclic garbage collector is left alone: nbconn never pauses or freezes it (round 1 froze every
-# young object of the process, a caller's garbage included).  Measured with cachegrind once each step
-# was one flat tuple: pausing it during a run saved ~2% of the CPU instructions per connect.
+# The cyclic garbage collector is left alone: pausing or freezing it would touch the caller's objects
+# too (gc.freeze moves every young object of the process, its garbage included), and measured with
+# cachegrind, pausing it during a run saves only ~2% of the CPU instructions per connect.
 _START_BATCH = 16
 
 
