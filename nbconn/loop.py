@@ -87,7 +87,8 @@ class Loop:
     """epoll plus a timer heap.  Use as a context manager; ``close()`` closes the epoll fd."""
 
     def __init__(self, *, max_events: int = 512, nginx_clock: bool = False) -> None:
-        # 512 is nginx's default `worker_connections`-bound event list size.
+        # 512: nginx's default event list, `epoll_events 512` (ngx_epoll_init_conf, ngx_epoll_module.c);
+        # connect_many (and the panel, through it) keeps it, nbconn.connect asks for 8 (one socket).
         self.epoll = select.epoll()
         #: Keep nginx's clock (nginx-exact mode): epoll_wait's timeout and the expiry of timers are reckoned
         #: from the cached clock below, as ngx_event_find_timer and ngx_event_expire_timers reckon them from

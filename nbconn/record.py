@@ -34,6 +34,17 @@ RECIPES = {
     "syn-default": "the kernel's default SYN schedule (no TCP_SYNCNT, no app timer) until ETIMEDOUT",
 }
 
+#: The three links notebook 08 compares: dataset name -> measure.run("impaired", ...)'s arguments.  One home for
+#: them, label included, so that the notebook's live run and the recording it falls back to carry the same label.
+#: The same count and concurrency on each link, so that the notebook compares like with like.
+IMPAIRED_RUNS = {
+    "impaired-clean": {"label": "20 ms RTT", "count": 300, "concurrency": 20, "timeout": 5.0, "delay_ms": 10.0},
+    "impaired-jitter": {"label": "20 ms RTT, jitter +-2 ms", "count": 300, "concurrency": 20, "timeout": 5.0,
+                        "delay_ms": 10.0, "jitter_ms": 2.0, "seed": 1},
+    "impaired-loss": {"label": "20 ms RTT, 2% loss", "count": 300, "concurrency": 20, "timeout": 5.0,
+                      "delay_ms": 10.0, "loss": 0.02, "seed": 1},
+}
+
 
 def _make(name: str):
     from . import measure, synretry
@@ -49,16 +60,8 @@ def _make(name: str):
     if name == "impaired-scaling":
         return {"rows": measure.scaling("impaired", [1, 8, 64], count=64, label="20 ms RTT", delay_ms=10,
                                         linger=0)}
-    # The three links run with the same count and concurrency, so notebook 08 compares like with like.
-    if name == "impaired-clean":
-        return measure.run("impaired", count=300, concurrency=20, timeout=5.0, delay_ms=10.0,
-                           label="20 ms RTT").to_dict()
-    if name == "impaired-jitter":
-        return measure.run("impaired", count=300, concurrency=20, timeout=5.0, delay_ms=10.0, jitter_ms=2.0,
-                           seed=1, label="20 ms RTT, jitter +-2 ms").to_dict()
-    if name == "impaired-loss":
-        return measure.run("impaired", count=300, concurrency=20, timeout=5.0, delay_ms=10.0, loss=0.02,
-                           seed=1, label="20 ms RTT, 2% loss").to_dict()
+    if name in IMPAIRED_RUNS:
+        return measure.run("impaired", **IMPAIRED_RUNS[name]).to_dict()
     if name == "blackhole-syncnt":
         return {"sysctls": synretry.read_sysctls(), "config_hz": synretry.config_hz(),
                 "runs": synretry.measure(syncnts=(1, 2, 3), max_wait_s=40)}

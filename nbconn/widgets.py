@@ -822,7 +822,9 @@ def _trace_html(res) -> str:
             f"<div style='color:#666;font-size:90%;{TEXT}'>step: which of the five steps (notebook 00); times from "
             "just before socket(); <i>took</i>: how long the call itself ran (for epoll_wait: how long it waited; timer events take no time). "
             "The panel's epoll_wait wakes at least every 100 ms to see whether Stop was pressed, so its timeout reads 100 "
-            "or less; nginx's waits until its next timer</div>")
+            "or less; nginx's waits until its next timer. It asks for up to 512 events because the panel connects "
+            "through connect_many, whose loop keeps nginx's default event list (epoll_events 512, "
+            "ngx_epoll_init_conf); nbconn.connect, one socket, asks for 8</div>")
 
 
 def _check_shown_by_panel(settings: Settings) -> None:

@@ -111,7 +111,9 @@ def test_04_port_exhaustion_with_and_without_bind_address_no_port():
 def test_05_so_error_can_name_a_soft_error_before_anything_ended():
     c = cells("05")
     table = text_output(c["soft-error"])
-    if "ENETUNREACH" not in table:
+    if "connect() to 2001:db8::1:" not in table:  # the cell printed its reason instead of measuring
         pytest.skip("the stored run had no lab namespace or IPv6: " + table[:200])
-    assert re.search(r"\(nothing\),\s+SYN_SENT,\s+SO_ERROR ENETUNREACH", table), "a soft error while nothing was reported"
+    # Skipped only when nothing was measured: a run whose SO_ERROR said anything else fails here.
+    assert re.search(r"epoll_wait\(1\.5 s\):\s+\(nothing\),\s+SYN_SENT,\s+SO_ERROR ENETUNREACH,\s+read again at once: 0\b",
+                     table), "a soft error while nothing was reported, cleared by the read: " + table
     assert "sk_err_soft" in c["so-error-reading"].source
