@@ -105,7 +105,7 @@ from .errors import (CONNECTED, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_ERROR, NGX_
                      NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_OK, errno_name,
                      strerror)
 from .flow import DONE, Attempt, make_plan
-from .loop import Loop, event_names
+from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop, event_names
 from .result import Result
 from .settings import Settings, given
 from .strace import c_escape, format_ns
@@ -594,7 +594,7 @@ class TLSResult:
         lines = [self.connect.trace()]
         t0 = self.connect.started_ns
         for name, call, ret, t1, t2 in self._steps:
-            if name in ("timer", "timeout"):
+            if name in ("timer", "timeout", "handler"):
                 lines.append(f"{format_ns(t1 - t0):>10} {'(timer)' if name == 'timeout' else '':>11}  {call}")
             else:
                 text = call if ret is None else f"{call} = {ret}"
@@ -717,13 +717,14 @@ class Handshake:
     def _handshake(self) -> None:
         """One SSL_do_handshake() (ngx_ssl_handshake)."""
         result, record, tls = self.result, self._record, self.tls
+        name = "SSL_do_handshake()"
         t = _monotonic_ns()
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
-            return self._again(t, "SSL_ERROR_WANT_READ")
+            return self._again(t, "SSL_ERROR_WANT_READ", name)
         except ssl.SSLWantWriteError:
-            return self._again(t, "SSL_ERROR_WANT_WRITE")
+            return self._again(t, "SSL_ERROR_WANT_WRITE", name)
         except (ssl.SSLError, OSError) as exc:
             decided = _monotonic_ns()
             result.calls += 1
@@ -733,12 +734,12 @@ class Handshake:
                          "hostname": "SSL_ERROR_SSL (certificate verify failed: name)",
                          "closed": "SSL_ERROR_SYSCALL" if details.get("err") else "SSL_ERROR_SYSCALL (EOF)",
                          }.get(kind, f"SSL_ERROR_SSL ({details.get('reason') or exc})")
-                record(("ssl_handshake", "SSL_do_handshake()", f"-1 {shown}", t, decided))
+                record(("ssl_handshake", name, f"-1 {shown}", t, decided))
             return self._finish(kind, details, when=decided)
         decided = _monotonic_ns()
         result.calls += 1
         if record:
-            record(("ssl_handshake", "SSL_do_handshake()", 1, t, decided))
+            record(("ssl_handshake", name, 1, t, decided))
         result.version, result.cipher = tls.version(), (tls.cipher() or (None,))[0]
         result.resumed = tls.session_reused
         self._decided_ns = decided
@@ -770,13 +771,13 @@ class Handshake:
             self._save_session()
         self._finish("ok", {}, when=decided)
 
-    def _again(self, t: int, want: str) -> None:
+    def _again(self, t: int, want: str, name: str = "SSL_do_handshake()") -> None:
         """NGX_AGAIN: back to the loop; arm a fresh timer if the connect did not leave one (line 1733)."""
         returned = _monotonic_ns()
         self.result.calls += 1
         record = self._record
         if record:
-            record(("ssl_handshake", "SSL_do_handshake()", f"-1 {want}", t, returned))
+            record(("ssl_handshake", name, f"-1 {want}", t, returned))
         if self.timer is None:
             armed = self.loop.cached_msec * 1_000_000 if self.plan.nginx_exact else returned
             self.deadline_ns = armed + self.plan.timeout_ns
@@ -843,10 +844,25 @@ class Handshake:
             record(("epoll_wait", f"epoll_wait({loop.epoll_fd}, [{{events={event_names(events)}, "
                     f"data={{u32={self.fd}}}}}], {loop.max_events}, {loop.last_wait_ms})", 1,
                     loop.last_wait_started_ns, loop.last_wait_returned_ns))
-        if self.state is HANDSHAKING:
+        if self.state is READING_TICKET:
+            return self._read_ticket()
+        # ngx_epoll_process_events (ngx_epoll_module.c lines 862-930): EPOLLERR/EPOLLHUP add EPOLLIN and
+        # EPOLLOUT; then the read handler runs for EPOLLIN and the write handler for EPOLLOUT, one after the
+        # other.  After NGX_AGAIN both are ngx_ssl_handshake_handler (ngx_event_openssl.c lines 1803-1831), so
+        # a report with both events calls SSL_do_handshake() twice (the second usually finds WANT_READ again).
+        # Once the read handler's call has decided (= 1: ngx_http_upstream_ssl_handshake makes both handlers
+        # ngx_http_upstream_handler and sends the request; a failure closes the connection, c->fd = -1, and
+        # the write event is stale), the write handler is no longer the handshake's: no second call.
+        if events & (EPOLLERR | EPOLLHUP):
+            events |= EPOLLIN | EPOLLOUT
+        if events & EPOLLIN:
             self._handshake()
-        else:
-            self._read_ticket()
+            if events & EPOLLOUT and self.state is HANDSHAKING and record:
+                now = _monotonic_ns()
+                record(("handler", "EPOLLOUT too: the write handler, ngx_ssl_handshake_handler again", None, now,
+                        now))
+        if events & EPOLLOUT and self.state is HANDSHAKING:
+            self._handshake()
 
     def on_timer(self) -> None:
         self.timer = None
