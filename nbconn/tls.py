@@ -30,7 +30,12 @@ The steps, in nginx's order
    ``SSL_do_handshake()`` (ngx_event_openssl.c line 1733).  SSL_ERROR_WANT_READ / SSL_ERROR_WANT_WRITE
    return NGX_AGAIN to the event loop with ``ngx_ssl_handshake_handler`` on both events (lines 1803-1831):
    with edge-triggered epoll and the registration made before connect() nothing is re-registered, and any
-   event -- read or write -- calls SSL_do_handshake() again (a write event usually finds WANT_READ again).
+   event -- read or write -- calls SSL_do_handshake() again.  A report with both EPOLLIN and EPOLLOUT (the
+   usual one: the server's flight arrived, and the socket is writable) runs the read handler and then the
+   write handler (ngx_epoll_process_events, ngx_epoll_module.c lines 883-930): two calls, the second usually
+   finding WANT_READ again -- unless the first decided: SSL_do_handshake() = 1 makes both handlers
+   ngx_http_upstream_handler (ngx_http_upstream_ssl_handshake, lines 1796-1797) and a failure closes the
+   connection (the write event is then stale), so no second handshake call follows.
    Here: ``SSLSocket.do_handshake()`` on the non-blocking socket, ``SSLWantReadError`` /
    ``SSLWantWriteError`` back to :class:`nbconn.loop.Loop`; each call and each wait is a trace step.
 4. The timer.  After NGX_AGAIN, ``ngx_http_upstream_ssl_init_connection`` arms
@@ -78,7 +83,9 @@ The steps, in nginx's order
    it that long, and ``session_saved`` stays False).
 
 ``nginx_exact``: the connect makes exactly nginx's syscalls (:mod:`nbconn.flow`) and the timers keep nginx's
-cached clock; the TLS part then adds only CPython's calls named in step 2.  tests/test_tls.py compares the
+cached clock; the TLS part then adds only CPython's calls named in step 2, and ends where nginx would go on
+to ``ngx_http_upstream_send_request`` (getsockopt(SO_ERROR), then the request): there nbconn closes the
+socket, with a close_notify for a last try (nginx sends it only when it finalizes the request, later).  tests/test_tls.py compares the
 records written and read with a real nginx 1.22.1 worker's (success, untrusted certificate, timeout, version
 mismatch, session reuse).
 
@@ -913,12 +920,17 @@ class Handshake:
             # SSL_in_init): the last try is finalized with a close_notify sent and not waited for
             # (ngx_http_upstream_finalize_request, line 4502); a try followed by another peer closes quietly
             # (ngx_http_upstream_next, lines 4413-4416).
+            # This is nbconn ending its measurement, not nginx's next step: after SSL_do_handshake() = 1 nginx
+            # calls ngx_http_upstream_send_request (getsockopt(SO_ERROR), the request's write); the
+            # close_notify comes only when the request is finalized.  The trace says so.
             t = _monotonic_ns()
             ret = _OPENSSL.close_notify(ptr, send=self.last_try)
             if record:
-                what = "close_notify sent, not waited for (last try: finalize)" if self.last_try else \
-                    "quiet: nothing sent (next upstream)"
-                record(("ssl_shutdown", f"SSL_shutdown() [{what}]", ret, t, _monotonic_ns()))
+                what = ("close_notify sent, not waited for, as nginx's finalize would send it" if self.last_try
+                        else "quiet: nothing sent, as nginx's next upstream")
+                record(("ssl_shutdown", f"SSL_shutdown() [nbconn ends its measurement here; nginx would now send "
+                        f"the request (ngx_http_upstream_send_request: getsockopt(SO_ERROR), write); {what}]",
+                        ret, t, _monotonic_ns()))
         if loop.handler_of(fd) is self:
             if self.plan.nginx_exact:
                 loop.forget(fd)
