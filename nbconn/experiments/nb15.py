@@ -89,8 +89,16 @@ def timeline(result, packets, *, until_ns: int | None = None) -> str:
     after the TCP handshake are left out."""
     t0 = result.connect.started_ns
     rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e6:8.2f} ms  {s.call}") for s in result.connect.steps]
-    rows += [(t1, f"{(t2 - t0) / 1e6:8.2f} ms  {call}" + (f" = {ret}" if ret is not None else ""))
-             for _name, call, ret, t1, t2 in result._steps]
+    ended = False
+    for name, call, ret, t1, t2 in result._steps:
+        if until_ns is not None and t1 > until_ns and name in ("ssl_shutdown", "close", "unregister"):
+            # nbconn ending its measurement, not nginx's step: nginx sends the request next
+            if not ended:
+                rows.append((t1, f"{'':11}  (nbconn stops here; nginx goes on to ngx_http_upstream_send_request: "
+                                 "getsockopt(SO_ERROR), then the request's write)"))
+                ended = True
+            continue
+        rows.append((t1, f"{(t2 - t0) / 1e6:8.2f} ms  {call}" + (f" = {ret}" if ret is not None else "")))
     records: dict = {}
     for packet, record in tlsrecords.records_of(packets):
         records.setdefault(id(packet), []).append(record)
@@ -110,23 +118,53 @@ def timeline(result, packets, *, until_ns: int | None = None) -> str:
 
 def connects_of(lines: list[str], port: int) -> list[list[str]]:
     """From an ``strace -f`` of nginx: per connect() to ``port``, the worker's calls on that descriptor and
-    its epoll_waits, from connect() to close()."""
-    found, current, fd, pid = [], None, None, None
+    its epoll_waits, from connect() to close().  nginx registers the descriptor (EPOLL_CTL_ADD, before
+    connect()) with its connection's address as the epoll data (``ee.data.ptr``, ngx_epoll_add_connection),
+    and epoll_wait reports that data back: of each epoll_wait only this connection's events are kept (the
+    client's connection, for one, reports on the same loop), and a wait that reported only others' events is
+    left out.  Without the registration in the trace every epoll_wait line is kept."""
+    found, current, fd, pid, data = [], None, None, None, None
+    registered: dict = {}  # (pid, fd) -> the u64 of its last EPOLL_CTL_ADD
     for raw in lines:
         m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
         if not m:
             continue
         who, call = m.group(1), re.sub(r"\s+= ", " = ", m.group(2))
+        added = re.match(r"epoll_ctl\(\d+, EPOLL_CTL_ADD, (\d+), .*u64=(\d+)", call)
+        if added:
+            registered[(who, added.group(1))] = added.group(2)
         opened = re.match(rf"connect\((\d+), .*htons\({port}\)", call)
         if opened:
             current, fd, pid = [], opened.group(1), who
+            data = registered.get((who, fd))
             found.append(current)
-        if current is not None and who == pid and (re.match(rf"\w+\({fd}[,)]", call)
-                                                    or call.startswith("epoll_wait(")):
+        if current is None or who != pid:
+            continue
+        if call.startswith("epoll_wait("):
+            call = _events_of(call, data)
+            if call is not None:
+                current.append(call)
+        elif re.match(rf"\w+\({fd}[,)]", call):
             current.append(call)
             if call.startswith(f"close({fd})"):
                 current = None
     return found
+
+
+def _events_of(call: str, data: str | None) -> str | None:
+    """An epoll_wait line with only the events whose data is ``data`` (None: all); None when it reported
+    events and none of them were these.  A wait that reported nothing (the timer's) is kept."""
+    if data is None:
+        return call
+    m = re.match(r"(epoll_wait\(\d+, \[)(.*)(\], .*)$", call)
+    if not m or not m.group(2):
+        return call
+    entries = re.findall(r"\{events=[^{}]*\{[^{}]*\}\}", m.group(2))
+    mine = [e for e in entries if f"u64={data}}}" in e]
+    if not mine:
+        return None
+    rest = re.sub(r" = \d+", f" = {len(mine)}", m.group(3))
+    return m.group(1) + ", ".join(mine) + rest
 
 
 def record_io(calls: list[str]) -> list[str]:
