@@ -34,7 +34,7 @@ The steps, in nginx's order
    usual one: the server's flight arrived, and the socket is writable) runs the read handler and then the
    write handler (ngx_epoll_process_events, ngx_epoll_module.c lines 883-930): two calls, the second usually
    finding WANT_READ again -- unless the first decided: SSL_do_handshake() = 1 makes both handlers
-   ngx_http_upstream_handler (ngx_http_upstream_ssl_handshake, lines 1796-1797) and a failure closes the
+   ngx_http_upstream_handler (ngx_http_upstream_ssl_handshake, lines 1799-1802) and a failure closes the
    connection (the write event is then stale), so no second handshake call follows.
    Here: ``SSLSocket.do_handshake()`` on the non-blocking socket, ``SSLWantReadError`` /
    ``SSLWantWriteError`` back to :class:`nbconn.loop.Loop`; each call and each wait is a trace step.
