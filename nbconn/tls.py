@@ -30,7 +30,12 @@ The steps, in nginx's order
    ``SSL_do_handshake()`` (ngx_event_openssl.c line 1733).  SSL_ERROR_WANT_READ / SSL_ERROR_WANT_WRITE
    return NGX_AGAIN to the event loop with ``ngx_ssl_handshake_handler`` on both events (lines 1803-1831):
    with edge-triggered epoll and the registration made before connect() nothing is re-registered, and any
-   event -- read or write -- calls SSL_do_handshake() again (a write event usually finds WANT_READ again).
+   event -- read or write -- calls SSL_do_handshake() again.  A report with both EPOLLIN and EPOLLOUT (the
+   usual one: the server's flight arrived, and the socket is writable) runs the read handler and then the
+   write handler (ngx_epoll_process_events, ngx_epoll_module.c lines 883-930): two calls, the second usually
+   finding WANT_READ again -- unless the first decided: SSL_do_handshake() = 1 makes both handlers
+   ngx_http_upstream_handler (ngx_http_upstream_ssl_handshake, lines 1799-1802) and a failure closes the
+   connection (the write event is then stale), so no second handshake call follows.
    Here: ``SSLSocket.do_handshake()`` on the non-blocking socket, ``SSLWantReadError`` /
    ``SSLWantWriteError`` back to :class:`nbconn.loop.Loop`; each call and each wait is a trace step.
 4. The timer.  After NGX_AGAIN, ``ngx_http_upstream_ssl_init_connection`` arms
@@ -78,7 +83,9 @@ The steps, in nginx's order
    it that long, and ``session_saved`` stays False).
 
 ``nginx_exact``: the connect makes exactly nginx's syscalls (:mod:`nbconn.flow`) and the timers keep nginx's
-cached clock; the TLS part then adds only CPython's calls named in step 2.  tests/test_tls.py compares the
+cached clock; the TLS part then adds only CPython's calls named in step 2, and ends where nginx would go on
+to ``ngx_http_upstream_send_request`` (getsockopt(SO_ERROR), then the request): there nbconn closes the
+socket, with a close_notify for a last try (nginx sends it only when it finalizes the request, later).  tests/test_tls.py compares the
 records written and read with a real nginx 1.22.1 worker's (success, untrusted certificate, timeout, version
 mismatch, session reuse).
 
@@ -105,7 +112,7 @@ from .errors import (CONNECTED, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_ERROR, NGX_
                      NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_OK, errno_name,
                      strerror)
 from .flow import DONE, Attempt, make_plan
-from .loop import Loop, event_names
+from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop, event_names
 from .result import Result
 from .settings import Settings, given
 from .strace import c_escape, format_ns
@@ -594,7 +601,7 @@ class TLSResult:
         lines = [self.connect.trace()]
         t0 = self.connect.started_ns
         for name, call, ret, t1, t2 in self._steps:
-            if name in ("timer", "timeout"):
+            if name in ("timer", "timeout", "handler"):
                 lines.append(f"{format_ns(t1 - t0):>10} {'(timer)' if name == 'timeout' else '':>11}  {call}")
             else:
                 text = call if ret is None else f"{call} = {ret}"
@@ -717,13 +724,14 @@ class Handshake:
     def _handshake(self) -> None:
         """One SSL_do_handshake() (ngx_ssl_handshake)."""
         result, record, tls = self.result, self._record, self.tls
+        name = "SSL_do_handshake()"
         t = _monotonic_ns()
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
-            return self._again(t, "SSL_ERROR_WANT_READ")
+            return self._again(t, "SSL_ERROR_WANT_READ", name)
         except ssl.SSLWantWriteError:
-            return self._again(t, "SSL_ERROR_WANT_WRITE")
+            return self._again(t, "SSL_ERROR_WANT_WRITE", name)
         except (ssl.SSLError, OSError) as exc:
             decided = _monotonic_ns()
             result.calls += 1
@@ -733,12 +741,12 @@ class Handshake:
                          "hostname": "SSL_ERROR_SSL (certificate verify failed: name)",
                          "closed": "SSL_ERROR_SYSCALL" if details.get("err") else "SSL_ERROR_SYSCALL (EOF)",
                          }.get(kind, f"SSL_ERROR_SSL ({details.get('reason') or exc})")
-                record(("ssl_handshake", "SSL_do_handshake()", f"-1 {shown}", t, decided))
+                record(("ssl_handshake", name, f"-1 {shown}", t, decided))
             return self._finish(kind, details, when=decided)
         decided = _monotonic_ns()
         result.calls += 1
         if record:
-            record(("ssl_handshake", "SSL_do_handshake()", 1, t, decided))
+            record(("ssl_handshake", name, 1, t, decided))
         result.version, result.cipher = tls.version(), (tls.cipher() or (None,))[0]
         result.resumed = tls.session_reused
         self._decided_ns = decided
@@ -770,13 +778,13 @@ class Handshake:
             self._save_session()
         self._finish("ok", {}, when=decided)
 
-    def _again(self, t: int, want: str) -> None:
+    def _again(self, t: int, want: str, name: str = "SSL_do_handshake()") -> None:
         """NGX_AGAIN: back to the loop; arm a fresh timer if the connect did not leave one (line 1733)."""
         returned = _monotonic_ns()
         self.result.calls += 1
         record = self._record
         if record:
-            record(("ssl_handshake", "SSL_do_handshake()", f"-1 {want}", t, returned))
+            record(("ssl_handshake", name, f"-1 {want}", t, returned))
         if self.timer is None:
             armed = self.loop.cached_msec * 1_000_000 if self.plan.nginx_exact else returned
             self.deadline_ns = armed + self.plan.timeout_ns
@@ -843,10 +851,25 @@ class Handshake:
             record(("epoll_wait", f"epoll_wait({loop.epoll_fd}, [{{events={event_names(events)}, "
                     f"data={{u32={self.fd}}}}}], {loop.max_events}, {loop.last_wait_ms})", 1,
                     loop.last_wait_started_ns, loop.last_wait_returned_ns))
-        if self.state is HANDSHAKING:
+        if self.state is READING_TICKET:
+            return self._read_ticket()
+        # ngx_epoll_process_events (ngx_epoll_module.c lines 862-930): EPOLLERR/EPOLLHUP add EPOLLIN and
+        # EPOLLOUT; then the read handler runs for EPOLLIN and the write handler for EPOLLOUT, one after the
+        # other.  After NGX_AGAIN both are ngx_ssl_handshake_handler (ngx_event_openssl.c lines 1803-1831), so
+        # a report with both events calls SSL_do_handshake() twice (the second usually finds WANT_READ again).
+        # Once the read handler's call has decided (= 1: ngx_http_upstream_ssl_handshake makes both handlers
+        # ngx_http_upstream_handler and sends the request; a failure closes the connection, c->fd = -1, and
+        # the write event is stale), the write handler is no longer the handshake's: no second call.
+        if events & (EPOLLERR | EPOLLHUP):
+            events |= EPOLLIN | EPOLLOUT
+        if events & EPOLLIN:
             self._handshake()
-        else:
-            self._read_ticket()
+            if events & EPOLLOUT and self.state is HANDSHAKING and record:
+                now = _monotonic_ns()
+                record(("handler", "EPOLLOUT too: the write handler, ngx_ssl_handshake_handler again", None, now,
+                        now))
+        if events & EPOLLOUT and self.state is HANDSHAKING:
+            self._handshake()
 
     def on_timer(self) -> None:
         self.timer = None
@@ -897,12 +920,17 @@ class Handshake:
             # SSL_in_init): the last try is finalized with a close_notify sent and not waited for
             # (ngx_http_upstream_finalize_request, line 4502); a try followed by another peer closes quietly
             # (ngx_http_upstream_next, lines 4413-4416).
+            # This is nbconn ending its measurement, not nginx's next step: after SSL_do_handshake() = 1 nginx
+            # calls ngx_http_upstream_send_request (getsockopt(SO_ERROR), the request's write); the
+            # close_notify comes only when the request is finalized.  The trace says so.
             t = _monotonic_ns()
             ret = _OPENSSL.close_notify(ptr, send=self.last_try)
             if record:
-                what = "close_notify sent, not waited for (last try: finalize)" if self.last_try else \
-                    "quiet: nothing sent (next upstream)"
-                record(("ssl_shutdown", f"SSL_shutdown() [{what}]", ret, t, _monotonic_ns()))
+                what = ("close_notify sent, not waited for, as nginx's finalize would send it" if self.last_try
+                        else "quiet: nothing sent, as nginx's next upstream")
+                record(("ssl_shutdown", f"SSL_shutdown() [nbconn ends its measurement here; nginx would now send "
+                        f"the request (ngx_http_upstream_send_request: getsockopt(SO_ERROR), write); {what}]",
+                        ret, t, _monotonic_ns()))
         if loop.handler_of(fd) is self:
             if self.plan.nginx_exact:
                 loop.forget(fd)

@@ -11,6 +11,7 @@ from tests.conftest import wait_for
 # an nginx worker's strace -f (pid first), two connects to port 8443 and one to another port
 STRACE = [
     '101 socket(AF_INET, SOCK_STREAM, IPPROTO_IP) = 10',
+    '101 epoll_ctl(8, EPOLL_CTL_ADD, 10, {events=EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET, data={u32=1, u64=2}}) = 0',
     '101 connect(10, {sa_family=AF_INET, sin_port=htons(8443), sin_addr=inet_addr("127.0.0.1")}, 16) = -1 '
     'EINPROGRESS (Operation now in progress)',
     '101 epoll_wait(8, [{events=EPOLLOUT, data={u32=1, u64=2}}], 512, 1000) = 1',
@@ -18,6 +19,9 @@ STRACE = [
     '101 setsockopt(10, SOL_TCP, TCP_NODELAY, [1], 4) = 0',
     '101 write(10, "\\26\\3\\1\\0\\267\\1"..., 188) = 188',
     '101 read(10, 0x55f8e6af6d23, 16709) = -1 EAGAIN (Resource temporarily unavailable)',
+    '101 epoll_wait(8, [{events=EPOLLOUT, data={u32=3, u64=4}}], 512, 1000) = 1',  # the client connection's only
+    '101 epoll_wait(8, [{events=EPOLLOUT, data={u32=3, u64=4}}, {events=EPOLLIN|EPOLLOUT, data={u32=1, u64=2}}], '
+    '512, 1000) = 2',
     '102 write(10, "\\27\\3\\3", 3) = 3',  # another process's fd 10: not this connect's
     '101 read(10, "\\26\\3\\3\\0A\\2"..., 16709) = 141',
     '101 write(10, "\\24\\3\\3\\0\\1\\1"..., 51) = 51',
@@ -35,6 +39,15 @@ def test_connects_of_cuts_per_connect_and_process():
     assert first[0].startswith("connect(10") and first[-1] == "close(10) = 0"
     assert not any(c.startswith("write(10, \"\\27\\3\\3\", 3)") for c in first)  # pid 102's line left out
     assert len(second) == 2
+
+
+def test_connects_of_keeps_only_the_upstream_connections_events():
+    """One epoll_wait reports the client connection's EPOLLOUT (after its EPOLL_CTL_MOD) and the upstream's
+    EPOLLIN|EPOLLOUT: only the upstream's, known by the epoll data of its EPOLL_CTL_ADD, is this connect's."""
+    first, _ = nb15.connects_of(STRACE, 8443)
+    waits = [nb15.condensed(c) for c in first if c.startswith("epoll_wait(")]
+    assert waits == ["epoll_wait() -> EPOLLOUT", "epoll_wait() -> EPOLLIN|EPOLLOUT"], waits
+    assert not any("u64=4" in c for c in first)
 
 
 def test_record_io_names_records_and_stops_at_the_request():

@@ -155,6 +155,54 @@ def test_silent_peer_times_out_on_what_is_left_of_the_connect_timer(pki, no_fd_l
     assert [s["step"] for s in result.steps].count("timeout") == 1
 
 
+def test_a_report_with_epollin_and_epollout_calls_the_handshake_twice(no_fd_leak):
+    """ngx_epoll_process_events runs the read handler, then the write handler; after NGX_AGAIN both are
+    ngx_ssl_handshake_handler, so SSL_do_handshake() runs twice (a real nginx's strace: read() = -1 EAGAIN twice
+    per such wake-up).  The peer answers the ClientHello with only a record header (5 bytes of 69): the wake-up
+    reports EPOLLIN|EPOLLOUT, OpenSSL reads the 5 bytes and wants more, then the write handler's call finds
+    nothing either."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    done = threading.Event()
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            try:
+                conn.recv(4096)  # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x00\x40")  # a handshake record's header, promising 64 bytes
+            except OSError:
+                pass
+            done.wait(10)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        result = tls.connect_tls(f"127.0.0.1:{port}", tls.TLSClient(), timeout=0.5)
+    finally:
+        done.set()
+        thread.join(15)
+        listener.close()
+    assert result.outcome == tls.TLS_TIMED_OUT, result.trace()
+    steps = [(s["step"], s["call"], s["ret"]) for s in result.steps]
+    both = [i for i, (name, call, _ret) in enumerate(steps) if name == "epoll_wait" and "EPOLLIN|EPOLLOUT" in call]
+    assert both, result.trace()
+    after = steps[both[0] + 1:both[0] + 4]
+    assert [name for name, _c, _r in after] == ["ssl_handshake", "handler", "ssl_handshake"], result.trace()
+    assert after[0][2] == after[2][2] == "-1 SSL_ERROR_WANT_READ", result.trace()
+    assert result.calls == len([1 for name, _c, _r in steps if name == "ssl_handshake"])
+
+
 def test_connect_returning_0_gets_a_fresh_timer(pki, no_fd_leak):
     """AF_UNIX: connect() = 0 (NGX_OK) arms no timer; ngx_http_upstream_ssl_init_connection arms a fresh one
     after the first NGX_AGAIN, so the whole timeout is the handshake's."""
@@ -365,12 +413,13 @@ def test_cli_tls_bad_input_exits_2_in_one_line(args, match):
 _SYSCALLS = "socket,ioctl,epoll_ctl,connect,epoll_wait,getsockopt,setsockopt,read,write,writev,close"
 
 
-def _record_tokens(lines: list[str]) -> list[str]:
+def _record_tokens(lines: list[str], *, waits: bool = False) -> list[str]:
     """The handshake's record I/O on the upstream descriptor, after its getsockopt(SO_ERROR): each write() and
-    each read() that returned data, named by its first record's content type (22 handshake, 21 alert), up to
-    the request (its SSL_write(): a write of application data, 23) or the close().  Reads that found nothing
-    (EAGAIN) and the epoll_waits between are left out: how often the worker finds the socket empty depends on
-    how fast the peer answers."""
+    each read() that returned data, named by its first record's content type (22 handshake, 21 alert), up to the
+    request (its SSL_write(): a write of application data, 23) or the close().  ``waits``: also each read() that
+    found nothing ("read:EAGAIN": every SSL_do_handshake() that ends in WANT_READ makes one) and each
+    epoll_wait ("wait:EPOLLIN|EPOLLOUT"); left out by default because whether the peer's next flight is there
+    already when a read is made depends on timing (see :func:`_eagain_reads_per_wake`)."""
     import re
 
     tokens, started = [], False
@@ -382,6 +431,13 @@ def _record_tokens(lines: list[str]) -> list[str]:
             continue
         if line.startswith(("writev(", "close(")):
             break
+        if waits and line.startswith("read(") and "EAGAIN" in line:
+            tokens.append("read:EAGAIN")
+            continue
+        if waits and line.startswith("epoll_wait("):
+            events = re.search(r"events=([A-Z|]+)", line)
+            tokens.append(f"wait:{events.group(1) if events else 'timeout'}")
+            continue
         m = re.match(r'(read|write)\(\d+, "\\(\d+)', line)
         if m:
             token = f"{m.group(1)}:{int(m.group(2), 8)}"
@@ -389,6 +445,24 @@ def _record_tokens(lines: list[str]) -> list[str]:
                 break
             tokens.append(token)
     return tokens
+
+
+def _eagain_reads_per_wake(lines: list[str]) -> list[tuple[str, int]]:
+    """Per epoll_wait during the handshake whose SSL_do_handshake() calls ended wanting to read: its events
+    (EPOLLRDHUP left out) and how many read() = -1 EAGAIN ended it.  nginx runs the read handler for EPOLLIN
+    and then the write handler for EPOLLOUT (ngx_epoll_process_events), both ngx_ssl_handshake_handler after
+    NGX_AGAIN: two for "EPOLLIN|EPOLLOUT", one for a single event."""
+    found, events, trailing = [], None, 0
+    for token in _record_tokens(lines, waits=True) + ["wait:end"]:
+        if token.startswith("wait:"):
+            if events is not None and trailing:
+                found.append((events, trailing))
+            events, trailing = token[5:].replace("|EPOLLRDHUP", ""), 0
+        elif token == "read:EAGAIN":
+            trailing += 1
+        else:
+            trailing = 0
+    return found
 
 
 class _HTTPSNginx:
@@ -452,6 +526,10 @@ def test_handshake_matches_a_real_nginx(pki, case):
     ours = json.loads(done.stdout)
     theirs, mine = _record_tokens(nginx_calls), _record_tokens(ours_calls)
     assert theirs and mine, (nginx_calls, ours_calls)
+    # the reads that found nothing: as many per wake-up as nginx makes (two when EPOLLIN and EPOLLOUT came together)
+    for calls in (nginx_calls, ours_calls):
+        for events, eagains in _eagain_reads_per_wake(calls):
+            assert eagains == (2 if events == "EPOLLIN|EPOLLOUT" else 1), (events, eagains, calls)
     if case == "success":
         # nginx goes on to write the request; nbconn ends there with the close_notify of a finalized try
         assert mine[-1] == "write:21" and mine[:-1] == theirs, (theirs, mine)

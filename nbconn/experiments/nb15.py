@@ -89,8 +89,16 @@ def timeline(result, packets, *, until_ns: int | None = None) -> str:
     after the TCP handshake are left out."""
     t0 = result.connect.started_ns
     rows = [(s.t_start_ns, f"{(s.t_ns - t0) / 1e6:8.2f} ms  {s.call}") for s in result.connect.steps]
-    rows += [(t1, f"{(t2 - t0) / 1e6:8.2f} ms  {call}" + (f" = {ret}" if ret is not None else ""))
-             for _name, call, ret, t1, t2 in result._steps]
+    ended = False
+    for name, call, ret, t1, t2 in result._steps:
+        if until_ns is not None and t1 > until_ns and name in ("ssl_shutdown", "close", "unregister"):
+            # nbconn ending its measurement, not nginx's step: nginx sends the request next
+            if not ended:
+                rows.append((t1, f"{'':11}  (nbconn stops here; nginx goes on to ngx_http_upstream_send_request: "
+                                 "getsockopt(SO_ERROR), then the request's write)"))
+                ended = True
+            continue
+        rows.append((t1, f"{(t2 - t0) / 1e6:8.2f} ms  {call}" + (f" = {ret}" if ret is not None else "")))
     records: dict = {}
     for packet, record in tlsrecords.records_of(packets):
         records.setdefault(id(packet), []).append(record)
@@ -110,23 +118,53 @@ def timeline(result, packets, *, until_ns: int | None = None) -> str:
 
 def connects_of(lines: list[str], port: int) -> list[list[str]]:
     """From an ``strace -f`` of nginx: per connect() to ``port``, the worker's calls on that descriptor and
-    its epoll_waits, from connect() to close()."""
-    found, current, fd, pid = [], None, None, None
+    its epoll_waits, from connect() to close().  nginx registers the descriptor (EPOLL_CTL_ADD, before
+    connect()) with its connection's address as the epoll data (``ee.data.ptr``, ngx_epoll_add_connection),
+    and epoll_wait reports that data back: of each epoll_wait only this connection's events are kept (the
+    client's connection, for one, reports on the same loop), and a wait that reported only others' events is
+    left out.  Without the registration in the trace every epoll_wait line is kept."""
+    found, current, fd, pid, data = [], None, None, None, None
+    registered: dict = {}  # (pid, fd) -> the u64 of its last EPOLL_CTL_ADD
     for raw in lines:
         m = re.match(r"^(\d+)\s+(?:\d\d:\d\d:\d\d\.\d+\s+)?(.*)$", raw)
         if not m:
             continue
         who, call = m.group(1), re.sub(r"\s+= ", " = ", m.group(2))
+        added = re.match(r"epoll_ctl\(\d+, EPOLL_CTL_ADD, (\d+), .*u64=(\d+)", call)
+        if added:
+            registered[(who, added.group(1))] = added.group(2)
         opened = re.match(rf"connect\((\d+), .*htons\({port}\)", call)
         if opened:
             current, fd, pid = [], opened.group(1), who
+            data = registered.get((who, fd))
             found.append(current)
-        if current is not None and who == pid and (re.match(rf"\w+\({fd}[,)]", call)
-                                                    or call.startswith("epoll_wait(")):
+        if current is None or who != pid:
+            continue
+        if call.startswith("epoll_wait("):
+            call = _events_of(call, data)
+            if call is not None:
+                current.append(call)
+        elif re.match(rf"\w+\({fd}[,)]", call):
             current.append(call)
             if call.startswith(f"close({fd})"):
                 current = None
     return found
+
+
+def _events_of(call: str, data: str | None) -> str | None:
+    """An epoll_wait line with only the events whose data is ``data`` (None: all); None when it reported
+    events and none of them were these.  A wait that reported nothing (the timer's) is kept."""
+    if data is None:
+        return call
+    m = re.match(r"(epoll_wait\(\d+, \[)(.*)(\], .*)$", call)
+    if not m or not m.group(2):
+        return call
+    entries = re.findall(r"\{events=[^{}]*\{[^{}]*\}\}", m.group(2))
+    mine = [e for e in entries if f"u64={data}}}" in e]
+    if not mine:
+        return None
+    rest = re.sub(r" = \d+", f" = {len(mine)}", m.group(3))
+    return m.group(1) + ", ".join(mine) + rest
 
 
 def record_io(calls: list[str]) -> list[str]:
@@ -189,39 +227,44 @@ def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeou
                       strace=True, strace_syscalls=syscalls)
 
 
-def plot_cases(cases: dict, *, rtt_ms: float, title: str):
+def plot_cases(cases: dict, *, rtt_ms: float, title: str, width: float = 3.6):
     """One row per case: each connect's TCP handshake (connect() to SO_ERROR) and, for the TLS cases, connect()
-    to SSL_do_handshake() = 1 (ms), as points; bars at the medians; dashed lines at whole round trips."""
+    to SSL_do_handshake() = 1 (ms), as points; bars at the medians; dashed lines at whole round trips.
+    ``width`` (inches): narrow enough that a phone showing the book 390 px wide shows the whole figure (about
+    360 px at the inline backend's 100 dpi); each case is named above its row, the legend is under the axes."""
+    import textwrap
+
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.6 * len(cases)))
-    rng = np.random.default_rng(0)
     labels = list(cases)
+    fig, ax = plt.subplots(figsize=(width, 1.9 + 0.55 * len(cases)))
+    rng = np.random.default_rng(0)
     shown = set()
     for row, label in enumerate(labels):
         y = len(labels) - 1 - row
-        for key, color, name, dy in (("tcp_ms", "tab:blue", "TCP handshake: connect() to SO_ERROR", 0.12),
-                                     ("total_ms", "tab:orange", "+ TLS: connect() to SSL_do_handshake() = 1", -0.12)):
+        for key, color, name, dy in (("tcp_ms", "tab:blue", "TCP: connect() to SO_ERROR", 0.1),
+                                     ("total_ms", "tab:orange", "+ TLS: connect() to\nSSL_do_handshake() = 1",
+                                      -0.14)):
             values = np.array(cases[label].get(key) or [])
             if not len(values):
                 continue
-            ax.scatter(values, y + dy + rng.uniform(-0.07, 0.07, len(values)), s=10, color=color,
+            ax.scatter(values, y + dy + rng.uniform(-0.05, 0.05, len(values)), s=7, color=color,
                        label=None if name in shown else name)
             shown.add(name)
-            ax.plot([np.median(values)] * 2, [y + dy - 0.17, y + dy + 0.17], color="black", lw=1.5)
+            ax.plot([np.median(values)] * 2, [y + dy - 0.13, y + dy + 0.13], color="black", lw=1.3)
+        ax.text(0.01, y + 0.3, label, transform=ax.get_yaxis_transform(), fontsize=7.5, va="center", ha="left")
     top = max(max(c.get("total_ms") or c["tcp_ms"]) for c in cases.values())
     rounds = int(top // rtt_ms) + 1 if rtt_ms > 0 else 0  # no delay (the fallback): no round-trip lines
     for k in range(1, rounds + 1):
         ax.axvline(k * rtt_ms, color="grey", ls="--", lw=0.8)
-        ax.text(k * rtt_ms + 0.01 * rtt_ms * (rounds + 0.3), len(labels) - 0.4, f"{k} RTT", fontsize=8,
-                color="grey", va="center", ha="left")
-    ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels(list(reversed(labels)))
-    ax.set_ylim(-0.6, len(labels) - 0.15)
-    ax.set_xlabel("ms since connect() was called (black bars: medians)")
-    ax.set_xlim(0, (rounds + 0.3) * rtt_ms if rounds else top * 1.1)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
-    ax.set_title(title, fontsize=10)
+        ax.text(k * rtt_ms, len(labels) - 0.45, f" {k} RTT", fontsize=7, color="grey", va="bottom", ha="left")
+    ax.set_yticks([])
+    ax.set_ylim(-0.5, len(labels) - 0.2)
+    ax.set_xlabel("ms since connect() (black bars: medians)", fontsize=8)
+    ax.tick_params(labelsize=7.5)
+    ax.set_xlim(0, (rounds + 0.45) * rtt_ms if rounds else top * 1.1)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, fontsize=7.5, frameon=False)
+    ax.set_title(textwrap.fill(title, 44), fontsize=8.5)
     fig.tight_layout()
     return fig

@@ -380,7 +380,9 @@ def tls_silent(host: str = "127.0.0.1", *, pki: PKI | None = None, unix: bool = 
 
     The TCP handshake completes (the kernel does it), so nginx's connect succeeds and its SSL handshake
     waits for a ServerHello that never comes: only the connect timer ends it.  ``unix=True``: an AF_UNIX
-    listener that never accepts (connect() returns 0 while its backlog has room, 64 here).
+    listener that never accepts: connect() returns 0 while the accept queue has room -- backlog + 1
+    connections, 65 here, since the kernel refuses only when the queue is already *longer* than the backlog
+    (net/unix/af_unix.c, unix_recvq_full_lockless; measured on Linux 6.18: listen(4) admitted 5).
     """
     unix = validate.flag("unix", unix)
     if unix:
