@@ -6,16 +6,23 @@
   function linkFigures() {
     document.querySelectorAll(".cell_output img").forEach(function (img) {
       if (img.closest("a")) return;
+      var hint = document.createElement("div");
+      hint.className = "nbconn-scroll-hint";
+      hint.textContent = "\u2194 wider than the screen: scroll it sideways, or tap it to open it full size";
       var show = function () {
         img.style.setProperty("--nbconn-natural-width", img.naturalWidth + "px");
+        // the hint only where the figure does not fit its column (CSS shows it on a narrow screen only)
+        var column = link.parentNode;
+        if (column && img.naturalWidth > column.clientWidth + 8) hint.classList.add("nbconn-wide");
       };
-      if (img.complete) show(); else img.addEventListener("load", show);
       var link = document.createElement("a");
       link.href = img.getAttribute("src");
       link.className = "nbconn-figure";
       link.title = "open the figure full size";
       img.parentNode.insertBefore(link, img);
       link.appendChild(img);
+      link.parentNode.insertBefore(hint, link.nextSibling);
+      if (img.complete) show(); else img.addEventListener("load", show);
     });
   }
   // 2. Mermaid follows the theme: when the reader switches light/dark, each diagram is drawn again from its
