@@ -142,7 +142,7 @@ NGX_CONNECTION_ERROR_ERR_ERRNOS = frozenset({
 #: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), AF_UNIX paths (ENOENT, ENOTDIR,
 #: ELOOP, ENAMETOOLONG) and memory (ENOBUFS, ENOMEM), and ECONNRESET, which nginx's level table names: for TCP
 #: it is no reply to the handshake -- a reply is processed in release_sock after connect() chose EINPROGRESS,
-#: and an RST in SYN-SENT is ECONNREFUSED (net/ipv4/tcp_input.c tcp_reset) -- so nbconn.why says so.
+#: and an RST in SYN-SENT is ECONNREFUSED (net/ipv4/tcp_input.c tcp_reset) -- so nbconn.nginx.why says so.
 CONNECT_ERRNOS = tuple(sorted({
     _errno.EACCES, _errno.EPERM, _errno.EADDRINUSE, _errno.EADDRNOTAVAIL, _errno.EAFNOSUPPORT, _errno.EAGAIN,
     _errno.EALREADY, _errno.EBADF, _errno.ECONNREFUSED, _errno.EFAULT, _errno.EINTR, _errno.EISCONN,

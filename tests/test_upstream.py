@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nbconn import lab
-from nbconn.upstream import Peer, Upstream, run_requests
+from nbconn.nginx.upstream import Peer, Upstream, run_requests
 
 
 class Clock:
@@ -244,7 +244,7 @@ def test_cli_help_lists_down_and_http_mode_sees_the_reset():
 # -- keepalive: ngx_http_upstream_keepalive_module ------------------------------------------------------
 
 def test_keepalive_cache_is_lru_over_all_peers_without_io():
-    from nbconn.upstream import KeptConnection
+    from nbconn.nginx.upstream import KeptConnection
 
     up = Upstream(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], clock=Clock(), keepalive=2)
     assert up.keepalive_get("127.0.0.1:1") is None
@@ -271,7 +271,7 @@ def test_reused_connection_that_fails_gives_its_try_back():
 
 
 def test_cli_keepalive_reused_attempts_make_no_connect():
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     from .conftest import require_tool
 
@@ -293,7 +293,7 @@ def test_cli_keepalive_reused_attempts_make_no_connect():
 def test_http_peer_leaves_no_thread_or_socket():
     import threading
 
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     before = threading.active_count()
     with HttpPeer() as peer:
@@ -420,7 +420,7 @@ def test_proxy_bind_towards_an_af_unix_peer_is_einval():
 
 def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none():
     """What nginx 1.22.1 answered with worker_connections 4, keepalive 2 and peers [closes, keeps]: 200 200 500 200."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     with lab.listening(http=True) as closes, HttpPeer() as keeps:
         with Upstream([str(closes), str(keeps)], keepalive=2, worker_connections=4) as up:
@@ -430,7 +430,7 @@ def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none
     assert reqs[2].upstream_addr == "" and reqs[3].attempts[0].reused
 
 
-@pytest.mark.parametrize("pair", sorted(__import__("nbconn.upstream").upstream.BIND_FAMILY_ERRNO))
+@pytest.mark.parametrize("pair", sorted(__import__("nbconn.nginx.upstream").nginx.upstream.BIND_FAMILY_ERRNO))
 def test_bind_family_errnos_are_the_kernels(pair):
     """The table the model answers proxy_bind-towards-another-family with, checked against this kernel: bind() of
     the other family's sockaddr (nginx's length for it) on the peer's kind of socket."""
@@ -438,7 +438,7 @@ def test_bind_family_errnos_are_the_kernels(pair):
     import socket
     import struct
 
-    from nbconn.upstream import BIND_FAMILY_ERRNO
+    from nbconn.nginx.upstream import BIND_FAMILY_ERRNO
 
     sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 0) + socket.inet_aton("127.0.0.1") + bytes(8)
     sin6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 0) + bytes(4)
@@ -464,7 +464,7 @@ def test_stale_epollout_after_two_handouts_of_a_slot_waits_send_timeout(first):
     """nginx 1.22.1's one-bit stale-event check (run_request's docstring), found by the oracle: a failure judged in
     a read handler, then a connect() failing at once (a missing AF_UNIX path), then a pending connect (a black
     hole): the old event's EPOLLOUT runs the new connection's write handler, and nginx waits proxy_send_timeout."""
-    from nbconn.oracle import status_peer
+    from nbconn.nginx.oracle import status_peer
 
     maker = lab.refused if first == "refused" else (lambda: status_peer(502))
     with maker() as bad, lab.unix_missing() as missing, lab.blackhole() as hole:

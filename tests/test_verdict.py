@@ -104,7 +104,7 @@ def test_success_before_connect_goes_on(stage):
 
 
 def test_outcome_colours_cover_every_outcome():
-    from nbconn import plots
+    from nbconn.view import plots
 
     assert set(plots.OUTCOME_COLOURS) == set(errors.OUTCOMES)
 

@@ -37,13 +37,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import validate
-from .flow import Attempt, plans_by_family
-from .loop import Loop
-from .result import Result
-from .settings import Settings, given
-from .strace import c_escape
-from .targets import Target, parse_target
+from .. import validate
+from ..flow import Attempt, plans_by_family
+from ..loop import Loop
+from ..result import Result
+from ..settings import Settings, given
+from ..strace import c_escape
+from ..targets import Target, parse_target
 
 _monotonic_ns = time.monotonic_ns
 
@@ -330,7 +330,7 @@ def lab_name(*, http: bool = False, tries: int = 20):
     SYN to it, as a path that has gone away does.  Both are loopback; everything is
     closed on exit.
     """
-    from .lab import peers
+    from ..lab import peers
 
     first_host = "::1" if _ipv6_loopback_works() else "127.0.0.2"
     family = socket.AF_INET6 if first_host == "::1" else socket.AF_INET
@@ -367,7 +367,7 @@ def plot_races(*races: Race, title: str | None = None):
     """Each race's attempts as bars from start to decision, coloured by outcome: one panel per race."""
     from matplotlib.figure import Figure
 
-    from .plots import OUTCOME_COLOURS
+    from ..view.plots import OUTCOME_COLOURS
 
     fig = Figure(figsize=(9.0, 1.2 + 0.9 * sum(max(len(r.attempts), 1) for r in races)), layout="constrained")
     axes = fig.subplots(len(races), 1, sharex=True, squeeze=False)[:, 0]
@@ -400,7 +400,7 @@ def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: s
     """
     from matplotlib.figure import Figure
 
-    from .stats import percentiles
+    from ..stats import percentiles
 
     fig = Figure(figsize=(9.0, 1.0 + 0.7 * len(samples)), layout="constrained")
     ax = fig.subplots()

@@ -51,7 +51,7 @@ This module is that machinery, read from nginx's
   ``$upstream_addr`` (``u->state->peer`` is set only after that check).
 * **proxy_pass https://** (``run_request(tls=TLSClient)``): a connect that succeeds is followed by the TLS
   handshake on the connect's timer; a failed handshake is next-upstream FT_ERROR, its timer FT_TIMEOUT, and both
-  count against ``max_fails`` (``ngx_http_upstream_ssl_handshake``; the verdicts are :mod:`nbconn.tls`'s).
+  count against ``max_fails`` (``ngx_http_upstream_ssl_handshake``; the verdicts are :mod:`nbconn.nginx.tls`'s).
 
 The state machine (:class:`Upstream`, :class:`Request`) does no I/O and takes
 its clock as a parameter, so tests can step time by hand (the h11 way).
@@ -64,9 +64,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import validate
-from .targets import parse_target
-from .validate import shown
+from .. import validate
+from ..targets import parse_target
+from ..validate import shown
 
 #: proxy_next_upstream's default in nginx 1.22.1 ("error timeout", ngx_http_proxy_merge_loc_conf).
 NEXT_UPSTREAM_KINDS = ("error", "timeout")
@@ -211,7 +211,7 @@ class Upstream:
                  keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0, name: str = "backend",
                  worker_connections: int = 0, other_connections: int = 3) -> None:
         # worker_connections: the events block's limit (0: none, the model's default).  ngx_get_connection takes
-        # every connection from one pool per worker: besides the upstream's, nbconn.nginx's worker holds
+        # every connection from one pool per worker: besides the upstream's, nbconn.nginx.runner's worker holds
         # other_connections -- its listening socket, its channel to the master and the client's connection --
         # and the idle keepalive connections in the cache (measured with nginx 1.22.1: worker_connections 3
         # answers every request 500, 4 with one cached connection answers 500 when a new one is needed).
@@ -384,7 +384,7 @@ CONNECTING = "connecting to upstream"
 SENDING = "sending request to upstream"
 READING = "reading response header from upstream"
 #: ... and for ``proxy_pass https://``, between the connect and the request (ngx_http_upstream_ssl_init_connection,
-#: line 1727); equal to nbconn.tls.ACTION, which writes it into the handshake's lines (tests/test_upstream_tls.py)
+#: line 1727); equal to nbconn.nginx.tls.ACTION, which writes it into the handshake's lines (tests/test_upstream_tls.py)
 SSL_HANDSHAKING = "SSL handshaking to upstream"
 
 
@@ -628,7 +628,7 @@ def _exchange_tls(sock, read_timeout: float, *, keepalive: bool = False) -> tupl
     OpenSSL's error queue -- a reset, measured: SO_ERROR 104, yet nginx logs no SSL_read() line -- is taken by
     ngx_ssl_handle_recv for a clean shutdown ("peer shutdown SSL cleanly", NGX_DONE): nginx then says "upstream
     prematurely closed connection"; only an OpenSSL error (a bad record, an alert) is "SSL_read() failed (SSL:
-    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.tls's table)."""
+    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.nginx.tls's table)."""
     import os
     import socket
     import ssl
@@ -767,10 +767,10 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     peer or a peer of the other IP family (22: EINVAL, 97: EAFNOSUPPORT; :data:`BIND_FAMILY_ERRNO`) -- ends the
     request with 500 (:meth:`Request.report_ngx_error`).
 
-    ``tls``: an :class:`nbconn.tls.TLSClient` -- ``proxy_pass https://`` with its ``proxy_ssl_*`` settings (verify
+    ``tls``: an :class:`nbconn.nginx.tls.TLSClient` -- ``proxy_pass https://`` with its ``proxy_ssl_*`` settings (verify
     and its CA, the name, protocols, session reuse).  After a connect that succeeds, the TLS handshake runs on the
-    same socket and loop (:func:`nbconn.tls.connect_tls`), and only a completed one goes on to the request.  Its
-    verdict is nbconn.tls's table (:func:`nbconn.tls.handshake_verdict`), and the model does with it what
+    same socket and loop (:func:`nbconn.nginx.tls.connect_tls`), and only a completed one goes on to the request.  Its
+    verdict is nbconn.nginx.tls's table (:func:`nbconn.nginx.tls.handshake_verdict`), and the model does with it what
     ngx_http_upstream_ssl_handshake does (ngx_http_upstream.c 1.22.1, lines 1771-1815): a failure -- an
     SSL_do_handshake() error, the peer closing, "upstream SSL certificate verify error" or "does not match" --
     is ``ngx_http_upstream_next(NGX_HTTP_UPSTREAM_FT_ERROR)``, the timer (``c->write->timedout``, line 1807)
@@ -803,12 +803,12 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     line 2076): a peer that answers the SYN late -- over a link with real delay -- with an RST would show up as
     a recv() failure, not "connect() failed"; the model, on loopback, does not meet that case.
     """
-    from .api import connect
-    from .errors import CONNECTED, errno_number, verdict
+    from ..api import connect
+    from ..errors import CONNECTED, errno_number, verdict
     from .tls import TLSClient, connect_tls, handshake_verdict
 
     if tls is not None and not isinstance(tls, TLSClient):
-        raise TypeError(f"tls must be an nbconn.tls.TLSClient (proxy_pass https://), got {shown(tls)}")
+        raise TypeError(f"tls must be an nbconn.nginx.tls.TLSClient (proxy_pass https://), got {shown(tls)}")
 
     validate.flag("http", http)
     send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)

@@ -17,7 +17,7 @@ Pure (h11's style): no sockets, no files, no clock.  Where the facts live:
 * the verdict -- stage, errno -> outcome, NGX code, next-upstream kind, level, log
   text -- is :func:`nbconn.errors.verdict`, asked here, never restated;
 * whether a failure moves the request on to another peer and counts against
-  ``max_fails`` is asked of the upstream model, :mod:`nbconn.upstream` (a two-server
+  ``max_fails`` is asked of the upstream model, :mod:`nbconn.nginx.upstream` (a two-server
   and a one-server upstream, stepped by hand, see :func:`_model`);
 * the facts neither holds -- the lines that are not a connect step (``no live
   upstreams``, ``upstream server temporarily disabled``, ``worker_connections are not
@@ -36,7 +36,7 @@ import errno as _errno
 import re
 from collections import namedtuple
 
-from . import errors
+from .. import errors
 
 # -- the steps, in the words of the issue (and notebook 00's five steps) ---------------------------------------
 STEP_PICK = "picking a peer (the round robin, before any syscall)"
@@ -252,7 +252,7 @@ _AFTER_CONNECT_TIMEOUTS = {"sending request to upstream": "timeout_send",
                            "reading response header from upstream": "timeout_header",
                            "SSL handshaking to upstream": "tls_timeout"}
 
-# -- the TLS handshake's lines: their verdicts are nbconn.tls.handshake_verdict's (asked in decode_line) ----------
+# -- the TLS handshake's lines: their verdicts are nbconn.nginx.tls.handshake_verdict's (asked in decode_line) ----------
 _TLS_NEXT = ("proxy_next_upstream", "proxy_next_upstream_tries", "max_fails", "fail_timeout")
 #: kind -> the handshake_verdict kind that gives its level, NGX code, next-upstream kind and outcome
 _TLS_VERDICT_KIND = {"tls_ssl": "ssl", "tls_closed": "closed", "tls_verify": "verify", "tls_name": "hostname",
@@ -430,7 +430,7 @@ _KERNEL = {
     ("writev", _errno.ECONNRESET, None): "the upstream reset the connection when nginx wrote the request",
 }
 
-# -- the next-peer and max_fails answers, asked of nbconn.upstream -----------------------------------------------
+# -- the next-peer and max_fails answers, asked of nbconn.nginx.upstream -----------------------------------------------
 _model_cache: dict = {}
 
 
@@ -645,7 +645,7 @@ def _tls_reason(detail: str | None) -> str | None:
 
 
 def _tls_verdict(kind: str, found: dict, err: int | None):
-    """nbconn.tls.handshake_verdict for a TLS line: the one table of what nginx makes of a handshake's end."""
+    """nbconn.nginx.tls.handshake_verdict for a TLS line: the one table of what nginx makes of a handshake's end."""
     from .tls import handshake_verdict
 
     which = _TLS_VERDICT_KIND[kind]

@@ -5,17 +5,17 @@ Every function builds a fresh ``matplotlib.figure.Figure`` with the object API
 nothing leaks between cells), puts units on its axes, and returns the Figure.
 matplotlib is imported here only, so ``import nbconn`` stays light.
 
-Inputs are :class:`nbconn.measure.Measurement` objects (one, or a list to
+Inputs are :class:`nbconn.experiments.measure.Measurement` objects (one, or a list to
 overlay), :class:`nbconn.result.Result` objects (the timeline, the Gantt
-chart), or the SYN-retransmission records of :mod:`nbconn.synretry`.
+chart), or the SYN-retransmission records of :mod:`nbconn.experiments.synretry`.
 """
 
 from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from . import errors
-from .stats import percentile  # nbconn's one percentile rule (nearest rank)
+from .. import errors
+from ..stats import percentile  # nbconn's one percentile rule (nearest rank)
 
 # -- the palette: the one home of every colour that means something (the widgets import it from here) --------
 
@@ -374,7 +374,7 @@ def timer_lateness(runs, *, title: str | None = None) -> Figure:
 def scaling(rows, *, ideal_rtt_ms: dict | None = None, title: str | None = None) -> Figure:
     """Throughput (left) and handshake p50/p99 (right) against concurrency, one line per label.
 
-    ``rows`` as returned by :func:`nbconn.measure.scaling` (several runs may be
+    ``rows`` as returned by :func:`nbconn.experiments.measure.scaling` (several runs may be
     concatenated).  ``ideal_rtt_ms``: ``{label: RTT}`` draws, for that label, the
     ideal throughput of a loop that keeps C connects in flight over that round trip,
     C / RTT (dashed).  The legend sits below the plots, where it hides no curve.
@@ -438,7 +438,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
 
 
 def accept_queue(b: dict, *, title: str | None = None) -> Figure:
-    """A burst against a small accept queue (:func:`nbconn.acceptq.burst`), both ends on one clock.
+    """A burst against a small accept queue (:func:`nbconn.experiments.acceptq.burst`), both ends on one clock.
 
     Three running counts over time: connects the *client* calls connected, connections
     the *server*'s accept() returned, and requests whose answer's first byte arrived.
