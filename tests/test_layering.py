@@ -1,9 +1,9 @@
 """The layering of README.md's ARCHITECTURE section, enforced from the import graph.
 
 Every ``import`` of an nbconn module anywhere in nbconn/ -- at module level and inside functions alike, read
-with ``ast`` -- may only go to the same layer or one below.  A new module must be given a layer here (the test
-names it).  Where today's code still goes up a layer, the import is listed in :data:`EXCEPTIONS`, each with
-the issue that will move it; an exception that no longer happens fails too, so the list only shrinks.
+with ``ast`` -- may only go to the same layer or one below, with no exception.  A module's layer is its package's
+(nbconn/lab/, nginx/, experiments/, view/, cli/); the core's modules sit flat in nbconn/ and are listed here, so a
+new flat module must be placed (the test names it).
 """
 
 from __future__ import annotations
@@ -28,12 +28,6 @@ PACKAGE_LAYER = {
     "experiments": "experiments",  # what the notebooks run with the instruments
     "view": "view",  # figures and the widget panel
     "cli": "cli", "__main__": "cli",  # the command line: nothing else imports it
-}
-
-#: (importer, imported) -> why it is still allowed, with the issue that removes it
-EXCEPTIONS = {
-    # notebook 12 calls eyeballs.plot_races; the figure moves to the view in the layout move (issue 20)
-    ("experiments.eyeballs", "view.plots"): "issue 20",
 }
 
 #: what core modules must not import at all (the core runs anywhere: no figures, no processes)
@@ -91,20 +85,16 @@ def test_every_module_has_a_layer():
 
 def test_no_import_goes_up_a_layer():
     modules = _modules()
-    up, seen_exceptions = [], set()
+    up = []
     for module, path in sorted(modules.items()):
         mine = LAYERS.index(_layer(module) or "core")
         for imported, line in _imports(module, path, modules):
             theirs = _layer(imported)
             if theirs is None or LAYERS.index(theirs) <= mine:
                 continue
-            if (module, imported) in EXCEPTIONS:
-                seen_exceptions.add((module, imported))
-                continue
             up.append(f"nbconn/{os.path.relpath(path, os.path.join(ROOT, 'nbconn'))}:{line}: "
                       f"{module or 'nbconn'} ({_layer(module)}) imports {imported} ({theirs})")
     assert up == [], "\n".join(up)
-    assert set(EXCEPTIONS) - seen_exceptions == set(), "exceptions that no longer happen: remove them"
 
 
 def test_core_imports_no_figures_and_starts_no_processes():
@@ -129,3 +119,4 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     assert found == [("view.plots", 2), ("view.widgets", 3)]
     assert [_layer(m) for m, _ in found] == ["view", "view"] and _layer("lab.wire.link") == "lab"
     assert _layer("upstream") is None and _layer("nginx.upstream") == "nginx"
+
