@@ -396,9 +396,9 @@ def test_config_checks_every_setting_again_when_written(name, value):
 
 
 def test_a_peer_object_changed_after_construction_does_not_reach_the_config():
-    from nbconn.nginx.upstream import Peer
+    from nbconn.nginx.upstream import Server
 
-    peer = Peer("127.0.0.1:1")
+    peer = Server("127.0.0.1:1")
     ng = runner.Nginx([peer])
     peer.address = INJECTION
     assert "autoindex" not in ng.config()

@@ -67,7 +67,7 @@ def test_handshake_failures_walk_on_and_count_as_failures(pki, no_fd_leak):
     assert first.result == "200" and first.upstream_addr == f"{silent}, {rogue}, {good}"
     assert first.log == [_WARN, _TIMED_OUT, _UNTRUSTED, _WARN]
     assert [a.failure for a in first.attempts] == ["timeout", "error", None]
-    assert [a.stage for a in first.attempts[:2]] == [upstream.SSL_HANDSHAKING] * 2
+    assert [a.action for a in first.attempts[:2]] == [upstream.SSL_HANDSHAKING] * 2
     # the connect timer covered connect and handshake: the silent try took at least proxy_connect_timeout
     assert first.attempts[0].connect_ms >= TIMEOUT * 1000
     assert fails == [1, 1, 0]
@@ -248,7 +248,7 @@ def test_cli_upstream_tls_walks_past_handshake_failures(pki):
     assert done.returncode == 0, done.stderr
     first, second = json.loads(done.stdout)["requests"]
     assert first["result"] == "200" and first["log"] == [_WARN, _TIMED_OUT, _UNTRUSTED, _WARN]
-    assert [a["stage"] for a in first["attempts"][:2]] == [upstream.SSL_HANDSHAKING] * 2
+    assert [a["action"] for a in first["attempts"][:2]] == [upstream.SSL_HANDSHAKING] * 2
     assert second["upstream_addr"] == str(good) and second["log"] == []
 
 

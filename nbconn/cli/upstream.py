@@ -77,7 +77,7 @@ def add(subparsers) -> None:
 
 def run(args) -> int:
     from ..settings import check_timeout
-    from ..nginx.upstream import Peer, Upstream, run_requests
+    from ..nginx.upstream import Server, Upstream, run_requests
 
     check_timeout(args.timeout)
     if not args.tls:
@@ -92,7 +92,7 @@ def run(args) -> int:
             ipaddress.ip_address(args.proxy_bind)
         except ValueError:
             raise ValueError(f"--proxy-bind {validate.shown(args.proxy_bind)} is not an IP address") from None
-    peers = [Peer.parse(spec) for spec in args.peer]
+    peers = [Server.parse(spec) for spec in args.peer]
     client = None
     if args.tls:
         from ..nginx.tls import TLSClient

@@ -330,7 +330,7 @@ def normalise(lines: list) -> list:
     """Error-log lines with the one race both sides share made equal: a peer that accepts and then resets (or
     closes) is seen by connect(), writev() or recv() -- whichever runs when the RST lands, on nginx's side and
     on the model's alike.  Each of those lines becomes "[error] (reset or close)", and the [warn] that follows
-    it loses its stage.  Everything else is compared as written."""
+    it loses its action (" while <log->action>").  Everything else is compared as written."""
     out, after_reset = [], False
     for line in lines:
         if _RESET_FAMILY.match(line):

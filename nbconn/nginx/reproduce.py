@@ -352,9 +352,9 @@ def _worker_connections_model() -> list:
     ngx_get_connection does and fails the upstream connect the same way (NGX_ERROR, 500, "[alert]").  No
     connect() is made: the count fails first, as in nginx, where socket() is the only call before it."""
     from ..lab import peers
-    from .upstream import Peer, Upstream, run_requests
+    from .upstream import Server, Upstream, run_requests
 
-    with peers.listening() as up, Upstream([Peer(str(up))], worker_connections=_NGINX_WORKER_CONNECTIONS,
+    with peers.listening() as up, Upstream([Server(str(up))], worker_connections=_NGINX_WORKER_CONNECTIONS,
                                            other_connections=_NGINX_WORKER_CONNECTIONS) as model:
         done = run_requests(model, 1, timeout=CONNECT_TIMEOUT_S)
     return [line for r in done for line in r.log]
@@ -388,14 +388,14 @@ def _produced(lines: list, cause: str) -> dict | None:
 
 
 def _run_model(setup: _Setup, http: bool) -> list:
-    from .upstream import Peer, Upstream, run_requests
+    from .upstream import Server, Upstream, run_requests
 
     client = None
     if setup.pki is not None:
         from .oracle import tls_client
 
         client = tls_client(setup.pki.cafile, setup.protocols)
-    with Upstream([Peer(t) for t in setup.targets]) as up:
+    with Upstream([Server(t) for t in setup.targets]) as up:
         using = setup.namespace.using() if setup.namespace is not None else contextlib.nullcontext()
         with using:
             done = run_requests(up, setup.requests, timeout=setup.timeout, http=http, read_timeout=2.0, tls=client)

@@ -39,7 +39,7 @@ import weakref
 from dataclasses import dataclass
 
 from .. import systools, validate
-from .upstream import Peer
+from .upstream import Server
 
 LOG_FORMAT = "$status|$upstream_addr|$upstream_connect_time|$upstream_status"
 #: The guard process that ties nginx's life to ours (run by path, as ``python -I -S``: it imports no nbconn).
@@ -237,20 +237,20 @@ def _checked(settings: dict) -> dict:
     return out
 
 
-def _peer_copy(p) -> Peer:
-    """A fresh, checked Peer: the caller's object (or a later change to it) cannot reach nginx.conf unchecked."""
+def _peer_copy(p) -> Server:
+    """A fresh, checked Server: the caller's object (or a later change to it) cannot reach nginx.conf unchecked."""
     if isinstance(p, str):
-        p = Peer.parse(p)
-    elif not isinstance(p, Peer):
-        raise TypeError(f"peer must be a str like '127.0.0.1:8080,weight=2' or a Peer, got {validate.shown(p)}")
-    peer = Peer(p.address, weight=p.weight, max_fails=p.max_fails, fail_timeout=p.fail_timeout, backup=p.backup,
+        p = Server.parse(p)
+    elif not isinstance(p, Server):
+        raise TypeError(f"peer must be a str like '127.0.0.1:8080,weight=2' or a Server, got {validate.shown(p)}")
+    peer = Server(p.address, weight=p.weight, max_fails=p.max_fails, fail_timeout=p.fail_timeout, backup=p.backup,
                 down=p.down)
     config_value("peer address", peer.address, _PLAIN_ADDRESS)
     return peer
 
 
 class Nginx:
-    """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Peer objects).
+    """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Server objects).
 
     ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds for proxy_next_upstream
     (any of :data:`PROXY_NEXT_UPSTREAM_KINDS`; an empty tuple = off); ``tries`` and ``next_upstream_timeout``:
