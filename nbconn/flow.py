@@ -613,7 +613,7 @@ class Attempt:
             self._record(("timeout", "timer expired after {} ms: close without SO_ERROR",
                           0, decided, decided, self.plan.timeout_ms))
         self.result.timer_fired = True
-        self._decide(verdict("timer", None), _errno.ETIMEDOUT, decided)
+        self._decide(verdict("timeout", None), _errno.ETIMEDOUT, decided)
 
     # -- -> DONE ---------------------------------------------------------------
     def _decide(self, answer, err: int, decided_ns: int) -> None:

@@ -105,7 +105,7 @@ def test_real_nginx_behind_the_router_logs_what_the_verdict_table_says(router, u
     assert seen["upstream_status"] == [upstream_status, "200"]
     assert line in [(e.level, e.message) for e in seen["error_log"]]
     err = errno.EHOSTUNREACH if router == "unreachable" else None
-    expected = errors.verdict("so_error", err) if err else errors.verdict("timer", None)
+    expected = errors.verdict("so_error", err) if err else errors.verdict("timeout", None)
     assert (expected.level, expected.log) == line
 
 

@@ -18,7 +18,7 @@ _CONTEXT = (', client: 127.0.0.1, server: , request: "GET / HTTP/1.0", upstream:
             'host: "nbconn"')
 
 VERDICTS = [
-    (("timer",), {}, "tls_timeout"),
+    (("timeout",), {}, "tls_timeout"),
     (("verify",), {"verify_code": 21, "verify_message": "unable to verify the first certificate"}, "tls_verify"),
     (("hostname",), {"server_name": "wrong.example"}, "tls_name"),
     (("closed",), {"err": 0}, "tls_closed"),
@@ -93,7 +93,7 @@ def test_handshake_texts_under_another_action_are_outside():
 
 def test_summary_counts_tls_causes():
     summary = why.Summary()
-    v = tls.handshake_verdict("timer")
+    v = tls.handshake_verdict("timeout")
     for second in ("01", "01", "02"):
         summary.add(f"2026/12/03 12:00:{second} [error] 1#1: *1 {v.log}{_CONTEXT}")
     done = summary.finish()
@@ -112,7 +112,7 @@ def test_reason_of_code_inverts_openssl_error_string():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, kwargs", [
-    ("timer", {}),
+    ("timeout", {}),
     ("verify", {"verify_code": 21, "verify_message": "unable to verify the first certificate"}),
     ("ssl", {"reason": "TLSV1_ALERT_PROTOCOL_VERSION", "reason_text": "tlsv1 alert protocol version"}),
     ("ssl", {"reason": "WRONG_VERSION_NUMBER", "reason_text": "wrong version number"}),

@@ -335,7 +335,7 @@ _OK = TLSVerdict(HANDSHAKED, NGX_OK, None, None, None)
 #: kind -> where nginx 1.22.1 decides it (for the docs and tests; the lines are built by handshake_verdict)
 VERDICT_SOURCES = {
     "ok": "ngx_event_openssl.c ngx_ssl_handshake line 1737 (n == 1): NGX_OK",
-    "timer": "ngx_event_openssl.c ngx_ssl_handshake_handler line 2071; ngx_http_upstream.c "
+    "timeout": "ngx_event_openssl.c ngx_ssl_handshake_handler line 2071; ngx_http_upstream.c "
              "ngx_http_upstream_ssl_handshake line 1808, ngx_http_upstream_next line 4306",
     "ssl": "ngx_event_openssl.c ngx_ssl_handshake line 1857, ngx_ssl_connection_error lines 3298-3466; "
            "ngx_http_upstream.c line 1814",
@@ -358,7 +358,7 @@ def handshake_verdict(kind: str, *, err: int = 0, reason: str = "", reason_text:
     validate.choice("kind", kind, HANDSHAKE_KINDS)
     if kind == "ok":
         return _OK
-    if kind == "timer":
+    if kind == "timeout":
         return TLSVerdict(TLS_TIMED_OUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ERR,
                           f"upstream timed out {strerror(_errno.ETIMEDOUT)}{_TAIL}")
     if kind == "verify":
@@ -859,7 +859,7 @@ class Handshake:
         if self._record:
             self._record(("timeout", f"timer expired ({self.plan.timeout_ms} ms after it was armed): "
                           "ngx_ssl_handshake_handler sees ev->timedout", None, decided, decided))
-        self._finish("timer", {}, when=decided)
+        self._finish("timeout", {}, when=decided)
 
     # -- -> FINISHED --------------------------------------------------------------------------------
     def _finish(self, kind: str, details: dict, *, when: int) -> None:

@@ -884,7 +884,7 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                 # 2311-2314): SO_ERROR 0, SSL_do_handshake() on the pending connect (its write() of the
                 # ClientHello finds SYN-SENT: EAGAIN, WANT_WRITE), and the connect's timer, still set (line 1733),
                 # ends it as a handshake timeout -- proxy_connect_timeout, not proxy_send_timeout
-                v = handshake_verdict("timer")
+                v = handshake_verdict("timeout")
                 req.report(v.outcome, None, nginx_log=v.log, level=v.level, action=SSL_HANDSHAKING)
                 if req.result is not None:
                     break

@@ -221,7 +221,7 @@ _KINDS = {
     "so_error": _step(STEP_SO_ERROR, "so_error", "ngx_http_upstream.c ngx_http_upstream_test_connect line 2773 / "
                       "ngx_stream_proxy_module.c ngx_stream_proxy_test_connect line 1572; ngx_connection.c "
                       "ngx_connection_error", _NB["05"], _NEXT + ("proxy_connect_timeout",)),
-    "timeout": _step(STEP_TIMER, "timer", "ngx_http_upstream.c ngx_http_upstream_next line 4306 / "
+    "timeout": _step(STEP_TIMER, "timeout", "ngx_http_upstream.c ngx_http_upstream_next line 4306 / "
                      "ngx_stream_proxy_module.c ngx_stream_proxy_connect_handler line 1518", _NB["06"],
                      ("proxy_connect_timeout",) + _NEXT),
     "no_live": Kind(STEP_PICK, None, _ERR, "NGX_BUSY", "NGX_HTTP_UPSTREAM_FT_NOLIVE", None,
@@ -256,7 +256,7 @@ _AFTER_CONNECT_TIMEOUTS = {"sending request to upstream": "timeout_send",
 _TLS_NEXT = ("proxy_next_upstream", "proxy_next_upstream_tries", "max_fails", "fail_timeout")
 #: kind -> the handshake_verdict kind that gives its level, NGX code, next-upstream kind and outcome
 _TLS_VERDICT_KIND = {"tls_ssl": "ssl", "tls_closed": "closed", "tls_verify": "verify", "tls_name": "hostname",
-                     "tls_timeout": "timer"}
+                     "tls_timeout": "timeout"}
 _TLS_FAILED = "ngx_http_upstream_ssl_handshake -> ngx_http_upstream_next(FT_ERROR) line 1814"
 _KINDS.update({
     "tls_ssl": Kind(STEP_TLS, None, None, None, None, None, "ngx_event_openssl.c ngx_ssl_handshake line 1857 "
@@ -657,7 +657,7 @@ def _tls_verdict(kind: str, found: dict, err: int | None):
         return handshake_verdict("verify", verify_code=int(found["code"]), verify_message=found["detail"])
     if which == "hostname":
         return handshake_verdict("hostname", server_name=found["detail"])
-    return handshake_verdict("timer")
+    return handshake_verdict("timeout")
 
 
 def _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected) -> dict:
