@@ -19,7 +19,8 @@ The public surface here: :func:`connect`, :func:`connect_many` (:mod:`nbconn.api
 :class:`Settings` (:mod:`nbconn.settings`: how to connect, validated once; every entry point takes one),
 :class:`Result`, :class:`Step` (:mod:`nbconn.result`), :class:`Target`,
 :func:`parse_target` (:mod:`nbconn.targets`).  Everything else is a module of its own,
-imported by name (``from nbconn import lab, measure, plots``); README.md's Architecture
+imported by name (``from nbconn import lab``, ``from nbconn.experiments import measure``,
+``from nbconn.view import plots``); README.md's Architecture
 section says which module may import which.
 
 Why the names load on first use (PEP 562 ``__getattr__``) rather than with ``import``
@@ -44,7 +45,7 @@ __all__ = [*_PUBLIC, "__version__"]
 
 
 #: submodules reachable as attributes after a bare ``import nbconn`` (``nbconn.lab.listening()``)
-_SUBMODULES = ("lab", "measure", "plots", "widgets", "data", "upstream", "nginx", "cli")
+_SUBMODULES = ("lab", "nginx", "experiments", "view", "cli")
 
 
 def __getattr__(name: str):

@@ -142,7 +142,7 @@ NGX_CONNECTION_ERROR_ERR_ERRNOS = frozenset({
 #: what the kernel returns for routes (ENETDOWN, EHOSTUNREACH, EHOSTDOWN), AF_UNIX paths (ENOENT, ENOTDIR,
 #: ELOOP, ENAMETOOLONG) and memory (ENOBUFS, ENOMEM), and ECONNRESET, which nginx's level table names: for TCP
 #: it is no reply to the handshake -- a reply is processed in release_sock after connect() chose EINPROGRESS,
-#: and an RST in SYN-SENT is ECONNREFUSED (net/ipv4/tcp_input.c tcp_reset) -- so nbconn.why says so.
+#: and an RST in SYN-SENT is ECONNREFUSED (net/ipv4/tcp_input.c tcp_reset) -- so nbconn.nginx.why says so.
 CONNECT_ERRNOS = tuple(sorted({
     _errno.EACCES, _errno.EPERM, _errno.EADDRINUSE, _errno.EADDRNOTAVAIL, _errno.EAFNOSUPPORT, _errno.EAGAIN,
     _errno.EALREADY, _errno.EBADF, _errno.ECONNREFUSED, _errno.EFAULT, _errno.EINTR, _errno.EISCONN,
@@ -237,8 +237,8 @@ VERDICT_TABLE: dict[str, Rule] = {
                      "connect() failed",
                      "ngx_http_upstream.c ngx_http_upstream_test_connect line 2773; ngx_connection.c "
                      "ngx_connection_error lines 1508-1537; ngx_http_upstream.c line 2077"),
-    "timer": Rule(NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, frozenset({_errno.ETIMEDOUT}),
-                  NGX_LOG_ERR, "upstream timed out",
+    "timeout": Rule(NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, frozenset({_errno.ETIMEDOUT}),
+                    NGX_LOG_ERR, "upstream timed out",
                   "ngx_http_upstream.c ngx_http_upstream_send_request_handler line 2305, "
                   "ngx_http_upstream_next line 4306"),
 }
@@ -263,7 +263,7 @@ _SETSOCKOPT_RULES: dict[str, Rule] = {
 _SETSOCKOPT_QUIET = {"bind_address_no_port": frozenset({_errno.EOPNOTSUPP, _errno.ENOPROTOOPT})}
 
 STAGES = ("socket", "get_connection", "setsockopt", "nonblocking", "bind", "epoll_ctl", "connect", "so_error",
-          "timer")
+          "timeout")  # "timeout": the connect timer expired (wev->timedout); in the trace "timer" is the arming
 
 _TAIL = " while connecting to upstream"
 _CONNECTED = Verdict(CONNECTED, NGX_OK, None, None, None)
@@ -290,14 +290,14 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
     "setsockopt" (``rcvbuf``), the local address for "bind" (as proxy_bind names it:
     nginx logs ``pc->local->name``, ``bind(198.18.0.5) failed``), the descriptor for
     "epoll_ctl", the call for "nonblocking" (``ioctl(FIONBIO)``), worker_connections
-    for "get_connection".  For "timer" and "get_connection", ``err`` is ignored: the
+    for "get_connection".  For "timeout" and "get_connection", ``err`` is ignored: the
     timer firing (ETIMEDOUT in the log) or the empty connection pool is the failure.
     """
     fast = _FAST.get((stage, err))
     if fast is not None:
         return fast
-    if stage == "timer":
-        rule = VERDICT_TABLE["timer"]
+    if stage == "timeout":
+        rule = VERDICT_TABLE["timeout"]
         err = _errno.ETIMEDOUT
     elif stage == "get_connection":
         # not a syscall: no free ngx_connection_t; ``err`` is ignored, ``detail`` is worker_connections
@@ -319,7 +319,7 @@ def verdict(stage: str, err: int | None, *, detail: object = "") -> Verdict:
     line = f"{rule.text.format(detail=c_escape(str(detail)))} {strerror(err)}{_TAIL}"  # a path stays one line
     if rule.ngx_code is None:  # "failed, ignored": logged, and the connect goes on
         return Verdict(None, None, None, level, line)
-    if stage == "timer":
+    if stage == "timeout":
         outcome = TIMED_OUT
     elif stage in ("connect", "so_error"):
         outcome = outcome_for(err)

@@ -359,7 +359,7 @@ class Attempt:
 
     #: The nginx handler whose test_connect reads SO_ERROR when the socket is writable (EPOLLOUT alone, or
     #: connect() returned 0): ngx_http_upstream_send_request for plain HTTP.  For an https upstream
-    #: nbconn.tls's attempt names ngx_http_upstream_ssl_init_connection, which runs it there instead.
+    #: nbconn.nginx.tls's attempt names ngx_http_upstream_ssl_init_connection, which runs it there instead.
     WRITE_HANDLER = SEND_REQUEST
 
     def __init__(self, target: Target, plan: Plan, loop, on_done=None) -> None:
@@ -613,7 +613,7 @@ class Attempt:
             self._record(("timeout", "timer expired after {} ms: close without SO_ERROR",
                           0, decided, decided, self.plan.timeout_ms))
         self.result.timer_fired = True
-        self._decide(verdict("timer", None), _errno.ETIMEDOUT, decided)
+        self._decide(verdict("timeout", None), _errno.ETIMEDOUT, decided)
 
     # -- -> DONE ---------------------------------------------------------------
     def _decide(self, answer, err: int, decided_ns: int) -> None:

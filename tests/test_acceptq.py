@@ -4,7 +4,8 @@ import socket
 
 import pytest
 
-from nbconn import acceptq, netstat
+from nbconn.experiments import acceptq
+from nbconn.lab import netstat
 
 SAMPLE = """TcpExt: SyncookiesSent SyncookiesRecv ListenOverflows ListenDrops
 TcpExt: 3 2 171 171

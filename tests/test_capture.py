@@ -13,7 +13,7 @@ import time
 import pytest
 
 import nbconn
-from nbconn import plots
+from nbconn.view import plots
 from nbconn.experiments import nb11
 from nbconn.lab import capture, listening, refused
 

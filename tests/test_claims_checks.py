@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from nbconn import lab, nginx
+from nbconn import lab
+from nbconn.nginx import runner
 
 from .conftest import require_tool
 from .test_lessons_00_05 import run_cells
@@ -25,7 +26,7 @@ def _seconds(text: str) -> float:
 def test_01_this_machines_nginx_is_1_22_1():
     """Row 01/imports: the nginx the series runs is 1.22.1 (the notebook prints `nginx -v`)."""
     require_tool("nginx")
-    assert nginx.version() == "1.22.1"
+    assert runner.version() == "1.22.1"
 
 
 def test_05_a_signal_does_not_shorten_epoll_poll(capsys):
@@ -54,15 +55,15 @@ def test_06_user_timeout_500_ends_at_the_first_retransmission_not_at_500_ms():
 def _reuse_pattern(weights, keepalive, requests=8):
     """Notebook 13's reuse_pattern: which peer each request reached and whether over a reused connection,
     for a real nginx (as the peers recorded it) and for nbconn's model."""
-    from nbconn.httpd import HttpPeer
-    from nbconn.upstream import Upstream, run_requests
+    from nbconn.nginx.httpd import HttpPeer
+    from nbconn.nginx.upstream import Upstream, run_requests
 
     journal = []
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(HttpPeer(journal=journal)) for _ in weights]
         names = {str(s): "abcdefgh"[i] for i, s in enumerate(servers)}
         specs = [f"{s},weight={w}" for s, w in zip(servers, weights)]
-        with nginx.Nginx(specs, keepalive=keepalive) as ng:
+        with runner.Nginx(specs, keepalive=keepalive) as ng:
             assert [ng.request() for _ in range(requests)] == ["200"] * requests
         theirs = " ".join(names[s.peer] + ("R" if s.reused else "N") for s in journal)
         with Upstream(specs, keepalive=keepalive) as up:
@@ -76,7 +77,7 @@ def _reuse_pattern(weights, keepalive, requests=8):
 def test_13_three_peers_in_turn_reuse_with_keepalive_3_not_2(keepalive, expected):
     """Row 13/3fa6e210 (exercise 1): three peers in turn; keepalive 2 evicts the connection the next request
     needs every time, keepalive 3 keeps all three.  nginx 1.22.1 and the model, request by request."""
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
     theirs, ours = _reuse_pattern((1, 1, 1), keepalive)
     assert theirs == expected and ours == expected, (theirs, ours)
@@ -138,9 +139,9 @@ def test_07_black_holes_in_every_slot_stop_new_connects_for_one_timeout():
 
 
 def _walk(addresses, dead, max_fails, requests=12, fail_timeout=5):
-    """Notebook 12's nginx_walk: each request's tries through nbconn.upstream (the model of nginx's round robin,
+    """Notebook 12's nginx_walk: each request's tries through nbconn.nginx.upstream (the model of nginx's round robin,
     checked against a real nginx in tests/test_nginx.py), one request per second of ngx_time()."""
-    from nbconn.upstream import Upstream
+    from nbconn.nginx.upstream import Upstream
 
     now = [1_000_000]
     up = Upstream([f"{a},max_fails={max_fails},fail_timeout={fail_timeout}" for a in addresses],
@@ -171,7 +172,7 @@ def test_10_each_worker_without_zone_tries_the_refused_peer_once():
 
     from nbconn.experiments.nb10 import error_lines_by_worker, with_workers
 
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
     paid = {}
     with lab.refused() as down, lab.listening(http=True) as up:
@@ -204,7 +205,7 @@ def test_07_accepted_climbs_after_the_connects_and_the_stall_is_at_the_first_rea
     """Rows 07/131992c4 (plot, nginx's view): "accepted N" is the server's accept() count when the last connect
     was decided; the count climbs later, as connections the server never heard of come in with their requests;
     clients that connected wait for their answer instead (a stall at the first read, not at connect)."""
-    from nbconn import acceptq
+    from nbconn.experiments import acceptq
     from nbconn.lab.namespace import namespace, unavailable_reason
 
     reason = unavailable_reason()
@@ -229,10 +230,10 @@ def test_10_nginx_logs_loopback_connect_times_in_whole_milliseconds():
     """Row 10/b7c656aa: $upstream_connect_time has millisecond resolution; a loopback connect logs as 0 ms."""
     import time
 
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
     with lab.listening(http=True) as up:
-        with nginx.Nginx([str(up)]) as ng:
+        with runner.Nginx([str(up)]) as ng:
             assert [ng.request() for _ in range(20)] == ["200"] * 20
             time.sleep(0.05)  # the access log line is written after the answer
             ms = [e.connect_time[0] * 1e3 for e in ng.access_log()]
@@ -246,13 +247,13 @@ def _first_request_through(order):
     the worker's calls from the black hole's connect() to the next epoll_wait()."""
     import time
 
-    from nbconn import reproduce
+    from nbconn.nginx import reproduce
 
     with lab.refused() as down, lab.unix_full() as full, lab.blackhole() as hole, \
             lab.listening(http=True) as up:
         reproduce.open_to_worker(full.path)
         named = {"refused": down, "unix_full": full, "blackhole": hole, "up": up}
-        with nginx.Nginx([str(named[n]) for n in order], connect_timeout=0.3, strace=True,
+        with runner.Nginx([str(named[n]) for n in order], connect_timeout=0.3, strace=True,
                          strace_syscalls="connect,getsockopt,writev,epoll_wait") as ng:
             try:
                 status = ng.request(timeout_s=1.0)
@@ -278,7 +279,7 @@ def test_14_a_stale_write_event_makes_nginx_write_to_a_peer_that_never_answered_
     right after the third connect() returned EINPROGRESS, writes the request (writev EAGAIN), and its 300 ms
     connect timer does not end the try (no answer within 1 s); with the first two swapped the timer fires."""
     require_tool("strace")
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
     status, after = _first_request_through(["refused", "unix_full", "blackhole", "up"])
     assert status == "none", (status, after)
@@ -300,11 +301,11 @@ def test_00_with_no_other_try_allowed_the_status_is_the_last_tries():
     """Row 00/flow-diagram (final status): a real nginx 1.22.1 answers 504 after a timed-out try and 502 after a
     refused one when no other try is allowed -- no peer left, the kind not in proxy_next_upstream, or
     proxy_next_upstream_tries spent -- and moves on (200) when one is."""
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
 
     def first_status(peers, **kw):
-        with nginx.Nginx([str(p) for p in peers], connect_timeout=0.2, **kw) as ng:
+        with runner.Nginx([str(p) for p in peers], connect_timeout=0.2, **kw) as ng:
             return ng.request(timeout_s=5.0)
 
     with lab.blackhole() as hole, lab.refused() as down, lab.listening(http=True) as up:
@@ -336,7 +337,7 @@ def test_07_without_syncookies_the_overflow_is_timeouts_and_abort_on_overflow_re
     """Row 07/a7c3e915: with tcp_syncookies=0 a burst against a small listen queue shows as connect timeouts
     (SYNs dropped with the SYN queue full: TCPReqQFullDrop); tcp_abort_on_overflow=1 adds resets where a final
     ACK meets a full accept queue with a request socket (a slow acceptor): EmbryonicRsts."""
-    from nbconn import acceptq
+    from nbconn.experiments import acceptq
     from nbconn.lab.namespace import namespace, unavailable_reason
 
     reason = unavailable_reason()
@@ -364,7 +365,7 @@ def test_12_asyncio_and_trio_start_the_second_address_after_their_250_ms_delay()
 
     import trio
 
-    from nbconn import eyeballs
+    from nbconn.experiments import eyeballs
 
     async def asyncio_once(name):
         asyncio.get_running_loop().getaddrinfo = name.asyncio_getaddrinfo  # the lab's answer for its name

@@ -118,7 +118,7 @@ def test_bad_input_makes_no_socket_and_no_process():
 
 
 def test_no_library_module_imports_the_cli():
-    """nbconn.cli imports the library; never the other way (no cycles, `import nbconn.measure` stays CLI-free)."""
+    """nbconn.cli imports the library; never the other way (no cycles, `import nbconn.experiments.measure` stays CLI-free)."""
     import ast
     import pathlib
 
@@ -137,7 +137,7 @@ def test_no_library_module_imports_the_cli():
             if any(n.split(".")[-1] == "cli" or ".cli." in n or n.startswith("nbconn.cli") for n in names):
                 offenders.append(rel)
     assert offenders == []
-    code = ("import sys, nbconn.measure, nbconn.upstream, nbconn.record, nbconn.nginx, nbconn.httpd; "
+    code = ("import sys, nbconn.experiments.measure, nbconn.nginx.upstream, nbconn.experiments.record, nbconn.nginx.runner, nbconn.nginx.httpd; "
             "print('nbconn.cli' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=ROOT).stdout.strip() == "False"
@@ -247,7 +247,7 @@ def test_record_into_a_read_only_directory_fails_at_once(tmp_path):
 
 
 def test_record_writes_atomically_and_leaves_no_temp_file(tmp_path, monkeypatch):
-    from nbconn import record
+    from nbconn.experiments import record
 
     monkeypatch.setattr(record, "_make", lambda name: {"rows": [1, 2, 3]})
     path = record.record("loopback-idle", str(tmp_path), ["record", "loopback-idle"])

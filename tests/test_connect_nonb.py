@@ -9,7 +9,7 @@ import pytest
 from nbconn import lab
 from nbconn.experiments import nb00
 from nbconn.strace import format_ns
-from nbconn.table import Table
+from nbconn.experiments.table import Table
 
 
 def test_table_renders_text_and_html_with_highlight():
@@ -97,7 +97,7 @@ def test_notebook_00_shows_connect_nonb_character_for_character():
 def test_options_table_marks_what_the_kernel_changed():
     """Notebook 01's step-2 table: SO_RCVBUF 4096 is kept doubled, so its row says the kernel changed it."""
     import nbconn
-    from nbconn.table import options_table
+    from nbconn.experiments.table import options_table
 
     with lab.listening() as target:
         res = nbconn.connect(target, rcvbuf=4096, nodelay=True)

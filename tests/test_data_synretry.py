@@ -2,7 +2,8 @@
 
 import pytest
 
-from nbconn import data, plots, synretry
+from nbconn.experiments import data, synretry
+from nbconn.view import plots
 
 EXPECTED = {"loopback-idle", "loopback-burst", "impaired-clean", "impaired-jitter", "impaired-loss", "impaired-scaling",
             "blackhole-syncnt", "syn-default"}

@@ -38,7 +38,7 @@ def _kernel() -> tuple:
 
 @pytest.mark.skipif(_kernel() < (6, 8), reason="the linear phase is counted on total_rto since Linux 6.8")
 def test_tcpi_backoff_stays_zero_in_the_linear_phase():
-    from nbconn import synretry
+    from nbconn.experiments import synretry
 
     if (synretry.read_sysctls()["tcp_syn_linear_timeouts"] or 0) < 2:
         pytest.skip("needs tcp_syn_linear_timeouts >= 2")

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from nbconn import eyeballs
+from nbconn.experiments import eyeballs
 from nbconn.lab import blackhole, listening, refused
 
 from .conftest import fds_left, open_fds
@@ -151,7 +151,7 @@ def test_an_interrupt_after_the_race_was_won_closes_the_winners_socket(monkeypat
 
 def test_a_unix_path_with_a_newline_and_an_esc_stays_on_its_line(tmp_path):
     """Issue 24, item 12, in the race's timeline and summary: paths are printed as strace prints them."""
-    from nbconn import eyeballs
+    from nbconn.experiments import eyeballs
 
     race = eyeballs.sequential([f"unix:{tmp_path}/a\nb\x1b[31mc", f"unix:{tmp_path}/d"], timeout=0.5)
     text = "\n".join(race.timeline()) if isinstance(race.timeline(), list) else str(race.timeline())

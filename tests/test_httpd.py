@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from nbconn.httpd import HttpPeer
-from nbconn.upstream import Upstream, run_request
+from nbconn.nginx.httpd import HttpPeer
+from nbconn.nginx.upstream import Upstream, run_request
 
 
 def test_a_non_loopback_host_needs_a_lab_namespace():

@@ -1,4 +1,4 @@
-"""Issue 19's kernel review, the findings outside nbconn/why.py (whose texts tests/test_why.py checks): the words
+"""Issue 19's kernel review, the findings outside nbconn/nginx/why.py (whose texts tests/test_why.py checks): the words
 that were wrong in nbconn/flow.py's docstring, nbconn/errors.py's SO_ERROR list and notebooks 01, 05 and 06 stay
 gone, and the corrected mechanism is named.  Pure: reads text, opens no socket."""
 

@@ -94,9 +94,9 @@ def test_router_routes_are_in_place_and_nothing_is_left_behind():
     ("blackhole", "504", ("error", "upstream timed out (110: Connection timed out) while connecting to upstream")),
 ])
 def test_real_nginx_behind_the_router_logs_what_the_verdict_table_says(router, upstream_status, line):
-    from nbconn import nginx
+    from nbconn.nginx import runner
 
-    reason = nginx.unavailable_reason()
+    reason = runner.unavailable_reason()
     if reason:
         pytest.skip(reason)
     seen = nb04.nginx_through_router(router, delay_ms=5.0, connect_timeout=1.0)
@@ -105,7 +105,7 @@ def test_real_nginx_behind_the_router_logs_what_the_verdict_table_says(router, u
     assert seen["upstream_status"] == [upstream_status, "200"]
     assert line in [(e.level, e.message) for e in seen["error_log"]]
     err = errno.EHOSTUNREACH if router == "unreachable" else None
-    expected = errors.verdict("so_error", err) if err else errors.verdict("timer", None)
+    expected = errors.verdict("so_error", err) if err else errors.verdict("timeout", None)
     assert (expected.level, expected.log) == line
 
 

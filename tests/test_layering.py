@@ -1,9 +1,9 @@
 """The layering of README.md's ARCHITECTURE section, enforced from the import graph.
 
 Every ``import`` of an nbconn module anywhere in nbconn/ -- at module level and inside functions alike, read
-with ``ast`` -- may only go to the same layer or one below.  A new module must be given a layer here (the test
-names it).  Where today's code still goes up a layer, the import is listed in :data:`EXCEPTIONS`, each with
-the issue that will move it; an exception that no longer happens fails too, so the list only shrinks.
+with ``ast`` -- may only go to the same layer or one below, with no exception.  A module's layer is its package's
+(nbconn/lab/, nginx/, experiments/, view/, cli/); the core's modules sit flat in nbconn/ and are listed here, so a
+new flat module must be placed (the test names it).
 """
 
 from __future__ import annotations
@@ -16,31 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: lowest first: a module may import its own layer and the ones before it, never one after
 LAYERS = ("core", "lab", "nginx", "experiments", "view", "cli")
 
-#: module (without "nbconn.") -> layer; a package name covers everything under it
-LAYER_OF = {
-    # core: what nginx does to connect, and the numbers about it (no matplotlib, no lab, no subprocess)
-    "": "core",  # nbconn/__init__.py: the public names, loaded on first use
-    **{name: "core" for name in ("api", "connect_nonb", "errors", "flow", "loop", "options", "result",
-                                 "settings", "socketsource", "stats", "strace", "systools", "targets", "tcpinfo",
-                                 "validate")},
-    # lab: the instruments -- peers, namespaces, the wire, the packet capture, counters
-    "lab": "lab", "netstat": "lab",
-    # the nginx side: the upstream model and the real nginx next to it
-    **{name: "nginx" for name in ("httpd", "nginx", "nginx_guard", "oracle", "reproduce", "tls", "upstream",
-                                  "why")},
-    # experiments: what the notebooks run with the instruments
-    **{name: "experiments" for name in ("acceptq", "data", "experiments", "eyeballs", "measure", "record",
-                                        "synretry", "table")},
-    # view: figures and the widget panel
-    "plots": "view", "widgets": "view",
-    # the command line: nothing else imports it
-    "cli": "cli", "__main__": "cli",
-}
+#: the core's modules sit flat in nbconn/ (what nginx does to connect, and the numbers about it: no matplotlib,
+#: no lab, no subprocess); every other layer is a package, and a module's layer is its package's
+CORE = ("", "api", "connect_nonb", "errors", "flow", "loop", "options", "result", "settings", "socketsource", "stats",
+        "strace", "systools", "targets", "tcpinfo", "validate")  # "": nbconn/__init__.py, the public names
 
-#: (importer, imported) -> why it is still allowed, with the issue that removes it
-EXCEPTIONS = {
-    # notebook 12 calls eyeballs.plot_races; the figure moves to the view in the layout move (issue 20)
-    ("eyeballs", "plots"): "issue 20",
+#: package (or top-level module) -> layer
+PACKAGE_LAYER = {
+    "lab": "lab",  # the instruments: peers, namespaces, the wire, the packet capture, counters
+    "nginx": "nginx",  # the upstream model and the real nginx side by side
+    "experiments": "experiments",  # what the notebooks run with the instruments
+    "view": "view",  # figures and the widget panel
+    "cli": "cli", "__main__": "cli",  # the command line: nothing else imports it
 }
 
 #: what core modules must not import at all (the core runs anywhere: no figures, no processes)
@@ -85,12 +72,11 @@ def _imports(module: str, path: str, modules: dict) -> list[tuple[str, int]]:
 
 
 def _layer(module: str) -> str | None:
-    parts = module.split(".") if module else [""]
-    for n in range(len(parts), 0, -1):
-        layer = LAYER_OF.get(".".join(parts[:n]))
-        if layer:
-            return layer
-    return None
+    """The layer of ``module`` (without "nbconn."): the core's flat modules by name, the rest by package;
+    None for a flat module the core does not list (the test names it)."""
+    if module in CORE:
+        return "core"
+    return PACKAGE_LAYER.get(module.split(".")[0])
 
 
 def test_every_module_has_a_layer():
@@ -99,20 +85,16 @@ def test_every_module_has_a_layer():
 
 def test_no_import_goes_up_a_layer():
     modules = _modules()
-    up, seen_exceptions = [], set()
+    up = []
     for module, path in sorted(modules.items()):
         mine = LAYERS.index(_layer(module) or "core")
         for imported, line in _imports(module, path, modules):
             theirs = _layer(imported)
             if theirs is None or LAYERS.index(theirs) <= mine:
                 continue
-            if (module, imported) in EXCEPTIONS:
-                seen_exceptions.add((module, imported))
-                continue
             up.append(f"nbconn/{os.path.relpath(path, os.path.join(ROOT, 'nbconn'))}:{line}: "
                       f"{module or 'nbconn'} ({_layer(module)}) imports {imported} ({theirs})")
     assert up == [], "\n".join(up)
-    assert set(EXCEPTIONS) - seen_exceptions == set(), "exceptions that no longer happen: remove them"
 
 
 def test_core_imports_no_figures_and_starts_no_processes():
@@ -132,7 +114,9 @@ def test_core_imports_no_figures_and_starts_no_processes():
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     """The checker itself: an import inside a function, relative two levels up, is found and placed."""
     path = tmp_path / "capture.py"
-    path.write_text("def f():\n    from ..plots import packets\n    import nbconn.widgets\n")
-    found = _imports("lab.capture", str(path), {"plots": "", "widgets": ""})
-    assert found == [("plots", 2), ("widgets", 3)]
+    path.write_text("def f():\n    from ..view.plots import packets\n    import nbconn.view.widgets\n")
+    found = _imports("lab.capture", str(path), {"view.plots": "", "view.widgets": ""})
+    assert found == [("view.plots", 2), ("view.widgets", 3)]
     assert [_layer(m) for m, _ in found] == ["view", "view"] and _layer("lab.wire.link") == "lab"
+    assert _layer("upstream") is None and _layer("nginx.upstream") == "nginx"
+

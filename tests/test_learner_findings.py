@@ -17,7 +17,9 @@ import re
 import pytest
 
 import nbconn
-from nbconn import data, lab, record, widgets
+from nbconn import lab
+from nbconn.experiments import data, record
+from nbconn.view import widgets
 from nbconn.settings import Settings
 
 from .test_lessons_00_05 import cells, text_output

@@ -20,10 +20,11 @@ from .test_lessons_00_05 import cells, run_cells
 
 #: what a cell of 01-03 may still take from nbconn besides nbconn.connect and the lab: plumbing (a table, a duration,
 #: an errno's or an event mask's name, nginx's version, a notebook's own nbNN helpers, synretry's timer-wheel bound)
-PLUMBING = {"nbconn.table": {"Table", "options_table"}, "nbconn.strace": {"format_ns"},
+PLUMBING = {"nbconn.experiments.table": {"Table", "options_table"}, "nbconn.strace": {"format_ns"},
             "nbconn.errors": {"errno_name"}, "nbconn.loop": {"event_names"},
-            "nbconn.experiments": {"nb01", "nb02", "nb03"}, "nbconn.synretry": {"config_hz", "wheel_lateness_s"},
-            "nbconn": {"lab", "nginx"}}
+            "nbconn.experiments": {"nb01", "nb02", "nb03"},
+            "nbconn.experiments.synretry": {"config_hz", "wheel_lateness_s"},
+            "nbconn": {"lab"}, "nbconn.nginx": {"runner"}}
 #: the calls each notebook's cells must make themselves
 ON_THE_PAGE = {
     "01": ("setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF", "getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF",
@@ -93,7 +94,7 @@ def test_02_the_blocking_connect_sleeps_its_sndtimeo_the_nonblocking_one_returns
 
 @pytest.mark.timing
 def test_02_a_blocking_connect_ends_late_never_early_within_the_wheel_bound(no_fd_leak, capsys, late_tolerance_ms):
-    from nbconn.synretry import config_hz, wheel_lateness_s
+    from nbconn.experiments.synretry import config_hz, wheel_lateness_s
 
     if config_hz() is None:
         pytest.skip("CONFIG_HZ is not readable here")

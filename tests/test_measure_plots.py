@@ -7,8 +7,10 @@ import sys
 import pytest
 
 import nbconn
-from nbconn import lab, measure, plots
-from nbconn.measure import Measurement, percentiles
+from nbconn import lab
+from nbconn.experiments import measure
+from nbconn.view import plots
+from nbconn.experiments.measure import Measurement, percentiles
 
 
 def test_percentiles_nearest_rank():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nbconn import tls
+from nbconn.nginx import tls
 from nbconn.experiments import nb15
 from nbconn.lab import tlspeers, tlsrecords
 from nbconn.lab.capture import Capture

@@ -1,4 +1,4 @@
-"""A real nginx (Debian's package) next to nbconn.upstream on the same lab peers: same peers tried, same
+"""A real nginx (Debian's package) next to nbconn.nginx.upstream on the same lab peers: same peers tried, same
 classification, same syscalls.  Skips with one line where nginx is missing (CI installs it and fails instead)."""
 
 import contextlib
@@ -7,15 +7,16 @@ import time
 
 import pytest
 
-from nbconn import lab, nginx
-from nbconn.upstream import Upstream, run_request, run_requests
+from nbconn import lab
+from nbconn.nginx import runner
+from nbconn.nginx.upstream import Upstream, run_request, run_requests
 
 from .conftest import require_tool, wait_for
 
 
 @pytest.fixture(autouse=True)
 def _need_nginx():
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
 
 
@@ -26,7 +27,7 @@ def wait_for_access_log(ng, requests: int) -> None:
 
 
 def side_by_side(peers, requests, *, connect_timeout=0.2, **kw):
-    with nginx.Nginx(peers, connect_timeout=connect_timeout, **kw) as ng:
+    with runner.Nginx(peers, connect_timeout=connect_timeout, **kw) as ng:
         statuses = [ng.request() for _ in range(requests)]
         wait_for_access_log(ng, requests)
         access, errors = ng.access_log(), ng.error_log()
@@ -42,7 +43,7 @@ def peers(*kinds):
 
 
 def assert_same(access, ours):
-    rows = nginx.compare_sequences(access, ours)
+    rows = runner.compare_sequences(access, ours)
     assert len(rows) == len(ours)
     for row in rows:
         assert row["same"], row
@@ -50,8 +51,8 @@ def assert_same(access, ours):
 
 def test_version_is_none_where_there_is_no_nginx(monkeypatch):
     """Notebook 01 prints nginx.version() or a sentence: with no binary found it is None, not a TypeError."""
-    monkeypatch.setattr(nginx, "find_nginx", lambda: None)
-    assert nginx.version() is None
+    monkeypatch.setattr(runner, "find_nginx", lambda: None)
+    assert runner.version() is None
 
 
 def test_refused_first():
@@ -135,11 +136,11 @@ def _shape(lines):
 def test_strace_same_syscall_order_as_nginx(kind, expected):
     require_tool("strace")
     with peers(kind) as (peer,):
-        with nginx.Nginx([str(peer)], connect_timeout=0.2, strace=True) as ng:
+        with runner.Nginx([str(peer)], connect_timeout=0.2, strace=True) as ng:
             ng.request()
 
             def theirs_so_far():  # strace writes a call when it returns: wait for the lines, not a while
-                return nginx.upstream_connect_syscalls(ng.strace_lines(), peer.port)
+                return runner.upstream_connect_syscalls(ng.strace_lines(), peer.port)
 
             wait_for(lambda: len(_shape(theirs_so_far())) >= len(expected), 10)
             theirs = theirs_so_far()
@@ -155,11 +156,11 @@ def test_strace_same_syscall_order_as_nginx(kind, expected):
 
 def test_nginx_cleans_up_and_bad_settings_named():
     with pytest.raises(ValueError, match="connect_timeout=0"):
-        nginx.Nginx(["127.0.0.1:1"], connect_timeout=0)
+        runner.Nginx(["127.0.0.1:1"], connect_timeout=0)
     with pytest.raises(ValueError, match="'http_501'"):  # not a kind nginx 1.22.1 knows
-        nginx.Nginx(["127.0.0.1:1"], next_upstream=("http_501",))
+        runner.Nginx(["127.0.0.1:1"], next_upstream=("http_501",))
     with peers("up") as (up,):
-        ng = nginx.Nginx([str(up)])
+        ng = runner.Nginx([str(up)])
         with ng:
             prefix, proc = ng.prefix, ng.proc
             assert ng.request() == "200"
@@ -200,7 +201,7 @@ def test_accept_then_reset_fails_in_both_with_a_line_nginx_writes():
     n = 12
     with peers("up") as (up,), lab.reset() as rst:
         specs = [str(rst)]
-        with nginx.Nginx(specs, connect_timeout=0.5) as ng:
+        with runner.Nginx(specs, connect_timeout=0.5) as ng:
             statuses = [ng.request() for _ in range(n)]
             wait_for_access_log(ng, n)
             theirs = {line for line in _nginx_lines(ng.error_log())}
@@ -233,7 +234,7 @@ def test_fail_timeout_on_ngx_time_agrees_on_one_real_time_schedule():
         specs = [f"{d1},fail_timeout=1", f"{d2},fail_timeout=1"]
         model = Upstream(specs)
         old = Upstream(specs, clock=time.monotonic, msec_clock=time.monotonic)
-        with nginx.Nginx(specs, connect_timeout=0.5) as ng:
+        with runner.Nginx(specs, connect_timeout=0.5) as ng:
             ours, theirs_old = [], []
             for fraction in (a, p, p):  # second S, S+1, S+2
                 _at_fraction(fraction)
@@ -273,13 +274,13 @@ def test_config_refuses_values_that_change_its_structure(address, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     with pytest.raises(ValueError, match="cannot go into an nginx configuration") as info:
-        nginx.Nginx([address])
+        runner.Nginx([address])
     assert "peer address" in str(info.value)
 
 
 def test_config_checks_again_when_written():
     """A peer changed after construction is caught by config() itself, before nginx.conf is written."""
-    ng = nginx.Nginx(["127.0.0.1:1"])
+    ng = runner.Nginx(["127.0.0.1:1"])
     ng.peers[0].address = INJECTION
     with pytest.raises(ValueError, match="peer address"):
         ng.config()
@@ -292,7 +293,7 @@ def test_worker_runs_unprivileged_as_root():
     if os.geteuid() != 0:
         pytest.skip("as a normal user nginx's worker runs as that user already (nginx cannot switch users)")
     with peers("up") as (up,):
-        with nginx.Nginx([str(up)]) as ng:
+        with runner.Nginx([str(up)]) as ng:
             assert "\nuser nobody " in "\n" + ng.config()
             assert ng.request() == "200"  # the worker can still proxy, write its logs and use its temp paths
             ps = subprocess.run(["ps", "-o", "user=,args=", "--ppid", str(ng.master_pid)], capture_output=True,
@@ -308,13 +309,13 @@ def test_worker_runs_unprivileged_as_root():
 @pytest.mark.parametrize("weights, keepalive", [((1, 1), 1), ((1, 1), 2), ((3, 1), 1), ((1,), 1)])
 def test_keepalive_model_predicts_which_requests_nginx_reuses(weights, keepalive):
     """The upstream's own record (which connection each request came on) for nginx and for the model."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     journal = []
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(HttpPeer(journal=journal)) for _ in weights]
         specs = [f"{s},weight={w}" for s, w in zip(servers, weights)]
-        with nginx.Nginx(specs, keepalive=keepalive) as ng:
+        with runner.Nginx(specs, keepalive=keepalive) as ng:
             assert [ng.request() for _ in range(8)] == ["200"] * 8
         theirs = [(s.peer, s.reused) for s in journal]
         journal.clear()
@@ -326,12 +327,12 @@ def test_keepalive_model_predicts_which_requests_nginx_reuses(weights, keepalive
 
 def test_keepalive_nginx_makes_one_connect_for_many_requests():
     require_tool("strace")
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     counts = {}
     with HttpPeer() as peer:
         for keepalive in (0, 4):
-            with nginx.Nginx([str(peer)], keepalive=keepalive, strace=True) as ng:
+            with runner.Nginx([str(peer)], keepalive=keepalive, strace=True) as ng:
                 for _ in range(5):
                     ng.request()
 
@@ -353,7 +354,7 @@ def test_keepalive_nginx_makes_one_connect_for_many_requests():
 ])
 def test_every_setting_is_checked_before_it_reaches_the_config(kwargs, words):
     with pytest.raises((ValueError, TypeError), match=words):
-        nginx.Nginx(["127.0.0.1:1"], **kwargs)
+        runner.Nginx(["127.0.0.1:1"], **kwargs)
 
 
 # -- the settings (issue 24 item 9, issue 19 A12, the oracle's settings) ----------------------------------------
@@ -372,7 +373,7 @@ LOCATION_INJECTION = "1;\n        }\n        location /x/ { alias /etc/; autoind
     ("peers", ["127.0.0.1:1"]),
 ])
 def test_settings_cannot_change_after_construction(name, value):
-    ng = nginx.Nginx(["127.0.0.1:1"])
+    ng = runner.Nginx(["127.0.0.1:1"])
     before = ng.config()
     with pytest.raises(AttributeError, match=name):
         setattr(ng, name, value)
@@ -388,17 +389,17 @@ def test_settings_cannot_change_after_construction(name, value):
 ])
 def test_config_checks_every_setting_again_when_written(name, value):
     """Even a setting forced past the guard (object.__setattr__) is refused by config(), by name."""
-    ng = nginx.Nginx(["127.0.0.1:1"])
+    ng = runner.Nginx(["127.0.0.1:1"])
     object.__setattr__(ng, name, value)
     with pytest.raises((ValueError, TypeError), match=name):
         ng.config()
 
 
 def test_a_peer_object_changed_after_construction_does_not_reach_the_config():
-    from nbconn.upstream import Peer
+    from nbconn.nginx.upstream import Server
 
-    peer = Peer("127.0.0.1:1")
-    ng = nginx.Nginx([peer])
+    peer = Server("127.0.0.1:1")
+    ng = runner.Nginx([peer])
     peer.address = INJECTION
     assert "autoindex" not in ng.config()
 
@@ -408,18 +409,18 @@ def test_connect_timeout_has_no_75s_cap():
     up to nbconn's own limit for every timer."""
     from nbconn import validate
 
-    ng = nginx.Nginx(["127.0.0.1:1"], connect_timeout=120)
+    ng = runner.Nginx(["127.0.0.1:1"], connect_timeout=120)
     assert "proxy_connect_timeout 120000ms;" in ng.config()
-    nginx.Nginx(["127.0.0.1:1"], connect_timeout=validate.MAX_TIMEOUT_S)
+    runner.Nginx(["127.0.0.1:1"], connect_timeout=validate.MAX_TIMEOUT_S)
     with pytest.raises(ValueError, match="connect_timeout"):
-        nginx.Nginx(["127.0.0.1:1"], connect_timeout=validate.MAX_TIMEOUT_S + 1)
+        runner.Nginx(["127.0.0.1:1"], connect_timeout=validate.MAX_TIMEOUT_S + 1)
 
 
 @pytest.mark.parametrize("kwargs, lines", [
     ({}, ["worker_processes 1;", "worker_connections 64;", "proxy_read_timeout 5000ms;",
           "proxy_next_upstream error timeout;"]),
     ({"next_upstream": ()}, ["proxy_next_upstream off;"]),
-    ({"next_upstream": nginx.PROXY_NEXT_UPSTREAM_KINDS},
+    ({"next_upstream": runner.PROXY_NEXT_UPSTREAM_KINDS},
      ["proxy_next_upstream error timeout invalid_header http_500 http_502 http_503 http_504 http_403 http_404 "
       "http_429 non_idempotent;"]),
     ({"next_upstream": ["http_502"]}, ["proxy_next_upstream http_502;"]),
@@ -431,7 +432,7 @@ def test_connect_timeout_has_no_75s_cap():
     ({"read_timeout": 0.25}, ["proxy_read_timeout 250ms;"]),
 ])
 def test_new_settings_in_the_config_text(kwargs, lines):
-    text = nginx.Nginx(["127.0.0.1:1"], **kwargs).config()
+    text = runner.Nginx(["127.0.0.1:1"], **kwargs).config()
     for line in lines:
         assert re.search(rf"^\s*{re.escape(line)}$", text, re.M), (line, text)
     if not kwargs.get("zone"):
@@ -470,7 +471,7 @@ def test_new_settings_refused_by_name_before_anything_exists(kwargs, error, word
     monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     with pytest.raises(error, match=re.escape(words)):
-        nginx.Nginx(["127.0.0.1:1"], **kwargs)
+        runner.Nginx(["127.0.0.1:1"], **kwargs)
 
 
 def test_real_nginx_runs_the_new_settings():
@@ -478,7 +479,7 @@ def test_real_nginx_runs_the_new_settings():
     import subprocess
 
     with peers("up") as (up,):
-        with nginx.Nginx([str(up)], next_upstream=nginx.PROXY_NEXT_UPSTREAM_KINDS, proxy_bind="127.0.0.1", workers=2,
+        with runner.Nginx([str(up)], next_upstream=runner.PROXY_NEXT_UPSTREAM_KINDS, proxy_bind="127.0.0.1", workers=2,
                          zone=True, worker_connections=16, read_timeout=2, connect_timeout=100) as ng:
             assert [ng.request() for _ in range(3)] == ["200"] * 3
             ps = subprocess.run(["ps", "-o", "args=", "--ppid", str(ng.master_pid)], capture_output=True,
@@ -490,17 +491,17 @@ def test_real_nginx_runs_the_new_settings():
 
 OWNER = r"""
 import os, sys, threading, time
-from nbconn import nginx
+from nbconn.nginx import runner
 
 how = sys.argv[2]
 if how == "thread":  # started from a thread that then ends: nginx must live on with the process
     box = []
-    t = threading.Thread(target=lambda: box.append(nginx.Nginx([sys.argv[1]]).start()))
+    t = threading.Thread(target=lambda: box.append(runner.Nginx([sys.argv[1]]).start()))
     t.start()
     t.join()
     ng = box[0]
 else:
-    ng = nginx.Nginx([sys.argv[1]]).start()
+    ng = runner.Nginx([sys.argv[1]]).start()
 if how == "fork" and os.fork() == 0:  # a forked child holds every inherited descriptor, then outlives us
     os.close(1)
     time.sleep(30)
@@ -612,7 +613,7 @@ def test_a_forked_child_leaving_the_with_block_does_not_stop_the_owners_nginx():
     import os
 
     with peers("up") as (up,):
-        with nginx.Nginx([str(up)]) as ng:
+        with runner.Nginx([str(up)]) as ng:
             pid = os.fork()
             if pid == 0:  # the child runs the with block's exit (stop()) on its copy
                 try:
@@ -630,7 +631,7 @@ def test_a_guard_killed_from_outside_takes_nginx_with_it_at_stop():
 
     from .test_lab_reliability import wait_for
 
-    ng = nginx.Nginx(["127.0.0.1:1"]).start()
+    ng = runner.Nginx(["127.0.0.1:1"]).start()
     try:
         master, prefix = ng.master_pid, ng.prefix
         workers = _children(master)
@@ -660,7 +661,7 @@ def test_nginx_runs_inside_a_lab_namespace():
     _lab_namespace_or_skip()
     with lab.namespace() as ns, ns.listening(http=True) as up, ns.refused() as down:
         before = ns.read_netstat()["Tcp"]["ActiveOpens"]
-        with nginx.Nginx([str(down), str(up)], netns=ns) as ng:
+        with runner.Nginx([str(down), str(up)], netns=ns) as ng:
             prefix, master = ng.prefix, ng.master_pid
             assert os.stat(f"/proc/{master}/ns/net").st_ino == os.stat(f"/proc/{ns.pid}/ns/net").st_ino
             assert os.stat(f"/proc/{master}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
@@ -693,9 +694,10 @@ def test_nginx_in_a_namespace_ends_with_its_owner():
     _lab_namespace_or_skip()
     code = r"""
 import sys, time
-from nbconn import lab, nginx
+from nbconn import lab
+from nbconn.nginx import runner
 with lab.namespace() as ns, ns.listening(http=True) as up:
-    ng = nginx.Nginx([str(up)], netns=ns).start()
+    ng = runner.Nginx([str(up)], netns=ns).start()
     assert ng.request() == "200"
     print(ng.prefix, ng.master_pid, ng.proc.pid, flush=True)
     time.sleep(60)
@@ -719,7 +721,7 @@ with lab.namespace() as ns, ns.listening(http=True) as up:
 
 def test_netns_must_be_a_lab_namespace():
     with pytest.raises(TypeError, match="netns"):
-        nginx.Nginx(["127.0.0.1:1"], netns="/proc/1/ns/net")
+        runner.Nginx(["127.0.0.1:1"], netns="/proc/1/ns/net")
 
 
 def test_nginx_in_the_client_namespace_connects_across_the_impaired_link():
@@ -733,7 +735,7 @@ def test_nginx_in_the_client_namespace_connects_across_the_impaired_link():
         pytest.skip(f"the impairment wire cannot run here: {reason}")
     with lab.impaired(delay_ms=15) as link, \
             lab_peers.listening(link.server_addr, http=True, source=link.server_ns) as up:
-        with nginx.Nginx([f"{link.server_addr}:{up.port}"], netns=link.client_ns, connect_timeout=2) as ng:
+        with runner.Nginx([f"{link.server_addr}:{up.port}"], netns=link.client_ns, connect_timeout=2) as ng:
             assert [ng.request() for _ in range(2)] == ["200"] * 2
             wait_for_access_log(ng, 2)
             access = ng.access_log()
@@ -747,7 +749,7 @@ def test_an_nginx_dropped_without_stop_ends_when_collected():
 
     from .test_lab_reliability import wait_for
 
-    ng = nginx.Nginx(["127.0.0.1:1"]).start()
+    ng = runner.Nginx(["127.0.0.1:1"]).start()
     master, guard, prefix = ng.master_pid, ng.proc.pid, ng.prefix
     del ng
     gc.collect()
@@ -758,7 +760,7 @@ def test_too_few_worker_connections_give_nginx_500_with_its_alert():
     """worker_connections 3: the listener, the channel and the client's connection leave none for the upstream;
     ngx_get_connection fails in ngx_event_connect_peer: NGX_ERROR, 500 at once, an [alert] line (issue 19 A8)."""
     with peers("up") as (up,):
-        with nginx.Nginx([str(up)], worker_connections=3) as ng:
+        with runner.Nginx([str(up)], worker_connections=3) as ng:
             assert [ng.request() for _ in range(2)] == ["500", "500"]
             wait_for_access_log(ng, 2)
             errors, access = ng.error_log(), ng.access_log()
@@ -771,11 +773,11 @@ def test_proxy_bind_reaches_nginx():
     """proxy_bind to an address this host lacks: bind() fails locally (no packet leaves), nginx answers 500 with
     one [crit] line naming the address without a port; to a loopback address it proxies as usual."""
     with peers("up") as (up,):
-        with nginx.Nginx([str(up)], proxy_bind="198.18.0.5") as ng:
+        with runner.Nginx([str(up)], proxy_bind="198.18.0.5") as ng:
             assert ng.request() == "500"
             wait_for_access_log(ng, 1)
             errors = ng.error_log()
-        with nginx.Nginx([str(up)], proxy_bind="127.0.0.2") as ng:
+        with runner.Nginx([str(up)], proxy_bind="127.0.0.2") as ng:
             assert ng.request() == "200"
     assert [(e.level, e.message) for e in errors] == [
         ("crit", "bind(198.18.0.5) failed (99: Cannot assign requested address) while connecting to upstream")]
@@ -788,7 +790,7 @@ def test_nginx_in_a_namespace_meets_its_sysctls():
     "connect() to PEER failed (99: ...)" (ngx_event_connect_peer) and answers 502."""
     _lab_namespace_or_skip()
     with lab.namespace() as ns, ns.listening(hold=True) as held:
-        with nginx.Nginx([str(held)], netns=ns, read_timeout=0.1, next_upstream=()) as ng:
+        with runner.Nginx([str(held)], netns=ns, read_timeout=0.1, next_upstream=()) as ng:
             ns.set_sysctl("net.ipv4.ip_local_port_range", "40000 40001")  # after nginx's listener took its port
             statuses = [ng.request() for _ in range(3)]
             wait_for_access_log(ng, 3)
@@ -802,14 +804,14 @@ def test_nginx_in_a_namespace_meets_its_sysctls():
 def test_keepalive_over_the_impaired_link_with_real_handshakes():
     """HttpPeer in the link's server namespace, nginx in its client namespace: a new upstream connection pays the
     link's round trip in $upstream_connect_time, a reused one nothing ("0.000") -- no rtt_ms stand-in."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
     from nbconn.lab import probe
 
     reason = probe.wire_unavailable_reason()
     if reason:
         pytest.skip(f"the impairment wire cannot run here: {reason}")
     with lab.impaired(delay_ms=10) as link, HttpPeer(link.server_addr, source=link.server_ns) as peer:
-        with nginx.Nginx([str(peer)], netns=link.client_ns, keepalive=4, connect_timeout=2) as ng:
+        with runner.Nginx([str(peer)], netns=link.client_ns, keepalive=4, connect_timeout=2) as ng:
             assert [ng.request() for _ in range(4)] == ["200"] * 4
             wait_for_access_log(ng, 4)
             times = [entry.connect_time[0] for entry in ng.access_log()]
@@ -825,7 +827,7 @@ def test_keepalive_over_the_impaired_link_with_real_handshakes():
     ({"source": "/proc/1/ns/net"}, TypeError, "source"),
 ])
 def test_http_peer_refuses_bad_host_or_source_by_name(kwargs, error, words):
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     with pytest.raises(error, match=words):
         HttpPeer(**kwargs)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import nbconn
-from nbconn import nginx
+from nbconn.nginx import runner
 from nbconn.lab import blackhole, listening
 
 from .conftest import require_tool, wait_for
@@ -220,7 +220,7 @@ def _worker_calls(lines, connect_to):
     return runs
 
 
-class _Nginx(nginx.Nginx):
+class _Nginx(runner.Nginx):
     """The runner with a few more lines in its location (proxy_bind, proxy_socket_keepalive)."""
 
     def __init__(self, peers, extra=(), **kwargs):
@@ -284,7 +284,7 @@ def _unix_http_peer():
 
 def _side_by_side(peer, connect_to, *, extra=(), requests=1, keepalive=0, status="200"):
     require_tool("strace")
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
     with _Nginx([str(peer)], extra=extra, keepalive=keepalive) as ng:
         assert [ng.request() for _ in range(requests)] == [status] * requests
@@ -294,7 +294,7 @@ def _side_by_side(peer, connect_to, *, extra=(), requests=1, keepalive=0, status
 
 
 def test_syscalls_tcp_success_same_as_the_nginx_worker():
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     with HttpPeer() as peer:
         theirs = _side_by_side(peer, f"htons({peer.port})")[0]
@@ -333,7 +333,7 @@ def test_syscalls_unix_success_same_as_the_nginx_worker():
 def test_syscalls_proxy_bind_same_as_the_nginx_worker():
     """proxy_bind without a port: IP_BIND_ADDRESS_NO_PORT after ioctl(FIONBIO), then bind(); SO_KEEPALIVE
     (proxy_socket_keepalive on) before ioctl."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     with HttpPeer() as peer:
         theirs = _side_by_side(peer, f"htons({peer.port})",
@@ -348,7 +348,7 @@ def test_syscalls_proxy_bind_same_as_the_nginx_worker():
 
 def test_syscalls_proxy_bind_transparent_same_as_the_nginx_worker():
     """proxy_bind ... transparent: IP_TRANSPARENT first, then IP_BIND_ADDRESS_NO_PORT, then bind()."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     from .conftest import require_root
 
@@ -364,7 +364,7 @@ def test_syscalls_proxy_bind_transparent_same_as_the_nginx_worker():
 
 def test_syscalls_keepalive_reuse_same_as_the_nginx_worker():
     """A cached connection (NGX_DONE): no socket(), no connect(); getsockopt(SO_ERROR), then writev()."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     with HttpPeer() as peer:
         runs = _side_by_side(peer, f"htons({peer.port})", requests=2, keepalive=4)
@@ -417,7 +417,7 @@ def test_nginx_exact_unix_passes_the_whole_sockaddr_un(no_fd_leak):
 
 
 def test_nginx_exact_through_measure_and_happy_eyeballs(no_fd_leak):
-    from nbconn import eyeballs, measure
+    from nbconn.experiments import eyeballs, measure
 
     with listening() as target, blackhole() as hole:
         m = measure.run(target, count=4, nginx_exact=True)
@@ -442,7 +442,7 @@ def test_reuse_needs_a_kept_connection():
 
 # -- which handler reads SO_ERROR, checked against the real worker's debug log (issue 19 A4) -----------------
 
-class _DebugNginx(nginx.Nginx):
+class _DebugNginx(runner.Nginx):
     """The runner with ``error_log ... debug`` (Debian's nginx is built --with-debug)."""
 
     def config(self):
@@ -454,7 +454,7 @@ def _nginx_handler_and_events(peer, port):
     which upstream handler ran first for it; and from the access log, $upstream_connect_time."""
     import os
 
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
     with _DebugNginx([str(peer)], next_upstream=()) as ng:
         ng.request()
@@ -480,7 +480,7 @@ def _nginx_handler_and_events(peer, port):
 @pytest.mark.parametrize("kind", ["refused", "listening"])
 def test_the_handler_that_reads_so_error_is_the_one_nginx_runs(kind, no_fd_leak):
     from nbconn.flow import PROCESS_HEADER, SEND_REQUEST
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
     from nbconn.lab import refused
     from nbconn.loop import event_names
 

@@ -1,4 +1,4 @@
-"""A retried answer and the keepalive cache: a real nginx 1.22.1 next to nbconn.upstream's model.
+"""A retried answer and the keepalive cache: a real nginx 1.22.1 next to nbconn.nginx.upstream's model.
 
 nginx 1.22.1 frees the peer of an answer retried as http_500/502/503/504/429 with NGX_PEER_FAILED, and the keepalive
 module saves no connection freed so (ngx_http_upstream_next, ngx_http_upstream.c lines 4292-4301;
@@ -13,16 +13,16 @@ import time
 
 import pytest
 
-from nbconn import nginx
-from nbconn.httpd import HttpPeer
-from nbconn.upstream import Upstream, run_requests
+from nbconn.nginx import runner
+from nbconn.nginx.httpd import HttpPeer
+from nbconn.nginx.upstream import Upstream, run_requests
 
 from .conftest import require_tool
 
 
 @pytest.fixture(autouse=True)
 def _need_nginx():
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
 
 
@@ -34,7 +34,7 @@ def _journals(status, body, kind, requests=4):
         specs = [f"{answering},max_fails=0", str(good)]
         names = {str(answering): "a", str(good): "b"}
         kinds = ("error", "timeout", kind)
-        with nginx.Nginx(specs, keepalive=4, next_upstream=kinds) as ng:
+        with runner.Nginx(specs, keepalive=4, next_upstream=kinds) as ng:
             statuses = [ng.request() for _ in range(requests)]
             time.sleep(0.05)
             connect_times = [e.connect_time for e in ng.access_log()]

@@ -1,4 +1,4 @@
-"""The nginx oracle (nbconn.oracle): the model against a real nginx 1.22.1, request by request.
+"""The nginx oracle (nbconn.nginx.oracle): the model against a real nginx 1.22.1, request by request.
 
 A few hand-made configurations pin the findings of issue 19 (proxy_bind's 500, http_502, "no live upstreams"
 after a timeout); a few seeded random ones widen the search.  `./dev fuzz-nginx N --seed S` runs many more.
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from nbconn import nginx, oracle
-from nbconn.oracle import Config, draw_config, normalise, run_config
+from nbconn.nginx import runner, oracle
+from nbconn.nginx.oracle import Config, draw_config, normalise, run_config
 
 from .conftest import require_tool
 
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def need_nginx():
-    if nginx.unavailable_reason():
+    if runner.unavailable_reason():
         require_tool("nginx")
 
 
@@ -148,7 +148,7 @@ def test_normalise_merges_only_the_reset_race():
 @pytest.mark.parametrize("args, words", [(["x"], "N 'x'"), (["0"], "N '0'"), (["2", "--seed", "-1"], "--seed '-1'"),
                                          (["1001"], "N '1001'"), ([], "required: N"), (["1", "--bogus"], "--bogus")])
 def test_cli_bad_input_is_one_line_exit_2(args, words):
-    out = subprocess.run([sys.executable, "-m", "nbconn.oracle", *args], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "nbconn.nginx.oracle", *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == ""
 
@@ -156,13 +156,13 @@ def test_cli_bad_input_is_one_line_exit_2(args, words):
 def test_dev_names_fuzz_nginx():
     with open(os.path.join(ROOT, "dev")) as f:
         text = f.read()
-    assert "fuzz-nginx)" in text and "-m nbconn.oracle" in text
+    assert "fuzz-nginx)" in text and "-m nbconn.nginx.oracle" in text
 
 
 def test_the_oracle_catches_the_old_model(need_nginx, monkeypatch):
     """The model before issue 19 treated a failing bind() as an ordinary error try (next peer, failure counted,
     502, then "no live upstreams").  Put that back: the oracle must disagree on every request."""
-    from nbconn import upstream
+    from nbconn.nginx import upstream
 
     def as_before(self, nginx_log, level):
         self.report("error", nginx_log=nginx_log, level=level)

@@ -35,7 +35,7 @@ def _assigned_names(tree):
 @pytest.mark.parametrize("name, home", [
     ("SCENARIOS", "nbconn/validate.py"),
     ("CAPTURE_SCENARIOS", "nbconn/validate.py"),
-    ("OUTCOME_COLOURS", "nbconn/plots.py"),
+    ("OUTCOME_COLOURS", "nbconn/view/plots.py"),
 ])
 def test_a_table_is_defined_in_its_home_only(name, home):
     where = [f"{path}:{line}" for path, text in _sources("nbconn", "benchmarks")
@@ -60,7 +60,7 @@ def test_colours_and_tool_lookups_have_one_home():
     where = []
     for path, text in _sources("nbconn"):
         for n, line in enumerate(text.splitlines(), 1):
-            if "#d62828" in line.lower() and path != "nbconn/plots.py":
+            if "#d62828" in line.lower() and path != "nbconn/view/plots.py":
                 where.append(f"{path}:{n}: {line.strip()}")
             if "shutil.which(" in line and path != "nbconn/systools.py":
                 where.append(f"{path}:{n}: {line.strip()}")

@@ -17,7 +17,9 @@ import sys
 import pytest
 
 import nbconn
-from nbconn import eyeballs, measure, tls, validate
+from nbconn.experiments import eyeballs, measure
+from nbconn.nginx import tls
+from nbconn import validate
 from nbconn.flow import make_plan
 from nbconn.lab import blackhole, listening, refused
 from nbconn.settings import Settings
@@ -204,7 +206,7 @@ def test_nginx_exact_through_connect_tls(no_fd_leak):
 
 
 def test_nginx_exact_through_the_panel():  # (the timeline's figure opens matplotlib's fonts for good)
-    from nbconn import widgets
+    from nbconn.view import widgets
 
     given = Settings(timeout=2.0, nginx_exact=True, rcvbuf=8192, nodelay=True)
     panel = widgets.LabPanel(settings=given)

@@ -1,4 +1,4 @@
-"""The upstream TLS handshake on nbconn's loop (nbconn.tls) against the lab's TLS peers (nbconn.lab.tlspeers).
+"""The upstream TLS handshake on nbconn's loop (nbconn.nginx.tls) against the lab's TLS peers (nbconn.lab.tlspeers).
 
 Real sockets on loopback and AF_UNIX paths, real OpenSSL on both sides; the CA is made at run time.
 No upper time bounds: the timer tests check only what the timer guarantees (it never fires early).
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from nbconn import tls
+from nbconn.nginx import tls
 from nbconn.errors import NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT
 from nbconn.lab import tlspeers
 
@@ -466,12 +466,12 @@ def _eagain_reads_per_wake(lines: list[str]) -> list[tuple[str, int]]:
 
 
 class _HTTPSNginx:
-    """nbconn.nginx.Nginx with proxy_pass https://: verify against the lab CA, the name "localhost", no SNI (the
+    """nbconn.nginx.runner.Nginx with proxy_pass https://: verify against the lab CA, the name "localhost", no SNI (the
     default), no session reuse (so every request makes a full handshake)."""
 
     @staticmethod
     def make(peer, cafile: str, timeout: float, protocols: str = ""):
-        from nbconn.nginx import Nginx
+        from nbconn.nginx.runner import Nginx
 
         class HTTPSNginx(Nginx):
             def config(self):
@@ -495,7 +495,7 @@ def test_handshake_matches_a_real_nginx(pki, case):
     """The same peer, a real nginx 1.22.1 worker and `nbconn connect --tls --nginx-exact`, both under strace:
     the same record writes and reads on the upstream socket, the same error-log line, level and response.
     "version": proxy_ssl_protocols TLSv1.3 against a TLS 1.2-only peer: "SSL_do_handshake() failed (SSL: ...)"."""
-    from nbconn import nginx as nginx_mod
+    from nbconn.nginx import runner as nginx_mod
 
     require_tool("strace")
     if nginx_mod.unavailable_reason():
@@ -594,8 +594,8 @@ def test_session_reuse_matches_a_real_nginx(pki):
     """proxy_ssl_session_reuse on (nginx's default), TLS 1.2 (nginx 1.22.1's default upper version): two requests
     through a real nginx and `nbconn connect --tls --reuse`: TCP_NODELAY before each handshake, a full
     handshake then an abbreviated one (the server's CCS and Finished answer the ClientHello: one round trip)."""
-    from nbconn import nginx as nginx_mod
-    from nbconn.nginx import Nginx
+    from nbconn.nginx import runner as nginx_mod
+    from nbconn.nginx.runner import Nginx
 
     require_tool("strace")
     if nginx_mod.unavailable_reason():

@@ -158,7 +158,7 @@ def test_round_trips_count_out_then_in_changes():
 def test_capture_over_the_link_shows_the_records(pki):
     """A real TLS 1.2 handshake across the 20 ms link, captured with payload: the records are read from the
     segments, and their data flights up to both Finished messages make two round trips."""
-    from nbconn import tls
+    from nbconn.nginx import tls
     from nbconn.experiments import nb15
     from nbconn.lab import wire
     from nbconn.lab.capture import Capture

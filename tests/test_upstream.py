@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nbconn import lab
-from nbconn.upstream import Peer, Upstream, run_requests
+from nbconn.nginx.upstream import Server, Upstream, run_requests
 
 
 class Clock:
@@ -30,13 +30,13 @@ def picks(up, n, outcome="connected"):
 
 
 def test_smooth_weighted_round_robin_spreads_picks():
-    up = Upstream([Peer("127.0.0.1:1", weight=5), Peer("127.0.0.1:2"), Peer("127.0.0.1:3")], clock=Clock())
+    up = Upstream([Server("127.0.0.1:1", weight=5), Server("127.0.0.1:2"), Server("127.0.0.1:3")], clock=Clock())
     assert [a[-1] for a in picks(up, 7)] == list("1121311")  # nginx: a a b a c a a
 
 
 def test_failed_peer_is_disabled_for_fail_timeout_then_retried():
     clock = Clock()
-    a, b = Peer("127.0.0.1:1", fail_timeout=10), Peer("127.0.0.1:2", fail_timeout=10)
+    a, b = Server("127.0.0.1:1", fail_timeout=10), Server("127.0.0.1:2", fail_timeout=10)
     up = Upstream([a, b], clock=clock)
     req = up.request()
     assert req.next_peer() is a
@@ -98,7 +98,7 @@ def test_fail_timeout_counts_whole_wall_clock_seconds():
     reading of another clock)."""
     clock = Clock()
     clock.t = 1000.9
-    a, b = Peer("127.0.0.1:1", fail_timeout=1), Peer("127.0.0.1:2", fail_timeout=1)
+    a, b = Server("127.0.0.1:1", fail_timeout=1), Server("127.0.0.1:2", fail_timeout=1)
     up = Upstream([a, b], clock=clock)
     req = up.request()
     req.next_peer()
@@ -152,20 +152,20 @@ def test_next_upstream_off_and_tries():
 ])
 def test_bad_peer_specs_named(spec, words):
     with pytest.raises((ValueError, TypeError)) as info:
-        Peer.parse(spec)
+        Server.parse(spec)
     assert words in str(info.value)
 
 
 @pytest.mark.parametrize("text, seconds", [("10", 10), ("10s", 10), ("1m", 60), ("1m30s", 90), ("1h", 3600),
                                            ("1d", 86400), ("0", 0), ("1m5", 65)])
 def test_fail_timeout_in_nginx_time_units(text, seconds):
-    assert Peer.parse(f"127.0.0.1:1,fail_timeout={text}").fail_timeout == seconds
+    assert Server.parse(f"127.0.0.1:1,fail_timeout={text}").fail_timeout == seconds
 
 
 @pytest.mark.parametrize("spec, address", [("127.0.0.1", "127.0.0.1:80"), ("[::1]", "[::1]:80"),
                                            ("127.0.0.1:81", "127.0.0.1:81"), ("127.0.0.1,weight=2", "127.0.0.1:80")])
 def test_peer_without_port_means_80(spec, address):
-    assert Peer.parse(spec).address == address
+    assert Server.parse(spec).address == address
 
 
 def test_real_connects_refused_first_then_listening():
@@ -185,7 +185,7 @@ def test_cli_json_shape():
     first = data["requests"][0]
     assert set(first) == {"attempts", "result", "upstream_addr", "log"}
     assert first["upstream_addr"] == str(upp) and data["requests"][1]["upstream_addr"] == f"{down}, {upp}"
-    assert set(first["attempts"][0]) == {"peer", "outcome", "connect_ms", "stage", "disabled", "reused"}
+    assert set(first["attempts"][0]) == {"peer", "outcome", "connect_ms", "action", "disabled", "reused"}
     assert first["log"] == [] and data["requests"][1]["log"] == ["[error] connect() failed (111: Connection refused) while connecting to upstream",
                             "[warn] upstream server temporarily disabled while connecting to upstream"]
     bad = subprocess.run([sys.executable, "-m", "nbconn", "upstream", "--peer", "127.0.0.1:1,weight=-1"],
@@ -244,7 +244,7 @@ def test_cli_help_lists_down_and_http_mode_sees_the_reset():
 # -- keepalive: ngx_http_upstream_keepalive_module ------------------------------------------------------
 
 def test_keepalive_cache_is_lru_over_all_peers_without_io():
-    from nbconn.upstream import KeptConnection
+    from nbconn.nginx.upstream import KeptConnection
 
     up = Upstream(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], clock=Clock(), keepalive=2)
     assert up.keepalive_get("127.0.0.1:1") is None
@@ -264,14 +264,14 @@ def test_reused_connection_that_fails_gives_its_try_back():
     req = up.request()
     req.next_peer()
     req.report("closed", 0.0, nginx_log="upstream prematurely closed connection while reading response header "
-               "from upstream", stage="reading response header from upstream", reused=True)
+               "from upstream", action="reading response header from upstream", reused=True)
     assert req.result is None and req.next_peer() is not None
-    req.report("ok", 0.1, stage="reading response header from upstream")
+    req.report("ok", 0.1, action="reading response header from upstream")
     assert req.result == "200" and [a.reused for a in req.attempts] == [True, False]
 
 
 def test_cli_keepalive_reused_attempts_make_no_connect():
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     from .conftest import require_tool
 
@@ -293,7 +293,7 @@ def test_cli_keepalive_reused_attempts_make_no_connect():
 def test_http_peer_leaves_no_thread_or_socket():
     import threading
 
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     before = threading.active_count()
     with HttpPeer() as peer:
@@ -309,7 +309,7 @@ def test_http_peer_leaves_no_thread_or_socket():
 def test_failure_before_connect_is_500_at_once_and_counts_no_failure():
     """ngx_event_connect_peer's NGX_ERROR (here bind() for proxy_bind): ngx_http_upstream_connect finalizes with 500,
     no next peer; finalize_request frees the peer with state 0, so the next request does not see it disabled."""
-    a, b = Peer("127.0.0.1:1"), Peer("127.0.0.1:2")
+    a, b = Server("127.0.0.1:1"), Server("127.0.0.1:2")
     up = Upstream([a, b], clock=Clock())
     req = up.request()
     assert req.next_peer() is a
@@ -353,15 +353,15 @@ def test_no_live_upstreams_after_a_timeout_ends_502_not_504():
 def test_http_502_is_retried_only_when_listed_and_not_on_the_last_try():
     """ngx_http_upstream_test_next: the 502 goes on to the next peer (a failure for the round robin, [warn] when it
     disables) while u->peer.tries > 1; on the last try the 502 goes to the client and counts as a success."""
-    a, b = Peer("127.0.0.1:1"), Peer("127.0.0.1:2")
+    a, b = Server("127.0.0.1:1"), Server("127.0.0.1:2")
     up = Upstream([a, b], clock=Clock())
     req = up.request(next_upstream=("error", "timeout", "http_502"))
     req.next_peer()
-    req.report("ok", stage="reading response header from upstream", status=502)
+    req.report("ok", action="reading response header from upstream", status=502)
     assert req.result is None and a.fails == 1 and req.attempts[0].failure == "http_502"
     assert req.log == ["[warn] upstream server temporarily disabled while reading response header from upstream"]
     req.next_peer()
-    req.report("ok", stage="reading response header from upstream", status=502)  # the last try: passed on
+    req.report("ok", action="reading response header from upstream", status=502)  # the last try: passed on
     assert req.result == "502" and b.fails == 0 and req.upstream_addr == "127.0.0.1:1, 127.0.0.1:2"
     plain = Upstream(["127.0.0.1:1", "127.0.0.1:2"], clock=Clock()).request()  # http_502 not listed
     plain.next_peer()
@@ -376,8 +376,8 @@ def test_http_502_is_retried_only_when_listed_and_not_on_the_last_try():
 
 
 def test_http_403_and_404_go_on_without_counting_a_failure():
-    a = Peer("127.0.0.1:1")
-    up = Upstream([a, Peer("127.0.0.1:2"), Peer("127.0.0.1:3")], clock=Clock())
+    a = Server("127.0.0.1:1")
+    up = Upstream([a, Server("127.0.0.1:2"), Server("127.0.0.1:3")], clock=Clock())
     req = up.request(next_upstream=("http_404",))
     req.next_peer()
     req.report("ok", status=404)
@@ -420,7 +420,7 @@ def test_proxy_bind_towards_an_af_unix_peer_is_einval():
 
 def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none():
     """What nginx 1.22.1 answered with worker_connections 4, keepalive 2 and peers [closes, keeps]: 200 200 500 200."""
-    from nbconn.httpd import HttpPeer
+    from nbconn.nginx.httpd import HttpPeer
 
     with lab.listening(http=True) as closes, HttpPeer() as keeps:
         with Upstream([str(closes), str(keeps)], keepalive=2, worker_connections=4) as up:
@@ -430,7 +430,7 @@ def test_worker_connections_not_enough_is_500_and_a_cached_connection_needs_none
     assert reqs[2].upstream_addr == "" and reqs[3].attempts[0].reused
 
 
-@pytest.mark.parametrize("pair", sorted(__import__("nbconn.upstream").upstream.BIND_FAMILY_ERRNO))
+@pytest.mark.parametrize("pair", sorted(__import__("nbconn.nginx.upstream").nginx.upstream.BIND_FAMILY_ERRNO))
 def test_bind_family_errnos_are_the_kernels(pair):
     """The table the model answers proxy_bind-towards-another-family with, checked against this kernel: bind() of
     the other family's sockaddr (nginx's length for it) on the peer's kind of socket."""
@@ -438,7 +438,7 @@ def test_bind_family_errnos_are_the_kernels(pair):
     import socket
     import struct
 
-    from nbconn.upstream import BIND_FAMILY_ERRNO
+    from nbconn.nginx.upstream import BIND_FAMILY_ERRNO
 
     sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 0) + socket.inet_aton("127.0.0.1") + bytes(8)
     sin6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 0) + bytes(4)
@@ -464,7 +464,7 @@ def test_stale_epollout_after_two_handouts_of_a_slot_waits_send_timeout(first):
     """nginx 1.22.1's one-bit stale-event check (run_request's docstring), found by the oracle: a failure judged in
     a read handler, then a connect() failing at once (a missing AF_UNIX path), then a pending connect (a black
     hole): the old event's EPOLLOUT runs the new connection's write handler, and nginx waits proxy_send_timeout."""
-    from nbconn.oracle import status_peer
+    from nbconn.nginx.oracle import status_peer
 
     maker = lab.refused if first == "refused" else (lambda: status_peer(502))
     with maker() as bad, lab.unix_missing() as missing, lab.blackhole() as hole:
@@ -472,7 +472,7 @@ def test_stale_epollout_after_two_handouts_of_a_slot_waits_send_timeout(first):
         req = run_requests(up, 1, timeout=0.1, http=True, next_upstream=("error", "timeout", "http_502"))[0]
         assert [a.peer for a in req.attempts] == [str(bad), str(missing), str(hole)]
         assert req.log[-1] == "[error] upstream timed out (110: Connection timed out) while sending request to upstream"
-        assert req.attempts[-1].stage == "sending request to upstream" and up.unwaited_s == pytest.approx(59.9)
+        assert req.attempts[-1].action == "sending request to upstream" and up.unwaited_s == pytest.approx(59.9)
         assert up.now() == 1000 + 59  # the model's ngx_time() reads the 60 s nginx waited
         # one handout (no missing path in between): the bit differs, the stale event is dropped, the timer decides
         up = Upstream([f"{bad},weight=2,max_fails=0", f"{hole},max_fails=0"], clock=Clock())

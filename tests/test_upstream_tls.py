@@ -1,12 +1,12 @@
 """The TLS stage of the upstream model (``proxy_pass https://``), by hand and next to a real nginx 1.22.1.
 
-nbconn.upstream.run_request(..., tls=TLSClient) runs the handshake after each connect that succeeds
-(nbconn.tls.connect_tls, its verdict table) and does with a failure what ngx_http_upstream_ssl_handshake does.
+nbconn.nginx.upstream.run_request(..., tls=TLSClient) runs the handshake after each connect that succeeds
+(nbconn.nginx.tls.connect_tls, its verdict table) and does with a failure what ngx_http_upstream_ssl_handshake does.
 The real-nginx test runs the lab's TLS peers (good, silent after the TCP accept, untrusted certificate, TLS
 1.2-only under a TLS 1.3-only client) through a private nginx and through the model, request by request:
 status, $upstream_addr, the error-log lines with their levels, and what the following requests show of the
 failure counting (the [warn] and the peers skipped).  The same run's raw error-log lines go through
-``nbconn why`` (nbconn.why.decode): real lines, not typed ones.
+``nbconn why`` (nbconn.nginx.why.decode): real lines, not typed ones.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from nbconn import oracle, tls, upstream, why
+from nbconn.nginx import oracle, tls, upstream, why
 from nbconn.errors import NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT
 from nbconn.lab import tlspeers
 
@@ -47,7 +47,7 @@ def _nginx_like(client: tls.TLSClient) -> None:
 # -- by hand: the model alone -------------------------------------------------------------------------------
 
 def test_the_stage_text_is_the_handshakes_log_action():
-    """One text: the model's stage and the action nbconn.tls writes into its lines (ngx_http_upstream.c line 1727)."""
+    """One text: the model's stage and the action nbconn.nginx.tls writes into its lines (ngx_http_upstream.c line 1727)."""
     assert upstream.SSL_HANDSHAKING == tls.ACTION
 
 
@@ -67,7 +67,7 @@ def test_handshake_failures_walk_on_and_count_as_failures(pki, no_fd_leak):
     assert first.result == "200" and first.upstream_addr == f"{silent}, {rogue}, {good}"
     assert first.log == [_WARN, _TIMED_OUT, _UNTRUSTED, _WARN]
     assert [a.failure for a in first.attempts] == ["timeout", "error", None]
-    assert [a.stage for a in first.attempts[:2]] == [upstream.SSL_HANDSHAKING] * 2
+    assert [a.action for a in first.attempts[:2]] == [upstream.SSL_HANDSHAKING] * 2
     # the connect timer covered connect and handshake: the silent try took at least proxy_connect_timeout
     assert first.attempts[0].connect_ms >= TIMEOUT * 1000
     assert fails == [1, 1, 0]
@@ -114,7 +114,7 @@ CASES = {
     # takes SSL_ERROR_SYSCALL with no OpenSSL error queued for a clean shutdown: "prematurely closed", not
     # "SSL_read() failed"
     "after": ([("reset", {"max_fails": 1}), ("good", {"max_fails": 1})], "", ("error", "timeout"), 2),
-    # nbconn.upstream's stale-event corner, https: a failure read in the read handler (a plain HTTP answer 50 ms
+    # nbconn.nginx.upstream's stale-event corner, https: a failure read in the read handler (a plain HTTP answer 50 ms
     # after the ClientHello: surely after a wait, on EPOLLIN|EPOLLOUT), a connect() that fails at once (a missing
     # unix path), then a pending one (SYNs dropped): the old event's EPOLLOUT runs the new connection's
     # send_request_handler -> ssl_init_connection, and the connect's timer ends it as a handshake timeout
@@ -145,7 +145,7 @@ def test_tls_stage_matches_a_real_nginx(pki, case):
     """Status, $upstream_addr, the error-log lines (level and text, in order) of every request, nginx's and
     the model's, on the same peers; fail_timeout 30 s so that no second boundary matters.  Then ``nbconn why``
     decodes each of nginx's raw TLS lines: the handshake step, FT_ERROR / FT_TIMEOUT, the level, the peer counted."""
-    from nbconn import nginx as nginx_mod
+    from nbconn.nginx import runner as nginx_mod
 
     if nginx_mod.unavailable_reason():
         pytest.skip(nginx_mod.unavailable_reason())
@@ -207,10 +207,10 @@ def test_tls_stage_matches_a_real_nginx(pki, case):
 
 @pytest.mark.slow
 def test_random_https_configurations_agree_with_a_real_nginx(pki):
-    """nbconn.oracle --tls: seeded random proxy_pass https:// configurations (the TLS peers among refused,
+    """nbconn.nginx.oracle --tls: seeded random proxy_pass https:// configurations (the TLS peers among refused,
     black-hole and missing-unix ones; weights, max_fails, backup, next_upstream kinds, tries, fail_timeout's edge),
     nginx and the model request by request.  `./dev fuzz-nginx N --tls --seed S` runs more."""
-    from nbconn import nginx as nginx_mod
+    from nbconn.nginx import runner as nginx_mod
 
     if nginx_mod.unavailable_reason():
         pytest.skip(nginx_mod.unavailable_reason())
@@ -248,7 +248,7 @@ def test_cli_upstream_tls_walks_past_handshake_failures(pki):
     assert done.returncode == 0, done.stderr
     first, second = json.loads(done.stdout)["requests"]
     assert first["result"] == "200" and first["log"] == [_WARN, _TIMED_OUT, _UNTRUSTED, _WARN]
-    assert [a["stage"] for a in first["attempts"][:2]] == [upstream.SSL_HANDSHAKING] * 2
+    assert [a["action"] for a in first["attempts"][:2]] == [upstream.SSL_HANDSHAKING] * 2
     assert second["upstream_addr"] == str(good) and second["log"] == []
 
 

@@ -68,7 +68,7 @@ def test_eagain_means_refused_at_connect_but_alert_from_so_error():
 
 
 def test_timer_is_ft_timeout_logged_at_error():
-    v = verdict("timer", None)
+    v = verdict("timeout", None)
     assert v == ("timed_out", "NGX_HTTP_UPSTREAM_FT_TIMEOUT", "NGX_HTTP_UPSTREAM_FT_TIMEOUT", "error",
                  "upstream timed out (110: Connection timed out) while connecting to upstream")
 
@@ -98,13 +98,13 @@ def test_ignored_setsockopt_failures_go_on_with_a_log_line():
     assert verdict("setsockopt", E.EINVAL, detail="nodelay").ngx_code is None
 
 
-@pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("connect", "so_error", "timer", "get_connection")])
+@pytest.mark.parametrize("stage", [s for s in STAGES if s not in ("connect", "so_error", "timeout", "get_connection")])
 def test_success_before_connect_goes_on(stage):
     assert verdict(stage, 0) == (None,) * 5
 
 
 def test_outcome_colours_cover_every_outcome():
-    from nbconn import plots
+    from nbconn.view import plots
 
     assert set(plots.OUTCOME_COLOURS) == set(errors.OUTCOMES)
 

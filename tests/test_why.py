@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from nbconn import why
+from nbconn.nginx import why
 
 from .conftest import require_tool
 
@@ -350,7 +350,7 @@ def test_unreadable_file_exit_2(tmp_path):
 
 def _run_as_nobody(path: str):
     code = ("import os, sys, gzip, zlib, json, stat\n"
-            "import nbconn.cli as cli, nbconn.why\n"
+            "import nbconn.cli as cli, nbconn.nginx.why\n"
             "cli.build_parser()\n"
             "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
             f"sys.exit(cli.main(['why', '--log', {str(path)!r}]))\n")
@@ -378,7 +378,7 @@ def test_reproduce_makes_the_same_cause_in_the_model_and_a_real_nginx(line, no_f
     import shutil
     import tempfile
 
-    from nbconn import reproduce
+    from nbconn.nginx import reproduce
 
     require_tool("nginx")
     # a temporary directory of this test's own (other work shares /tmp), passable for nginx's worker
@@ -415,7 +415,7 @@ def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(l
     import shutil
     import tempfile
 
-    from nbconn import reproduce
+    from nbconn.nginx import reproduce
     from nbconn.lab import namespace_unavailable_reason
 
     reason = namespace_unavailable_reason()
@@ -441,7 +441,7 @@ def test_reproduce_in_a_lab_namespace_runs_the_model_and_a_real_nginx_in_there(l
 
 
 def test_reproduce_worker_connections_with_a_real_nginx(no_fd_leak):
-    from nbconn import reproduce
+    from nbconn.nginx import reproduce
 
     require_tool("nginx")
     rep = reproduce.reproduce(why.decode(CASES[15][0]))  # "1024 worker_connections are not enough"
@@ -453,7 +453,7 @@ def test_reproduce_worker_connections_with_a_real_nginx(no_fd_leak):
 
 
 def test_reproduce_says_what_it_cannot_make_here():
-    from nbconn import reproduce
+    from nbconn.nginx import reproduce
 
     for line in ("connect() failed (113: No route to host) while connecting to upstream",
                  "connect() failed (101: Network is unreachable) while connecting to upstream",

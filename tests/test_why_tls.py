@@ -1,7 +1,7 @@
 """``nbconn why`` on the upstream TLS handshake's lines (proxy_pass https://).
 
-Pure: every line here is built by nbconn.tls.handshake_verdict -- the one table of what nginx 1.22.1 makes of
-a handshake's end -- and read back by nbconn.why, so the two cannot drift apart.  The lines a real nginx 1.22.1
+Pure: every line here is built by nbconn.nginx.tls.handshake_verdict -- the one table of what nginx 1.22.1 makes of
+a handshake's end -- and read back by nbconn.nginx.why, so the two cannot drift apart.  The lines a real nginx 1.22.1
 wrote are decoded in tests/test_upstream_tls.py::test_tls_stage_matches_a_real_nginx (captured there, not typed).
 """
 
@@ -11,14 +11,14 @@ import errno
 
 import pytest
 
-from nbconn import tls, why
+from nbconn.nginx import tls, why
 from nbconn.errors import NGX_HTTP_UPSTREAM_FT_ERROR, NGX_HTTP_UPSTREAM_FT_TIMEOUT
 
 _CONTEXT = (', client: 127.0.0.1, server: , request: "GET / HTTP/1.0", upstream: "https://127.0.0.1:4433/", '
             'host: "nbconn"')
 
 VERDICTS = [
-    (("timer",), {}, "tls_timeout"),
+    (("timeout",), {}, "tls_timeout"),
     (("verify",), {"verify_code": 21, "verify_message": "unable to verify the first certificate"}, "tls_verify"),
     (("hostname",), {"server_name": "wrong.example"}, "tls_name"),
     (("closed",), {"err": 0}, "tls_closed"),
@@ -93,7 +93,7 @@ def test_handshake_texts_under_another_action_are_outside():
 
 def test_summary_counts_tls_causes():
     summary = why.Summary()
-    v = tls.handshake_verdict("timer")
+    v = tls.handshake_verdict("timeout")
     for second in ("01", "01", "02"):
         summary.add(f"2026/12/03 12:00:{second} [error] 1#1: *1 {v.log}{_CONTEXT}")
     done = summary.finish()
@@ -112,17 +112,17 @@ def test_reason_of_code_inverts_openssl_error_string():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, kwargs", [
-    ("timer", {}),
+    ("timeout", {}),
     ("verify", {"verify_code": 21, "verify_message": "unable to verify the first certificate"}),
     ("ssl", {"reason": "TLSV1_ALERT_PROTOCOL_VERSION", "reason_text": "tlsv1 alert protocol version"}),
     ("ssl", {"reason": "WRONG_VERSION_NUMBER", "reason_text": "wrong version number"}),
     ("closed", {"err": 0}),
 ], ids=["timeout", "verify", "protocol_version", "wrong_version_number", "closed"])
 def test_reproduce_tls_lines_with_the_model_and_a_real_nginx(kind, kwargs, no_fd_leak):
-    from nbconn import nginx, reproduce
+    from nbconn.nginx import runner, reproduce
 
-    if nginx.unavailable_reason():
-        pytest.skip(nginx.unavailable_reason())
+    if runner.unavailable_reason():
+        pytest.skip(runner.unavailable_reason())
     if tls._openssl() is None:
         pytest.skip("the SSL object of CPython's ssl module cannot be reached here (nginx's verify order)")
     answer = why.decode(tls.handshake_verdict(kind, **kwargs).log)

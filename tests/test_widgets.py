@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from nbconn import lab, widgets
+from nbconn import lab
+from nbconn.view import widgets
 from nbconn.settings import Settings
 
 from .conftest import open_fds, wait_for
@@ -323,7 +324,7 @@ def test_impaired_scenario_note_points_to_recordings_and_the_reason(monkeypatch)
     p.scenario.value = "impaired link (delay/jitter/loss)"
     assert p.delay_ms.disabled and "cannot run here" in p.wire_note.value
     assert "Permission denied" in p.wire_note.value and "wire_unavailable_reason()" in p.wire_note.value
-    assert "nbconn.data.load(" in p.wire_note.value
+    assert "nbconn.experiments.data.load(" in p.wire_note.value
     p.connect()
     assert "impaired link cannot run here" in p.status_text
 
@@ -374,7 +375,7 @@ def test_scenario_notes_say_what_a_connect_shows(panel, scenario, connect_return
 def test_timeline_step_labels_do_not_overprint(panel):
     from matplotlib.text import Text
 
-    from nbconn import plots
+    from nbconn.view import plots
 
     panel.scenario.value = BLACK_HOLE  # steps microseconds apart on an axis of 0.2 s: they used to pile up at 0
     panel.timeout.value = 0.2

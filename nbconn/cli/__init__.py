@@ -7,8 +7,8 @@ the lab or the wire cannot run here: one line, no traceback); 2 bad input only -
 one line on stderr naming the bad value, before any socket, namespace or process
 exists; 130 interrupted.
 
-This package owns every subcommand; the library modules (``nbconn.measure``,
-``nbconn.upstream``, ``nbconn.record``, ...) know nothing about it and never
+This package owns every subcommand; the library modules (``nbconn.experiments.measure``,
+``nbconn.nginx.upstream``, ``nbconn.experiments.record``, ...) know nothing about it and never
 import it.  One module per subcommand, each with::
 
     NAME = "connect"                       # the word typed on the command line

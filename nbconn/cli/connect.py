@@ -2,11 +2,11 @@
 
 With several targets (the addresses of one name) it walks them in order as an nginx request
 walks its peers under ``proxy_next_upstream``; with ``--happy-eyeballs SECONDS`` it races them
-RFC 8305's way instead (:mod:`nbconn.eyeballs`).  ``--json`` then prints
+RFC 8305's way instead (:mod:`nbconn.experiments.eyeballs`).  ``--json`` then prints
 ``{"winner": "HOST:PORT" or null, "elapsed_ms": ..., "attempts": [Result dicts]}``.
 
 With ``--tls`` the connect is followed by the upstream TLS handshake nginx runs for ``proxy_pass https://``
-(:mod:`nbconn.cli.connect_tls`, :mod:`nbconn.tls`).
+(:mod:`nbconn.cli.connect_tls`, :mod:`nbconn.nginx.tls`).
 
 Exit 0 connected, 1 the connect failed or timed out (the trace says how).
 """
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_race(args: argparse.Namespace) -> int:
     """Several addresses: nginx's walk, or happy eyeballs with --happy-eyeballs."""
-    from .. import eyeballs, validate
+    from ..experiments import eyeballs
+    from .. import validate
     from ..strace import c_escape
 
     settings = settings_from_args(args, keep=False)

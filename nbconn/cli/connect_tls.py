@@ -7,7 +7,7 @@ here.  Everything is checked -- flags, the CA file, the server name -- before an
 
 ``--reuse`` runs the handshake twice with one client, as nginx's ``proxy_ssl_session_reuse on`` does for
 two requests to one peer: the first saves its session, the second offers it.  ``--json`` then prints
-``{"attempts": [first, second], "resumed": bool}``, else one :meth:`nbconn.tls.TLSResult.to_dict`.
+``{"attempts": [first, second], "resumed": bool}``, else one :meth:`nbconn.nginx.tls.TLSResult.to_dict`.
 
 Exit 0 when every handshake completed (and, with --reuse, the second was resumed is *reported*, not
 required: a server may refuse), 1 otherwise.
@@ -24,7 +24,7 @@ TLS_VERSIONS = ("1.2", "1.3")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TLS (proxy_pass https://; nbconn.tls)")
+    group = parser.add_argument_group("TLS (proxy_pass https://; nbconn.nginx.tls)")
     group.add_argument("--tls", action="store_true",
                        help="after the connect, run the upstream TLS handshake on the same socket and epoll loop")
     group.add_argument("--cafile", default=None, metavar="FILE",
@@ -61,7 +61,7 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..targets import parse_target
-    from ..tls import TLSClient, connect_tls
+    from ..nginx.tls import TLSClient, connect_tls
 
     # the target and the connect's settings first: TLSClient probes CPython's SSL object on a socketpair
     settings = settings_from_args(args, keep=False)

@@ -1,4 +1,4 @@
-"""``python -m nbconn measure SCENARIO_OR_TARGET``: N connects, summarised (nbconn.measure)."""
+"""``python -m nbconn measure SCENARIO_OR_TARGET``: N connects, summarised (nbconn.experiments.measure)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..measure import run as measure_run
+    from ..experiments.measure import run as measure_run
 
     try:
         m = measure_run(args.target, settings_from_args(args), count=args.count, concurrency=args.concurrency,

@@ -1,4 +1,4 @@
-"""``python -m nbconn record NAME [--out DIR]``: record a dataset for data/ (nbconn.record)."""
+"""``python -m nbconn record NAME [--out DIR]``: record a dataset for data/ (nbconn.experiments.record)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ NAME = "record"
 
 
 def add(subparsers) -> None:
-    from ..record import RECIPES
+    from ..experiments.record import RECIPES
 
     p = subparsers.add_parser(NAME, help="record a dataset for data/ (with its provenance)",
                               description="Record one of the datasets shipped in data/: " + "; ".join(
@@ -19,7 +19,7 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..record import record
+    from ..experiments.record import record
 
     argv = ["record", args.name] + (["--out", args.out] if args.out != "data" else [])
     print(record(args.name, args.out, argv))

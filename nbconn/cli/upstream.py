@@ -1,4 +1,4 @@
-"""``python -m nbconn upstream --peer A --peer B ...``: requests through nginx's round robin (nbconn.upstream)."""
+"""``python -m nbconn upstream --peer A --peer B ...``: requests through nginx's round robin (nbconn.nginx.upstream)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def next_upstream_arg(text: str) -> tuple:
     """``error,timeout`` / ``error,http_502`` / ``off`` (proxy_next_upstream): the kinds, or () for off."""
     from argparse import ArgumentTypeError
 
-    from ..upstream import NEXT_UPSTREAM_ALL
+    from ..nginx.upstream import NEXT_UPSTREAM_ALL
 
     if text == "off":
         return ()
@@ -57,7 +57,7 @@ def add(subparsers) -> None:
     p.add_argument("--keepalive", type=int_arg("--keepalive"), default=0, metavar="N",
                    help="`keepalive N` in the upstream block: cache up to N idle connections (HTTP/1.1 to the peers; "
                         "implies --http); each attempt says reused: true|false")
-    tls = p.add_argument_group("TLS (proxy_pass https://; nbconn.tls)")
+    tls = p.add_argument_group("TLS (proxy_pass https://; nbconn.nginx.tls)")
     tls.add_argument("--tls", action="store_true",
                      help="proxy_pass https://: after each connect, the TLS handshake on the same socket and loop, "
                           "on what is left of the connect's timer; its failures walk on as nginx's do (stage 'SSL "
@@ -77,7 +77,7 @@ def add(subparsers) -> None:
 
 def run(args) -> int:
     from ..settings import check_timeout
-    from ..upstream import Peer, Upstream, run_requests
+    from ..nginx.upstream import Server, Upstream, run_requests
 
     check_timeout(args.timeout)
     if not args.tls:
@@ -92,10 +92,10 @@ def run(args) -> int:
             ipaddress.ip_address(args.proxy_bind)
         except ValueError:
             raise ValueError(f"--proxy-bind {validate.shown(args.proxy_bind)} is not an IP address") from None
-    peers = [Peer.parse(spec) for spec in args.peer]
+    peers = [Server.parse(spec) for spec in args.peer]
     client = None
     if args.tls:
-        from ..tls import TLSClient
+        from ..nginx.tls import TLSClient
 
         client = TLSClient(cafile=args.cafile, server_name=args.server_name, tls_version=args.tls_version,
                            reuse=True)

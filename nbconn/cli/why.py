@@ -1,6 +1,6 @@
-"""``python -m nbconn why 'LINE' ...`` / ``why --log FILE``: nginx error-log lines decoded (nbconn.why).
+"""``python -m nbconn why 'LINE' ...`` / ``why --log FILE``: nginx error-log lines decoded (nbconn.nginx.why).
 
-The decoding is :mod:`nbconn.why` (pure); this module reads the input -- arguments, a
+The decoding is :mod:`nbconn.nginx.why` (pure); this module reads the input -- arguments, a
 file, ``-`` for stdin, a rotated ``.gz`` -- in bounded memory, and prints.  Every input
 is checked before anything else happens: an empty or binary argument, a missing,
 unreadable or directory path is one line on stderr and exit 2.
@@ -120,14 +120,14 @@ def run(args) -> int:
         raise UsageError("--reproduce works on LINEs, not on --log")
     for i, text in enumerate(args.lines, 1):
         check_line(i, text)
-    from .. import why
+    from ..nginx import why
 
     if args.log is not None:
         return _summarise(args, why)
     answers = [why.decode(text) for text in args.lines]
     reproduced = None
     if args.reproduce:
-        from .. import reproduce
+        from ..nginx import reproduce
 
         reproduced = [reproduce.reproduce(a) for a in answers]
     if args.json:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from .. import systools
-from ..table import Table
+from .table import Table
 
 #: The syscalls an nginx 1.22.1 worker makes on its socket for one upstream connect that succeeds,
 #: reduced like :func:`syscalls_on_the_socket` does (recorded with strace; notebook 10 runs it live).

@@ -181,11 +181,11 @@ def nginx_through_router(router: str, *, delay_ms: float = 5.0, connect_timeout:
     (behind the router) first, then an HTTP peer listening in the server namespace.  One request.
 
     Returns {"status", "tried" (the access log's $upstream_addr), "upstream_status", "error_log"
-    (nbconn.nginx.ErrorEntry list)}.  Round robin with equal weights picks the first server first.
+    (nbconn.nginx.runner.ErrorEntry list)}.  Round robin with equal weights picks the first server first.
     """
     from ..lab import peers as lab_peers
     from ..lab.wire import impaired
-    from ..nginx import Nginx
+    from ..nginx.runner import Nginx
 
     with impaired(delay_ms=delay_ms, router=router) as link, \
             lab_peers.listening(link.server_addr, http=True, source=link.server_ns) as up:

@@ -1,16 +1,16 @@
 """Notebook 07's helper: the accept-queue burst seen by a real nginx running inside the burst's lab namespace.
 
-The burst of :mod:`nbconn.acceptq` sends ``count`` connects at once to a listener with ``listen(backlog)``
+The burst of :mod:`nbconn.experiments.acceptq` sends ``count`` connects at once to a listener with ``listen(backlog)``
 whose acceptor takes one connection every ``interval_s``.  Here the ``count`` clients are nginx's: as many
-requests arrive at a real nginx 1.22.1 (:class:`nbconn.nginx.Nginx` with ``netns=``) at once, and nginx makes
+requests arrive at a real nginx 1.22.1 (:class:`nbconn.nginx.runner.Nginx` with ``netns=``) at once, and nginx makes
 one upstream connect per request to that listener, in the same namespace, so its connects meet the same full
 queues and the namespace's syncookie settings.  What nginx saw is read from its access log, where it writes
 it: ``$upstream_connect_time`` (from the connect's start until ngx_http_upstream_send_request runs after the
 connect completed) and ``$upstream_header_time`` (until the response header was read).
 
-:class:`TimedNginx` only adds those two variables (and ``$request_time``) to nbconn.nginx's access-log
+:class:`TimedNginx` only adds those two variables (and ``$request_time``) to nbconn.nginx.runner's access-log
 format; everything else -- the config, the checks, the guard that ends nginx with its owner -- is
-nbconn.nginx's.
+nbconn.nginx.runner's.
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ import selectors
 import socket
 import time
 
-from .. import acceptq, netstat
-from ..nginx import LOG_FORMAT, Nginx
+from . import acceptq
+from ..lab import netstat
+from ..nginx.runner import LOG_FORMAT, Nginx
 
-#: the fields TimedNginx's access log adds after nbconn.nginx's
+#: the fields TimedNginx's access log adds after nbconn.nginx.runner's
 TIMES = "$upstream_header_time|$request_time"
 
 
 class TimedNginx(Nginx):
-    """nbconn.nginx.Nginx whose access log also holds $upstream_header_time and $request_time (see
-    :meth:`timings`; nbconn.nginx's own ``access_log()`` does not read this format)."""
+    """nbconn.nginx.runner.Nginx whose access log also holds $upstream_header_time and $request_time (see
+    :meth:`timings`; nbconn.nginx.runner's own ``access_log()`` does not read this format)."""
 
     def config(self) -> str:
         text = super().config()
         plain = f"log_format nbconn '{LOG_FORMAT}';"
-        if plain not in text:  # nbconn.nginx changed its format: say so rather than log something else
-            raise RuntimeError(f"nbconn.nginx's config no longer holds {plain!r}")
+        if plain not in text:  # nbconn.nginx.runner changed its format: say so rather than log something else
+            raise RuntimeError(f"nbconn.nginx.runner's config no longer holds {plain!r}")
         return text.replace(plain, f"log_format nbconn '{LOG_FORMAT}|{TIMES}';")
 
     def timings(self) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Notebook 10's helper: when each of a worker's calls (picked by nbconn.nginx) happened, from ``strace -tt``.
+"""Notebook 10's helper: when each of a worker's calls (picked by nbconn.nginx.runner) happened, from ``strace -tt``.
 
-``nbconn.nginx.upstream_connect_syscalls`` keeps the calls of one upstream connect without their times.
+``nbconn.nginx.runner.upstream_connect_syscalls`` keeps the calls of one upstream connect without their times.
 Notebook 10 needs the times too, to show that nginx's connect timer is measured from the cached
 ``ngx_current_msec`` (set when epoll_wait last returned), not from connect(): the interval from connect()
 to the close() the timer caused can come out a little *shorter* than proxy_connect_timeout.
@@ -34,21 +34,22 @@ def call_times(lines: list[str], calls: list[str]) -> list[float]:
 
 
 def with_workers(peers, *, workers: int = 2, **kwargs):
-    """An ``nbconn.nginx.Nginx`` (not started; use it in ``with``) whose configuration says ``worker_processes
+    """An ``nbconn.nginx.runner.Nginx`` (not started; use it in ``with``) whose configuration says ``worker_processes
     workers`` and ``listen ... reuseport``: each worker gets its own listening socket and the kernel spreads client
     connections over them by their addresses, so with a few dozen requests every worker serves some.  Used once, to
     show that without ``zone`` the round robin and the ``max_fails`` counts are per worker.  Everything else -- the
     checks, the private prefix, stop() -- is Nginx's."""
-    from .. import nginx, validate
+    from ..nginx import runner
+    from .. import validate
 
     workers = validate.integer("workers", workers, 1, 8)
 
-    class _Nginx(nginx.Nginx):
+    class _Nginx(runner.Nginx):
         def config(self) -> str:
             text = super().config()
             listen = f"listen 127.0.0.1:{self.port};"
             if "worker_processes 1;" not in text or listen not in text:
-                raise RuntimeError("nbconn.nginx's configuration changed: update nb10.with_workers")
+                raise RuntimeError("nbconn.nginx.runner's configuration changed: update nb10.with_workers")
             return (text.replace("worker_processes 1;", f"worker_processes {workers};")
                     .replace(listen, f"listen 127.0.0.1:{self.port} reuseport;"))
 

@@ -4,7 +4,7 @@ The instrument -- the packet socket, its BPF filter, the clock pair, the parsed 
 :mod:`nbconn.lab.capture`; this module only *uses* it: :func:`shoot` runs one lab scenario (or one
 burst) inside a capture and returns a :class:`Shot` (the connect, its segments, where the sockets
 lived), and :func:`accuracy` compares nbconn's handshake time with the wire's, connect by connect.
-The figure is :func:`nbconn.plots.packets` (the notebook calls it with the shots).
+The figure is :func:`nbconn.view.plots.packets` (the notebook calls it with the shots).
 """
 
 from __future__ import annotations

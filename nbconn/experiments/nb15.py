@@ -207,9 +207,9 @@ def condensed(call: str) -> str:
 
 
 def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeout: float = 1.0):
-    """nbconn.nginx.Nginx with ``proxy_pass https://`` to ``peer``, proxy_ssl_verify on against the lab CA,
+    """nbconn.nginx.runner.Nginx with ``proxy_pass https://`` to ``peer``, proxy_ssl_verify on against the lab CA,
     the name "localhost", and ``proxy_ssl_session_reuse`` on or off; under strace."""
-    from ..nginx import Nginx
+    from ..nginx.runner import Nginx
 
     class HTTPSNginx(Nginx):
         def config(self):
@@ -220,7 +220,7 @@ def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeou
                      f"            proxy_ssl_session_reuse {'on' if reuse else 'off'};")
             text = super().config()
             if "proxy_pass http://backend;" not in text:
-                raise RuntimeError("nbconn.nginx's configuration no longer has the proxy_pass line to replace")
+                raise RuntimeError("nbconn.nginx.runner's configuration no longer has the proxy_pass line to replace")
             return text.replace("proxy_pass http://backend;", https)
 
     return HTTPSNginx([str(peer)], connect_timeout=connect_timeout, read_timeout=1.0, next_upstream=(),

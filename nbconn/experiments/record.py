@@ -4,7 +4,7 @@ Some things a notebook should show take too long to run live (the kernel's
 default SYN schedule: over two minutes) or need root (the impairment wire).
 Those are recorded once, with their provenance -- machine, kernel, date,
 nbconn version and the exact command -- and shipped in ``data/``;
-:mod:`nbconn.data` loads them, and the notebooks say when they show recorded
+:mod:`nbconn.experiments.data` loads them, and the notebooks say when they show recorded
 rather than live numbers.
 """
 
@@ -18,7 +18,7 @@ import platform
 import sys
 import tempfile
 
-from . import __version__
+from .. import __version__
 
 #: name -> (what it is, how to make it)
 RECIPES = {
@@ -53,7 +53,7 @@ def _make(name: str):
         return measure.run("listening", count=1000, timeout=1.0, label="loopback idle").to_dict()
     if name == "loopback-burst":
         from . import acceptq
-        from .lab.namespace import namespace
+        from ..lab.namespace import namespace
 
         with namespace(sysctls={"net.ipv4.tcp_syncookies": 1, "net.ipv4.tcp_abort_on_overflow": 0}) as ns:
             return acceptq.burst(ns, count=100, backlog=8, interval_s=0.005, read_timeout_s=1.0)

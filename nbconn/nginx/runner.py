@@ -18,7 +18,7 @@ a free 127.0.0.1 port -- on the host's loopback, or inside a lab namespace
 (``netns=``).  It never touches the system service.  ``stop()`` ends it (SIGQUIT,
 then SIGKILL to its process group) and removes its prefix; and it never outlives
 the process that started it: nginx is the child of a small guard
-(:mod:`nbconn.nginx_guard`) that ends nginx's process group and removes the prefix
+(:mod:`nbconn.nginx.guard`) that ends nginx's process group and removes the prefix
 when this process exits, however it exits.
 """
 
@@ -38,12 +38,12 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from . import systools, validate
-from .upstream import Peer
+from .. import systools, validate
+from .upstream import Server
 
 LOG_FORMAT = "$status|$upstream_addr|$upstream_connect_time|$upstream_status"
 #: The guard process that ties nginx's life to ours (run by path, as ``python -I -S``: it imports no nbconn).
-_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nginx_guard.py")
+_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 #: How long the guard may take to answer (a fresh interpreter on a loaded machine).
 _GUARD_ANSWER_S = 10.0
 
@@ -237,20 +237,20 @@ def _checked(settings: dict) -> dict:
     return out
 
 
-def _peer_copy(p) -> Peer:
-    """A fresh, checked Peer: the caller's object (or a later change to it) cannot reach nginx.conf unchecked."""
+def _peer_copy(p) -> Server:
+    """A fresh, checked Server: the caller's object (or a later change to it) cannot reach nginx.conf unchecked."""
     if isinstance(p, str):
-        p = Peer.parse(p)
-    elif not isinstance(p, Peer):
-        raise TypeError(f"peer must be a str like '127.0.0.1:8080,weight=2' or a Peer, got {validate.shown(p)}")
-    peer = Peer(p.address, weight=p.weight, max_fails=p.max_fails, fail_timeout=p.fail_timeout, backup=p.backup,
+        p = Server.parse(p)
+    elif not isinstance(p, Server):
+        raise TypeError(f"peer must be a str like '127.0.0.1:8080,weight=2' or a Server, got {validate.shown(p)}")
+    peer = Server(p.address, weight=p.weight, max_fails=p.max_fails, fail_timeout=p.fail_timeout, backup=p.backup,
                 down=p.down)
     config_value("peer address", peer.address, _PLAIN_ADDRESS)
     return peer
 
 
 class Nginx:
-    """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Peer objects).
+    """A private nginx reverse proxy in front of ``peers`` (strings like the CLI's --peer, or Server objects).
 
     ``connect_timeout``: proxy_connect_timeout in seconds; ``next_upstream``: kinds for proxy_next_upstream
     (any of :data:`PROXY_NEXT_UPSTREAM_KINDS`; an empty tuple = off); ``tries`` and ``next_upstream_timeout``:
@@ -292,7 +292,7 @@ class Nginx:
             object.__setattr__(self, name, checked[name])
         self.prefix = ""
         self.port = 0
-        self.proc: subprocess.Popen | None = None  # the guard (nbconn.nginx_guard), nginx's parent
+        self.proc: subprocess.Popen | None = None  # the guard (nbconn.nginx.guard), nginx's parent
         self._child = 0  # the guard's child: nginx's master (or strace), and its process group
         self._buffer = b""
         self._fixed = True
@@ -331,7 +331,7 @@ class Nginx:
         if s["keepalive"]:
             location_extra += '\n            proxy_http_version 1.1;\n            proxy_set_header Connection "";'
         nut = _duration(s["next_upstream_timeout"]) if s["next_upstream_timeout"] else 0
-        return f"""# written by nbconn.nginx: a private instance, not the system service
+        return f"""# written by nbconn.nginx.runner: a private instance, not the system service
 {user}daemon off;
 master_process on;
 worker_processes {s['workers']};
@@ -367,7 +367,7 @@ http {{
 """
 
     # -- lifetime -----------------------------------------------------------------
-    # nginx is started by nbconn.nginx_guard, a small process of its own that kills nginx's process group and
+    # nginx is started by nbconn.nginx.guard, a small process of its own that kills nginx's process group and
     # removes the prefix when this process exits, however it exits (SIGKILL, SIGTERM, SIGHUP, a crash), when
     # this object's pipe to it is closed (stop(), or the object is garbage-collected), or when it is signalled.
     def start(self) -> "Nginx":
@@ -419,7 +419,7 @@ http {{
                     os.close(fd)  # the guard has its own copies
 
     def _namespace_descriptors(self) -> dict:
-        """What nginx's child needs to join ``netns`` (see nbconn.nginx_guard._enter_namespaces): a socket made
+        """What nginx's child needs to join ``netns`` (see nbconn.nginx.guard._enter_namespaces): a socket made
         in there, and -- when the lab made a user namespace (a normal user) -- that user namespace."""
         sock = self.netns.socket()
         enter = {"netns_socket": sock.detach(), "userns": None, "uid": os.getuid(), "gid": os.getgid()}
@@ -674,7 +674,7 @@ def upstream_connect_syscalls(lines: list[str], port: int) -> list[str]:
 
 
 def compare_sequences(nginx_entries: list[AccessEntry], nbconn_requests) -> list[dict]:
-    """Per request: the peers nginx tried and the peers nbconn.upstream tried, and whether they match."""
+    """Per request: the peers nginx tried and the peers nbconn.nginx.upstream tried, and whether they match."""
     rows = []
     for i, (entry, req) in enumerate(zip(nginx_entries, nbconn_requests), 1):
         # the model's $upstream_addr, split as the access log's is: a try that failed before connect() names no

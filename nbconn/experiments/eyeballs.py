@@ -37,13 +37,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import validate
-from .flow import Attempt, plans_by_family
-from .loop import Loop
-from .result import Result
-from .settings import Settings, given
-from .strace import c_escape
-from .targets import Target, parse_target
+from .. import validate
+from ..flow import Attempt, plans_by_family
+from ..loop import Loop
+from ..result import Result
+from ..settings import Settings, given
+from ..strace import c_escape
+from ..targets import Target, parse_target
 
 _monotonic_ns = time.monotonic_ns
 
@@ -330,7 +330,7 @@ def lab_name(*, http: bool = False, tries: int = 20):
     SYN to it, as a path that has gone away does.  Both are loopback; everything is
     closed on exit.
     """
-    from .lab import peers
+    from ..lab import peers
 
     first_host = "::1" if _ipv6_loopback_works() else "127.0.0.2"
     family = socket.AF_INET6 if first_host == "::1" else socket.AF_INET
@@ -359,68 +359,3 @@ def _filled(listener: socket.socket):
         filler.settimeout(2.0)
         filler.connect(listener.getsockname())
         yield
-
-
-# -- plots (matplotlib is imported only when one is drawn) -----------------------------------------
-
-def plot_races(*races: Race, title: str | None = None):
-    """Each race's attempts as bars from start to decision, coloured by outcome: one panel per race."""
-    from matplotlib.figure import Figure
-
-    from .plots import OUTCOME_COLOURS
-
-    fig = Figure(figsize=(9.0, 1.2 + 0.9 * sum(max(len(r.attempts), 1) for r in races)), layout="constrained")
-    axes = fig.subplots(len(races), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, race in zip(axes, races):
-        for row, (result, start) in enumerate(zip(race.attempts, race.started_ns)):
-            begin = start / 1e6
-            end = (result.finished_ns - result.started_ns) / 1e6 + begin
-            label = "cancelled" if result.errno == "ECANCELED" else result.outcome
-            colour = "#adb5bd" if label == "cancelled" else OUTCOME_COLOURS.get(result.outcome, "grey")
-            ax.barh(row, end - begin, left=begin, height=0.5, color=colour, alpha=0.6)
-            # the start (socket()) and the decision as markers, so a 0.2 ms connect is visible too
-            ax.plot([begin], [row], marker="|", markersize=16, color="black")
-            ax.plot([end], [row], marker="o", markersize=8, color=colour, markeredgecolor="black")
-            ax.text(end, row, f"  {label} at {end:.0f} ms", va="center", fontsize="small")
-        ax.set_yticks(range(len(race.attempts)), [c_escape(r.target) for r in race.attempts], fontsize="small")
-        ax.invert_yaxis()
-        how = "nginx's sequential walk" if race.delay_s is None else f"happy eyeballs, delay {race.delay_s * 1e3:.0f} ms"
-        ax.set_title(f"{how}: {race.winner or 'nobody'} after {race.elapsed_ms:.0f} ms", fontsize="medium")
-        ax.margins(x=0.25)
-    axes[-1].set_xlabel("ms since the race started")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def plot_time_to_connected(samples: dict, *, marks: dict | None = None, title: str | None = None):
-    """Time to connected, one row of dots per client (``samples``: label -> list of ms), median marked.
-
-    ``marks``: label -> ms, drawn as dashed vertical lines (the delay, the connect timeout).
-    """
-    from matplotlib.figure import Figure
-
-    from .stats import percentiles
-
-    fig = Figure(figsize=(9.0, 1.0 + 0.7 * len(samples)), layout="constrained")
-    ax = fig.subplots()
-    for row, (label, values) in enumerate(samples.items()):
-        values = sorted(values)
-        if not values:
-            continue
-        # a small fixed spread around the row so equal values stay visible (deterministic, no RNG)
-        offsets = [((i * 7) % 11 - 5) * 0.035 for i in range(len(values))]
-        ax.scatter(values, [row + o for o in offsets], s=18, alpha=0.75, zorder=3)
-        median = percentiles(values, (50,))["p50"]  # nbconn's one percentile rule (nearest rank)
-        ax.plot([median, median], [row - 0.3, row + 0.3], color="black", linewidth=2, zorder=4)
-        ax.text(max(values), row, f"   p50 {median:.1f} ms (n={len(values)})", va="center", fontsize="small")
-    for label, ms in (marks or {}).items():
-        ax.axvline(ms, color="grey", linestyle="--", linewidth=1)
-        ax.text(ms, -0.75, f" {label}", fontsize="small", color="dimgrey", va="bottom")
-    ax.set_yticks(range(len(samples)), list(samples), fontsize="small")
-    ax.set_ylim(len(samples) - 0.4, -0.9)
-    longest = max((max(v) for v in samples.values() if v), default=1.0)
-    ax.set_xlim(0, max([longest, *(marks or {}).values()]) * 1.3)  # room for the p50 labels on the right
-    ax.set_xlabel("time to connected (ms): first address black-holed, second accepting")
-    ax.set_title(title or "one name, two addresses: time to a connected socket")
-    return fig

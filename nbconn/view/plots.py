@@ -5,17 +5,18 @@ Every function builds a fresh ``matplotlib.figure.Figure`` with the object API
 nothing leaks between cells), puts units on its axes, and returns the Figure.
 matplotlib is imported here only, so ``import nbconn`` stays light.
 
-Inputs are :class:`nbconn.measure.Measurement` objects (one, or a list to
+Inputs are :class:`nbconn.experiments.measure.Measurement` objects (one, or a list to
 overlay), :class:`nbconn.result.Result` objects (the timeline, the Gantt
-chart), or the SYN-retransmission records of :mod:`nbconn.synretry`.
+chart), or the SYN-retransmission records of :mod:`nbconn.experiments.synretry`.
 """
 
 from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from . import errors
-from .stats import percentile  # nbconn's one percentile rule (nearest rank)
+from .. import errors
+from ..stats import percentile  # nbconn's one percentile rule (nearest rank)
+from ..strace import c_escape
 
 # -- the palette: the one home of every colour that means something (the widgets import it from here) --------
 
@@ -374,7 +375,7 @@ def timer_lateness(runs, *, title: str | None = None) -> Figure:
 def scaling(rows, *, ideal_rtt_ms: dict | None = None, title: str | None = None) -> Figure:
     """Throughput (left) and handshake p50/p99 (right) against concurrency, one line per label.
 
-    ``rows`` as returned by :func:`nbconn.measure.scaling` (several runs may be
+    ``rows`` as returned by :func:`nbconn.experiments.measure.scaling` (several runs may be
     concatenated).  ``ideal_rtt_ms``: ``{label: RTT}`` draws, for that label, the
     ideal throughput of a loop that keeps C connects in flight over that round trip,
     C / RTT (dashed).  The legend sits below the plots, where it hides no curve.
@@ -438,7 +439,7 @@ def rtt_vs_handshake(m_or_list, *, title: str | None = None) -> Figure:
 
 
 def accept_queue(b: dict, *, title: str | None = None) -> Figure:
-    """A burst against a small accept queue (:func:`nbconn.acceptq.burst`), both ends on one clock.
+    """A burst against a small accept queue (:func:`nbconn.experiments.acceptq.burst`), both ends on one clock.
 
     Three running counts over time: connects the *client* calls connected, connections
     the *server*'s accept() returned, and requests whose answer's first byte arrived.
@@ -668,3 +669,63 @@ def _unpile_labels(fig) -> None:
                 if not any(box.overlaps(other) for other in placed):
                     break
             placed.append(text.get_window_extent(renderer))
+
+
+# -- notebook 12: one name, several addresses ------------------------------------------------------------------
+
+def races(*races, title: str | None = None) -> Figure:
+    """Each race's attempts as bars from start to decision, coloured by outcome: one panel per race.
+
+    ``races``: :class:`nbconn.experiments.eyeballs.Race` objects (notebook 12).
+    """
+    fig = Figure(figsize=(9.0, 1.2 + 0.9 * sum(max(len(r.attempts), 1) for r in races)), layout="constrained")
+    axes = fig.subplots(len(races), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, race in zip(axes, races):
+        for row, (result, start) in enumerate(zip(race.attempts, race.started_ns)):
+            begin = start / 1e6
+            end = (result.finished_ns - result.started_ns) / 1e6 + begin
+            label = "cancelled" if result.errno == "ECANCELED" else result.outcome
+            colour = "#adb5bd" if label == "cancelled" else OUTCOME_COLOURS.get(result.outcome, "grey")
+            ax.barh(row, end - begin, left=begin, height=0.5, color=colour, alpha=0.6)
+            # the start (socket()) and the decision as markers, so a 0.2 ms connect is visible too
+            ax.plot([begin], [row], marker="|", markersize=16, color="black")
+            ax.plot([end], [row], marker="o", markersize=8, color=colour, markeredgecolor="black")
+            ax.text(end, row, f"  {label} at {end:.0f} ms", va="center", fontsize="small")
+        ax.set_yticks(range(len(race.attempts)), [c_escape(r.target) for r in race.attempts], fontsize="small")
+        ax.invert_yaxis()
+        how = "nginx's sequential walk" if race.delay_s is None else f"happy eyeballs, delay {race.delay_s * 1e3:.0f} ms"
+        ax.set_title(f"{how}: {race.winner or 'nobody'} after {race.elapsed_ms:.0f} ms", fontsize="medium")
+        ax.margins(x=0.25)
+    axes[-1].set_xlabel("ms since the race started")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def time_to_connected(samples: dict, *, marks: dict | None = None, title: str | None = None) -> Figure:
+    """Time to connected, one row of dots per client (``samples``: label -> list of ms), median marked.
+
+    ``marks``: label -> ms, drawn as dashed vertical lines (the delay, the connect timeout).
+    """
+    fig = Figure(figsize=(9.0, 1.0 + 0.7 * len(samples)), layout="constrained")
+    ax = fig.subplots()
+    for row, (label, values) in enumerate(samples.items()):
+        values = sorted(values)
+        if not values:
+            continue
+        # a small fixed spread around the row so equal values stay visible (deterministic, no RNG)
+        offsets = [((i * 7) % 11 - 5) * 0.035 for i in range(len(values))]
+        ax.scatter(values, [row + o for o in offsets], s=18, alpha=0.75, zorder=3)
+        median = percentile(values, 50)  # nbconn's one percentile rule (nearest rank; values are sorted)
+        ax.plot([median, median], [row - 0.3, row + 0.3], color="black", linewidth=2, zorder=4)
+        ax.text(max(values), row, f"   p50 {median:.1f} ms (n={len(values)})", va="center", fontsize="small")
+    for label, ms in (marks or {}).items():
+        ax.axvline(ms, color="grey", linestyle="--", linewidth=1)
+        ax.text(ms, -0.75, f" {label}", fontsize="small", color="dimgrey", va="bottom")
+    ax.set_yticks(range(len(samples)), list(samples), fontsize="small")
+    ax.set_ylim(len(samples) - 0.4, -0.9)
+    longest = max((max(v) for v in samples.values() if v), default=1.0)
+    ax.set_xlim(0, max([longest, *(marks or {}).values()]) * 1.3)  # room for the p50 labels on the right
+    ax.set_xlabel("time to connected (ms): first address black-holed, second accepting")
+    ax.set_title(title or "one name, two addresses: time to a connected socket")
+    return fig

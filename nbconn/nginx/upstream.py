@@ -51,7 +51,7 @@ This module is that machinery, read from nginx's
   ``$upstream_addr`` (``u->state->peer`` is set only after that check).
 * **proxy_pass https://** (``run_request(tls=TLSClient)``): a connect that succeeds is followed by the TLS
   handshake on the connect's timer; a failed handshake is next-upstream FT_ERROR, its timer FT_TIMEOUT, and both
-  count against ``max_fails`` (``ngx_http_upstream_ssl_handshake``; the verdicts are :mod:`nbconn.tls`'s).
+  count against ``max_fails`` (``ngx_http_upstream_ssl_handshake``; the verdicts are :mod:`nbconn.nginx.tls`'s).
 
 The state machine (:class:`Upstream`, :class:`Request`) does no I/O and takes
 its clock as a parameter, so tests can step time by hand (the h11 way).
@@ -64,9 +64,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import validate
-from .targets import parse_target
-from .validate import shown
+from .. import validate
+from ..targets import parse_target
+from ..validate import shown
 
 #: proxy_next_upstream's default in nginx 1.22.1 ("error timeout", ngx_http_proxy_merge_loc_conf).
 NEXT_UPSTREAM_KINDS = ("error", "timeout")
@@ -125,7 +125,7 @@ def parse_time_s(text: str, *, name: str = "time") -> int:
 
 
 def with_default_port(address: object) -> object:
-    """nginx's ``server 127.0.0.1;`` means port 80 (ngx_parse_url with default_port 80); so does a Peer."""
+    """nginx's ``server 127.0.0.1;`` means port 80 (ngx_parse_url with default_port 80); so does a Server."""
     if not isinstance(address, str) or address.startswith("unix:"):
         return address
     if address.startswith("["):
@@ -134,7 +134,7 @@ def with_default_port(address: object) -> object:
 
 
 @dataclass
-class Peer:
+class Server:
     """One ``server`` line of an ``upstream`` block."""
 
     address: str  # as nginx names it: 127.0.0.1:8080
@@ -166,7 +166,7 @@ class Peer:
         self.effective_weight = self.weight
 
     @classmethod
-    def parse(cls, spec: str) -> "Peer":
+    def parse(cls, spec: str) -> "Server":
         """``HOST[:PORT][,weight=N][,max_fails=N][,fail_timeout=T][,backup][,down]`` -- an nginx ``server`` line
         with commas for spaces (the CLI's --peer).  PORT defaults to 80 as in nginx; T takes nginx's time
         units (``10``, ``10s``, ``1m``, ``1m30s``)."""
@@ -211,7 +211,7 @@ class Upstream:
                  keepalive_timeout: float = 60.0, keepalive_time: float = 3600.0, name: str = "backend",
                  worker_connections: int = 0, other_connections: int = 3) -> None:
         # worker_connections: the events block's limit (0: none, the model's default).  ngx_get_connection takes
-        # every connection from one pool per worker: besides the upstream's, nbconn.nginx's worker holds
+        # every connection from one pool per worker: besides the upstream's, nbconn.nginx.runner's worker holds
         # other_connections -- its listening socket, its channel to the master and the client's connection --
         # and the idle keepalive connections in the cache (measured with nginx 1.22.1: worker_connections 3
         # answers every request 500, 4 with one cached connection answers 500 when a new one is needed).
@@ -231,7 +231,7 @@ class Upstream:
         self.keepalive_time = validate.number("keepalive_time", keepalive_time, 0, validate.MAX_TIMEOUT_S,
                                               low_open=True)
         self.cache: list = []  # KeptConnection, most recently saved first (nginx's kp->conf->cache queue)
-        peers = [p if isinstance(p, Peer) else Peer.parse(p) for p in peers]
+        peers = [p if isinstance(p, Server) else Server.parse(p) for p in peers]
         self.primary = [p for p in peers if not p.backup]
         self.backup = [p for p in peers if p.backup]
         if not self.primary:
@@ -261,7 +261,7 @@ class Upstream:
         return Request(self, next_upstream=next_upstream, tries=tries, timeout_s=timeout_s)
 
     # -- ngx_http_upstream_get_peer ---------------------------------------------
-    def _pick(self, group: list, tried: set) -> Peer | None:
+    def _pick(self, group: list, tried: set) -> Server | None:
         now = self.now()
         best, total = None, 0
         for peer in group:
@@ -281,7 +281,7 @@ class Upstream:
         return best
 
     # -- ngx_http_upstream_free_round_robin_peer (round_robin.c, 1.22.1, lines 600-670) ------------------
-    def _free(self, peer: Peer, *, failed: bool) -> bool:
+    def _free(self, peer: Server, *, failed: bool) -> bool:
         """Account for an attempt; return True when nginx would log 'upstream server temporarily disabled'."""
         if self.single:
             peer.fails = 0
@@ -378,24 +378,26 @@ class KeptConnection:
             self.sock = None
 
 
-#: nginx's log->action for each stage of an upstream attempt (ngx_http_upstream.c, 1.22.1: lines 1518,
-#: 2081, 2364); the error log appends " while <action>" to every line it writes during that stage.
+#: nginx's log->action for each phase of an upstream try (ngx_http_upstream.c, 1.22.1: lines 1518,
+#: 2081, 2364); the error log appends " while <action>" to every line it writes during that phase.
 CONNECTING = "connecting to upstream"
 SENDING = "sending request to upstream"
 READING = "reading response header from upstream"
 #: ... and for ``proxy_pass https://``, between the connect and the request (ngx_http_upstream_ssl_init_connection,
-#: line 1727); equal to nbconn.tls.ACTION, which writes it into the handshake's lines (tests/test_upstream_tls.py)
+#: line 1727); equal to nbconn.nginx.tls.ACTION, which writes it into the handshake's lines (tests/test_upstream_tls.py)
 SSL_HANDSHAKING = "SSL handshaking to upstream"
 
 
 @dataclass
-class Attempt:
+class Try:
+    """One try of a request on one peer -- nginx's word: proxy_next_upstream_tries counts them (u->peer.tries)."""
+
     peer: str
     outcome: str  # "connected"/"ok", or what went wrong: "refused", "timed_out", "reset", "closed", ...
     connect_ms: float | None
     nginx_log: str | None = None  # the [error] line of this attempt's failure, as nginx writes it
     disabled: bool = False  # this failure disabled the peer ("upstream server temporarily disabled")
-    stage: str = CONNECTING  # where it ended (nginx's log action)
+    action: str = CONNECTING  # where it ended: nginx's c->log->action (CONNECTING, SENDING, READING, ...)
     level: str | None = None  # the level of nginx_log
     reused: bool = False  # a cached keepalive connection: no socket(), no connect()
     status: int | None = None  # the upstream's HTTP status, when an answer arrived
@@ -438,9 +440,9 @@ class Request:
         self.started = self.upstream.msec_now()
         self._tried: set = set()
         self._group = self.upstream.primary
-        self.current: Peer | None = None
+        self.current: Server | None = None
 
-    def next_peer(self) -> Peer | None:
+    def next_peer(self) -> Server | None:
         """The peer to connect to next, or None when the request has ended (see ``result``)."""
         if self.result is not None:
             return None
@@ -465,16 +467,16 @@ class Request:
         return self.current
 
     def report(self, outcome: str, connect_ms: float | None = None, *, nginx_log: str | None = None,
-               level: str | None = "error", stage: str = CONNECTING, reused: bool = False,
+               level: str | None = "error", action: str = CONNECTING, reused: bool = False,
                status: int | None = None) -> None:
         """What the attempt on the current peer did: "connected" or "ok" (it worked), "timed_out", or any
         other outcome (an error); ``nginx_log``/``level``: the line nginx writes for that failure;
-        ``stage``: where it ended (CONNECTING, SENDING or READING); ``status``: the upstream's HTTP status
+        ``action``: where it ended (CONNECTING, SENDING or READING); ``status``: the upstream's HTTP status
         when an answer arrived ("ok")."""
         peer, up = self.current, self.upstream
         if peer is None:
             raise RuntimeError("report() without a peer from next_peer()")
-        attempt = Attempt(peer.address, outcome, connect_ms, nginx_log, False, stage,
+        attempt = Try(peer.address, outcome, connect_ms, nginx_log, False, action,
                           level if nginx_log else None, reused, status)
         if attempt.failure is None and status in HTTP_NEXT_KINDS:
             # ngx_http_upstream_test_next (ngx_http_upstream.c 1.22.1, lines 2510-2545): the answer is retried
@@ -498,7 +500,7 @@ class Request:
         if nginx_log:
             lines.append(f"[{attempt.level}] {nginx_log}")
         if attempt.disabled:
-            warn = f"[warn] upstream server temporarily disabled while {stage}"
+            warn = f"[warn] upstream server temporarily disabled while {action}"
             lines.insert(0 if kind == "timeout" else len(lines), warn)
         self.log.extend(lines)
         self.current = None
@@ -528,7 +530,7 @@ class Request:
         if peer is None:
             raise RuntimeError("report_ngx_error() without a peer from next_peer()")
         up._free(peer, failed=False)
-        self.attempts.append(Attempt(peer.address, "error", None, nginx_log, False, CONNECTING, level,
+        self.attempts.append(Try(peer.address, "error", None, nginx_log, False, CONNECTING, level,
                                      ngx_error=True))
         self.log.append(f"[{level}] {nginx_log}")
         self.current = None
@@ -564,7 +566,7 @@ class Request:
         return "".join(out)
 
     def to_dict(self) -> dict:
-        return {"attempts": [{"peer": a.peer, "outcome": a.outcome, "connect_ms": a.connect_ms, "stage": a.stage,
+        return {"attempts": [{"peer": a.peer, "outcome": a.outcome, "connect_ms": a.connect_ms, "action": a.action,
                               "disabled": a.disabled, "reused": a.reused} for a in self.attempts],
                 "result": self.result, "upstream_addr": self.upstream_addr, "log": list(self.log)}
 
@@ -581,7 +583,7 @@ MAX_HEADER = 65536
 def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     """Send the request and read the response header on a connected socket, as nginx's upstream does next
     (ngx_http_upstream_send_request, then ngx_http_upstream_process_header).  Returns
-    (outcome, stage, level, nginx_log, reusable, status); outcome "ok" when a response header arrived (status:
+    (outcome, action, level, nginx_log, reusable, status); outcome "ok" when a response header arrived (status:
     its HTTP status code, else None); reusable: when the connection may go back to the keepalive cache
     (u->keepalive in nginx's proxy module: an HTTP/1.1 status line, no "Connection: close", and no body or the
     whole body read -- KEPT_AT_HEADER or KEPT_AFTER_BODY), else None."""
@@ -628,7 +630,7 @@ def _exchange_tls(sock, read_timeout: float, *, keepalive: bool = False) -> tupl
     OpenSSL's error queue -- a reset, measured: SO_ERROR 104, yet nginx logs no SSL_read() line -- is taken by
     ngx_ssl_handle_recv for a clean shutdown ("peer shutdown SSL cleanly", NGX_DONE): nginx then says "upstream
     prematurely closed connection"; only an OpenSSL error (a bad record, an alert) is "SSL_read() failed (SSL:
-    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.tls's table)."""
+    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.nginx.tls's table)."""
     import os
     import socket
     import ssl
@@ -737,7 +739,7 @@ def _families(address: str, proxy_bind: str) -> tuple:
     return peer, "ipv6" if ":" in proxy_bind else "ipv4"
 
 
-def _in_read_handler(res, stage: str | None, outcome: str) -> bool:
+def _in_read_handler(res, action: str | None, outcome: str) -> bool:
     """This attempt's failure was judged in the upstream connection's read handler, with an EPOLLOUT of the same
     epoll event still to be dispatched: a connect refused or reset after EINPROGRESS (an RST gives
     EPOLLERR|EPOLLHUP|EPOLLIN|EPOLLOUT, and ngx_epoll_process_events runs the read handler first), an answer or
@@ -747,9 +749,9 @@ def _in_read_handler(res, stage: str | None, outcome: str) -> bool:
     failure."""
     if outcome == "timed_out":
         return False
-    if stage is None:  # judged at the connect: SO_ERROR after NGX_AGAIN
+    if action is None:  # judged at the connect: SO_ERROR after NGX_AGAIN
         return res is not None and res.ngx_connect == "NGX_AGAIN" and not res.connected
-    return stage in (READING, SSL_HANDSHAKING)
+    return action in (READING, SSL_HANDSHAKING)
 
 
 def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_UPSTREAM_KINDS, tries: int = 0,
@@ -767,10 +769,10 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     peer or a peer of the other IP family (22: EINVAL, 97: EAFNOSUPPORT; :data:`BIND_FAMILY_ERRNO`) -- ends the
     request with 500 (:meth:`Request.report_ngx_error`).
 
-    ``tls``: an :class:`nbconn.tls.TLSClient` -- ``proxy_pass https://`` with its ``proxy_ssl_*`` settings (verify
+    ``tls``: an :class:`nbconn.nginx.tls.TLSClient` -- ``proxy_pass https://`` with its ``proxy_ssl_*`` settings (verify
     and its CA, the name, protocols, session reuse).  After a connect that succeeds, the TLS handshake runs on the
-    same socket and loop (:func:`nbconn.tls.connect_tls`), and only a completed one goes on to the request.  Its
-    verdict is nbconn.tls's table (:func:`nbconn.tls.handshake_verdict`), and the model does with it what
+    same socket and loop (:func:`nbconn.nginx.tls.connect_tls`), and only a completed one goes on to the request.  Its
+    verdict is nbconn.nginx.tls's table (:func:`nbconn.nginx.tls.handshake_verdict`), and the model does with it what
     ngx_http_upstream_ssl_handshake does (ngx_http_upstream.c 1.22.1, lines 1771-1815): a failure -- an
     SSL_do_handshake() error, the peer closing, "upstream SSL certificate verify error" or "does not match" --
     is ``ngx_http_upstream_next(NGX_HTTP_UPSTREAM_FT_ERROR)``, the timer (``c->write->timedout``, line 1807)
@@ -803,12 +805,12 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     line 2076): a peer that answers the SYN late -- over a link with real delay -- with an RST would show up as
     a recv() failure, not "connect() failed"; the model, on loopback, does not meet that case.
     """
-    from .api import connect
-    from .errors import CONNECTED, errno_number, verdict
+    from ..api import connect
+    from ..errors import CONNECTED, errno_number, verdict
     from .tls import TLSClient, connect_tls, handshake_verdict
 
     if tls is not None and not isinstance(tls, TLSClient):
-        raise TypeError(f"tls must be an nbconn.tls.TLSClient (proxy_pass https://), got {shown(tls)}")
+        raise TypeError(f"tls must be an nbconn.nginx.tls.TLSClient (proxy_pass https://), got {shown(tls)}")
 
     validate.flag("http", http)
     send_timeout = validate.number("send_timeout", send_timeout, 0, validate.MAX_TIMEOUT_S, low_open=True)
@@ -882,8 +884,8 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                 # 2311-2314): SO_ERROR 0, SSL_do_handshake() on the pending connect (its write() of the
                 # ClientHello finds SYN-SENT: EAGAIN, WANT_WRITE), and the connect's timer, still set (line 1733),
                 # ends it as a handshake timeout -- proxy_connect_timeout, not proxy_send_timeout
-                v = handshake_verdict("timer")
-                req.report(v.outcome, None, nginx_log=v.log, level=v.level, stage=SSL_HANDSHAKING)
+                v = handshake_verdict("timeout")
+                req.report(v.outcome, None, nginx_log=v.log, level=v.level, action=SSL_HANDSHAKING)
                 if req.result is not None:
                     break
                 continue
@@ -894,7 +896,7 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                     res.sock = None
                 upstream.unwaited_s += max(0.0, send_timeout - timeout)
                 req.report("timed_out", None, nginx_log=f"upstream timed out (110: Connection timed out) while "
-                           f"{SENDING}", level="error", stage=SENDING)
+                           f"{SENDING}", level="error", action=SENDING)
                 if req.result is not None:
                     break
                 continue
@@ -912,7 +914,7 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
                 connect_ms = tried.total_ns / 1e6 if tried.total_ns is not None else res.handshake_ms
                 if not handshaked or not http:
                     req.report(CONNECTED if handshaked else tried.outcome, connect_ms, nginx_log=tried.ngx_log,
-                               level=tried.ngx_level, stage=SSL_HANDSHAKING)
+                               level=tried.ngx_level, action=SSL_HANDSHAKING)
                     if req.result is not None:
                         break
                     continue
@@ -931,13 +933,13 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
             connect_ms = 0.0  # $upstream_connect_time of a cached connection
         reused = kept.requests > 1
         try:
-            outcome, stage, level, line, reusable, status = _exchange(kept.sock, read_timeout, keepalive=keepalive)
+            outcome, action, level, line, reusable, status = _exchange(kept.sock, read_timeout, keepalive=keepalive)
             if tls is not None and tls.reuse:
                 tls.save(peer.address, kept.sock)  # a TLS 1.3 ticket arrives with the response, as in nginx
         except BaseException:
             kept.close()
             raise
-        req.report(outcome, connect_ms, nginx_log=line, level=level, stage=stage, reused=reused, status=status)
+        req.report(outcome, connect_ms, nginx_log=line, level=level, action=action, reused=reused, status=status)
         # Whether the keepalive module saves the connection depends on how the answer was judged, so it is asked
         # after report(): ngx_http_upstream_next frees a retried answer's peer with NGX_PEER_FAILED, except
         # http_403/http_404 with NGX_PEER_NEXT (ngx_http_upstream.c 1.22.1, lines 4292-4301), and
@@ -951,7 +953,7 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
         to_close = upstream.keepalive_free(kept) if reusable else kept
         if to_close is not None:
             to_close.close()
-        failed_in_reader = req.attempts[-1].failure is not None and _in_read_handler(None, stage, outcome)
+        failed_in_reader = req.attempts[-1].failure is not None and _in_read_handler(None, action, outcome)
         slot_handouts = 0 if failed_in_reader else None
         if req.result is not None:
             break

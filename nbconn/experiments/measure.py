@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-from . import validate
-from .api import connect_many
-from .errors import OUTCOMES
-from .flow import make_plan
-from .settings import Settings, given
-from .stats import PERCENTILES, percentiles  # measure.percentiles: the one rule lives in nbconn.stats
-from .strace import c_escape
-from .validate import shown
+from .. import validate
+from ..api import connect_many
+from ..errors import OUTCOMES
+from ..flow import make_plan
+from ..settings import Settings, given
+from ..stats import PERCENTILES, percentiles  # measure.percentiles: the one rule lives in nbconn.stats
+from ..strace import c_escape
+from ..validate import shown
 
 MAX_COUNT = validate.MAX_COUNT
 
@@ -175,7 +175,7 @@ class Measurement:
 def scenario_target(scenario: str, **wire):
     """Thin alias of :func:`nbconn.lab.scenario` (the lab owns its scenarios): yields (target, client-side
     context); every wire argument is checked before the wire is probed or built."""
-    from .lab.scenarios import scenario as _scenario
+    from ..lab.scenarios import scenario as _scenario
 
     return _scenario(scenario, **wire)
 
@@ -209,7 +209,7 @@ def run(target_or_scenario, settings: Settings | None = None, *, count: int = 10
     if wire and not (is_scenario and target_or_scenario == "impaired"):
         raise ValueError(f"{', '.join(wire)} only apply to the 'impaired' scenario, not {shown(target_or_scenario)}")
     if not is_scenario:
-        from .targets import parse_target
+        from ..targets import parse_target
 
         try:
             parse_target(target_or_scenario)  # named errors before anything starts
@@ -220,7 +220,7 @@ def run(target_or_scenario, settings: Settings | None = None, *, count: int = 10
         # Family-dependent settings (bind, and TCP-only options such as syncnt on a unix- scenario) are checked
         # for the scenario's family now: connect_many would refuse them only after the peer -- sockets, a
         # temporary directory, an acceptor thread -- was built.
-        from .lab.scenarios import FAMILY
+        from ..lab.scenarios import FAMILY
 
         make_plan(FAMILY[target_or_scenario], settings)
     scenario = target_or_scenario if is_scenario else getattr(target_or_scenario, "scenario", "target")

@@ -89,9 +89,9 @@ socket, with a close_notify for a last try (nginx sends it only when it finalize
 records written and read with a real nginx 1.22.1 worker's (success, untrusted certificate, timeout, version
 mismatch, session reuse).
 
-The upstream model (:func:`nbconn.upstream.run_request` with ``tls=``) runs each try through
+The upstream model (:func:`nbconn.nginx.upstream.run_request` with ``tls=``) runs each try through
 :func:`connect_tls` with ``keep=True`` -- a completed handshake's socket then carries the request -- and takes
-its verdict from here; nbconn.why reads these lines back with the same table (tests/test_upstream_tls.py,
+its verdict from here; nbconn.nginx.why reads these lines back with the same table (tests/test_upstream_tls.py,
 tests/test_why_tls.py).
 """
 
@@ -107,16 +107,16 @@ import time
 from collections import namedtuple
 from dataclasses import dataclass, field, replace
 
-from . import validate
-from .errors import (CONNECTED, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR,
-                     NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_OK, errno_name,
-                     strerror)
-from .flow import DONE, Attempt, make_plan
-from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop, event_names
-from .result import Result
-from .settings import Settings, given
-from .strace import c_escape, format_ns
-from .targets import parse_target
+from .. import validate
+from ..errors import (CONNECTED, NGX_CONNECTION_ERROR_ERR_ERRNOS, NGX_ERROR, NGX_HTTP_UPSTREAM_FT_ERROR,
+                      NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ALERT, NGX_LOG_CRIT, NGX_LOG_ERR, NGX_OK, errno_name,
+                      strerror)
+from ..flow import DONE, Attempt, make_plan
+from ..loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop, event_names
+from ..result import Result
+from ..settings import Settings, given
+from ..strace import c_escape, format_ns
+from ..targets import parse_target
 
 _monotonic_ns = time.monotonic_ns
 
@@ -171,7 +171,7 @@ OTHER_SSL_REASONS = {"CERTIFICATE_VERIFY_FAILED": 134, "PACKET_LENGTH_TOO_LONG":
                      "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": 1120, "TLSV13_ALERT_MISSING_EXTENSION": 1109,
                      "TLSV1_UNRECOGNIZED_NAME": 1112, "TLSV13_ALERT_CERTIFICATE_REQUIRED": 1116}
 _ERR_LIB_SSL = 20  # OpenSSL 3 packs an error code as lib << 23 | reason (ERR_PACK): SSL routines = 0x0A000000
-#: number -> name, for reading a logged code back (nbconn.why: "error:0A00042E" -> TLSV1_ALERT_PROTOCOL_VERSION)
+#: number -> name, for reading a logged code back (nbconn.nginx.why: "error:0A00042E" -> TLSV1_ALERT_PROTOCOL_VERSION)
 SSL_REASON_NAMES = {number: name for name, number in {**NGX_SSL_HANDSHAKE_FAILURE_REASONS,
                                                        **OTHER_SSL_REASONS}.items()}
 
@@ -342,7 +342,7 @@ _OK = TLSVerdict(HANDSHAKED, NGX_OK, None, None, None)
 #: kind -> where nginx 1.22.1 decides it (for the docs and tests; the lines are built by handshake_verdict)
 VERDICT_SOURCES = {
     "ok": "ngx_event_openssl.c ngx_ssl_handshake line 1737 (n == 1): NGX_OK",
-    "timer": "ngx_event_openssl.c ngx_ssl_handshake_handler line 2071; ngx_http_upstream.c "
+    "timeout": "ngx_event_openssl.c ngx_ssl_handshake_handler line 2071; ngx_http_upstream.c "
              "ngx_http_upstream_ssl_handshake line 1808, ngx_http_upstream_next line 4306",
     "ssl": "ngx_event_openssl.c ngx_ssl_handshake line 1857, ngx_ssl_connection_error lines 3298-3466; "
            "ngx_http_upstream.c line 1814",
@@ -365,7 +365,7 @@ def handshake_verdict(kind: str, *, err: int = 0, reason: str = "", reason_text:
     validate.choice("kind", kind, HANDSHAKE_KINDS)
     if kind == "ok":
         return _OK
-    if kind == "timer":
+    if kind == "timeout":
         return TLSVerdict(TLS_TIMED_OUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_HTTP_UPSTREAM_FT_TIMEOUT, NGX_LOG_ERR,
                           f"upstream timed out {strerror(_errno.ETIMEDOUT)}{_TAIL}")
     if kind == "verify":
@@ -882,7 +882,7 @@ class Handshake:
         if self._record:
             self._record(("timeout", f"timer expired ({self.plan.timeout_ms} ms after it was armed): "
                           "ngx_ssl_handshake_handler sees ev->timedout", None, decided, decided))
-        self._finish("timer", {}, when=decided)
+        self._finish("timeout", {}, when=decided)
 
     # -- -> FINISHED --------------------------------------------------------------------------------
     def _finish(self, kind: str, details: dict, *, when: int) -> None:
@@ -986,7 +986,7 @@ def connect_tls(target, client: TLSClient | None = None, settings: Settings | No
     before connect() serves the handshake unchanged); no TCP_INFO is read.  Everything opened is closed
     before this returns -- except, with ``keep=True``, the socket of a completed handshake: it is
     ``TLSResult.sock`` (an ssl.SSLSocket, out of the epoll set), for the caller to send the request on and
-    close (nbconn.upstream does, for ``proxy_pass https://``).  ``last_try``: how a completed handshake is
+    close (nbconn.nginx.upstream does, for ``proxy_pass https://``).  ``last_try``: how a completed handshake is
     closed: nginx sends close_notify when it finalizes the request (this was the last peer to try), and
     nothing when it moves on to the next peer (False).
     """

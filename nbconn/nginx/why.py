@@ -17,7 +17,7 @@ Pure (h11's style): no sockets, no files, no clock.  Where the facts live:
 * the verdict -- stage, errno -> outcome, NGX code, next-upstream kind, level, log
   text -- is :func:`nbconn.errors.verdict`, asked here, never restated;
 * whether a failure moves the request on to another peer and counts against
-  ``max_fails`` is asked of the upstream model, :mod:`nbconn.upstream` (a two-server
+  ``max_fails`` is asked of the upstream model, :mod:`nbconn.nginx.upstream` (a two-server
   and a one-server upstream, stepped by hand, see :func:`_model`);
 * the facts neither holds -- the lines that are not a connect step (``no live
   upstreams``, ``upstream server temporarily disabled``, ``worker_connections are not
@@ -36,7 +36,7 @@ import errno as _errno
 import re
 from collections import namedtuple
 
-from . import errors
+from .. import errors
 
 # -- the steps, in the words of the issue (and notebook 00's five steps) ---------------------------------------
 STEP_PICK = "picking a peer (the round robin, before any syscall)"
@@ -221,7 +221,7 @@ _KINDS = {
     "so_error": _step(STEP_SO_ERROR, "so_error", "ngx_http_upstream.c ngx_http_upstream_test_connect line 2773 / "
                       "ngx_stream_proxy_module.c ngx_stream_proxy_test_connect line 1572; ngx_connection.c "
                       "ngx_connection_error", _NB["05"], _NEXT + ("proxy_connect_timeout",)),
-    "timeout": _step(STEP_TIMER, "timer", "ngx_http_upstream.c ngx_http_upstream_next line 4306 / "
+    "timeout": _step(STEP_TIMER, "timeout", "ngx_http_upstream.c ngx_http_upstream_next line 4306 / "
                      "ngx_stream_proxy_module.c ngx_stream_proxy_connect_handler line 1518", _NB["06"],
                      ("proxy_connect_timeout",) + _NEXT),
     "no_live": Kind(STEP_PICK, None, _ERR, "NGX_BUSY", "NGX_HTTP_UPSTREAM_FT_NOLIVE", None,
@@ -252,11 +252,11 @@ _AFTER_CONNECT_TIMEOUTS = {"sending request to upstream": "timeout_send",
                            "reading response header from upstream": "timeout_header",
                            "SSL handshaking to upstream": "tls_timeout"}
 
-# -- the TLS handshake's lines: their verdicts are nbconn.tls.handshake_verdict's (asked in decode_line) ----------
+# -- the TLS handshake's lines: their verdicts are nbconn.nginx.tls.handshake_verdict's (asked in decode_line) ----------
 _TLS_NEXT = ("proxy_next_upstream", "proxy_next_upstream_tries", "max_fails", "fail_timeout")
 #: kind -> the handshake_verdict kind that gives its level, NGX code, next-upstream kind and outcome
 _TLS_VERDICT_KIND = {"tls_ssl": "ssl", "tls_closed": "closed", "tls_verify": "verify", "tls_name": "hostname",
-                     "tls_timeout": "timer"}
+                     "tls_timeout": "timeout"}
 _TLS_FAILED = "ngx_http_upstream_ssl_handshake -> ngx_http_upstream_next(FT_ERROR) line 1814"
 _KINDS.update({
     "tls_ssl": Kind(STEP_TLS, None, None, None, None, None, "ngx_event_openssl.c ngx_ssl_handshake line 1857 "
@@ -430,7 +430,7 @@ _KERNEL = {
     ("writev", _errno.ECONNRESET, None): "the upstream reset the connection when nginx wrote the request",
 }
 
-# -- the next-peer and max_fails answers, asked of nbconn.upstream -----------------------------------------------
+# -- the next-peer and max_fails answers, asked of nbconn.nginx.upstream -----------------------------------------------
 _model_cache: dict = {}
 
 
@@ -645,7 +645,7 @@ def _tls_reason(detail: str | None) -> str | None:
 
 
 def _tls_verdict(kind: str, found: dict, err: int | None):
-    """nbconn.tls.handshake_verdict for a TLS line: the one table of what nginx makes of a handshake's end."""
+    """nbconn.nginx.tls.handshake_verdict for a TLS line: the one table of what nginx makes of a handshake's end."""
     from .tls import handshake_verdict
 
     which = _TLS_VERDICT_KIND[kind]
@@ -657,7 +657,7 @@ def _tls_verdict(kind: str, found: dict, err: int | None):
         return handshake_verdict("verify", verify_code=int(found["code"]), verify_message=found["detail"])
     if which == "hostname":
         return handshake_verdict("hostname", server_name=found["detail"])
-    return handshake_verdict("timer")
+    return handshake_verdict("timeout")
 
 
 def _answer(text, line, kind, row, err, upstream, ngx_code, ngx_next, outcome, expected) -> dict:

@@ -2,8 +2,8 @@
 
 nginx runs as its own processes: a master (root, or the caller) and workers (nobody). Started straight from
 Python, nothing tells them that Python has gone: a SIGKILLed Jupyter kernel left both running under PID 1,
-answering 502 on 127.0.0.1, and its temporary prefix on disk (issue 24 item 1).  So :class:`nbconn.nginx.Nginx`
-does not start nginx itself.  It starts this guard -- ``python -I -S nginx_guard.py OWNER_PID TMPDIR`` (a fresh
+answering 502 on 127.0.0.1, and its temporary prefix on disk (issue 24 item 1).  So :class:`nbconn.nginx.runner.Nginx`
+does not start nginx itself.  It starts this guard -- ``python -I -S guard.py OWNER_PID TMPDIR`` (a fresh
 interpreter, no site-packages, this file only: it imports nothing from nbconn and nothing outside the standard
 library) -- and the guard
 

@@ -14,9 +14,9 @@ Both views are recorded:
   none before ``read_timeout_s``);
 * the server's: the connections ``accept()`` returned (when, and which client
   port), the accept queue's length and limit read from the listener's
-  ``TCP_INFO`` (:func:`nbconn.netstat.listener_queue`, ss's Recv-Q / Send-Q), and the
+  ``TCP_INFO`` (:func:`nbconn.lab.netstat.listener_queue`, ss's Recv-Q / Send-Q), and the
   namespace's TcpExt counters before, between and after
-  (:func:`nbconn.netstat.read`).
+  (:func:`nbconn.lab.netstat.read`).
 
 Why the two disagree is in the kernel (Linux 6.18, read there):
 ``tcp_conn_request`` (``net/ipv4/tcp_input.c``) drops a SYN while the accept queue
@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 
-from . import netstat
+from ..lab import netstat
 
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 ANSWER = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
@@ -68,7 +68,7 @@ class OwnNamespace:
             return f.read().strip()
 
     def using(self):
-        from . import socketsource
+        from .. import socketsource
 
         return socketsource.using(None)
 
@@ -164,8 +164,8 @@ def burst(ns=None, *, count: int = 100, backlog: int = 8, interval_s: float = 0.
     Bounded: at most ``connect_timeout_s`` for the connects (nbconn's connect timer,
     nginx's proxy_connect_timeout) plus ``read_timeout_s`` for the answers.
     """
-    from .api import connect_many
-    from .validate import integer, number
+    from ..api import connect_many
+    from ..validate import integer, number
 
     count = integer("count", count, 1, MAX_COUNT)
     backlog = integer("backlog", backlog, 0, 4096)

@@ -40,12 +40,12 @@ import time
 
 import ipywidgets as w
 
-from . import lab, validate
-from .api import connect_many
+from .. import lab, validate
+from ..api import connect_many
 from .plots import ALERT_COLOUR, OUTCOME_COLOURS  # the one palette
-from .measure import Measurement
-from .settings import Settings
-from .strace import format_ns
+from ..experiments.measure import Measurement
+from ..settings import Settings
+from ..strace import format_ns
 
 #: what the dropdown shows -> the scenario's name (one of nbconn.validate.SCENARIOS)
 SCENARIO_BY_LABEL = {
@@ -305,15 +305,15 @@ class LabPanel:
         self.scenario_note.value = f"<div style='color:#444;{TEXT}'>{SCENARIO_NOTES[name]}</div>"
         self.use_burst_button.layout.display = None if name == "slow-accept" and not self.compact else "none"
         if impaired and self.wire_reason:
-            from . import data
+            from ..experiments import data
 
             recorded = [n for n in data.available() if n.startswith("impaired")]
-            loads = ", ".join(f"<code>nbconn.data.load({n!r})</code>" for n in recorded)
+            loads = ", ".join(f"<code>nbconn.experiments.data.load({n!r})</code>" for n in recorded)
             self.wire_note.value = (
                 f"<div style='color:#9a3412;{TEXT}'>The impaired link cannot run here: "
                 f"{html.escape(self.wire_reason)}<br>That line (<code>nbconn.lab.wire_unavailable_reason()</code>) "
                 "names what to change; until then, runs recorded on such a link ship with nbconn"
-                + (f": {loads} (plotted in notebook 08)." if loads else " (nbconn.data).") + "</div>")
+                + (f": {loads} (plotted in notebook 08)." if loads else " (nbconn.experiments.data).") + "</div>")
         else:
             self.wire_note.value = ""
 

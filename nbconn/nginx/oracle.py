@@ -1,11 +1,11 @@
 """The nginx oracle: random upstream configurations, run through a real nginx 1.22.1 and through the model.
 
-:mod:`nbconn.upstream` claims to do what nginx's round robin and ``proxy_next_upstream`` do.  A list of
+:mod:`nbconn.nginx.upstream` claims to do what nginx's round robin and ``proxy_next_upstream`` do.  A list of
 hand-picked cases checks what its authors thought of; this module checks what they did not.  From a seed it
 draws configurations -- 1 to 4 servers of the lab's kinds, weights, ``max_fails`` 0-3, ``fail_timeout``,
 ``backup``, ``proxy_connect_timeout``, ``proxy_next_upstream`` (incl. ``off`` and ``http_502``), its tries and
 timeout, ``keepalive`` (with it, half the 502 peers keep their connections), ``proxy_bind`` -- and a request schedule, sends the requests through a private nginx
-(:class:`nbconn.nginx.Nginx`) and through :func:`nbconn.upstream.run_request` against the *same* peers, and
+(:class:`nbconn.nginx.runner.Nginx`) and through :func:`nbconn.nginx.upstream.run_request` against the *same* peers, and
 compares them request by request:
 
 * the status the client got;
@@ -27,14 +27,14 @@ counted as not compared, never as agreement.
 Nothing leaves the machine: every peer is on 127.0.0.1 or an AF_UNIX path; ``proxy_bind`` uses 198.18.0.5
 (RFC 2544's benchmarking range, which this host lacks: bind() fails before any packet), 127.0.0.1 or ::1.
 
-``python -m nbconn.oracle N [--seed S]`` (``./dev fuzz-nginx``) runs N configurations and prints every
+``python -m nbconn.nginx.oracle N [--seed S]`` (``./dev fuzz-nginx``) runs N configurations and prints every
 disagreement with its seed and configuration.
 
 ``--tls`` draws ``proxy_pass https://`` configurations instead (:func:`draw_tls_config`): the lab's TLS peers
 (good, silent after the TCP accept, untrusted certificate, TLS 1.2-only, hang-up after the ClientHello, a plain
 HTTP server, a reset after the request) among refused, black-hole and missing-unix ones, ``proxy_ssl_verify on`` against a CA made for the
 run, ``proxy_ssl_protocols`` nginx's default or TLSv1.3, session reuse on (nginx's default); the model runs
-:func:`nbconn.upstream.run_request` with the matching :class:`nbconn.tls.TLSClient`.
+:func:`nbconn.nginx.upstream.run_request` with the matching :class:`nbconn.nginx.tls.TLSClient`.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import validate
+from .. import validate
 
 #: The lab's kinds that nginx can reach on loopback, and how often a draw picks each.  Failing kinds
 #: outweigh working ones so that most requests walk two or more peers.
 KINDS = {
     "listening": 1.0,  # answers HTTP 200, then closes (lab.listening(http=True))
-    "keepalive": 0.7,  # HTTP/1.1 200 and keeps the connection (nbconn.httpd.HttpPeer)
+    "keepalive": 0.7,  # HTTP/1.1 200 and keeps the connection (nbconn.nginx.httpd.HttpPeer)
     "listening6": 0.4,  # as listening, on [::1]: proxy_bind of the other family fails (EINVAL / EAFNOSUPPORT)
     "refused": 3.5,  # nothing listens: RST -> "connect() failed (111: Connection refused)"
     "blackhole": 1.0,  # the SYN is dropped: "upstream timed out"
@@ -66,7 +66,7 @@ KINDS = {
 NEXT_UPSTREAM_DRAWS = [(("error", "timeout"), 2.5), (("error", "timeout", "http_502"), 6), (("error",), 0.7),
                        (("timeout",), 0.3), ((), 0.5), (("error", "http_502", "http_503"), 1.5)]
 #: a kind drawn only with keepalive, in place of half the "http502" peers (see draw_config): HTTP/1.1 502 with
-#: Content-Length: 0 and the connection kept (nbconn.httpd.HttpPeer(status=502, body=b""))
+#: Content-Length: 0 and the connection kept (nbconn.nginx.httpd.HttpPeer(status=502, body=b""))
 KEEPALIVE_502 = "http502_keepalive"
 #: the kinds of a ``proxy_pass https://`` draw (draw_tls_config): the lab's TLS peers and three that fail the
 #: connect before any TLS (refused, black hole, a missing unix path)
@@ -81,7 +81,7 @@ TLS_KINDS = {
     "refused": 1.2, "blackhole": 0.4, "unix_missing": 0.6,
 }
 UNREACHABLE_ADDRESS = "198.18.0.5"  # RFC 2544 benchmarking range: not on this host, never contacted
-UPSTREAM_NAME = "backend"  # nbconn.nginx's upstream block
+UPSTREAM_NAME = "backend"  # nbconn.nginx.runner's upstream block
 MAX_CONFIGS = 1000
 
 
@@ -99,7 +99,7 @@ class Config:
     keepalive: int
     proxy_bind: str | None
     gaps: list  # whole seconds to wait before each request (0: same second if it fits)
-    worker_connections: int = 64  # nbconn.nginx's default; 4 or 5 with keepalive: "not enough"
+    worker_connections: int = 64  # nbconn.nginx.runner's default; 4 or 5 with keepalive: "not enough"
     workers: int = 1  # 2 only with `zone` (one round-robin state for both) and no keepalive (a cache per worker)
     tls: str | None = None  # None: proxy_pass http://; else proxy_pass https:// with these proxy_ssl_protocols
     #                         ("" for nginx's default)
@@ -186,10 +186,10 @@ def draw_tls_config(seed: int, index: int) -> Config:
 
 
 def https_nginx(specs: list, *, cafile: str, protocols: str = "", **settings):
-    """:class:`nbconn.nginx.Nginx` with ``proxy_pass https://backend``, ``proxy_ssl_verify on`` against ``cafile``,
+    """:class:`nbconn.nginx.runner.Nginx` with ``proxy_pass https://backend``, ``proxy_ssl_verify on`` against ``cafile``,
     ``proxy_ssl_name localhost`` (the lab certificates' name), ``proxy_ssl_protocols`` when given, and nginx
     1.22.1's defaults for the rest (``proxy_ssl_session_reuse on``, no SNI)."""
-    from .nginx import Nginx, config_value
+    from .runner import Nginx, config_value
 
     if protocols not in ("", "TLSv1.2", "TLSv1.3"):
         raise ValueError(f"protocols {validate.shown(protocols)} must be '', 'TLSv1.2' or 'TLSv1.3'")
@@ -200,7 +200,7 @@ def https_nginx(specs: list, *, cafile: str, protocols: str = "", **settings):
             text = super().config()
             plain = "proxy_pass http://backend;"
             if text.count(plain) != 1:
-                raise RuntimeError("nbconn.nginx's configuration no longer has one 'proxy_pass http://backend;'")
+                raise RuntimeError("nbconn.nginx.runner's configuration no longer has one 'proxy_pass http://backend;'")
             https = ("proxy_pass https://backend;\n"
                      "            proxy_ssl_verify on;\n"
                      f"            proxy_ssl_trusted_certificate {cafile};\n"
@@ -212,7 +212,7 @@ def https_nginx(specs: list, *, cafile: str, protocols: str = "", **settings):
 
 
 def tls_client(cafile: str, protocols: str = ""):
-    """The :class:`nbconn.tls.TLSClient` that :func:`https_nginx`'s settings make: verify against ``cafile``,
+    """The :class:`nbconn.nginx.tls.TLSClient` that :func:`https_nginx`'s settings make: verify against ``cafile``,
     the name localhost, session reuse on, TLS 1.3 only under ``protocols="TLSv1.3"``."""
     from .tls import TLSClient
 
@@ -244,7 +244,7 @@ def _answer_status(status: int, conn: socket.socket) -> None:
 @contextlib.contextmanager
 def status_peer(status: int = 502):
     """A loopback HTTP peer that answers every request with ``status`` (for proxy_next_upstream http_502)."""
-    from .lab import peers
+    from ..lab import peers
 
     status = validate.integer("status", status, 100, 599)
     with peers._listener("127.0.0.1", 4096) as sock:
@@ -269,9 +269,9 @@ def _reachable_by_worker(peer):
 
 @contextlib.contextmanager
 def _peer(kind: str, pki=None):
-    from . import lab
+    from .. import lab
     from .httpd import HttpPeer
-    from .lab import tlspeers
+    from ..lab import tlspeers
 
     makers = {"tls_good": lambda: tlspeers.tls_server(pki=pki, http=True),
               "tls12": lambda: tlspeers.tls12_only(pki=pki, http=True),
@@ -330,7 +330,7 @@ def normalise(lines: list) -> list:
     """Error-log lines with the one race both sides share made equal: a peer that accepts and then resets (or
     closes) is seen by connect(), writev() or recv() -- whichever runs when the RST lands, on nginx's side and
     on the model's alike.  Each of those lines becomes "[error] (reset or close)", and the [warn] that follows
-    it loses its stage.  Everything else is compared as written."""
+    it loses its action (" while <log->action>").  Everything else is compared as written."""
     out, after_reset = [], False
     for line in lines:
         if _RESET_FAMILY.match(line):
@@ -407,7 +407,7 @@ class Outcome:
 
 def run_config(config: Config) -> Outcome:
     """Run one configuration through nginx, then through the model, on the same peers."""
-    from .nginx import Nginx
+    from .runner import Nginx
     from .upstream import Upstream, run_request
 
     outcome = Outcome(config)
@@ -416,7 +416,7 @@ def run_config(config: Config) -> Outcome:
     with contextlib.ExitStack() as stack:
         pki = None
         if config.tls is not None:
-            from .lab import tlspeers
+            from ..lab import tlspeers
 
             pki = stack.enter_context(tlspeers.test_pki())
         peers = [stack.enter_context(_peer(kind, pki)) for kind, _ in config.servers]
@@ -445,7 +445,7 @@ def run_config(config: Config) -> Outcome:
                 before = _accepted(peers)
                 try:
                     # nginx's worst walk: 4 peers x (connect + proxy_read_timeout 2 s), or once proxy_send_timeout's
-                    # 60 s (the stale-event corner in nbconn.upstream.run_request); far more is a hang
+                    # 60 s (the stale-event corner in nbconn.nginx.upstream.run_request); far more is a hang
                     status = ng.request(timeout_s=75.0)
                 except OSError as exc:
                     if outcome.skipped_reason is None:
@@ -461,7 +461,7 @@ def run_config(config: Config) -> Outcome:
                 fields = _access_lines(access)[i - 1].split("|")
                 opened = tuple(a - b for a, b in zip(_accepted(peers), before))
                 outcome.nginx.append(Seen(status, fields[1], normalise(lines), opened))
-                # a request may take proxy_send_timeout's 60 s (the stale-event corner of nbconn.upstream): the
+                # a request may take proxy_send_timeout's 60 s (the stale-event corner of nbconn.nginx.upstream): the
                 # model counts those seconds inside the request as nginx waited them, so only other crossings
                 # make the comparison unsure
                 stale_wait = any("while sending request to upstream" in line and "timed out" in line
@@ -542,18 +542,18 @@ def format_disagreement(outcome: Outcome) -> str:
 
 
 def main(argv: list | None = None) -> int:
-    """``python -m nbconn.oracle N [--seed S] [--first I]``: exit 0 when every compared request agrees, 1 if not,
+    """``python -m nbconn.nginx.oracle N [--seed S] [--first I]``: exit 0 when every compared request agrees, 1 if not,
     2 for bad input (one line, before any peer or nginx exists)."""
     import argparse
     import sys
 
-    from .nginx import unavailable_reason
+    from .runner import unavailable_reason
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2 (argparse would print the usage too)
             raise ValueError(message)
 
-    parser = Parser(prog="fuzz-nginx", description="Compare nbconn.upstream with a real nginx over N random "
+    parser = Parser(prog="fuzz-nginx", description="Compare nbconn.nginx.upstream with a real nginx over N random "
                     "upstream configurations.")
     parser.add_argument("count", metavar="N")
     parser.add_argument("--seed", default="1", metavar="S")

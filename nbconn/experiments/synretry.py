@@ -50,8 +50,8 @@ import select
 import socket
 import time
 
-from .options import TCP_SYNCNT, TCP_USER_TIMEOUT
-from .tcpinfo import read_tcp_info
+from ..options import TCP_SYNCNT, TCP_USER_TIMEOUT
+from ..tcpinfo import read_tcp_info
 
 TCP_TIMEOUT_INIT_S = 1.0
 TCP_RTO_MAX_S = 120.0
@@ -162,7 +162,7 @@ def measure(*, syncnts=(1, 2, 3), default: bool = False, user_timeouts_ms=(), po
     :func:`predict`.  ``default=True`` adds a connect with no TCP_SYNCNT (the
     sysctl's budget: minutes).
     """
-    from .lab import blackhole
+    from ..lab import blackhole
 
     syncnts = list(syncnts)
     for n in syncnts:

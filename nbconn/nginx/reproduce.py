@@ -1,9 +1,9 @@
 """Make a decoded error-log line happen again: the lab's peers, nbconn's upstream model and a real nginx.
 
-``why --reproduce`` hands each line decoded by :mod:`nbconn.why` to :func:`reproduce`,
+``why --reproduce`` hands each line decoded by :mod:`nbconn.nginx.why` to :func:`reproduce`,
 which builds the situation behind its cause with :mod:`nbconn.lab.peers` (loopback
-and AF_UNIX only), sends the same requests through :mod:`nbconn.upstream` (real
-connects, nginx's rules) and through a private nginx 1.22.1 (:class:`nbconn.nginx.Nginx`,
+and AF_UNIX only), sends the same requests through :mod:`nbconn.nginx.upstream` (real
+connects, nginx's rules) and through a private nginx 1.22.1 (:class:`nbconn.nginx.runner.Nginx`,
 the HTTP proxy module), and returns the line each wrote next to the given one.
 "Same" means the produced line decodes to the same cause (addresses differ).
 
@@ -14,7 +14,7 @@ inside (``ns.using()``) and nginx runs inside (``Nginx(..., netns=ns)``), so its
 connects meet the namespace's routes and sysctls.  An ICMP error from a router needs
 a router the lab does not have: those lines are not made, and the answer says why.
 The TLS handshake's lines (``proxy_pass https://``) are made with :mod:`nbconn.lab.tlspeers` and a CA made for
-the run: nginx with :func:`nbconn.oracle.https_nginx`, the model with the matching ``TLSClient``.
+the run: nginx with :func:`nbconn.nginx.oracle.https_nginx`, the model with the matching ``TLSClient``.
 Everything started (peers, namespaces, nginx and its prefix) is closed on every path.
 """
 
@@ -55,7 +55,7 @@ def open_to_worker(path: str, mode: int = 0o777) -> None:
 
 @contextlib.contextmanager
 def _refused():
-    from .lab import peers
+    from ..lab import peers
 
     with peers.refused() as p:
         yield _Setup([str(p)], 1)
@@ -63,7 +63,7 @@ def _refused():
 
 @contextlib.contextmanager
 def _two_refused():
-    from .lab import peers
+    from ..lab import peers
 
     with peers.refused() as a, peers.refused() as b:
         yield _Setup([str(a), str(b)], 2)  # the first request disables both (max_fails=1); the second finds none
@@ -71,7 +71,7 @@ def _two_refused():
 
 @contextlib.contextmanager
 def _blackhole():
-    from .lab import peers
+    from ..lab import peers
 
     with peers.blackhole() as p:
         yield _Setup([str(p)], 1)
@@ -146,7 +146,7 @@ def _reset():
 
 @contextlib.contextmanager
 def _unix_full():
-    from .lab import peers
+    from ..lab import peers
 
     with peers.unix_full() as p:
         open_to_worker(p.path)
@@ -155,7 +155,7 @@ def _unix_full():
 
 @contextlib.contextmanager
 def _unix_missing():
-    from .lab import peers
+    from ..lab import peers
 
     with peers.unix_missing() as p:
         open_to_worker(p.path)
@@ -181,7 +181,7 @@ def _unix_stale():
 @contextlib.contextmanager
 def _unix_forbidden():
     """A listening unix socket whose file mode refuses writers: the worker meets EACCES."""
-    from .lab import peers
+    from ..lab import peers
 
     with peers.unix_listening() as p:
         open_to_worker(p.path, 0o000 if os.geteuid() != 0 else 0o700)
@@ -192,7 +192,7 @@ def _unix_forbidden():
 
 @contextlib.contextmanager
 def _lab(**kwargs):
-    from .lab import namespace, namespace_unavailable_reason
+    from ..lab import namespace, namespace_unavailable_reason
 
     reason = namespace_unavailable_reason()
     if reason:
@@ -224,7 +224,7 @@ def _no_local_port():
     (``ready``): its listener's bind() to port 0 would find none left either.  A connect to another address
     (the client's to nginx) may still share a held port: the kernel's check is on the four-tuple
     (net/ipv4/inet_hashtables.c __inet_hash_connect)."""
-    from .api import connect
+    from ..api import connect
 
     with _lab() as ns, ns.listening() as target:
         @contextlib.contextmanager
@@ -256,7 +256,7 @@ def _syn_give_up():
 @contextlib.contextmanager
 def _tls(peer: str, protocols: str = ""):
     """A CA made for the run and one of nbconn.lab.tlspeers' peers; nginx and the model verify against the CA."""
-    from .lab import tlspeers
+    from ..lab import tlspeers
 
     makers = {"silent": lambda pki: tlspeers.tls_silent(pki=pki),
               "untrusted": lambda pki: tlspeers.tls_untrusted(pki=pki, http=True),
@@ -300,7 +300,7 @@ SITUATIONS = {
 }
 
 _NOT_HERE = {
-    "socket:EMFILE": "needs nginx's worker with a lowered open-file limit (worker_rlimit_nofile, which nbconn.nginx "
+    "socket:EMFILE": "needs nginx's worker with a lowered open-file limit (worker_rlimit_nofile, which nbconn.nginx.runner "
                      "does not write; prlimit() on a worker running as another user needs CAP_SYS_RESOURCE)",
     "so_error:EHOSTUNREACH": _NEEDS_LINK % "an ICMP host unreachable",
     "so_error:ENETUNREACH": _NEEDS_LINK % "an ICMP net unreachable",
@@ -323,15 +323,15 @@ def _request_until_logged(nginx, held: list) -> list:
 
 
 def _worker_connections() -> list:
-    """Fill nbconn.nginx's ``worker_connections 64`` until a request's upstream connect finds no free connection.
+    """Fill nbconn.nginx.runner's ``worker_connections 64`` until a request's upstream connect finds no free connection.
 
     Idle clients would not do: nginx reuses (closes) idle connections when it runs short (ngx_drain_connections,
     "worker_connections are not enough, reusing connections").  A client with an unfinished header and requests
     waiting on a peer that never answers are not reusable: one of the first, then requests (a client and an
     upstream connection each) until a client takes the last free connection and its upstream connect fails in
     ngx_get_connection (ngx_connection.c line 1119).  At most 40 requests."""
-    from .lab import peers
-    from .nginx import Nginx
+    from ..lab import peers
+    from .runner import Nginx
 
     held: list = []
     with peers.listening(hold=True) as up, Nginx([str(up)], connect_timeout=CONNECT_TIMEOUT_S) as nginx:
@@ -351,16 +351,16 @@ def _worker_connections_model() -> list:
     The model runs one request at a time, so it does not fill the pool itself; it counts the pool as nginx's
     ngx_get_connection does and fails the upstream connect the same way (NGX_ERROR, 500, "[alert]").  No
     connect() is made: the count fails first, as in nginx, where socket() is the only call before it."""
-    from .lab import peers
-    from .upstream import Peer, Upstream, run_requests
+    from ..lab import peers
+    from .upstream import Server, Upstream, run_requests
 
-    with peers.listening() as up, Upstream([Peer(str(up))], worker_connections=_NGINX_WORKER_CONNECTIONS,
+    with peers.listening() as up, Upstream([Server(str(up))], worker_connections=_NGINX_WORKER_CONNECTIONS,
                                            other_connections=_NGINX_WORKER_CONNECTIONS) as model:
         done = run_requests(model, 1, timeout=CONNECT_TIMEOUT_S)
     return [line for r in done for line in r.log]
 
 
-#: nbconn.nginx's default worker_connections, which _worker_connections fills
+#: nbconn.nginx.runner's default worker_connections, which _worker_connections fills
 _NGINX_WORKER_CONNECTIONS = 64
 
 
@@ -388,14 +388,14 @@ def _produced(lines: list, cause: str) -> dict | None:
 
 
 def _run_model(setup: _Setup, http: bool) -> list:
-    from .upstream import Peer, Upstream, run_requests
+    from .upstream import Server, Upstream, run_requests
 
     client = None
     if setup.pki is not None:
         from .oracle import tls_client
 
         client = tls_client(setup.pki.cafile, setup.protocols)
-    with Upstream([Peer(t) for t in setup.targets]) as up:
+    with Upstream([Server(t) for t in setup.targets]) as up:
         using = setup.namespace.using() if setup.namespace is not None else contextlib.nullcontext()
         with using:
             done = run_requests(up, setup.requests, timeout=setup.timeout, http=http, read_timeout=2.0, tls=client)
@@ -410,7 +410,7 @@ def _run_nginx(nginx, setup: _Setup) -> list:
 
 def _started_nginx(stack: contextlib.ExitStack, setup: _Setup):
     """A real nginx in front of the situation's targets (inside its namespace, if any), or why not."""
-    from . import nginx as nginx_module
+    from . import runner as nginx_module
 
     reason = nginx_module.unavailable_reason()
     if reason:
@@ -440,10 +440,10 @@ def reproduce(answer: dict) -> dict:
     if cause in _NOT_HERE:
         return {"made": False, "reason": _NOT_HERE[cause]}
     if cause == "worker_connections":
-        from . import nginx as nginx_module
+        from . import runner as nginx_module
 
         reason = nginx_module.unavailable_reason()
-        return {"made": True, "situation": "nbconn.nginx's worker_connections 64 filled by an unfinished request "
+        return {"made": True, "situation": "nbconn.nginx.runner's worker_connections 64 filled by an unfinished request "
                                            "and requests waiting on a peer that never answers",
                 "given": given, "model": _produced(_worker_connections_model(), cause),
                 "nginx": reason or _produced(_worker_connections(), cause)}

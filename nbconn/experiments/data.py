@@ -1,6 +1,6 @@
-"""The recorded datasets shipped in ``data/`` (see data/README.md and :mod:`nbconn.record`).
+"""The recorded datasets shipped in ``data/`` (see data/README.md and :mod:`nbconn.experiments.record`).
 
-``load(name)`` returns a :class:`nbconn.measure.Measurement` for connect runs
+``load(name)`` returns a :class:`nbconn.experiments.measure.Measurement` for connect runs
 (its ``meta`` holds the provenance), or a dict with ``provenance`` and the
 SYN-retransmission ``runs`` for the SYN datasets.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 
 
 def available() -> list[str]:
