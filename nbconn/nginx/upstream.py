@@ -65,6 +65,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import validate
+from ..errors import outcome_for
 from ..targets import parse_target
 from ..validate import shown
 
@@ -605,7 +606,7 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
         return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", \
             False, None
     except OSError as exc:  # ngx_writev_chain.c 1.22.1, line 210: ngx_connection_error(c, err, "writev() failed")
-        return _errno_outcome(exc.errno), SENDING, "error", \
+        return outcome_for(exc.errno or 0), SENDING, "error", \
             f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
     data = b""
     while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
@@ -615,7 +616,7 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
             return "timed_out", READING, "error", \
                 f"upstream timed out (110: Connection timed out) while {READING}", False, None
         except OSError as exc:  # ngx_recv.c 1.22.1, line 188: ngx_connection_error(c, err, "recv() failed")
-            return _errno_outcome(exc.errno), READING, "error", \
+            return outcome_for(exc.errno or 0), READING, "error", \
                 f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False, None
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
             return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, None
@@ -647,7 +648,7 @@ def _exchange_tls(sock, read_timeout: float, *, keepalive: bool = False) -> tupl
         level, text = ssl_failure("SSL_write()", exc)
         return "error", SENDING, level, f"{text} while {SENDING}", False, None
     except OSError as exc:
-        return _errno_outcome(exc.errno), SENDING, "error", \
+        return outcome_for(exc.errno or 0), SENDING, "error", \
             f"SSL_write() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
     data = b""
     while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
@@ -717,12 +718,6 @@ def _read_body(sock, data: bytes) -> str | None:
     except OSError:
         return None
     return KEPT_AFTER_BODY if len(body) == length else None
-
-
-def _errno_outcome(number: int | None) -> str:
-    import errno
-
-    return {errno.ECONNRESET: "reset", errno.EPIPE: "reset", errno.ECONNREFUSED: "refused"}.get(number, "error")
 
 
 #: bind() of proxy_bind's address on a socket of another family: (peer's family, proxy_bind's family) -> errno.
