@@ -164,38 +164,48 @@ def test_a_report_with_epollin_and_epollout_calls_the_handshake_twice(no_fd_leak
     import socket
     import threading
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(10)
-    done = threading.Event()
+    def one_try():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        done = threading.Event()
 
-    def serve():
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(10)
+        def serve():
             try:
-                conn.recv(4096)  # the ClientHello
-                conn.sendall(b"\x16\x03\x03\x00\x40")  # a handshake record's header, promising 64 bytes
+                conn, _ = listener.accept()
             except OSError:
-                pass
-            done.wait(10)
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    conn.recv(4096)  # the ClientHello
+                    conn.sendall(b"\x16\x03\x03\x00\x40")  # a handshake record's header, promising 64 bytes
+                except OSError:
+                    pass
+                done.wait(10)
 
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        port = listener.getsockname()[1]
-        result = tls.connect_tls(f"127.0.0.1:{port}", tls.TLSClient(), timeout=0.5)
-    finally:
-        done.set()
-        thread.join(15)
-        listener.close()
-    assert result.outcome == tls.TLS_TIMED_OUT, result.trace()
-    steps = [(s["step"], s["call"], s["ret"]) for s in result.steps]
-    both = [i for i, (name, call, _ret) in enumerate(steps) if name == "epoll_wait" and "EPOLLIN|EPOLLOUT" in call]
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            port = listener.getsockname()[1]
+            return tls.connect_tls(f"127.0.0.1:{port}", tls.TLSClient(), timeout=0.5)
+        finally:
+            done.set()
+            thread.join(15)
+            listener.close()
+
+    # The 5 bytes usually arrive as their own wake-up (EPOLLIN|EPOLLOUT); now and then, on a loaded machine, an
+    # EPOLLOUT-only wake-up comes first and the handshake call right after it already reads them.  Up to 5 tries
+    # for a run that shows the case; every run's verdict is checked.
+    for _ in range(5):
+        result = one_try()
+        assert result.outcome == tls.TLS_TIMED_OUT, result.trace()
+        steps = [(s["step"], s["call"], s["ret"]) for s in result.steps]
+        both = [i for i, (name, call, _ret) in enumerate(steps)
+                if name == "epoll_wait" and "EPOLLIN|EPOLLOUT" in call]
+        if both:
+            break
     assert both, result.trace()
     after = steps[both[0] + 1:both[0] + 4]
     assert [name for name, _c, _r in after] == ["ssl_handshake", "handler", "ssl_handshake"], result.trace()
