@@ -476,27 +476,16 @@ def _eagain_reads_per_wake(lines: list[str]) -> list[tuple[str, int]]:
 
 
 class _HTTPSNginx:
-    """nbconn.nginx.runner.Nginx with proxy_pass https://: verify against the lab CA, the name "localhost", no SNI (the
-    default), no session reuse (so every request makes a full handshake)."""
+    """A real nginx with proxy_pass https:// (nbconn.nginx.oracle.https_nginx: verify against the lab CA, the name
+    "localhost", no SNI), no session reuse (so every request makes a full handshake), under strace."""
 
     @staticmethod
     def make(peer, cafile: str, timeout: float, protocols: str = ""):
-        from nbconn.nginx.runner import Nginx
+        from nbconn.nginx.oracle import https_nginx
 
-        class HTTPSNginx(Nginx):
-            def config(self):
-                https = ("proxy_pass https://backend;\n"
-                         "            proxy_ssl_verify on;\n"
-                         f"            proxy_ssl_trusted_certificate {cafile};\n"
-                         "            proxy_ssl_name localhost;\n"
-                         "            proxy_ssl_session_reuse off;"
-                         + (f"\n            proxy_ssl_protocols {protocols};" if protocols else ""))
-                text = super().config()
-                assert "proxy_pass http://backend;" in text
-                return text.replace("proxy_pass http://backend;", https)
-
-        return HTTPSNginx([str(peer)], connect_timeout=timeout, read_timeout=1.0, next_upstream=(), strace=True,
-                          strace_syscalls=_SYSCALLS)
+        return https_nginx([str(peer)], cafile=cafile, protocols=protocols, session_reuse=False,
+                           connect_timeout=timeout, read_timeout=1.0, next_upstream=(), strace=True,
+                           strace_syscalls=_SYSCALLS)
 
 
 @pytest.mark.slow

@@ -207,24 +207,12 @@ def condensed(call: str) -> str:
 
 
 def https_nginx(peer, cafile: str, *, reuse: bool, syscalls: str, connect_timeout: float = 1.0):
-    """nbconn.nginx.runner.Nginx with ``proxy_pass https://`` to ``peer``, proxy_ssl_verify on against the lab CA,
-    the name "localhost", and ``proxy_ssl_session_reuse`` on or off; under strace."""
-    from ..nginx.runner import Nginx
+    """A real nginx with ``proxy_pass https://`` to ``peer`` (:func:`nbconn.nginx.oracle.https_nginx`: verify
+    against the lab CA, the name "localhost"), ``proxy_ssl_session_reuse`` on or off; under strace."""
+    from ..nginx.oracle import https_nginx as make
 
-    class HTTPSNginx(Nginx):
-        def config(self):
-            https = ("proxy_pass https://backend;\n"
-                     "            proxy_ssl_verify on;\n"
-                     f"            proxy_ssl_trusted_certificate {cafile};\n"
-                     "            proxy_ssl_name localhost;\n"
-                     f"            proxy_ssl_session_reuse {'on' if reuse else 'off'};")
-            text = super().config()
-            if "proxy_pass http://backend;" not in text:
-                raise RuntimeError("nbconn.nginx.runner's configuration no longer has the proxy_pass line to replace")
-            return text.replace("proxy_pass http://backend;", https)
-
-    return HTTPSNginx([str(peer)], connect_timeout=connect_timeout, read_timeout=1.0, next_upstream=(),
-                      strace=True, strace_syscalls=syscalls)
+    return make([str(peer)], cafile=cafile, session_reuse=reuse, connect_timeout=connect_timeout, read_timeout=1.0,
+                next_upstream=(), strace=True, strace_syscalls=syscalls)
 
 
 def plot_cases(cases: dict, *, rtt_ms: float, title: str, width: float = 3.6):

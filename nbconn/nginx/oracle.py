@@ -185,15 +185,18 @@ def draw_tls_config(seed: int, index: int) -> Config:
                   tls=_pick(rng, {"": 0.65, "TLSv1.3": 0.35}))
 
 
-def https_nginx(specs: list, *, cafile: str, protocols: str = "", **settings):
+def https_nginx(specs: list, *, cafile: str, protocols: str = "", session_reuse: bool = True, **settings):
     """:class:`nbconn.nginx.runner.Nginx` with ``proxy_pass https://backend``, ``proxy_ssl_verify on`` against ``cafile``,
-    ``proxy_ssl_name localhost`` (the lab certificates' name), ``proxy_ssl_protocols`` when given, and nginx
-    1.22.1's defaults for the rest (``proxy_ssl_session_reuse on``, no SNI)."""
+    ``proxy_ssl_name localhost`` (the lab certificates' name), ``proxy_ssl_protocols`` when given,
+    ``proxy_ssl_session_reuse off`` when ``session_reuse`` is False, and nginx 1.22.1's defaults for the rest
+    (``proxy_ssl_session_reuse on``, no SNI).  The one place nbconn writes an https upstream's configuration
+    (the oracle, notebook 15, the tests)."""
     from .runner import Nginx, config_value
 
     if protocols not in ("", "TLSv1.2", "TLSv1.3"):
         raise ValueError(f"protocols {validate.shown(protocols)} must be '', 'TLSv1.2' or 'TLSv1.3'")
     cafile = config_value("cafile", cafile)
+    session_reuse = validate.flag("session_reuse", session_reuse)
 
     class HTTPSNginx(Nginx):
         def config(self) -> str:
@@ -205,7 +208,8 @@ def https_nginx(specs: list, *, cafile: str, protocols: str = "", **settings):
                      "            proxy_ssl_verify on;\n"
                      f"            proxy_ssl_trusted_certificate {cafile};\n"
                      "            proxy_ssl_name localhost;"
-                     + (f"\n            proxy_ssl_protocols {protocols};" if protocols else ""))
+                     + (f"\n            proxy_ssl_protocols {protocols};" if protocols else "")
+                     + ("" if session_reuse else "\n            proxy_ssl_session_reuse off;"))
             return text.replace(plain, https)
 
     return HTTPSNginx(specs, **settings)

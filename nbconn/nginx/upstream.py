@@ -588,12 +588,10 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     its HTTP status code, else None); reusable: when the connection may go back to the keepalive cache
     (u->keepalive in nginx's proxy module: an HTTP/1.1 status line, no "Connection: close", and no body or the
     whole body read -- KEPT_AT_HEADER or KEPT_AFTER_BODY), else None."""
-    import os
     import socket
     import ssl
 
-    if isinstance(sock, ssl.SSLSocket):
-        return _exchange_tls(sock, read_timeout, keepalive=keepalive)
+    tls = isinstance(sock, ssl.SSLSocket)  # proxy_pass https://: the same exchange, its errors named for SSL
     # nginx reads SO_ERROR once, at the writable event, in ngx_http_upstream_send_request just before it writes
     # (ngx_http_upstream_test_connect, ngx_http_upstream.c 1.22.1, line 2076); nbconn.connect read it at the
     # same event.  Between that read and the write, nbconn spends longer than nginx (it returns a Result
@@ -605,9 +603,8 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
     except socket.timeout:
         return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", \
             False, None
-    except OSError as exc:  # ngx_writev_chain.c 1.22.1, line 210: ngx_connection_error(c, err, "writev() failed")
-        return outcome_for(exc.errno or 0), SENDING, "error", \
-            f"writev() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        return _send_failed(exc, tls) + (False, None)
     data = b""
     while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
         try:
@@ -615,60 +612,54 @@ def _exchange(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
         except socket.timeout:  # process_header: c->read->timedout -> next(FT_TIMEOUT), logged there
             return "timed_out", READING, "error", \
                 f"upstream timed out (110: Connection timed out) while {READING}", False, None
-        except OSError as exc:  # ngx_recv.c 1.22.1, line 188: ngx_connection_error(c, err, "recv() failed")
-            return outcome_for(exc.errno or 0), READING, "error", \
-                f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}", False, None
+        except OSError as exc:
+            failed = _recv_failed(exc, tls)
+            if failed:
+                return failed + (False, None)
+            chunk = b""  # under TLS: ngx_ssl_handle_recv's clean shutdown, read as the end below
         if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
             return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, None
         data += chunk
     return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
 
 
-def _exchange_tls(sock, read_timeout: float, *, keepalive: bool = False) -> tuple:
-    """:func:`_exchange` on an ssl.SSLSocket (proxy_pass https://): the same request and header, with the errors
-    named as nginx 1.22.1 names them on an SSL connection (src/event/ngx_event_openssl.c).  A write that fails is
-    "SSL_write() failed" (ngx_ssl_write -> ngx_ssl_connection_error).  A read that fails with nothing in
-    OpenSSL's error queue -- a reset, measured: SO_ERROR 104, yet nginx logs no SSL_read() line -- is taken by
-    ngx_ssl_handle_recv for a clean shutdown ("peer shutdown SSL cleanly", NGX_DONE): nginx then says "upstream
-    prematurely closed connection"; only an OpenSSL error (a bad record, an alert) is "SSL_read() failed (SSL:
-    ...)", at the level ngx_ssl_connection_error gives its reason (nbconn.nginx.tls's table)."""
+def _send_failed(exc: OSError, tls: bool) -> tuple:
+    """(outcome, action, level, line) of a failed write of the request.  Plain: ngx_writev_chain.c 1.22.1, line
+    210, ngx_connection_error(c, err, "writev() failed").  Over TLS (src/event/ngx_event_openssl.c): ngx_ssl_write
+    -> ngx_ssl_connection_error, "SSL_write() failed", at the level its OpenSSL reason gets (nbconn.nginx.tls's
+    table), or with the errno when OpenSSL queued none."""
     import os
-    import socket
     import ssl
 
-    from .tls import ssl_failure
+    if tls and isinstance(exc, ssl.SSLError):
+        from .tls import ssl_failure
 
-    sock.settimeout(read_timeout)
-    try:
-        sock.sendall(HTTP11_REQUEST if keepalive else HTTP_REQUEST)
-    except socket.timeout:
-        return "timed_out", SENDING, "error", f"upstream timed out (110: Connection timed out) while {SENDING}", \
-            False, None
-    except ssl.SSLError as exc:
         level, text = ssl_failure("SSL_write()", exc)
-        return "error", SENDING, level, f"{text} while {SENDING}", False, None
-    except OSError as exc:
-        return outcome_for(exc.errno or 0), SENDING, "error", \
-            f"SSL_write() failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}", False, None
-    data = b""
-    while b"\r\n\r\n" not in data and len(data) < MAX_HEADER:
-        try:
-            chunk = sock.recv(4096)
-        except socket.timeout:
-            return "timed_out", READING, "error", \
-                f"upstream timed out (110: Connection timed out) while {READING}", False, None
-        except ssl.SSLError as exc:
-            if getattr(exc, "reason", None):
-                level, text = ssl_failure("SSL_read()", exc)
-                return "error", READING, level, f"{text} while {READING}", False, None
-            chunk = b""  # SSL_ERROR_SYSCALL / EOF with nothing queued: ngx_ssl_handle_recv's clean shutdown
-        except OSError:
-            chunk = b""  # the same: a reset under TLS reads as the end (ngx_ssl_handle_recv, NGX_DONE)
-        if not chunk:  # ngx_http_upstream.c 1.22.1, line 2438
-            return "closed", READING, "error", f"upstream prematurely closed connection while {READING}", False, \
-                None
-        data += chunk
-    return "ok", READING, None, None, _read_body(sock, data) if keepalive else None, _status_code(data)
+        return "error", SENDING, level, f"{text} while {SENDING}"
+    call = "SSL_write()" if tls else "writev()"
+    return outcome_for(exc.errno or 0), SENDING, "error", \
+        f"{call} failed ({exc.errno}: {os.strerror(exc.errno)}) while {SENDING}"
+
+
+def _recv_failed(exc: OSError, tls: bool) -> tuple | None:
+    """(outcome, action, level, line) of a failed read of the response header, or None for a read that nginx takes
+    for the end of the stream.  Plain: ngx_recv.c 1.22.1, line 188, "recv() failed".  Over TLS only an OpenSSL
+    error (a bad record, an alert) is "SSL_read() failed (SSL: ...)"; a read that fails with nothing in OpenSSL's
+    error queue -- a reset, measured: SO_ERROR 104, yet nginx logs no SSL_read() line -- is taken by
+    ngx_ssl_handle_recv for a clean shutdown ("peer shutdown SSL cleanly", NGX_DONE), and nginx then says
+    "upstream prematurely closed connection"."""
+    import os
+    import ssl
+
+    if not tls:
+        return outcome_for(exc.errno or 0), READING, "error", \
+            f"recv() failed ({exc.errno}: {os.strerror(exc.errno)}) while {READING}"
+    if isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None):
+        from .tls import ssl_failure
+
+        level, text = ssl_failure("SSL_read()", exc)
+        return "error", READING, level, f"{text} while {READING}"
+    return None
 
 
 def _status_code(data: bytes) -> int | None:
@@ -776,7 +767,7 @@ def run_request(upstream: Upstream, *, timeout: float = 1.0, next_upstream=NEXT_
     timer is the connect's: ngx_http_upstream_ssl_init_connection arms proxy_connect_timeout only when no timer
     is set (line 1733), so after a connect() that needed EPOLLOUT the handshake gets what is left of it, after a
     connect() that returned 0 (AF_UNIX) a fresh one.  ``$upstream_connect_time`` covers the handshake.  After
-    the handshake, errors are named as on an SSL connection (:func:`_exchange_tls`).  With ``tls.reuse``
+    the handshake, errors are named as on an SSL connection (:func:`_send_failed`, :func:`_recv_failed`).  With ``tls.reuse``
     (proxy_ssl_session_reuse) the peer's session is saved and offered, as nginx's round robin keeps one per peer.
 
     ``send_timeout`` (proxy_send_timeout) matters in one nginx 1.22.1 corner, which the model follows: the
