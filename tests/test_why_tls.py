@@ -130,3 +130,32 @@ def test_reproduce_tls_lines_with_the_model_and_a_real_nginx(kind, kwargs, no_fd
     assert rep["made"], rep
     assert rep["nginx"]["same"] and rep["model"]["same"], rep
     assert rep["nginx"]["line"] == rep["model"]["line"] == f"[{answer['expected_level']}] {answer['line']}"
+
+
+def test_the_models_lines_after_the_handshake_are_decoded():
+    """The model writes nginx's texts for a failed write or read on the SSL connection (upstream._send_failed,
+    _recv_failed); nbconn why reads them back as such, not as 'outside the connect flow' (nginx review, pass 2)."""
+    import errno as E
+
+    from nbconn.nginx import upstream
+
+    outcome, action, level, text = upstream._send_failed(OSError(E.EPIPE, "Broken pipe"), True)
+    answer = why.decode(f"{text}, client: 127.0.0.1, server: , request: \"GET / HTTP/1.1\", "
+                        "upstream: \"https://127.0.0.1:9/\", host: \"x\"")
+    assert answer["cause"] == "ssl_write:EPIPE" and answer["expected_level"] == level == "error"
+    assert answer["ngx_next"] == "NGX_HTTP_UPSTREAM_FT_ERROR" and answer["tries_another"]
+    assert "already closed" in answer["kernel"]
+    read = why.decode("SSL_read() failed (SSL: error:0A000126:SSL routines::unexpected eof while reading) while "
+                      "reading response header from upstream")
+    assert read["cause"] == "ssl_read" and read["expected_level"] in ("error", "crit")
+    assert read["ngx_next"] == "NGX_HTTP_UPSTREAM_FT_ERROR"
+    # the plain twin of the reset under TLS: the read handler's recv() before any handshake is possible too
+    closed = why.decode("upstream prematurely closed connection while reading response header from upstream")
+    assert "before the TLS handshake" in closed["detail"]
+
+
+def test_set_session_failure_is_a_500_in_upstream_addr_and_cites_init_connection():
+    answer = why.decode("SSL_set_session() failed while connecting to upstream")
+    assert answer["tries_another"] is False and answer["counts_against_max_fails"] is False
+    assert "1709-1713" in answer["detail"] and "$upstream_addr" in answer["detail"]
+    assert "another version is accepted" in answer["kernel"]

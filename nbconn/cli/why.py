@@ -27,7 +27,8 @@ def add(subparsers) -> None:
                                           "flow it comes from, the errno and what the kernel did, nginx's code and "
                                           "next-upstream kind, whether nginx tries another peer and counts it "
                                           "against max_fails, the level, and the notebook that teaches it.")
-    p.add_argument("lines", nargs="*", metavar="LINE", help="an error-log line, with or without date and level")
+    p.add_argument("lines", nargs="*", metavar="LINE", help="an error-log line: the whole line as nginx writes it (date, [level], "
+                   "pid#tid: *conn, message), or just its message")
     p.add_argument("--log", metavar="FILE", default=None,
                    help="summarise an error log: counts per cause and per upstream, first/last seen, bursts; "
                         "'-' reads stdin; gzip files (rotated .gz) are read as such")

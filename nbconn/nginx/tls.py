@@ -13,7 +13,13 @@ The steps, in nginx's order
    ``ngx_http_upstream_ssl_init_connection``: it calls ``ngx_http_upstream_test_connect`` first (line
    1675), reached straight from ``ngx_http_upstream_connect`` when connect() returned 0 (line 1656) or from
    ``ngx_http_upstream_send_request_handler`` on EPOLLOUT (line 2312).  A failure there is the connect's
-   ("connect() failed ... while connecting to upstream").
+   ("connect() failed ... while connecting to upstream").  When the connect's wake-up also carries EPOLLIN,
+   the read handler ``ngx_http_upstream_process_header`` runs first (ngx_epoll_process_events): it reads
+   SO_ERROR itself, then makes a plain recv() -- before any ClientHello.  With a peer that speaks TLS nothing
+   is there (EAGAIN) and the write handler goes on as above; a peer that closed at once makes nginx log
+   "upstream prematurely closed connection while reading response header from upstream" (FT_ERROR, counted,
+   as "peer closed connection in SSL handshake" would be).  That is a race in nginx (the nginx review: 7 of
+   20 requests); nbconn always starts the handshake, so it writes the second line (docs/claims.md).
 2. ``ngx_ssl_create_connection``: SSL_new() and SSL_set_fd() on the same descriptor, client state
    (ngx_event_openssl.c lines 1621-1673); the server name (``proxy_ssl_server_name``) and, with
    ``proxy_ssl_session_reuse`` (on by default), the peer's saved session (``SSL_set_session``) and

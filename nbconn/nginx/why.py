@@ -151,6 +151,9 @@ _PATTERNS = (
     ("tls_verify", re.compile(r"upstream SSL certificate verify error: \((?P<code>\d+):(?P<detail>.*)\)")),
     ("tls_name", re.compile(r'upstream SSL certificate does not match "(?P<detail>.*)"')),
     ("tls_set_session", re.compile(r"SSL_set_session\(\) failed(?: \(SSL: (?P<detail>.*)\))?")),
+    # after the handshake, on the SSL connection: ngx_ssl_write / ngx_ssl_handle_recv -> ngx_ssl_connection_error
+    ("ssl_write", re.compile(rf"SSL_write\(\) failed (?:\(SSL: (?P<detail>.*)\)|{_ERR})")),
+    ("ssl_read", re.compile(r"SSL_read\(\) failed \(SSL: (?P<detail>.*)\)")),
 )
 
 # the actions each kind is written under; a kind met under another action is outside the connect flow
@@ -171,6 +174,8 @@ _KIND_ACTIONS = {
     "closed": {"reading response header from upstream"},
     "recv": {"reading response header from upstream", "proxying and reading from upstream"},
     "writev": {"sending request to upstream"},
+    "ssl_write": {"sending request to upstream"},
+    "ssl_read": {"reading response header from upstream", "proxying and reading from upstream"},
 }
 
 # -- facts errors.py does not hold: one row per kind ------------------------------------------------------------
@@ -240,6 +245,16 @@ _KINDS = {
     "writev": Kind(STEP_SEND, None, None, None, _FT_ERROR, None, "os/unix/ngx_writev_chain.c ngx_writev line 210 "
                    "(ngx_connection_error); ngx_http_upstream.c ngx_http_upstream_send_request", _NB["10"],
                    ("proxy_next_upstream", "keepalive", "max_fails", "fail_timeout")),
+    # proxy_pass https:// after the handshake: the level is ngx_ssl_connection_error's (by OpenSSL reason, or by
+    # errno when OpenSSL queued none), decided in decode()
+    "ssl_write": Kind(STEP_SEND, None, None, None, _FT_ERROR, None, "ngx_event_openssl.c ngx_ssl_write -> "
+                      "ngx_ssl_connection_error; ngx_http_upstream.c ngx_http_upstream_send_request", _NB["15"],
+                      ("proxy_next_upstream", "max_fails", "fail_timeout")),
+    "ssl_read": Kind(STEP_HEADER, None, None, None, _FT_ERROR, errors.ERROR, "ngx_event_openssl.c "
+                     "ngx_ssl_handle_recv -> ngx_ssl_connection_error (a reset with no OpenSSL error is NGX_DONE, "
+                     "logged as 'upstream prematurely closed connection'); ngx_http_upstream.c "
+                     "ngx_http_upstream_process_header line 2442", _NB["15"],
+                     ("proxy_next_upstream", "max_fails", "fail_timeout")),
     # "upstream timed out" under the header-reading action: proxy_read_timeout, not the connect timer
     "timeout_header": Kind(STEP_HEADER, None, _ERR, None, _FT_TIMEOUT, errors.TIMED_OUT, "ngx_http_upstream.c "
                            "ngx_http_upstream_process_header line 2366 -> ngx_http_upstream_next(FT_TIMEOUT) line "
@@ -428,6 +443,9 @@ _KERNEL = {
         "SO_LINGER {1, 0}, or was killed; on a reused keepalive connection, the backend had already closed it",
     ("writev", _errno.EPIPE, None): "the upstream had already closed the connection when nginx wrote the request",
     ("writev", _errno.ECONNRESET, None): "the upstream reset the connection when nginx wrote the request",
+    ("ssl_read", 0, None): "no syscall failed: OpenSSL found an error in the upstream's TLS records or an alert "
+        "(the reason in the line); a reset with nothing in OpenSSL's queue is logged as 'upstream prematurely "
+        "closed connection' instead",
 }
 
 # -- the next-peer and max_fails answers, asked of nbconn.nginx.upstream -----------------------------------------------
@@ -472,6 +490,12 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
     if kind == "setsockopt" and ngx_code is None:
         return {"tries_another": False, "counts_against_max_fails": False,
                 "detail": "\"failed, ignored\": nginx logs it and the connect goes on with this socket"}
+    if kind == "tls_set_session":
+        return {"tries_another": False, "counts_against_max_fails": False,
+                "detail": "the request ends with 500 (ngx_http_upstream_ssl_init_connection lines 1709-1713, "
+                          "ngx_http_upstream_finalize_request); the peer is freed with state 0, so max_fails is "
+                          "not touched; unlike a failure before connect(), this try is in $upstream_addr "
+                          "(u->state->peer was set at line 1550)"}
     if ngx_code == errors.NGX_ERROR and ngx_next is None or kind in ("worker_connections", "files"):
         return {"tries_another": False, "counts_against_max_fails": False,
                 "detail": "NGX_ERROR: the request ends with 500 (ngx_http_upstream.c line 1544; stream: "
@@ -497,7 +521,12 @@ def _next_peer(kind: str, ngx_code: str | None, ngx_next: str | None, module: st
             parts.append("the request has not been sent, so any method may go on; moving on, nginx closes the "
                          "handshake's connection without a close_notify (ngx_http_upstream_next, lines 4413-4414); "
                          "the [warn] of a server this failure disables says 'while SSL handshaking to upstream'")
-        if kind in ("closed", "recv", "writev", "timeout_header", "timeout_send"):
+        if kind == "closed":
+            parts.append("under proxy_pass https:// this line can also come before the TLS handshake: a peer that "
+                         "closed at once, its FIN reported with the connect's EPOLLOUT, is read first by the read "
+                         "handler's plain recv() (ngx_http_upstream_process_header); then no request was sent and "
+                         "any method goes on")
+        if kind in ("closed", "recv", "writev", "ssl_write", "ssl_read", "timeout_header", "timeout_send"):
             parts.append("the request was sent: a POST/LOCK/PATCH is retried only with 'non_idempotent' "
                          "(ngx_http_upstream_next, line 4364); a connection from the keepalive cache gives its try "
                          "back (u->peer.cached, line 4310)")
@@ -522,9 +551,12 @@ def _match(message: str) -> tuple:
 
 #: What the kernel and OpenSSL said, for the TLS handshake's lines (kind, or "tls_ssl:REASON" first).
 _TLS_SAID = {
-    "tls_timeout": "nothing failed: the TCP connect had succeeded (the kernel completed the handshake; the peer's "
-        "listener queued or accepted it), the ClientHello went out, and no answer completed the handshake before the "
-        "timer fired -- a peer that accepts but does not speak TLS on that port, a stuck TLS server, or a slow one. "
+    "tls_timeout": "nothing failed: the TCP connect had succeeded (the client's kernel saw the SYN-ACK), the "
+        "ClientHello went out, and no answer completed the handshake before the timer fired -- a peer that accepts "
+        "but does not speak TLS on that port, a stuck or slow TLS server, or a listener whose accept queue was full: "
+        "the client is ESTABLISHED but the server dropped its final ACK and the ClientHello (tcp_check_req, "
+        "tcp_abort_on_overflow 0), so nothing is queued or accepted there (the server's ListenOverflows counter "
+        "says so). "
         "The timer is the connect's: proxy_connect_timeout bounds connect and handshake together when connect() "
         "returned EINPROGRESS (ngx_http_upstream_ssl_init_connection arms one only if none is set, line 1733), and "
         "a fresh proxy_connect_timeout covers the handshake alone when connect() returned 0 (AF_UNIX)",
@@ -553,8 +585,9 @@ _TLS_SAID = {
     "tls_name": "the chain verified, but X509_check_host found proxy_ssl_name (default: the proxy_pass host, "
         "$proxy_host) in none of the certificate's DNS names (an IP literal never matches: X509_check_host compares "
         "DNS names only)",
-    "tls_set_session": "OpenSSL refused the peer's saved session (SSL_set_session() returned 0): a session saved "
-        "from another protocol version or context; nothing was sent yet",
+    "tls_set_session": "OpenSSL refused the peer's saved session (SSL_set_session() returned 0; in OpenSSL 1.1 "
+        "and later only when it cannot switch the connection to the session's method -- a session from another "
+        "version is accepted there and simply not resumed); nothing was sent yet",
 }
 
 
@@ -565,6 +598,7 @@ def _kernel(kind: str, err: int | None, upstream: str | None) -> str:
             said += f"; {errors.errno_name(err)}: " + _KERNEL.get(("recv", err, None), "an error from recv()")
         return said
     unix = bool(upstream and upstream.startswith("unix:"))
+    kind = "writev" if kind == "ssl_write" else kind  # the same write failing, on an SSL connection
     for key in ((kind, err or 0, unix), (kind, err or 0, None)):
         if key in _KERNEL:
             return _KERNEL[key]
@@ -585,7 +619,7 @@ def outside(text: str, line: Line | None = None, reason: str = "") -> dict:
 
 
 def decode(text: str, *, bare: bool = True) -> dict | None:
-    """Decode one error-log line (with or without date and level).  Returns a dict (see the module doc) whose
+    """Decode one error-log line (the whole line with its date and level, or just its message).  Returns a dict (see the module doc) whose
     ``cause`` is a short name such as ``"connect:ECONNREFUSED"`` or ``"outside"``; None when ``bare`` is False
     and ``text`` is not an nginx error-log line at all."""
     line = split(text, bare=bare)
@@ -622,6 +656,8 @@ def decode_line(text: str, line: Line) -> dict:
         expected, ngx_code, ngx_next, outcome = v.level, v.ngx_code, v.ngx_next, v.outcome
     else:
         expected, ngx_code, ngx_next, outcome = row.level, row.ngx_code, row.ngx_next, row.outcome
+        if expected is None and kind in ("ssl_write", "ssl_read") and detail:
+            expected = _ssl_level(detail)  # ngx_ssl_connection_error for SSL_ERROR_SSL: by OpenSSL reason
         if expected is None:  # ngx_connection_error's rule (ngx_connection.c lines 1508-1537)
             expected = _ERR if err in errors.NGX_CONNECTION_ERROR_ERR_ERRNOS else _ALERT
         if outcome is None and err:
@@ -642,6 +678,13 @@ def _tls_reason(detail: str | None) -> str | None:
 
     found = _OPENSSL_CODE.search(detail or "")
     return reason_of_code(found.group(1)) if found else None
+
+
+def _ssl_level(detail: str) -> str:
+    """ngx_ssl_connection_error's level for an OpenSSL error after the handshake: nbconn.nginx.tls's rule."""
+    from .tls import NGX_SSL_HANDSHAKE_FAILURE_REASONS
+
+    return _ERR if _tls_reason(detail) in NGX_SSL_HANDSHAKE_FAILURE_REASONS else errors.NGX_LOG_CRIT
 
 
 def _tls_verdict(kind: str, found: dict, err: int | None):
