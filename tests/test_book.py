@@ -253,7 +253,7 @@ PHONE = {"width": 390, "height": 844}
 @pytest.mark.timeout(900)
 def test_every_page_fits_a_phone(book_dir, tmp_path_factory):
     """At 390 px no page pans sideways, and a wide figure or a Mermaid diagram keeps a readable width inside its
-    own scroller (a tap opens a figure full size, and a line under it says it scrolls) instead of being shrunk to
+    own scroller (a tap opens a figure full size, and a line above it says it scrolls) instead of being shrunk to
     the column's ~358 px.
 
     genindex.html, Sphinx's generated index of names, is the one page left out: a table of long names."""
@@ -289,10 +289,10 @@ def test_every_page_fits_a_phone(book_dir, tmp_path_factory):
                                              + (i.closest('a.nbconn-figure') ? '' : ', no tap-to-open link'));
                     }""")
                     problems += shrunk
-                    # a figure that scrolls says so under it: a cut-off figure with no sign of more misleads
+                    # a figure that scrolls says so above it: a cut-off figure with no sign of more misleads
                     problems += page.evaluate("""[...document.querySelectorAll('.cell_output img')]
                         .filter(i => i.getBoundingClientRect().width > i.closest('.cell_output').clientWidth + 8)
-                        .filter(i => { const h = i.closest('a.nbconn-figure')?.nextElementSibling;
+                        .filter(i => { const h = i.closest('a.nbconn-figure')?.previousElementSibling;
                                        return !(h && h.matches('.nbconn-scroll-hint') && h.offsetHeight > 0); })
                         .map(i => `${i.naturalWidth} px figure scrolls with no hint under it`)""")
                     problems += page.evaluate("""[...document.querySelectorAll('pre.mermaid svg')]

@@ -46,7 +46,7 @@ def _nginx_like(client: tls.TLSClient) -> None:
 
 # -- by hand: the model alone -------------------------------------------------------------------------------
 
-def test_the_stage_text_is_the_handshakes_log_action():
+def test_the_action_text_is_the_handshakes_log_action():
     """One text: the model's stage and the action nbconn.nginx.tls writes into its lines (ngx_http_upstream.c line 1727)."""
     assert upstream.SSL_HANDSHAKING == tls.ACTION
 

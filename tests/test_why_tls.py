@@ -156,6 +156,7 @@ def test_the_models_lines_after_the_handshake_are_decoded():
 
 def test_set_session_failure_is_a_500_in_upstream_addr_and_cites_init_connection():
     answer = why.decode("SSL_set_session() failed while connecting to upstream")
+    assert answer["step"] == why.STEP_TLS_SETUP  # before the handshake, under the connect's action
     assert answer["tries_another"] is False and answer["counts_against_max_fails"] is False
     assert "1709-1713" in answer["detail"] and "$upstream_addr" in answer["detail"]
     assert "another version is accepted" in answer["kernel"]

@@ -21,7 +21,7 @@
       link.title = "open the figure full size";
       img.parentNode.insertBefore(link, img);
       link.appendChild(img);
-      link.parentNode.insertBefore(hint, link.nextSibling);
+      link.parentNode.insertBefore(hint, link);  // above: a tall figure's right edge is cut off from its top
       if (img.complete) show(); else img.addEventListener("load", show);
     });
   }

@@ -55,6 +55,8 @@ STEP_PROXYING = "after the connect: proxying (stream)"
 STEP_ACCOUNTING = "after a failure: the round robin's accounting"
 # proxy_pass https://: after the connect succeeded, before the request (ngx_http_upstream_ssl_init_connection)
 STEP_TLS = "after the connect: the TLS handshake (proxy_pass https://)"
+#: before SSL_do_handshake(): the saved session set on the new SSL connection, still "while connecting to upstream"
+STEP_TLS_SETUP = "after the connect: setting up TLS, before the handshake (proxy_pass https://)"
 
 OUTSIDE = "outside the connect flow"
 
@@ -292,7 +294,7 @@ _KINDS.update({
                         "4306", _NB["15"], ("proxy_connect_timeout",) + _TLS_NEXT),
     # proxy_ssl_session_reuse: the only session line nginx 1.22.1 writes for an upstream.  The peer's saved session
     # is set in ngx_http_upstream_ssl_init_connection (line 1710) before the handshake; a failure finalizes 500.
-    "tls_set_session": Kind(STEP_TLS, None, _ALERT, errors.NGX_ERROR, None, errors.ERROR, "ngx_event_openssl.c "
+    "tls_set_session": Kind(STEP_TLS_SETUP, None, _ALERT, errors.NGX_ERROR, None, errors.ERROR, "ngx_event_openssl.c "
                             "ngx_ssl_set_session line 1705, called by ngx_http_upstream_set_round_robin_peer_session "
                             "(ngx_http_upstream_round_robin.c line 729) from ngx_http_upstream_ssl_init_connection "
                             "line 1710 -> ngx_http_upstream_finalize_request(500)", _NB["15"],
